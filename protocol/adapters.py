@@ -1,0 +1,50 @@
+"""Adapter messages: a new adapter version is announced by manifest and fetched by shards.
+
+Trainers publish a signed ``AdapterManifest`` on gossip after each outer step; nodes fetch the
+shards it lists with ``ShardRequest`` from any peer that has them and check each ``ShardData``
+against the manifest's hash before use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+import msgspec
+
+from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt
+
+
+class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sha256: Hash32
+    size: NonNegInt
+
+
+class AdapterManifest(Message):
+    """Trainer → gossip: adapter ``version`` of ``run_id`` exists and is made of these shards."""
+
+    TYPE: ClassVar[str] = "adapters.manifest"
+    MAX_BYTES: ClassVar[int] = 64 * KiB
+    run_id: Name
+    version: NonNegInt
+    parent_version: Annotated[int, msgspec.Meta(ge=-1)]
+    """-1 for the first version, trained from the base model."""
+    base_model_hash: Hash32
+    shards: Annotated[list[ShardInfo], msgspec.Meta(min_length=1, max_length=4096)]
+    total_bytes: NonNegInt
+
+
+class ShardRequest(Message):
+    """Node → peer (shards protocol): send me the shard with this hash."""
+
+    TYPE: ClassVar[str] = "adapters.shard_request"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    sha256: Hash32
+
+
+class ShardData(Message):
+    """Peer → node: one shard's bytes; the receiver checks them against the manifest."""
+
+    TYPE: ClassVar[str] = "adapters.shard"
+    MAX_BYTES: ClassVar[int] = 9 * MiB
+    sha256: Hash32
+    data: Annotated[bytes, msgspec.Meta(max_length=8 * MiB)]

@@ -1,0 +1,76 @@
+"""The protocol's one error tree: everything that can go wrong with bytes from a peer.
+
+Decoding, verifying and admitting a frame raises only these (the fuzz tests hold it to that), so
+a caller needs one ``except ProtocolError`` to turn any bad input into a recorded, logged outcome::
+
+    ProtocolError                 anything a peer sent that we refuse
+    ├── DecodeError               not valid msgpack, truncated, or fields of the wrong type
+    ├── TooLarge                  a frame or body over the size cap of its message type
+    ├── UnknownMessageType        a type tag no registered message carries
+    ├── VersionMismatch           a peer speaks another major version (names both versions)
+    ├── BadSignature              the signature does not verify for the claimed sender's key
+    ├── ReplayError               this (sender, nonce) was already accepted
+    ├── ExpiredError              the timestamp lies outside the acceptance window
+    └── RemoteError               a peer answered a request with an error of its own
+
+    ConfigError                   a config file or override that does not fit its model
+    IdentityError                 a key file that is missing, corrupt or readable by others
+
+``ConfigError`` and ``IdentityError`` are local mistakes, not peer input, so they stand beside the
+tree rather than in it; both are ``ValueError`` subclasses whose message says how to fix them.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Bytes from a peer that we refuse. ``reason`` is a short stable label for metrics."""
+
+    reason = "protocol_error"
+
+
+class DecodeError(ProtocolError):
+    reason = "decode_error"
+
+
+class TooLarge(ProtocolError):
+    reason = "too_large"
+
+
+class UnknownMessageType(ProtocolError):
+    reason = "unknown_type"
+
+
+class VersionMismatch(ProtocolError):
+    reason = "version_mismatch"
+
+
+class BadSignature(ProtocolError):
+    reason = "bad_signature"
+
+
+class ReplayError(ProtocolError):
+    reason = "replay"
+
+
+class ExpiredError(ProtocolError):
+    reason = "expired"
+
+
+class RemoteError(ProtocolError):
+    """A peer answered a request with an error; ``code`` is its reason label."""
+
+    reason = "remote_error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"peer refused ({code}): {message}")
+        self.code = code
+        self.message = message
+
+
+class ConfigError(ValueError):
+    """A config file or command-line override that does not fit its model."""
+
+
+class IdentityError(ValueError):
+    """A node key file that cannot be used; never answered by silently making a new identity."""

@@ -1,0 +1,62 @@
+"""Rollout messages: the producer keeps the payload and submits a signed receipt.
+
+An inference node stores ``RolloutPayload`` in its content-addressed store and sends the
+coordinator a ``RolloutReceipt`` with the payload's hash and token counts. Verifiers and trainers
+fetch the payload from the producer with ``PayloadRequest``. Token ids travel as little-endian
+uint32 arrays and logprobs as little-endian float32 arrays (``bytes``), which is compact and
+decodes without a per-token Python object. Rewards are never sent: consumers recompute them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt
+
+FinishReason = Literal["stop", "length"]
+
+
+class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One completion: which example and sample slot, the tokens, their logprobs, why it ended."""
+
+    example_index: NonNegInt
+    sample_index: NonNegInt
+    token_ids: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
+    """uint32 little-endian, one per completion token."""
+    logprobs: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
+    """float32 little-endian, the sampled token's logprob at each position."""
+    finish_reason: FinishReason
+
+
+class RolloutPayload(Message):
+    """Producer → verifier/trainer (payload protocol): the full samples of one lease."""
+
+    TYPE: ClassVar[str] = "rollouts.payload"
+    MAX_BYTES: ClassVar[int] = 32 * MiB
+    lease_id: Name
+    run_id: Name
+    policy_version: NonNegInt
+    samples: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=65536)]
+
+
+class RolloutReceipt(Message):
+    """Producer → coordinator: I produced this payload for this lease; here is its hash."""
+
+    TYPE: ClassVar[str] = "rollouts.receipt"
+    MAX_BYTES: ClassVar[int] = 4 * KiB
+    lease_id: Name
+    run_id: Name
+    policy_version: NonNegInt
+    payload_hash: Hash32
+    num_samples: NonNegInt
+    completion_tokens: NonNegInt
+
+
+class PayloadRequest(Message):
+    """Verifier/trainer → producer: send me the payload with this hash."""
+
+    TYPE: ClassVar[str] = "rollouts.payload_request"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    payload_hash: Hash32

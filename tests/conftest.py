@@ -1,0 +1,17 @@
+"""Shared fixtures: a private data directory per test, and the repo root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``BAZAAR_HOME`` for this test."""
+    path = tmp_path / "bazaar-home"
+    monkeypatch.setenv("BAZAAR_HOME", str(path))
+    return path

@@ -1,0 +1,116 @@
+"""One valid instance of every wire message type: round-trip tests, fuzz seeds, benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+import protocol  # noqa: F401  (registers every message type)
+from protocol.adapters import AdapterManifest, ShardData, ShardInfo, ShardRequest
+from protocol.codec import Message
+from protocol.leases import Lease, LeaseRequest, NoLease, SamplingParams
+from protocol.membership import (
+    Announce,
+    Capabilities,
+    Device,
+    Goodbye,
+    Heartbeat,
+    JoinReply,
+    JoinRequest,
+    PeerRecord,
+    PeersReply,
+    PeersRequest,
+)
+from protocol.rollouts import PayloadRequest, RolloutPayload, RolloutReceipt, Sample
+from protocol.runs import RunStatus
+from protocol.verification import AuditAssignment, Verdict
+
+H = hashlib.sha256(b"x").digest()
+PEER = "12D3KooWDqKLJN9JUJNg2HgVqrSCYR6AYm8LK57Tpgt6d2riQevu"
+ADDR = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"
+CAPS = Capabilities(
+    roles=["inference", "verifier"],
+    devices=[Device("cpu", "x86_64", 8 << 30)],
+    ram_bytes=24 << 30,
+    cpu_count=2,
+    torch_version="2.13.0",
+    backends=["torch"],
+    software_version="0.1.0",
+)
+
+
+def rollout_payload(total_bytes: int, tokens_per_sample: int = 512) -> RolloutPayload:
+    """A payload of about ``total_bytes``: samples of uint32 token ids and float32 logprobs."""
+    rng = np.random.default_rng(0)
+    n = max(1, total_bytes // (tokens_per_sample * 8))
+    samples = [
+        Sample(
+            example_index=i // 8,
+            sample_index=i % 8,
+            token_ids=rng.integers(0, 50_000, tokens_per_sample, dtype="<u4").tobytes(),
+            logprobs=(-rng.random(tokens_per_sample, dtype=np.float32)).astype("<f4").tobytes(),
+            finish_reason="length",
+        )
+        for i in range(n)
+    ]
+    return RolloutPayload(lease_id="l-1", run_id="r-1", policy_version=3, samples=samples)
+
+
+EXAMPLES: list[Message] = [
+    JoinRequest(name="gpu-1", protocol_version="1.0.0", listen_addrs=[ADDR], capabilities=CAPS),
+    JoinReply(accepted=True, heartbeat_interval_s=2.0, peers=[PeerRecord(PEER, [ADDR])]),
+    JoinReply(accepted=False, reason="identity already connected"),
+    Heartbeat(seq=7, uptime_s=12.5, load=0.3),
+    Announce(name="gpu-1", listen_addrs=[ADDR], capabilities=CAPS),
+    Goodbye(reason="shutdown"),
+    PeersRequest(limit=16),
+    PeersReply(peers=[PeerRecord(PEER, [ADDR])]),
+    LeaseRequest(max_prompts=8, adapter_versions={"r-1": 3}),
+    Lease(
+        lease_id="l-1",
+        run_id="r-1",
+        env_id="arith",
+        env_version="1",
+        env_seed=1234,
+        example_indices=[0, 1, 2],
+        group_size=4,
+        policy_version=3,
+        sampling=SamplingParams(temperature=0.8, max_tokens=64),
+        lease_seed=H,
+        deadline_ms=1_700_000_000_000,
+    ),
+    NoLease(retry_after_s=2.0),
+    rollout_payload(4096, tokens_per_sample=16),
+    RolloutReceipt(
+        lease_id="l-1",
+        run_id="r-1",
+        policy_version=3,
+        payload_hash=H,
+        num_samples=12,
+        completion_tokens=640,
+    ),
+    PayloadRequest(payload_hash=H),
+    AuditAssignment(audit_id="a-1", lease_id="l-1", producer=PEER, payload_hash=H, deadline_ms=1),
+    Verdict(
+        audit_id="a-1",
+        lease_id="l-1",
+        producer=PEER,
+        payload_hash=H,
+        passed=False,
+        failed_check="gumbel_replay",
+        detail="token 17 is not the seeded sampler's pick",
+        stats={"max_gap": 3.5},
+    ),
+    AdapterManifest(
+        run_id="r-1",
+        version=4,
+        parent_version=3,
+        base_model_hash=H,
+        shards=[ShardInfo(H, 1024)],
+        total_bytes=1024,
+    ),
+    ShardRequest(sha256=H),
+    ShardData(sha256=H, data=b"\x00" * 1024),
+    RunStatus(run_id="r-1", state="running", policy_version=4, max_staleness=2, base_model="tiny"),
+]

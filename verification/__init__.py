@@ -1,0 +1,1 @@
+"""Rollout checks by recomputation, the audit sampling policy, reputation and penalties."""
