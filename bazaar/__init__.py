@@ -4,4 +4,6 @@ It may import every package (like ``scripts/``), but imports each lazily inside 
 needs it, so ``bazaar --help`` stays instant and a process only loads what its role uses.
 """
 
-__version__ = "0.1.0"
+from protocol.versions import SOFTWARE_VERSION as __version__
+
+__all__ = ["__version__"]

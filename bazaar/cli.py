@@ -6,7 +6,8 @@ Errors a user can fix (a bad config, an unusable key file) print one clear line 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +21,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 identity_app = typer.Typer(help="This machine's node identity (Ed25519 key and peer id).")
+coordinator_app = typer.Typer(help="Run the coordinator: membership, REST API, database.")
+node_app = typer.Typer(help="Run a node that contributes compute to the network.")
+network_app = typer.Typer(help="Inspect the network.")
 app.add_typer(identity_app, name="identity")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(node_app, name="node")
+app.add_typer(network_app, name="network")
+
+# Commands with a config take any field as a dotted override: --membership.dead_after_missed=4
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML config file; flags and --a.b=value override it."),
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,6 +81,130 @@ def identity_show(
         console.print(f"created a new identity in {path}")
     console.print(f"peer id:  [bold]{ident.peer_id}[/]", highlight=False)
     console.print(f"key file: {path}", highlight=False)
+
+
+def _overrides(ctx: typer.Context, **flags: Any) -> list[str]:
+    """Explicit flags first, as TOML values (strings quoted), then the free ``--a.b=v`` ones."""
+    out = [f"--{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return out + list(ctx.args)
+
+
+def _load(model: Any, config: Path | None, overrides: list[str]) -> Any:
+    from protocol.config import load_config
+    from protocol.errors import ConfigError
+
+    try:
+        return load_config(model, config, overrides)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+@coordinator_app.command("start", context_settings=OVERRIDES)
+def coordinator_start(
+    ctx: typer.Context,
+    listen: Annotated[
+        str | None, typer.Option(help="libp2p multiaddr, e.g. /ip4/0.0.0.0/tcp/4001.")
+    ] = None,
+    http: Annotated[str | None, typer.Option(help="REST API HOST:PORT.")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="Database URL (default: SQLite in data dir).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start the coordinator and run until Ctrl+C."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.main import start_coordinator
+    from protocol.config import data_dir
+
+    cfg = _load(CoordinatorConfig, config, _overrides(ctx, listen=listen, http=http, db=db))
+    raise typer.Exit(start_coordinator(cfg, data_dir()))
+
+
+@node_app.command("start", context_settings=OVERRIDES)
+def node_start(
+    ctx: typer.Context,
+    coordinator: Annotated[
+        str | None, typer.Option(help="Coordinator multiaddr ending in /p2p/<peer id>.")
+    ] = None,
+    roles: Annotated[
+        str | None, typer.Option(help="Comma-separated: inference,trainer,verifier.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Display name (default: host name).")] = None,
+    listen: Annotated[str | None, typer.Option(help="libp2p listen multiaddr.")] = None,
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve Prometheus /metrics on.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Join the network and contribute this machine until Ctrl+C."""
+    from node.config import NodeConfig
+    from node.main import start_node
+    from protocol.config import data_dir
+    from protocol.errors import ConfigError
+
+    role_list = [r.strip() for r in roles.split(",") if r.strip()] if roles is not None else None
+    flags = dict(
+        coordinator=coordinator,
+        roles=role_list,
+        name=name,
+        listen=listen,
+        metrics_listen=metrics_listen,
+    )
+    cfg = _load(NodeConfig, config, _overrides(ctx, **flags))
+    try:
+        code = start_node(cfg, data_dir())
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+@network_app.command("status")
+def network_status(
+    coordinator_url: Annotated[
+        str | None, typer.Option(help="Coordinator REST URL (default: the local coordinator).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show every node the coordinator knows: status, roles, device, last heartbeat."""
+    import httpx
+
+    from protocol.config import data_dir
+
+    url = coordinator_url or _local_coordinator_url(data_dir())
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/v1/network/nodes", timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise _fail(f"cannot read nodes from the coordinator at {url}: {e}") from None
+    nodes = resp.json()["data"]
+    if as_json:
+        print(json.dumps(nodes, indent=2))
+        return
+    from rich.table import Table
+
+    colors = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    table = Table(title=f"{len(nodes)} nodes at {url}")
+    for col in ("name", "peer id", "roles", "device", "status", "last seen", "version"):
+        table.add_column(col)
+    for n in nodes:
+        pid = n["peer_id"]
+        table.add_row(
+            n["name"],
+            f"{pid[:12]}…{pid[-6:]}",
+            ",".join(n["roles"]),
+            n["device"],
+            f"[{colors.get(n['status'], 'white')}]{n['status']}[/]",
+            f"{n['last_seen_ago_s']:.1f}s ago",
+            n["version"],
+        )
+    console.print(table)
+
+
+def _local_coordinator_url(home: Path) -> str:
+    try:
+        return str(json.loads((home / "coordinator.json").read_text())["http"])
+    except (OSError, ValueError, KeyError):
+        return "http://127.0.0.1:8700"
 
 
 def main() -> None:

@@ -44,6 +44,9 @@ class JoinRequest(Message):
     TYPE: ClassVar[str] = "membership.join"
     MAX_BYTES: ClassVar[int] = 16 * KiB
     name: Name
+    instance_id: Annotated[str, msgspec.Meta(min_length=8, max_length=64)]
+    """Random per process: tells a re-join of the same process from a second process that
+    shares the key file."""
     protocol_version: Annotated[str, msgspec.Meta(max_length=16)]
     listen_addrs: Annotated[list[Multiaddr], msgspec.Meta(max_length=16)]
     capabilities: Capabilities

@@ -126,16 +126,24 @@ class P2PHost:
         )
         pubsub = Pubsub(host, router)
         addrs = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/0"])]
+        # An error from the body is held while the host shuts down and raised after: cancelling
+        # our nursery with it in flight would let a Cancelled from py-libp2p's service exits
+        # replace it, and the nursery's scope would then absorb that Cancelled — losing the
+        # error entirely. A cancellation from outside still propagates as it should.
+        body_error: BaseException | None = None
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(host.run(listen_addrs=addrs))
-            nursery = await stack.enter_async_context(trio.open_nursery())
             await stack.enter_async_context(background_trio_service(pubsub))
             await stack.enter_async_context(background_trio_service(router))
+            nursery = await stack.enter_async_context(trio.open_nursery())
             await pubsub.wait_until_ready()
             try:
                 yield cls(identity, host, pubsub, nursery)
-            finally:
-                nursery.cancel_scope.cancel()
+            except BaseException as e:
+                body_error = e
+            nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
 
     # -- addresses and connections ---------------------------------------------------------
 

@@ -15,12 +15,19 @@ protocol.errors.VersionMismatch: peer speaks protocol 2.0.0 (major 2), we speak 
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 
 from protocol.errors import DecodeError, VersionMismatch
 
 PROTOCOL_VERSION = "1.0.0"
 """The wire version this code speaks; carried in every envelope and every protocol id."""
+
+try:
+    SOFTWARE_VERSION = importlib.metadata.version("bazaar")
+    """The installed release of this software (distinct from the wire version)."""
+except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+    SOFTWARE_VERSION = "0.0.0+checkout"
 
 _ID = re.compile(r"^/bazaar/([a-z][a-z0-9-]*)/(\d+)\.(\d+)\.(\d+)$")
 

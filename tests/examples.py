@@ -58,7 +58,13 @@ def rollout_payload(total_bytes: int, tokens_per_sample: int = 512) -> RolloutPa
 
 
 EXAMPLES: list[Message] = [
-    JoinRequest(name="gpu-1", protocol_version="1.0.0", listen_addrs=[ADDR], capabilities=CAPS),
+    JoinRequest(
+        name="gpu-1",
+        instance_id="0123456789abcdef",
+        protocol_version="1.0.0",
+        listen_addrs=[ADDR],
+        capabilities=CAPS,
+    ),
     JoinReply(accepted=True, heartbeat_interval_s=2.0, peers=[PeerRecord(PEER, [ADDR])]),
     JoinReply(accepted=False, reason="identity already connected"),
     Heartbeat(seq=7, uptime_s=12.5, load=0.3),

@@ -132,7 +132,9 @@ def test_gossip_delivers_accepted_frames_and_stops_rejected_ones() -> None:
 
                 return accept
 
-            subs = {h.peer_id: await h.subscribe(topic, acceptor(h)) for h in (a, b, c)}
+            # a is the attacker: it accepts (and so publishes) anything; b and c check frames
+            await a.subscribe(topic, lambda forwarder, data: data)
+            subs = {h.peer_id: await h.subscribe(topic, acceptor(h)) for h in (b, c)}
             await a.connect(b.addrs()[0])
             await c.connect(b.addrs()[0])
             await _wait_for(lambda: len(b.gossip_peers(topic)) == 2)
@@ -149,5 +151,21 @@ def test_gossip_delivers_accepted_frames_and_stops_rejected_ones() -> None:
             assert got_b.message == got_c.message == Heartbeat(seq=1, uptime_s=1.0)  # type: ignore[attr-defined]
             assert rejected[b.peer_id] == ["bad_signature"]
             assert rejected[c.peer_id] == []  # never relayed past b
+
+    run(main)
+
+
+def test_errors_in_the_body_of_a_host_come_out_unchanged() -> None:
+    """Regression: shutting the host down must not swallow or wrap the body's exception."""
+
+    async def main() -> None:
+        with pytest.raises(KeyError, match="lost"):
+            async with P2PHost.create(Identity.generate()):
+                await trio.sleep(0.1)
+                raise KeyError("lost")
+        with trio.move_on_after(0.3) as scope:  # a cancel from outside still cancels
+            async with P2PHost.create(Identity.generate()):
+                await trio.sleep(10)
+        assert scope.cancelled_caught
 
     run(main)

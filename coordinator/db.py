@@ -1,0 +1,86 @@
+"""The coordinator's database: SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL.
+
+Calls here are synchronous and quick; the server runs them off its event loop in a worker thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NodeRow(Base):
+    """One node ever seen, keyed by peer id."""
+
+    __tablename__ = "nodes"
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    addrs: Mapped[list[str]] = mapped_column(JSON)
+    protocol_version: Mapped[str] = mapped_column(String(16))
+    software_version: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    heartbeats: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'coordinator.db'}"
+
+
+def open_database(url: str) -> Engine:
+    """An engine with the schema in place; SQLite gets WAL and a busy timeout."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class NodeStore:
+    """Reads and writes node rows."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load_all(self) -> list[NodeRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(NodeRow)))
+
+    def upsert(self, rows: list[NodeRow]) -> None:
+        if not rows:
+            return
+        with Session(self.engine) as s, s.begin():
+            for row in rows:
+                s.merge(row)
+
+    def touch(self, seen: dict[str, tuple[float, int, str]]) -> None:
+        """Write ``last_seen``, heartbeat count and status for many nodes in one transaction."""
+        if not seen:
+            return
+        with Session(self.engine) as s, s.begin():
+            for peer_id, (last_seen, beats, status) in seen.items():
+                row = s.get(NodeRow, peer_id)
+                if row is not None:
+                    row.last_seen, row.heartbeats, row.status = last_seen, beats, status

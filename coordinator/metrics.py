@@ -1,0 +1,25 @@
+"""The coordinator's Prometheus metrics, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from protocol.gossip import GossipMetrics
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gossip = GossipMetrics(self.registry)
+        r = self.registry
+        self.nodes = Gauge("bazaar_nodes", "Known nodes, by status", ["status"], registry=r)
+        self.joins = Counter("bazaar_joins", "Join requests, by result", ["result"], registry=r)
+        self.requests = Counter(
+            "bazaar_requests", "Requests on the membership protocol", ["type"], registry=r
+        )
+        self.requests_refused = Counter(
+            "bazaar_requests_refused", "Refused requests, by reason", ["reason"], registry=r
+        )
+        self.transitions = Counter(
+            "bazaar_node_transitions", "Node status changes", ["to"], registry=r
+        )

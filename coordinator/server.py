@@ -1,0 +1,233 @@
+"""The coordinator process: a py-libp2p host, the membership table, the REST API, one trio loop.
+
+Nodes reach it two ways. The membership *protocol* (request/response) carries signed
+``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip) carries
+``Heartbeat``, ``Announce`` and ``Goodbye``. Joins, departures and status changes are written to
+the database at once; heartbeats update memory and are flushed once per interval, so the database
+is never more than one interval behind and a restarted coordinator picks up where it was.
+
+Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
+drains HTTP within a few seconds, and closes the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from coordinator.api import create_app
+from coordinator.config import CoordinatorConfig
+from coordinator.db import NodeStore, default_url, open_database
+from coordinator.membership import Membership, Transition
+from coordinator.metrics import CoordinatorMetrics
+from protocol.codec import Message
+from protocol.envelope import ReplayGuard, open_envelope, seal
+from protocol.errors import DecodeError, ProtocolError, UnknownMessageType
+from protocol.gossip import GossipGate
+from protocol.http import bind_tcp, parse_host_port, serve_http
+from protocol.identity import Identity
+from protocol.membership import (
+    Announce,
+    Goodbye,
+    Heartbeat,
+    JoinRequest,
+    PeersReply,
+    PeersRequest,
+)
+from protocol.observability import RateLimit
+from protocol.p2p import P2PHost
+from protocol.versions import SOFTWARE_VERSION, protocol_id
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_PROTOCOL = protocol_id("membership")
+MEMBERSHIP_TOPIC = protocol_id("membership")
+COORDINATOR_FILE = "coordinator.json"
+"""Written to the data directory: how local nodes and the CLI find this coordinator."""
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        identity: Identity,
+        data_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.data_dir = data_dir
+        self.clock = clock
+        self.software_version = SOFTWARE_VERSION
+        self.membership = Membership(config.membership)
+        self.metrics = CoordinatorMetrics()
+        self.store = NodeStore(open_database(config.db or default_url(data_dir)))
+        self.gate = GossipGate(
+            MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
+        )
+        self._request_guard = ReplayGuard()
+        self._log_limit = RateLimit(60.0)
+        self._dirty: set[str] = set()
+        self.multiaddrs: list[str] = []
+        self.http_url = ""
+
+    async def run(
+        self,
+        stop: trio.Event,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
+    ) -> None:
+        rows = await trio.to_thread.run_sync(self.store.load_all)
+        self.membership.restore(rows, self.clock())
+        if rows:
+            log.info("restored %d nodes from the database", len(rows))
+        host_, port = parse_host_port(self.config.http)
+        sock = bind_tcp(host_, port)
+        self.http_url = f"http://{_dialable(host_)}:{sock.getsockname()[1]}"
+        async with P2PHost.create(self.identity, [self.config.listen]) as host:
+            self.host = host
+            self.multiaddrs = _loopback_first(host.addrs())
+            host.serve(MEMBERSHIP_PROTOCOL, self._on_request)
+            sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
+            self._write_discovery_file()
+            http_stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._gossip_loop, sub)
+                nursery.start_soon(self._sweep_loop)
+                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(serve_http, create_app(self), sock, http_stop)
+                log.info(
+                    "coordinator %s listening on %s; REST API on %s",
+                    self.peer_id,
+                    " ".join(self.multiaddrs),
+                    self.http_url,
+                    extra={"peer_id": self.peer_id, "http": self.http_url},
+                )
+                task_status.started(self)
+                await stop.wait()
+                http_stop.set()
+                with trio.move_on_after(5):
+                    await self._flush()
+                nursery.cancel_scope.deadline = trio.current_time() + 5
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _on_request(self, peer: str, data: bytes) -> bytes:
+        try:
+            env = open_envelope(data, self._request_guard)
+            if env.sender != peer:
+                raise DecodeError(f"frame signed by {env.sender} arrived from {peer}")
+            msg = env.message
+            self.metrics.requests.labels(msg.TYPE).inc()
+            reply: Message | None
+            if isinstance(msg, JoinRequest):
+                reply = await self._join(peer, msg)
+            elif isinstance(msg, PeersRequest):
+                reply = PeersReply(
+                    peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit)
+                )
+            elif isinstance(msg, Goodbye):
+                await self._apply(self.membership.goodbye(peer))
+                reply = None
+            else:
+                raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
+        except ProtocolError as e:
+            self.metrics.requests_refused.labels(e.reason).inc()
+            if self._log_limit.allow((peer, e.reason)):
+                log.warning("refused request from %s: %s", peer, e, extra={"peer": peer})
+            raise
+        return seal(self.identity, reply) if reply is not None else b""
+
+    async def _join(self, peer: str, req: JoinRequest) -> Message:
+        reply, transition = self.membership.join(peer, req, req.instance_id, self.clock())
+        result = "accepted" if reply.accepted else reply.reason.split(":", 1)[0]
+        self.metrics.joins.labels(result).inc()
+        if reply.accepted:
+            await self._apply(transition)
+        else:
+            log.warning("refused join of %s (%s): %s", req.name, peer, reply.reason)
+        return reply
+
+    # -- gossip, sweeping, persistence --------------------------------------------------------
+
+    async def _gossip_loop(self, sub: object) -> None:
+        async for env in sub:  # type: ignore[attr-defined]
+            msg, peer = env.message, env.sender
+            if isinstance(msg, Heartbeat):
+                result = self.membership.heartbeat(peer, msg, self.clock())
+                if result is False:
+                    self.gate.refuse(
+                        peer, "unknown_sender", "heartbeat from a node that has not joined"
+                    )
+                    continue
+                self._dirty.add(peer)
+                if isinstance(result, Transition):
+                    await self._apply(result)
+            elif isinstance(msg, Goodbye):
+                await self._apply(self.membership.goodbye(peer))
+            elif isinstance(msg, Announce):
+                node = self.membership.nodes.get(peer)
+                if node is not None:
+                    node.capabilities, node.addrs = msg.capabilities, list(msg.listen_addrs)
+                    await self._apply(Transition(peer, node.status, node.status))
+
+    async def _sweep_loop(self) -> None:
+        period = max(0.05, self.membership.interval / 10)
+        while True:
+            for t in self.membership.sweep(self.clock()):
+                await self._apply(t)
+            await trio.sleep(period)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(self.membership.interval)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        nodes = self.membership.nodes
+        seen = {p: (nodes[p].last_seen, nodes[p].heartbeats, nodes[p].status) for p in dirty}
+        await trio.to_thread.run_sync(self.store.touch, seen)
+
+    async def _apply(self, t: Transition | None) -> None:
+        """Persist a node's new state now, and log and count a change of status."""
+        if t is None:
+            return
+        node = self.membership.nodes[t.peer_id]
+        await trio.to_thread.run_sync(self.store.upsert, [node.to_row()])
+        if t.old != t.new:
+            self.metrics.transitions.labels(t.new).inc()
+            log.info(
+                "node %s (%s) %s -> %s",
+                node.name,
+                t.peer_id,
+                t.old or "new",
+                t.new,
+                extra={"peer": t.peer_id, "status": t.new},
+            )
+
+    def refresh_gauges(self) -> None:
+        for status, n in self.membership.counts().items():
+            self.metrics.nodes.labels(status).set(n)
+
+    def _write_discovery_file(self) -> None:
+        path = self.data_dir / COORDINATOR_FILE
+        info = {"peer_id": self.peer_id, "multiaddrs": self.multiaddrs, "http": self.http_url}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def _dialable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+
+
+def _loopback_first(addrs: list[str]) -> list[str]:
+    return sorted(addrs, key=lambda a: not a.startswith("/ip4/127."))

@@ -1,0 +1,68 @@
+"""Entry point of ``bazaar node start``: identity, machine probe, membership agent, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import trio
+
+from node.config import NodeConfig
+from protocol.errors import ConfigError
+from protocol.http import parse_host_port
+from protocol.identity import KEY_FILE_NAME, load_or_create_identity
+from protocol.lifecycle import find_exception, run_until_signal
+from protocol.observability import configure_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 3
+"""Exit code when the coordinator refuses the node (its message is printed)."""
+
+
+def coordinator_addrs(config: NodeConfig, data_dir: Path) -> list[str]:
+    """The coordinator to dial: from the config, or the file a local coordinator wrote."""
+    if config.coordinator:
+        return [config.coordinator]
+    path = data_dir / "coordinator.json"
+    try:
+        addrs = json.loads(path.read_text())["multiaddrs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"no coordinator given and none found in {path} ({e}); "
+            f"pass --coordinator /ip4/HOST/tcp/PORT/p2p/PEER_ID"
+        ) from None
+    return list(addrs)
+
+
+def start_node(config: NodeConfig, data_dir: Path) -> int:
+    from node.agent import JoinRefused, NodeAgent
+    from node.probe import probe_machine
+
+    configure_logging(config.log_json)
+    identity, created = load_or_create_identity(data_dir / KEY_FILE_NAME)
+    if created:
+        log.info("created identity %s in %s", identity.peer_id, data_dir)
+    addrs = coordinator_addrs(config, data_dir)
+    caps = probe_machine(config.roles)  # type: ignore[arg-type]
+    agent = NodeAgent(config, identity, caps, addrs)
+    if config.metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, port = parse_host_port(config.metrics_listen)
+        start_http_server(port, host, registry=agent.metrics.registry)
+
+    async def main(stop: trio.Event) -> int:
+        try:
+            await agent.run(stop)
+        except BaseException as e:
+            refused = find_exception(e, JoinRefused)
+            if refused is None:
+                raise
+            log.error("the coordinator refused this node: %s", refused)
+            print(f"refused: {refused}", flush=True)
+            return EXIT_REFUSED
+        return 0
+
+    return run_until_signal(main)
