@@ -98,11 +98,11 @@ class Coordinator:
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             self._write_discovery_file()
             http_stop = trio.Event()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._gossip_loop, sub)
-                nursery.start_soon(self._sweep_loop)
-                nursery.start_soon(self._flush_loop)
-                nursery.start_soon(serve_http, create_app(self), sock, http_stop)
+            async with trio.open_nursery() as http, trio.open_nursery() as loops:
+                loops.start_soon(self._gossip_loop, sub)
+                loops.start_soon(self._sweep_loop)
+                loops.start_soon(self._flush_loop)
+                http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
                     "coordinator %s listening on %s; REST API on %s",
                     self.peer_id,
@@ -112,10 +112,11 @@ class Coordinator:
                 )
                 task_status.started(self)
                 await stop.wait()
-                http_stop.set()
-                with trio.move_on_after(5):
-                    await self._flush()
-                nursery.cancel_scope.deadline = trio.current_time() + 5
+                loops.cancel_scope.cancel()
+                http_stop.set()  # open HTTP requests get hypercorn's graceful timeout
+                http.cancel_scope.deadline = trio.current_time() + 5
+            with trio.move_on_after(5):
+                await self._flush()
 
     # -- requests --------------------------------------------------------------------------
 

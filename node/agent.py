@@ -115,9 +115,9 @@ class NodeAgent:
                 nursery.start_soon(self._peers_loop)
                 task_status.started(self)
                 await stop.wait()
-                with trio.move_on_after(3):
-                    await self._goodbye()
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # no rejoin may race the goodbye
+            with trio.move_on_after(3):
+                await self._goodbye()
 
     # -- joining ------------------------------------------------------------------------------
 

@@ -44,11 +44,9 @@ async def serve_http(
 ) -> None:
     """Serve ``app`` on an already bound socket until ``shutdown`` is set."""
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    # hypercorn wraps the descriptor in a socket of its own and closes it: hand it over.
+    config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
     config.accesslog = None
     config.errorlog = log
-    try:
-        await serve(app, config, shutdown_trigger=shutdown.wait)
-    finally:
-        sock.close()
+    await serve(app, config, shutdown_trigger=shutdown.wait)

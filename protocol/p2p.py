@@ -161,6 +161,9 @@ class P2PHost:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as e:
             raise DecodeError(f"not a dialable multiaddr with /p2p/: {addr!r} ({e})") from None
+        # py-libp2p refuses for 60 s to re-dial a peer whose addresses all failed; an explicit
+        # connect is a caller's decision (with its own backoff), so lift that block first.
+        self._host.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(timeout_s):
                 await self._host.connect(info)

@@ -97,3 +97,23 @@ def test_every_shipped_config_field_is_documented() -> None:
     for model in _config_models():
         for key, _, doc in describe(model):
             assert doc, f"{model.__module__}.{model.__name__}.{key} has no docstring"
+
+
+def test_node_roles_are_checked() -> None:
+    from node.config import NodeConfig
+
+    assert load_config(NodeConfig, None, ['--roles=["verifier","inference"]']).roles == [
+        "inference",
+        "verifier",
+    ]
+    with pytest.raises(ConfigError, match=r"roles.*unknown role\(s\) \['miner'\]"):
+        load_config(NodeConfig, None, ['--roles=["miner"]'])
+
+
+def test_coordinator_config_bounds() -> None:
+    from coordinator.config import CoordinatorConfig
+
+    cfg = load_config(CoordinatorConfig, None, ["--membership.heartbeat_interval_s=0.5"])
+    assert cfg.membership.heartbeat_interval_s == 0.5
+    with pytest.raises(ConfigError, match=r"membership\.heartbeat_interval_s"):
+        load_config(CoordinatorConfig, None, ["--membership.heartbeat_interval_s=-1"])

@@ -1,0 +1,159 @@
+"""A local network of real processes for integration tests: one coordinator, N nodes.
+
+Every process is ``python -m bazaar ...`` with its own ``BAZAAR_HOME`` (its own identity), logging
+to a file in the test's temp directory, on loopback ports the OS picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import REPO
+from tests.wait import wait_until
+
+
+@dataclass
+class Proc:
+    name: str
+    home: Path
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout_s: float = 15.0) -> int:
+        return self.popen.wait(timeout=timeout_s)
+
+
+class Cluster:
+    def __init__(self, root: Path, interval_s: float = 1.0, dead_after: float = 3.0) -> None:
+        self.root = root
+        self.interval_s = interval_s
+        self.dead_after = dead_after
+        self.procs: list[Proc] = []
+        self.coordinator: Proc | None = None
+        self.coordinator_home = root / "coordinator"
+        self.libp2p_port = 0
+        self.http_port = 0
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def spawn(self, name: str, home: Path, args: list[str], ns: str | None = None) -> Proc:
+        home.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        cmd = [sys.executable, "-m", "bazaar", *args]
+        if ns:
+            cmd = ["ip", "netns", "exec", ns, *cmd]
+        env = {**os.environ, "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = Proc(name, home, args, log, popen)
+        self.procs.append(proc)
+        return proc
+
+    def start_coordinator(self, listen_host: str = "127.0.0.1", ns: str | None = None) -> Proc:
+        info = self.coordinator_home / "coordinator.json"
+        info.unlink(missing_ok=True)
+        args = [
+            "coordinator",
+            "start",
+            "--listen",
+            f"/ip4/{listen_host}/tcp/{self.libp2p_port}",
+            "--http",
+            f"{listen_host}:{self.http_port}",
+            f"--membership.heartbeat_interval_s={self.interval_s}",
+            f"--membership.dead_after_missed={self.dead_after}",
+        ]
+        self.coordinator = self.spawn("coordinator", self.coordinator_home, args, ns)
+        wait_until(info.exists, 60, what="coordinator.json")
+        data = json.loads(info.read_text())
+        # keep the ports, so a restart comes back where the nodes look for it
+        self.libp2p_port = int(data["multiaddrs"][0].split("/tcp/")[1].split("/")[0])
+        self.http_port = int(data["http"].rsplit(":", 1)[1])
+        self.multiaddr = data["multiaddrs"][0]
+        self.url = data["http"]
+        self.peer_id = data["peer_id"]
+        return self.coordinator
+
+    def start_node(
+        self,
+        name: str,
+        home: Path | None = None,
+        roles: str = "inference",
+        extra: list[str] | None = None,
+        coordinator: str | None = None,
+        ns: str | None = None,
+    ) -> Proc:
+        args = [
+            "node",
+            "start",
+            "--name",
+            name,
+            "--roles",
+            roles,
+            "--coordinator",
+            coordinator or self.multiaddr,
+            "--listen",
+            "/ip4/0.0.0.0/tcp/0" if ns else "/ip4/127.0.0.1/tcp/0",
+            *(extra or []),
+        ]
+        return self.spawn(name, home or self.root / f"home-{name}", args, ns)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.alive():
+                p.signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.wait(5)
+
+    # -- observing ----------------------------------------------------------------------------
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Nodes by name, from the coordinator's REST API."""
+        resp = httpx.get(f"{self.url}/v1/network/nodes", timeout=5)
+        resp.raise_for_status()
+        return {n["name"]: n for n in resp.json()["data"]}
+
+    def statuses(self) -> dict[str, str]:
+        return {name: n["status"] for name, n in self.nodes().items()}
+
+    def wait_status(self, expect: dict[str, str], timeout_s: float = 60) -> dict[str, str]:
+        def probe() -> dict[str, str] | None:
+            got = self.statuses()
+            return got if all(got.get(k) == v for k, v in expect.items()) else None
+
+        return wait_until(probe, timeout_s, what=f"statuses {expect}")
+
+    def metric(self, name: str, labels: str = "", url: str | None = None) -> float:
+        """One sample of a Prometheus metric (0 when absent), e.g. metric("x_total", 'a="b"')."""
+        text = httpx.get(f"{url or self.url}/metrics", timeout=5).text
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
