@@ -200,6 +200,20 @@ def network_status(
     console.print(table)
 
 
+@app.command("up")
+def up(
+    nodes: Annotated[int, typer.Option(min=1, max=64, help="How many node processes.")] = 3,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: Ctrl+C).")
+    ] = None,
+) -> None:
+    """Run a local network (a coordinator and N nodes on loopback) and watch it live."""
+    from bazaar.up import run_local_network
+    from protocol.config import data_dir
+
+    raise typer.Exit(run_local_network(data_dir() / "local", nodes, duration, console))
+
+
 def _local_coordinator_url(home: Path) -> str:
     try:
         return str(json.loads((home / "coordinator.json").read_text())["http"])

@@ -129,7 +129,10 @@ def test_second_process_with_the_same_identity_is_refused(cluster: Cluster) -> N
     assert twin.wait(60) == 3
     assert "refused: duplicate_identity" in twin.output()
     assert "same key file" in twin.output()
-    assert cluster.statuses() == {"first": "alive"}
+    # the twin's dial (same peer id) can displace the first node's connection for a moment;
+    # the first node reconnects by itself and remains the only node the coordinator knows
+    cluster.wait_status({"first": "alive"}, 30)
+    assert set(cluster.statuses()) == {"first"} and first.alive()
 
 
 def test_gossip_between_nodes_survives_a_coordinator_outage(cluster: Cluster) -> None:
