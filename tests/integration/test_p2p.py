@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from protocol.envelope import ReplayGuard, open_envelope, seal
 from protocol.errors import ProtocolError, RemoteError, TooLarge, VersionMismatch
 from protocol.identity import Identity, load_identity
 from protocol.membership import Goodbye, Heartbeat
 from protocol.p2p import P2PHost, TransportError
+from tests.wait import await_until
 
 ECHO = "/bazaar/echo/1.0.0"
-
-
-async def _wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    with trio.fail_after(timeout_s):
-        while not cond():
-            await trio.sleep(0.02)
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
@@ -137,8 +133,8 @@ def test_gossip_delivers_accepted_frames_and_stops_rejected_ones() -> None:
             subs = {h.peer_id: await h.subscribe(topic, acceptor(h)) for h in (b, c)}
             await a.connect(b.addrs()[0])
             await c.connect(b.addrs()[0])
-            await _wait_for(lambda: len(b.gossip_peers(topic)) == 2)
-            await _wait_for(lambda: a.peer_id in b.gossip_peers(topic))
+            await await_until(lambda: len(b.gossip_peers(topic)) == 2)
+            await await_until(lambda: a.peer_id in b.gossip_peers(topic))
 
             bad = bytearray(seal(ids[0], Goodbye(reason="forged")))
             bad[-1] ^= 1
@@ -161,11 +157,11 @@ def test_errors_in_the_body_of_a_host_come_out_unchanged() -> None:
     async def main() -> None:
         with pytest.raises(KeyError, match="lost"):
             async with P2PHost.create(Identity.generate()):
-                await trio.sleep(0.1)
+                await trio.testing.wait_all_tasks_blocked()  # the host's tasks are running
                 raise KeyError("lost")
         with trio.move_on_after(0.3) as scope:  # a cancel from outside still cancels
             async with P2PHost.create(Identity.generate()):
-                await trio.sleep(10)
+                await trio.sleep_forever()
         assert scope.cancelled_caught
 
     run(main)
