@@ -1,0 +1,1 @@
+"""Built-in offline environments: arithmetic, reversal, sorting, countdown, word problems."""
