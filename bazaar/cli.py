@@ -24,10 +24,12 @@ identity_app = typer.Typer(help="This machine's node identity (Ed25519 key and p
 coordinator_app = typer.Typer(help="Run the coordinator: membership, REST API, database.")
 node_app = typer.Typer(help="Run a node that contributes compute to the network.")
 network_app = typer.Typer(help="Inspect the network.")
+model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
 app.add_typer(network_app, name="network")
+app.add_typer(model_app, name="model")
 
 # Commands with a config take any field as a dotted override: --membership.dead_after_missed=4
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -198,6 +200,44 @@ def network_status(
             n["version"],
         )
     console.print(table)
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Annotated[
+        Path | None, typer.Option(help="Directory to write (default: cached in the data dir).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Initialization and data seed.")] = 0,
+    target_accuracy: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Stop warm-up training at this accuracy.")
+    ] = 0.4,
+    max_steps: Annotated[int, typer.Option(min=1, help="Training schedule length.")] = 1500,
+) -> None:
+    """Build the tiny model (Llama architecture, byte tokenizer) in Hugging Face format."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from node.models.tiny import TinySpec, build_tiny_model, tiny_model_dir
+    from protocol.config import data_dir
+
+    spec = TinySpec(seed=seed, target_accuracy=target_accuracy, max_steps=max_steps)
+    target = out or tiny_model_dir(data_dir(), spec)
+    if (target / "bazaar-tiny.json").exists():
+        console.print(f"already built: {target}", highlight=False)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("warm-up training", total=spec.max_steps, info="")
+
+        def report(step: int, loss: float, accuracy: float) -> None:
+            info = f"step {step}  loss {loss:.3f}  accuracy {accuracy:.0%}"
+            progress.update(task, completed=step, info=info)
+
+        build_tiny_model(target, spec, report)
+    meta = json.loads((target / "bazaar-tiny.json").read_text())
+    console.print(
+        f"built {target} (accuracy {meta['accuracy']:.0%} after {meta['steps']} steps)",
+        highlight=False,
+    )
 
 
 @app.command("up")

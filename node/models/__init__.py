@@ -1,0 +1,1 @@
+"""Model loading and the project-built tiny model."""

@@ -1,0 +1,131 @@
+"""Seeded Gumbel-max sampling that a verifier can replay exactly.
+
+Sampling a token is ``argmax(logits / T + g)`` where ``g`` is Gumbel noise over the whole
+vocabulary. Here the noise is not drawn from a stateful generator: it is a pure function of
+(sample seed, position, token id) — splitmix64 hashing on int64 tensors, the same integers on any
+device — so a verifier given the model, the adapter and the seed recomputes the exact noise at
+every position with one prefill, and checks that each committed token is the one the sampler
+picks. The seed itself is derived from values the node cannot choose: the lease's coordinator
+randomness, the sample's index and the policy version.
+
+Top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one) and
+samples among them; the reported logprob is the sampled token's under that (tempered, truncated)
+distribution — the behaviour policy trainers correct for. ``T = 0`` is greedy.
+
+>>> import torch
+>>> logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+>>> a = sample(logits, torch.tensor([7]), torch.tensor([0]), temperature=1.0, top_p=1.0)
+>>> b = sample(logits, torch.tensor([7]), torch.tensor([0]), temperature=1.0, top_p=1.0)
+>>> bool((a[0] == b[0]).all())
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+SEED_DOMAIN = b"bazaar/sample-seed/v1\x00"
+_MASK63 = (1 << 63) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+_POS_MUL = _signed(0xD1B54A32D192ED03)
+
+
+def derive_seed(lease_seed: bytes, sample_index: int, policy_version: int) -> int:
+    """A sample's seed: a hash of the lease's randomness, the sample index and the version."""
+    digest = hashlib.sha256(
+        SEED_DOMAIN
+        + lease_seed
+        + sample_index.to_bytes(8, "big")
+        + policy_version.to_bytes(8, "big")
+    ).digest()
+    return int.from_bytes(digest[:8], "big") & _MASK63
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer; int64 multiplication wraps, as the algorithm wants."""
+    z = z + _GOLDEN
+    z = (z ^ _lsr(z, 30)) * _M1
+    z = (z ^ _lsr(z, 27)) * _M2
+    return z ^ _lsr(z, 31)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise ``[B, V]`` (float64) for each row's (seed, position), over the vocabulary."""
+    seeds = seeds.to(torch.int64).view(-1, 1)
+    positions = positions.to(device=seeds.device, dtype=torch.int64).view(-1, 1)
+    row_key = _mix(seeds ^ (positions * _POS_MUL))
+    tokens = torch.arange(vocab, device=seeds.device, dtype=torch.int64).view(1, -1)
+    bits = _lsr(_mix(row_key + tokens), 11)  # 53 random bits
+    uniform = (bits.to(torch.float64) + 0.5) * (2.0**-53)  # strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probabilities ``[B, V]`` of the distribution actually sampled from (-inf outside)."""
+    logits = logits.to(torch.float32)
+    if temperature <= 0:
+        return torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
+    # keep a token if the mass before it is below top_p (so the first is always kept)
+    before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
+    keep_sorted = before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    truncated = logp.masked_fill(~keep, float("-inf"))
+    return truncated - torch.logsumexp(truncated, dim=-1, keepdim=True)
+
+
+def sample(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: float,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row: ``(token ids [B], their logprobs [B])``."""
+    logp = sampling_logprobs(logits, temperature, top_p)
+    if temperature <= 0:
+        tokens = torch.argmax(logits, dim=-1)
+    else:
+        scores = logp.to(torch.float64) + gumbel_noise(seeds, positions, logits.shape[-1]).to(
+            logp.device
+        )
+        tokens = torch.argmax(scores, dim=-1)
+    return tokens, logp.gather(-1, tokens.view(-1, 1)).view(-1)
+
+
+def replay_margins(
+    logits_T_V: torch.Tensor,
+    tokens_T: torch.Tensor,
+    seed: int,
+    temperature: float,
+    top_p: float,
+) -> torch.Tensor:
+    """For a committed completion: at each position, best score minus the committed token's
+    score under the seeded sampler (0 where the committed token is the sampler's pick)."""
+    logp = sampling_logprobs(logits_T_V, temperature, top_p)
+    positions = torch.arange(tokens_T.shape[0])
+    if temperature <= 0:
+        scores = logp.to(torch.float64)
+    else:
+        noise = gumbel_noise(torch.full_like(positions, seed), positions, logits_T_V.shape[-1])
+        scores = logp.to(torch.float64) + noise.to(logp.device)
+    chosen = scores.gather(-1, tokens_T.view(-1, 1).to(scores.device)).view(-1)
+    return scores.max(dim=-1).values - chosen
