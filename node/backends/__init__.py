@@ -27,6 +27,8 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` even past the end-of-sequence token (benchmarks)."""
 
 
 class Backend(Protocol):

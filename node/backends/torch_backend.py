@@ -100,7 +100,7 @@ class TorchBackend:
                     if reasons[i] is None:
                         tokens[i].append(int(tok_B[i]))
                         logprobs[i].append(float(logp_B[i]))
-                        if int(tok_B[i]) in self.eos_ids:
+                        if int(tok_B[i]) in self.eos_ids and not sampling.ignore_eos:
                             reasons[i] = "stop"
                 if all(r is not None for r in reasons) or step == sampling.max_tokens - 1:
                     break

@@ -136,7 +136,7 @@ def build_tiny_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
-        loss_value = float(loss)
+        loss_value = loss.item()
         # accuracy climbs steeply once addition "clicks": check often, to stop near the target
         if step >= 200 and step % 25 == 0:
             accuracy = greedy_accuracy(model, tok, held_out)
