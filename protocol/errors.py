@@ -11,6 +11,8 @@ a caller needs one ``except ProtocolError`` to turn any bad input into a recorde
     ├── BadSignature              the signature does not verify for the claimed sender's key
     ├── ReplayError               this (sender, nonce) was already accepted
     ├── ExpiredError              the timestamp lies outside the acceptance window
+    ├── NotFound                  a peer does not have what was asked for (a payload, a shard)
+    ├── HashMismatch              content does not hash to the digest it was fetched by
     └── RemoteError               a peer answered a request with an error of its own
 
     ConfigError                   a config file or override that does not fit its model
@@ -55,6 +57,14 @@ class ReplayError(ProtocolError):
 
 class ExpiredError(ProtocolError):
     reason = "expired"
+
+
+class NotFound(ProtocolError):
+    reason = "not_found"
+
+
+class HashMismatch(ProtocolError):
+    reason = "hash_mismatch"
 
 
 class RemoteError(ProtocolError):

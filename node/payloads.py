@@ -1,0 +1,64 @@
+"""Serving and fetching rollout payloads over py-libp2p (``/bazaar/payload/1.0.0``).
+
+The producer answers a signed ``PayloadRequest`` with the stored frame, byte for byte. The
+fetcher accepts it only if it hashes to the digest it asked for (``HashMismatch`` otherwise: a
+tampered or substituted payload), is a validly signed ``RolloutPayload``, and was signed by the
+producer it asked (``BadSignature`` otherwise). Rewards are never part of a payload: whoever
+consumes it recomputes them with the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from node.payload_store import PayloadStore
+from protocol.codec import MiB
+from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
+from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
+from protocol.identity import Identity
+from protocol.p2p import P2PHost
+from protocol.rollouts import PayloadRequest, RolloutPayload
+from protocol.versions import protocol_id
+
+PAYLOAD_PROTOCOL = protocol_id("payload")
+MAX_PAYLOAD_FRAME = 33 * MiB
+"""A payload body's cap (32 MiB) plus the envelope around it."""
+
+
+def serve_payloads(host: P2PHost, store: PayloadStore) -> None:
+    """Answer payload requests from ``store``."""
+    guard = ReplayGuard()
+
+    async def handle(peer: str, data: bytes) -> bytes:
+        env = open_envelope(data, guard)
+        if env.sender != peer or not isinstance(env.message, PayloadRequest):
+            raise DecodeError("a payload request must be a PayloadRequest signed by its sender")
+        frame = store.get(env.message.payload_hash)
+        if frame is None:
+            raise NotFound(f"no payload {env.message.payload_hash.hex()} here")
+        return frame
+
+    host.serve(PAYLOAD_PROTOCOL, handle, max_request_bytes=4096)
+
+
+async def fetch_payload(
+    host: P2PHost, identity: Identity, producer: str, digest: bytes, timeout_s: float = 30.0
+) -> Envelope:
+    """The producer's signed payload with this digest; refuses anything else."""
+    request = seal(identity, PayloadRequest(payload_hash=digest))
+    frame = await host.request(
+        producer,
+        PAYLOAD_PROTOCOL,
+        request,
+        max_response_bytes=MAX_PAYLOAD_FRAME,
+        timeout_s=timeout_s,
+    )
+    actual = hashlib.sha256(frame).digest()
+    if actual != digest:
+        raise HashMismatch(f"payload from {producer} hashes to {actual.hex()}, not {digest.hex()}")
+    env = open_envelope(frame, None)  # a stored frame: signature and schema, no replay window
+    if env.sender != producer:
+        raise BadSignature(f"payload was signed by {env.sender}, not by its producer {producer}")
+    if not isinstance(env.message, RolloutPayload):
+        raise DecodeError(f"expected a rollout payload, got {env.message.TYPE}")
+    return env

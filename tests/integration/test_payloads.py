@@ -1,0 +1,58 @@
+"""Fetching rollout payloads from their producer over real py-libp2p hosts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import trio
+
+from node.payload_store import PayloadStore
+from node.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
+from protocol.envelope import seal
+from protocol.errors import BadSignature, HashMismatch, RemoteError
+from protocol.identity import Identity
+from protocol.p2p import P2PHost
+from protocol.rollouts import PayloadRequest
+from tests.examples import rollout_payload
+
+
+def test_fetch_checks_hash_signature_and_type(tmp_path: Path) -> None:
+    producer_id, consumer_id, impostor = (
+        Identity.generate(),
+        Identity.generate(),
+        Identity.generate(),
+    )
+    store = PayloadStore(tmp_path / "payloads")
+    payload = rollout_payload(256 * 1024)
+    good = store.put(seal(producer_id, payload))
+    forged = store.put(seal(impostor, payload))  # the right content, the wrong signer
+
+    async def main() -> None:
+        async with P2PHost.create(producer_id) as producer, P2PHost.create(consumer_id) as consumer:
+            serve_payloads(producer, store)
+            await consumer.connect(producer.addrs()[0])
+            env = await fetch_payload(consumer, consumer_id, producer.peer_id, good)
+            assert env.message == payload and env.sender == producer_id.peer_id
+
+            with pytest.raises(BadSignature, match="not by its producer"):
+                await fetch_payload(consumer, consumer_id, producer.peer_id, forged)
+            with pytest.raises(RemoteError, match="not_found"):
+                await fetch_payload(consumer, consumer_id, producer.peer_id, bytes(32))
+
+            # the producer's file is tampered with on disk: the consumer refuses it
+            path = store.root / good.hex()[:2] / good.hex()
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+            with pytest.raises(HashMismatch, match=r"hashes to [0-9a-f]{64}, not"):
+                await fetch_payload(consumer, consumer_id, producer.peer_id, good)
+
+            # a request not signed by the peer that sends it is refused
+            relayed = seal(impostor, PayloadRequest(payload_hash=good))
+            with pytest.raises(RemoteError, match="decode_error"):
+                await consumer.request(producer.peer_id, PAYLOAD_PROTOCOL, relayed)
+
+    trio.run(main)
+    assert hashlib.sha256(store.get(forged) or b"").digest() == forged  # the store is intact
