@@ -28,7 +28,7 @@ from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from protocol.codec import Message
 from protocol.envelope import ReplayGuard, open_envelope, seal
-from protocol.errors import DecodeError, ProtocolError, UnknownMessageType
+from protocol.errors import DecodeError, NotFound, ProtocolError, UnknownMessageType
 from protocol.gossip import GossipGate
 from protocol.http import bind_tcp, parse_host_port, serve_http
 from protocol.identity import Identity
@@ -131,6 +131,9 @@ class Coordinator:
             if isinstance(msg, JoinRequest):
                 reply = await self._join(peer, msg)
             elif isinstance(msg, PeersRequest):
+                member = self.membership.nodes.get(peer)
+                if member is None or member.status == "left":
+                    raise NotFound("the peer list is for members: join first")
                 reply = PeersReply(
                     peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit)
                 )

@@ -20,7 +20,14 @@ from protocol.codec import encode_struct
 from protocol.envelope import open_envelope, seal, signing_input
 from protocol.errors import RemoteError
 from protocol.identity import Identity
-from protocol.membership import Capabilities, Heartbeat, JoinReply, JoinRequest
+from protocol.membership import (
+    Capabilities,
+    Heartbeat,
+    JoinReply,
+    JoinRequest,
+    PeersReply,
+    PeersRequest,
+)
 from protocol.p2p import P2PHost
 from protocol.rollouts import PayloadRequest
 from tests.integration.cluster import Cluster
@@ -138,6 +145,17 @@ def test_bad_requests_are_refused_with_their_reason(cluster: Cluster) -> None:
                 await host.request(cluster.peer_id, MEMBERSHIP, frame)
             with pytest.raises(RemoteError, match="decode_error"):
                 await host.request(cluster.peer_id, MEMBERSHIP, b"garbage")
+            # the peer list is for members only
+            stranger = Identity.generate()
+            async with P2PHost.create(stranger) as other:
+                await other.connect(cluster.multiaddr)
+                ask = seal(stranger, PeersRequest(limit=10))
+                with pytest.raises(RemoteError, match=r"not_found.*members"):
+                    await other.request(cluster.peer_id, MEMBERSHIP, ask)
+            answer = await host.request(
+                cluster.peer_id, MEMBERSHIP, seal(attacker, PeersRequest(limit=10))
+            )
+            assert isinstance(open_envelope(answer, None).message, PeersReply)
 
     trio.run(probe)
     assert cluster.metric("bazaar_joins_total", 'result="version_mismatch"') == 1
