@@ -23,7 +23,6 @@ Run: ``python scripts/bench_membership.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -41,6 +40,8 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from coordinator.config import CoordinatorConfig, MembershipConfig  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
@@ -304,8 +305,6 @@ def main() -> None:
     for n in sizes:
         results[n] = trio.run(run_network, n, args.interval, probes, stagger, args.workers)
 
-    import torch
-
     flat: dict[str, float | int | str] = {}
     for n, r in results.items():
         for k, v in r.items():
@@ -315,9 +314,6 @@ def main() -> None:
     flat.update(
         nodes=max(results),
         quick=int(args.quick),
-        cpu_count=os.cpu_count() or 0,
-        torch_version=str(torch.__version__),
-        device="cpu",
     )
     table = Table(title=f"membership (heartbeat interval {args.interval}s, in-process hosts)")
     cols = [
@@ -343,9 +339,7 @@ def main() -> None:
             row.append(cell)
         table.add_row(*row)
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(flat, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, flat)
 
 
 if __name__ == "__main__":

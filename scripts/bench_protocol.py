@@ -19,8 +19,6 @@ Run: ``python scripts/bench_protocol.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +32,8 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from protocol.envelope import ReplayGuard, open_envelope, seal  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
@@ -82,8 +82,6 @@ def main() -> None:
     hb_ours, hb_base = measure(ours(heartbeat), plain(hb_plain), hb_iters, rounds)
     pl_ours, pl_base = measure(ours(payload), plain(pl_plain), pl_iters, rounds)
 
-    import torch
-
     result = {
         "heartbeat_msgs_per_s": 1 / hb_ours,
         "payload_mb_per_s": payload_mib / pl_ours,
@@ -93,9 +91,6 @@ def main() -> None:
         "plain_payload_mb_per_s": payload_mib / pl_base,
         "payload_mib": payload_mib,
         "quick": int(args.quick),
-        "cpu_count": os.cpu_count() or 0,
-        "torch_version": torch.__version__,
-        "device": "cpu",
     }
 
     table = Table(title="protocol: seal+open vs plain msgpack (median of alternating rounds)")
@@ -114,9 +109,7 @@ def main() -> None:
         f"{result['signed_vs_plain_ratio_payload']:.2f}x",
     )
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ Run: ``python scripts/bench_rollouts.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -30,6 +28,8 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from envs import load_environment  # noqa: E402
 from node.backends import Sampling  # noqa: E402
@@ -103,13 +103,10 @@ def main() -> None:
         )
     result.update(
         {k.removesuffix("_tiny"): v for k, v in result.items() if k.endswith("_tiny")},
-        batch=batch, new_tokens=new_tokens, quick=int(args.quick), cpu_count=os.cpu_count() or 0,
-        torch_version=str(torch.__version__), device="cpu",
+        batch=batch, new_tokens=new_tokens, quick=int(args.quick),
     )  # fmt: skip
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ _why = netns.unavailable_reason()
 @pytest.fixture
 def hosts() -> Iterator[dict[str, netns.Host]]:
     if _why is not None:
-        pytest.skip(f"multi-host test needs network namespaces: {_why}")
+        pytest.skip(reason=f"multi-host test needs network namespaces: {_why}")
     with netns.network(["coord", "n1", "n2", "n3"]) as hosts:
         yield hosts
 
