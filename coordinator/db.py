@@ -40,7 +40,12 @@ def default_url(data_dir: Path) -> str:
 
 
 def open_database(url: str) -> Engine:
-    """An engine with the schema in place; SQLite gets WAL and a busy timeout."""
+    """An engine with the schema in place; SQLite gets WAL and a busy timeout.
+
+    ``postgresql://`` means the psycopg 3 driver (SQLAlchemy's plain scheme means psycopg2).
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, future=True)

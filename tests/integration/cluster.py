@@ -72,7 +72,9 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_coordinator(self, listen_host: str = "127.0.0.1", ns: str | None = None) -> Proc:
+    def start_coordinator(
+        self, listen_host: str = "127.0.0.1", ns: str | None = None, extra: list[str] | None = None
+    ) -> Proc:
         info = self.coordinator_home / "coordinator.json"
         info.unlink(missing_ok=True)
         args = [
@@ -84,6 +86,7 @@ class Cluster:
             f"{listen_host}:{self.http_port}",
             f"--membership.heartbeat_interval_s={self.interval_s}",
             f"--membership.dead_after_missed={self.dead_after}",
+            *(extra or []),
         ]
         self.coordinator = self.spawn("coordinator", self.coordinator_home, args, ns)
         wait_until(info.exists, 60, what="coordinator.json")
