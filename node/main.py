@@ -41,10 +41,10 @@ def start_node(config: NodeConfig, data_dir: Path) -> int:
     from node.probe import probe_machine
 
     configure_logging(config.log_json)
+    addrs = coordinator_addrs(config, data_dir)  # a usage error before anything is created
     identity, created = load_or_create_identity(data_dir / KEY_FILE_NAME)
     if created:
         log.info("created identity %s in %s", identity.peer_id, data_dir)
-    addrs = coordinator_addrs(config, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
     if config.metrics_listen:
