@@ -1,0 +1,50 @@
+"""CLI errors a user can fix: one clear line on stderr, exit code 2, nothing changed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def bazaar(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bazaar", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BAZAAR_HOME": str(home)},
+        timeout=60,
+    )
+
+
+def test_identity_show_refuses_a_corrupt_key_and_keeps_it(home: Path) -> None:
+    home.mkdir(mode=0o700)
+    key = home / "identity.key"
+    key.write_text("garbage")
+    key.chmod(0o600)
+    result = bazaar(home, "identity", "show")
+    assert result.returncode == 2
+    assert "will not replace it" in result.stderr and "Traceback" not in result.stderr
+    assert key.read_text() == "garbage"
+
+
+def test_network_status_without_a_coordinator(home: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = bazaar(home, "network", "status", "--coordinator-url", f"http://127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert "cannot read nodes from the coordinator" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_names_the_key(home: Path) -> None:
+    result = bazaar(home, "coordinator", "start", "--membership.bogus=1")
+    assert result.returncode == 2
+    assert "unknown key 'membership.bogus'" in result.stderr
+    assert not (home / "coordinator.key").exists()  # nothing was created
