@@ -33,7 +33,7 @@ from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from envs import load_environment  # noqa: E402
 from node.backends import Sampling  # noqa: E402
-from node.backends.torch_backend import TorchBackend  # noqa: E402
+from node.backends.torch_backend import TorchBackend, left_pad, prompt_ids  # noqa: E402
 from node.models.loading import SMOLLM2, resolve, smollm2_path  # noqa: E402
 from node.sampling import derive_seed  # noqa: E402
 from protocol.config import data_dir  # noqa: E402
@@ -42,19 +42,11 @@ from protocol.config import data_dir  # noqa: E402
 def measure(backend: TorchBackend, batch: int, new_tokens: int, rounds: int) -> dict[str, float]:
     tok = backend.tokenizer
     env = load_environment("gsm")
-    chat = [
-        tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True)
-        for e in env.examples(0, 0, batch)
-    ]
-    prompts = [list(c["input_ids"]) for c in chat]
+    prompts = [prompt_ids(tok, e.prompt) for e in env.examples(0, 0, batch)]
     seeds = [derive_seed(bytes(32), i, 0) for i in range(batch)]
     sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=new_tokens, ignore_eos=True)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
 
     def ours() -> int:
         return sum(len(g.token_ids) for g in backend.generate(prompts, seeds, sampling))

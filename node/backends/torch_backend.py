@@ -17,6 +17,24 @@ from node.backends import Generation, Sampling
 from node.sampling import sample
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of a chat prompt, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding here; older releases a plain list
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, W], attention mask [B, W])``, left-padded so every row ends at the same place."""
+    width = max(len(p) for p in prompts)
+    ids_B_W = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask_B_W = torch.zeros_like(ids_B_W)
+    for i, p in enumerate(prompts):
+        ids_B_W[i, width - len(p) :] = torch.tensor(p)
+        mask_B_W[i, width - len(p) :] = 1
+    return ids_B_W, mask_B_W
+
+
 class TorchBackend:
     name = "torch"
 
@@ -73,13 +91,7 @@ class TorchBackend:
     ) -> list[Generation]:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids_B_W = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask_B_W = torch.zeros_like(ids_B_W)
-        for i, p in enumerate(prompts):
-            ids_B_W[i, width - len(p) :] = torch.tensor(p)
-            mask_B_W[i, width - len(p) :] = 1
+        ids_B_W, mask_B_W = left_pad(prompts, self.tokenizer.pad_token_id)
         ids_B_W, mask_B_W = ids_B_W.to(self.device), mask_B_W.to(self.device)
         pos_B_W = (mask_B_W.cumsum(-1) - 1).clamp(min=0)
         seeds_B = torch.tensor(seeds, dtype=torch.int64)

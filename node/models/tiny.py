@@ -156,9 +156,11 @@ def _sft_batch(tok: Any, pairs: list[tuple[list[dict[str, str]], str]]) -> tuple
     """Right-padded ids, labels (-100 outside the answer and its end token), attention mask."""
     import torch
 
+    from node.backends.torch_backend import prompt_ids
+
     rows = []
     for prompt, answer in pairs:
-        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+        p = prompt_ids(tok, prompt)
         a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((p + a, [-100] * len(p) + a))
     width = max(len(ids) for ids, _ in rows)
@@ -176,17 +178,11 @@ def greedy_accuracy(model: Any, tok: Any, examples: list[Any], max_new_tokens: i
     """Share of examples whose greedy completion is exactly the answer."""
     import torch
 
+    from node.backends.torch_backend import left_pad, prompt_ids
+
     model.eval()
-    prompts = [
-        tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
-        for e in examples
-    ]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, so every row ends where generation starts
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = left_pad([prompt_ids(tok, e.prompt) for e in examples], tok.pad_token_id)
+    width = ids.shape[1]
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,

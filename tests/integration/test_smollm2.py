@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend
+from node.backends.torch_backend import TorchBackend, prompt_ids
 from node.models.loading import SMOLLM2, resolve, smollm2_path
 from node.sampling import derive_seed, replay_margins, sampling_logprobs
 
@@ -23,8 +23,7 @@ def test_smollm2_gguf_generates_and_replays(tmp_path: object) -> None:
     assert backend.base.config.model_type == "llama"
     tok = backend.tokenizer
     messages = [{"role": "user", "content": "What is 2 + 3? Answer with a number."}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"])
+    prompt = prompt_ids(tok, messages)
     greedy = backend.generate([prompt], [0], Sampling(temperature=0.0, max_tokens=16))[0]
     assert "5" in tok.decode(greedy.token_ids)
     seeds = [derive_seed(b"\x05" * 32, i, 0) for i in range(3)]

@@ -13,7 +13,7 @@ import torch
 
 from envs import load_environment
 from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend
+from node.backends.torch_backend import TorchBackend, prompt_ids
 from node.models.tiny import TinySpec, build_tiny_model, greedy_accuracy
 from node.sampling import derive_seed, replay_margins, sampling_logprobs
 from tests.conftest import REPO
@@ -28,12 +28,7 @@ def backend(tiny_model: Path) -> TorchBackend:
 
 def _prompts(backend: TorchBackend, n: int) -> list[list[int]]:
     env = load_environment("arith", digits=2)
-    return [
-        backend.tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True)[
-            "input_ids"
-        ]
-        for e in env.examples(1, 0, n)
-    ]
+    return [prompt_ids(backend.tokenizer, e.prompt) for e in env.examples(1, 0, n)]
 
 
 def test_tiny_model_is_a_real_checkpoint_with_room_to_improve(tiny_model: Path) -> None:
