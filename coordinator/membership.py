@@ -24,7 +24,14 @@ import msgspec
 from coordinator.config import MembershipConfig
 from coordinator.db import NodeRow
 from protocol.errors import VersionMismatch
-from protocol.membership import Capabilities, Heartbeat, JoinReply, JoinRequest, PeerRecord
+from protocol.membership import (
+    Announce,
+    Capabilities,
+    Heartbeat,
+    JoinReply,
+    JoinRequest,
+    PeerRecord,
+)
 from protocol.versions import check_version
 
 Status = Literal["alive", "suspect", "dead", "left"]
@@ -173,6 +180,14 @@ class Membership:
             old, node.status = node.status, "alive"
             return Transition(peer_id, old, "alive")
         return None
+
+    def announce(self, peer_id: str, msg: Announce) -> bool:
+        """New capabilities or addresses of a known node; False for an unknown sender."""
+        node = self.nodes.get(peer_id)
+        if node is None:
+            return False
+        node.capabilities, node.addrs = msg.capabilities, list(msg.listen_addrs)
+        return True
 
     def goodbye(self, peer_id: str) -> Transition | None:
         node = self.nodes.get(peer_id)

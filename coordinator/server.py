@@ -176,11 +176,8 @@ class Coordinator:
                     await self._apply(result)
             elif isinstance(msg, Goodbye):
                 await self._apply(self.membership.goodbye(peer))
-            elif isinstance(msg, Announce):
-                node = self.membership.nodes.get(peer)
-                if node is not None:
-                    node.capabilities, node.addrs = msg.capabilities, list(msg.listen_addrs)
-                    await self._apply(Transition(peer, node.status, node.status))
+            elif isinstance(msg, Announce) and self.membership.announce(peer, msg):
+                await self._persist(peer)
 
     async def _sweep_loop(self) -> None:
         period = max(0.05, self.membership.interval / 10)
@@ -200,12 +197,17 @@ class Coordinator:
         seen = {p: (nodes[p].last_seen, nodes[p].heartbeats, nodes[p].status) for p in dirty}
         await trio.to_thread.run_sync(self.store.touch, seen)
 
+    async def _persist(self, peer_id: str) -> None:
+        """Write a node's current state to the database now."""
+        row = self.membership.nodes[peer_id].to_row()
+        await trio.to_thread.run_sync(self.store.upsert, [row])
+
     async def _apply(self, t: Transition | None) -> None:
         """Persist a node's new state now, and log and count a change of status."""
         if t is None:
             return
+        await self._persist(t.peer_id)
         node = self.membership.nodes[t.peer_id]
-        await trio.to_thread.run_sync(self.store.upsert, [node.to_row()])
         if t.old != t.new:
             self.metrics.transitions.labels(t.new).inc()
             log.info(

@@ -90,3 +90,14 @@ def test_joiners_are_offered_live_peers_only() -> None:
     m.goodbye("b")
     reply, _ = join(m, "d", 1.0)
     assert sorted(r.peer_id for r in reply.peers) == ["a", "c"]
+
+
+def test_announce_updates_a_known_node_only() -> None:
+    from protocol.membership import Announce
+
+    m = Membership(CFG)
+    join(m, "a", 0.0)
+    new_addr = "/ip4/127.0.0.1/tcp/9/p2p/a"
+    msg = Announce(name="a", listen_addrs=[new_addr], capabilities=CAPS)
+    assert m.announce("a", msg) and m.nodes["a"].addrs == [new_addr]
+    assert not m.announce("ghost", msg) and "ghost" not in m.nodes
