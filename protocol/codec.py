@@ -94,13 +94,6 @@ def decode_body(type_name: str, data: bytes) -> Message:
     return msg
 
 
-def decode_as(cls: type[M], data: bytes) -> M:
-    """Decode a body that must be of one specific class."""
-    msg = decode_body(cls.TYPE, data)
-    assert isinstance(msg, cls)
-    return msg
-
-
 def decode_struct(data: bytes, type_: type[Any], what: str) -> Any:
     """Strictly decode bytes as a non-message struct (envelope header, stream frame)."""
     try:

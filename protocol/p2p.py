@@ -183,9 +183,6 @@ class P2PHost:
             raise TransportError(f"could not dial {addr}: {e}") from None
         return str(info.peer_id.to_base58())
 
-    async def disconnect(self, peer_id: str) -> None:
-        await self._host.disconnect(ID.from_base58(peer_id))
-
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
 

@@ -9,6 +9,7 @@ them (or back to the base) does not reload anything.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -73,11 +74,11 @@ class TorchBackend:
     def _select(self, adapter: str | None) -> Any:
         """The module to run: the active adapter, or the base with adapters disabled."""
         if adapter is None:
-            return self.model.disable_adapter() if self.adapters else _nullcontext()
+            return self.model.disable_adapter() if self.adapters else nullcontext()
         if adapter not in self.adapters:
             raise ValueError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.adapters)})")
         self.model.set_adapter(adapter)
-        return _nullcontext()
+        return nullcontext()
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -141,11 +142,3 @@ class TorchBackend:
         with self._select(adapter):
             logits_1_L_V = self.model(input_ids=ids_1_L).logits
         return logits_1_L_V[0, len(prompt) - 1 : -1].float().cpu()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -60,6 +60,13 @@ def test_reference_answers_score_one_and_wrong_ones_zero(name: str, args: dict[s
         assert set(right.metrics) == {f.__name__ for f in env.rubric.funcs}
 
 
+def test_groups_are_scored_completion_by_completion() -> None:
+    env = load_environment("arith")
+    ex = env.example(0, 0)
+    group = [ex.answer, "nope", f"<answer>{ex.answer}</answer>", f"{ex.answer} or 0"]
+    assert [s.reward for s in env.score_group(ex, group)] == [1.0, 0.0, 1.0, 0.0]
+
+
 def test_canonical_name_rebuilds_the_same_environment() -> None:
     env = load_environment("arith", digits=3, ops="+*")
     assert env.name == 'arith {"digits":3,"ops":"+*"}'
