@@ -9,12 +9,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.conftest import free_port
 
 
 def _bin(name: str) -> str | None:
@@ -40,9 +41,7 @@ def postgres_server() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="bazaar-pg-"))
     shutil.chown(base, "postgres", "postgres")
     data = base / "data"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     pg_ctl, initdb = str(_bin("pg_ctl")), str(_bin("initdb"))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.cluster import Cluster
 from tests.wait import wait_until
 
@@ -137,7 +138,7 @@ def test_second_process_with_the_same_identity_is_refused(cluster: Cluster) -> N
 
 def test_gossip_between_nodes_survives_a_coordinator_outage(cluster: Cluster) -> None:
     coord = cluster.start_coordinator()
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     for i, port in enumerate(ports):
         cluster.start_node(f"g{i}", extra=["--metrics-listen", f"127.0.0.1:{port}"])
     cluster.wait_status({"g0": "alive", "g1": "alive"}, 90)
@@ -153,11 +154,3 @@ def test_gossip_between_nodes_survives_a_coordinator_outage(cluster: Cluster) ->
         lambda: cluster.metric(beats, label, url) >= heard + 3, 30, what="beats without coordinator"
     )
     assert cluster.metric("bazaar_coordinator_connected", url=url) == 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 
 def bazaar(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,9 +33,7 @@ def test_identity_show_refuses_a_corrupt_key_and_keeps_it(home: Path) -> None:
 
 
 def test_network_status_without_a_coordinator(home: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     result = bazaar(home, "network", "status", "--coordinator-url", f"http://127.0.0.1:{port}")
     assert result.returncode == 2
     assert "cannot read nodes from the coordinator" in result.stderr
