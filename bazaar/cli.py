@@ -136,6 +136,10 @@ def node_start(
     metrics_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT to serve Prometheus /metrics on.")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Base model: tiny (default), smollm2, HF_ID, DIR or FILE.gguf."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Join the network and contribute this machine until Ctrl+C."""
@@ -151,6 +155,7 @@ def node_start(
         name=name,
         listen=listen,
         metrics_listen=metrics_listen,
+        model=model,
     )
     cfg = _load(NodeConfig, config, _overrides(ctx, **flags))
     try:

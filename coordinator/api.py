@@ -1,21 +1,53 @@
-"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes."""
+"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes, runs.
+
+Errors are OpenAI-style JSON, ``{"error": {"message", "type", "param", "code"}}``, with the
+HTTP status that fits (400 for a bad run spec, 404 for an unknown run, 409 for a taken run id).
+Endpoints that touch coordinator state are ``async``, so they run on the coordinator's own trio
+loop, never beside it in a thread.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from coordinator.runs import RunSpec
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
 
 
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    kind = "not_found_error" if code.endswith("not_found") else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="Bazaar coordinator", version=coord.software_version)
 
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        message = f"{param or 'body'}: {first['msg']}"
+        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "peer_id": coord.peer_id,
@@ -24,15 +56,51 @@ def create_app(coord: Coordinator) -> FastAPI:
         }
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         coord.refresh_gauges()
         return Response(generate_latest(coord.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/network/nodes")
-    def nodes() -> dict[str, Any]:
+    async def nodes() -> dict[str, Any]:
         now = coord.clock()
         views = [n.view(now) for n in coord.membership.nodes.values()]
         views.sort(key=lambda v: (v["status"] != "alive", str(v["name"])))
         return {"object": "list", "data": views}
+
+    @app.post("/v1/runs", status_code=201)
+    async def create_run(spec: RunSpec) -> dict[str, Any]:
+        if spec.run_id and spec.run_id in coord.work.book.runs:
+            raise APIError(409, f"run {spec.run_id!r} already exists", "run_exists", "run_id")
+        try:
+            run = await coord.work.create_run(spec)
+        except ValueError as e:
+            raise APIError(400, str(e), "invalid_run", "env") from None
+        return coord.work.run_view(run)
+
+    @app.get("/v1/runs")
+    async def list_runs() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [coord.work.run_view(r) for r in coord.work.book.runs.values()],
+        }
+
+    @app.get("/v1/runs/{run_id}")
+    async def get_run(run_id: str) -> dict[str, Any]:
+        return coord.work.run_view(_run(run_id))
+
+    @app.get("/v1/runs/{run_id}/rollouts")
+    async def rollouts(run_id: str) -> dict[str, Any]:
+        _run(run_id)
+        data = coord.work.rollouts(run_id)
+        for r in data:
+            node = coord.membership.nodes.get(r["producer"])
+            r["producer_addrs"] = node.addrs if node else []
+        return {"object": "list", "data": data}
+
+    def _run(run_id: str) -> Any:
+        run = coord.work.book.runs.get(run_id)
+        if run is None:
+            raise APIError(404, f"no run {run_id!r}", "run_not_found", "run_id")
+        return run
 
     return app

@@ -18,6 +18,13 @@ class MembershipConfig(ConfigModel):
     """How many live peers a joining node is told to dial, to keep a gossip mesh."""
 
 
+class LeaseConfig(ConfigModel):
+    max_active_per_node: int = Field(2, ge=1, le=64)
+    """Unexpired leases one node may hold at once (so no node hoards a run's examples)."""
+    retry_after_s: float = Field(1.0, gt=0, le=60)
+    """How long a node told "no work" waits before asking again."""
+
+
 class CoordinatorConfig(ConfigModel):
     listen: str = "/ip4/0.0.0.0/tcp/4001"
     """py-libp2p listen multiaddr (``/ip4/HOST/tcp/PORT``; port 0 picks a free one)."""
@@ -28,5 +35,7 @@ class CoordinatorConfig(ConfigModel):
     ``postgresql://user:pass@host/db`` for PostgreSQL."""
     membership: MembershipConfig = MembershipConfig()
     """Liveness rules."""
+    leases: LeaseConfig = LeaseConfig()
+    """How rollout work is handed out."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

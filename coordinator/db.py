@@ -1,14 +1,27 @@
 """The coordinator's database: SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL.
 
+Tables: ``nodes`` (membership), ``runs``, ``leases`` (each with the exact lease a node was given)
+and ``receipts`` (every receipt received, with its outcome: the audit trail of what was counted).
 Calls here are synchronous and quick; the server runs them off its event loop in a worker thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -33,6 +46,50 @@ class NodeRow(Base):
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     heartbeats: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RunRow(Base):
+    """A run: its plan (JSON), where it stands, and how far its examples have been leased."""
+
+    __tablename__ = "runs"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    policy_version: Mapped[int] = mapped_column(Integer)
+    cursor: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LeaseRow(Base):
+    """A lease as issued (``lease`` holds the exact encoded message) and what became of it."""
+
+    __tablename__ = "leases"
+    lease_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True)
+    node: Mapped[str] = mapped_column(String(128), index=True)
+    lease: Mapped[bytes] = mapped_column(LargeBinary)
+    issued_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+    counted: Mapped[list[int]] = mapped_column(JSON)
+    payload_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ReceiptRow(Base):
+    """Every receipt received, with its outcome — duplicates and refusals included."""
+
+    __tablename__ = "receipts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lease_id: Mapped[str] = mapped_column(String(128), index=True)
+    run_id: Mapped[str] = mapped_column(String(128))
+    node: Mapped[str] = mapped_column(String(128))
+    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    num_samples: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[float] = mapped_column(Float)
 
 
 def default_url(data_dir: Path) -> str:
@@ -89,3 +146,27 @@ class NodeStore:
                 row = s.get(NodeRow, peer_id)
                 if row is not None:
                     row.last_seen, row.heartbeats, row.status = last_seen, beats, status
+
+
+class WorkStore:
+    """Reads and writes runs, leases and receipts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load(self) -> tuple[list[RunRow], list[LeaseRow]]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at)))
+            return runs, list(s.scalars(select(LeaseRow)))
+
+    def save(self, rows: Sequence[Base], receipts: Sequence[ReceiptRow] = ()) -> None:
+        """Merge run and lease rows and append receipts, in one transaction."""
+        with Session(self.engine) as s, s.begin():
+            for row in rows:
+                s.merge(row)
+            s.add_all(receipts)
+
+    def receipts(self, lease_id: str) -> list[ReceiptRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            q = select(ReceiptRow).where(ReceiptRow.lease_id == lease_id).order_by(ReceiptRow.id)
+            return list(s.scalars(q))

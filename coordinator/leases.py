@@ -1,9 +1,10 @@
 """Lease bookkeeping: which examples of which run each inference node is generating.
 
-Pure logic over an injected clock (the network and the database wrap it). A run's examples are
-handed out in order; every lease gets fresh coordinator randomness (``lease_seed``) from which
-the node's sampling seeds are derived, so the node cannot pick its own noise. A lease that misses
-its deadline expires and its examples go back to the front of the queue for another node.
+Pure logic over an injected clock (the coordinator's lease service wraps it with the network and
+the database). A run's examples are handed out in order; every lease gets fresh coordinator
+randomness (``lease_seed``) from which the node's sampling seeds are derived, so the node cannot
+pick its own noise. A lease that misses its deadline expires and its examples go back to the
+front of the queue for another node.
 
 Receipts are idempotent and never double-counted: an example counts once, for the first valid
 receipt that covers it. A late receipt for an expired lease still counts for the examples no one
@@ -36,9 +37,12 @@ class RunPlan:
     env_seed: int
     group_size: int
     sampling: SamplingParams
+    base_model: str = "tiny"
+    """Only nodes generating with this base model (their ``--model``) get this run's leases."""
     lease_ttl_s: float = 120.0
     total_examples: int | None = None
     """Stop issuing after this many examples (None: as many as trainers consume)."""
+    prompts_per_lease: int = 8
 
 
 class ReceiptOutcome(Enum):
@@ -57,13 +61,22 @@ class LeaseState:
     issued_at: float
     status: str = "active"  # active | completed | expired
     counted: list[int] = field(default_factory=list)
+    """The examples this lease's receipt delivered first (what the run counts)."""
+    payload_hash: bytes | None = None
+    completion_tokens: int = 0
+    completed_at: float | None = None
 
 
 @dataclass
-class _RunState:
+class RunState:
     plan: RunPlan
     policy_version: int = 0
     cursor: int = 0
+    """The next never-leased example index."""
+    state: str = "running"  # running | completed
+    completion_tokens: int = 0
+    """Tokens of counted rollouts: what the run is billed for on the rollout side."""
+    created_at: float = 0.0
     returned: deque[int] = field(default_factory=deque)
     done: dict[int, str] = field(default_factory=dict)  # example index -> lease that counted
 
@@ -71,23 +84,46 @@ class _RunState:
 class LeaseBook:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.runs: dict[str, _RunState] = {}
+        self.runs: dict[str, RunState] = {}
         self.leases: dict[str, LeaseState] = {}
+        self.active: dict[str, LeaseState] = {}
+        self._next_run = 0  # round robin over runs
 
-    def add_run(self, plan: RunPlan) -> None:
+    def add_run(self, plan: RunPlan) -> RunState:
         if plan.run_id in self.runs:
             raise ValueError(f"run {plan.run_id!r} already exists")
-        if plan.group_size < 1 or plan.lease_ttl_s <= 0:
-            raise ValueError("group_size must be >= 1 and lease_ttl_s > 0")
-        self.runs[plan.run_id] = _RunState(plan)
+        if plan.group_size < 1 or plan.lease_ttl_s <= 0 or plan.prompts_per_lease < 1:
+            raise ValueError("group_size and prompts_per_lease must be >= 1, lease_ttl_s > 0")
+        run = self.runs[plan.run_id] = RunState(plan, created_at=self.clock())
+        return run
+
+    def restore(self, runs: list[RunState], leases: list[LeaseState]) -> None:
+        """Rebuild the book from stored runs and leases (a restarted coordinator)."""
+        for run in runs:
+            self.runs[run.plan.run_id] = run
+        for state in sorted(leases, key=lambda s: s.issued_at):
+            self.leases[state.lease.lease_id] = state
+            if state.status == "active":
+                self.active[state.lease.lease_id] = state
+            run = self.runs[state.lease.run_id]
+            for index in state.counted:
+                run.done[index] = state.lease.lease_id
+        for run in self.runs.values():
+            out = {i for s in self.active.values() if s.lease.run_id == run.plan.run_id
+                   for i in s.lease.example_indices}  # fmt: skip
+            lost = {i for s in self.leases.values() if s.lease.run_id == run.plan.run_id
+                    and s.status == "expired" for i in s.lease.example_indices}  # fmt: skip
+            run.returned = deque(sorted(lost - out - set(run.done)))
 
     def set_policy_version(self, run_id: str, version: int) -> None:
         self.runs[run_id].policy_version = version
 
     def issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         """A lease of up to ``max_prompts`` examples for ``node``, or None when none are left."""
-        self.expire()
         run = self.runs[run_id]
+        if run.state != "running":
+            return None
+        max_prompts = min(max_prompts, run.plan.prompts_per_lease)
         indices: list[int] = []
         while run.returned and len(indices) < max_prompts:
             index = run.returned.popleft()
@@ -114,16 +150,49 @@ class LeaseBook:
             lease_seed=os.urandom(32),
             deadline_ms=int((now + plan.lease_ttl_s) * 1000),
         )
-        self.leases[lease.lease_id] = LeaseState(lease, node, now)
+        state = LeaseState(lease, node, now)
+        self.leases[lease.lease_id] = self.active[lease.lease_id] = state
         return lease
+
+    def issue_for(
+        self,
+        node: str,
+        base_model: str,
+        max_prompts: int,
+        adapter_versions: dict[str, int] | None = None,
+        max_active: int = 2,
+    ) -> Lease | None:
+        """A lease from the next run this node can serve (round robin over runs), or None.
+
+        A node gets nothing while it holds ``max_active`` unexpired leases, so one node cannot
+        hoard a run's examples. A run past version 0 is leased only to nodes holding its current
+        adapter version.
+        """
+        self.expire()
+        if sum(s.node == node for s in self.active.values()) >= max_active:
+            return None
+        runs = list(self.runs.values())
+        for k in range(len(runs)):
+            run = runs[(self._next_run + k) % len(runs)]
+            if run.plan.base_model != base_model:
+                continue
+            held = (adapter_versions or {}).get(run.plan.run_id, 0)
+            if run.policy_version and held != run.policy_version:
+                continue
+            lease = self.issue(run.plan.run_id, node, max_prompts)
+            if lease is not None:
+                self._next_run = (self._next_run + k + 1) % len(runs)
+                return lease
+        return None
 
     def expire(self) -> list[LeaseState]:
         """Expire active leases past their deadline; their undelivered examples are re-queued."""
         now_ms = self.clock() * 1000
         expired = []
-        for state in self.leases.values():
-            if state.status == "active" and now_ms > state.lease.deadline_ms:
+        for state in list(self.active.values()):
+            if now_ms > state.lease.deadline_ms:
                 state.status = "expired"
+                del self.active[state.lease.lease_id]
                 run = self.runs[state.lease.run_id]
                 for index in reversed(state.lease.example_indices):
                     if index not in run.done:
@@ -148,11 +217,19 @@ class LeaseBook:
         run = self.runs[lease.run_id]
         fresh = [i for i in lease.example_indices if i not in run.done]
         state.status = "completed"
+        state.completed_at = self.clock()
+        state.payload_hash = receipt.payload_hash
+        state.completion_tokens = receipt.completion_tokens
+        self.active.pop(lease.lease_id, None)
         if not fresh:
             return ReceiptOutcome.DUPLICATE
         for index in fresh:
             run.done[index] = lease.lease_id
         state.counted = fresh
+        run.completion_tokens += receipt.completion_tokens
+        total = run.plan.total_examples
+        if total is not None and len(run.done) >= total:
+            run.state = "completed"
         return ReceiptOutcome.COUNTED
 
     def delivered(self, run_id: str) -> int:

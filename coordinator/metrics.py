@@ -23,3 +23,14 @@ class CoordinatorMetrics:
         self.transitions = Counter(
             "bazaar_node_transitions", "Node status changes", ["to"], registry=r
         )
+        self.leases_issued = Counter("bazaar_leases_issued", "Leases handed out", registry=r)
+        self.leases_expired = Counter(
+            "bazaar_leases_expired", "Leases that missed their deadline", registry=r
+        )
+        self.receipts = Counter(
+            "bazaar_receipts", "Rollout receipts, by outcome", ["outcome"], registry=r
+        )
+        self.rollout_tokens = Counter(
+            "bazaar_rollout_tokens", "Completion tokens of counted rollouts", registry=r
+        )
+        self.runs = Gauge("bazaar_runs", "Runs, by state", ["state"], registry=r)

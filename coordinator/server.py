@@ -1,10 +1,12 @@
 """The coordinator process: a py-libp2p host, the membership table, the REST API, one trio loop.
 
-Nodes reach it two ways. The membership *protocol* (request/response) carries signed
+Nodes reach it three ways. The membership *protocol* (request/response) carries signed
 ``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip) carries
-``Heartbeat``, ``Announce`` and ``Goodbye``. Joins, departures and status changes are written to
-the database at once; heartbeats update memory and are flushed once per interval, so the database
-is never more than one interval behind and a restarted coordinator picks up where it was.
+``Heartbeat``, ``Announce`` and ``Goodbye``; the lease protocol carries ``LeaseRequest`` and
+``RolloutReceipt`` (``coordinator/work.py``), leases going only to members with the inference
+role. Joins, departures and status changes are written to the database at once; heartbeats
+update memory and are flushed once per interval, so the database is never more than one interval
+behind and a restarted coordinator picks up where it was.
 
 Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
 drains HTTP within a few seconds, and closes the host.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +25,17 @@ import trio
 
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig
-from coordinator.db import NodeStore, default_url, open_database
+from coordinator.db import NodeStore, WorkStore, default_url, open_database
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.work import RolloutService
 from protocol.codec import Message
 from protocol.envelope import ReplayGuard, open_envelope, seal
-from protocol.errors import DecodeError, NotFound, ProtocolError, UnknownMessageType
+from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
 from protocol.gossip import GossipGate
 from protocol.http import bind_tcp, parse_host_port, serve_http
 from protocol.identity import Identity
+from protocol.leases import LeaseRequest
 from protocol.membership import (
     Announce,
     Goodbye,
@@ -42,12 +46,14 @@ from protocol.membership import (
 )
 from protocol.observability import RateLimit
 from protocol.p2p import P2PHost
+from protocol.rollouts import RolloutReceipt
 from protocol.versions import SOFTWARE_VERSION, protocol_id
 
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_PROTOCOL = protocol_id("membership")
 MEMBERSHIP_TOPIC = protocol_id("membership")
+LEASES_PROTOCOL = protocol_id("leases")
 COORDINATOR_FILE = "coordinator.json"
 """Written to the data directory: how local nodes and the CLI find this coordinator."""
 
@@ -68,7 +74,9 @@ class Coordinator:
         self.software_version = SOFTWARE_VERSION
         self.membership = Membership(config.membership)
         self.metrics = CoordinatorMetrics()
-        self.store = NodeStore(open_database(config.db or default_url(data_dir)))
+        engine = open_database(config.db or default_url(data_dir))
+        self.store = NodeStore(engine)
+        self.work = RolloutService(config.leases, WorkStore(engine), self.metrics, clock)
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
@@ -85,6 +93,7 @@ class Coordinator:
         task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
     ) -> None:
         rows = await trio.to_thread.run_sync(self.store.load_all)
+        await trio.to_thread.run_sync(self.work.restore)
         self.membership.restore(rows, self.clock())
         if rows:
             log.info("restored %d nodes from the database", len(rows))
@@ -95,6 +104,7 @@ class Coordinator:
             self.host = host
             self.multiaddrs = _loopback_first(host.addrs())
             host.serve(MEMBERSHIP_PROTOCOL, self._on_request)
+            host.serve(LEASES_PROTOCOL, self._on_lease_request)
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             self._write_discovery_file()
             http_stop = trio.Event()
@@ -102,6 +112,7 @@ class Coordinator:
                 loops.start_soon(self._gossip_loop, sub)
                 loops.start_soon(self._sweep_loop)
                 loops.start_soon(self._flush_loop)
+                loops.start_soon(self.work.expire_loop)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
                     "coordinator %s listening on %s; REST API on %s",
@@ -121,33 +132,52 @@ class Coordinator:
     # -- requests --------------------------------------------------------------------------
 
     async def _on_request(self, peer: str, data: bytes) -> bytes:
+        return await self._handle(peer, data, self._membership_request)
+
+    async def _on_lease_request(self, peer: str, data: bytes) -> bytes:
+        return await self._handle(peer, data, self._lease_request)
+
+    async def _handle(
+        self, peer: str, data: bytes, handler: Callable[[str, Message], Awaitable[Message | None]]
+    ) -> bytes:
+        """Open a signed request, answer it signed; refusals are counted and logged by reason."""
         try:
             env = open_envelope(data, self._request_guard)
             if env.sender != peer:
                 raise DecodeError(f"frame signed by {env.sender} arrived from {peer}")
-            msg = env.message
-            self.metrics.requests.labels(msg.TYPE).inc()
-            reply: Message | None
-            if isinstance(msg, JoinRequest):
-                reply = await self._join(peer, msg)
-            elif isinstance(msg, PeersRequest):
-                member = self.membership.nodes.get(peer)
-                if member is None or member.status == "left":
-                    raise NotFound("the peer list is for members: join first")
-                reply = PeersReply(
-                    peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit)
-                )
-            elif isinstance(msg, Goodbye):
-                await self._apply(self.membership.goodbye(peer))
-                reply = None
-            else:
-                raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
+            self.metrics.requests.labels(env.message.TYPE).inc()
+            reply = await handler(peer, env.message)
         except ProtocolError as e:
             self.metrics.requests_refused.labels(e.reason).inc()
             if self._log_limit.allow((peer, e.reason)):
                 log.warning("refused request from %s: %s", peer, e, extra={"peer": peer})
             raise
         return seal(self.identity, reply) if reply is not None else b""
+
+    async def _membership_request(self, peer: str, msg: Message) -> Message | None:
+        if isinstance(msg, JoinRequest):
+            return await self._join(peer, msg)
+        if isinstance(msg, PeersRequest):
+            member = self.membership.nodes.get(peer)
+            if member is None or member.status == "left":
+                raise NotFound("the peer list is for members: join first")
+            return PeersReply(peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit))
+        if isinstance(msg, Goodbye):
+            await self._apply(self.membership.goodbye(peer))
+            return None
+        raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
+
+    async def _lease_request(self, peer: str, msg: Message) -> Message:
+        if isinstance(msg, LeaseRequest):
+            node = self.membership.nodes.get(peer)
+            if node is None or node.status in ("left", "dead"):
+                raise Forbidden("leases are for live members: join first")
+            if "inference" not in node.capabilities.roles:
+                raise Forbidden("leases are for nodes with the inference role")
+            return await self.work.lease(peer, msg)
+        if isinstance(msg, RolloutReceipt):
+            return await self.work.receipt(peer, msg)
+        raise UnknownMessageType(f"{msg.TYPE} is not a lease request")
 
     async def _join(self, peer: str, req: JoinRequest) -> Message:
         reply, transition = self.membership.join(peer, req, req.instance_id, self.clock())
@@ -220,6 +250,7 @@ class Coordinator:
             )
 
     def refresh_gauges(self) -> None:
+        self.work.refresh_gauges()
         for status, n in self.membership.counts().items():
             self.metrics.nodes.labels(status).set(n)
 

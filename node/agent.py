@@ -11,6 +11,9 @@
 - **Reconnect.** A watchdog notices when the coordinator connection is gone and joins again with
   the same instance id, so a restarted coordinator accepts us as the same process.
 - **Goodbye** on stop: signed, sent straight to the coordinator and on gossip.
+
+The node's roles (``node/inference.py``, ...) run as tasks beside these loops once the node has
+joined, and reach the coordinator through ``ask``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -101,14 +104,18 @@ class NodeAgent:
     async def run(
         self,
         stop: trio.Event,
+        roles: Sequence[Callable[[NodeAgent], Awaitable[None]]] = (),
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
     ) -> None:
+        """Join, keep membership, and run each of ``roles`` (given this agent) until ``stop``."""
         async with P2PHost.create(self.identity, [self.config.listen]) as host:
             self.host = host
             sub = await host.subscribe(MEMBERSHIP, self.gate.accept)
             await self._join(first=True)
             async with trio.open_nursery() as nursery:
+                for role in roles:
+                    nursery.start_soon(role, self)
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._gossip_loop, sub)
                 nursery.start_soon(self._watchdog_loop)
@@ -155,7 +162,7 @@ class NodeAgent:
             capabilities=self.capabilities,
         )
         try:
-            reply = await self._ask(req, JoinReply)
+            reply = await self.ask(req, JoinReply)
         except VersionMismatch as e:
             raise JoinRefused(str(e)) from None
         except RemoteError as e:
@@ -176,9 +183,11 @@ class NodeAgent:
                 errors.append(str(e))
         raise TransportError("; ".join(errors))
 
-    async def _ask(self, msg: Message, expect: type[M]) -> M:
+    async def ask(
+        self, msg: Message, expect: type[M] | tuple[type[M], ...], protocol: str = MEMBERSHIP
+    ) -> M:
         """Send a signed request to the coordinator and open its signed answer."""
-        data = await self.host.request(self.coordinator_id, MEMBERSHIP, seal(self.identity, msg))
+        data = await self.host.request(self.coordinator_id, protocol, seal(self.identity, msg))
         env = open_envelope(data, self._reply_guard)
         if env.sender != self.coordinator_id or not isinstance(env.message, expect):
             raise DecodeError(f"unexpected {env.message.TYPE} from {env.sender}")
@@ -221,7 +230,7 @@ class NodeAgent:
         while True:
             await trio.sleep(self.config.peers_refresh_s)
             try:
-                reply = await self._ask(PeersRequest(limit=32), PeersReply)
+                reply = await self.ask(PeersRequest(limit=32), PeersReply)
             except ProtocolError as e:
                 log.debug("peer refresh failed: %s", e)
                 continue

@@ -24,6 +24,22 @@ class NodeConfig(ConfigModel):
     """How often to ask the coordinator for peers to keep the gossip mesh full."""
     reconnect_max_backoff_s: float = Field(5.0, gt=0)
     """Longest wait between attempts to reach a lost coordinator (backoff doubles up to it)."""
+    model: str = "tiny"
+    """Base model: ``tiny`` (built here if missing), ``smollm2``, a Hugging Face id, a local
+    directory, or a ``.gguf`` file. Runs name the same string; only theirs are leased to us."""
+    model_cache: str = ""
+    """Data directory whose ``models/`` holds built models; empty means this node's own. Nodes of
+    one machine can share it so the tiny model is built once."""
+    device: str = "auto"
+    """Torch device for the model: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` picks CUDA if present."""
+    torch_threads: int = Field(0, ge=0, le=256)
+    """CPU threads torch may use; 0 keeps torch's default (all cores)."""
+    max_prompts_per_lease: int = Field(8, ge=1, le=4096)
+    """Most examples to ask for in one lease (each is generated ``group_size`` times)."""
+    payload_max_bytes: int = Field(1 << 30, gt=0)
+    """Size cap of the local rollout payload store; the oldest payloads leave first."""
+    payload_retention_s: float = Field(6 * 3600.0, gt=0)
+    """How long rollout payloads are kept for verifiers and trainers to fetch."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -36,7 +37,9 @@ def coordinator_addrs(config: NodeConfig, data_dir: Path) -> list[str]:
     return list(addrs)
 
 
-def start_node(config: NodeConfig, data_dir: Path) -> int:
+def start_node(config: NodeConfig, data_dir: Path, inference_cls: Any = None) -> int:
+    """Run a node until a signal. ``inference_cls`` replaces ``InferenceWorker`` (tests subclass
+    it to build misbehaving nodes)."""
     from node.agent import JoinRefused, NodeAgent
     from node.probe import probe_machine
 
@@ -47,6 +50,11 @@ def start_node(config: NodeConfig, data_dir: Path) -> int:
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
+    roles = []
+    if "inference" in config.roles:
+        from node.inference import InferenceWorker
+
+        roles.append((inference_cls or InferenceWorker)(config, data_dir))
     if config.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -55,7 +63,7 @@ def start_node(config: NodeConfig, data_dir: Path) -> int:
 
     async def main(stop: trio.Event) -> int:
         try:
-            await agent.run(stop)
+            await agent.run(stop, roles)
         except BaseException as e:
             refused = find_exception(e, JoinRefused)
             if refused is None:

@@ -12,6 +12,7 @@ a caller needs one ``except ProtocolError`` to turn any bad input into a recorde
     ├── ReplayError               this (sender, nonce) was already accepted
     ├── ExpiredError              the timestamp lies outside the acceptance window
     ├── NotFound                  a peer does not have what was asked for (a payload, a shard)
+    ├── Forbidden                 the sender may not ask this (not a member, lacks the role)
     ├── HashMismatch              content does not hash to the digest it was fetched by
     └── RemoteError               a peer answered a request with an error of its own
 
@@ -61,6 +62,10 @@ class ExpiredError(ProtocolError):
 
 class NotFound(ProtocolError):
     reason = "not_found"
+
+
+class Forbidden(ProtocolError):
+    reason = "forbidden"
 
 
 class HashMismatch(ProtocolError):

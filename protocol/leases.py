@@ -27,6 +27,8 @@ class LeaseRequest(Message):
     TYPE: ClassVar[str] = "leases.request"
     MAX_BYTES: ClassVar[int] = 1 * KiB
     max_prompts: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    """The base model this node generates with (``--model``): only runs on it are leased."""
     adapter_versions: Annotated[dict[Name, NonNegInt], msgspec.Meta(max_length=256)] = {}
     """Adapter versions this node holds, by run id, so leases can avoid a fetch."""
 

@@ -23,6 +23,8 @@ class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     example_index: NonNegInt
     sample_index: NonNegInt
+    """The sample's place in the lease (example position × group size + slot in the group);
+    its sampling seed is derived from the lease seed, this index and the policy version."""
     token_ids: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
     """uint32 little-endian, one per completion token."""
     logprobs: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
@@ -52,6 +54,22 @@ class RolloutReceipt(Message):
     payload_hash: Hash32
     num_samples: NonNegInt
     completion_tokens: NonNegInt
+
+
+ReceiptOutcomeName = Literal[
+    "counted", "duplicate", "unknown_lease", "wrong_node", "wrong_version", "wrong_size"
+]
+
+
+class ReceiptAck(Message):
+    """Coordinator → producer: what became of a receipt (resending one is harmless)."""
+
+    TYPE: ClassVar[str] = "rollouts.receipt_ack"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    lease_id: Name
+    outcome: ReceiptOutcomeName
+    counted_examples: NonNegInt
+    """How many of the lease's examples this receipt counted for (0 unless ``counted``)."""
 
 
 class PayloadRequest(Message):

@@ -22,7 +22,13 @@ from protocol.membership import (
     PeersReply,
     PeersRequest,
 )
-from protocol.rollouts import PayloadRequest, RolloutPayload, RolloutReceipt, Sample
+from protocol.rollouts import (
+    PayloadRequest,
+    ReceiptAck,
+    RolloutPayload,
+    RolloutReceipt,
+    Sample,
+)
 from protocol.runs import RunStatus
 from protocol.verification import AuditAssignment, Verdict
 
@@ -72,7 +78,7 @@ EXAMPLES: list[Message] = [
     Goodbye(reason="shutdown"),
     PeersRequest(limit=16),
     PeersReply(peers=[PeerRecord(PEER, [ADDR])]),
-    LeaseRequest(max_prompts=8, adapter_versions={"r-1": 3}),
+    LeaseRequest(max_prompts=8, base_model="tiny", adapter_versions={"r-1": 3}),
     Lease(
         lease_id="l-1",
         run_id="r-1",
@@ -88,6 +94,7 @@ EXAMPLES: list[Message] = [
     ),
     NoLease(retry_after_s=2.0),
     rollout_payload(4096, tokens_per_sample=16),
+    ReceiptAck(lease_id="l-1", outcome="counted", counted_examples=2),
     RolloutReceipt(
         lease_id="l-1",
         run_id="r-1",

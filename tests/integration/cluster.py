@@ -59,10 +59,18 @@ class Cluster:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def spawn(self, name: str, home: Path, args: list[str], ns: str | None = None) -> Proc:
+    def spawn(
+        self,
+        name: str,
+        home: Path,
+        args: list[str],
+        ns: str | None = None,
+        module: str = "bazaar",
+    ) -> Proc:
+        """``python -m <module> <args>``; ``module`` is the CLI or a test's variant of it."""
         home.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
-        cmd = [sys.executable, "-m", "bazaar", *args]
+        cmd = [sys.executable, "-m", module, *args]
         if ns:
             cmd = ["ip", "netns", "exec", ns, *cmd]
         env = {**os.environ, "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
@@ -107,6 +115,7 @@ class Cluster:
         extra: list[str] | None = None,
         coordinator: str | None = None,
         ns: str | None = None,
+        module: str = "bazaar",
     ) -> Proc:
         args = [
             "node",
@@ -121,7 +130,7 @@ class Cluster:
             "/ip4/0.0.0.0/tcp/0" if ns else "/ip4/127.0.0.1/tcp/0",
             *(extra or []),
         ]
-        return self.spawn(name, home or self.root / f"home-{name}", args, ns)
+        return self.spawn(name, home or self.root / f"home-{name}", args, ns, module)
 
     def stop_all(self) -> None:
         for p in self.procs:
@@ -135,6 +144,19 @@ class Cluster:
                 p.wait(5)
 
     # -- observing ----------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A call to the coordinator's REST API; the decoded JSON (errors raise)."""
+        resp = httpx.request(method, f"{self.url}{path}", timeout=10, **kwargs)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_run(self, run_id: str, state: str = "completed", timeout_s: float = 120) -> Any:
+        def probe() -> Any:
+            run = self.api("GET", f"/v1/runs/{run_id}")
+            return run if run["state"] == state else None
+
+        return wait_until(probe, timeout_s, what=f"run {run_id} {state}")
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Nodes by name, from the coordinator's REST API."""

@@ -1,0 +1,260 @@
+"""The coordinator's rollout work: runs, leases and receipts, kept in the database.
+
+Inference nodes speak to it over the lease protocol (``/bazaar/leases/1.0.0``, signed both ways):
+``LeaseRequest`` → ``Lease`` or ``NoLease``, and ``RolloutReceipt`` → ``ReceiptAck``. Every change
+is written to the database before the answer goes out, so a lease a node holds, or a receipt it
+was told counted, survives a coordinator restart. Writes go through one lock and each takes its
+snapshot inside it, so the database never moves backwards when two requests race.
+
+Who may ask is the server's call (members with the inference role); which leases and which
+receipts count is the lease book's (``coordinator/leases.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from coordinator.config import LeaseConfig
+from coordinator.db import LeaseRow, ReceiptRow, RunRow, WorkStore
+from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.runs import RunSpec, plan_run
+from protocol.codec import decode_struct, encode_struct
+from protocol.leases import Lease, LeaseRequest, NoLease
+from protocol.rollouts import ReceiptAck, RolloutReceipt
+
+log = logging.getLogger(__name__)
+
+
+class RolloutService:
+    def __init__(
+        self,
+        config: LeaseConfig,
+        store: WorkStore,
+        metrics: CoordinatorMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.book = LeaseBook(clock)
+        self._db_lock = trio.Lock()
+
+    def restore(self) -> None:
+        """Load runs and leases from the database (blocking: call before serving)."""
+        run_rows, lease_rows = self.store.load()
+        runs = [
+            RunState(
+                plan=msgspec.convert(r.plan, RunPlan),
+                policy_version=r.policy_version,
+                cursor=r.cursor,
+                state=r.state,
+                completion_tokens=r.completion_tokens,
+                created_at=r.created_at,
+            )
+            for r in run_rows
+        ]
+        leases = [
+            LeaseState(
+                lease=decode_struct(r.lease, Lease, "stored lease"),
+                node=r.node,
+                issued_at=r.issued_at,
+                status=r.status,
+                counted=list(r.counted),
+                payload_hash=r.payload_hash,
+                completion_tokens=r.completion_tokens,
+                completed_at=r.completed_at,
+            )
+            for r in lease_rows
+        ]
+        self.book.restore(runs, leases)
+        if runs:
+            log.info("restored %d runs and %d leases from the database", len(runs), len(leases))
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def create_run(self, spec: RunSpec) -> RunState:
+        """Add a run; ``ValueError`` for a bad spec or a run id already taken."""
+        if spec.run_id and spec.run_id in self.book.runs:
+            raise ValueError(f"run {spec.run_id!r} already exists")
+        plan = await trio.to_thread.run_sync(plan_run, spec)  # may import a task library
+        run = self.book.add_run(plan)
+        await self._save(runs=[run])
+        log.info(
+            "run %s created: %s, %s examples x %d samples on %s",
+            plan.run_id,
+            plan.env,
+            plan.total_examples or "unlimited",
+            plan.group_size,
+            plan.base_model,
+            extra={"run_id": plan.run_id},
+        )
+        return run
+
+    # -- the lease protocol -------------------------------------------------------------------
+
+    async def lease(self, peer: str, req: LeaseRequest) -> Lease | NoLease:
+        await self.expire()
+        lease = self.book.issue_for(
+            peer,
+            req.base_model,
+            req.max_prompts,
+            dict(req.adapter_versions),
+            self.config.max_active_per_node,
+        )
+        if lease is None:
+            return NoLease(retry_after_s=self.config.retry_after_s)
+        run, state = self.book.runs[lease.run_id], self.book.leases[lease.lease_id]
+        await self._save(runs=[run], leases=[state])
+        self.metrics.leases_issued.inc()
+        log.debug("lease %s (%d examples) to %s", lease.lease_id, len(lease.example_indices), peer)
+        return lease
+
+    async def receipt(self, peer: str, receipt: RolloutReceipt) -> ReceiptAck:
+        outcome = self.book.receipt(peer, receipt)
+        state = self.book.leases.get(receipt.lease_id)
+        row = ReceiptRow(
+            lease_id=receipt.lease_id,
+            run_id=receipt.run_id,
+            node=peer,
+            payload_hash=receipt.payload_hash,
+            num_samples=receipt.num_samples,
+            completion_tokens=receipt.completion_tokens,
+            outcome=outcome.value,
+            received_at=self.book.clock(),
+        )
+        known = state is not None and outcome not in (
+            ReceiptOutcome.UNKNOWN_LEASE,
+            ReceiptOutcome.WRONG_NODE,
+        )
+        await self._save(
+            runs=[self.book.runs[receipt.run_id]] if known else [],
+            leases=[state] if known and state is not None else [],
+            receipts=[row],
+        )
+        self.metrics.receipts.labels(outcome.value).inc()
+        counted = len(state.counted) if outcome is ReceiptOutcome.COUNTED and state else 0
+        if outcome is ReceiptOutcome.COUNTED:
+            self.metrics.rollout_tokens.inc(receipt.completion_tokens)
+        else:
+            log.info("receipt for lease %s from %s: %s", receipt.lease_id, peer, outcome.value)
+        return ReceiptAck(
+            lease_id=receipt.lease_id, outcome=outcome.value, counted_examples=counted
+        )
+
+    async def expire(self) -> None:
+        expired = self.book.expire()
+        if expired:
+            self.metrics.leases_expired.inc(len(expired))
+            for s in expired:
+                log.info(
+                    "lease %s of %s expired; %d examples go back to the queue",
+                    s.lease.lease_id,
+                    s.node,
+                    len(s.lease.example_indices),
+                )
+            await self._save(leases=expired)
+
+    async def expire_loop(self, period_s: float = 1.0) -> None:
+        while True:
+            await trio.sleep(period_s)
+            await self.expire()
+
+    # -- persistence --------------------------------------------------------------------------
+
+    async def _save(
+        self,
+        runs: list[RunState] = [],  # noqa: B006 (never mutated)
+        leases: list[LeaseState] = [],  # noqa: B006
+        receipts: list[ReceiptRow] = [],  # noqa: B006
+    ) -> None:
+        async with self._db_lock:
+            rows = [_run_row(r) for r in runs] + [_lease_row(s) for s in leases]
+            await trio.to_thread.run_sync(self.store.save, rows, receipts)
+
+    # -- views (REST API) ---------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        counts: dict[str, int] = {"running": 0, "completed": 0}
+        for run in self.book.runs.values():
+            counts[run.state] = counts.get(run.state, 0) + 1
+        for state, n in counts.items():
+            self.metrics.runs.labels(state).set(n)
+
+    def run_view(self, run: RunState) -> dict[str, Any]:
+        plan = run.plan
+        active = sum(s.lease.run_id == plan.run_id for s in self.book.active.values())
+        return {
+            "id": plan.run_id,
+            "object": "run",
+            "state": run.state,
+            "env": plan.env,
+            "env_version": plan.env_version,
+            "env_seed": plan.env_seed,
+            "base_model": plan.base_model,
+            "group_size": plan.group_size,
+            "sampling": msgspec.to_builtins(plan.sampling),
+            "total_examples": plan.total_examples,
+            "policy_version": run.policy_version,
+            "examples_leased": run.cursor,
+            "examples_delivered": len(run.done),
+            "active_leases": active,
+            "completion_tokens": run.completion_tokens,
+            "created_at": run.created_at,
+        }
+
+    def rollouts(self, run_id: str) -> list[dict[str, Any]]:
+        """The counted rollouts of a run: what a consumer needs to fetch and re-score each."""
+        done = [
+            s
+            for s in self.book.leases.values()
+            if s.lease.run_id == run_id and s.status == "completed" and s.counted
+        ]
+        done.sort(key=lambda s: s.completed_at or 0.0)
+        out: list[dict[str, Any]] = []
+        for s in done:
+            lease = s.lease
+            out.append(
+                {
+                    "lease_id": lease.lease_id,
+                    "producer": s.node,
+                    "payload_hash": (s.payload_hash or b"").hex(),
+                    "counted_examples": s.counted,
+                    "completion_tokens": s.completion_tokens,
+                    "completed_at": s.completed_at,
+                    "lease": {**msgspec.to_builtins(lease), "lease_seed": lease.lease_seed.hex()},
+                }
+            )
+        return out
+
+
+def _run_row(run: RunState) -> RunRow:
+    return RunRow(
+        run_id=run.plan.run_id,
+        plan=msgspec.to_builtins(run.plan),
+        state=run.state,
+        policy_version=run.policy_version,
+        cursor=run.cursor,
+        completion_tokens=run.completion_tokens,
+        created_at=run.created_at,
+    )
+
+
+def _lease_row(s: LeaseState) -> LeaseRow:
+    return LeaseRow(
+        lease_id=s.lease.lease_id,
+        run_id=s.lease.run_id,
+        node=s.node,
+        lease=encode_struct(s.lease),
+        issued_at=s.issued_at,
+        status=s.status,
+        counted=s.counted,
+        payload_hash=s.payload_hash,
+        completion_tokens=s.completion_tokens,
+        completed_at=s.completed_at,
+    )

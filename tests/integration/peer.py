@@ -1,0 +1,54 @@
+"""An in-process network peer for tests: a real py-libp2p host with its own identity that
+speaks our signed request protocols to a coordinator process (to join, take leases, send
+receipts — honestly or not)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from protocol.codec import Message
+from protocol.envelope import open_envelope, seal
+from protocol.identity import Identity
+from protocol.membership import Capabilities, JoinReply, JoinRequest
+from protocol.p2p import P2PHost
+from protocol.versions import PROTOCOL_VERSION, protocol_id
+
+MEMBERSHIP = protocol_id("membership")
+LEASES = protocol_id("leases")
+
+
+def capabilities(roles: list[str]) -> Capabilities:
+    return Capabilities(
+        roles=roles, devices=[], ram_bytes=0, cpu_count=1,  # type: ignore[arg-type]
+        torch_version="2.13.0", backends=["torch"], software_version="0.1.0",
+    )  # fmt: skip
+
+
+class Peer:
+    def __init__(self, host: P2PHost, identity: Identity, coordinator: str) -> None:
+        self.host, self.identity, self.coordinator = host, identity, coordinator
+
+    async def ask(self, protocol: str, msg: Message) -> Message:
+        """A signed request to the coordinator; its signed answer (``RemoteError`` if refused)."""
+        data = await self.host.request(self.coordinator, protocol, seal(self.identity, msg))
+        env = open_envelope(data, None)
+        assert env.sender == self.coordinator
+        return env.message
+
+    async def join(self, roles: list[str], name: str = "test-peer") -> None:
+        req = JoinRequest(
+            name=name, instance_id=secrets.token_hex(8), protocol_version=PROTOCOL_VERSION,
+            listen_addrs=self.host.addrs(), capabilities=capabilities(roles),
+        )  # fmt: skip
+        reply = await self.ask(MEMBERSHIP, req)
+        assert isinstance(reply, JoinReply) and reply.accepted, reply
+
+
+@asynccontextmanager
+async def peer(coordinator_addr: str, identity: Identity | None = None) -> AsyncIterator[Peer]:
+    identity = identity or Identity.generate()
+    async with P2PHost.create(identity, ["/ip4/127.0.0.1/tcp/0"]) as host:
+        await host.connect(coordinator_addr)
+        yield Peer(host, identity, coordinator_addr.rsplit("/p2p/", 1)[1])
