@@ -186,7 +186,12 @@ class NodeAgent:
     async def ask(
         self, msg: Message, expect: type[M] | tuple[type[M], ...], protocol: str = MEMBERSHIP
     ) -> M:
-        """Send a signed request to the coordinator and open its signed answer."""
+        """Send a signed request to the coordinator and open its signed answer.
+
+        Roles' requests never dial a lost coordinator themselves: reconnecting is the watchdog's
+        job, which also joins again (a restarted coordinator must hear the join)."""
+        if protocol != MEMBERSHIP and self.coordinator_id not in self.host.connected_peers():
+            raise TransportError("not connected to the coordinator (reconnecting)")
         data = await self.host.request(self.coordinator_id, protocol, seal(self.identity, msg))
         env = open_envelope(data, self._reply_guard)
         if env.sender != self.coordinator_id or not isinstance(env.message, expect):

@@ -2,10 +2,11 @@
 
 The loop, once the node has joined:
 
-1. load the base model (``--model``; the tiny model is built first if missing) in a worker
-   thread, so heartbeats go on meanwhile;
-2. ask the coordinator for a lease (``LeaseRequest`` on ``/bazaar/leases/1.0.0``); ``NoLease``
-   says how long to wait before asking again;
+1. ask the coordinator for a lease (``LeaseRequest`` on ``/bazaar/leases/1.0.0``, naming the
+   base model); ``NoLease`` says how long to wait before asking again;
+2. on the first lease, load the base model (``--model``; the tiny model is built first if
+   missing) in a worker thread, so heartbeats go on meanwhile and a node with no work never
+   spends the memory; a model that cannot be loaded stops the role with one clear error;
 3. regenerate the leased prompts from the environment and generate every group in one batch
    with seeds derived from the lease (``node/rollouts.py``), off the event loop;
 4. sign the ``RolloutPayload`` and put the exact frame in the content-addressed store, served to
@@ -82,8 +83,6 @@ class InferenceWorker:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)
-        self.backend = await trio.to_thread.run_sync(self.load_backend)
-        log.info("inference ready with model %s on %s", self.config.model, self.backend.device)
         while True:
             try:
                 reply = await agent.ask(self.lease_request(), (Lease, NoLease), LEASES_PROTOCOL)
@@ -92,6 +91,8 @@ class InferenceWorker:
                 await trio.sleep(self.config.reconnect_max_backoff_s)
                 continue
             if isinstance(reply, Lease):
+                if self.backend is None and not await self.load():
+                    return
                 await self.work(reply)
             elif isinstance(reply, NoLease):
                 await trio.sleep(reply.retry_after_s)
@@ -102,6 +103,23 @@ class InferenceWorker:
             base_model=self.config.model,
             adapter_versions=self.adapter_versions,
         )
+
+    async def load(self) -> bool:
+        started = time.monotonic()
+        try:
+            self.backend = await _in_thread(self.load_backend)
+        except (OSError, ValueError) as e:
+            log.error(
+                "cannot load model %r (%s); this node takes no inference work", self.config.model, e
+            )
+            return False
+        log.info(
+            "loaded model %s on %s in %.1fs",
+            self.config.model,
+            self.backend.device,
+            time.monotonic() - started,
+        )
+        return True
 
     def load_backend(self) -> Any:
         import torch
@@ -130,7 +148,7 @@ class InferenceWorker:
         started = time.monotonic()
         self.metrics.leases.inc()
         try:
-            payload = await trio.to_thread.run_sync(self.generate, lease)
+            payload = await _in_thread(self.generate, lease)
         except ValueError as e:  # an environment or adapter this node cannot serve
             log.error("cannot serve lease %s of run %s: %s", lease.lease_id, lease.run_id, e)
             return
@@ -183,3 +201,10 @@ class InferenceWorker:
             backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
         log.error("gave up submitting the receipt of lease %s", receipt.lease_id)
         return None
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run model work off the event loop; on shutdown, stop waiting for it rather than stall
+    the goodbye (the thread's result is dropped)."""
+    # trio-typing's stubs predate ``abandon_on_cancel``
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
