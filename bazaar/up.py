@@ -1,9 +1,10 @@
 """``bazaar up``: a whole local network on this machine, watched live, stopped by Ctrl+C.
 
 Starts a coordinator and N node processes on loopback, each with its own data directory (its own
-identity) under ``<data dir>/local``, shows the network as a live table, and on Ctrl+C (or after
-``--duration``) sends every process SIGTERM — nodes say goodbye, the coordinator flushes its
-database — and waits for all of them, killing only what does not stop within the grace period.
+identity) under ``<data dir>/local`` and one shared model cache (the tiny model is built once),
+shows the network as a live table, and on Ctrl+C (or after ``--duration``) sends every process
+SIGTERM — nodes say goodbye, the coordinator flushes its database — and waits for all of them,
+killing only what does not stop within the grace period.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def run_local_network(root: Path, nodes: int, duration_s: float | None, console:
                 f"node-{i}",
                 root / f"node-{i}",
                 ["node", "start", "--name", f"node-{i}", "--roles", roles,
-                 "--coordinator", info["multiaddrs"][0], "--listen", "/ip4/127.0.0.1/tcp/0"],
+                 "--coordinator", info["multiaddrs"][0], "--listen", "/ip4/127.0.0.1/tcp/0",
+                 f"--model_cache={root}"],
             )  # fmt: skip
         started = time.monotonic()
         hint = "Ctrl+C stops the network" if duration_s is None else f"running {duration_s:.0f}s"

@@ -19,8 +19,9 @@ class MembershipConfig(ConfigModel):
 
 
 class LeaseConfig(ConfigModel):
-    max_active_per_node: int = Field(2, ge=1, le=64)
-    """Unexpired leases one node may hold at once (so no node hoards a run's examples)."""
+    max_active_per_node: int = Field(3, ge=1, le=64)
+    """Unexpired leases one node may hold at once, so no node hoards a run's examples. A node
+    pipelines three: one generating, one fetched ahead, one whose receipt is on its way."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
     """How long a node told "no work" waits before asking again."""
 

@@ -120,6 +120,7 @@ class LeaseBook:
 
     def issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         """A lease of up to ``max_prompts`` examples for ``node``, or None when none are left."""
+        self.expire()
         run = self.runs[run_id]
         if run.state != "running":
             return None
@@ -160,7 +161,7 @@ class LeaseBook:
         base_model: str,
         max_prompts: int,
         adapter_versions: dict[str, int] | None = None,
-        max_active: int = 2,
+        max_active: int = 3,
     ) -> Lease | None:
         """A lease from the next run this node can serve (round robin over runs), or None.
 

@@ -226,6 +226,7 @@ class RolloutService:
                     "payload_hash": (s.payload_hash or b"").hex(),
                     "counted_examples": s.counted,
                     "completion_tokens": s.completion_tokens,
+                    "issued_at": s.issued_at,
                     "completed_at": s.completed_at,
                     "lease": {**msgspec.to_builtins(lease), "lease_seed": lease.lease_seed.hex()},
                 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from protocol.config import ConfigModel
@@ -30,6 +32,8 @@ class NodeConfig(ConfigModel):
     model_cache: str = ""
     """Data directory whose ``models/`` holds built models; empty means this node's own. Nodes of
     one machine can share it so the tiny model is built once."""
+    backend: Literal["torch", "vllm"] = "torch"
+    """Generation backend: ``torch`` (transformers + peft, CPU or CUDA) or ``vllm`` (CUDA)."""
     device: str = "auto"
     """Torch device for the model: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` picks CUDA if present."""
     torch_threads: int = Field(0, ge=0, le=256)

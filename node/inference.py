@@ -4,11 +4,12 @@ The loop, once the node has joined:
 
 1. ask the coordinator for a lease (``LeaseRequest`` on ``/bazaar/leases/1.0.0``, naming the
    base model); ``NoLease`` says how long to wait before asking again;
-2. on the first lease, load the base model (``--model``; the tiny model is built first if
-   missing) in a worker thread, so heartbeats go on meanwhile and a node with no work never
-   spends the memory; a model that cannot be loaded stops the role with one clear error;
-3. regenerate the leased prompts from the environment and generate every group in one batch
-   with seeds derived from the lease (``node/rollouts.py``), off the event loop;
+2. on the first lease, start the model process (``node/model_worker.py``) and load the base
+   model in it (``--model``; the tiny model is built first if missing), so a node with no work
+   never spends the memory; a model that cannot be loaded stops the role with one clear error;
+3. in the model process, regenerate the leased prompts from the environment and generate every
+   group in one batch with seeds derived from the lease (``node/rollouts.py``); a lease is
+   fetched ahead while another generates, and receipts go out while the next one generates;
 4. sign the ``RolloutPayload`` and put the exact frame in the content-addressed store, served to
    verifiers and trainers over ``/bazaar/payload/1.0.0``;
 5. submit a signed ``RolloutReceipt`` (payload hash, counts, version); the coordinator's
@@ -30,13 +31,13 @@ import trio
 from prometheus_client import Counter, Histogram
 
 from node.config import NodeConfig
+from node.model_worker import ModelSpec, ModelWorker
 from node.payload_store import PayloadStore
 from node.payloads import serve_payloads
-from node.rollouts import completion_tokens, generate_rollouts
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease
-from protocol.rollouts import ReceiptAck, RolloutReceipt
+from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
 from protocol.versions import protocol_id
 
 if TYPE_CHECKING:
@@ -75,27 +76,42 @@ class InferenceWorker:
         self.store = PayloadStore(
             data_dir / "payloads", config.payload_max_bytes, config.payload_retention_s
         )
-        self.backend: Any = None
+        self.model: ModelWorker | None = None
         self.adapter_versions: dict[str, int] = {}
-        self._envs: dict[str, Any] = {}
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)
-        while True:
-            try:
-                reply = await agent.ask(self.lease_request(), (Lease, NoLease), LEASES_PROTOCOL)
-            except ProtocolError as e:
-                log.warning("lease request failed: %s", e)
-                await trio.sleep(self.config.reconnect_max_backoff_s)
-                continue
-            if isinstance(reply, Lease):
-                if self.backend is None and not await self.load():
-                    return
-                await self.work(reply)
-            elif isinstance(reply, NoLease):
-                await trio.sleep(reply.retry_after_s)
+        # one lease is fetched while another is generated, and receipts go out while the next
+        # lease generates: the model never waits on the network
+        send, receive = trio.open_memory_channel[Lease](0)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._fetch_leases, send)
+            async with receive:
+                async for lease in receive:
+                    if self.model is None and not await self.load():
+                        nursery.cancel_scope.cancel()
+                        return
+                    await self.work(lease)
+
+    async def _fetch_leases(self, send: trio.MemorySendChannel[Lease]) -> None:
+        async with send:
+            while True:
+                try:
+                    reply = await self.agent.ask(
+                        self.lease_request(), (Lease, NoLease), LEASES_PROTOCOL
+                    )
+                except ProtocolError as e:
+                    log.warning("lease request failed: %s", e)
+                    await trio.sleep(self.config.reconnect_max_backoff_s)
+                    continue
+                if isinstance(reply, Lease):
+                    self.metrics.leases.inc()
+                    await send.send(reply)
+                elif isinstance(reply, NoLease):
+                    await trio.sleep(reply.retry_after_s)
 
     def lease_request(self) -> LeaseRequest:
         return LeaseRequest(
@@ -105,56 +121,54 @@ class InferenceWorker:
         )
 
     async def load(self) -> bool:
+        """Start the model process (``node/model_worker.py``) and load the base model in it."""
         started = time.monotonic()
-        try:
-            self.backend = await _in_thread(self.load_backend)
-        except (OSError, ValueError) as e:
-            log.error(
-                "cannot load model %r (%s); this node takes no inference work", self.config.model, e
+        cfg = self.config
+        model = ModelWorker(
+            ModelSpec(
+                model=cfg.model,
+                model_cache=cfg.model_cache or str(self.data_dir),
+                backend=cfg.backend,
+                device=cfg.device,
+                torch_threads=cfg.torch_threads,
             )
+        )
+        try:
+            await model.start()
+        except ValueError as e:
+            model.close()
+            log.error("cannot load model %r (%s); this node takes no inference work", cfg.model, e)
             return False
+        self.model = model
         log.info(
-            "loaded model %s on %s in %.1fs",
-            self.config.model,
-            self.backend.device,
-            time.monotonic() - started,
+            "loaded model %s on %s in %.1fs", cfg.model, model.device, time.monotonic() - started
         )
         return True
-
-    def load_backend(self) -> Any:
-        import torch
-
-        from node.backends.torch_backend import TorchBackend
-        from node.models.loading import resolve
-
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
-        device = self.config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        cache = Path(self.config.model_cache) if self.config.model_cache else self.data_dir
-        return TorchBackend.from_pretrained(resolve(self.config.model, cache), device=device)
-
-    def environment(self, name: str) -> Any:
-        from envs import load_environment
-
-        if name not in self._envs:
-            self._envs[name] = load_environment(name)
-        return self._envs[name]
 
     # -- one lease ----------------------------------------------------------------------------
 
     async def work(self, lease: Lease) -> None:
+        """Generate the lease's payload, then deliver it in the background."""
         started = time.monotonic()
-        self.metrics.leases.inc()
         try:
-            payload = await _in_thread(self.generate, lease)
+            payload = await self.generate(lease)
         except ValueError as e:  # an environment or adapter this node cannot serve
             log.error("cannot serve lease %s of run %s: %s", lease.lease_id, lease.run_id, e)
             return
         frame = seal(self.agent.identity, payload)
+        self._nursery.start_soon(self.deliver, lease, payload, frame, started)
+
+    async def generate(self, lease: Lease) -> RolloutPayload:
+        """The lease's payload, from the model process."""
+        assert self.model is not None
+        return await self.model.produce(lease)
+
+    async def deliver(
+        self, lease: Lease, payload: RolloutPayload, frame: bytes, started: float
+    ) -> None:
+        """Store the frame and submit the receipt naming it."""
         digest = self.store.put(frame)
-        tokens = completion_tokens(payload)
+        tokens = sum(len(sample.token_ids) // 4 for sample in payload.samples)  # uint32 each
         self.metrics.tokens.inc(tokens)
         receipt = RolloutReceipt(
             lease_id=lease.lease_id,
@@ -178,16 +192,6 @@ class InferenceWorker:
                 extra={"run_id": lease.run_id, "lease_id": lease.lease_id},
             )
 
-    def generate(self, lease: Lease) -> Any:
-        """The lease's payload (runs in a worker thread)."""
-        adapter = None
-        if lease.policy_version:
-            if self.adapter_versions.get(lease.run_id) != lease.policy_version:
-                raise ValueError(f"adapter version {lease.policy_version} is not loaded")
-            adapter = f"{lease.run_id}@{lease.policy_version}"
-        env = self.environment(lease.env_id)
-        return generate_rollouts(self.backend, self.backend.tokenizer, env, lease, adapter)
-
     async def submit(self, receipt: RolloutReceipt, attempts: int = 5) -> ReceiptAck | None:
         backoff = 0.5
         for attempt in range(attempts):
@@ -201,10 +205,3 @@ class InferenceWorker:
             backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
         log.error("gave up submitting the receipt of lease %s", receipt.lease_id)
         return None
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    """Run model work off the event loop; on shutdown, stop waiting for it rather than stall
-    the goodbye (the thread's result is dropped)."""
-    # trio-typing's stubs predate ``abandon_on_cancel``
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]

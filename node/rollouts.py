@@ -44,8 +44,8 @@ def generate_rollouts(
     backend: Backend, tokenizer: Any, env: Environment, lease: Lease, adapter: str | None = None
 ) -> RolloutPayload:
     """Generate every group of the lease in one batch."""
-    examples = lease_examples(env, lease)
-    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples for _ in range(lease.group_size)]
+    per_example = [prompt_ids(tokenizer, ex.prompt) for ex in lease_examples(env, lease)]
+    prompts = [ids for ids in per_example for _ in range(lease.group_size)]
     s = lease.sampling
     sampling = Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
     generations = backend.generate(prompts, sample_seeds(lease), sampling, adapter)

@@ -109,11 +109,13 @@ class TorchBackend:
                 tok_B, logp_B = sample(
                     logits_B_V.cpu(), seeds_B, step_B, sampling.temperature, sampling.top_p
                 )
-                for i in range(len(prompts)):
+                # one conversion per step: indexing tensors element by element costs more
+                # than the small model's forward pass at large batches
+                for i, (tok, logp) in enumerate(zip(tok_B.tolist(), logp_B.tolist(), strict=True)):
                     if reasons[i] is None:
-                        tokens[i].append(int(tok_B[i]))
-                        logprobs[i].append(float(logp_B[i]))
-                        if int(tok_B[i]) in self.eos_ids and not sampling.ignore_eos:
+                        tokens[i].append(tok)
+                        logprobs[i].append(logp)
+                        if tok in self.eos_ids and not sampling.ignore_eos:
                             reasons[i] = "stop"
                 if all(r is not None for r in reasons) or step == sampling.max_tokens - 1:
                     break

@@ -14,9 +14,13 @@ cached in ``<data dir>/models``; ``bazaar model tiny`` builds it with a progress
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,11 +148,20 @@ def build_tiny_model(
                 progress(step, loss_value, accuracy)
             if accuracy >= spec.target_accuracy:
                 break
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    meta = {**asdict(spec), "steps": step, "final_loss": loss_value, "accuracy": accuracy}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    # save beside the target and rename into place: processes sharing a model cache never see
+    # (or load) a half-written model, and the first finished build wins
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        dir=out.parent, prefix=f".{out.name}-", ignore_cleanup_errors=True
+    ) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        meta = {**asdict(spec), "steps": step, "final_loss": loss_value, "accuracy": accuracy}
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists() and not (out / META_FILE).exists():
+            shutil.rmtree(out)  # an unfinished directory of an older version
+        with contextlib.suppress(OSError):  # another process finished first: keep theirs
+            os.rename(tmp, out)
     return out
 
 

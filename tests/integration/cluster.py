@@ -151,12 +151,14 @@ class Cluster:
         resp.raise_for_status()
         return resp.json()
 
-    def wait_run(self, run_id: str, state: str = "completed", timeout_s: float = 120) -> Any:
+    def wait_run(
+        self, run_id: str, state: str = "completed", timeout_s: float = 120, every_s: float = 0.1
+    ) -> Any:
         def probe() -> Any:
             run = self.api("GET", f"/v1/runs/{run_id}")
             return run if run["state"] == state else None
 
-        return wait_until(probe, timeout_s, what=f"run {run_id} {state}")
+        return wait_until(probe, timeout_s, every_s, what=f"run {run_id} {state}")
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Nodes by name, from the coordinator's REST API."""

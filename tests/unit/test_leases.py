@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
+import msgspec
 import pytest
 
-from coordinator.leases import LeaseBook, ReceiptOutcome, RunPlan
+from coordinator.leases import LeaseBook, ReceiptOutcome, RunPlan, RunState
 from protocol.leases import Lease, SamplingParams
 from protocol.rollouts import RolloutReceipt
 
@@ -108,3 +110,53 @@ def test_policy_version_is_leased_and_runs_are_checked() -> None:
     assert lease is not None and lease.policy_version == 3
     with pytest.raises(ValueError, match="already exists"):
         b.add_run(PLAN)
+
+
+def test_issue_for_matches_base_model_caps_active_leases_and_rotates_runs() -> None:
+    b, _ = book()
+    b.add_run(dataclasses.replace(PLAN, run_id="r2"))
+    b.add_run(dataclasses.replace(PLAN, run_id="big", base_model="big-model"))
+    assert b.issue_for("a", "other-model", 4) is None
+    first = b.issue_for("a", "tiny", 4, max_active=2)
+    second = b.issue_for("a", "tiny", 4, max_active=2)
+    assert first is not None and second is not None
+    assert {first.run_id, second.run_id} == {"r1", "r2"}  # round robin over the runs it can serve
+    assert b.issue_for("a", "tiny", 4, max_active=2) is None  # holds two already
+    big = b.issue_for("c", "big-model", 4)
+    assert big is not None and big.run_id == "big"
+
+
+def test_runs_past_version_zero_need_the_adapter_and_complete_when_delivered() -> None:
+    b, _ = book()
+    b.set_policy_version("r1", 2)
+    assert b.issue_for("a", "tiny", 10) is None  # does not hold the run's adapter
+    lease = b.issue_for("a", "tiny", 10, adapter_versions={"r1": 2})
+    assert lease is not None and lease.policy_version == 2 and len(lease.example_indices) == 8
+    assert b.receipt("a", receipt_for(lease)) is ReceiptOutcome.COUNTED
+    rest = b.issue_for("a", "tiny", 10, adapter_versions={"r1": 2})
+    assert rest is not None and rest.example_indices == [8, 9]  # prompts_per_lease is 8
+    assert b.runs["r1"].state == "running"
+    assert b.receipt("a", receipt_for(rest)) is ReceiptOutcome.COUNTED
+    assert b.runs["r1"].state == "completed" and b.runs["r1"].completion_tokens == 200
+    assert b.issue("r1", "a", 1) is None
+
+
+def test_restore_rebuilds_delivered_and_requeued_examples() -> None:
+    b, clock = book()
+    done = b.issue("r1", "a", 2)
+    lost = b.issue("r1", "b", 2)
+    held = b.issue("r1", "c", 2)
+    assert done and lost and held
+    b.receipt("a", receipt_for(done))
+    clock.now += 30
+    b.leases[lost.lease_id].lease = msgspec.structs.replace(lost, deadline_ms=0)
+    b.expire()
+    # what the database keeps: a run's plan and counters, each lease's state
+    stored = RunState(b.runs["r1"].plan, cursor=b.runs["r1"].cursor)
+    copy = LeaseBook(clock)
+    copy.restore([stored], [dataclasses.replace(s) for s in b.leases.values()])
+    run = copy.runs["r1"]
+    assert set(run.done) == {0, 1} and list(run.returned) == [2, 3]
+    assert set(copy.active) == {held.lease_id}
+    again = copy.issue("r1", "d", 4)
+    assert again is not None and again.example_indices == [2, 3, 6, 7]
