@@ -83,35 +83,41 @@ class InferenceWorker:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)
-        # one lease is fetched while another is generated, and receipts go out while the next
-        # lease generates: the model never waits on the network
-        send, receive = trio.open_memory_channel[Lease](0)
+        # two leases are with the model at a time (one generating, the next queued in its
+        # pipe) and receipts go out while the next lease generates: the model never waits on
+        # the network
+        slots = trio.Semaphore(2)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._fetch_leases, send)
-            async with receive:
-                async for lease in receive:
-                    if self.model is None and not await self.load():
-                        nursery.cancel_scope.cancel()
-                        return
-                    await self.work(lease)
-
-    async def _fetch_leases(self, send: trio.MemorySendChannel[Lease]) -> None:
-        async with send:
             while True:
-                try:
-                    reply = await self.agent.ask(
-                        self.lease_request(), (Lease, NoLease), LEASES_PROTOCOL
-                    )
-                except ProtocolError as e:
-                    log.warning("lease request failed: %s", e)
-                    await trio.sleep(self.config.reconnect_max_backoff_s)
-                    continue
-                if isinstance(reply, Lease):
-                    self.metrics.leases.inc()
-                    await send.send(reply)
-                elif isinstance(reply, NoLease):
-                    await trio.sleep(reply.retry_after_s)
+                await slots.acquire()
+                lease = await self._next_lease()
+                if self.model is None and not await self.load():
+                    nursery.cancel_scope.cancel()
+                    return
+                nursery.start_soon(self._run_lease, lease, slots)
+
+    async def _run_lease(self, lease: Lease, slots: trio.Semaphore) -> None:
+        try:
+            await self.work(lease)
+        finally:
+            slots.release()
+
+    async def _next_lease(self) -> Lease:
+        while True:
+            try:
+                reply = await self.agent.ask(
+                    self.lease_request(), (Lease, NoLease), LEASES_PROTOCOL
+                )
+            except ProtocolError as e:
+                log.warning("lease request failed: %s", e)
+                await trio.sleep(self.config.reconnect_max_backoff_s)
+                continue
+            if isinstance(reply, Lease):
+                self.metrics.leases.inc()
+                return reply
+            if isinstance(reply, NoLease):
+                await trio.sleep(reply.retry_after_s)
 
     def lease_request(self) -> LeaseRequest:
         return LeaseRequest(
@@ -134,7 +140,7 @@ class InferenceWorker:
             )
         )
         try:
-            await model.start()
+            await model.start(self._nursery)
         except ValueError as e:
             model.close()
             log.error("cannot load model %r (%s); this node takes no inference work", cfg.model, e)

@@ -16,7 +16,7 @@ when the node closes the pipe or dies.
 from __future__ import annotations
 
 import multiprocessing
-import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +38,18 @@ class ModelSpec:
 
 
 class ModelWorker:
+    """The node side of the pipe. Requests are pipelined: several may be outstanding, the child
+    answers them in order, and a reader task hands each answer to its caller."""
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.device = ""
         self._conn: Any = None
         self._proc: Any = None
-        self._lock = threading.Lock()
+        self._send_lock = trio.Lock()  # FIFO: answers come back in the order requests went out
+        self._waiting: deque[trio.MemorySendChannel[tuple[str, Any]]] = deque()
 
-    async def start(self) -> None:
+    async def start(self, nursery: trio.Nursery) -> None:
         """Start the child and load the model in it; ``ValueError`` if it cannot."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -53,6 +57,7 @@ class ModelWorker:
         self._proc.start()
         child.close()
         self._conn = parent
+        nursery.start_soon(self._read_answers)
         self.device = await self._call("load")
 
     async def produce(self, lease: Lease) -> RolloutPayload:
@@ -60,22 +65,24 @@ class ModelWorker:
         return payload
 
     async def _call(self, op: str, *args: Any) -> Any:
-        # the waiting thread blocks on the pipe with the GIL released; on shutdown we stop
-        # waiting (the child is a daemon and goes with us)
-        return await trio.to_thread.run_sync(  # type: ignore[call-arg]  # stubs lag trio
-            self._roundtrip, op, args, abandon_on_cancel=True
-        )
-
-    def _roundtrip(self, op: str, args: tuple[Any, ...]) -> Any:
-        with self._lock:
-            try:
-                self._conn.send((op, args))
-                status, value = self._conn.recv()
-            except (EOFError, OSError) as e:
-                raise ValueError(f"the model process is gone ({e})") from None
+        answer_send, answer_receive = trio.open_memory_channel[tuple[str, Any]](1)
+        async with self._send_lock:
+            self._waiting.append(answer_send)
+            await _in_thread(self._conn.send, (op, args))
+        status, value = await answer_receive.receive()
         if status == "error":
             raise ValueError(value)
         return value
+
+    async def _read_answers(self) -> None:
+        while True:
+            try:
+                answer = await _in_thread(self._conn.recv)
+            except (EOFError, OSError) as e:
+                while self._waiting:
+                    self._waiting.popleft().send_nowait(("error", f"model process gone ({e})"))
+                return
+            self._waiting.popleft().send_nowait(answer)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -84,6 +91,12 @@ class ModelWorker:
             self._proc.join(timeout=5)
             if self._proc.is_alive():
                 self._proc.kill()
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Block on the pipe in a worker thread (the GIL is released while it waits); on shutdown,
+    stop waiting: the child is a daemon and goes with the node."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
 def _serve(conn: Any, spec: ModelSpec) -> None:
