@@ -110,11 +110,12 @@ def hf_tokens(backend: TorchBackend, prompts: list[list[int]], temperature: floa
 
 
 def measure_node(
-    model_cache: Path, backend: TorchBackend, leases: int, prompts: int, group: int,
+    model: str, model_cache: Path, backend: TorchBackend, leases: int, prompts: int, group: int,
     max_tokens: int, rounds: int,
 ) -> dict[str, float]:  # fmt: skip
     """Lease-to-receipt throughput of a real node, alternating with the baseline."""
     env_spec = {"env": "reverse", "group_size": group, "prompts_per_lease": prompts,
+                "base_model": model,
                 "sampling": {"temperature": 1.0, "max_tokens": max_tokens}}  # fmt: skip
     env = load_environment("reverse")
     node_tps, receipt_rate, hf_tps = [], [], []
@@ -122,7 +123,7 @@ def measure_node(
         cluster = Cluster(Path(tmp), interval_s=2.0)
         try:
             cluster.start_coordinator()
-            cluster.start_node("bench", extra=[f"--model_cache={model_cache}",
+            cluster.start_node("bench", extra=[f"--model_cache={model_cache}", f"--model={model}",
                                                f"--max_prompts_per_lease={prompts}"])  # fmt: skip
             cluster.api("POST", "/v1/runs", json={**env_spec, "run_id": "warmup",
                                                   "total_examples": prompts})  # fmt: skip
@@ -165,16 +166,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 60 s on 2 cores)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "rollouts.json")
+    parser.add_argument(
+        "--node-model",
+        default="tiny",
+        help="the node's model: tiny (16x8 leases) or smollm2 (4x4 leases of <= 32 tokens)",
+    )
     args = parser.parse_args()
     batch, new_tokens, rounds = (8, 32, 3) if args.quick else (16, 64, 5)
     leases, prompts, group, max_tokens = (24, 16, 8, 48) if args.quick else (60, 16, 8, 64)
+    if args.node_model == "smollm2":
+        leases, prompts, group, max_tokens = 6, 4, 4, 32
     models: list[tuple[str, str]] = [("tiny", resolve("tiny", data_dir()))]
-    tiny = TorchBackend.from_pretrained(models[0][1])
+    node_backend = TorchBackend.from_pretrained(resolve(args.node_model, data_dir()))
     node = measure_node(
-        data_dir(), tiny, leases, prompts, group, max_tokens, 4 if args.quick else 6
-    )
+        args.node_model, data_dir(), node_backend, leases, prompts, group, max_tokens,
+        2 if args.node_model == "smollm2" else 4 if args.quick else 6,
+    )  # fmt: skip
     title = f"inference node, lease to receipt: {leases} leases of {prompts} prompts x {group}"
-    ntable = Table(title=f"{title} samples, <= {max_tokens} tokens, tiny model")
+    ntable = Table(title=f"{title} samples, <= {max_tokens} tokens, {args.node_model}")
     for col in ("node tok/s", "transformers generate tok/s", "ratio", "receipts/s"):
         ntable.add_column(col, justify="right")
     ntable.add_row(
