@@ -1,12 +1,14 @@
-"""From a lease to a rollout payload, and from a payload back to rewards.
+"""From a lease to a rollout payload: the producer's side.
 
-Both directions derive everything they can from the lease alone, never from the producer: the
-prompts are the environment's examples at the leased indices, and the seed of sample ``k`` (its
-place in the lease: example position × group size + slot) is ``derive_seed(lease_seed, k,
-policy_version)``. The producer generates every group of the lease in one batch and packs token
-ids as little-endian uint32 and logprobs as float32. A consumer (trainer, verifier) rebuilds the
-prompts the same way, checks the payload has exactly the samples the lease asked for, decodes
-each completion and scores it with the environment — rewards are never read from a producer.
+Every group of the lease is generated in one batch from the canonical prompts with the seeds the
+lease dictates (``verification/rollouts.py``, the same functions a verifier replays with). Token
+ids are packed as little-endian uint32, logprobs as float32. Each sample also carries its seed
+and the producer's own reward: the seed lets an audit fail fast and by name when it is not the
+derived one, and the reward is early progress for the run's dashboard, checked at audit and never
+trained on — trainers recompute rewards themselves.
+
+``Producer`` is what a node's model process runs; each step is a method, so the adversarial tests
+build cheating nodes by subclassing it (another model, other seeds, tampered logprobs, ...).
 """
 
 from __future__ import annotations
@@ -15,98 +17,68 @@ from typing import Any
 
 import numpy as np
 
-from envs.base import Environment, Example, Score
-from node.backends import Backend, Sampling
-from node.backends.torch_backend import prompt_ids
-from node.sampling import derive_seed
-from protocol.errors import DecodeError
+from envs.base import Environment, Example
+from node.backends import Backend, Generation, Sampling
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
+from verification.rollouts import completion_text, lease_examples, prompt_ids, sample_seeds
 
 
-def lease_examples(env: Environment, lease: Lease) -> list[Example]:
-    """The leased examples, regenerated from (environment, version, seed, index)."""
-    if env.name != lease.env_id or env.version != lease.env_version:
-        raise ValueError(
-            f"lease wants {lease.env_id} v{lease.env_version}; "
-            f"this environment is {env.name} v{env.version}"
+class Producer:
+    def __init__(self, backend: Backend, tokenizer: Any) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+
+    def produce(self, env: Environment, lease: Lease, adapter: str | None = None) -> RolloutPayload:
+        """Every group of the lease, generated in one batch, as a payload."""
+        examples = lease_examples(env, lease)
+        per_example = [prompt_ids(self.tokenizer, ex.prompt) for ex in examples]
+        prompts = [ids for ids in per_example for _ in range(lease.group_size)]
+        seeds = self.seeds(lease)
+        generations = self.generate(prompts, seeds, self.sampling(lease), adapter)
+        samples = [
+            self.sample(env, examples[k // lease.group_size], k, seeds[k], g)
+            for k, g in enumerate(generations)
+        ]
+        return RolloutPayload(
+            lease_id=lease.lease_id,
+            run_id=lease.run_id,
+            policy_version=lease.policy_version,
+            samples=samples,
         )
-    return [env.example(lease.env_seed, i) for i in lease.example_indices]
 
+    def seeds(self, lease: Lease) -> list[int]:
+        return sample_seeds(lease)
 
-def sample_seeds(lease: Lease) -> list[int]:
-    """Every sample's seed, in lease order: what the node may not choose."""
-    n = len(lease.example_indices) * lease.group_size
-    return [derive_seed(lease.lease_seed, k, lease.policy_version) for k in range(n)]
+    def sampling(self, lease: Lease) -> Sampling:
+        s = lease.sampling
+        return Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return self.backend.generate(prompts, seeds, sampling, adapter)
+
+    def sample(
+        self, env: Environment, example: Example, k: int, seed: int, g: Generation
+    ) -> Sample:
+        return Sample(
+            example_index=example.index,
+            sample_index=k,
+            seed=seed,
+            token_ids=np.asarray(g.token_ids, dtype="<u4").tobytes(),
+            logprobs=np.asarray(g.logprobs, dtype="<f4").tobytes(),
+            finish_reason=g.finish_reason,
+            reward=env.score(example, completion_text(self.tokenizer, g.token_ids)).reward,
+        )
 
 
 def generate_rollouts(
     backend: Backend, tokenizer: Any, env: Environment, lease: Lease, adapter: str | None = None
 ) -> RolloutPayload:
-    """Generate every group of the lease in one batch."""
-    per_example = [prompt_ids(tokenizer, ex.prompt) for ex in lease_examples(env, lease)]
-    prompts = [ids for ids in per_example for _ in range(lease.group_size)]
-    s = lease.sampling
-    sampling = Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
-    generations = backend.generate(prompts, sample_seeds(lease), sampling, adapter)
-    samples = [
-        Sample(
-            example_index=lease.example_indices[k // lease.group_size],
-            sample_index=k,
-            token_ids=np.asarray(g.token_ids, dtype="<u4").tobytes(),
-            logprobs=np.asarray(g.logprobs, dtype="<f4").tobytes(),
-            finish_reason=g.finish_reason,
-        )
-        for k, g in enumerate(generations)
-    ]
-    return RolloutPayload(
-        lease_id=lease.lease_id,
-        run_id=lease.run_id,
-        policy_version=lease.policy_version,
-        samples=samples,
-    )
+    """An honest producer's payload for the lease."""
+    return Producer(backend, tokenizer).produce(env, lease, adapter)
 
 
 def completion_tokens(payload: RolloutPayload) -> int:
     return sum(len(s.token_ids) // 4 for s in payload.samples)
-
-
-def sample_tokens(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """``(token ids, logprobs)`` of a sample; ``DecodeError`` if the arrays do not pair up."""
-    if len(sample.token_ids) % 4 or len(sample.token_ids) != len(sample.logprobs):
-        raise DecodeError(f"sample {sample.sample_index}: token and logprob arrays do not match")
-    return (
-        np.frombuffer(sample.token_ids, dtype="<u4"),
-        np.frombuffer(sample.logprobs, dtype="<f4"),
-    )
-
-
-def check_shape(lease: Lease, payload: RolloutPayload) -> None:
-    """The payload holds exactly the lease's samples, in order; ``DecodeError`` otherwise."""
-    if (payload.lease_id, payload.run_id, payload.policy_version) != (
-        lease.lease_id,
-        lease.run_id,
-        lease.policy_version,
-    ):
-        raise DecodeError(f"payload is for lease {payload.lease_id}, not {lease.lease_id}")
-    n = len(lease.example_indices) * lease.group_size
-    expected = [(lease.example_indices[k // lease.group_size], k) for k in range(n)]
-    got = [(s.example_index, s.sample_index) for s in payload.samples]
-    if got != expected:
-        raise DecodeError(f"payload samples do not match lease {lease.lease_id} ({len(got)}/{n})")
-
-
-def score_rollouts(
-    env: Environment, tokenizer: Any, lease: Lease, payload: RolloutPayload
-) -> list[list[Score]]:
-    """Rewards of every group, recomputed with the environment (one list per leased example)."""
-    check_shape(lease, payload)
-    examples = lease_examples(env, lease)
-    groups: list[list[Score]] = []
-    for i, example in enumerate(examples):
-        group = payload.samples[i * lease.group_size : (i + 1) * lease.group_size]
-        texts = [
-            tokenizer.decode(sample_tokens(s)[0].tolist(), skip_special_tokens=True) for s in group
-        ]
-        groups.append(env.score_group(example, texts))
-    return groups

@@ -4,7 +4,8 @@ An inference node stores ``RolloutPayload`` in its content-addressed store and s
 coordinator a ``RolloutReceipt`` with the payload's hash and token counts. Verifiers and trainers
 fetch the payload from the producer with ``PayloadRequest``. Token ids travel as little-endian
 uint32 arrays and logprobs as little-endian float32 arrays (``bytes``), which is compact and
-decodes without a per-token Python object. Rewards are never sent: consumers recompute them.
+decodes without a per-token Python object. A producer's claimed rewards are checked, never
+trusted: consumers recompute them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     sample_index: NonNegInt
     """The sample's place in the lease (example position × group size + slot in the group);
     its sampling seed is derived from the lease seed, this index and the policy version."""
+    seed: Annotated[int, msgspec.Meta(ge=0, lt=1 << 63)]
+    """The seed the producer sampled with (an audit fails at once if it is not the derived one)."""
     token_ids: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
     """uint32 little-endian, one per completion token."""
     logprobs: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
     """float32 little-endian, the sampled token's logprob at each position."""
     finish_reason: FinishReason
+    reward: float
+    """The producer's own score: early progress on the run's dashboard, checked at audit, never
+    trained on (trainers recompute rewards with the environment)."""
 
 
 class RolloutPayload(Message):

@@ -54,9 +54,11 @@ def rollout_payload(total_bytes: int, tokens_per_sample: int = 512) -> RolloutPa
         Sample(
             example_index=i // 8,
             sample_index=i % 8,
+            seed=1_000 + i,
             token_ids=rng.integers(0, 50_000, tokens_per_sample, dtype="<u4").tobytes(),
             logprobs=(-rng.random(tokens_per_sample, dtype=np.float32)).astype("<f4").tobytes(),
             finish_reason="length",
+            reward=0.5,
         )
         for i in range(n)
     ]

@@ -2,7 +2,7 @@
 
 Generation is batched: prompts are left-padded into one batch, prefilled once, then decoded a
 token at a time against the KV cache (transformers' ``DynamicCache``); every row samples with its
-own seed through ``node.sampling`` (seeded Gumbel-max), so any sample can be replayed alone.
+own seed through ``verification.sampling`` (seeded Gumbel-max), so any sample can be replayed alone.
 Adapters are PEFT LoRA adapters loaded by name next to the one base model; switching between
 them (or back to the base) does not reload anything.
 """
@@ -15,14 +15,7 @@ from typing import Any
 import torch
 
 from node.backends import Generation, Sampling
-from node.sampling import sample
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of a chat prompt, ready for the assistant's reply."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding here; older releases a plain list
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+from verification.sampling import sample
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

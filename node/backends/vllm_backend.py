@@ -4,7 +4,7 @@ vLLM is imported only when this backend is built, so machines without it (every 
 never import it; building it there raises ``BackendUnavailable`` with the fix.
 
 Sampling stays ours, so a verifier replays a vLLM node's rollouts exactly as a PyTorch node's: a
-per-request logits processor runs ``node.sampling.sample`` (seeded Gumbel-max over the full
+per-request logits processor runs ``verification.sampling.sample`` (seeded Gumbel-max over the full
 vocabulary at position = tokens generated so far, with the request's temperature and top-p) on
 the raw logits, keeps only the token it picks, and vLLM decodes greedily. The processor records
 the sampled token's logprob under the tempered, truncated distribution — the behaviour policy —
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from node.backends import FinishReason, Generation, Sampling
-from node.sampling import sample
+from verification.sampling import sample
 
 
 class BackendUnavailable(RuntimeError):

@@ -169,7 +169,7 @@ def _sft_batch(tok: Any, pairs: list[tuple[list[dict[str, str]], str]]) -> tuple
     """Right-padded ids, labels (-100 outside the answer and its end token), attention mask."""
     import torch
 
-    from node.backends.torch_backend import prompt_ids
+    from verification.rollouts import prompt_ids
 
     rows = []
     for prompt, answer in pairs:
@@ -191,7 +191,8 @@ def greedy_accuracy(model: Any, tok: Any, examples: list[Any], max_new_tokens: i
     """Share of examples whose greedy completion is exactly the answer."""
     import torch
 
-    from node.backends.torch_backend import left_pad, prompt_ids
+    from node.backends.torch_backend import left_pad
+    from verification.rollouts import prompt_ids
 
     model.eval()
     ids, mask = left_pad([prompt_ids(tok, e.prompt) for e in examples], tok.pad_token_id)

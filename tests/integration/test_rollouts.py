@@ -20,14 +20,21 @@ import trio
 
 from envs import load_environment
 from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend, prompt_ids
+from node.backends.torch_backend import TorchBackend
 from node.payloads import fetch_payload
-from node.rollouts import check_shape, lease_examples, sample_seeds, sample_tokens, score_rollouts
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
 from tests.wait import wait_until
+from verification.rollouts import (
+    check_shape,
+    lease_examples,
+    prompt_ids,
+    sample_seeds,
+    sample_tokens,
+    score_rollouts,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend, prompt_ids
+from node.backends.torch_backend import TorchBackend
 from node.models.loading import SMOLLM2, resolve, smollm2_path
-from node.sampling import derive_seed, replay_margins, sampling_logprobs
+from verification.rollouts import prompt_ids
+from verification.sampling import derive_seed, replay_margins, sampling_logprobs
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,10 +13,11 @@ import torch
 
 from envs import load_environment
 from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend, prompt_ids
+from node.backends.torch_backend import TorchBackend
 from node.models.tiny import TinySpec, build_tiny_model, greedy_accuracy
-from node.sampling import derive_seed, replay_margins, sampling_logprobs
 from tests.conftest import REPO
+from verification.rollouts import prompt_ids
+from verification.sampling import derive_seed, replay_margins, sampling_logprobs
 
 SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_tokens=8)
 

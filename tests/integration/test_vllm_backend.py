@@ -13,8 +13,8 @@ import torch
 
 from envs import load_environment
 from node.backends import Sampling
-from node.sampling import derive_seed, replay_margins
 from tests.conftest import REPO
+from verification.sampling import derive_seed, replay_margins
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -39,8 +39,9 @@ def test_building_it_without_vllm_says_how_to_get_it() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(), reason="needs vLLM and CUDA")
 def test_vllm_rollouts_replay_under_the_torch_backend(tiny_model: Path) -> None:
-    from node.backends.torch_backend import TorchBackend, prompt_ids
+    from node.backends.torch_backend import TorchBackend
     from node.backends.vllm_backend import VLLMBackend
+    from verification.rollouts import prompt_ids
 
     ours = VLLMBackend(str(tiny_model), dtype="float32", gpu_memory_utilization=0.3)
     verifier = TorchBackend.from_pretrained(str(tiny_model), device="cuda")

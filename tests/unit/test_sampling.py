@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from node.sampling import derive_seed, gumbel_noise, replay_margins, sample, sampling_logprobs
+from verification.sampling import (
+    derive_seed,
+    gumbel_noise,
+    replay_margins,
+    sample,
+    sampling_logprobs,
+)
 
 
 def test_seeds_depend_on_every_input_and_nothing_else() -> None:

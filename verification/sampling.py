@@ -118,14 +118,24 @@ def replay_margins(
     temperature: float,
     top_p: float,
 ) -> torch.Tensor:
-    """For a committed completion: at each position, best score minus the committed token's
-    score under the seeded sampler (0 where the committed token is the sampler's pick)."""
-    logp = sampling_logprobs(logits_T_V, temperature, top_p)
+    """For a committed completion: at each position, the best score among the tokens the sampler
+    could pick minus the committed token's score (0 where the committed token is the pick).
+
+    Scores are tempered log-probabilities plus the seeded noise; top-p only decides which tokens
+    compete (renormalizing shifts them all alike). The committed token is scored even when it
+    falls outside the recomputed top-p set, so a token at the boundary — kept by the producer's
+    arithmetic, just dropped by the verifier's — gets a small finite margin, not an infinite one.
+    """
+    logits = logits_T_V.to(torch.float32)
     positions = torch.arange(tokens_T.shape[0])
     if temperature <= 0:
-        scores = logp.to(torch.float64)
+        scores = torch.log_softmax(logits, dim=-1).to(torch.float64)
+        candidates = scores
     else:
-        noise = gumbel_noise(torch.full_like(positions, seed), positions, logits_T_V.shape[-1])
-        scores = logp.to(torch.float64) + noise.to(logp.device)
+        noise = gumbel_noise(torch.full_like(positions, seed), positions, logits.shape[-1])
+        scores = torch.log_softmax(logits / temperature, dim=-1).to(torch.float64)
+        scores = scores + noise.to(scores.device)
+        kept = sampling_logprobs(logits, temperature, top_p) > float("-inf")
+        candidates = scores.masked_fill(~kept, float("-inf"))
     chosen = scores.gather(-1, tokens_T.view(-1, 1).to(scores.device)).view(-1)
-    return scores.max(dim=-1).values - chosen
+    return candidates.max(dim=-1).values - chosen

@@ -1,0 +1,205 @@
+"""Calibrate the verification thresholds from honest generations, per dtype profile.
+
+For each profile (``fp32``, ``bf16``) the tiny model generates honest samples exactly as an
+inference node does (leases of 8 prompts x 4 samples, batched KV-cache decoding, seeds derived
+from the lease, several environments and sampling settings, greedy included), and a verifier
+replays each one (one prefill per sample, same dtype). Per sample we record the worst replay
+margin and the worst logprob difference. A threshold is the honest extreme times a safety factor,
+never below a floor: honest work passes with room to spare, while a wrong token costs whole nats.
+Finally every payload is re-checked with ``verify_payload`` under the new thresholds: the count
+of honest payloads refused (false positives) is reported and must be 0.
+
+Writes ``verification/thresholds.toml`` (thresholds and a summary of the data) and
+``bench-results/calibration.json``.
+
+Run: ``python scripts/calibrate_verification.py [--samples 1024]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+
+from envs import load_environment  # noqa: E402
+from node.backends.torch_backend import TorchBackend  # noqa: E402
+from node.models.loading import resolve  # noqa: E402
+from node.rollouts import generate_rollouts  # noqa: E402
+from protocol.config import data_dir  # noqa: E402
+from protocol.leases import Lease, SamplingParams  # noqa: E402
+from protocol.rollouts import RolloutPayload  # noqa: E402
+from verification.checks import (  # noqa: E402
+    THRESHOLDS_FILE,
+    Thresholds,
+    replay_sample,
+    verify_payload,
+)
+from verification.rollouts import lease_examples, prompt_ids, sample_tokens  # noqa: E402
+
+PROFILES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SAFETY = 4.0
+FLOORS = {"fp32": 1e-3, "bf16": 0.05}
+"""Lowest threshold per profile: fp32 replays agree to ~1e-6, so 1e-3 is still tiny next to the
+nats a wrong token costs; bf16 carries ~3 significant digits."""
+SETTINGS = [
+    ('arith {"digits":2}', SamplingParams(temperature=1.0, top_p=1.0, max_tokens=16)),
+    ("reverse", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=24)),
+    ("sort", SamplingParams(temperature=1.0, top_p=0.95, max_tokens=32)),
+    ('arith {"digits":3}', SamplingParams(temperature=0.0, top_p=1.0, max_tokens=16)),
+]
+PROMPTS, GROUP = 8, 4
+
+
+def honest_leases(backend: TorchBackend, samples: int) -> list[tuple[Any, Lease, RolloutPayload]]:
+    out: list[tuple[Any, Lease, RolloutPayload]] = []
+    i = 0
+    while len(out) * PROMPTS * GROUP < samples:
+        env_name, sampling = SETTINGS[i % len(SETTINGS)]
+        env = load_environment(env_name)
+        lease = Lease(
+            lease_id=f"cal-{i}", run_id="calibration", env_id=env.name, env_version=env.version,
+            env_seed=1000 + i, example_indices=list(range(PROMPTS)), group_size=GROUP,
+            policy_version=0, sampling=sampling, lease_seed=os.urandom(32), deadline_ms=0,
+        )  # fmt: skip
+        out.append((env, lease, generate_rollouts(backend, backend.tokenizer, env, lease)))
+        i += 1
+    return out
+
+
+def per_sample_stats(
+    backend: TorchBackend, leases: list[tuple[Any, Lease, RolloutPayload]], progress: Progress
+) -> tuple[list[float], list[float]]:
+    margins, diffs = [], []
+    task = progress.add_task("replaying", total=sum(len(p.samples) for _, _, p in leases))
+    for env, lease, payload in leases:
+        prompts = [prompt_ids(backend.tokenizer, ex.prompt) for ex in lease_examples(env, lease)]
+        for k, s in enumerate(payload.samples):
+            ids, claimed = (a.tolist() for a in sample_tokens(s))
+            m, d = replay_sample(
+                prompts[k // GROUP], ids, s.seed, claimed, backend.prefill_logits,
+                lease.sampling.temperature, lease.sampling.top_p,
+            )  # fmt: skip
+            margins.append(float(m.max()))
+            diffs.append(float(d.max()))
+            progress.advance(task)
+    return margins, diffs
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "max": ordered[-1],
+        "p999": ordered[min(len(ordered) - 1, int(0.999 * len(ordered)))],
+        "p99": ordered[int(0.99 * (len(ordered) - 1))],
+        "median": statistics.median(ordered),
+        "nonzero_fraction": sum(v > 0 for v in ordered) / len(ordered),
+    }
+
+
+def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
+    ref = resolve("tiny", data_dir())
+    backend = TorchBackend.from_pretrained(ref, dtype=PROFILES[profile])
+    started = time.perf_counter()
+    leases = honest_leases(backend, samples)
+    margins, diffs = per_sample_stats(backend, leases, progress)
+    floor = FLOORS[profile]
+    thresholds = Thresholds(
+        max_margin=max(floor, SAFETY * max(margins)),
+        max_logprob_diff=max(floor, SAFETY * max(diffs)),
+    )
+    vocab = backend.base.config.vocab_size
+    refused = 0
+    for env, lease, payload in leases:
+        outcome = verify_payload(
+            lease, payload, env, backend.tokenizer, backend.eos_ids, vocab,
+            backend.prefill_logits, thresholds,
+        )  # fmt: skip
+        refused += not outcome.passed
+    return {
+        "profile": profile,
+        "samples": len(margins),
+        "payloads": len(leases),
+        "thresholds": thresholds,
+        "margin": summary(margins),
+        "logprob_diff": summary(diffs),
+        "false_positive_payloads": refused,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
+    lines = [
+        "# Verification thresholds, calibrated from honest generations of the tiny model by",
+        "# scripts/calibrate_verification.py (threshold = max(floor, "
+        f"{SAFETY:g} x honest maximum)).",
+        "# Do not edit by hand: rerun the script.",
+        "",
+    ]
+    for r in results:
+        t, m, d = r["thresholds"], r["margin"], r["logprob_diff"]
+        lines += [
+            f"[{r['profile']}]",
+            f"max_margin = {t.max_margin:.6g}",
+            f"max_logprob_diff = {t.max_logprob_diff:.6g}",
+            f"# {r['samples']} honest samples in {r['payloads']} leases; false positives: "
+            f"{r['false_positive_payloads']}",
+            f"# replay margin: max {m['max']:.3g}, p99.9 {m['p999']:.3g}, p99 {m['p99']:.3g}, "
+            f"nonzero in {m['nonzero_fraction']:.1%} of samples",
+            f"# logprob diff: max {d['max']:.3g}, p99.9 {d['p999']:.3g}, p99 {d['p99']:.3g}, "
+            f"median {d['median']:.3g}",
+            "",
+        ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=1024, help="honest samples per profile")
+    parser.add_argument("--profiles", default="fp32,bf16")
+    parser.add_argument("--out", type=Path, default=THRESHOLDS_FILE)
+    args = parser.parse_args()
+    console = Console()
+    results = []
+    with Progress(console=console) as progress:
+        for profile in args.profiles.split(","):
+            results.append(calibrate(profile, args.samples, progress))
+    table = Table(title="verification calibration (honest generations, tiny model)")
+    for col in ("profile", "samples", "max margin", "max logprob diff", "thresholds", "refused"):
+        table.add_column(col, justify="right")
+    flat: dict[str, Any] = {}
+    for r in results:
+        t = r["thresholds"]
+        table.add_row(
+            r["profile"], str(r["samples"]), f"{r['margin']['max']:.3g}",
+            f"{r['logprob_diff']['max']:.3g}", f"{t.max_margin:.3g} / {t.max_logprob_diff:.3g}",
+            str(r["false_positive_payloads"]),
+        )  # fmt: skip
+        p = r["profile"]
+        flat.update({
+            f"{p}_samples": r["samples"], f"{p}_max_margin": r["margin"]["max"],
+            f"{p}_max_logprob_diff": r["logprob_diff"]["max"],
+            f"{p}_threshold_margin": t.max_margin, f"{p}_threshold_logprob": t.max_logprob_diff,
+            f"{p}_false_positive_payloads": r["false_positive_payloads"],
+        })  # fmt: skip
+    console.print(table)
+    write_thresholds(results, args.out)
+    console.print(f"wrote {args.out}")
+    write_result(REPO / "bench-results" / "calibration.json", flat)
+
+
+if __name__ == "__main__":
+    main()

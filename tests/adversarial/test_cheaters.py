@@ -1,0 +1,293 @@
+"""Cheating inference nodes, each a subclass of the node's real ``Producer``, audited by the real
+checks: every cheat is caught, by the check built for it. Honest producers are never refused.
+
+The verifier replays with the tiny model in fp32 and the calibrated thresholds; every lease has a
+fixed seed, so each run of the suite audits the very same payloads.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from envs import load_environment
+from envs.base import Environment, Example
+from node.backends import Generation, Sampling
+from node.backends.torch_backend import TorchBackend
+from node.rollouts import Producer
+from protocol.leases import Lease, SamplingParams
+from protocol.rollouts import RolloutPayload, Sample
+from verification.checks import Outcome, load_thresholds, verify_payload
+from verification.sampling import sampling_logprobs
+
+ENV = load_environment("arith", digits=2)
+
+
+def lease(n: int = 0, lease_id: str = "lease-a", **sampling: float) -> Lease:
+    return Lease(
+        lease_id=lease_id, run_id="run", env_id=ENV.name, env_version=ENV.version, env_seed=5,
+        example_indices=list(range(8)), group_size=4, policy_version=0,
+        sampling=SamplingParams(**{"temperature": 1.0, "top_p": 1.0, "max_tokens": 16,
+                                   **sampling}),  # type: ignore[arg-type]
+        lease_seed=bytes([n + 1]) * 32, deadline_ms=0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real(tiny_model: Path) -> TorchBackend:
+    return TorchBackend.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def other(tiny_model: Path) -> TorchBackend:
+    """Another base model: the same architecture and tokenizer, other weights."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(tiny_model)).eval()
+    return TorchBackend(model, AutoTokenizer.from_pretrained(tiny_model))
+
+
+def audit(
+    real: TorchBackend, lease_: Lease, payload: RolloutPayload, profile: str = "fp32"
+) -> Outcome:
+    return verify_payload(
+        lease_, payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
+        real.prefill_logits, load_thresholds(profile),
+    )  # fmt: skip
+
+
+# -- the cheaters -------------------------------------------------------------------------------
+
+
+class OtherBaseModel(Producer):
+    """Generates with a cheaper base model than the run's."""
+
+
+class WrongAdapter(Producer):
+    """Generates with a LoRA adapter while claiming the base policy (version 0)."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return super().generate(prompts, seeds, sampling, "other")
+
+
+class SmallerModelHonestLogprobs(Producer):
+    """Samples tokens with a smaller model, then reports the real model's logprobs for them."""
+
+    def __init__(self, real: TorchBackend, cheap: TorchBackend) -> None:
+        super().__init__(cheap, real.tokenizer)
+        self.real = real
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for prompt, g in zip(
+            prompts, super().generate(prompts, seeds, sampling, adapter), strict=True
+        ):
+            logits = self.real.prefill_logits(prompt, g.token_ids)
+            logp = sampling_logprobs(logits, sampling.temperature, sampling.top_p)
+            honest = logp.gather(-1, torch.tensor(g.token_ids).view(-1, 1)).view(-1).tolist()
+            out.append(Generation(g.token_ids, honest, g.finish_reason))
+        return out
+
+
+class OtherTemperature(Producer):
+    """Samples at a hotter temperature than the lease asks (and reports those logprobs)."""
+
+    def sampling(self, lease_: Lease) -> Sampling:
+        s = super().sampling(lease_)
+        return Sampling(temperature=s.temperature * 2.0, top_p=s.top_p, max_tokens=s.max_tokens)
+
+
+class InflatedLogprobs(Producer):
+    """Reports its sampled tokens as likelier than they were."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return [
+            Generation(g.token_ids, [lp * 0.5 for lp in g.logprobs], g.finish_reason)
+            for g in super().generate(prompts, seeds, sampling, adapter)
+        ]
+
+
+class FabricatedRewards(Producer):
+    """Claims the opposite of every reward."""
+
+    def sample(
+        self, env: Environment, example: Example, k: int, seed: int, g: Generation
+    ) -> Sample:
+        s = super().sample(env, example, k, seed, g)
+        return msgspec.structs.replace(s, reward=1.0 - s.reward)
+
+
+class SplicedTokens(Producer):
+    """Overwrites the first token of each completion (rewards honestly recomputed for it)."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for g in super().generate(prompts, seeds, sampling, adapter):
+            first = ord("7") if g.token_ids[0] != ord("7") else ord("3")
+            out.append(Generation([first, *g.token_ids[1:]], g.logprobs, g.finish_reason))
+        return out
+
+
+class ReplaysOldRollout(Producer):
+    """Answers a new lease with the samples of an old one, relabelled."""
+
+    def __init__(self, real: TorchBackend, old: Lease) -> None:
+        super().__init__(real, real.tokenizer)
+        self.old = old
+
+    def produce(
+        self, env: Environment, lease_: Lease, adapter: str | None = None
+    ) -> RolloutPayload:
+        stale = super().produce(env, self.old, adapter)
+        return msgspec.structs.replace(stale, lease_id=lease_.lease_id)
+
+
+class ResubmitsOthersRollout(Producer):
+    """Hands in the payload another node produced for another lease."""
+
+    def __init__(self, real: TorchBackend, theirs: RolloutPayload) -> None:
+        super().__init__(real, real.tokenizer)
+        self.theirs = theirs
+
+    def produce(
+        self, env: Environment, lease_: Lease, adapter: str | None = None
+    ) -> RolloutPayload:
+        return self.theirs
+
+
+class ClaimsEosOnTruncation(Producer):
+    """Cuts completions short and claims the model stopped there."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for g in super().generate(prompts, seeds, sampling, adapter):
+            keep = max(1, len(g.token_ids) // 2) if len(g.token_ids) > 1 else 1
+            out.append(Generation(g.token_ids[:keep], g.logprobs[:keep], "stop"))
+        return out
+
+
+def noisy_copy(real: TorchBackend, scale: float) -> TorchBackend:
+    model = copy.deepcopy(real.base)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.abs().mean() * scale)
+    return TorchBackend(model, real.tokenizer)
+
+
+def with_adapter(real: TorchBackend, tmp: Path) -> TorchBackend:
+    from peft import LoraConfig, get_peft_model
+
+    backend = TorchBackend(copy.deepcopy(real.base), real.tokenizer)
+    torch.manual_seed(3)
+    peft = get_peft_model(
+        copy.deepcopy(real.base),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    peft.save_pretrained(str(tmp / "other"))
+    backend.load_adapter("other", str(tmp / "other"))
+    return backend
+
+
+def test_honest_payloads_pass(real: TorchBackend) -> None:
+    for n in range(4):
+        outcome = audit(real, lease(n), Producer(real, real.tokenizer).produce(ENV, lease(n)))
+        assert outcome.passed, outcome
+        assert outcome.stats["max_margin"] <= load_thresholds("fp32").max_margin
+
+
+@pytest.mark.parametrize(
+    "cheat, check",
+    [
+        ("other_base_model", "sampling_replay"),
+        ("wrong_adapter", "sampling_replay"),
+        ("weight_noise_1pct", "logprobs"),
+        ("smaller_model_honest_logprobs", "sampling_replay"),
+        ("other_temperature", "sampling_replay"),
+        ("inflated_logprobs", "logprobs"),
+        ("fabricated_rewards", "reward"),
+        ("spliced_tokens", "sampling_replay"),
+        ("replays_old_rollout", "seed"),
+        ("resubmits_others_rollout", "lease"),
+        ("claims_eos_on_truncation", "termination"),
+    ],
+)
+def test_each_cheat_is_caught_by_its_check(
+    cheat: str, check: str, real: TorchBackend, other: TorchBackend, tmp_path: Path
+) -> None:
+    cheaters = {
+        "other_base_model": lambda: OtherBaseModel(other, real.tokenizer),
+        "wrong_adapter": lambda: WrongAdapter(with_adapter(real, tmp_path), real.tokenizer),
+        "weight_noise_1pct": lambda: Producer(noisy_copy(real, 0.01), real.tokenizer),
+        "smaller_model_honest_logprobs": lambda: SmallerModelHonestLogprobs(real, other),
+        "other_temperature": lambda: OtherTemperature(real, real.tokenizer),
+        "inflated_logprobs": lambda: InflatedLogprobs(real, real.tokenizer),
+        "fabricated_rewards": lambda: FabricatedRewards(real, real.tokenizer),
+        "spliced_tokens": lambda: SplicedTokens(real, real.tokenizer),
+        "replays_old_rollout": lambda: ReplaysOldRollout(real, lease(9)),
+        "resubmits_others_rollout": lambda: ResubmitsOthersRollout(
+            real, Producer(real, real.tokenizer).produce(ENV, lease(5, lease_id="theirs"))
+        ),
+        "claims_eos_on_truncation": lambda: ClaimsEosOnTruncation(real, real.tokenizer),
+    }
+    target = lease(1)
+    outcome = audit(real, target, cheaters[cheat]().produce(ENV, target))
+    assert not outcome.passed
+    assert outcome.failed_check == check, outcome
+    assert outcome.detail
+
+
+def honest_audits(backend: TorchBackend, profile: str, leases: int) -> list[Outcome]:
+    """Audit ``leases`` honest leases (32 samples each) across environments and sampling."""
+    settings = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
+                ("sort", {}, 1.0, 0.95), ("countdown", {}, 0.0, 1.0)]  # fmt: skip
+    outcomes = []
+    for n in range(leases):
+        name, args, t, top_p = settings[n % len(settings)]
+        env = load_environment(name, **args)
+        lease_ = msgspec.structs.replace(
+            lease(n, lease_id=f"honest-{n}"), env_id=env.name, env_version=env.version,
+            env_seed=10_000 + n,
+            sampling=SamplingParams(temperature=t, top_p=top_p, max_tokens=24),
+        )  # fmt: skip
+        payload = Producer(backend, backend.tokenizer).produce(env, lease_)
+        vocab = backend.base.config.vocab_size
+        thresholds = load_thresholds(profile)
+        audit_ = verify_payload(
+            lease_, payload, env, backend.tokenizer, backend.eos_ids, vocab,
+            backend.prefill_logits, thresholds,
+        )  # fmt: skip
+        outcomes.append(audit_)
+    return outcomes
+
+
+def test_no_false_positives_over_1024_honest_fp32_samples(real: TorchBackend) -> None:
+    outcomes = honest_audits(real, "fp32", 32)
+    assert sum(int(o.stats["samples"]) for o in outcomes) == 1024
+    assert [o for o in outcomes if not o.passed] == []
+
+
+def test_bf16_honest_work_passes_within_the_calibrated_profile(tiny_model: Path) -> None:
+    bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    outcomes = honest_audits(bf16, "bf16", 8)
+    assert [o for o in outcomes if not o.passed] == []
+    # and the fp32 thresholds would be too tight for bf16: the profiles are not interchangeable
+    assert (
+        max(o.stats["max_logprob_diff"] for o in outcomes)
+        > load_thresholds("fp32").max_logprob_diff
+    )

@@ -1,0 +1,264 @@
+"""Audit checks of a rollout payload by recomputation: cheapest first, failing closed.
+
+``verify_payload`` runs, for one lease's payload, the checks below in this order and stops at the
+first that fails; the ``Outcome`` names it. The payload's envelope (signature, schema, size, the
+producer as signer, the receipt's hash) is checked when it is fetched (``node/payloads.py``);
+its failures are reported as ``signature`` by the verifier.
+
+==================  =================================================================  ==========
+check               fails when                                                          needs
+==================  =================================================================  ==========
+``lease``           the payload is for another lease/run, or its samples are not        —
+                    exactly the lease's (example, slot) pairs in order
+``policy_version``  its version is not the lease's, or is outside the allowed          —
+                    staleness window behind the run's current version
+``seed``            a sample's seed is not the one derived from the lease               hashing
+``termination``     tokens past ``max_tokens``, an end-of-sequence token before the     —
+                    end, ``stop`` without a final EOS, ``length`` short of max_tokens
+``reward``          the producer's claimed reward differs from the environment's        env
+``sampling_replay`` at some position the committed token is not the seeded sampler's    1 prefill
+                    pick (best score − committed score above the calibrated margin)
+``logprobs``        a committed logprob differs from the recomputed one by more than    same
+                    the calibrated tolerance
+==================  =================================================================  ==========
+
+The canonical prompt and the seeds are rebuilt from the lease (``verification/rollouts.py``),
+never read from the producer. Thresholds come from honest runs per dtype profile
+(``verification/thresholds.toml``, written by ``scripts/calibrate_verification.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from envs.base import Environment
+from protocol.errors import DecodeError
+from protocol.leases import Lease
+from protocol.rollouts import RolloutPayload
+from verification.rollouts import (
+    check_shape,
+    completion_text,
+    lease_examples,
+    prompt_ids,
+    sample_seeds,
+    sample_tokens,
+)
+from verification.sampling import replay_margins, sampling_logprobs
+
+CHECKS = (
+    "signature",
+    "lease",
+    "policy_version",
+    "seed",
+    "termination",
+    "reward",
+    "sampling_replay",
+    "logprobs",
+)
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
+REWARD_TOLERANCE = 1e-6
+
+Prefill = Callable[[list[int], list[int]], torch.Tensor]
+"""``prefill(prompt ids, completion ids) -> logits [T, V]`` with the claimed model and adapter."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How far an honest replay may drift, for one dtype profile."""
+
+    max_margin: float
+    max_logprob_diff: float
+
+
+def load_thresholds(profile: str, path: Path = THRESHOLDS_FILE) -> Thresholds:
+    """The calibrated thresholds of ``profile`` (``fp32``, ``bf16``)."""
+    data = tomllib.loads(path.read_text())
+    if profile not in data:
+        raise ValueError(f"no calibrated profile {profile!r} in {path}; have {sorted(data)}")
+    p = data[profile]
+    return Thresholds(float(p["max_margin"]), float(p["max_logprob_diff"]))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool
+    failed_check: str = ""
+    detail: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class _Failed(Exception):
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(detail)
+        self.check, self.detail = check, detail
+
+
+def verify_payload(
+    lease: Lease,
+    payload: RolloutPayload,
+    env: Environment,
+    tokenizer: Any,
+    eos_ids: set[int],
+    vocab_size: int,
+    prefill: Prefill,
+    thresholds: Thresholds,
+    current_version: int | None = None,
+    max_staleness: int = 0,
+) -> Outcome:
+    """Every check on one payload; the first failure is the outcome (a bad rollout is data).
+    ``vocab_size`` is the model's (its logits' width), ``eos_ids`` its end-of-sequence ids."""
+    stats: dict[str, float] = {"samples": float(len(payload.samples))}
+    try:
+        _structure(lease, payload, current_version, max_staleness)
+        tokens = _termination(lease, payload, eos_ids, vocab_size)
+        examples = lease_examples(env, lease)
+        _rewards(lease, payload, env, tokenizer, examples, tokens)
+        _replay(lease, payload, tokenizer, examples, tokens, prefill, thresholds, stats)
+    except _Failed as f:
+        return Outcome(False, f.check, f.detail, stats)
+    return Outcome(True, stats=stats)
+
+
+def _structure(
+    lease: Lease, payload: RolloutPayload, current_version: int | None, max_staleness: int
+) -> None:
+    try:
+        check_shape(lease, payload)
+    except DecodeError as e:
+        raise _Failed("lease", str(e)) from None
+    version = payload.policy_version
+    if version != lease.policy_version:
+        raise _Failed(
+            "policy_version", f"payload claims v{version}, lease is v{lease.policy_version}"
+        )
+    if (
+        current_version is not None
+        and not current_version - max_staleness <= version <= current_version
+    ):
+        raise _Failed(
+            "policy_version",
+            f"v{version} is outside the window [v{current_version - max_staleness}, "
+            f"v{current_version}]",
+        )
+    for sample, seed in zip(payload.samples, sample_seeds(lease), strict=True):
+        if sample.seed != seed:
+            raise _Failed(
+                "seed", f"sample {sample.sample_index} used seed {sample.seed}, not {seed}"
+            )
+
+
+def _termination(
+    lease: Lease, payload: RolloutPayload, eos_ids: set[int], vocab: int
+) -> list[list[int]]:
+    max_tokens = lease.sampling.max_tokens
+    out = []
+    for s in payload.samples:
+        try:
+            ids = sample_tokens(s)[0].tolist()
+        except DecodeError as e:
+            raise _Failed("termination", str(e)) from None
+        where = f"sample {s.sample_index}"
+        if not ids:
+            raise _Failed("termination", f"{where} is empty")
+        if len(ids) > max_tokens:
+            raise _Failed("termination", f"{where} has {len(ids)} tokens, max is {max_tokens}")
+        if max(ids) >= vocab:
+            raise _Failed("termination", f"{where} has token id {max(ids)} >= vocabulary {vocab}")
+        early = [i for i, t in enumerate(ids[:-1]) if t in eos_ids]
+        if early:
+            raise _Failed("termination", f"{where} has end-of-sequence at {early[0]}, not last")
+        if s.finish_reason == "stop" and ids[-1] not in eos_ids:
+            raise _Failed("termination", f"{where} claims stop but does not end in EOS")
+        if s.finish_reason == "length" and (len(ids) != max_tokens or ids[-1] in eos_ids):
+            raise _Failed(
+                "termination", f"{where} claims length with {len(ids)} of {max_tokens} tokens"
+            )
+        out.append(ids)
+    return out
+
+
+def _rewards(
+    lease: Lease,
+    payload: RolloutPayload,
+    env: Environment,
+    tokenizer: Any,
+    examples: list[Any],
+    tokens: list[list[int]],
+) -> None:
+    for k, (s, ids) in enumerate(zip(payload.samples, tokens, strict=True)):
+        example = examples[k // lease.group_size]
+        reward = env.score(example, completion_text(tokenizer, ids)).reward
+        if not math.isfinite(s.reward) or abs(s.reward - reward) > REWARD_TOLERANCE:
+            raise _Failed("reward", f"sample {s.sample_index} claims {s.reward}, scores {reward}")
+
+
+def replay_sample(
+    prompt: list[int],
+    ids: list[int],
+    seed: int,
+    claimed_logprobs: Any,
+    prefill: Prefill,
+    temperature: float,
+    top_p: float,
+) -> tuple[Any, Any]:
+    """Per position of one sample: ``(replay margins [T], |claimed - recomputed| logprobs [T])``.
+
+    Where the committed token sits just outside the recomputed top-p set its truncated logprob
+    is -inf; there the untruncated tempered logprob is compared instead (the margin vouches for
+    the token itself)."""
+    logits_T_V = prefill(prompt, ids)
+    ids_T = torch.tensor(ids)
+    margins_T = replay_margins(logits_T_V, ids_T, seed, temperature, top_p)
+    claimed_T = torch.as_tensor(claimed_logprobs, dtype=torch.float64)
+    logp_T_V = sampling_logprobs(logits_T_V, temperature, top_p).to(torch.float64)
+    recomputed_T = logp_T_V.gather(-1, ids_T.view(-1, 1)).view(-1)
+    scale = temperature if temperature > 0 else 1.0
+    untruncated_T_V = torch.log_softmax(logits_T_V.to(torch.float64) / scale, dim=-1)
+    fallback_T = untruncated_T_V.gather(-1, ids_T.view(-1, 1)).view(-1)
+    recomputed_T = torch.where(torch.isfinite(recomputed_T), recomputed_T, fallback_T)
+    return margins_T, (claimed_T - recomputed_T).abs()
+
+
+def _replay(
+    lease: Lease,
+    payload: RolloutPayload,
+    tokenizer: Any,
+    examples: list[Any],
+    tokens: list[list[int]],
+    prefill: Prefill,
+    thresholds: Thresholds,
+    stats: dict[str, float],
+) -> None:
+    t, top_p = lease.sampling.temperature, lease.sampling.top_p
+    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    stats["max_margin"] = stats["max_logprob_diff"] = 0.0
+    for k, (s, ids) in enumerate(zip(payload.samples, tokens, strict=True)):
+        claimed = sample_tokens(s)[1].copy()
+        if not bool(torch.isfinite(torch.from_numpy(claimed)).all()):
+            raise _Failed("logprobs", f"sample {s.sample_index} has non-finite logprobs")
+        margins_T, diff_T = replay_sample(
+            prompts[k // lease.group_size], ids, s.seed, claimed, prefill, t, top_p
+        )
+        stats["max_margin"] = max(stats["max_margin"], float(margins_T.max()))
+        stats["max_logprob_diff"] = max(stats["max_logprob_diff"], float(diff_T.max()))
+        if stats["max_margin"] > thresholds.max_margin:
+            pos = int(margins_T.argmax())
+            raise _Failed(
+                "sampling_replay",
+                f"sample {s.sample_index} position {pos}: token {ids[pos]} is not the seeded "
+                f"pick (margin {float(margins_T[pos]):.3g} > {thresholds.max_margin:g})",
+            )
+        if stats["max_logprob_diff"] > thresholds.max_logprob_diff:
+            pos = int(diff_T.argmax())
+            raise _Failed(
+                "logprobs",
+                f"sample {s.sample_index} position {pos}: claimed logprob {claimed[pos]:.6g} is "
+                f"off by {float(diff_T[pos]):.3g} (tolerance {thresholds.max_logprob_diff:g})",
+            )
