@@ -172,7 +172,8 @@ def network_status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show every node the coordinator knows: status, roles, device, last heartbeat."""
+    """Show every node the coordinator knows: status, roles, device, last heartbeat, and its
+    audit record (reputation, strikes, bans) with the latest signed verdicts."""
     import httpx
 
     from protocol.config import data_dir
@@ -191,10 +192,13 @@ def network_status(
 
     colors = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
     table = Table(title=f"{len(nodes)} nodes at {url}")
-    for col in ("name", "peer id", "roles", "device", "status", "last seen", "version"):
+    cols = ("name", "peer id", "roles", "device", "status", "last seen", "audits", "reputation",
+            "strikes", "version")  # fmt: skip
+    for col in cols:
         table.add_column(col)
     for n in nodes:
-        pid = n["peer_id"]
+        pid, t = n["peer_id"], n["trust"]
+        strikes = f"[red]{t['strikes']} banned[/]" if t["banned"] else str(t["strikes"])
         table.add_row(
             n["name"],
             f"{pid[:12]}…{pid[-6:]}",
@@ -202,9 +206,26 @@ def network_status(
             n["device"],
             f"[{colors.get(n['status'], 'white')}]{n['status']}[/]",
             f"{n['last_seen_ago_s']:.1f}s ago",
+            f"{t['passed']} passed / {t['failed']} failed",
+            f"{t['reputation']:.2f}",
+            strikes,
             n["version"],
         )
     console.print(table)
+    try:
+        verdicts = httpx.get(f"{url.rstrip('/')}/v1/network/verdicts", timeout=10).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return
+    if verdicts:
+        recent = Table(title="latest verdicts (signed by their verifiers)")
+        for col in ("audit", "producer", "verifier", "result", "detail"):
+            recent.add_column(col)
+        for v in verdicts[-10:]:
+            result = "[green]passed[/]" if v["passed"] else f"[red]failed {v['failed_check']}[/]"
+            recent.add_row(
+                v["audit_id"][:8], v["producer_name"], v["verifier_name"], result, v["detail"][:60]
+            )
+        console.print(recent)
 
 
 @model_app.command("tiny")

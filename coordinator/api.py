@@ -63,9 +63,40 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.get("/v1/network/nodes")
     async def nodes() -> dict[str, Any]:
         now = coord.clock()
-        views = [n.view(now) for n in coord.membership.nodes.values()]
+        views = []
+        for n in coord.membership.nodes.values():
+            t = coord.work.audits.trust_of(n.peer_id)
+            trust = {**vars(t), "reputation": round(t.reputation, 4)}
+            views.append({**n.view(now), "trust": trust})
         views.sort(key=lambda v: (v["status"] != "alive", str(v["name"])))
         return {"object": "list", "data": views}
+
+    @app.get("/v1/network/verdicts")
+    async def verdicts() -> dict[str, Any]:
+        """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
+        names = {p: n.name for p, n in coord.membership.nodes.items()}
+        out = [
+            {
+                "audit_id": a.audit_id,
+                "lease_id": a.lease_id,
+                "run_id": a.run_id,
+                "producer": a.producer,
+                "producer_name": names.get(a.producer, a.producer[:12]),
+                "stage": "first" if i == 0 else "confirm",
+                "audit_status": a.status,
+                "verifier": v.verifier,
+                "verifier_name": names.get(v.verifier, v.verifier[:12]),
+                "passed": v.passed,
+                "failed_check": v.failed_check,
+                "detail": v.detail,
+                "at": v.at,
+                "signed_frame": v.frame.hex(),
+            }
+            for a in coord.work.audits.audits.values()
+            for i, v in enumerate(a.verdicts)
+        ]
+        out.sort(key=lambda v: v["at"])
+        return {"object": "list", "data": out}
 
     @app.post("/v1/runs", status_code=201)
     async def create_run(spec: RunSpec) -> dict[str, Any]:

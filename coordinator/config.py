@@ -26,6 +26,21 @@ class LeaseConfig(ConfigModel):
     """How long a node told "no work" waits before asking again."""
 
 
+class AuditConfig(ConfigModel):
+    floor_rate: float = Field(0.05, ge=0, le=1)
+    """Share of a trusted producer's receipts that are audited."""
+    trusted_after: int = Field(5, ge=0, le=10_000)
+    """Clean audits in a row before a producer drops from auditing every receipt to the floor
+    rate; a failure starts the count again."""
+    deadline_s: float = Field(60.0, gt=0, le=3600)
+    """A verifier must answer within this time, or the audit goes to another verifier."""
+    max_strikes: int = Field(3, ge=1, le=1000)
+    """Confirmed failures after which a producer is banned."""
+    quarantine_window_s: float = Field(600.0, gt=0)
+    """On a confirmed failure, the producer's unaudited receipts of this long before are
+    quarantined (never trained on, their examples redone) and their credits forfeited."""
+
+
 class CoordinatorConfig(ConfigModel):
     listen: str = "/ip4/0.0.0.0/tcp/4001"
     """py-libp2p listen multiaddr (``/ip4/HOST/tcp/PORT``; port 0 picks a free one)."""
@@ -38,5 +53,7 @@ class CoordinatorConfig(ConfigModel):
     """Liveness rules."""
     leases: LeaseConfig = LeaseConfig()
     """How rollout work is handed out."""
+    audits: AuditConfig = AuditConfig()
+    """How rollouts are audited and cheaters penalized."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

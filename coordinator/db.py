@@ -13,11 +13,13 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
     LargeBinary,
     String,
+    Text,
     create_engine,
     event,
     select,
@@ -92,6 +94,42 @@ class ReceiptRow(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class TrustRow(Base):
+    """A producer's audit record (``coordinator.audits.Trust`` as JSON)."""
+
+    __tablename__ = "trust"
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AuditRow(Base):
+    """An audit and where it stands."""
+
+    __tablename__ = "audits"
+    audit_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lease_id: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[str] = mapped_column(String(128))
+    producer: Mapped[str] = mapped_column(String(128), index=True)
+    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    stage: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class VerdictRow(Base):
+    """A verdict exactly as its verifier signed it: the evidence behind every penalty."""
+
+    __tablename__ = "verdicts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    audit_id: Mapped[str] = mapped_column(String(64), index=True)
+    verifier: Mapped[str] = mapped_column(String(128))
+    passed: Mapped[bool] = mapped_column(Boolean)
+    failed_check: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    frame: Mapped[bytes] = mapped_column(LargeBinary)
+    at: Mapped[float] = mapped_column(Float)
+
+
 def default_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'coordinator.db'}"
 
@@ -159,8 +197,17 @@ class WorkStore:
             runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at)))
             return runs, list(s.scalars(select(LeaseRow)))
 
-    def save(self, rows: Sequence[Base], receipts: Sequence[ReceiptRow] = ()) -> None:
-        """Merge run and lease rows and append receipts, in one transaction."""
+    def load_audits(self) -> tuple[list[TrustRow], list[AuditRow], list[VerdictRow]]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return (
+                list(s.scalars(select(TrustRow))),
+                list(s.scalars(select(AuditRow).order_by(AuditRow.created_at))),
+                list(s.scalars(select(VerdictRow).order_by(VerdictRow.id))),
+            )
+
+    def save(self, rows: Sequence[Base], receipts: Sequence[Base] = ()) -> None:
+        """Merge rows (runs, leases, audits, trust) and append others (receipts, verdicts), in
+        one transaction."""
         with Session(self.engine) as s, s.begin():
             for row in rows:
                 s.merge(row)

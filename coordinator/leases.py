@@ -59,7 +59,7 @@ class LeaseState:
     lease: Lease
     node: str
     issued_at: float
-    status: str = "active"  # active | completed | expired
+    status: str = "active"  # active | completed | expired | rejected | quarantined
     counted: list[int] = field(default_factory=list)
     """The examples this lease's receipt delivered first (what the run counts)."""
     payload_hash: bytes | None = None
@@ -112,7 +112,8 @@ class LeaseBook:
             out = {i for s in self.active.values() if s.lease.run_id == run.plan.run_id
                    for i in s.lease.example_indices}  # fmt: skip
             lost = {i for s in self.leases.values() if s.lease.run_id == run.plan.run_id
-                    and s.status == "expired" for i in s.lease.example_indices}  # fmt: skip
+                    and s.status in ("expired", "rejected", "quarantined")
+                    for i in s.lease.example_indices}  # fmt: skip
             run.returned = deque(sorted(lost - out - set(run.done)))
 
     def set_policy_version(self, run_id: str, version: int) -> None:
@@ -232,6 +233,22 @@ class LeaseBook:
         if total is not None and len(run.done) >= total:
             run.state = "completed"
         return ReceiptOutcome.COUNTED
+
+    def uncount(self, lease_id: str, status: str) -> list[int]:
+        """Take back what a lease's receipt counted (a rejected or quarantined rollout): its
+        examples go back to the front of the queue and its tokens off the run's bill."""
+        state = self.leases[lease_id]
+        run = self.runs[state.lease.run_id]
+        back = [i for i in state.counted if run.done.get(i) == lease_id]
+        for index in reversed(back):
+            del run.done[index]
+            run.returned.appendleft(index)
+        if state.counted:
+            run.completion_tokens -= state.completion_tokens
+        state.status, state.counted = status, []
+        if back and run.state == "completed":
+            run.state = "running"
+        return back
 
     def delivered(self, run_id: str) -> int:
         """How many examples of the run have counted."""

@@ -34,3 +34,9 @@ class CoordinatorMetrics:
             "bazaar_rollout_tokens", "Completion tokens of counted rollouts", registry=r
         )
         self.runs = Gauge("bazaar_runs", "Runs, by state", ["state"], registry=r)
+        self.verdicts = Counter(
+            "bazaar_verdicts", "Verdicts received, by outcome", ["outcome"], registry=r
+        )
+        self.penalties = Counter(
+            "bazaar_penalties", "Confirmed audit failures penalized", registry=r
+        )

@@ -47,6 +47,7 @@ from protocol.membership import (
 from protocol.observability import RateLimit
 from protocol.p2p import P2PHost
 from protocol.rollouts import RolloutReceipt
+from protocol.verification import AuditRequest, Verdict
 from protocol.versions import SOFTWARE_VERSION, protocol_id
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 MEMBERSHIP_PROTOCOL = protocol_id("membership")
 MEMBERSHIP_TOPIC = protocol_id("membership")
 LEASES_PROTOCOL = protocol_id("leases")
+AUDITS_PROTOCOL = protocol_id("audits")
 COORDINATOR_FILE = "coordinator.json"
 """Written to the data directory: how local nodes and the CLI find this coordinator."""
 
@@ -76,7 +78,9 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         engine = open_database(config.db or default_url(data_dir))
         self.store = NodeStore(engine)
-        self.work = RolloutService(config.leases, WorkStore(engine), self.metrics, clock)
+        self.work = RolloutService(
+            config.leases, config.audits, WorkStore(engine), self.metrics, clock
+        )
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
@@ -105,6 +109,7 @@ class Coordinator:
             self.multiaddrs = _loopback_first(host.addrs())
             host.serve(MEMBERSHIP_PROTOCOL, self._on_request)
             host.serve(LEASES_PROTOCOL, self._on_lease_request)
+            host.serve(AUDITS_PROTOCOL, self._on_audit_request)
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             self._write_discovery_file()
             http_stop = trio.Event()
@@ -137,8 +142,14 @@ class Coordinator:
     async def _on_lease_request(self, peer: str, data: bytes) -> bytes:
         return await self._handle(peer, data, self._lease_request)
 
+    async def _on_audit_request(self, peer: str, data: bytes) -> bytes:
+        return await self._handle(peer, data, self._audit_request)
+
     async def _handle(
-        self, peer: str, data: bytes, handler: Callable[[str, Message], Awaitable[Message | None]]
+        self,
+        peer: str,
+        data: bytes,
+        handler: Callable[[str, Message, bytes], Awaitable[Message | None]],
     ) -> bytes:
         """Open a signed request, answer it signed; refusals are counted and logged by reason."""
         try:
@@ -146,7 +157,7 @@ class Coordinator:
             if env.sender != peer:
                 raise DecodeError(f"frame signed by {env.sender} arrived from {peer}")
             self.metrics.requests.labels(env.message.TYPE).inc()
-            reply = await handler(peer, env.message)
+            reply = await handler(peer, env.message, data)
         except ProtocolError as e:
             self.metrics.requests_refused.labels(e.reason).inc()
             if self._log_limit.allow((peer, e.reason)):
@@ -154,7 +165,7 @@ class Coordinator:
             raise
         return seal(self.identity, reply) if reply is not None else b""
 
-    async def _membership_request(self, peer: str, msg: Message) -> Message | None:
+    async def _membership_request(self, peer: str, msg: Message, _: bytes) -> Message | None:
         if isinstance(msg, JoinRequest):
             return await self._join(peer, msg)
         if isinstance(msg, PeersRequest):
@@ -167,17 +178,36 @@ class Coordinator:
             return None
         raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
 
-    async def _lease_request(self, peer: str, msg: Message) -> Message:
+    async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
         if isinstance(msg, LeaseRequest):
-            node = self.membership.nodes.get(peer)
-            if node is None or node.status in ("left", "dead"):
-                raise Forbidden("leases are for live members: join first")
-            if "inference" not in node.capabilities.roles:
-                raise Forbidden("leases are for nodes with the inference role")
+            self._check_member(peer, "inference")
             return await self.work.lease(peer, msg)
         if isinstance(msg, RolloutReceipt):
             return await self.work.receipt(peer, msg)
         raise UnknownMessageType(f"{msg.TYPE} is not a lease request")
+
+    async def _audit_request(self, peer: str, msg: Message, data: bytes) -> Message:
+        if isinstance(msg, AuditRequest):
+            self._check_member(peer, "verifier")
+            return await self.work.audit_request(peer, msg, self._addrs_of)
+        if isinstance(msg, Verdict):
+            return await self.work.verdict(peer, msg, data)
+        raise UnknownMessageType(f"{msg.TYPE} is not an audit request")
+
+    def _check_member(self, peer: str, role: str) -> None:
+        """Work is for live members with the role, and never for a banned producer."""
+        node = self.membership.nodes.get(peer)
+        if node is None or node.status in ("left", "dead"):
+            raise Forbidden(f"{role} work is for live members: join first")
+        if role not in node.capabilities.roles:
+            raise Forbidden(f"{role} work is for nodes with the {role} role")
+        trust = self.work.audits.trust.get(peer)
+        if trust is not None and trust.banned:
+            raise Forbidden(f"banned after {trust.strikes} confirmed audit failures")
+
+    def _addrs_of(self, peer: str) -> list[str]:
+        node = self.membership.nodes.get(peer)
+        return list(node.addrs) if node else []
 
     async def _join(self, peer: str, req: JoinRequest) -> Message:
         reply, transition = self.membership.join(peer, req, req.instance_id, self.clock())

@@ -19,14 +19,25 @@ from typing import Any
 import msgspec
 import trio
 
-from coordinator.config import LeaseConfig
-from coordinator.db import LeaseRow, ReceiptRow, RunRow, WorkStore
+from coordinator.audits import Audit, AuditBook, Penalty, Trust, VerdictRecord
+from coordinator.config import AuditConfig, LeaseConfig
+from coordinator.db import (
+    AuditRow,
+    Base,
+    LeaseRow,
+    ReceiptRow,
+    RunRow,
+    TrustRow,
+    VerdictRow,
+    WorkStore,
+)
 from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runs import RunSpec, plan_run
 from protocol.codec import decode_struct, encode_struct
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.rollouts import ReceiptAck, RolloutReceipt
+from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,7 @@ class RolloutService:
     def __init__(
         self,
         config: LeaseConfig,
+        audit_config: AuditConfig,
         store: WorkStore,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float],
@@ -43,6 +55,7 @@ class RolloutService:
         self.store = store
         self.metrics = metrics
         self.book = LeaseBook(clock)
+        self.audits = AuditBook(audit_config, clock)
         self._db_lock = trio.Lock()
 
     def restore(self) -> None:
@@ -73,8 +86,27 @@ class RolloutService:
             for r in lease_rows
         ]
         self.book.restore(runs, leases)
-        if runs:
-            log.info("restored %d runs and %d leases from the database", len(runs), len(leases))
+        trust_rows, audit_rows, verdict_rows = self.store.load_audits()
+        for t in trust_rows:
+            self.audits.trust[t.peer_id] = Trust(**t.record)
+        for a in audit_rows:
+            status = "pending" if a.status == "assigned" else a.status  # its verifier is gone
+            self.audits.audits[a.audit_id] = Audit(
+                a.audit_id, a.lease_id, a.run_id, a.producer, a.payload_hash, a.created_at,
+                a.stage, status,
+            )  # fmt: skip
+        for v in verdict_rows:
+            if v.audit_id in self.audits.audits:
+                self.audits.audits[v.audit_id].verdicts.append(
+                    VerdictRecord(v.verifier, v.passed, v.failed_check, v.detail, v.frame, v.at)
+                )
+        if runs or audit_rows:
+            log.info(
+                "restored %d runs, %d leases and %d audits from the database",
+                len(runs),
+                len(leases),
+                len(audit_rows),
+            )
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -141,13 +173,108 @@ class RolloutService:
         counted = len(state.counted) if outcome is ReceiptOutcome.COUNTED and state else 0
         if outcome is ReceiptOutcome.COUNTED:
             self.metrics.rollout_tokens.inc(receipt.completion_tokens)
+            self.audits.trust_of(peer).credited_tokens += receipt.completion_tokens
+            # drawn now, after the receipt arrived: the producer could not know
+            audit = self.audits.on_counted(
+                receipt.lease_id, receipt.run_id, peer, receipt.payload_hash
+            )
+            await self._save(audits=[audit] if audit else [], trust=[peer])
         else:
             log.info("receipt for lease %s from %s: %s", receipt.lease_id, peer, outcome.value)
         return ReceiptAck(
             lease_id=receipt.lease_id, outcome=outcome.value, counted_examples=counted
         )
 
+    # -- the audit protocol -------------------------------------------------------------------
+
+    async def audit_request(
+        self, peer: str, req: AuditRequest, addrs_of: Callable[[str], list[str]]
+    ) -> AuditAssignment | NoAudit:
+        audit = self.audits.assign(
+            peer, lambda a: self.book.runs[a.run_id].plan.base_model == req.base_model
+        )
+        if audit is None:
+            return NoAudit(retry_after_s=self.config.retry_after_s)
+        await self._save(audits=[audit])
+        run = self.book.runs[audit.run_id]
+        return AuditAssignment(
+            audit_id=audit.audit_id,
+            lease=self.book.leases[audit.lease_id].lease,
+            producer=audit.producer,
+            producer_addrs=addrs_of(audit.producer)[:16],
+            payload_hash=audit.payload_hash,
+            current_version=run.policy_version,
+            max_staleness=0,
+            deadline_ms=int(audit.deadline * 1000),
+        )
+
+    async def verdict(self, peer: str, verdict: Verdict, frame: bytes) -> VerdictAck:
+        outcome, penalty = self.audits.verdict(peer, verdict, frame)
+        audit = self.audits.audits.get(verdict.audit_id)
+        self.metrics.verdicts.labels(outcome).inc()
+        if audit is None or outcome in ("unknown_audit", "wrong_verifier"):
+            log.warning("verdict from %s refused: %s", peer, outcome)
+            return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
+        record = audit.verdicts[-1]
+        row = VerdictRow(
+            audit_id=audit.audit_id, verifier=peer, passed=record.passed,
+            failed_check=record.failed_check, detail=record.detail, frame=frame, at=record.at,
+        )  # fmt: skip
+        leases: list[LeaseState] = []
+        if penalty is not None:
+            leases = self._penalize(penalty)
+        elif not verdict.passed:
+            log.warning(
+                "audit %s of %s failed %s (%s); asking a second verifier",
+                audit.audit_id, audit.producer, verdict.failed_check, verdict.detail,
+            )  # fmt: skip
+        await self._save(
+            runs=list({self.book.runs[s.lease.run_id] for s in leases}),
+            leases=leases,
+            audits=[audit] + [a for a in self.audits.audits.values() if a.status == "cancelled"],
+            trust=[audit.producer],
+            appended=[row],
+        )
+        return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
+
+    def _penalize(self, penalty: Penalty) -> list[LeaseState]:
+        """Reject the rollout, quarantine the producer's unaudited work in the window, forfeit
+        its credits there; returns the leases changed."""
+        now = self.book.clock()
+        window = self.audits.config.quarantine_window_s
+        passed = {a.lease_id for a in self.audits.audits.values() if a.status == "passed"}
+        rejected = self.book.leases[penalty.lease_id]
+        quarantined = [
+            s
+            for s in self.book.leases.values()
+            if s.node == penalty.producer
+            and s.status == "completed"
+            and s.counted
+            and s.lease.lease_id not in passed
+            and s.lease.lease_id != penalty.lease_id
+            and (s.completed_at or 0.0) >= now - window
+        ]
+        forfeited = rejected.completion_tokens if rejected.counted else 0
+        self.book.uncount(penalty.lease_id, "rejected")
+        for s in quarantined:
+            forfeited += s.completion_tokens
+            self.book.uncount(s.lease.lease_id, "quarantined")
+        self.audits.cancel_for({s.lease.lease_id for s in quarantined})
+        trust = self.audits.trust_of(penalty.producer)
+        trust.credited_tokens -= forfeited
+        trust.forfeited_tokens += forfeited
+        self.metrics.penalties.inc()
+        log.warning(
+            "confirmed %s failure by %s on lease %s: rollout rejected, %d receipts quarantined, "
+            "%d tokens of credit forfeited, strike %d%s",
+            penalty.failed_check, penalty.producer, penalty.lease_id, len(quarantined),
+            forfeited, trust.strikes, "; banned" if penalty.banned else "",
+            extra={"peer": penalty.producer, "lease_id": penalty.lease_id},
+        )  # fmt: skip
+        return [rejected, *quarantined]
+
     async def expire(self) -> None:
+        self.audits.expire()
         expired = self.book.expire()
         if expired:
             self.metrics.leases_expired.inc(len(expired))
@@ -172,10 +299,18 @@ class RolloutService:
         runs: list[RunState] = [],  # noqa: B006 (never mutated)
         leases: list[LeaseState] = [],  # noqa: B006
         receipts: list[ReceiptRow] = [],  # noqa: B006
+        audits: list[Audit] = [],  # noqa: B006
+        trust: list[str] = [],  # noqa: B006
+        appended: list[VerdictRow] = [],  # noqa: B006
     ) -> None:
         async with self._db_lock:
-            rows = [_run_row(r) for r in runs] + [_lease_row(s) for s in leases]
-            await trio.to_thread.run_sync(self.store.save, rows, receipts)
+            rows: list[Base] = [_run_row(r) for r in runs]
+            rows += [_lease_row(s) for s in leases]
+            rows += [_audit_row(a) for a in audits]
+            rows += [
+                TrustRow(peer_id=p, record=vars(self.audits.trust_of(p)).copy()) for p in trust
+            ]
+            await trio.to_thread.run_sync(self.store.save, rows, [*receipts, *appended])
 
     # -- views (REST API) ---------------------------------------------------------------------
 
@@ -258,4 +393,17 @@ def _lease_row(s: LeaseState) -> LeaseRow:
         payload_hash=s.payload_hash,
         completion_tokens=s.completion_tokens,
         completed_at=s.completed_at,
+    )
+
+
+def _audit_row(a: Audit) -> AuditRow:
+    return AuditRow(
+        audit_id=a.audit_id,
+        lease_id=a.lease_id,
+        run_id=a.run_id,
+        producer=a.producer,
+        payload_hash=a.payload_hash,
+        stage=a.stage,
+        status=a.status,
+        created_at=a.created_at,
     )

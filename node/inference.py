@@ -70,13 +70,19 @@ class InferenceMetrics:
 class InferenceWorker:
     """One node's inference role. Subclass and override a step to build a misbehaving node."""
 
-    def __init__(self, config: NodeConfig, data_dir: Path) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        data_dir: Path,
+        model: ModelWorker | None = None,
+        store: PayloadStore | None = None,
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
-        self.store = PayloadStore(
+        self.store = store or PayloadStore(
             data_dir / "payloads", config.payload_max_bytes, config.payload_retention_s
         )
-        self.model: ModelWorker | None = None
+        self.model = model or ModelWorker(ModelSpec.of(config, data_dir))
         self.adapter_versions: dict[str, int] = {}
 
     async def __call__(self, agent: NodeAgent) -> None:
@@ -92,7 +98,7 @@ class InferenceWorker:
             while True:
                 await slots.acquire()
                 lease = await self._next_lease()
-                if self.model is None and not await self.load():
+                if not await self.model.ensure_started(nursery):
                     nursery.cancel_scope.cancel()
                     return
                 nursery.start_soon(self._run_lease, lease, slots)
@@ -126,31 +132,6 @@ class InferenceWorker:
             adapter_versions=self.adapter_versions,
         )
 
-    async def load(self) -> bool:
-        """Start the model process (``node/model_worker.py``) and load the base model in it."""
-        started = time.monotonic()
-        cfg = self.config
-        model = ModelWorker(
-            ModelSpec(
-                model=cfg.model,
-                model_cache=cfg.model_cache or str(self.data_dir),
-                backend=cfg.backend,
-                device=cfg.device,
-                torch_threads=cfg.torch_threads,
-            )
-        )
-        try:
-            await model.start(self._nursery)
-        except ValueError as e:
-            model.close()
-            log.error("cannot load model %r (%s); this node takes no inference work", cfg.model, e)
-            return False
-        self.model = model
-        log.info(
-            "loaded model %s on %s in %.1fs", cfg.model, model.device, time.monotonic() - started
-        )
-        return True
-
     # -- one lease ----------------------------------------------------------------------------
 
     async def work(self, lease: Lease) -> None:
@@ -166,7 +147,6 @@ class InferenceWorker:
 
     async def generate(self, lease: Lease) -> RolloutPayload:
         """The lease's payload, from the model process."""
-        assert self.model is not None
         return await self.model.produce(lease)
 
     async def deliver(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -37,9 +38,11 @@ def coordinator_addrs(config: NodeConfig, data_dir: Path) -> list[str]:
     return list(addrs)
 
 
-def start_node(config: NodeConfig, data_dir: Path, inference_cls: Any = None) -> int:
-    """Run a node until a signal. ``inference_cls`` replaces ``InferenceWorker`` (tests subclass
-    it to build misbehaving nodes)."""
+def start_node(
+    config: NodeConfig, data_dir: Path, inference_cls: Any = None, producer: str = ""
+) -> int:
+    """Run a node until a signal. ``inference_cls`` replaces ``InferenceWorker``, ``producer``
+    the model process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
     from node.probe import probe_machine
 
@@ -50,11 +53,22 @@ def start_node(config: NodeConfig, data_dir: Path, inference_cls: Any = None) ->
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
-    roles = []
-    if "inference" in config.roles:
-        from node.inference import InferenceWorker
+    roles: list[Any] = []
+    if "inference" in config.roles or "verifier" in config.roles:
+        from node.model_worker import ModelSpec, ModelWorker
 
-        roles.append((inference_cls or InferenceWorker)(config, data_dir))
+        spec = ModelSpec.of(config, data_dir)
+        if producer:
+            spec = dataclasses.replace(spec, producer=producer)
+        model = ModelWorker(spec)  # one model process for all roles
+        if "inference" in config.roles:
+            from node.inference import InferenceWorker
+
+            roles.append((inference_cls or InferenceWorker)(config, data_dir, model))
+        if "verifier" in config.roles:
+            from node.verifier import VerifierWorker
+
+            roles.append(VerifierWorker(config, model))
     if config.metrics_listen:
         from prometheus_client import start_http_server
 

@@ -15,7 +15,9 @@ when the node closes the pipe or dies.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,9 @@ import trio
 
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
+from verification.checks import Outcome
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,19 @@ class ModelSpec:
     backend: str = "torch"
     device: str = "auto"
     torch_threads: int = 0
+    producer: str = "node.rollouts:Producer"
+    """``module:Class`` of the producer the child runs (tests swap in cheating subclasses)."""
+
+    @classmethod
+    def of(cls, config: Any, data_dir: Any) -> ModelSpec:
+        """The spec of a node's config (``node.config.NodeConfig``)."""
+        return cls(
+            model=config.model,
+            model_cache=config.model_cache or str(data_dir),
+            backend=config.backend,
+            device=config.device,
+            torch_threads=config.torch_threads,
+        )
 
 
 class ModelWorker:
@@ -48,6 +66,26 @@ class ModelWorker:
         self._proc: Any = None
         self._send_lock = trio.Lock()  # FIFO: answers come back in the order requests went out
         self._waiting: deque[trio.MemorySendChannel[tuple[str, Any]]] = deque()
+        self._start_lock = trio.Lock()
+        self.state = "new"  # new | ready | failed
+
+    async def ensure_started(self, nursery: trio.Nursery) -> bool:
+        """Start it once, for every role of the node; False (logged) if the model cannot load."""
+        async with self._start_lock:
+            if self.state == "new":
+                started = time.monotonic()
+                try:
+                    await self.start(nursery)
+                    self.state = "ready"
+                    log.info(
+                        "loaded model %s on %s in %.1fs",
+                        self.spec.model, self.device, time.monotonic() - started,
+                    )  # fmt: skip
+                except ValueError as e:
+                    self.close()
+                    self.state = "failed"
+                    log.error("cannot load model %r (%s); no model work here", self.spec.model, e)
+        return self.state == "ready"
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the child and load the model in it; ``ValueError`` if it cannot."""
@@ -63,6 +101,14 @@ class ModelWorker:
     async def produce(self, lease: Lease) -> RolloutPayload:
         payload: RolloutPayload = await self._call("produce", lease)
         return payload
+
+    async def verify(
+        self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int
+    ) -> Outcome:
+        outcome: Outcome = await self._call(
+            "verify", lease, payload, current_version, max_staleness
+        )
+        return outcome
 
     async def _call(self, op: str, *args: Any) -> Any:
         answer_send, answer_receive = trio.open_memory_channel[tuple[str, Any]](1)
@@ -142,15 +188,36 @@ class _Child:
             self.backend = TorchBackend.from_pretrained(ref, device=device)
         return str(self.backend.device)
 
-    def produce(self, lease: Lease) -> RolloutPayload:
+    def environment(self, name: str) -> Any:
         from envs import load_environment
-        from node.rollouts import generate_rollouts
+
+        if name not in self.envs:
+            self.envs[name] = load_environment(name)
+        return self.envs[name]
+
+    def produce(self, lease: Lease) -> RolloutPayload:
+        import importlib
 
         if lease.policy_version:  # adapters arrive with the trainers' broadcast
             raise ValueError(
                 f"adapter version {lease.policy_version} of {lease.run_id} is not loaded"
             )
-        if lease.env_id not in self.envs:
-            self.envs[lease.env_id] = load_environment(lease.env_id)
-        env = self.envs[lease.env_id]
-        return generate_rollouts(self.backend, self.backend.tokenizer, env, lease)
+        module, _, name = self.spec.producer.partition(":")
+        producer_cls = getattr(importlib.import_module(module), name)
+        producer = producer_cls(self.backend, self.backend.tokenizer)
+        payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease)
+        return payload
+
+    def verify(
+        self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int
+    ) -> Outcome:
+        import torch
+
+        from verification.checks import load_thresholds, verify_payload
+
+        profile = "fp32" if self.backend.base.dtype == torch.float32 else "bf16"
+        return verify_payload(
+            lease, payload, self.environment(lease.env_id), self.backend.tokenizer,
+            self.backend.eos_ids, self.backend.base.config.vocab_size,
+            self.backend.prefill_logits, load_thresholds(profile), current_version, max_staleness,
+        )  # fmt: skip

@@ -26,7 +26,7 @@ class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     sample_index: NonNegInt
     """The sample's place in the lease (example position × group size + slot in the group);
     its sampling seed is derived from the lease seed, this index and the policy version."""
-    seed: Annotated[int, msgspec.Meta(ge=0, lt=1 << 63)]
+    seed: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
     """The seed the producer sampled with (an audit fails at once if it is not the derived one)."""
     token_ids: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
     """uint32 little-endian, one per completion token."""

@@ -1,29 +1,63 @@
 """Verification messages: audits handed to verifiers and the signed verdicts they return.
 
-The coordinator sends a verifier an ``AuditAssignment`` (never the producer's own work); the
-verifier fetches the payload from the producer, recomputes, and answers with a ``Verdict`` that
-names the first check that failed. Verdicts are stored with their signatures as evidence.
+A verifier asks for work with ``AuditRequest`` (audit protocol); the coordinator answers with an
+``AuditAssignment`` (never the producer's own work, never a verifier's second look at the same
+audit) or ``NoAudit``. The verifier fetches the payload from the producer, recomputes, and
+answers with a ``Verdict`` that names the first check that failed; ``VerdictAck`` says what the
+coordinator made of it. Verdicts are stored with their signatures as evidence.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
 from protocol.codec import Hash32, KiB, Message, Name, NonNegInt, PeerIdStr, Text
+from protocol.leases import Lease
+
+VerdictOutcome = Literal[
+    "recorded",
+    "confirming",
+    "confirmed_failure",
+    "cleared",
+    "reassigned",
+    "unknown_audit",
+    "wrong_verifier",
+]
+
+
+class AuditRequest(Message):
+    """Verifier → coordinator (audit protocol): I can check a payload made with this model."""
+
+    TYPE: ClassVar[str] = "verification.request"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
 class AuditAssignment(Message):
-    """Coordinator → verifier: check this producer's payload by this deadline."""
+    """Coordinator → verifier: check this producer's payload for this lease by this deadline."""
 
     TYPE: ClassVar[str] = "verification.assignment"
-    MAX_BYTES: ClassVar[int] = 4 * KiB
+    MAX_BYTES: ClassVar[int] = 80 * KiB
     audit_id: Name
-    lease_id: Name
+    lease: Lease
+    """The lease as it was issued: prompts, seeds and sampling are rebuilt from it."""
     producer: PeerIdStr
+    producer_addrs: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                              msgspec.Meta(max_length=16)]  # fmt: skip
     payload_hash: Hash32
+    current_version: NonNegInt
+    max_staleness: NonNegInt
     deadline_ms: NonNegInt
+
+
+class NoAudit(Message):
+    """Coordinator → verifier: nothing to check now; ask again after ``retry_after_s``."""
+
+    TYPE: ClassVar[str] = "verification.none"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
 
 
 class Verdict(Message):
@@ -39,3 +73,12 @@ class Verdict(Message):
     failed_check: Annotated[str, msgspec.Meta(max_length=64)] = ""
     detail: Text = ""
     stats: Annotated[dict[Name, float], msgspec.Meta(max_length=64)] = {}
+
+
+class VerdictAck(Message):
+    """Coordinator → verifier: what became of a verdict."""
+
+    TYPE: ClassVar[str] = "verification.verdict_ack"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    audit_id: Name
+    outcome: VerdictOutcome

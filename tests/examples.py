@@ -30,7 +30,7 @@ from protocol.rollouts import (
     Sample,
 )
 from protocol.runs import RunStatus
-from protocol.verification import AuditAssignment, Verdict
+from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 
 H = hashlib.sha256(b"x").digest()
 PEER = "12D3KooWDqKLJN9JUJNg2HgVqrSCYR6AYm8LK57Tpgt6d2riQevu"
@@ -65,6 +65,20 @@ def rollout_payload(total_bytes: int, tokens_per_sample: int = 512) -> RolloutPa
     return RolloutPayload(lease_id="l-1", run_id="r-1", policy_version=3, samples=samples)
 
 
+LEASE = Lease(
+    lease_id="l-1",
+    run_id="r-1",
+    env_id="arith",
+    env_version="1",
+    env_seed=1234,
+    example_indices=[0, 1, 2],
+    group_size=4,
+    policy_version=3,
+    sampling=SamplingParams(temperature=0.8, max_tokens=64),
+    lease_seed=H,
+    deadline_ms=1_700_000_000_000,
+)
+
 EXAMPLES: list[Message] = [
     JoinRequest(
         name="gpu-1",
@@ -81,19 +95,7 @@ EXAMPLES: list[Message] = [
     PeersRequest(limit=16),
     PeersReply(peers=[PeerRecord(PEER, [ADDR])]),
     LeaseRequest(max_prompts=8, base_model="tiny", adapter_versions={"r-1": 3}),
-    Lease(
-        lease_id="l-1",
-        run_id="r-1",
-        env_id="arith",
-        env_version="1",
-        env_seed=1234,
-        example_indices=[0, 1, 2],
-        group_size=4,
-        policy_version=3,
-        sampling=SamplingParams(temperature=0.8, max_tokens=64),
-        lease_seed=H,
-        deadline_ms=1_700_000_000_000,
-    ),
+    LEASE,
     NoLease(retry_after_s=2.0),
     rollout_payload(4096, tokens_per_sample=16),
     ReceiptAck(lease_id="l-1", outcome="counted", counted_examples=2),
@@ -106,7 +108,19 @@ EXAMPLES: list[Message] = [
         completion_tokens=640,
     ),
     PayloadRequest(payload_hash=H),
-    AuditAssignment(audit_id="a-1", lease_id="l-1", producer=PEER, payload_hash=H, deadline_ms=1),
+    AuditRequest(base_model="tiny"),
+    AuditAssignment(
+        audit_id="a-1",
+        lease=LEASE,
+        producer=PEER,
+        producer_addrs=[ADDR],
+        payload_hash=H,
+        current_version=3,
+        max_staleness=1,
+        deadline_ms=1,
+    ),
+    NoAudit(retry_after_s=1.0),
+    VerdictAck(audit_id="a-1", outcome="confirming"),
     Verdict(
         audit_id="a-1",
         lease_id="l-1",

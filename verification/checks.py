@@ -3,7 +3,8 @@
 ``verify_payload`` runs, for one lease's payload, the checks below in this order and stops at the
 first that fails; the ``Outcome`` names it. The payload's envelope (signature, schema, size, the
 producer as signer, the receipt's hash) is checked when it is fetched (``node/payloads.py``);
-its failures are reported as ``signature`` by the verifier.
+its failures are reported as ``signature`` by the verifier, and a producer that cannot serve the
+payload before the audit's deadline fails as ``unavailable``.
 
 ==================  =================================================================  ==========
 check               fails when                                                          needs
@@ -53,6 +54,7 @@ from verification.rollouts import (
 from verification.sampling import replay_margins, sampling_logprobs
 
 CHECKS = (
+    "unavailable",
     "signature",
     "lease",
     "policy_version",

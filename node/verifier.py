@@ -1,0 +1,137 @@
+"""The verifier role: take an audit, fetch the producer's payload, recompute, return a verdict.
+
+The loop, once the node has joined:
+
+1. ask the coordinator for an audit (``AuditRequest`` on ``/bazaar/audits/1.0.0``, naming the
+   base model this node runs); ``NoAudit`` says how long to wait;
+2. fetch the payload from its producer over ``/bazaar/payload/1.0.0``: it must hash to the
+   receipt's digest and be signed by the producer (``signature``); a producer that cannot serve
+   it before the audit's deadline fails the audit (``unavailable``);
+3. run every check in the model process (``verification/checks.py``: lease, version, seed,
+   termination, reward, seeded replay, logprobs) with the calibrated thresholds of its dtype;
+4. sign a ``Verdict`` naming the first failed check and send it; the ``VerdictAck`` says whether
+   it was recorded, sent for confirmation, confirmed, or cleared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import Counter
+
+from node.config import NodeConfig
+from node.model_worker import ModelWorker
+from node.payloads import fetch_payload
+from protocol.errors import ProtocolError
+from protocol.rollouts import RolloutPayload
+from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
+from protocol.versions import protocol_id
+
+if TYPE_CHECKING:
+    from node.agent import NodeAgent
+
+log = logging.getLogger(__name__)
+
+AUDITS_PROTOCOL = protocol_id("audits")
+
+
+class VerifierWorker:
+    def __init__(self, config: NodeConfig, model: ModelWorker) -> None:
+        self.config = config
+        self.model = model
+
+    async def __call__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        r = agent.metrics.registry
+        self.verdicts = Counter(
+            "bazaar_verdicts_sent", "Verdicts sent, by failed check", ["check"], registry=r
+        )
+        async with trio.open_nursery() as nursery:
+            while True:
+                assignment = await self._next_audit()
+                if not await self.model.ensure_started(nursery):
+                    return
+                await self.audit(assignment)
+
+    async def _next_audit(self) -> AuditAssignment:
+        request = AuditRequest(base_model=self.config.model)
+        while True:
+            try:
+                reply = await self.agent.ask(request, (AuditAssignment, NoAudit), AUDITS_PROTOCOL)
+            except ProtocolError as e:
+                log.warning("audit request failed: %s", e)
+                await trio.sleep(self.config.reconnect_max_backoff_s)
+                continue
+            if isinstance(reply, AuditAssignment):
+                return reply
+            if isinstance(reply, NoAudit):
+                await trio.sleep(reply.retry_after_s)
+
+    async def audit(self, a: AuditAssignment) -> None:
+        started = time.monotonic()
+        passed, check, detail, stats = await self.check(a)
+        verdict = Verdict(
+            audit_id=a.audit_id,
+            lease_id=a.lease.lease_id,
+            producer=a.producer,
+            payload_hash=a.payload_hash,
+            passed=passed,
+            failed_check=check,
+            detail=detail[:4000],
+            stats=stats,
+        )
+        self.verdicts.labels(check or "passed").inc()
+        try:
+            ack = await self.agent.ask(verdict, VerdictAck, AUDITS_PROTOCOL)
+        except ProtocolError as e:
+            log.warning("verdict on audit %s not delivered: %s", a.audit_id, e)
+            return
+        log.info(
+            "audit %s of %s: %s in %.2fs -> %s",
+            a.audit_id,
+            a.producer,
+            "passed" if passed else f"failed {check} ({detail})",
+            time.monotonic() - started,
+            ack.outcome,
+            extra={"audit_id": a.audit_id, "producer": a.producer},
+        )
+
+    async def check(self, a: AuditAssignment) -> tuple[bool, str, str, dict[str, float]]:
+        """``(passed, failed check, detail, stats)``; fails closed on anything unexpected."""
+        payload = await self.fetch(a)
+        if isinstance(payload, tuple):
+            return payload
+        try:
+            outcome = await self.model.verify(a.lease, payload, a.current_version, a.max_staleness)
+        except ValueError as e:  # the model process could not run the checks
+            return False, "verifier_error", str(e), {}
+        return outcome.passed, outcome.failed_check, outcome.detail, outcome.stats
+
+    async def fetch(
+        self, a: AuditAssignment
+    ) -> RolloutPayload | tuple[bool, str, str, dict[str, float]]:
+        host = self.agent.host
+        remaining = a.deadline_ms / 1000 - time.time()
+        if remaining <= 0:
+            return False, "unavailable", "the audit's deadline passed before the fetch", {}
+        try:
+            with trio.fail_after(remaining):
+                for addr in a.producer_addrs:
+                    try:
+                        await host.connect(addr, timeout_s=5)
+                        break
+                    except ProtocolError:
+                        continue
+                env = await fetch_payload(
+                    host, self.agent.identity, a.producer, a.payload_hash, timeout_s=remaining
+                )
+        except trio.TooSlowError:
+            return False, "unavailable", "the producer did not serve the payload in time", {}
+        except ProtocolError as e:
+            check = "unavailable" if e.reason in ("remote_error", "transport") else "signature"
+            return False, check, f"{type(e).__name__}: {e}", {}
+        assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
+        return env.message

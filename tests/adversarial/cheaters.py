@@ -1,0 +1,133 @@
+"""Cheating producers: each a subclass of the node's real ``Producer`` (``node/rollouts.py``),
+changing one step. The adversarial tests audit what they make; ``cheating_node`` runs one inside
+a real node process."""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from envs.base import Environment, Example
+from node.backends import Generation, Sampling
+from node.backends.torch_backend import TorchBackend
+from node.rollouts import Producer
+from protocol.leases import Lease
+from protocol.rollouts import RolloutPayload, Sample
+from verification.sampling import sampling_logprobs
+
+
+class OtherBaseModel(Producer):
+    """Generates with a cheaper base model than the run's."""
+
+
+class WrongAdapter(Producer):
+    """Generates with a LoRA adapter while claiming the base policy (version 0)."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return super().generate(prompts, seeds, sampling, "other")
+
+
+class SmallerModelHonestLogprobs(Producer):
+    """Samples tokens with a smaller model, then reports the real model's logprobs for them."""
+
+    def __init__(self, real: TorchBackend, cheap: TorchBackend) -> None:
+        super().__init__(cheap, real.tokenizer)
+        self.real = real
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for prompt, g in zip(
+            prompts, super().generate(prompts, seeds, sampling, adapter), strict=True
+        ):
+            logits = self.real.prefill_logits(prompt, g.token_ids)
+            logp = sampling_logprobs(logits, sampling.temperature, sampling.top_p)
+            honest = logp.gather(-1, torch.tensor(g.token_ids).view(-1, 1)).view(-1).tolist()
+            out.append(Generation(g.token_ids, honest, g.finish_reason))
+        return out
+
+
+class OtherTemperature(Producer):
+    """Samples at a hotter temperature than the lease asks (and reports those logprobs)."""
+
+    def sampling(self, lease_: Lease) -> Sampling:
+        s = super().sampling(lease_)
+        return Sampling(temperature=s.temperature * 2.0, top_p=s.top_p, max_tokens=s.max_tokens)
+
+
+class InflatedLogprobs(Producer):
+    """Reports its sampled tokens as likelier than they were."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return [
+            Generation(g.token_ids, [lp * 0.5 for lp in g.logprobs], g.finish_reason)
+            for g in super().generate(prompts, seeds, sampling, adapter)
+        ]
+
+
+class FabricatedRewards(Producer):
+    """Claims the opposite of every reward."""
+
+    def sample(
+        self, env: Environment, example: Example, k: int, seed: int, g: Generation
+    ) -> Sample:
+        s = super().sample(env, example, k, seed, g)
+        return msgspec.structs.replace(s, reward=1.0 - s.reward)
+
+
+class SplicedTokens(Producer):
+    """Overwrites the first token of each completion (rewards honestly recomputed for it)."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for g in super().generate(prompts, seeds, sampling, adapter):
+            first = ord("7") if g.token_ids[0] != ord("7") else ord("3")
+            out.append(Generation([first, *g.token_ids[1:]], g.logprobs, g.finish_reason))
+        return out
+
+
+class ReplaysOldRollout(Producer):
+    """Answers a new lease with the samples of an old one, relabelled."""
+
+    def __init__(self, real: TorchBackend, old: Lease) -> None:
+        super().__init__(real, real.tokenizer)
+        self.old = old
+
+    def produce(
+        self, env: Environment, lease_: Lease, adapter: str | None = None
+    ) -> RolloutPayload:
+        stale = super().produce(env, self.old, adapter)
+        return msgspec.structs.replace(stale, lease_id=lease_.lease_id)
+
+
+class ResubmitsOthersRollout(Producer):
+    """Hands in the payload another node produced for another lease."""
+
+    def __init__(self, real: TorchBackend, theirs: RolloutPayload) -> None:
+        super().__init__(real, real.tokenizer)
+        self.theirs = theirs
+
+    def produce(
+        self, env: Environment, lease_: Lease, adapter: str | None = None
+    ) -> RolloutPayload:
+        return self.theirs
+
+
+class ClaimsEosOnTruncation(Producer):
+    """Cuts completions short and claims the model stopped there."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        out = []
+        for g in super().generate(prompts, seeds, sampling, adapter):
+            keep = max(1, len(g.token_ids) // 2) if len(g.token_ids) > 1 else 1
+            out.append(Generation(g.token_ids[:keep], g.logprobs[:keep], "stop"))
+        return out
