@@ -52,6 +52,9 @@ class ReceiptOutcome(Enum):
     WRONG_NODE = "wrong_node"
     WRONG_VERSION = "wrong_version"
     WRONG_SIZE = "wrong_size"
+    DUPLICATE_PAYLOAD = "duplicate_payload"
+    """The payload was already handed in for another lease (a payload names its lease, so an
+    honest one never repeats): a node resubmitting someone's work."""
 
 
 @dataclass
@@ -87,6 +90,7 @@ class LeaseBook:
         self.runs: dict[str, RunState] = {}
         self.leases: dict[str, LeaseState] = {}
         self.active: dict[str, LeaseState] = {}
+        self.payloads: dict[bytes, str] = {}  # payload hash -> the lease it was handed in for
         self._next_run = 0  # round robin over runs
 
     def add_run(self, plan: RunPlan) -> RunState:
@@ -103,6 +107,8 @@ class LeaseBook:
             self.runs[run.plan.run_id] = run
         for state in sorted(leases, key=lambda s: s.issued_at):
             self.leases[state.lease.lease_id] = state
+            if state.payload_hash is not None:
+                self.payloads[state.payload_hash] = state.lease.lease_id
             if state.status == "active":
                 self.active[state.lease.lease_id] = state
             run = self.runs[state.lease.run_id]
@@ -216,6 +222,9 @@ class LeaseBook:
             return ReceiptOutcome.WRONG_SIZE
         if state.status == "completed":
             return ReceiptOutcome.DUPLICATE
+        if self.payloads.get(receipt.payload_hash, lease.lease_id) != lease.lease_id:
+            return ReceiptOutcome.DUPLICATE_PAYLOAD
+        self.payloads[receipt.payload_hash] = lease.lease_id
         run = self.runs[lease.run_id]
         fresh = [i for i in lease.example_indices if i not in run.done]
         state.status = "completed"

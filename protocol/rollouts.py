@@ -63,7 +63,13 @@ class RolloutReceipt(Message):
 
 
 ReceiptOutcomeName = Literal[
-    "counted", "duplicate", "unknown_lease", "wrong_node", "wrong_version", "wrong_size"
+    "counted",
+    "duplicate",
+    "unknown_lease",
+    "wrong_node",
+    "wrong_version",
+    "wrong_size",
+    "duplicate_payload",
 ]
 
 

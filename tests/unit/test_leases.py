@@ -160,3 +160,16 @@ def test_restore_rebuilds_delivered_and_requeued_examples() -> None:
     assert set(copy.active) == {held.lease_id}
     again = copy.issue("r1", "d", 4)
     assert again is not None and again.example_indices == [2, 3, 6, 7]
+
+
+def test_a_payload_handed_in_for_one_lease_is_refused_for_another() -> None:
+    b, _ = book()
+    mine = b.issue("r1", "a", 2)
+    theirs = b.issue("r1", "b", 2)
+    assert mine is not None and theirs is not None
+    assert b.receipt("a", receipt_for(mine)) is ReceiptOutcome.COUNTED
+    copied = msgspec.structs.replace(
+        receipt_for(theirs), payload_hash=receipt_for(mine).payload_hash
+    )
+    assert b.receipt("b", copied) is ReceiptOutcome.DUPLICATE_PAYLOAD
+    assert b.delivered("r1") == 2 and b.leases[theirs.lease_id].status == "active"
