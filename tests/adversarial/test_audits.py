@@ -1,7 +1,8 @@
-"""Audits end to end, with real processes: a cheating inference node is audited, its failure is
-confirmed by a second independent verifier, and it is penalized — its rollout rejected, its
-unaudited work quarantined and redone by an honest node, its credit forfeited, and (with
-``max_strikes = 1``) banned. Honest work passes its audits. Every verdict is stored signed.
+"""Audits end to end, with real processes: two cheating inference nodes — one inflates its
+logprobs, one never keeps its payloads — are audited, their failures confirmed by a second
+independent verifier, and they are penalized: rollouts rejected, unaudited work quarantined and
+redone by an honest node, credit forfeited, and (with ``max_strikes = 1``) banned. Honest work
+passes its audits. Every verdict is stored signed.
 """
 
 from __future__ import annotations
@@ -29,25 +30,29 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.stop_all()
 
 
-def test_a_cheater_is_caught_confirmed_penalized_and_banned(
+def test_cheaters_are_caught_confirmed_penalized_and_banned(
     cluster: Cluster, tiny_model: Path
 ) -> None:
     cluster.start_coordinator(
         extra=["--audits.trusted_after=1000", "--audits.max_strikes=1", "--audits.deadline_s=60"]
     )
     cluster.api("POST", "/v1/runs", json={
-        "run_id": "r", "total_examples": 16, "prompts_per_lease": 4, "group_size": 4,
+        "run_id": "r", "total_examples": 32, "prompts_per_lease": 4, "group_size": 4,
         "sampling": {"max_tokens": 12},
     })  # fmt: skip
     model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
-    cheater = cluster.start_node("cheater", extra=model, module="tests.adversarial.cheating_node")
+    cheat = "tests.adversarial.cheating_node"
+    cheater = cluster.start_node("cheater", extra=model, module=cheat)
+    withholder = cluster.start_node(
+        "withholder", extra=model, module=cheat, env={"BAZAAR_CHEAT": "WithholdsPayloads"}
+    )
 
-    def cheater_delivered() -> bool:
+    def both_delivered() -> bool:
         peers = {n["name"]: n["peer_id"] for n in cluster.nodes().values()}
-        rollouts = cluster.api("GET", "/v1/runs/r/rollouts")["data"]
-        return any(r["producer"] == peers.get("cheater") for r in rollouts)
+        producers = {r["producer"] for r in cluster.api("GET", "/v1/runs/r/rollouts")["data"]}
+        return {peers.get("cheater"), peers.get("withholder")} <= producers
 
-    wait_until(cheater_delivered, 120, what="a rollout from the cheater")
+    wait_until(both_delivered, 120, what="rollouts from both cheaters")
     for name in ("verifier-1", "verifier-2"):
         cluster.start_node(name, roles="verifier", extra=model)
     cluster.start_node("honest", extra=model)
@@ -55,7 +60,9 @@ def test_a_cheater_is_caught_confirmed_penalized_and_banned(
     def settled() -> bool:
         # the cheater may finish the run before any audit lands: its penalty reopens it
         nodes = cluster.nodes()
-        if "honest" not in nodes or not nodes["cheater"]["trust"]["banned"]:
+        if "honest" not in nodes or not all(
+            nodes[c]["trust"]["banned"] for c in ("cheater", "withholder")
+        ):
             return False
         rollouts = cluster.api("GET", "/v1/runs/r/rollouts")["data"]
         producers = {r["producer"] for r in rollouts}
@@ -73,8 +80,9 @@ def test_a_cheater_is_caught_confirmed_penalized_and_banned(
     assert t["forfeited_tokens"] > 0
     rollouts = cluster.api("GET", "/v1/runs/r/rollouts")["data"]
     assert {r["producer"] for r in rollouts} == {honest_id}
-    assert run["examples_delivered"] == 16
-    wait_until(lambda: "banned after 1 confirmed" in cheater.output(), 30, what="ban seen")
+    assert run["examples_delivered"] == 32
+    for banned in (cheater, withholder):
+        wait_until(lambda p=banned: "banned after 1 confirmed" in p.output(), 30, what="ban seen")
 
     # two failed verdicts from two different verifiers, both naming the check, both signed
     verdicts = cluster.api("GET", "/v1/network/verdicts")["data"]
@@ -89,9 +97,18 @@ def test_a_cheater_is_caught_confirmed_penalized_and_banned(
         assert env.sender == v["verifier"] and isinstance(env.message, Verdict)
         assert env.message.passed == v["passed"]
 
-    # honest work passed every audit it had
-    honest = [v for v in verdicts if v["producer"] == honest_id]
-    assert honest and all(v["passed"] for v in honest)
+    # the payload nobody could fetch: unavailable, twice, from two verifiers
+    withheld = [v for v in verdicts if v["producer"] == nodes["withholder"]["peer_id"]]
+    assert {v["failed_check"] for v in withheld if v["audit_status"] == "failed"} == {"unavailable"}
+    assert nodes["withholder"]["trust"]["banned"]
+
+    # honest work passes its audits (every receipt is audited here: wait for some verdicts)
+    def honest_verdicts() -> list[dict[str, object]]:
+        data = cluster.api("GET", "/v1/network/verdicts")["data"]
+        return [v for v in data if v["producer"] == honest_id]
+
+    honest = wait_until(honest_verdicts, 120, every_s=0.5, what="verdicts on honest work")
+    assert all(v["passed"] for v in honest), honest
     assert nodes["honest"]["trust"]["failed"] == 0
 
     # and the operator sees it

@@ -66,6 +66,7 @@ class Cluster:
         args: list[str],
         ns: str | None = None,
         module: str = "bazaar",
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """``python -m <module> <args>``; ``module`` is the CLI or a test's variant of it."""
         home.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ class Cluster:
         cmd = [sys.executable, "-m", module, *args]
         if ns:
             cmd = ["ip", "netns", "exec", ns, *cmd]
-        env = {**os.environ, "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
             popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         proc = Proc(name, home, args, log, popen)
@@ -116,6 +117,7 @@ class Cluster:
         coordinator: str | None = None,
         ns: str | None = None,
         module: str = "bazaar",
+        env: dict[str, str] | None = None,
     ) -> Proc:
         args = [
             "node",
@@ -130,7 +132,7 @@ class Cluster:
             "/ip4/0.0.0.0/tcp/0" if ns else "/ip4/127.0.0.1/tcp/0",
             *(extra or []),
         ]
-        return self.spawn(name, home or self.root / f"home-{name}", args, ns, module)
+        return self.spawn(name, home or self.root / f"home-{name}", args, ns, module, env)
 
     def stop_all(self) -> None:
         for p in self.procs:
