@@ -229,7 +229,7 @@ class RolloutService:
                 audit.audit_id, audit.producer, verdict.failed_check, verdict.detail,
             )  # fmt: skip
         await self._save(
-            runs=list({self.book.runs[s.lease.run_id] for s in leases}),
+            runs=[self.book.runs[r] for r in {s.lease.run_id for s in leases}],
             leases=leases,
             audits=[audit] + [a for a in self.audits.audits.values() if a.status == "cancelled"],
             trust=[audit.producer],

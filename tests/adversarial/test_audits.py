@@ -53,8 +53,7 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
         return {peers.get("cheater"), peers.get("withholder")} <= producers
 
     wait_until(both_delivered, 120, what="rollouts from both cheaters")
-    for name in ("verifier-1", "verifier-2"):
-        cluster.start_node(name, roles="verifier", extra=model)
+    verifiers = [cluster.start_node(n, roles="verifier", extra=model) for n in ("v-1", "v-2")]
     cluster.start_node("honest", extra=model)
 
     def settled() -> bool:
@@ -91,7 +90,7 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
     assert len(confirmed) == 2, against
     assert {v["failed_check"] for v in confirmed} == {"logprobs"}
     assert confirmed[0]["verifier"] != confirmed[1]["verifier"]
-    assert {v["verifier_name"] for v in confirmed} == {"verifier-1", "verifier-2"}
+    assert {v["verifier_name"] for v in confirmed} == {"v-1", "v-2"}
     for v in verdicts:
         env = open_envelope(bytes.fromhex(v["signed_frame"]), None)
         assert env.sender == v["verifier"] and isinstance(env.message, Verdict)
@@ -110,6 +109,11 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
     honest = wait_until(honest_verdicts, 120, every_s=0.5, what="verdicts on honest work")
     assert all(v["passed"] for v in honest), honest
     assert nodes["honest"]["trust"]["failed"] == 0
+
+    # every verdict was delivered and handled (none lost to an error on either side)
+    assert all("not delivered" not in v.output() for v in verifiers)
+    assert cluster.coordinator is not None
+    assert "/bazaar/audits/1.0.0 from" not in cluster.coordinator.output()
 
     # and the operator sees it
     table = subprocess.run(

@@ -4,7 +4,7 @@ receipts — honestly or not)."""
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +29,8 @@ def capabilities(roles: list[str]) -> Capabilities:
 class Peer:
     def __init__(self, host: P2PHost, identity: Identity, coordinator: str) -> None:
         self.host, self.identity, self.coordinator = host, identity, coordinator
+        # one "process" per identity: the same instance id whenever this identity joins
+        self.instance_id = hashlib.sha256(identity.peer_id.encode()).hexdigest()[:16]
 
     async def ask(self, protocol: str, msg: Message) -> Message:
         """A signed request to the coordinator; its signed answer (``RemoteError`` if refused)."""
@@ -38,8 +40,9 @@ class Peer:
         return env.message
 
     async def join(self, roles: list[str], name: str = "test-peer") -> None:
+        """Join as one node process: rejoining after a coordinator restart is accepted."""
         req = JoinRequest(
-            name=name, instance_id=secrets.token_hex(8), protocol_version=PROTOCOL_VERSION,
+            name=name, instance_id=self.instance_id, protocol_version=PROTOCOL_VERSION,
             listen_addrs=self.host.addrs(), capabilities=capabilities(roles),
         )  # fmt: skip
         reply = await self.ask(MEMBERSHIP, req)
