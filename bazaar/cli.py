@@ -25,11 +25,13 @@ coordinator_app = typer.Typer(help="Run the coordinator: membership, REST API, d
 node_app = typer.Typer(help="Run a node that contributes compute to the network.")
 network_app = typer.Typer(help="Inspect the network.")
 model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
+keys_app = typer.Typer(help="The gateway's API keys: budgets in tokens and rate limits.")
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
 app.add_typer(network_app, name="network")
 app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
 
 # Commands with a config take any field as a dotted override: --membership.dead_after_missed=4
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -278,6 +280,74 @@ def up(
     from protocol.config import data_dir
 
     raise typer.Exit(run_local_network(data_dir() / "local", nodes, duration, console))
+
+
+def _key_store(db: str | None) -> Any:
+    from gateway.keys import KeyStore, open_database
+    from protocol.config import data_dir
+
+    return KeyStore(open_database(db or f"sqlite:///{data_dir() / 'gateway.db'}"))
+
+
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Gateway database URL (default: SQLite in data dir).")
+]
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name for the key.")],
+    budget_tokens: Annotated[
+        int | None, typer.Option(min=0, help="Tokens the key may spend (default: unlimited).")
+    ] = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Create a key; the secret is printed once and stored only as a hash."""
+    try:
+        secret, key = _key_store(db).create(name, budget_tokens, rpm, tpm)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    print(secret)
+    budget = "unlimited" if key.budget_tokens is None else f"{key.budget_tokens} tokens"
+    console.print(f"[dim]key {key.name!r} created ({budget}); the secret is not shown again[/]")
+
+
+@keys_app.command("list")
+def keys_list(
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List keys with their budgets and spending (never their secrets)."""
+    import dataclasses
+
+    keys = _key_store(db).all()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(k) for k in keys], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(keys)} API keys")
+    for col in ("name", "budget", "used", "reserved", "rpm", "tpm", "state"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(
+            k.name, "∞" if k.budget_tokens is None else str(k.budget_tokens), str(k.used_tokens),
+            str(k.reserved_tokens), str(k.rpm or "∞"), str(k.tpm or "∞"),
+            "[red]revoked[/]" if k.revoked else "active",
+        )  # fmt: skip
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The key's name.")], db: DbOpt = None
+) -> None:
+    """Revoke a key: every later request with it gets 401."""
+    if not _key_store(db).revoke(name):
+        raise _fail(f"no key named {name!r}")
+    console.print(f"key {name!r} revoked")
 
 
 def _local_coordinator_url(home: Path) -> str:

@@ -20,12 +20,12 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    create_engine,
-    event,
     select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import protocol.database
 
 
 class Base(DeclarativeBase):
@@ -135,27 +135,8 @@ def default_url(data_dir: Path) -> str:
 
 
 def open_database(url: str) -> Engine:
-    """An engine with the schema in place; SQLite gets WAL and a busy timeout.
-
-    ``postgresql://`` means the psycopg 3 driver (SQLAlchemy's plain scheme means psycopg2).
-    """
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn: Any, _record: Any) -> None:
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=5000")
-            cur.close()
-
-    Base.metadata.create_all(engine)
-    return engine
+    """The coordinator's engine, with its tables in place."""
+    return protocol.database.open_database(url, Base.metadata)
 
 
 class NodeStore:
