@@ -142,6 +142,12 @@ def node_start(
         str | None,
         typer.Option(help="Base model: tiny (default), smollm2, HF_ID, DIR or FILE.gguf."),
     ] = None,
+    serve: Annotated[
+        bool | None, typer.Option("--serve", help="Serve the model over an OpenAI-compatible API.")
+    ] = None,
+    serve_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the serving endpoint (port 0: any).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Join the network and contribute this machine until Ctrl+C."""
@@ -158,6 +164,8 @@ def node_start(
         listen=listen,
         metrics_listen=metrics_listen,
         model=model,
+        serve=serve,
+        serve_listen=serve_listen,
     )
     cfg = _load(NodeConfig, config, _overrides(ctx, **flags))
     try:

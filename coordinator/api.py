@@ -16,20 +16,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.runs import RunSpec
+from protocol.api_errors import APIError, error_body, validation_message
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-def error_body(message: str, code: str, param: str | None = None) -> dict[str, Any]:
-    kind = "not_found_error" if code.endswith("not_found") else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def create_app(coord: Coordinator) -> FastAPI:
@@ -37,13 +27,11 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.code, e.param), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = f"{param or 'body'}: {first['msg']}"
+        message, param = validation_message(list(e.errors()))
         return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
 
     @app.get("/health")

@@ -104,6 +104,8 @@ class NodeState:
             "last_seen": self.last_seen,
             "last_seen_ago_s": round(max(0.0, now - self.last_seen), 3),
             "heartbeats": self.heartbeats,
+            "serving_url": caps.serving_url,
+            "serving_models": list(caps.serving_models),
         }
 
 

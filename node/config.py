@@ -44,6 +44,11 @@ class NodeConfig(ConfigModel):
     """Size cap of the local rollout payload store; the oldest payloads leave first."""
     payload_retention_s: float = Field(6 * 3600.0, gt=0)
     """How long rollout payloads are kept for verifiers and trainers to fetch."""
+    serve: bool = False
+    """Serve the base model (and loaded adapters) over an OpenAI-compatible HTTP endpoint, for
+    the gateway to route requests to."""
+    serve_listen: str = "127.0.0.1:0"
+    """HOST:PORT of that endpoint; port 0 picks a free one (reported to the coordinator)."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from node.config import NodeConfig
@@ -53,22 +54,7 @@ def start_node(
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
-    roles: list[Any] = []
-    if "inference" in config.roles or "verifier" in config.roles:
-        from node.model_worker import ModelSpec, ModelWorker
-
-        spec = ModelSpec.of(config, data_dir)
-        if producer:
-            spec = dataclasses.replace(spec, producer=producer)
-        model = ModelWorker(spec)  # one model process for all roles
-        if "inference" in config.roles:
-            from node.inference import InferenceWorker
-
-            roles.append((inference_cls or InferenceWorker)(config, data_dir, model))
-        if "verifier" in config.roles:
-            from node.verifier import VerifierWorker
-
-            roles.append(VerifierWorker(config, model))
+    roles = _roles(config, data_dir, agent, inference_cls, producer)
     if config.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -88,3 +74,40 @@ def start_node(
         return 0
 
     return run_until_signal(main)
+
+
+def _roles(
+    config: NodeConfig, data_dir: Path, agent: Any, inference_cls: Any, producer: str
+) -> list[Any]:
+    """The node's roles, sharing one model process: inference, verifier, serving."""
+    if not (config.serve or {"inference", "verifier"} & set(config.roles)):
+        return []
+    from node.model_worker import ModelSpec, ModelWorker
+
+    spec = ModelSpec.of(config, data_dir)
+    if producer:
+        spec = dataclasses.replace(spec, producer=producer)
+    model = ModelWorker(spec)
+    roles: list[Any] = []
+    if "inference" in config.roles:
+        from node.inference import InferenceWorker
+
+        roles.append((inference_cls or InferenceWorker)(config, data_dir, model))
+    if "verifier" in config.roles:
+        from node.verifier import VerifierWorker
+
+        roles.append(VerifierWorker(config, model))
+    if config.serve:
+        from node.serving import ServingRole
+        from protocol.http import bind_tcp
+
+        host, port = parse_host_port(config.serve_listen)
+        sock = bind_tcp(host, port)
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        # the coordinator learns the endpoint with the join; the gateway reads it from there
+        agent.capabilities = msgspec.structs.replace(
+            agent.capabilities, serving_url=url, serving_models=[config.model]
+        )
+        roles.append(ServingRole(model, sock, lambda: [config.model]))
+        log.info("serving %s at %s/v1", config.model, url)
+    return roles

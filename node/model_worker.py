@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from node.completions import CompletionJob, CompletionResult
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from verification.checks import Outcome
@@ -101,6 +102,11 @@ class ModelWorker:
     async def produce(self, lease: Lease) -> RolloutPayload:
         payload: RolloutPayload = await self._call("produce", lease)
         return payload
+
+    async def complete(self, job: CompletionJob) -> CompletionResult:
+        """Serve one request; ``ValueError`` (incl. ``ContextTooLong``'s message) if it cannot."""
+        result: CompletionResult = await self._call("complete", job)
+        return result
 
     async def verify(
         self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int
@@ -207,6 +213,11 @@ class _Child:
         producer = producer_cls(self.backend, self.backend.tokenizer)
         payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease)
         return payload
+
+    def complete(self, job: CompletionJob) -> CompletionResult:
+        from node.completions import run_completion
+
+        return run_completion(self.backend, job)
 
     def verify(
         self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int

@@ -36,6 +36,11 @@ class Capabilities(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     torch_version: Annotated[str, msgspec.Meta(max_length=64)]
     backends: Annotated[list[Name], msgspec.Meta(max_length=8)]
     software_version: Annotated[str, msgspec.Meta(max_length=64)]
+    serving_url: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    """The node's OpenAI-compatible endpoint (``--serve``); empty when it does not serve."""
+    serving_models: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
+                              msgspec.Meta(max_length=256)] = []  # fmt: skip
+    """What that endpoint serves: the base model, and ``<run>@<version>`` for adapters."""
 
 
 class JoinRequest(Message):

@@ -1,0 +1,241 @@
+"""A node's OpenAI-compatible endpoint (``bazaar node start --serve``), for the gateway to route to.
+
+``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``/health``; served
+by hypercorn on the node's own trio loop, the model answering from the node's model process.
+Requests follow OpenAI's API: ``n``, ``stop``, ``max_tokens`` (``max_completion_tokens``),
+``temperature``, ``top_p``, ``seed``, ``logprobs``, ``stream`` with ``stream_options.
+include_usage``; unknown fields are ignored; every response carries ``x-request-id``. Errors
+are OpenAI-shaped (``protocol/api_errors.py``): unknown model 404, malformed body 400, a prompt
+that does not fit the context 400 ``context_length_exceeded``.
+
+Streaming sends the role first, then one chunk per token, one ``finish_reason`` per choice, the
+usage chunk only when asked, and ``data: [DONE]``. The model process answers a request whole, so
+the chunks of a choice leave together once it is generated (time to first token = the whole
+generation); the wire format is the streaming one clients expect.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from node.completions import CompletionJob, CompletionResult
+from protocol.api_errors import APIError, error_body, validation_message
+
+Complete = Callable[[CompletionJob], Awaitable[CompletionResult]]
+MAX_DEFAULT_TOKENS = 256
+"""``max_tokens`` when a chat request gives none (bounded by the model's context anyway)."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and (self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+
+
+class CompletionRequest(_Request):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+
+
+def create_app(models: Callable[[], list[str]], complete: Complete) -> FastAPI:
+    """``models()`` lists what this node serves (base first); ``complete`` runs a job."""
+    app = FastAPI(title="Bazaar node", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        rid = request.headers.get("x-request-id") or f"req-{secrets.token_hex(12)}"
+        response: Response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(e.errors()))
+        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": models()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        served = models()
+        data = [{"id": served[0], "object": "model", "created": 0, "owned_by": "bazaar"}]
+        data += [
+            {"id": m, "object": "model", "created": 0, "owned_by": "bazaar",
+             "parent": served[0], "root": served[0]}
+            for m in served[1:]
+        ]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    async def run(req: _Request, job: CompletionJob) -> CompletionResult:
+        if req.model not in models():
+            raise APIError(404, f"the model {req.model!r} does not exist here", "model_not_found",
+                           "model")  # fmt: skip
+        try:
+            return await complete(job)
+        except ValueError as e:
+            if "ContextTooLong" in str(e):
+                raise APIError(400, str(e).split(": ", 1)[-1], "context_length_exceeded",
+                               "messages") from None  # fmt: skip
+            raise APIError(503, f"the model could not serve this request: {e}",
+                           "model_unavailable") from None  # fmt: skip
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        job = CompletionJob(
+            messages=[{"role": "system" if m.role == "developer" else m.role,
+                       "content": m.content} for m in req.messages],
+            max_tokens=req.max_completion_tokens or req.max_tokens or MAX_DEFAULT_TOKENS,
+            temperature=req.temperature, top_p=req.top_p, n=req.n, stop=req.stops(),
+            seed=req.seed,
+        )  # fmt: skip
+        result = await run(req, job)
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        if req.stream:
+            return _sse(_chat_chunks(rid, created, req, result))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": _chat_logprobs(c.tokens, c.logprobs) if req.logprobs else None,
+            }
+            for i, c in enumerate(result.choices)
+        ]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": choices, "usage": _usage(result)}  # fmt: skip
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        job = CompletionJob(
+            prompt=prompt, max_tokens=req.max_tokens or 16, temperature=req.temperature,
+            top_p=req.top_p, n=req.n, stop=req.stops(), seed=req.seed,
+        )  # fmt: skip
+        result = await run(req, job)
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        if req.stream:
+            return _sse(_completion_chunks(rid, created, req, result))
+        choices = [
+            {
+                "index": i,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": {"tokens": c.tokens, "token_logprobs": c.logprobs}
+                if req.logprobs is not None
+                else None,
+            }
+            for i, c in enumerate(result.choices)
+        ]
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": _usage(result)}  # fmt: skip
+
+    return app
+
+
+def _usage(result: CompletionResult) -> dict[str, int]:
+    p, c = result.prompt_tokens, result.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs, strict=True)]}  # fmt: skip
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _chat_chunks(
+    rid: str, created: int, req: _Request, result: CompletionResult
+) -> AsyncIterator[dict[str, Any]]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": req.model, "choices": choices, **extra}  # fmt: skip
+
+    for i, c in enumerate(result.choices):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "finish_reason": None}])  # fmt: skip
+        for piece in c.tokens:
+            yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+        yield chunk([{"index": i, "delta": {}, "finish_reason": c.finish_reason}])
+    if req.include_usage():
+        yield chunk([], usage=_usage(result))
+
+
+async def _completion_chunks(
+    rid: str, created: int, req: _Request, result: CompletionResult
+) -> AsyncIterator[dict[str, Any]]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    for i, c in enumerate(result.choices):
+        for piece in c.tokens:
+            yield chunk([{"index": i, "text": piece, "finish_reason": None, "logprobs": None}])
+        yield chunk([{"index": i, "text": "", "finish_reason": c.finish_reason, "logprobs": None}])
+    if req.include_usage():
+        yield chunk([], usage=_usage(result))
+
+
+class ServingRole:
+    """The node role that runs the endpoint: loads the model at start (a serving node should
+    answer its first request promptly) and serves until the node stops."""
+
+    def __init__(self, model: Any, sock: Any, served: Callable[[], list[str]]) -> None:
+        self.model, self.sock, self.served = model, sock, served
+
+    async def __call__(self, agent: Any) -> None:
+        import trio
+
+        from protocol.http import serve_http
+
+        async with trio.open_nursery() as nursery:
+            if not await self.model.ensure_started(nursery):
+                return
+            await serve_http(create_app(self.served, self.model.complete), self.sock, trio.Event())

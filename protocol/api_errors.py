@@ -1,0 +1,54 @@
+"""Errors of our HTTP APIs in OpenAI's shape, shared by the coordinator, node serving endpoints
+and the gateway: ``{"error": {"message", "type", "param", "code"}}`` with a fitting status.
+
+>>> e = APIError(404, "no model 'x'", "model_not_found", "model")
+>>> e.body()["error"]["type"]
+'not_found_error'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """Raised by an endpoint; the app's handler turns it into the JSON body and status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.code, self.param, TYPES.get(self.status, "api_error"))
+
+
+def error_body(
+    message: str, code: str, param: str | None = None, kind: str = "invalid_request_error"
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """``(message, param)`` for the first of pydantic's request-validation errors."""
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return f"{param or 'body'}: {first['msg']}", param
