@@ -26,13 +26,18 @@ node_app = typer.Typer(help="Run a node that contributes compute to the network.
 network_app = typer.Typer(help="Inspect the network.")
 model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
 keys_app = typer.Typer(help="The gateway's API keys: budgets in tokens and rate limits.")
+gateway_app = typer.Typer(help="Run the OpenAI-compatible gateway: keys, metering, routing.")
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
 app.add_typer(network_app, name="network")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
+app.add_typer(gateway_app, name="gateway")
 
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")
+]
 # Commands with a config take any field as a dotted override: --membership.dead_after_missed=4
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 ConfigOpt = Annotated[
@@ -122,6 +127,31 @@ def coordinator_start(
 
     cfg = _load(CoordinatorConfig, config, _overrides(ctx, listen=listen, http=http, db=db))
     raise typer.Exit(start_coordinator(cfg, data_dir()))
+
+
+@gateway_app.command("start", context_settings=OVERRIDES)
+def gateway_start(
+    ctx: typer.Context,
+    coordinator_url: Annotated[
+        str | None, typer.Option(help="Coordinator REST URL (default: the local coordinator).")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT of the API.")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the OpenAI-compatible API until Ctrl+C."""
+    from gateway.config import GatewayConfig
+    from gateway.main import start_gateway
+    from protocol.config import data_dir
+    from protocol.errors import ConfigError
+
+    flags = dict(coordinator_url=coordinator_url, listen=listen, db=db)
+    cfg = _load(GatewayConfig, config, _overrides(ctx, **flags))
+    try:
+        code = start_gateway(cfg, data_dir())
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
 
 
 @node_app.command("start", context_settings=OVERRIDES)
@@ -295,11 +325,6 @@ def _key_store(db: str | None) -> Any:
     from protocol.config import data_dir
 
     return KeyStore(open_database(db or f"sqlite:///{data_dir() / 'gateway.db'}"))
-
-
-DbOpt = Annotated[
-    str | None, typer.Option("--db", help="Gateway database URL (default: SQLite in data dir).")
-]
 
 
 @keys_app.command("create")

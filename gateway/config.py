@@ -13,5 +13,12 @@ class GatewayConfig(ConfigModel):
     db: str = ""
     """SQLAlchemy database URL for keys and usage; empty means SQLite (WAL) at
     ``<data dir>/gateway.db``. ``postgresql://user:pass@host/db`` for PostgreSQL."""
+    tokenizers: dict[str, str] = {}
+    """Tokenizer to count each model's tokens with, by model name (a directory or hub id); a
+    model not listed uses its own name. The gateway bills by its own count, never a node's."""
+    refresh_s: float = 2.0
+    """How often to re-read the serving nodes from the coordinator."""
+    request_timeout_s: float = 300.0
+    """Longest a forwarded request may take."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

@@ -1,0 +1,306 @@
+"""The gateway's HTTP API: OpenAI-compatible, authorized per key, metered, budgeted, routed.
+
+A completion request goes through, in order: the key (401), the model (404 if no node serves
+it), the gateway's own prompt count, the key's rate limits (429 with ``Retry-After``), a budget
+reservation of the worst case — prompt + ``max_tokens`` × ``n`` — made atomically in the
+database (402 ``insufficient_quota`` with ``x-should-retry: false`` when it does not fit), the
+least busy serving node (another one if it cannot be reached before the first byte; 503 when
+none can), and finally settlement: the reservation is released and the tokens the gateway counts
+in the answer are charged and recorded. Responses carry the gateway's usage numbers, so a
+client's sum of ``usage`` equals what it is billed. A streamed answer is relayed chunk by chunk;
+an error after streaming began is sent as an error event, then ``[DONE]``; a client that
+disconnects closes the upstream request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.config import GatewayConfig
+from gateway.keys import ApiKey, KeyStore, UsageRow
+from gateway.routing import Route, Router, TokenCounter
+from protocol.api_errors import APIError, error_body, validation_message
+
+log = logging.getLogger(__name__)
+CHAT_DEFAULT_MAX_TOKENS = 256
+"""What a chat request without ``max_tokens`` reserves (and what the node generates at most)."""
+
+
+class _Body(BaseModel):
+    """The fields the gateway itself needs; everything else is forwarded as it came."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("bazaar_gateway_requests", "Requests, by status", ["status"],
+                                registry=r)  # fmt: skip
+        self.tokens = Counter("bazaar_gateway_tokens", "Tokens billed, by kind", ["kind"],
+                              registry=r)  # fmt: skip
+
+
+class RateLimiter:
+    """Requests and tokens per key in the last minute (this gateway process)."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, deque[tuple[float, int]]] = {}
+
+    def check(self, key: ApiKey, tokens: int, now: float) -> float | None:
+        """None if allowed (and counted), else the seconds until it would be."""
+        window = self.events.setdefault(key.id, deque())
+        while window and now - window[0][0] >= 60:
+            window.popleft()
+        if key.rpm is not None and len(window) + 1 > key.rpm:
+            return 60 - (now - window[0][0])
+        if key.tpm is not None and sum(t for _, t in window) + tokens > key.tpm:
+            return 60 - (now - window[0][0]) if window else 60.0
+        window.append((now, tokens))
+        return None
+
+
+def create_app(
+    config: GatewayConfig, store: KeyStore, router: Router, counter: TokenCounter
+) -> FastAPI:
+    metrics = Metrics()
+    limiter = RateLimiter()
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=config.request_timeout_s) as client:
+            state["client"] = client
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(router.refresh_loop, client)
+                yield
+                tg.cancel_scope.cancel()
+
+    app = FastAPI(title="Bazaar gateway", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        rid = request.headers.get("x-request-id") or f"req-{secrets.token_hex(12)}"
+        request.state.request_id = rid
+        response: Response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(e.errors()))
+        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+
+    async def authorize(request: Request) -> ApiKey:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise APIError(401, "no API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        key = await anyio.to_thread.run_sync(store.authenticate, header[7:].strip())
+        if key is None:
+            raise APIError(401, "invalid or revoked API key", "invalid_api_key")
+        return key
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": router.models(), "nodes": len(router.routes)}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        await authorize(request)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "bazaar"}
+                for m in router.models()]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> dict[str, Any]:
+        key = await authorize(request)
+        rows = await anyio.to_thread.run_sync(store.usage, key.id)
+        fields = ("model", "prompt_tokens", "completion_tokens", "latency_ms", "node", "status",
+                  "created_at")  # fmt: skip
+        data = [{f: getattr(u, f) for f in fields} for u in rows]
+        prompt = sum(u.prompt_tokens for u in rows)
+        completion = sum(u.completion_tokens for u in rows)
+        return {"object": "list", "data": data, "total": {
+            "requests": len(rows), "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}}  # fmt: skip
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Response:
+        return await proxy(request, "/v1/chat/completions", CHAT_DEFAULT_MAX_TOKENS)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "/v1/completions", 16)
+
+    async def proxy(request: Request, path: str, default_max: int) -> Response:
+        key = await authorize(request)
+        try:
+            raw = await request.json()
+            body = _Body.model_validate(raw)
+        except ValueError as e:
+            if isinstance(e, ValidationError):
+                message, param = validation_message(list(e.errors()))
+                raise APIError(400, message, "invalid_request", param) from None
+            raise APIError(400, f"the body is not JSON: {e}", "invalid_request") from None
+        if body.model not in router.models():
+            raise APIError(404, f"the model {body.model!r} does not exist or no node serves it",
+                           "model_not_found", "model")  # fmt: skip
+        try:
+            prompt = await anyio.to_thread.run_sync(counter.prompt, body.model, raw)
+        except (OSError, ValueError) as e:
+            raise APIError(
+                503, f"no tokenizer for {body.model!r}: {e}", "tokenizer_unavailable"
+            ) from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_max
+        worst = prompt + max_tokens * body.n
+        wait = limiter.check(key, worst, time.monotonic())
+        if wait is not None:
+            raise APIError(429, "rate limit reached for this key", "rate_limit_exceeded",
+                           headers={"retry-after": str(max(1, round(wait)))})  # fmt: skip
+        if not await anyio.to_thread.run_sync(store.reserve, key.id, worst):
+            raise APIError(402, "this key's token budget is exhausted", "insufficient_quota",
+                           headers={"x-should-retry": "false"})  # fmt: skip
+        if path == "/v1/chat/completions":
+            raw.setdefault("max_tokens", max_tokens)
+        meter = Meter(store, counter, metrics, key, body.model, prompt, worst, max_tokens)
+        try:
+            route, upstream = await open_upstream(path, raw, body.model)
+        except BaseException:
+            await meter.settle([], 503, "")
+            raise
+        meter.node = route.name
+        if body.stream:
+            return StreamingResponse(relay(route, upstream, meter),
+                                     media_type="text/event-stream")  # fmt: skip
+        try:
+            data = json.loads(await upstream.aread())
+        finally:
+            await upstream.aclose()
+            router.in_flight[route.peer_id] -= 1
+        if upstream.status_code != 200:
+            await meter.settle([], upstream.status_code, route.name)
+            return JSONResponse(data, status_code=upstream.status_code)
+        texts = [
+            c.get("message", {}).get("content") or c.get("text") or "" for c in data["choices"]
+        ]
+        data["usage"] = await meter.settle(texts, 200, route.name)
+        return JSONResponse(data)
+
+    async def open_upstream(
+        path: str, raw: dict[str, Any], model: str
+    ) -> tuple[Route, httpx.Response]:
+        client, tried = state["client"], set[str]()
+        while (route := router.pick(model, tried)) is not None:
+            tried.add(route.peer_id)
+            router.in_flight[route.peer_id] += 1
+            try:
+                req = client.build_request("POST", f"{route.url}{path}", json=raw)
+                return route, await client.send(req, stream=True)
+            except httpx.TransportError as e:  # before the first byte: try another node
+                router.in_flight[route.peer_id] -= 1
+                log.warning("node %s at %s failed (%s); trying another", route.name, route.url, e)
+        raise APIError(503, f"no node could serve {model!r} right now", "no_capacity",
+                       headers={"retry-after": "1"})  # fmt: skip
+
+    async def relay(route: Route, upstream: httpx.Response, meter: Meter) -> AsyncIterator[bytes]:
+        texts: dict[int, list[str]] = {}
+        status = upstream.status_code
+        try:
+            if status != 200:
+                yield f"data: {(await upstream.aread()).decode()}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+                return
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") or c.get("text") or ""
+                    texts.setdefault(c["index"], []).append(piece)
+                if chunk.get("usage") is not None:  # asked for: the gateway's own numbers
+                    chunk["usage"] = await meter.count(["".join(t) for t in texts.values()])
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except httpx.HTTPError as e:
+            status = 502
+            err = error_body(f"the serving node failed mid-stream: {e}", "upstream_error")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            with anyio.CancelScope(shield=True):  # a disconnect still settles the bill
+                await upstream.aclose()
+                router.in_flight[route.peer_id] -= 1
+                await meter.settle(["".join(t) for t in texts.values()], status, route.name)
+
+    return app
+
+
+class Meter:
+    """One request's bill: counted by the gateway, settled once."""
+
+    def __init__(self, store: KeyStore, counter: TokenCounter, metrics: Metrics, key: ApiKey,
+                 model: str, prompt: int, reserved: int, max_tokens: int) -> None:  # fmt: skip
+        self.store, self.counter, self.metrics, self.key = store, counter, metrics, key
+        self.model, self.prompt, self.reserved = model, prompt, reserved
+        self.max_tokens = max_tokens
+        self.started = time.monotonic()
+        self.node = ""
+        self.settled: dict[str, int] | None = None
+
+    async def count(self, texts: list[str]) -> dict[str, int]:
+        counts = [await anyio.to_thread.run_sync(self.counter.text, self.model, t) for t in texts]
+        # re-encoding a decoded text can count more tokens than were generated (a byte sequence
+        # that was not valid UTF-8 comes back as U+FFFD); a choice never costs more than its cap,
+        # which is also what keeps every bill within its reservation
+        completion = sum(min(c, self.max_tokens) for c in counts)
+        return {"prompt_tokens": self.prompt, "completion_tokens": completion,
+                "total_tokens": self.prompt + completion}  # fmt: skip
+
+    async def settle(self, texts: list[str], status: int, node: str) -> dict[str, int]:
+        if self.settled is not None:
+            return self.settled
+        usage = await self.count(texts) if status == 200 else {
+            "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # fmt: skip
+        self.settled = usage
+        record = UsageRow(
+            key_id=self.key.id, model=self.model, prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            latency_ms=(time.monotonic() - self.started) * 1000, node=node or self.node,
+            status=status, created_at=time.time(),
+        )  # fmt: skip
+        await anyio.to_thread.run_sync(self.store.settle, self.key.id, self.reserved, record)
+        self.metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
+        self.metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+        return usage

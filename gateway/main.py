@@ -1,0 +1,45 @@
+"""Entry point of ``bazaar gateway start``: keys database, router, uvicorn on uvloop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+from protocol.errors import ConfigError
+from protocol.http import parse_host_port
+from protocol.observability import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def coordinator_url(config: GatewayConfig, data_dir: Path) -> str:
+    if config.coordinator_url:
+        return config.coordinator_url.rstrip("/")
+    path = data_dir / "coordinator.json"
+    try:
+        return str(json.loads(path.read_text())["http"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"no coordinator URL given and none found in {path} ({e}); "
+            "pass --coordinator-url http://HOST:PORT"
+        ) from None
+
+
+def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.keys import KeyStore, open_database
+    from gateway.routing import Router, TokenCounter
+
+    configure_logging(config.log_json)
+    url = coordinator_url(config, data_dir)
+    store = KeyStore(open_database(config.db or f"sqlite:///{data_dir / 'gateway.db'}"))
+    router = Router(url, config.refresh_s)
+    app = create_app(config, store, router, TokenCounter(config.tokenizers))
+    host, port = parse_host_port(config.listen)
+    log.info("gateway on http://%s:%d, routing through the coordinator at %s", host, port, url)
+    uvicorn.run(app, host=host, port=port, loop="uvloop", log_config=None, access_log=False)
+    return 0

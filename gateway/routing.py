@@ -1,0 +1,95 @@
+"""Which serving node gets a request, and how many tokens a request costs.
+
+- **Routes** come from the coordinator (``/v1/network/nodes``: live nodes with a serving
+  endpoint and the models they serve), re-read every ``refresh_s``. A request goes to the node
+  with the fewest requests in flight among those serving its model; a node that cannot be
+  reached is skipped for the next tries of the same request (failover before the first byte).
+- **Token counts** are the gateway's own, with each model's tokenizer (``transformers``): the
+  prompt as the node renders it (chat template for messages) and each choice's text. A node's
+  reported usage is never used for billing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    peer_id: str
+    name: str
+    url: str
+    models: tuple[str, ...]
+
+
+@dataclass
+class Router:
+    coordinator_url: str
+    refresh_s: float = 2.0
+    routes: list[Route] = field(default_factory=list)
+    in_flight: Counter[str] = field(default_factory=Counter)
+
+    async def refresh(self, client: httpx.AsyncClient) -> None:
+        resp = await client.get(f"{self.coordinator_url}/v1/network/nodes", timeout=5)
+        resp.raise_for_status()
+        self.routes = [
+            Route(n["peer_id"], n["name"], n["serving_url"], tuple(n["serving_models"]))
+            for n in resp.json()["data"]
+            if n["status"] == "alive" and n.get("serving_url")
+        ]
+
+    async def refresh_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                await self.refresh(client)
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                log.warning("cannot read serving nodes from the coordinator: %s", e)
+            await anyio.sleep(self.refresh_s)
+
+    def models(self) -> list[str]:
+        return sorted({m for r in self.routes for m in r.models})
+
+    def pick(self, model: str, exclude: set[str]) -> Route | None:
+        """The least busy node serving ``model``, not in ``exclude``."""
+        candidates = [r for r in self.routes if model in r.models and r.peer_id not in exclude]
+        return min(candidates, key=lambda r: self.in_flight[r.peer_id], default=None)
+
+
+class TokenCounter:
+    """Counts tokens with each model's own tokenizer, loaded once per model."""
+
+    def __init__(self, tokenizers: dict[str, str]) -> None:
+        self.paths = tokenizers
+        self._loaded: dict[str, Any] = {}
+
+    def tokenizer(self, model: str) -> Any:
+        if model not in self._loaded:
+            from transformers import AutoTokenizer
+
+            self._loaded[model] = AutoTokenizer.from_pretrained(self.paths.get(model, model))
+        return self._loaded[model]
+
+    def prompt(self, model: str, body: dict[str, Any]) -> int:
+        tok = self.tokenizer(model)
+        if "messages" in body:
+            messages = [
+                {"role": "system" if m.get("role") == "developer" else m.get("role"),
+                 "content": m.get("content", "")}
+                for m in body["messages"]
+            ]  # fmt: skip
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        prompt = body.get("prompt", "")
+        text = prompt if isinstance(prompt, str) else "".join(prompt)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def text(self, model: str, text: str) -> int:
+        return len(self.tokenizer(model)(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,146 @@
+"""The gateway, driven by the official ``openai`` client: a real coordinator, a real node serving
+the tiny model, a real gateway process (uvicorn + uvloop) with its own database of keys."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.keys import KeyStore, open_database
+from tests.conftest import free_port
+from tests.integration.cluster import Cluster
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+CHAT = [{"role": "user", "content": "What is 12 + 7?"}]
+
+
+@dataclass
+class Gateway:
+    url: str
+    keys: KeyStore
+
+    def client(self, key: str, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("gateway")
+    cluster = Cluster(root, interval_s=1.0)
+    db = f"sqlite:///{root / 'gateway.db'}"
+    try:
+        cluster.start_coordinator()
+        cluster.start_node("server", extra=["--serve", f"--model_cache={tiny_model.parent.parent}"])
+        port = free_port()
+        cluster.spawn("gateway", root / "gw-home", [
+            "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
+            "--db", db, f"--tokenizers.tiny={tiny_model}", "--refresh_s=0.5",
+        ])  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            health = httpx.get(f"{url}/health", timeout=2).json()
+            return "tiny" in health["models"]
+
+        wait_until(ready, 90, what="the gateway routing to the serving node")
+        yield Gateway(url, KeyStore(open_database(db)))
+    finally:
+        cluster.stop_all()
+
+
+def test_chat_completions_and_usage_add_up(gateway: Gateway) -> None:
+    secret, key = gateway.keys.create("app")
+    client = gateway.client(secret)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    returned = 0
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, n=2, seed=4)  # type: ignore[arg-type]
+    assert len(chat.choices) == 2 and chat.usage is not None
+    # the gateway's own count: the tiny tokenizer is byte-level, so a choice costs its UTF-8
+    # length, capped at max_tokens (the cap covers bytes that were not valid UTF-8)
+    assert chat.usage.completion_tokens == sum(
+        min(len((c.message.content or "").encode()), 8) for c in chat.choices
+    )
+    returned += chat.usage.total_tokens
+    done = client.completions.create(model="tiny", prompt="abc", max_tokens=5, stop=["\n"])
+    assert done.usage is not None
+    returned += done.usage.total_tokens
+    stream = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=8, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == min(len(text.encode()), 8)
+    returned += chunks[-1].usage.total_tokens
+    plain = list(
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True)
+    )  # type: ignore[arg-type]
+    assert all(c.usage is None for c in plain) and plain[0].choices[0].delta.role == "assistant"
+    billed = httpx.get(f"{gateway.url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
+    total = billed.json()["total"]
+    assert total["requests"] == 4
+    plain_tokens = billed.json()["data"][-1]
+    assert (
+        total["total_tokens"]
+        == returned + plain_tokens["prompt_tokens"] + plain_tokens["completion_tokens"]
+    )
+    (after,) = [k for k in gateway.keys.all() if k.id == key.id]
+    assert after.used_tokens == total["total_tokens"] and after.reserved_tokens == 0
+
+
+def test_errors_have_openai_shape_and_status(gateway: Gateway) -> None:
+    missing = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "tiny"})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert missing.headers["x-request-id"]
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("bz-not-a-key").models.list()
+    secret, _ = gateway.keys.create("errors", rpm=3)
+    client = gateway.client(secret)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="nope", messages=CHAT)  # type: ignore[arg-type]
+    assert unknown.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=CHAT, n=0)  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError) as limited:
+        for _ in range(4):  # the fourth in a minute
+            client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    poor, _ = gateway.keys.create("poor", budget_tokens=10)
+    with pytest.raises(openai.APIStatusError) as broke:
+        gateway.client(poor).chat.completions.create(model="tiny", messages=CHAT, max_tokens=8)  # type: ignore[arg-type]
+    assert broke.value.status_code == 402 and broke.value.code == "insufficient_quota"
+    assert broke.value.response.headers["x-should-retry"] == "false"
+    gateway.keys.revoke("errors")
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_concurrent_requests_never_overspend_a_budget(gateway: Gateway) -> None:
+    secret, key = gateway.keys.create("small", budget_tokens=600)
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=secret, max_retries=0)
+
+    async def one() -> int:
+        try:
+            r = await client.completions.create(model="tiny", prompt="ab", max_tokens=4)
+        except openai.APIStatusError as e:
+            assert e.status_code == 402
+            return 0
+        assert r.usage is not None
+        return r.usage.total_tokens
+
+    async def burst() -> list[int]:
+        return await asyncio.gather(*(one() for _ in range(200)))
+
+    spent = asyncio.run(burst())
+    (after,) = [k for k in gateway.keys.all() if k.id == key.id]
+    assert after.reserved_tokens == 0
+    assert after.used_tokens == sum(spent) <= 600
+    assert 0 < sum(s > 0 for s in spent) < 200  # some served, the rest refused
