@@ -4,6 +4,7 @@ the tiny model, a real gateway process (uvicorn + uvloop) with its own database 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,3 +145,44 @@ def test_concurrent_requests_never_overspend_a_budget(gateway: Gateway) -> None:
     assert after.reserved_tokens == 0
     assert after.used_tokens == sum(spent) <= 600
     assert 0 < sum(s > 0 for s in spent) < 200  # some served, the rest refused
+
+
+def test_failover_when_a_serving_node_dies_and_503_when_none_is_left(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    cluster = Cluster(tmp_path, interval_s=1.0)
+    db = f"sqlite:///{tmp_path / 'gateway.db'}"
+    try:
+        cluster.start_coordinator()
+        model = [f"--model_cache={tiny_model.parent.parent}", "--serve", "--torch_threads=1"]
+        nodes = [cluster.start_node(n, extra=model) for n in ("a", "b")]
+        wait_until(
+            lambda: all(n.get("serving_url") for n in cluster.nodes().values())
+            and len(cluster.nodes()) == 2,
+            90, what="two serving nodes",
+        )  # fmt: skip
+        port = free_port()
+        # the gateway reads the routes once and keeps them: dead nodes stay on its list
+        cluster.spawn("gateway", tmp_path / "gw", [
+            "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
+            "--db", db, f"--tokenizers.tiny={tiny_model}", "--refresh_s=600",
+        ])  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/health").json()["nodes"] == 2, 60, what="routes")
+        secret, _ = KeyStore(open_database(db)).create("k")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
+        for info in cluster.nodes().values():  # a node serves once its model is loaded
+            wait_until(lambda u=info["serving_url"]: httpx.get(f"{u}/health").is_success,
+                       90, what="a loaded model")  # fmt: skip
+        nodes[0].signal(signal.SIGKILL)
+        nodes[0].wait()
+        for _ in range(6):  # every request lands on the live node, whichever is tried first
+            r = client.completions.create(model="tiny", prompt="ab", max_tokens=3)
+            assert r.choices[0].finish_reason in ("stop", "length")
+        nodes[1].signal(signal.SIGKILL)
+        nodes[1].wait()
+        with pytest.raises(openai.APIStatusError) as none_left:
+            client.completions.create(model="tiny", prompt="ab", max_tokens=3)
+        assert none_left.value.status_code == 503 and none_left.value.code == "no_capacity"
+    finally:
+        cluster.stop_all()
