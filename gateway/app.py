@@ -61,6 +61,56 @@ class Metrics:
                               registry=r)  # fmt: skip
 
 
+class KeyCache:
+    """Authenticated keys for ``ttl_s``: a revoked key stops working within that time."""
+
+    def __init__(self, store: KeyStore, ttl_s: float) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        self.entries: dict[str, tuple[ApiKey | None, float]] = {}
+
+    async def get(self, presented: str) -> ApiKey | None:
+        now = time.monotonic()
+        hit = self.entries.get(presented)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        key = await anyio.to_thread.run_sync(self.store.authenticate, presented)
+        if len(self.entries) > 10_000:  # bounded: a flood of made-up keys cannot grow it
+            self.entries.clear()
+        self.entries[presented] = (key, now + self.ttl_s)
+        return key
+
+
+class Settler:
+    """Writes bills to the database in order, after the answer has gone out.
+
+    A reservation stays in place until its bill is written, so a late write never lets a key
+    overspend; ``drained(key)`` waits until a key's bills are all written (``/v1/usage`` reads
+    after it, so a caller always sees its own requests)."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self.send, self.receive = anyio.create_memory_object_stream[tuple[int, int, UsageRow]](
+            10_000
+        )
+        self.pending: dict[int, int] = {}
+        self.changed = anyio.Event()
+
+    async def submit(self, key_id: int, reserved: int, record: UsageRow) -> None:
+        self.pending[key_id] = self.pending.get(key_id, 0) + 1
+        await self.send.send((key_id, reserved, record))
+
+    async def run(self) -> None:
+        async for key_id, reserved, record in self.receive:
+            await anyio.to_thread.run_sync(self.store.settle, key_id, reserved, record)
+            self.pending[key_id] -= 1
+            self.changed.set()
+            self.changed = anyio.Event()
+
+    async def drained(self, key_id: int) -> None:
+        while self.pending.get(key_id, 0):
+            await self.changed.wait()
+
+
 class RateLimiter:
     """Requests and tokens per key in the last minute (this gateway process)."""
 
@@ -85,6 +135,8 @@ def create_app(
 ) -> FastAPI:
     metrics = Metrics()
     limiter = RateLimiter()
+    keys = KeyCache(store, config.key_cache_s)
+    settler = Settler(store)
     state: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
@@ -93,19 +145,16 @@ def create_app(
             state["client"] = client
             async with anyio.create_task_group() as tg:
                 tg.start_soon(router.refresh_loop, client)
+                tg.start_soon(settler.run)
                 yield
+                with anyio.move_on_after(10):  # write every bill before stopping
+                    for key_id in list(settler.pending):
+                        await settler.drained(key_id)
                 tg.cancel_scope.cancel()
 
     app = FastAPI(title="Bazaar gateway", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Any) -> Response:
-        rid = request.headers.get("x-request-id") or f"req-{secrets.token_hex(12)}"
-        request.state.request_id = rid
-        response: Response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        metrics.requests.labels(str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestIdMiddleware, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -120,7 +169,7 @@ def create_app(
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise APIError(401, "no API key: send 'Authorization: Bearer <key>'", "missing_api_key")
-        key = await anyio.to_thread.run_sync(store.authenticate, header[7:].strip())
+        key = await keys.get(header[7:].strip())
         if key is None:
             raise APIError(401, "invalid or revoked API key", "invalid_api_key")
         return key
@@ -143,6 +192,7 @@ def create_app(
     @app.get("/v1/usage")
     async def usage(request: Request) -> dict[str, Any]:
         key = await authorize(request)
+        await settler.drained(key.id)
         rows = await anyio.to_thread.run_sync(store.usage, key.id)
         fields = ("model", "prompt_tokens", "completion_tokens", "latency_ms", "node", "status",
                   "created_at")  # fmt: skip
@@ -175,7 +225,9 @@ def create_app(
             raise APIError(404, f"the model {body.model!r} does not exist or no node serves it",
                            "model_not_found", "model")  # fmt: skip
         try:
-            prompt = await anyio.to_thread.run_sync(counter.prompt, body.model, raw)
+            if not counter.is_loaded(body.model):  # loading is slow: off the event loop, once
+                await anyio.to_thread.run_sync(counter.tokenizer, body.model)
+            prompt = counter.prompt(body.model, raw)  # a tokenizer pass: cheaper than a thread hop
         except (OSError, ValueError) as e:
             raise APIError(
                 503, f"no tokenizer for {body.model!r}: {e}", "tokenizer_unavailable"
@@ -191,7 +243,7 @@ def create_app(
                            headers={"x-should-retry": "false"})  # fmt: skip
         if path == "/v1/chat/completions":
             raw.setdefault("max_tokens", max_tokens)
-        meter = Meter(store, counter, metrics, key, body.model, prompt, worst, max_tokens)
+        meter = Meter(settler, counter, metrics, key, body.model, prompt, worst, max_tokens)
         try:
             route, upstream = await open_upstream(path, raw, body.model)
         except BaseException:
@@ -267,12 +319,36 @@ def create_app(
     return app
 
 
+class RequestIdMiddleware:
+    """``x-request-id`` on every response (the caller's, or a new one) and a count per status.
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` costs
+    about a millisecond per request, the whole of the overhead budget."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id")
+        rid = given or f"req-{secrets.token_hex(12)}".encode()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class Meter:
     """One request's bill: counted by the gateway, settled once."""
 
-    def __init__(self, store: KeyStore, counter: TokenCounter, metrics: Metrics, key: ApiKey,
+    def __init__(self, settler: Settler, counter: TokenCounter, metrics: Metrics, key: ApiKey,
                  model: str, prompt: int, reserved: int, max_tokens: int) -> None:  # fmt: skip
-        self.store, self.counter, self.metrics, self.key = store, counter, metrics, key
+        self.settler, self.counter, self.metrics, self.key = settler, counter, metrics, key
         self.model, self.prompt, self.reserved = model, prompt, reserved
         self.max_tokens = max_tokens
         self.started = time.monotonic()
@@ -280,7 +356,7 @@ class Meter:
         self.settled: dict[str, int] | None = None
 
     async def count(self, texts: list[str]) -> dict[str, int]:
-        counts = [await anyio.to_thread.run_sync(self.counter.text, self.model, t) for t in texts]
+        counts = [self.counter.text(self.model, t) for t in texts]  # µs per short text
         # re-encoding a decoded text can count more tokens than were generated (a byte sequence
         # that was not valid UTF-8 comes back as U+FFFD); a choice never costs more than its cap,
         # which is also what keeps every bill within its reservation
@@ -300,7 +376,7 @@ class Meter:
             latency_ms=(time.monotonic() - self.started) * 1000, node=node or self.node,
             status=status, created_at=time.time(),
         )  # fmt: skip
-        await anyio.to_thread.run_sync(self.store.settle, self.key.id, self.reserved, record)
+        await self.settler.submit(self.key.id, self.reserved, record)
         self.metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
         self.metrics.tokens.labels("completion").inc(usage["completion_tokens"])
         return usage

@@ -20,5 +20,8 @@ class GatewayConfig(ConfigModel):
     """How often to re-read the serving nodes from the coordinator."""
     request_timeout_s: float = 300.0
     """Longest a forwarded request may take."""
+    key_cache_s: float = 1.0
+    """How long an authenticated key is trusted without asking the database again (so a revoked
+    key stops working within this time)."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

@@ -70,6 +70,9 @@ class TokenCounter:
         self.paths = tokenizers
         self._loaded: dict[str, Any] = {}
 
+    def is_loaded(self, model: str) -> bool:
+        return model in self._loaded
+
     def tokenizer(self, model: str) -> Any:
         if model not in self._loaded:
             from transformers import AutoTokenizer
