@@ -31,6 +31,8 @@ def test_coordinator_state_lives_in_postgresql(pg_url: str, tmp_path: Path) -> N
         coord = cluster.start_coordinator(extra=["--db", pg_url])
         node = cluster.start_node("pg-node")
         cluster.wait_status({"pg-node": "alive"}, 90)
+        # alive comes with the join; wait for a heartbeat too, so there is one to persist
+        wait_until(lambda: cluster.nodes()["pg-node"]["heartbeats"] >= 1, 30, what="a beat")
         assert not (cluster.coordinator_home / "coordinator.db").exists()  # not SQLite
         coord.signal(signal.SIGTERM)
         assert coord.wait(15) == 0
