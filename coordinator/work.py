@@ -13,7 +13,7 @@ receipts count is the lease book's (``coordinator/leases.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -296,12 +296,12 @@ class RolloutService:
 
     async def _save(
         self,
-        runs: list[RunState] = [],  # noqa: B006 (never mutated)
-        leases: list[LeaseState] = [],  # noqa: B006
-        receipts: list[ReceiptRow] = [],  # noqa: B006
-        audits: list[Audit] = [],  # noqa: B006
-        trust: list[str] = [],  # noqa: B006
-        appended: list[VerdictRow] = [],  # noqa: B006
+        runs: Sequence[RunState] = (),
+        leases: Sequence[LeaseState] = (),
+        receipts: Sequence[ReceiptRow] = (),
+        audits: Sequence[Audit] = (),
+        trust: Sequence[str] = (),
+        appended: Sequence[VerdictRow] = (),
     ) -> None:
         async with self._db_lock:
             rows: list[Base] = [_run_row(r) for r in runs]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.config import GatewayConfig
 from gateway.keys import ApiKey, KeyStore, UsageRow
 from gateway.routing import Route, Router, TokenCounter
-from protocol.api_errors import APIError, error_body, validation_message
+from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
 
 log = logging.getLogger(__name__)
 CHAT_DEFAULT_MAX_TOKENS = 256
@@ -154,7 +153,9 @@ def create_app(
 
     app = FastAPI(title="Bazaar gateway", lifespan=lifespan)
 
-    app.add_middleware(RequestIdMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestIdMiddleware, on_status=lambda status: metrics.requests.labels(str(status)).inc()
+    )
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -317,30 +318,6 @@ def create_app(
                 await meter.settle(["".join(t) for t in texts.values()], status, route.name)
 
     return app
-
-
-class RequestIdMiddleware:
-    """``x-request-id`` on every response (the caller's, or a new one) and a count per status.
-
-    Pure ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` costs
-    about a millisecond per request, the whole of the overhead budget."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id")
-        rid = given or f"req-{secrets.token_hex(12)}".encode()
-
-        async def send_with_id(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
-                self.metrics.requests.labels(str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 class Meter:

@@ -34,6 +34,7 @@ from node.config import NodeConfig
 from node.model_worker import ModelSpec, ModelWorker
 from node.payload_store import PayloadStore
 from node.payloads import serve_payloads
+from node.rollouts import completion_tokens
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease
@@ -154,7 +155,7 @@ class InferenceWorker:
     ) -> None:
         """Store the frame and submit the receipt naming it."""
         digest = self.store.put(frame)
-        tokens = sum(len(sample.token_ids) // 4 for sample in payload.samples)  # uint32 each
+        tokens = completion_tokens(payload)
         self.metrics.tokens.inc(tokens)
         receipt = RolloutReceipt(
             lease_id=lease.lease_id,

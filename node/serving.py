@@ -22,13 +22,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.completions import CompletionJob, CompletionResult
-from protocol.api_errors import APIError, error_body, validation_message
+from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
 
 Complete = Callable[[CompletionJob], Awaitable[CompletionResult]]
 MAX_DEFAULT_TOKENS = 256
@@ -75,12 +75,7 @@ def create_app(models: Callable[[], list[str]], complete: Complete) -> FastAPI:
     """``models()`` lists what this node serves (base first); ``complete`` runs a job."""
     app = FastAPI(title="Bazaar node", docs_url=None, redoc_url=None)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Any) -> Response:
-        rid = request.headers.get("x-request-id") or f"req-{secrets.token_hex(12)}"
-        response: Response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
