@@ -20,35 +20,25 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import GatewayConfig
 from gateway.keys import ApiKey, KeyStore, UsageRow
 from gateway.routing import Route, Router, TokenCounter
 from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
+from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 log = logging.getLogger(__name__)
 CHAT_DEFAULT_MAX_TOKENS = 256
 """What a chat request without ``max_tokens`` reserves (and what the node generates at most)."""
-
-
-class _Body(BaseModel):
-    """The fields the gateway itself needs; everything else is forwarded as it came."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    n: Annotated[int, Field(ge=1, le=16)] = 1
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    stream: bool = False
 
 
 class Metrics:
@@ -166,14 +156,19 @@ def create_app(
         message, param = validation_message(list(e.errors()))
         return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
 
-    async def authorize(request: Request) -> ApiKey:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer ") or not header[7:].strip():
+    bearer_dep = Depends(HTTPBearer(auto_error=False, description="From `bazaar keys create`"))
+
+    async def authorize(
+        credentials: HTTPAuthorizationCredentials | None = bearer_dep,
+    ) -> ApiKey:
+        if credentials is None or not credentials.credentials.strip():
             raise APIError(401, "no API key: send 'Authorization: Bearer <key>'", "missing_api_key")
-        key = await keys.get(header[7:].strip())
+        key = await keys.get(credentials.credentials.strip())
         if key is None:
             raise APIError(401, "invalid or revoked API key", "invalid_api_key")
         return key
+
+    key_dep = Depends(authorize)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -184,15 +179,12 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        await authorize(request)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "bazaar"}
-                for m in router.models()]  # fmt: skip
+    async def models(_: ApiKey = key_dep) -> dict[str, Any]:
+        data = [model_card(m, router.base_of(m) or m) for m in router.models()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/usage")
-    async def usage(request: Request) -> dict[str, Any]:
-        key = await authorize(request)
+    async def usage(key: ApiKey = key_dep) -> dict[str, Any]:
         await settler.drained(key.id)
         rows = await anyio.to_thread.run_sync(store.usage, key.id)
         fields = ("model", "prompt_tokens", "completion_tokens", "latency_ms", "node", "status",
@@ -205,30 +197,27 @@ def create_app(
             "total_tokens": prompt + completion}}  # fmt: skip
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(request: Request) -> Response:
-        return await proxy(request, "/v1/chat/completions", CHAT_DEFAULT_MAX_TOKENS)
+    async def chat(request: Request, body: ChatRequest, key: ApiKey = key_dep) -> Response:
+        return await proxy(request, key, body, "/v1/chat/completions", CHAT_DEFAULT_MAX_TOKENS)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> Response:
-        return await proxy(request, "/v1/completions", 16)
+    async def completions(
+        request: Request, body: CompletionRequest, key: ApiKey = key_dep
+    ) -> Response:
+        return await proxy(request, key, body, "/v1/completions", 16)
 
-    async def proxy(request: Request, path: str, default_max: int) -> Response:
-        key = await authorize(request)
-        try:
-            raw = await request.json()
-            body = _Body.model_validate(raw)
-        except ValueError as e:
-            if isinstance(e, ValidationError):
-                message, param = validation_message(list(e.errors()))
-                raise APIError(400, message, "invalid_request", param) from None
-            raise APIError(400, f"the body is not JSON: {e}", "invalid_request") from None
-        if body.model not in router.models():
+    async def proxy(
+        request: Request, key: ApiKey, body: OpenAIRequest, path: str, default_max: int
+    ) -> Response:
+        raw = await request.json()  # forwarded as it came, unknown fields and all
+        base = router.base_of(body.model)
+        if base is None:
             raise APIError(404, f"the model {body.model!r} does not exist or no node serves it",
                            "model_not_found", "model")  # fmt: skip
-        try:
-            if not counter.is_loaded(body.model):  # loading is slow: off the event loop, once
-                await anyio.to_thread.run_sync(counter.tokenizer, body.model)
-            prompt = counter.prompt(body.model, raw)  # a tokenizer pass: cheaper than a thread hop
+        try:  # adapters count with their base model's tokenizer
+            if not counter.is_loaded(base):  # loading is slow: off the event loop, once
+                await anyio.to_thread.run_sync(counter.tokenizer, base)
+            prompt = counter.prompt(base, raw)  # a tokenizer pass: cheaper than a thread hop
         except (OSError, ValueError) as e:
             raise APIError(
                 503, f"no tokenizer for {body.model!r}: {e}", "tokenizer_unavailable"
@@ -244,7 +233,7 @@ def create_app(
                            headers={"x-should-retry": "false"})  # fmt: skip
         if path == "/v1/chat/completions":
             raw.setdefault("max_tokens", max_tokens)
-        meter = Meter(settler, counter, metrics, key, body.model, prompt, worst, max_tokens)
+        meter = Meter(settler, counter, metrics, key, body.model, base, prompt, worst, max_tokens)
         try:
             route, upstream = await open_upstream(path, raw, body.model)
         except BaseException:
@@ -324,16 +313,17 @@ class Meter:
     """One request's bill: counted by the gateway, settled once."""
 
     def __init__(self, settler: Settler, counter: TokenCounter, metrics: Metrics, key: ApiKey,
-                 model: str, prompt: int, reserved: int, max_tokens: int) -> None:  # fmt: skip
+                 model: str, base: str, prompt: int, reserved: int,
+                 max_tokens: int) -> None:  # fmt: skip
         self.settler, self.counter, self.metrics, self.key = settler, counter, metrics, key
-        self.model, self.prompt, self.reserved = model, prompt, reserved
+        self.model, self.base, self.prompt, self.reserved = model, base, prompt, reserved
         self.max_tokens = max_tokens
         self.started = time.monotonic()
         self.node = ""
         self.settled: dict[str, int] | None = None
 
     async def count(self, texts: list[str]) -> dict[str, int]:
-        counts = [self.counter.text(self.model, t) for t in texts]  # µs per short text
+        counts = [self.counter.text(self.base, t) for t in texts]  # µs per short text
         # re-encoding a decoded text can count more tokens than were generated (a byte sequence
         # that was not valid UTF-8 comes back as U+FFFD); a choice never costs more than its cap,
         # which is also what keeps every bill within its reservation

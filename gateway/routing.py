@@ -57,6 +57,11 @@ class Router:
     def models(self) -> list[str]:
         return sorted({m for r in self.routes for m in r.models})
 
+    def base_of(self, model: str) -> str | None:
+        """The base model ``model`` runs on (itself for a base model), None if nobody serves it.
+        A node lists its base model first, then its adapters."""
+        return next((r.models[0] for r in self.routes if model in r.models), None)
+
     def pick(self, model: str, exclude: set[str]) -> Route | None:
         """The least busy node serving ``model``, not in ``exclude``."""
         candidates = [r for r in self.routes if model in r.models and r.peer_id not in exclude]

@@ -198,6 +198,12 @@ class NodeAgent:
             raise DecodeError(f"unexpected {env.message.TYPE} from {env.sender}")
         return env.message
 
+    async def announce(self, capabilities: Capabilities) -> None:
+        """Tell the network this node's capabilities changed (gossip; a rejoin carries them too)."""
+        self.capabilities = capabilities
+        msg = Announce(name=self.name, listen_addrs=self.host.addrs(), capabilities=capabilities)
+        await self.host.publish(MEMBERSHIP, seal(self.identity, msg))
+
     # -- loops --------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:

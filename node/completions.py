@@ -12,6 +12,7 @@ the completion's token count is the tokens that text took, not what was generate
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class CompletionJob:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
+
+    def with_adapter(self, adapter: str | None) -> CompletionJob:
+        return dataclasses.replace(self, adapter=adapter)
 
 
 @dataclass(frozen=True)

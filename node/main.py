@@ -98,6 +98,7 @@ def _roles(
 
         roles.append(VerifierWorker(config, model))
     if config.serve:
+        from node.adapters import AdapterStore
         from node.serving import ServingRole
         from protocol.http import bind_tcp
 
@@ -105,9 +106,10 @@ def _roles(
         sock = bind_tcp(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
+        role = ServingRole(model, sock, config.model, AdapterStore(data_dir / "adapters"))
         agent.capabilities = msgspec.structs.replace(
-            agent.capabilities, serving_url=url, serving_models=[config.model]
+            agent.capabilities, serving_url=url, serving_models=role.models()
         )
-        roles.append(ServingRole(model, sock, lambda: [config.model]))
+        roles.append(role)
         log.info("serving %s at %s/v1", config.model, url)
     return roles

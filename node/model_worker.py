@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +62,7 @@ class ModelWorker:
     """The node side of the pipe. Requests are pipelined: several may be outstanding, the child
     answers them in order, and a reader task hands each answer to its caller."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, max_adapters: int = 4) -> None:
         self.spec = spec
         self.device = ""
         self._conn: Any = None
@@ -69,6 +71,10 @@ class ModelWorker:
         self._waiting: deque[trio.MemorySendChannel[tuple[str, Any]]] = deque()
         self._start_lock = trio.Lock()
         self.state = "new"  # new | ready | failed
+        self.max_adapters = max_adapters
+        self._adapters: OrderedDict[str, int] = OrderedDict()
+        """Adapters loaded in the child, least recently used first, with their requests in use."""
+        self._adapter_lock = trio.Lock()
 
     async def ensure_started(self, nursery: trio.Nursery) -> bool:
         """Start it once, for every role of the node; False (logged) if the model cannot load."""
@@ -115,6 +121,32 @@ class ModelWorker:
             "verify", lease, payload, current_version, max_staleness
         )
         return outcome
+
+    @asynccontextmanager
+    async def using(self, name: str | None, path: str = "") -> AsyncIterator[None]:
+        """Hold adapter ``name`` (loaded from ``path`` the first time) loaded for a request;
+        None is the base model. Beyond ``max_adapters``, the least recently used adapter that no
+        request holds is unloaded."""
+        if name is None:
+            yield
+            return
+        async with self._adapter_lock:
+            if name not in self._adapters:
+                await self._call("load_adapter", name, path)
+                self._adapters[name] = 0
+            self._adapters.move_to_end(name)
+            self._adapters[name] += 1
+            idle = [a for a, n in self._adapters.items() if n == 0]
+            for old in idle[: max(0, len(self._adapters) - self.max_adapters)]:
+                await self._call("unload_adapter", old)
+                del self._adapters[old]
+        try:
+            yield
+        finally:
+            self._adapters[name] -= 1
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
 
     async def _call(self, op: str, *args: Any) -> Any:
         answer_send, answer_receive = trio.open_memory_channel[tuple[str, Any]](1)
@@ -213,6 +245,12 @@ class _Child:
         producer = producer_cls(self.backend, self.backend.tokenizer)
         payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease)
         return payload
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.backend.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.backend.unload_adapter(name)
 
     def complete(self, job: CompletionJob) -> CompletionResult:
         from node.completions import run_completion

@@ -17,62 +17,37 @@ generation); the wire format is the streaming one clients expect.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
+from node.adapters import AdapterStore, adapter_name
 from node.completions import CompletionJob, CompletionResult
 from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
+from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
-Complete = Callable[[CompletionJob], Awaitable[CompletionResult]]
+log = logging.getLogger(__name__)
 MAX_DEFAULT_TOKENS = 256
 """``max_tokens`` when a chat request gives none (bounded by the model's context anyway)."""
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
-    model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+class Served(Protocol):
+    def models(self) -> list[str]:
+        """What this node serves: the base model first, then adapters."""
+        ...
 
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-    def include_usage(self) -> bool:
-        return bool(self.stream and (self.stream_options or {}).get("include_usage"))
+    async def complete(self, model: str, job: CompletionJob) -> CompletionResult:
+        """Run ``job`` on ``model``; ``KeyError`` if it is not served (any more)."""
+        ...
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
-
-
-class ChatRequest(_Request):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    logprobs: bool = False
-
-
-class CompletionRequest(_Request):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-
-
-def create_app(models: Callable[[], list[str]], complete: Complete) -> FastAPI:
-    """``models()`` lists what this node serves (base first); ``complete`` runs a job."""
+def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="Bazaar node", docs_url=None, redoc_url=None)
 
     app.add_middleware(RequestIdMiddleware)
@@ -88,25 +63,22 @@ def create_app(models: Callable[[], list[str]], complete: Complete) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": models()}
+        return {"status": "ok", "models": served.models()}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        served = models()
-        data = [{"id": served[0], "object": "model", "created": 0, "owned_by": "bazaar"}]
-        data += [
-            {"id": m, "object": "model", "created": 0, "owned_by": "bazaar",
-             "parent": served[0], "root": served[0]}
-            for m in served[1:]
-        ]  # fmt: skip
-        return {"object": "list", "data": data}
+        models = served.models()
+        return {"object": "list", "data": [model_card(m, models[0]) for m in models]}
 
-    async def run(req: _Request, job: CompletionJob) -> CompletionResult:
-        if req.model not in models():
-            raise APIError(404, f"the model {req.model!r} does not exist here", "model_not_found",
-                           "model")  # fmt: skip
+    async def run(req: OpenAIRequest, job: CompletionJob) -> CompletionResult:
+        unknown = APIError(404, f"the model {req.model!r} does not exist here",
+                           "model_not_found", "model")  # fmt: skip
+        if req.model not in served.models():
+            raise unknown
         try:
-            return await complete(job)
+            return await served.complete(req.model, job)
+        except KeyError:
+            raise unknown from None
         except ValueError as e:
             if "ContextTooLong" in str(e):
                 raise APIError(400, str(e).split(": ", 1)[-1], "context_length_exceeded",
@@ -187,7 +159,7 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 async def _chat_chunks(
-    rid: str, created: int, req: _Request, result: CompletionResult
+    rid: str, created: int, req: OpenAIRequest, result: CompletionResult
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -204,7 +176,7 @@ async def _chat_chunks(
 
 
 async def _completion_chunks(
-    rid: str, created: int, req: _Request, result: CompletionResult
+    rid: str, created: int, req: OpenAIRequest, result: CompletionResult
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
@@ -220,10 +192,28 @@ async def _completion_chunks(
 
 class ServingRole:
     """The node role that runs the endpoint: loads the model at start (a serving node should
-    answer its first request promptly) and serves until the node stops."""
+    answer its first request promptly), serves the base model and every adapter version in the
+    node's adapter store, and announces what it serves whenever that changes."""
 
-    def __init__(self, model: Any, sock: Any, served: Callable[[], list[str]]) -> None:
-        self.model, self.sock, self.served = model, sock, served
+    def __init__(
+        self, model: Any, sock: Any, base: str, store: AdapterStore, rescan_s: float = 1.0
+    ) -> None:
+        self.model, self.sock, self.base, self.store = model, sock, base, store
+        self.rescan_s = rescan_s
+        self._models = [base, *store.model_names()]
+
+    def models(self) -> list[str]:
+        return self._models
+
+    async def complete(self, model: str, job: CompletionJob) -> CompletionResult:
+        if model == self.base:
+            return await self.model.complete(job)
+        held = self.store.resolve(model)
+        if held is None:
+            raise KeyError(model)
+        name = adapter_name(*held)
+        async with self.model.using(name, str(self.store.path(*held))):
+            return await self.model.complete(job.with_adapter(name))
 
     async def __call__(self, agent: Any) -> None:
         import trio
@@ -233,4 +223,19 @@ class ServingRole:
         async with trio.open_nursery() as nursery:
             if not await self.model.ensure_started(nursery):
                 return
-            await serve_http(create_app(self.served, self.model.complete), self.sock, trio.Event())
+            nursery.start_soon(self._watch, agent)
+            await serve_http(create_app(self), self.sock, trio.Event())
+
+    async def _watch(self, agent: Any) -> None:
+        """Re-read the adapter store; on a change, serve the new list and announce it."""
+        import msgspec
+        import trio
+
+        while True:
+            models = [self.base, *self.store.model_names()]
+            if models != self._models or list(agent.capabilities.serving_models) != models:
+                self._models = models
+                caps = msgspec.structs.replace(agent.capabilities, serving_models=models[:256])
+                await agent.announce(caps)
+                log.info("serving %s", ", ".join(models))
+            await trio.sleep(self.rescan_s)

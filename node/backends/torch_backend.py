@@ -64,6 +64,16 @@ class TorchBackend:
         self.model.eval()
         self.adapters.add(name)
 
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter (its memory is freed; the base is untouched)."""
+        if name not in self.adapters:
+            return
+        if self.adapters == {name}:  # the last one: take the LoRA layers out of the base again
+            self.model = self.base = self.model.unload()
+        else:
+            self.model.delete_adapter(name)
+        self.adapters.discard(name)
+
     def _select(self, adapter: str | None) -> Any:
         """The module to run: the active adapter, or the base with adapters disabled."""
         if adapter is None:

@@ -62,11 +62,16 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.device = "cuda"
         self.adapters: dict[str, tuple[int, str]] = {}
+        self._next_id = 0
 
     def load_adapter(self, name: str, path: str) -> None:
         """Register a PEFT adapter; vLLM loads it on first use, beside the base weights."""
-        int_id = self.adapters[name][0] if name in self.adapters else len(self.adapters) + 1
-        self.adapters[name] = (int_id, path)
+        self._next_id += 1  # vLLM caches adapters by id: never reuse one
+        self.adapters[name] = (self._next_id, path)
+
+    def unload_adapter(self, name: str) -> None:
+        int_id, _ = self.adapters.pop(name)
+        self.llm.llm_engine.remove_lora(int_id)
 
     def _lora(self, adapter: str | None) -> Any:
         if adapter is None:

@@ -14,8 +14,10 @@ import openai
 import pytest
 
 from gateway.keys import KeyStore, open_database
+from node.adapters import AdapterStore
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster
+from tests.lora import random_adapter
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -26,6 +28,9 @@ CHAT = [{"role": "user", "content": "What is 12 + 7?"}]
 class Gateway:
     url: str
     keys: KeyStore
+    adapters: AdapterStore
+    """The serving node's adapter store."""
+    root: Path
 
     def client(self, key: str, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)  # type: ignore[arg-type]
@@ -38,6 +43,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     db = f"sqlite:///{root / 'gateway.db'}"
     try:
         cluster.start_coordinator()
+        store = AdapterStore(root / "home-server" / "adapters")
+        for version in (1, 2):  # two versions of a run's adapter, held by the node from the start
+            lora = random_adapter(tiny_model, root / f"lora{version}", version)
+            store.add_dir("demo", version, lora)
         cluster.start_node("server", extra=["--serve", f"--model_cache={tiny_model.parent.parent}"])
         port = free_port()
         cluster.spawn("gateway", root / "gw-home", [
@@ -51,7 +60,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
             return "tiny" in health["models"]
 
         wait_until(ready, 90, what="the gateway routing to the serving node")
-        yield Gateway(url, KeyStore(open_database(db)))
+        yield Gateway(url, KeyStore(open_database(db)), store, root)
     finally:
         cluster.stop_all()
 
@@ -59,7 +68,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
 def test_chat_completions_and_usage_add_up(gateway: Gateway) -> None:
     secret, key = gateway.keys.create("app")
     client = gateway.client(secret)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert "tiny" in [m.id for m in client.models.list().data]
     returned = 0
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, n=2, seed=4)  # type: ignore[arg-type]
     assert len(chat.choices) == 2 and chat.usage is not None
@@ -193,3 +202,33 @@ def test_failover_when_a_serving_node_dies_and_503_when_none_is_left(
         assert none_left.value.status_code == 503 and none_left.value.code == "no_capacity"
     finally:
         cluster.stop_all()
+
+
+def test_model_selects_base_or_adapter_version(gateway: Gateway, tiny_model: Path) -> None:
+    secret, _ = gateway.keys.create("adapters")
+    client = gateway.client(secret)
+    cards = {m.id: m for m in client.models.list().data}
+    assert {"tiny", "demo", "demo@1", "demo@2"} <= set(cards)
+    assert getattr(cards["demo@1"], "parent", None) == "tiny"
+    assert getattr(cards["demo"], "root", None) == "tiny" and not hasattr(cards["tiny"], "parent")
+
+    def answer(model: str) -> str:
+        done = client.completions.create(model=model, prompt="12+7=", max_tokens=8,
+                                         temperature=0)  # fmt: skip
+        assert done.model == model and done.usage is not None
+        return done.choices[0].text
+
+    base, v1, v2 = answer("tiny"), answer("demo@1"), answer("demo@2")
+    assert len({base, v1, v2}) == 3  # three different weights
+    assert answer("demo") == v2  # the newest version
+    # a new version arriving in the node's store is served, and announced, without a restart
+    gateway.adapters.add_dir("demo", 3, random_adapter(tiny_model, gateway.root / "lora3", 3))
+
+    def listed() -> bool:
+        return "demo@3" in [m.id for m in client.models.list().data]
+
+    wait_until(listed, 20, what="the gateway to route demo@3")
+    v3 = answer("demo@3")
+    assert v3 not in (v1, v2) and answer("demo") == v3 and answer("demo@1") == v1
+    with pytest.raises(openai.NotFoundError):
+        answer("demo@9")

@@ -16,6 +16,7 @@ from node.backends import Sampling
 from node.backends.torch_backend import TorchBackend
 from node.models.tiny import TinySpec, build_tiny_model, greedy_accuracy
 from tests.conftest import REPO
+from tests.lora import random_adapter
 from verification.rollouts import prompt_ids
 from verification.sampling import derive_seed, replay_margins, sampling_logprobs
 
@@ -77,21 +78,14 @@ def test_seeded_generation_replays_exactly_in_fp32(backend: TorchBackend) -> Non
 def test_adapters_hot_swap_without_reloading_the_base(
     backend: TorchBackend, tmp_path: Path
 ) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     base_id = id(backend.base)
     prompts = _prompts(backend, 6)
     seeds = [derive_seed(b"\x07" * 32, i, 0) for i in range(6)]
     greedy = Sampling(temperature=0.0, max_tokens=6)
     before = backend.generate(prompts, seeds, greedy)
     for name, seed in (("a", 1), ("b", 2)):
-        torch.manual_seed(seed)
-        fresh = AutoModelForCausalLM.from_pretrained(backend.base.name_or_path)
-        config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                            init_lora_weights=False)  # fmt: skip
-        get_peft_model(fresh, config).save_pretrained(tmp_path / name)
-        backend.load_adapter(name, str(tmp_path / name))
+        lora = random_adapter(backend.base.name_or_path, tmp_path / name, seed)
+        backend.load_adapter(name, str(lora))
     with_a = backend.generate(prompts, seeds, greedy, adapter="a")
     with_b = backend.generate(prompts, seeds, greedy, adapter="b")
     assert [g.token_ids for g in with_a] != [g.token_ids for g in before]
@@ -105,6 +99,15 @@ def test_adapters_hot_swap_without_reloading_the_base(
     assert torch.argmax(logits, -1).tolist() == gen.token_ids
     with pytest.raises(ValueError, match="not loaded"):
         backend.generate(prompts, seeds, greedy, adapter="missing")
+    backend.unload_adapter("a")  # the other stays, and so does the base
+    with pytest.raises(ValueError, match="not loaded"):
+        backend.generate(prompts, seeds, greedy, adapter="a")
+    assert backend.generate(prompts, seeds, greedy, adapter="b") == with_b
+    backend.unload_adapter("b")
+    assert backend.generate(prompts, seeds, greedy) == before
+    assert id(backend.base) == base_id and backend.model is backend.base
+    backend.load_adapter("a", str(tmp_path / "a"))  # loads again after the last one left
+    assert backend.generate(prompts, seeds, greedy, adapter="a") == with_a
 
 
 def test_tiny_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:

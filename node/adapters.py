@@ -1,0 +1,103 @@
+"""The adapter versions a node holds, on disk in PEFT format, and the model names they serve.
+
+An adapter version lives at ``<data dir>/adapters/<run id>/<version>/`` as PEFT writes it
+(``adapter_config.json`` + ``adapter_model.safetensors``), so ``peft.PeftModel.from_pretrained``
+loads it as it is. A version is written into a temporary directory next to its place and renamed
+into it, so a reader sees a whole version or none.
+
+Model names: the base model by its own name; ``<run>`` for the newest version held of a run;
+``<run>@<version>`` for a pinned one. In the model process each version is loaded under its own
+name (``<run>@<version>``), so a new version is added beside the one in use and generations in
+flight finish on the version they started with.
+
+>>> parse_model_name("arith-1@3"), parse_model_name("arith-1"), parse_model_name("a@b")
+(('arith-1', 3), ('arith-1', None), None)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def parse_model_name(name: str) -> tuple[str, int | None] | None:
+    """``(run, version or None)`` for an adapter name, None if it cannot be one."""
+    run, at, version = name.partition("@")
+    if not _RUN.match(run) or (at and not version.isdigit()):
+        return None
+    return run, int(version) if at else None
+
+
+def adapter_name(run_id: str, version: int) -> str:
+    return f"{run_id}@{version}"
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, run_id: str, version: int) -> Path:
+        return self.root / run_id / str(version)
+
+    def versions(self, run_id: str) -> list[int]:
+        """The versions held of ``run_id``, oldest first."""
+        d = self.root / run_id
+        if not _RUN.match(run_id) or not d.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / FILES[1]).is_file()
+        )
+
+    def runs(self) -> dict[str, list[int]]:
+        if not self.root.is_dir():
+            return {}
+        held = {p.name: self.versions(p.name) for p in sorted(self.root.iterdir()) if p.is_dir()}
+        return {run: versions for run, versions in held.items() if versions}
+
+    def model_names(self) -> list[str]:
+        """Every name this store serves: ``<run>`` and each ``<run>@<version>``."""
+        names = []
+        for run, versions in self.runs().items():
+            names.append(run)
+            names += [adapter_name(run, v) for v in versions]
+        return names
+
+    def resolve(self, model: str) -> tuple[str, int] | None:
+        """The ``(run, version)`` a model name selects here, or None."""
+        parsed = parse_model_name(model)
+        if parsed is None:
+            return None
+        run, version = parsed
+        held = self.versions(run)
+        if version is None:
+            return (run, held[-1]) if held else None
+        return (run, version) if version in held else None
+
+    def add(self, run_id: str, version: int, files: dict[str, bytes]) -> Path:
+        """Write a version atomically (temporary directory, then rename); returns its path."""
+        if not _RUN.match(run_id) or set(files) != set(FILES):
+            raise ValueError(f"an adapter is {FILES} of a run id like 'arith-1', got {run_id!r}")
+        final = self.path(run_id, version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".incoming-"))
+        try:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            if final.exists():  # versions never change: the one already here is the same
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def add_dir(self, run_id: str, version: int, source: Path) -> Path:
+        """Copy a PEFT directory (as ``save_pretrained`` wrote it) in as a version."""
+        return self.add(run_id, version, {f: (source / f).read_bytes() for f in FILES})
