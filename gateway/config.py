@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from protocol.config import ConfigModel
 
 
@@ -23,5 +25,17 @@ class GatewayConfig(ConfigModel):
     key_cache_s: float = 1.0
     """How long an authenticated key is trusted without asking the database again (so a revoked
     key stops working within this time)."""
+    name: str = "gateway"
+    """This gateway's name in the database: the budget it holds is recorded under it, and given
+    back when a gateway of that name starts again. Gateways sharing a database need distinct
+    names."""
+    budget_hold_tokens: int = Field(8192, gt=0)
+    """How much of a key's budget the gateway takes at a time to reserve requests against in
+    memory (less when less is left); 0 database writes per request until it is used up."""
+    budget_idle_s: float = Field(30.0, gt=0)
+    """A key idle this long gets the unused part of its hold back."""
+    settle_interval_s: float = Field(0.05, ge=0)
+    """Bills are written this long after the first one waiting, together, in one transaction
+    (their tokens stay counted in the gateway's hold until then)."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

@@ -2,12 +2,15 @@
 
 - **Keys** are random (``bz-`` + 32 url-safe bytes), shown once at creation and stored only as
   their SHA-256; a presented key is hashed, looked up, and compared with ``hmac.compare_digest``.
-- **Budgets** are in tokens. Before a request is forwarded, its worst case (prompt + max tokens ×
-  n) is *reserved* with one conditional ``UPDATE``: it succeeds only if used + reserved + the new
-  reservation stays within the budget, so no number of concurrent requests — in one gateway
-  process or several sharing a database — can overspend. After the response, the reservation is
-  *settled*: released, and the tokens actually used (counted by the gateway with the model's
-  tokenizer) are charged.
+- **Budgets** are in tokens. A gateway process *holds* part of a key's budget: ``hold`` moves
+  tokens into ``reserved_tokens`` with one conditional ``UPDATE`` that succeeds only if used +
+  reserved + the new hold stays within the budget, so the holds of any number of gateway
+  processes sharing the database never add up to more than the budget. Each gateway's holds are
+  also written per gateway name (``budget_holds``), in the same transaction, so a restarted
+  gateway gives back what its previous run held (``release_all``). Requests are reserved
+  against a hold in the gateway's memory (``gateway/budgets.py``).
+- **Settlement** charges the tokens a request used (counted by the gateway with the model's
+  tokenizer) out of the gateway's hold, and records the request, in one transaction.
 - **Usage**: every request writes a record (key, model, tokens, latency, node, status).
 
 SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL (``protocol/database.py``).
@@ -27,6 +30,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    insert,
     select,
     update,
 )
@@ -67,6 +71,37 @@ class UsageRow(Base):
     node: Mapped[str] = mapped_column(String(128))
     status: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class HoldRow(Base):
+    """Tokens of a key's budget held by one gateway process (part of the key's reserved)."""
+
+    __tablename__ = "budget_holds"
+    gateway: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+
+
+@dataclass(frozen=True)
+class Bill:
+    """One request's usage record, and how much of it comes out of the gateway's hold."""
+
+    key_id: int
+    charged: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    node: str
+    status: int
+    created_at: float
+
+    def row(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in _USAGE_FIELDS}
+
+
+_USAGE_FIELDS = ("key_id", "model", "prompt_tokens", "completion_tokens", "latency_ms", "node",
+                 "status", "created_at")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,8 +176,9 @@ class KeyStore:
                 return None
             return ApiKey.of(row)
 
-    def reserve(self, key_id: int, tokens: int) -> bool:
-        """Reserve ``tokens`` of the key's budget, atomically; False if they do not fit."""
+    def hold(self, gateway: str, key_id: int, tokens: int) -> bool:
+        """Move ``tokens`` of the key's budget into ``gateway``'s hold, atomically; False if
+        they do not fit (or the key is revoked or gone)."""
         with Session(self.engine) as s, s.begin():
             q = update(KeyRow).where(KeyRow.id == key_id, KeyRow.revoked.is_(False))
             q = q.where(
@@ -150,21 +186,78 @@ class KeyStore:
                 | (KeyRow.used_tokens + KeyRow.reserved_tokens + tokens <= KeyRow.budget_tokens)
             )
             result = s.execute(q.values(reserved_tokens=KeyRow.reserved_tokens + tokens))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            if not result.rowcount:  # type: ignore[attr-defined]
+                return False
+            self._change_hold(s, gateway, key_id, tokens)
+            return True
 
-    def settle(self, key_id: int, reserved: int, usage: UsageRow) -> None:
-        """Release a reservation, charge what was used, and record the request, in one go."""
-        used = usage.prompt_tokens + usage.completion_tokens
+    def release(self, gateway: str, key_id: int, tokens: int) -> None:
+        """Give ``tokens`` of ``gateway``'s hold back to the key's budget."""
         with Session(self.engine) as s, s.begin():
             s.execute(
                 update(KeyRow)
                 .where(KeyRow.id == key_id)
-                .values(
-                    reserved_tokens=KeyRow.reserved_tokens - reserved,
-                    used_tokens=KeyRow.used_tokens + used,
-                )
+                .values(reserved_tokens=KeyRow.reserved_tokens - tokens)
             )
-            s.add(usage)
+            self._change_hold(s, gateway, key_id, -tokens)
+
+    def release_all(self, gateway: str) -> int:
+        """Give back everything ``gateway`` holds (its previous run's holds, at start); returns
+        the tokens given back."""
+        with Session(self.engine) as s, s.begin():
+            holds = list(s.scalars(select(HoldRow).where(HoldRow.gateway == gateway)))
+            for h in holds:
+                s.execute(
+                    update(KeyRow)
+                    .where(KeyRow.id == h.key_id)
+                    .values(reserved_tokens=KeyRow.reserved_tokens - h.tokens)
+                )
+                s.delete(h)
+            return sum(h.tokens for h in holds)
+
+    def holds(self, gateway: str) -> dict[int, int]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(HoldRow).where(HoldRow.gateway == gateway))
+            return {h.key_id: h.tokens for h in rows if h.tokens}
+
+    def settle(self, gateway: str, bill: Bill) -> None:
+        """Charge a request's tokens — ``bill.charged`` of them out of ``gateway``'s hold (0 for
+        a key without a budget) — and record the request, in one transaction."""
+        self.settle_many(gateway, [bill])
+
+    def settle_many(self, gateway: str, bills: list[Bill]) -> None:
+        """``settle`` for several requests, in one transaction (SQLAlchemy Core: a bill is a
+        few statements, not a unit of work of ORM objects)."""
+        used: dict[int, int] = {}
+        charged: dict[int, int] = {}
+        for b in bills:
+            used[b.key_id] = used.get(b.key_id, 0) + b.prompt_tokens + b.completion_tokens
+            charged[b.key_id] = charged.get(b.key_id, 0) + b.charged
+        with self.engine.begin() as conn:
+            for key_id in used:
+                conn.execute(
+                    update(KeyRow)
+                    .where(KeyRow.id == key_id)
+                    .values(
+                        reserved_tokens=KeyRow.reserved_tokens - charged[key_id],
+                        used_tokens=KeyRow.used_tokens + used[key_id],
+                    )
+                )
+                if charged[key_id]:  # a hold row exists: the tokens were held before
+                    conn.execute(
+                        update(HoldRow)
+                        .where(HoldRow.gateway == gateway, HoldRow.key_id == key_id)
+                        .values(tokens=HoldRow.tokens - charged[key_id])
+                    )
+            conn.execute(insert(UsageRow), [b.row() for b in bills])
+
+    @staticmethod
+    def _change_hold(s: Session, gateway: str, key_id: int, delta: int) -> None:
+        row = s.get(HoldRow, (gateway, key_id))
+        if row is None:
+            s.add(HoldRow(gateway=gateway, key_id=key_id, tokens=delta))
+        else:
+            row.tokens += delta
 
     def usage(self, key_id: int) -> list[UsageRow]:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -41,5 +41,6 @@ def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
     app = create_app(config, store, router, TokenCounter(config.tokenizers))
     host, port = parse_host_port(config.listen)
     log.info("gateway on http://%s:%d, routing through the coordinator at %s", host, port, url)
-    uvicorn.run(app, host=host, port=port, loop="uvloop", log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_config=None,
+                access_log=False, proxy_headers=False, server_header=False)  # fmt: skip
     return 0

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,22 @@ class Router:
     routes: list[Route] = field(default_factory=list)
     in_flight: Counter[str] = field(default_factory=Counter)
 
-    async def refresh(self, client: httpx.AsyncClient) -> None:
-        resp = await client.get(f"{self.coordinator_url}/v1/network/nodes", timeout=5)
-        resp.raise_for_status()
+    async def refresh(self, session: aiohttp.ClientSession) -> None:
+        url = f"{self.coordinator_url}/v1/network/nodes"
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            resp.raise_for_status()
+            nodes = (await resp.json())["data"]
         self.routes = [
             Route(n["peer_id"], n["name"], n["serving_url"], tuple(n["serving_models"]))
-            for n in resp.json()["data"]
-            if n["status"] == "alive" and n.get("serving_url")
+            for n in nodes
+            if n["status"] == "alive" and n.get("serving_url") and n.get("serving_models")
         ]
 
-    async def refresh_loop(self, client: httpx.AsyncClient) -> None:
+    async def refresh_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             try:
-                await self.refresh(client)
-            except (httpx.HTTPError, ValueError, KeyError) as e:
+                await self.refresh(session)
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
                 log.warning("cannot read serving nodes from the coordinator: %s", e)
             await anyio.sleep(self.refresh_s)
 
@@ -96,8 +98,10 @@ class TokenCounter:
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
         prompt = body.get("prompt", "")
-        text = prompt if isinstance(prompt, str) else "".join(prompt)
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+        return self.text(model, prompt if isinstance(prompt, str) else "".join(prompt))
 
     def text(self, model: str, text: str) -> int:
-        return len(self.tokenizer(model)(text, add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer(model)
+        if (fast := getattr(tok, "backend_tokenizer", None)) is not None:  # skips the wrapper
+            return len(fast.encode(text, add_special_tokens=False).ids)
+        return len(tok(text, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ an ``x-request-id`` on every response.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -66,12 +67,14 @@ class RequestIdMiddleware:
 
     def __init__(self, app: Any, on_status: Callable[[int], None] | None = None) -> None:
         self.app, self.on_status = app, on_status
+        self.prefix = secrets.token_hex(8)  # unique per process; a counter within it
+        self.counter = itertools.count()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id")
-        rid = given or f"req-{secrets.token_hex(12)}".encode()
+        rid = given or f"req-{self.prefix}{next(self.counter):08x}".encode()
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":

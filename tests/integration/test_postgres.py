@@ -1,16 +1,21 @@
-"""The coordinator on PostgreSQL: ``--db postgresql://...`` holds membership across a restart."""
+"""PostgreSQL by ``--db postgresql://...``: the coordinator's membership across a restart; the
+gateway's keys, budget holds (exact under racing threads) and usage records across a restart."""
 
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from sqlalchemy import create_engine, text
 
+from gateway.keys import KeyStore, open_database
 from tests.integration import postgres
 from tests.integration.cluster import Cluster
+from tests.integration.fake_node import FakeNode, Setup
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,3 +53,43 @@ def test_coordinator_state_lives_in_postgresql(pg_url: str, tmp_path: Path) -> N
         assert node.alive()
     finally:
         cluster.stop_all()
+
+
+def test_gateway_keys_holds_and_usage_live_in_postgresql(
+    pg_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    store = KeyStore(open_database(pg_url))
+    _, racing = store.create("racing", budget_tokens=1000)
+    granted: list[bool] = []
+
+    def hold(i: int) -> None:
+        granted.append(store.hold(f"gw{i % 2}", racing.id, 30))  # list.append is atomic
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 1000 // 30  # PostgreSQL's row locks: exactly what fits
+    assert store.release_all("gw0") + store.release_all("gw1") == 30 * sum(granted)
+
+    secret, key = store.create("app", budget_tokens=5000)
+    with FakeNode() as node:
+        setup = Setup(Cluster(tmp_path), node, pg_url, tiny_model)
+        try:
+            setup.start_gateway()
+            client = openai.OpenAI(base_url=f"{setup.url}/v1", api_key=secret, max_retries=0)
+            answers = [client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+                       for _ in range(2)]  # fmt: skip
+            totals = [a.usage.total_tokens for a in answers if a.usage is not None]
+            assert setup.proc is not None
+            setup.proc.signal(signal.SIGTERM)
+            setup.proc.wait()
+            setup.start_gateway()
+            records = setup.usage(secret)
+            assert [r["prompt_tokens"] + r["completion_tokens"] for r in records] == totals
+        finally:
+            setup.cluster.stop_all()
+    (after,) = [k for k in store.all() if k.id == key.id]
+    assert (after.used_tokens, after.reserved_tokens) == (sum(totals), 0)
+    assert not (tmp_path / "gw" / "gateway.db").exists()  # not SQLite
