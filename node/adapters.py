@@ -10,20 +10,31 @@ Model names: the base model by its own name; ``<run>`` for the newest version he
 name (``<run>@<version>``), so a new version is added beside the one in use and generations in
 flight finish on the version they started with.
 
+Shards: a version travels as one ``AdapterBundle`` (its two files) cut into content-addressed
+shards of ``SHARD_BYTES``; ``cut`` makes them with their ``ShardInfo`` list, ``assemble`` checks
+every shard against the manifest's hash and size (a wrong one raises ``HashMismatch`` naming it,
+so its sender can be penalized) and decodes the bundle strictly.
+
 >>> parse_model_name("arith-1@3"), parse_model_name("arith-1"), parse_model_name("a@b")
 (('arith-1', 3), ('arith-1', None), None)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from protocol.adapters import AdapterBundle, AdapterManifest, ShardInfo
+from protocol.errors import HashMismatch
+
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILES = ("adapter_config.json", "adapter_model.safetensors")
+SHARD_BYTES = 1 << 20
+"""Shard size: small enough that a node fetches different shards from different peers at once."""
 
 
 def parse_model_name(name: str) -> tuple[str, int | None] | None:
@@ -36,6 +47,35 @@ def parse_model_name(name: str) -> tuple[str, int | None] | None:
 
 def adapter_name(run_id: str, version: int) -> str:
     return f"{run_id}@{version}"
+
+
+def cut(
+    files: dict[str, bytes], shard_bytes: int = SHARD_BYTES
+) -> tuple[list[ShardInfo], list[bytes]]:
+    """A version's files as shards: ``(their infos, for the manifest; their bytes)``."""
+    data = AdapterBundle(config_json=files[FILES[0]], weights=files[FILES[1]]).encode()
+    shards = [data[i : i + shard_bytes] for i in range(0, len(data), shard_bytes)]
+    return [ShardInfo(hashlib.sha256(b).digest(), len(b)) for b in shards], shards
+
+
+def check_shard(info: ShardInfo, data: bytes) -> None:
+    """``HashMismatch`` unless ``data`` is the shard ``info`` names."""
+    if len(data) != info.size or hashlib.sha256(data).digest() != info.sha256:
+        raise HashMismatch(
+            f"shard {info.sha256.hex()[:16]} has {len(data)} bytes hashing to "
+            f"{hashlib.sha256(data).hexdigest()[:16]}, not {info.size} bytes of its hash"
+        )
+
+
+def assemble(manifest: AdapterManifest, shards: dict[bytes, bytes]) -> dict[str, bytes]:
+    """The files of a version from its shards (by hash), each checked; ``HashMismatch`` for a
+    wrong shard, ``KeyError`` for a missing one, ``DecodeError`` for a bad bundle."""
+    parts = []
+    for info in manifest.shards:
+        check_shard(info, shards[info.sha256])
+        parts.append(shards[info.sha256])
+    bundle = AdapterBundle.decode(b"".join(parts))
+    return {FILES[0]: bundle.config_json, FILES[1]: bundle.weights}
 
 
 class AdapterStore:
@@ -100,4 +140,8 @@ class AdapterStore:
 
     def add_dir(self, run_id: str, version: int, source: Path) -> Path:
         """Copy a PEFT directory (as ``save_pretrained`` wrote it) in as a version."""
-        return self.add(run_id, version, {f: (source / f).read_bytes() for f in FILES})
+        return self.add(run_id, version, read_files(source))
+
+
+def read_files(source: Path) -> dict[str, bytes]:
+    return {f: (source / f).read_bytes() for f in FILES}

@@ -2,7 +2,8 @@
 
 Trainers publish a signed ``AdapterManifest`` on gossip after each outer step; nodes fetch the
 shards it lists with ``ShardRequest`` from any peer that has them and check each ``ShardData``
-against the manifest's hash before use.
+against the manifest's hash before use. The shards, concatenated, are one ``AdapterBundle``: the
+PEFT files of the version, decoded strictly here like every other untrusted input.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt
+from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt, decode_struct, encode_struct
 
 
 class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,3 +49,21 @@ class ShardData(Message):
     MAX_BYTES: ClassVar[int] = 9 * MiB
     sha256: Hash32
     data: Annotated[bytes, msgspec.Meta(max_length=8 * MiB)]
+
+
+class AdapterBundle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An adapter version's PEFT files, as its shards carry them."""
+
+    config_json: Annotated[bytes, msgspec.Meta(max_length=64 * KiB)]
+    """``adapter_config.json``."""
+    weights: Annotated[bytes, msgspec.Meta(max_length=4096 * 8 * MiB)]
+    """``adapter_model.safetensors``."""
+
+    def encode(self) -> bytes:
+        return encode_struct(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> AdapterBundle:
+        """Strict; ``DecodeError`` for anything but a bundle."""
+        bundle: AdapterBundle = decode_struct(data, cls, "adapter bundle")
+        return bundle
