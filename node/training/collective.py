@@ -1,0 +1,157 @@
+"""The trainers' all-reduce, on hivemind, in a child process of its own.
+
+hivemind and py-libp2p cannot share a Python process (both define the protobuf symbols
+``crypto.pb.*``), so the node talks to hivemind through a pipe to a child started fresh
+("spawn"); the child sets the start method back to "fork" before importing hivemind, whose
+averager forks. The child joins the run's hivemind DHT (bootstrapped from the given peers),
+and for each round puts the trainer's quantized pseudo-gradient into a
+``DecentralizedAverager`` (matchmaking by ``prefix``, fp16 on the wire) and answers with the
+group's exact integer sum and size (``diloco.exact_sum``). A round that finds no group, or whose
+all-reduce fails because a peer vanished, is retried until ``round_timeout_s``; after that the
+trainer goes on alone (group size 1). The pipe carries our own arrays between our own two
+processes; nothing from a peer is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectiveSpec:
+    initial_peers: list[str]
+    """hivemind multiaddrs to join the DHT through (empty: start a new DHT)."""
+    prefix: str
+    """Matchmaking key: one per run."""
+    size: int
+    """Length of the flat tensor averaged each round."""
+    target_group_size: int = 4
+    min_group_size: int = 2
+    matchmaking_s: float = 2.0
+    round_timeout_s: float = 30.0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    integer_sum: np.ndarray
+    group_size: int
+    seconds: float
+
+
+class Collective:
+    """The node side: ``start()``, then ``average(q)`` once per round (blocking; call it off
+    the event loop), ``close()``."""
+
+    def __init__(self, spec: CollectiveSpec) -> None:
+        self.spec = spec
+        self.visible_addrs: list[str] = []
+        self._conn: Any = None
+        self._proc: Any = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        # not a daemon: hivemind starts processes of its own; the child leaves when the pipe
+        # closes, so it cannot outlive the node
+        self._proc = ctx.Process(target=_serve, args=(child, self.spec), daemon=False)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(timeout_s):
+            raise RuntimeError("the hivemind process did not start in time")
+        status, value = parent.recv()
+        if status != "ok":
+            raise RuntimeError(f"the hivemind process failed to start: {value}")
+        self.visible_addrs = value
+
+    def average(self, q: np.ndarray, timeout_s: float | None = None) -> RoundResult:
+        self._conn.send(("average", q.astype(np.float32)))
+        wait_s = timeout_s if timeout_s is not None else self.spec.round_timeout_s + 30
+        if not self._conn.poll(wait_s):
+            raise RuntimeError("the hivemind process did not answer")
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        result: RoundResult = value
+        return result
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send(("stop", None))
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(timeout=10)
+            # the child leads a process group with hivemind's own processes (its p2pd daemon):
+            # whatever of it is left — all of it, if the child was killed — goes now
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+
+def _serve(conn: Any, spec: CollectiveSpec) -> None:
+    os.setpgrp()  # a group of its own, with hivemind's processes, for close() to end together
+    multiprocessing.set_start_method("fork", force=True)  # hivemind's averager forks
+    import hivemind
+    import torch
+    from hivemind.compression import Float16Compression
+
+    try:
+        dht = hivemind.DHT(
+            start=True, initial_peers=spec.initial_peers, host_maddrs=[f"/ip4/{spec.host}/tcp/0"]
+        )
+        tensor = torch.zeros(spec.size)
+        averager = hivemind.averaging.DecentralizedAverager(
+            [tensor], dht, prefix=spec.prefix, start=True,
+            target_group_size=spec.target_group_size, min_group_size=spec.min_group_size,
+            min_matchmaking_time=spec.matchmaking_s, request_timeout=1.0,
+            compression=Float16Compression(), allreduce_timeout=spec.round_timeout_s,
+        )  # fmt: skip
+        conn.send(("ok", [str(a) for a in dht.get_visible_maddrs()]))
+    except Exception as e:  # reported to the node, which stops the trainer role with it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        while True:
+            try:
+                op, q = conn.recv()
+            except (EOFError, OSError):
+                return
+            if op == "stop":
+                return
+            conn.send(("ok", _round(averager, torch.from_numpy(q), spec)))
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+
+
+def _round(averager: Any, q: Any, spec: Any) -> RoundResult:
+    from node.training.diloco import exact_sum
+
+    started = time.monotonic()
+    deadline = started + spec.round_timeout_s
+    while time.monotonic() < deadline:
+        with averager.get_tensors() as (tensor,):
+            tensor.copy_(q)
+        try:
+            group = averager.step(gather=True, timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as e:  # hivemind raises AllreduceException for "no group found"
+            log.info("averaging round failed (%s); trying again until the deadline", e)
+            group = None
+        if group:  # a failed round (no group, a peer lost mid-way) returns None: try again
+            with averager.get_tensors() as (tensor,):
+                averaged = tensor.clone()
+            k = len(group)
+            return RoundResult(exact_sum(averaged, k).numpy(), k, time.monotonic() - started)
+    return RoundResult(q.numpy().copy(), 1, time.monotonic() - started)

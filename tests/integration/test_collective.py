@@ -1,0 +1,107 @@
+"""The trainers' all-reduce on real hivemind peers (each in its own child process, on loopback):
+every peer gets the same exact integer sum; a peer killed with -9 mid-round is dropped and the
+round completes with the others; a trainer alone goes on alone."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from node.training.collective import Collective, CollectiveSpec, RoundResult
+from node.training.diloco import levels_for
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+SIZE = 20_000
+
+
+def _q(seed: int) -> np.ndarray:
+    levels = levels_for(4)
+    return np.random.default_rng(seed).integers(-levels, levels + 1, SIZE).astype(np.float32)
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Collective]]:
+    started: list[Collective] = []
+    try:
+        first = Collective(CollectiveSpec([], "run-test", SIZE, target_group_size=4,
+                                          round_timeout_s=40))  # fmt: skip
+        first.start()
+        started.append(first)
+        for _ in range(2):
+            other = Collective(CollectiveSpec(first.visible_addrs, "run-test", SIZE,
+                                              target_group_size=4, round_timeout_s=40))  # fmt: skip
+            other.start()
+            started.append(other)
+        yield started
+    finally:
+        for c in started:
+            c.close()
+
+
+def _round(peers: list[Collective], qs: list[np.ndarray]) -> list[RoundResult | None]:
+    results: list[RoundResult | None] = [None] * len(peers)
+
+    def run(i: int) -> None:
+        results[i] = peers[i].average(qs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def test_every_trainer_gets_the_same_exact_sum(peers: list[Collective]) -> None:
+    qs = [_q(i) for i in range(3)]
+    results = _round(peers, qs)
+    assert all(r is not None and r.group_size == 3 for r in results)
+    assert len({_digest(r.integer_sum) for r in results if r is not None}) == 1  # bit for bit
+    assert results[0] is not None and np.array_equal(results[0].integer_sum, sum(qs))
+    again = _round(peers, [_q(10 + i) for i in range(3)])  # and the next round too
+    assert len({_digest(r.integer_sum) for r in again if r is not None}) == 1
+
+
+def test_a_trainer_killed_mid_round_is_dropped(peers: list[Collective]) -> None:
+    qs = [_q(20 + i) for i in range(3)]
+    doomed = peers[2]
+    assert doomed._proc is not None
+    doomed._conn.send(("average", qs[2]))  # it joins the round...
+    os.kill(doomed._proc.pid, signal.SIGKILL)  # ...and dies in it
+    results = _round(peers[:2], qs[:2])
+    assert all(r is not None and r.group_size == 2 for r in results)
+    assert results[0] is not None and results[1] is not None
+    assert np.array_equal(results[0].integer_sum, qs[0] + qs[1])
+    assert _digest(results[0].integer_sum) == _digest(results[1].integer_sum)
+    pgid = doomed._proc.pid
+    doomed.close()  # its hivemind daemon outlived it; closing ends the whole group
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(group_gone, 10, what="the killed trainer's hivemind processes gone")
+
+
+def test_a_trainer_alone_goes_on_alone() -> None:
+    alone = Collective(CollectiveSpec([], "run-alone", SIZE, round_timeout_s=4))
+    try:
+        alone.start()
+        result = alone.average(_q(1))
+        assert result.group_size == 1 and np.array_equal(result.integer_sum, _q(1))
+    finally:
+        alone.close()
