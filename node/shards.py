@@ -1,12 +1,13 @@
 """Adapter shards between peers, swarm style, over py-libp2p (``/bazaar/shards/1.0.0``).
 
 Every node that holds a version serves its shards from a content-addressed store (the same
-store class as rollout payloads: files under their SHA-256). A node fetching a version asks the
-peers that hold it, shard ``i`` first from holder ``i mod n`` (so the load spreads and the
-trainers' upload does not grow with the network), several shards at once; a shard is stored —
-and served onward — only after it matched the manifest's hash. A holder that sends a wrong
-shard is reported (``on_bad``: its sender is penalized) and the shard is asked of the next
-holder; a holder that does not have it (``not_found``) or cannot be reached is skipped.
+store class as rollout payloads: files under their SHA-256). The nodes fetching a version split
+it: each takes its share of the shards from a seed (a trainer) and the rest from the node whose
+share they are, so the trainers' upload stays about one copy however many nodes there are
+(``fetch_version``); several shards move at once, and a shard is stored — and served onward —
+only after it matched the manifest's hash. A peer that sends a wrong shard is reported
+(``on_bad``: its sender is penalized) and the shard is asked of another; a peer that does not
+have it (``not_found``) or cannot be reached is skipped.
 
 Shard answers are the raw bytes, unsigned: the manifest that lists their hashes is signed by
 the trainer, and a shard is only as good as that match.
@@ -34,8 +35,10 @@ SHARD_PROTOCOL = protocol_id("shards")
 MAX_SHARD = 8 * MiB
 
 
-def serve_shards(host: P2PHost, store: PayloadStore) -> None:
-    """Answer shard requests from ``store``."""
+def serve_shards(
+    host: P2PHost, store: PayloadStore, on_served: Callable[[int], None] = lambda n: None
+) -> None:
+    """Answer shard requests from ``store``; ``on_served(bytes)`` counts the upload."""
     guard = ReplayGuard()
 
     async def handle(peer: str, data: bytes) -> bytes:
@@ -45,6 +48,7 @@ def serve_shards(host: P2PHost, store: PayloadStore) -> None:
         shard = store.get(env.message.sha256)
         if shard is None:
             raise NotFound(f"no shard {env.message.sha256.hex()} here")
+        on_served(len(shard))
         return shard
 
     host.serve(SHARD_PROTOCOL, handle, max_request_bytes=4096)
@@ -54,43 +58,74 @@ async def fetch_version(
     host: P2PHost,
     identity: Identity,
     manifest: AdapterManifest,
-    holders: Sequence[str],
     store: PayloadStore,
+    seeds: Sequence[str],
+    swarm: Sequence[str] = (),
     on_bad: Callable[[str, str], None] = lambda peer, why: None,
     parallel: int = 4,
     timeout_s: float = 30.0,
+    patience_s: float = 10.0,
 ) -> dict[bytes, bytes]:
     """Every shard of ``manifest`` (by hash), each checked and stored; ``NotFound`` naming the
-    first shard no holder could give."""
+    first shard nobody gave.
+
+    ``seeds`` hold the whole version (its trainers); ``swarm`` are the nodes fetching it now,
+    this one included. Shard ``i`` is assigned to ``sorted(swarm)[i mod n]``: that node takes it
+    from a seed, every other node from that node (waiting up to ``patience_s`` for it to have
+    it), so each shard leaves the seeds about once however many nodes there are; a seed is the
+    fallback for everything."""
     got: dict[bytes, bytes] = {}
     limit = trio.Semaphore(parallel)
     missing: list[bytes] = []
+    members = sorted(set(swarm) | {host.peer_id}) if swarm else [host.peer_id]
+
+    async def ask(peer: str, index: int) -> bytes | None:
+        info = manifest.shards[index]
+        try:
+            data = await host.request(
+                peer, SHARD_PROTOCOL, seal(identity, ShardRequest(sha256=info.sha256)),
+                max_response_bytes=MAX_SHARD, timeout_s=timeout_s,
+            )  # fmt: skip
+            check_shard(info, data)
+        except HashMismatch as e:
+            log.warning("bad shard from %s: %s", peer, e)
+            on_bad(peer, str(e))
+            return None
+        except (ProtocolError, OSError, trio.TooSlowError) as e:
+            log.debug("shard %s not from %s: %s", info.sha256.hex()[:16], peer, e)
+            return None
+        return data
+
+    async def patiently(peer: str, index: int) -> bytes | None:
+        deadline = trio.current_time() + patience_s
+        delay = 0.02
+        while trio.current_time() < deadline:
+            if (data := await ask(peer, index)) is not None:
+                return data
+            await trio.sleep(delay)  # it has not got the shard yet: ask again shortly
+            delay = min(delay * 2, 0.5)
+        return None
 
     async def one(index: int) -> None:
         info = manifest.shards[index]
         if (held := store.get(info.sha256)) is not None:
             got[info.sha256] = held
             return
+        owner = members[index % len(members)]
+        rotated_seeds = [seeds[(index + k) % len(seeds)] for k in range(len(seeds))]
+        others = [m for m in members if m not in (owner, host.peer_id)]
         async with limit:
-            for k in range(len(holders)):
-                peer = holders[(index + k) % len(holders)]
-                try:
-                    data = await host.request(
-                        peer, SHARD_PROTOCOL, seal(identity, ShardRequest(sha256=info.sha256)),
-                        max_response_bytes=MAX_SHARD, timeout_s=timeout_s,
-                    )  # fmt: skip
-                    check_shard(info, data)
-                except HashMismatch as e:
-                    log.warning("bad shard from %s: %s", peer, e)
-                    on_bad(peer, str(e))
-                    continue
-                except (ProtocolError, OSError, trio.TooSlowError) as e:
-                    log.info("shard %s not from %s: %s", info.sha256.hex()[:16], peer, e)
-                    continue
-                store.put(data)  # and from now on, served onward
-                got[info.sha256] = data
+            data = None
+            if owner != host.peer_id:
+                data = await patiently(owner, index)
+            for peer in [*rotated_seeds, *others] if data is None else []:
+                if (data := await ask(peer, index)) is not None:
+                    break
+            if data is None:
+                missing.append(info.sha256)
                 return
-            missing.append(info.sha256)
+            store.put(data)  # and from now on, served onward
+            got[info.sha256] = data
 
     async with trio.open_nursery() as nursery:
         for i in range(len(manifest.shards)):

@@ -51,15 +51,61 @@ def test_a_version_comes_together_from_several_holders(tmp_path: Path) -> None:
                 for other in (trainer, liar):
                     await node.connect(other.addrs()[0])
             await b.connect(a.addrs()[0])
-            holders = [trainer.peer_id, liar.peer_id]
-            got = await fetch_version(a, ids["a"], manifest, holders, a_store,
+            seeds = [trainer.peer_id, liar.peer_id]
+            got = await fetch_version(a, ids["a"], manifest, a_store, seeds,
                                       on_bad=lambda peer, why: reported.append(peer))  # fmt: skip
             assert assemble(manifest, got) == FILES
             # b asks only a, which now holds what it fetched
-            from_a = await fetch_version(b, ids["b"], manifest, [a.peer_id], b_store)
+            from_a = await fetch_version(b, ids["b"], manifest, b_store, [a.peer_id])
             assert assemble(manifest, from_a) == FILES
             with pytest.raises(NotFound):  # nobody honest to ask
-                await fetch_version(b, ids["b"], manifest, [liar.peer_id], PayloadStore(c_root))
+                await fetch_version(b, ids["b"], manifest, PayloadStore(c_root), [liar.peer_id])
 
     trio.run(main)
     assert reported and set(reported) == {ids["liar"].peer_id}
+
+
+def test_a_swarm_takes_about_one_copy_from_the_trainer(tmp_path: Path) -> None:
+    infos, shards = cut(FILES, shard_bytes=4096)
+    manifest = AdapterManifest(run_id="demo", version=2, parent_version=1,
+                               base_model_hash=bytes(32), shards=infos,
+                               total_bytes=sum(i.size for i in infos))  # fmt: skip
+    seed_store = PayloadStore(tmp_path / "trainer")
+    for s in shards:
+        seed_store.put(s)
+    uploaded = [0]
+
+    def count(n: int) -> None:
+        uploaded[0] += n
+
+    async def main() -> None:
+        ids = [Identity.generate() for _ in range(4)]
+        async with (
+            P2PHost.create(Identity.generate()) as trainer,
+            P2PHost.create(ids[0]) as n0, P2PHost.create(ids[1]) as n1,
+            P2PHost.create(ids[2]) as n2, P2PHost.create(ids[3]) as n3,
+        ):  # fmt: skip
+            nodes = [n0, n1, n2, n3]
+            serve_shards(trainer, seed_store, on_served=count)
+            stores = [PayloadStore(tmp_path / f"n{k}") for k in range(4)]
+            for node, store in zip(nodes, stores, strict=True):
+                serve_shards(node, store)
+            everyone = [trainer, *nodes]
+            for i, a in enumerate(everyone):
+                for b in everyone[i + 1 :]:
+                    await a.connect(b.addrs()[0])
+            swarm = [n.peer_id for n in nodes]
+            results: list[dict[bytes, bytes]] = []
+
+            async def fetch(k: int) -> None:
+                results.append(await fetch_version(nodes[k], ids[k], manifest, stores[k],
+                                                   [trainer.peer_id], swarm))  # fmt: skip
+
+            async with trio.open_nursery() as nursery:
+                for k in range(4):
+                    nursery.start_soon(fetch, k)
+            assert all(assemble(manifest, got) == FILES for got in results) and len(results) == 4
+
+    trio.run(main)
+    size = sum(i.size for i in infos)
+    assert size <= uploaded[0] <= 1.5 * size  # each shard left the trainer about once, not 4x
