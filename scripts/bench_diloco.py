@@ -2,15 +2,16 @@
 
 Reward and communication are measured on the same configuration (same H, same compression):
 
-- **Centralized**: one trainer; each round it samples ``2 × H × P`` prompts (group size G) with
-  the current adapter and takes H AdamW steps, each on 2P prompts' completions.
+- **Centralized**: one trainer, fully on-policy: every AdamW step samples its own 2P prompts
+  (group size G) with the current weights; H steps make a "round" of the same token count.
 - **DiLoCo**: two trainers, each with its own hivemind child process (real DHT, real all-reduce,
   fp16 on the wire). Each round the same number of prompts is sampled with the current global
   adapter; each trainer takes H steps on its half (P prompts per step), then their quantized
   pseudo-gradients are averaged (bit-identical result) and the outer step gives the next version.
   Rollouts are sampled in this process (the network's inference nodes in a real run).
 
-``final_reward_*`` is the mean sampled reward of the last ``--tail`` rounds. Bytes per trainer
+``final_reward_*`` is the mean sampled reward of the last ``--tail`` rounds (``first_reward_*``
+of the first ones: the learning is their difference). Bytes per trainer
 per round are the all-reduce's: a butterfly over k peers sends and receives (k-1)/k of the vector
 each way, 2 bytes a value (fp16); the data-parallel equivalent all-reduces fp32 gradients of the
 same LoRA at every one of the H steps. ``comm_reduction_ratio`` = their ratio (= 2H at k = 2).
@@ -94,15 +95,20 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
 
 
 def central(tiny: str, sampler: Sampler, args: argparse.Namespace) -> list[float]:
+    """Fully on-policy: every step samples its 2P prompts with the weights of that step."""
     from node.training.trainer import LoraTrainer
 
     trainer = LoraTrainer(tiny, "bench", inner_lr=args.inner_lr)
     curve = []
     for r in range(args.rounds):
-        examples, reward = sampler.round(trainer, 1000 + r, 2 * args.H * args.prompts, args.group)
-        for batch in _split(examples, args.H):
-            trainer.inner_step(batch)
-        curve.append(reward)
+        rewards = []
+        for h in range(args.H):
+            seed = 1_000_000 + r * args.H + h
+            examples, reward = sampler.round(trainer, seed, 2 * args.prompts, args.group)
+            if examples:
+                trainer.inner_step(examples)
+            rewards.append(reward)
+        curve.append(statistics.mean(rewards))
     return curve
 
 
@@ -244,6 +250,7 @@ def main() -> None:
         central_curve = central(tiny, sampler, args)
         result["central_s"] = time.perf_counter() - started
         result["final_reward_central"] = statistics.mean(central_curve[-args.tail :])
+        result["first_reward_central"] = statistics.mean(central_curve[: args.tail])
         table = Table(title=f"DiLoCo (2 trainers, hivemind, fp16) vs centralized, H = {args.H}")
         for col in ("outer lr", "momentum", "final reward", "parity", "bit-identical"):
             table.add_column(col, justify="right")
@@ -256,6 +263,7 @@ def main() -> None:
             parity = final / max(result["final_reward_central"], 1e-9)
             key = f"lr{lr}_m{momentum}"
             result[f"final_reward_network_{key}"] = final
+            result[f"first_reward_network_{key}"] = statistics.mean(curve[: args.tail])
             result[f"reward_parity_{key}"] = parity
             result[f"bit_identical_{key}"] = identical
             result[f"network_s_{key}"] = time.perf_counter() - started
