@@ -43,6 +43,14 @@ def create_app(coord: Coordinator) -> FastAPI:
             "nodes": coord.membership.counts(),
         }
 
+    @app.get("/v1/network/hivemind")
+    async def hivemind() -> dict[str, Any]:
+        """Where trainers join the hivemind DHT (started on the first ask)."""
+        try:
+            return {"initial_peers": await coord.hivemind_peers()}
+        except RuntimeError as e:
+            raise APIError(503, str(e), "hivemind_unavailable") from None
+
     @app.get("/metrics")
     async def metrics() -> Response:
         coord.refresh_gauges()

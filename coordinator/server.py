@@ -26,6 +26,7 @@ import trio
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.db import NodeStore, WorkStore, default_url, open_database
+from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
@@ -89,6 +90,17 @@ class Coordinator:
         self._dirty: set[str] = set()
         self.multiaddrs: list[str] = []
         self.http_url = ""
+        self.dht = DhtBootstrap(host=_listen_host(config.listen))
+        self._dht_lock = trio.Lock()
+
+    async def hivemind_peers(self) -> list[str]:
+        """The multiaddrs of the run's hivemind DHT, started on first use (trainers join it to
+        find each other for all-reduce); ``RuntimeError`` if it cannot start."""
+        async with self._dht_lock:
+            if not self.dht.addrs:
+                await trio.to_thread.run_sync(self.dht.start)
+                log.info("hivemind DHT bootstrap at %s", " ".join(self.dht.addrs))
+            return self.dht.addrs
 
     async def run(
         self,
@@ -133,6 +145,7 @@ class Coordinator:
                 http.cancel_scope.deadline = trio.current_time() + 5
             with trio.move_on_after(5):
                 await self._flush()
+            self.dht.close()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -290,6 +303,12 @@ class Coordinator:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         tmp.replace(path)
+
+
+def _listen_host(multiaddr: str) -> str:
+    """The IPv4 host of ``/ip4/HOST/tcp/PORT`` (where the hivemind DHT listens too)."""
+    parts = multiaddr.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] == "ip4" else "127.0.0.1"
 
 
 def _dialable(host: str) -> str:

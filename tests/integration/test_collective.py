@@ -1,6 +1,7 @@
 """The trainers' all-reduce on real hivemind peers (each in its own child process, on loopback):
 every peer gets the same exact integer sum; a peer killed with -9 mid-round is dropped and the
-round completes with the others; a trainer alone goes on alone."""
+round completes with the others; a trainer alone goes on alone; trainers find each other through
+the coordinator's DHT, which leaves with the coordinator."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,6 +19,7 @@ import pytest
 
 from node.training.collective import Collective, CollectiveSpec, RoundResult
 from node.training.diloco import levels_for
+from tests.integration.cluster import Cluster
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -108,3 +111,40 @@ def test_a_trainer_alone_goes_on_alone() -> None:
         assert result.group_size == 1 and np.array_equal(result.integer_sum, _q(1))
     finally:
         alone.close()
+
+
+def test_trainers_find_each_other_through_the_coordinators_dht(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_coordinator()
+        peers = cluster.api("GET", "/v1/network/hivemind")["initial_peers"]
+        assert peers and all("/p2p/" in a for a in peers)
+        assert cluster.api("GET", "/v1/network/hivemind")["initial_peers"] == peers  # one DHT
+        trainers = [Collective(CollectiveSpec(peers, "run-dht", SIZE, round_timeout_s=40))
+                    for _ in range(2)]  # fmt: skip
+        try:
+            for t in trainers:
+                t.start()
+            results = _round(trainers, [_q(30), _q(31)])
+            assert [r.group_size for r in results if r is not None] == [2, 2]
+        finally:
+            for t in trainers:
+                t.close()
+        assert cluster.coordinator is not None
+        pid = cluster.coordinator.pid
+        dht_children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        assert dht_children  # the DHT runs beside the coordinator, not in it
+        cluster.coordinator.signal(signal.SIGTERM)
+        assert cluster.coordinator.wait(20) == 0
+
+        def alive(pid: int) -> bool:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            return False
+
+        def gone() -> bool:
+            return not any(alive(c) for c in dht_children)
+
+        wait_until(gone, 15, what="the coordinator's hivemind processes gone")
+    finally:
+        cluster.stop_all()
