@@ -362,7 +362,7 @@ def keys_list(
     from rich.table import Table
 
     table = Table(title=f"{len(keys)} API keys")
-    for col in ("name", "budget", "used", "reserved", "rpm", "tpm", "state"):
+    for col in ("name", "budget", "used", "held by gateways", "rpm", "tpm", "state"):
         table.add_column(col)
     for k in keys:
         table.add_row(
