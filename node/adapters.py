@@ -119,6 +119,20 @@ class AdapterStore:
             return (run, held[-1]) if held else None
         return (run, version) if version in held else None
 
+    def for_version(self, run_id: str, version: int) -> tuple[str, str] | None:
+        """What the model process needs to sample or verify at ``version`` of a run: ``(name,
+        path)`` of the adapter, None for version 0 (the base model); ``ValueError`` if this
+        node does not hold it."""
+        if version == 0:
+            return None
+        if version not in self.versions(run_id):
+            raise ValueError(f"adapter version {version} of {run_id} is not held here")
+        return adapter_name(run_id, version), str(self.path(run_id, version))
+
+    def newest(self) -> dict[str, int]:
+        """The newest version held of each run (what a lease request declares)."""
+        return {run: versions[-1] for run, versions in self.runs().items()}
+
     def add(self, run_id: str, version: int, files: dict[str, bytes]) -> Path:
         """Write a version atomically (temporary directory, then rename); returns its path."""
         if not _RUN.match(run_id) or set(files) != set(FILES):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import Counter, Histogram
 
+from node.adapters import AdapterStore
 from node.config import NodeConfig
 from node.model_worker import ModelSpec, ModelWorker
 from node.payload_store import PayloadStore
@@ -84,7 +85,7 @@ class InferenceWorker:
             data_dir / "payloads", config.payload_max_bytes, config.payload_retention_s
         )
         self.model = model or ModelWorker(ModelSpec.of(config, data_dir))
-        self.adapter_versions: dict[str, int] = {}
+        self.adapters = AdapterStore(data_dir / "adapters")
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -130,7 +131,7 @@ class InferenceWorker:
         return LeaseRequest(
             max_prompts=self.config.max_prompts_per_lease,
             base_model=self.config.model,
-            adapter_versions=self.adapter_versions,
+            adapter_versions=self.adapters.newest(),
         )
 
     # -- one lease ----------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class InferenceWorker:
 
     async def generate(self, lease: Lease) -> RolloutPayload:
         """The lease's payload, from the model process."""
-        return await self.model.produce(lease)
+        adapter = self.adapters.for_version(lease.run_id, lease.policy_version)
+        return await self.model.produce(lease, adapter)
 
     async def deliver(
         self, lease: Lease, payload: RolloutPayload, frame: bytes, started: float

@@ -82,6 +82,7 @@ def _roles(
     """The node's roles, sharing one model process: inference, verifier, serving."""
     if not (config.serve or {"inference", "verifier"} & set(config.roles)):
         return []
+    from node.adapters import AdapterStore
     from node.model_worker import ModelSpec, ModelWorker
 
     spec = ModelSpec.of(config, data_dir)
@@ -96,9 +97,8 @@ def _roles(
     if "verifier" in config.roles:
         from node.verifier import VerifierWorker
 
-        roles.append(VerifierWorker(config, model))
+        roles.append(VerifierWorker(config, model, AdapterStore(data_dir / "adapters")))
     if config.serve:
-        from node.adapters import AdapterStore
         from node.serving import ServingRole
         from protocol.http import bind_tcp
 

@@ -105,8 +105,11 @@ class ModelWorker:
         nursery.start_soon(self._read_answers)
         self.device = await self._call("load")
 
-    async def produce(self, lease: Lease) -> RolloutPayload:
-        payload: RolloutPayload = await self._call("produce", lease)
+    async def produce(self, lease: Lease, adapter: tuple[str, str] | None = None) -> RolloutPayload:
+        """The lease's payload, sampled with ``adapter`` = ``(name, path)`` (None: the base)."""
+        name, path = adapter or (None, "")
+        async with self.using(name, path):
+            payload: RolloutPayload = await self._call("produce", lease, name)
         return payload
 
     async def complete(self, job: CompletionJob) -> CompletionResult:
@@ -115,11 +118,19 @@ class ModelWorker:
         return result
 
     async def verify(
-        self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int
+        self,
+        lease: Lease,
+        payload: RolloutPayload,
+        current_version: int,
+        max_staleness: int,
+        adapter: tuple[str, str] | None = None,
     ) -> Outcome:
-        outcome: Outcome = await self._call(
-            "verify", lease, payload, current_version, max_staleness
-        )
+        """Every check on ``payload``, recomputed with ``adapter`` (the lease's version)."""
+        name, path = adapter or (None, "")
+        async with self.using(name, path):
+            outcome: Outcome = await self._call(
+                "verify", lease, payload, current_version, max_staleness, name
+            )
         return outcome
 
     @asynccontextmanager
@@ -233,17 +244,13 @@ class _Child:
             self.envs[name] = load_environment(name)
         return self.envs[name]
 
-    def produce(self, lease: Lease) -> RolloutPayload:
+    def produce(self, lease: Lease, adapter: str | None = None) -> RolloutPayload:
         import importlib
 
-        if lease.policy_version:  # adapters arrive with the trainers' broadcast
-            raise ValueError(
-                f"adapter version {lease.policy_version} of {lease.run_id} is not loaded"
-            )
         module, _, name = self.spec.producer.partition(":")
         producer_cls = getattr(importlib.import_module(module), name)
         producer = producer_cls(self.backend, self.backend.tokenizer)
-        payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease)
+        payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease, adapter)
         return payload
 
     def load_adapter(self, name: str, path: str) -> None:
@@ -258,15 +265,23 @@ class _Child:
         return run_completion(self.backend, job)
 
     def verify(
-        self, lease: Lease, payload: RolloutPayload, current_version: int, max_staleness: int
+        self,
+        lease: Lease,
+        payload: RolloutPayload,
+        current_version: int,
+        max_staleness: int,
+        adapter: str | None = None,
     ) -> Outcome:
+        import functools
+
         import torch
 
         from verification.checks import load_thresholds, verify_payload
 
         profile = "fp32" if self.backend.base.dtype == torch.float32 else "bf16"
+        prefill = functools.partial(self.backend.prefill_logits, adapter=adapter)
         return verify_payload(
             lease, payload, self.environment(lease.env_id), self.backend.tokenizer,
             self.backend.eos_ids, self.backend.base.config.vocab_size,
-            self.backend.prefill_logits, load_thresholds(profile), current_version, max_staleness,
+            prefill, load_thresholds(profile), current_version, max_staleness,
         )  # fmt: skip

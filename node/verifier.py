@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter
 
+from node.adapters import AdapterStore
 from node.config import NodeConfig
 from node.model_worker import ModelWorker
 from node.payloads import fetch_payload
@@ -39,9 +40,10 @@ AUDITS_PROTOCOL = protocol_id("audits")
 
 
 class VerifierWorker:
-    def __init__(self, config: NodeConfig, model: ModelWorker) -> None:
+    def __init__(self, config: NodeConfig, model: ModelWorker, adapters: AdapterStore) -> None:
         self.config = config
         self.model = model
+        self.adapters = adapters
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -105,8 +107,11 @@ class VerifierWorker:
         if isinstance(payload, tuple):
             return payload
         try:
-            outcome = await self.model.verify(a.lease, payload, a.current_version, a.max_staleness)
-        except ValueError as e:  # the model process could not run the checks
+            adapter = self.adapters.for_version(a.lease.run_id, a.lease.policy_version)
+            outcome = await self.model.verify(
+                a.lease, payload, a.current_version, a.max_staleness, adapter
+            )
+        except ValueError as e:  # no such adapter here, or the model process could not check
             return False, "verifier_error", str(e), {}
         return outcome.passed, outcome.failed_check, outcome.detail, outcome.stats
 

@@ -46,3 +46,42 @@ def test_adapters_load_once_and_the_least_recently_used_idle_one_leaves(
     assert seen["after"] == ["run@3", "run@2"]  # run@1 was the least recently used idle one
     assert seen["again"] is True
     assert len({seen["base"], seen["run@1"], seen["run@2"], seen["run@3"]}) == 4
+
+
+def test_rollouts_at_an_adapter_version_are_made_and_checked_with_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from envs import load_environment
+    from node.adapters import AdapterStore
+    from protocol.leases import Lease, SamplingParams
+
+    env = load_environment("arith", digits=2)
+    store = AdapterStore(tmp_path / "adapters")
+    store.add_dir("demo", 1, random_adapter(tiny_model, tmp_path / "lora", 7))
+    lease = Lease(
+        lease_id="l1", run_id="demo", env_id=env.name, env_version=env.version, env_seed=3,
+        example_indices=list(range(4)), group_size=2, policy_version=1,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8),
+        lease_seed=b"\x05" * 32, deadline_ms=0,
+    )  # fmt: skip
+    assert store.newest() == {"demo": 1}
+    with pytest.raises(ValueError, match="not held"):
+        store.for_version("demo", 2)
+
+    async def main() -> tuple[object, object, object]:
+        worker = ModelWorker(ModelSpec("tiny", str(tiny_model.parent.parent)))
+        async with trio.open_nursery() as nursery:
+            assert await worker.ensure_started(nursery)
+            adapter = store.for_version("demo", 1)
+            payload = await worker.produce(lease, adapter)
+            with_it = await worker.verify(lease, payload, 1, 2, adapter)
+            with_base = await worker.verify(lease, payload, 1, 2, None)
+            worker.close()
+            nursery.cancel_scope.cancel()
+        return payload, with_it, with_base
+
+    payload, with_it, with_base = trio.run(main)
+    assert payload.policy_version == 1  # type: ignore[attr-defined]
+    assert with_it.passed, with_it  # type: ignore[attr-defined]
+    assert not with_base.passed  # type: ignore[attr-defined]
+    assert with_base.failed_check in ("sampling_replay", "logprobs")  # type: ignore[attr-defined]
