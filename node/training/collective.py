@@ -6,7 +6,10 @@ hivemind and py-libp2p cannot share a Python process (both define the protobuf s
 averager forks. The child joins the run's hivemind DHT (bootstrapped from the given peers),
 and for each round puts the trainer's quantized pseudo-gradient into a
 ``DecentralizedAverager`` (matchmaking by ``prefix``, fp16 on the wire) and answers with the
-group's exact integer sum and size (``diloco.exact_sum``). A round that finds no group, or whose
+group's exact integer sum and size (``diloco.exact_sum``). After a round a trainer shares its
+state (version, global weights, outer momentum, quantizer scales) through the averager, and a
+trainer that joins later downloads it from a peer (hivemind's ``load_state_from_peers``), so it
+starts the next round from the same bits as the others. A round that finds no group, or whose
 all-reduce fails because a peer vanished, is retried until ``round_timeout_s``; after that the
 trainer goes on alone (group size 1). The pipe carries our own arrays between our own two
 processes; nothing from a peer is unpickled.
@@ -76,16 +79,27 @@ class Collective:
             raise RuntimeError(f"the hivemind process failed to start: {value}")
         self.visible_addrs = value
 
-    def average(self, q: np.ndarray, timeout_s: float | None = None) -> RoundResult:
-        self._conn.send(("average", q.astype(np.float32)))
-        wait_s = timeout_s if timeout_s is not None else self.spec.round_timeout_s + 30
-        if not self._conn.poll(wait_s):
+    def average(self, q: np.ndarray) -> RoundResult:
+        result: RoundResult = self._ask("average", q.astype(np.float32))
+        return result
+
+    def share_state(self, metadata: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """What a trainer joining later downloads from this one (after each round)."""
+        self._ask("share", (metadata, arrays))
+
+    def load_state(self, timeout_s: float = 30.0) -> tuple[dict[str, Any], list[np.ndarray]] | None:
+        """The state another trainer shared (the newest a peer has), or None if none answered."""
+        loaded: tuple[dict[str, Any], list[np.ndarray]] | None = self._ask("load", timeout_s)
+        return loaded
+
+    def _ask(self, op: str, arg: Any) -> Any:
+        self._conn.send((op, arg))
+        if not self._conn.poll(self.spec.round_timeout_s + 30):
             raise RuntimeError("the hivemind process did not answer")
         status, value = self._conn.recv()
         if status != "ok":
             raise RuntimeError(value)
-        result: RoundResult = value
-        return result
+        return value
 
     def close(self) -> None:
         if self._conn is not None:
@@ -111,9 +125,16 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
         dht = hivemind.DHT(
             start=True, initial_peers=spec.initial_peers, host_maddrs=[f"/ip4/{spec.host}/tcp/0"]
         )
+
+        class Averager(hivemind.averaging.DecentralizedAverager):
+            shared: tuple[Any, list[Any]] = ({}, [])
+
+            def get_current_state(self) -> tuple[Any, list[Any], None]:
+                return self.shared[0], self.shared[1], None  # runs in this process
+
         tensor = torch.zeros(spec.size)
-        averager = hivemind.averaging.DecentralizedAverager(
-            [tensor], dht, prefix=spec.prefix, start=True,
+        averager = Averager(
+            [tensor], dht, prefix=spec.prefix, start=True, allow_state_sharing=False,
             target_group_size=spec.target_group_size, min_group_size=spec.min_group_size,
             min_matchmaking_time=spec.matchmaking_s, request_timeout=1.0,
             compression=Float16Compression(), allreduce_timeout=spec.round_timeout_s,
@@ -130,7 +151,20 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
                 return
             if op == "stop":
                 return
-            conn.send(("ok", _round(averager, torch.from_numpy(q), spec)))
+            if op == "share":
+                metadata, arrays = q
+                averager.shared = (metadata, [torch.from_numpy(a) for a in arrays])
+                averager.allow_state_sharing = True
+                conn.send(("ok", None))
+            elif op == "load":
+                loaded = averager.load_state_from_peers(timeout=q)
+                if loaded is None:
+                    conn.send(("ok", None))
+                else:
+                    metadata, tensors = loaded
+                    conn.send(("ok", (metadata, [t.numpy().copy() for t in tensors])))
+            else:
+                conn.send(("ok", _round(averager, torch.from_numpy(q), spec)))
     finally:
         averager.shutdown()
         dht.shutdown()

@@ -163,3 +163,30 @@ def diloco_round(
     new_w = outer.step(global_w, mean)
     trainer.load_flat(new_w)
     return new_w, stats, k
+
+
+def export_state(
+    version: int, trainer: LoraTrainer, quantizer: Quantizer, outer: OuterOptimizer
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """What a trainer joining later needs to continue from the same bits: the version, the
+    quantizer's scales (metadata); the global weights and the outer momentum (tensors)."""
+    weights = trainer.flat()
+    momentum = outer.buffer if outer.buffer is not None else torch.zeros_like(weights)
+    return {"version": version, "scales": list(quantizer.scales)}, [
+        weights.numpy(),
+        momentum.numpy(),
+    ]
+
+
+def import_state(
+    state: tuple[dict[str, Any], list[np.ndarray]],
+    trainer: LoraTrainer,
+    quantizer: Quantizer,
+    outer: OuterOptimizer,
+) -> int:
+    """Load another trainer's ``export_state``; returns its version."""
+    metadata, (weights, momentum) = state
+    trainer.load_flat(torch.from_numpy(np.array(weights)))
+    outer.buffer = torch.from_numpy(np.array(momentum)) if outer.momentum else None
+    quantizer.scales = [float(s) for s in metadata["scales"]]
+    return int(metadata["version"])

@@ -1,6 +1,7 @@
 """A DiLoCo round on the tiny model with real LoRA and real hivemind peers: two trainers, each
 with its own producers' rollouts, run inner GRPO steps, average their quantized pseudo-gradients
-and take the outer Nesterov step — and end with the same adapter, bit for bit, round after round."""
+and take the outer Nesterov step — and end with the same adapter, bit for bit, round after round.
+A trainer that joins later downloads the state from a peer and matches from then on."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ from node.backends.torch_backend import TorchBackend
 from node.rollouts import Producer
 from node.training.collective import Collective, CollectiveSpec
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-from node.training.trainer import Completion, LoraTrainer, diloco_round, training_examples
+from node.training.trainer import (
+    Completion,
+    LoraTrainer,
+    diloco_round,
+    export_state,
+    import_state,
+    training_examples,
+)
 from protocol.leases import Lease, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
@@ -89,6 +97,75 @@ def test_two_trainers_end_each_round_with_the_same_adapter_bytes(
                 digests.append(hashlib.sha256(b"".join(files.values())).hexdigest())
             assert digests[0] == digests[1]  # the same adapter bytes on both trainers
         assert not torch.equal(trainers[0].flat(), v0)  # and it moved
+    finally:
+        for c in collectives:
+            c.close()
+
+
+def _round_all(
+    trainers: list[LoraTrainer], quantizers: list[Quantizer], outers: list[OuterOptimizer],
+    collectives: list[Collective], data: list[list[Completion]],
+) -> list[Any]:  # fmt: skip
+    results: list[Any] = [None] * len(trainers)
+
+    def run(i: int) -> None:
+        def average(q: np.ndarray) -> tuple[np.ndarray, int]:
+            result = collectives[i].average(q)
+            return result.integer_sum, result.group_size
+
+        batches = [data[i][b * 8 : (b + 1) * 8] for b in range(H)]
+        results[i] = diloco_round(trainers[i], [b for b in batches if b], quantizers[i],
+                                  outers[i], average)  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    return results
+
+
+def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    data = _completions(tiny_model)
+    levels = levels_for(4)  # exact for groups of up to 4
+
+    def parts() -> tuple[LoraTrainer, Quantizer, OuterOptimizer]:
+        t = LoraTrainer(str(tiny_model), "demo", inner_lr=LR)
+        return t, Quantizer(t.sizes, levels, LR * H / levels), OuterOptimizer(0.7, 0.9, True)
+
+    early = [parts() for _ in range(2)]
+    size = sum(early[0][0].sizes)
+    first = Collective(CollectiveSpec([], "late", size, round_timeout_s=60))
+    first.start()
+    collectives = [first]
+    try:
+        second = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
+        second.start()
+        collectives.append(second)
+        results = _round_all([p[0] for p in early], [p[1] for p in early],
+                             [p[2] for p in early], collectives, data)  # fmt: skip
+        assert [r[2] for r in results] == [2, 2]
+        for (t, q, o), c in zip(early, collectives, strict=True):
+            c.share_state(*export_state(1, t, q, o))
+        late = parts()
+        third = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
+        third.start()
+        collectives.append(third)
+        state = third.load_state(timeout_s=30)
+        assert state is not None
+        assert import_state(state, *late) == 1
+        assert torch.equal(late[0].flat(), early[0][0].flat())  # the same bits as the others
+        assert late[2].buffer is not None and early[0][2].buffer is not None
+        assert torch.equal(late[2].buffer, early[0][2].buffer)
+        assert late[1].scales == early[0][1].scales
+        everyone = [*early, late]
+        results = _round_all([p[0] for p in everyone], [p[1] for p in everyone],
+                             [p[2] for p in everyone], collectives,
+                             [data[0], data[1], data[1][::-1]])  # fmt: skip
+        assert [r[2] for r in results] == [3, 3, 3]
+        assert all(torch.equal(r[0], results[0][0]) for r in results)
     finally:
         for c in collectives:
             c.close()
