@@ -124,6 +124,12 @@ def create_app(coord: Coordinator) -> FastAPI:
             r["producer_addrs"] = node.addrs if node else []
         return {"object": "list", "data": data}
 
+    @app.get("/v1/runs/{run_id}/versions")
+    async def versions(run_id: str) -> dict[str, Any]:
+        """The run's adapter versions: manifest hash and the trainers that hold each."""
+        _run(run_id)
+        return {"object": "list", "data": coord.work.versions_view(run_id)}
+
     def _run(run_id: str) -> Any:
         run = coord.work.book.runs.get(run_id)
         if run is None:

@@ -63,6 +63,19 @@ class RunRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class AdapterRow(Base):
+    """A run's adapter version: the trainer's signed manifest frame, as it arrived, and the
+    trainers that submitted the same manifest (its first holders)."""
+
+    __tablename__ = "adapter_versions"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manifest_hash: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[bytes] = mapped_column(LargeBinary)
+    signers: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class LeaseRow(Base):
     """A lease as issued (``lease`` holds the exact encoded message) and what became of it."""
 
@@ -177,6 +190,12 @@ class WorkStore:
         with Session(self.engine, expire_on_commit=False) as s:
             runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at)))
             return runs, list(s.scalars(select(LeaseRow)))
+
+    def load_adapters(self) -> list[AdapterRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(
+                s.scalars(select(AdapterRow).order_by(AdapterRow.run_id, AdapterRow.version))
+            )
 
     def load_audits(self) -> tuple[list[TrustRow], list[AuditRow], list[VerdictRow]]:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -30,6 +30,7 @@ from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
+from protocol.adapters import AdapterManifest
 from protocol.codec import Message
 from protocol.envelope import ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
@@ -57,6 +58,7 @@ MEMBERSHIP_PROTOCOL = protocol_id("membership")
 MEMBERSHIP_TOPIC = protocol_id("membership")
 LEASES_PROTOCOL = protocol_id("leases")
 AUDITS_PROTOCOL = protocol_id("audits")
+ADAPTERS_PROTOCOL = protocol_id("adapters")
 COORDINATOR_FILE = "coordinator.json"
 """Written to the data directory: how local nodes and the CLI find this coordinator."""
 
@@ -122,6 +124,7 @@ class Coordinator:
             host.serve(MEMBERSHIP_PROTOCOL, self._on_request)
             host.serve(LEASES_PROTOCOL, self._on_lease_request)
             host.serve(AUDITS_PROTOCOL, self._on_audit_request)
+            host.serve(ADAPTERS_PROTOCOL, self._on_adapters_request)
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             self._write_discovery_file()
             http_stop = trio.Event()
@@ -154,6 +157,9 @@ class Coordinator:
 
     async def _on_lease_request(self, peer: str, data: bytes) -> bytes:
         return await self._handle(peer, data, self._lease_request)
+
+    async def _on_adapters_request(self, peer: str, data: bytes) -> bytes:
+        return await self._handle(peer, data, self._adapters_request)
 
     async def _on_audit_request(self, peer: str, data: bytes) -> bytes:
         return await self._handle(peer, data, self._audit_request)
@@ -190,6 +196,12 @@ class Coordinator:
             await self._apply(self.membership.goodbye(peer))
             return None
         raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
+
+    async def _adapters_request(self, peer: str, msg: Message, data: bytes) -> Message:
+        if isinstance(msg, AdapterManifest):
+            self._check_member(peer, "trainer")
+            return await self.work.record_manifest(peer, msg, data)
+        raise UnknownMessageType(f"{msg.TYPE} is not an adapters request")
 
     async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
         if isinstance(msg, LeaseRequest):

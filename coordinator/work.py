@@ -12,6 +12,7 @@ receipts count is the lease book's (``coordinator/leases.py``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import trio
 from coordinator.audits import Audit, AuditBook, Penalty, Trust, VerdictRecord
 from coordinator.config import AuditConfig, LeaseConfig
 from coordinator.db import (
+    AdapterRow,
     AuditRow,
     Base,
     LeaseRow,
@@ -34,7 +36,8 @@ from coordinator.db import (
 from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runs import RunSpec, plan_run
-from protocol.codec import decode_struct, encode_struct
+from protocol.adapters import AdapterManifest, ManifestAck
+from protocol.codec import decode_struct, encode_body, encode_struct
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.rollouts import ReceiptAck, RolloutReceipt
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
@@ -57,6 +60,8 @@ class RolloutService:
         self.book = LeaseBook(clock)
         self.audits = AuditBook(audit_config, clock)
         self._db_lock = trio.Lock()
+        self.versions: dict[str, dict[int, AdapterRow]] = {}
+        """Each run's recorded adapter versions."""
 
     def restore(self) -> None:
         """Load runs and leases from the database (blocking: call before serving)."""
@@ -86,6 +91,8 @@ class RolloutService:
             for r in lease_rows
         ]
         self.book.restore(runs, leases)
+        for row in self.store.load_adapters():
+            self.versions.setdefault(row.run_id, {})[row.version] = row
         trust_rows, audit_rows, verdict_rows = self.store.load_audits()
         for t in trust_rows:
             self.audits.trust[t.peer_id] = Trust(**t.record)
@@ -127,6 +134,47 @@ class RolloutService:
             extra={"run_id": plan.run_id},
         )
         return run
+
+    # -- adapter versions -----------------------------------------------------------------------
+
+    async def record_manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
+        """A trainer's manifest of a new version: the run's next version if it is the next
+        one; the same manifest from another trainer of the round adds a holder."""
+        run = self.book.runs.get(msg.run_id)
+        if run is None:
+            return ManifestAck(outcome="unknown_run", version=0, detail=f"no run {msg.run_id!r}")
+        digest = hashlib.sha256(encode_body(msg)).hexdigest()
+        held = self.versions.setdefault(msg.run_id, {})
+        current = run.policy_version
+        if msg.version == current and current in held:
+            row = held[current]
+            if row.manifest_hash != digest:
+                log.warning("trainer %s sent another manifest for %s v%d", peer, msg.run_id,
+                            current, extra={"run_id": msg.run_id})  # fmt: skip
+                return ManifestAck(outcome="conflict", version=current,
+                                   detail="a different manifest holds this version")  # fmt: skip
+            if peer not in row.signers:
+                row.signers = [*row.signers, peer]
+                await self._save(adapters=[row])
+            return ManifestAck(outcome="duplicate", version=current)
+        if msg.version != current + 1 or msg.parent_version != current:
+            detail = f"the next version is {current + 1}, from {current}"
+            return ManifestAck(outcome="stale", version=current, detail=detail)
+        row = AdapterRow(run_id=msg.run_id, version=msg.version, manifest_hash=digest,
+                         frame=frame, signers=[peer], created_at=self.book.clock())  # fmt: skip
+        held[msg.version] = row
+        self.book.set_policy_version(msg.run_id, msg.version)
+        await self._save(runs=[run], adapters=[row])
+        log.info("run %s is at version %d (manifest from %s)", msg.run_id, msg.version, peer,
+                 extra={"run_id": msg.run_id})  # fmt: skip
+        return ManifestAck(outcome="recorded", version=msg.version)
+
+    def versions_view(self, run_id: str) -> list[dict[str, Any]]:
+        return [
+            {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
+             "created_at": row.created_at}
+            for v, row in sorted(self.versions.get(run_id, {}).items())
+        ]  # fmt: skip
 
     # -- the lease protocol -------------------------------------------------------------------
 
@@ -302,9 +350,11 @@ class RolloutService:
         audits: Sequence[Audit] = (),
         trust: Sequence[str] = (),
         appended: Sequence[VerdictRow] = (),
+        adapters: Sequence[AdapterRow] = (),
     ) -> None:
         async with self._db_lock:
             rows: list[Base] = [_run_row(r) for r in runs]
+            rows += [_adapter_row(a) for a in adapters]
             rows += [_lease_row(s) for s in leases]
             rows += [_audit_row(a) for a in audits]
             rows += [
@@ -407,3 +457,11 @@ def _audit_row(a: Audit) -> AuditRow:
         status=a.status,
         created_at=a.created_at,
     )
+
+
+def _adapter_row(row: AdapterRow) -> AdapterRow:
+    """A fresh copy to merge (the kept one stays detached from any session)."""
+    return AdapterRow(
+        run_id=row.run_id, version=row.version, manifest_hash=row.manifest_hash, frame=row.frame,
+        signers=list(row.signers), created_at=row.created_at,
+    )  # fmt: skip

@@ -8,11 +8,21 @@ PEFT files of the version, decoded strictly here like every other untrusted inpu
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt, decode_struct, encode_struct
+from protocol.codec import (
+    Hash32,
+    KiB,
+    Message,
+    MiB,
+    Name,
+    NonNegInt,
+    Text,
+    decode_struct,
+    encode_struct,
+)
 
 
 class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -32,6 +42,25 @@ class AdapterManifest(Message):
     base_model_hash: Hash32
     shards: Annotated[list[ShardInfo], msgspec.Meta(min_length=1, max_length=4096)]
     total_bytes: NonNegInt
+
+
+ManifestOutcome = Literal["recorded", "duplicate", "conflict", "stale", "unknown_run"]
+
+
+class ManifestAck(Message):
+    """Coordinator → trainer (adapters protocol): what became of a submitted manifest.
+
+    ``recorded``: it is the run's new version; ``duplicate``: another trainer of the same round
+    submitted the same manifest (this one is now a holder too); ``conflict``: a different
+    manifest holds that version (trainers of one round must agree bit for bit); ``stale``: not
+    the next version; ``unknown_run``."""
+
+    TYPE: ClassVar[str] = "adapters.manifest_ack"
+    MAX_BYTES: ClassVar[int] = 8 * KiB
+    outcome: ManifestOutcome
+    version: NonNegInt
+    """The run's version after this manifest."""
+    detail: Text = ""
 
 
 class ShardRequest(Message):

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 import protocol  # noqa: F401  (registers every message type)
-from protocol.adapters import AdapterManifest, ShardData, ShardInfo, ShardRequest
+from protocol.adapters import AdapterManifest, ManifestAck, ShardData, ShardInfo, ShardRequest
 from protocol.codec import Message
 from protocol.leases import Lease, LeaseRequest, NoLease, SamplingParams
 from protocol.membership import (
@@ -139,6 +139,7 @@ EXAMPLES: list[Message] = [
         shards=[ShardInfo(H, 1024)],
         total_bytes=1024,
     ),
+    ManifestAck(outcome="recorded", version=3),
     ShardRequest(sha256=H),
     ShardData(sha256=H, data=b"\x00" * 1024),
     RunStatus(run_id="r-1", state="running", policy_version=4, max_staleness=2, base_model="tiny"),
