@@ -30,7 +30,7 @@ from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
-from protocol.adapters import AdapterManifest
+from protocol.adapters import AdapterManifest, VersionsRequest
 from protocol.codec import Message
 from protocol.envelope import ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
@@ -201,6 +201,10 @@ class Coordinator:
         if isinstance(msg, AdapterManifest):
             self._check_member(peer, "trainer")
             return await self.work.record_manifest(peer, msg, data)
+        if isinstance(msg, VersionsRequest):
+            if peer not in self.membership.nodes:
+                raise Forbidden("adapter versions are for members: join first")
+            return self.work.current_versions(msg.base_model, self._addrs_of)
         raise UnknownMessageType(f"{msg.TYPE} is not an adapters request")
 
     async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:

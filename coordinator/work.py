@@ -36,9 +36,10 @@ from coordinator.db import (
 from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runs import RunSpec, plan_run
-from protocol.adapters import AdapterManifest, ManifestAck
+from protocol.adapters import AdapterManifest, ManifestAck, VersionInfo, VersionsReply
 from protocol.codec import decode_struct, encode_body, encode_struct
 from protocol.leases import Lease, LeaseRequest, NoLease
+from protocol.membership import PeerRecord
 from protocol.rollouts import ReceiptAck, RolloutReceipt
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 
@@ -62,6 +63,8 @@ class RolloutService:
         self._db_lock = trio.Lock()
         self.versions: dict[str, dict[int, AdapterRow]] = {}
         """Each run's recorded adapter versions."""
+        self.held: dict[str, dict[str, int]] = {}
+        """The adapter versions each node last said it holds (with its lease requests)."""
 
     def restore(self) -> None:
         """Load runs and leases from the database (blocking: call before serving)."""
@@ -169,6 +172,24 @@ class RolloutService:
                  extra={"run_id": msg.run_id})  # fmt: skip
         return ManifestAck(outcome="recorded", version=msg.version)
 
+    def current_versions(
+        self, base_model: str, addrs_of: Callable[[str], list[str]]
+    ) -> VersionsReply:
+        """The current version of every running run on ``base_model``, with its holders: the
+        trainers that made it first, then nodes that hold it."""
+        infos = []
+        for run in self.book.runs.values():
+            row = self.versions.get(run.plan.run_id, {}).get(run.policy_version)
+            if run.state != "running" or run.plan.base_model != base_model or row is None:
+                continue
+            v = run.policy_version
+            nodes = [p for p, held in self.held.items()
+                     if held.get(run.plan.run_id) == v and p not in row.signers]  # fmt: skip
+            holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
+            infos.append(VersionInfo(run.plan.run_id, run.policy_version, row.frame, holders,
+                                     min(len(row.signers), 64)))  # fmt: skip
+        return VersionsReply(versions=infos[:32])
+
     def versions_view(self, run_id: str) -> list[dict[str, Any]]:
         return [
             {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
@@ -180,6 +201,7 @@ class RolloutService:
 
     async def lease(self, peer: str, req: LeaseRequest) -> Lease | NoLease:
         await self.expire()
+        self.held[peer] = dict(req.adapter_versions)  # what it can serve to other nodes too
         lease = self.book.issue_for(
             peer,
             req.base_model,

@@ -3,12 +3,15 @@
 The loop, once the node has joined:
 
 1. ask the coordinator for a lease (``LeaseRequest`` on ``/bazaar/leases/1.0.0``, naming the
-   base model); ``NoLease`` says how long to wait before asking again;
+   base model and the adapter versions held); on ``NoLease``, fetch any current adapter version
+   not held yet (``node/versions.py``: a run past version 0 is leased only to its holders) and
+   ask again, or wait as long as the coordinator says;
 2. on the first lease, start the model process (``node/model_worker.py``) and load the base
    model in it (``--model``; the tiny model is built first if missing), so a node with no work
    never spends the memory; a model that cannot be loaded stops the role with one clear error;
 3. in the model process, regenerate the leased prompts from the environment and generate every
-   group in one batch with seeds derived from the lease (``node/rollouts.py``); a lease is
+   group in one batch with seeds derived from the lease (``node/rollouts.py``), with the
+   adapter of the lease's version; a lease is
    fetched ahead while another generates, and receipts go out while the next one generates;
 4. sign the ``RolloutPayload`` and put the exact frame in the content-addressed store, served to
    verifiers and trainers over ``/bazaar/payload/1.0.0``;
@@ -36,6 +39,7 @@ from node.model_worker import ModelSpec, ModelWorker
 from node.payload_store import PayloadStore
 from node.payloads import serve_payloads
 from node.rollouts import completion_tokens
+from node.versions import VersionSync
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease
@@ -91,6 +95,9 @@ class InferenceWorker:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)
+        self.versions = VersionSync(
+            agent, self.config.model, self.adapters, PayloadStore(self.data_dir / "shards")
+        )
         # two leases are with the model at a time (one generating, the next queued in its
         # pipe) and receipts go out while the next lease generates: the model never waits on
         # the network
@@ -125,6 +132,8 @@ class InferenceWorker:
                 self.metrics.leases.inc()
                 return reply
             if isinstance(reply, NoLease):
+                if await self.versions.sync():  # a run moved on: now this node can take its work
+                    continue
                 await trio.sleep(reply.retry_after_s)
 
     def lease_request(self) -> LeaseRequest:

@@ -23,6 +23,7 @@ from protocol.codec import (
     decode_struct,
     encode_struct,
 )
+from protocol.membership import PeerRecord
 
 
 class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +62,32 @@ class ManifestAck(Message):
     version: NonNegInt
     """The run's version after this manifest."""
     detail: Text = ""
+
+
+class VersionsRequest(Message):
+    """Node → coordinator (adapters protocol): the current adapter versions of the running runs
+    on my base model, and who holds them."""
+
+    TYPE: ClassVar[str] = "adapters.versions_request"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class VersionInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    run_id: Name
+    version: NonNegInt
+    manifest: Annotated[bytes, msgspec.Meta(max_length=80 * KiB)]
+    """The trainer's signed ``AdapterManifest`` frame, exactly as it was submitted."""
+    holders: Annotated[list[PeerRecord], msgspec.Meta(max_length=64)]
+    """Trainers that made it first (seeds), then nodes that hold it."""
+    seeds: NonNegInt
+    """How many of ``holders`` are trainers."""
+
+
+class VersionsReply(Message):
+    TYPE: ClassVar[str] = "adapters.versions"
+    MAX_BYTES: ClassVar[int] = 4 * MiB
+    versions: Annotated[list[VersionInfo], msgspec.Meta(max_length=32)]
 
 
 class ShardRequest(Message):

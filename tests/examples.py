@@ -7,7 +7,16 @@ import hashlib
 import numpy as np
 
 import protocol  # noqa: F401  (registers every message type)
-from protocol.adapters import AdapterManifest, ManifestAck, ShardData, ShardInfo, ShardRequest
+from protocol.adapters import (
+    AdapterManifest,
+    ManifestAck,
+    ShardData,
+    ShardInfo,
+    ShardRequest,
+    VersionInfo,
+    VersionsReply,
+    VersionsRequest,
+)
 from protocol.codec import Message
 from protocol.leases import Lease, LeaseRequest, NoLease, SamplingParams
 from protocol.membership import (
@@ -140,6 +149,8 @@ EXAMPLES: list[Message] = [
         total_bytes=1024,
     ),
     ManifestAck(outcome="recorded", version=3),
+    VersionsRequest(base_model="tiny"),
+    VersionsReply(versions=[VersionInfo("r-1", 3, b"frame", [PeerRecord(PEER, [ADDR])], 1)]),
     ShardRequest(sha256=H),
     ShardData(sha256=H, data=b"\x00" * 1024),
     RunStatus(run_id="r-1", state="running", policy_version=4, max_staleness=2, base_model="tiny"),

@@ -2,7 +2,8 @@
 signed manifest of the next version is recorded and moves the run to it (leases then name it and
 go only to nodes that hold it); the same manifest from the round's other trainer adds a holder;
 a different one for that version is a conflict; anything but the next version is stale; only
-trainers may submit; versions survive a coordinator restart."""
+trainers may submit; versions survive a coordinator restart. A real node process that lacks the
+current version fetches it from the trainer's shards, works at it, and becomes a holder."""
 
 from __future__ import annotations
 
@@ -13,13 +14,24 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol.adapters import AdapterManifest, ManifestAck, ShardInfo
+from node.adapters import cut, read_files
+from node.payload_store import PayloadStore
+from node.shards import serve_shards
+from protocol.adapters import (
+    AdapterManifest,
+    ManifestAck,
+    ShardInfo,
+    VersionsReply,
+    VersionsRequest,
+)
 from protocol.errors import RemoteError
 from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.versions import protocol_id
 from tests.integration.cluster import Cluster
 from tests.integration.peer import LEASES, peer
+from tests.lora import random_adapter
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 ADAPTERS = protocol_id("adapters")
@@ -79,5 +91,52 @@ def test_versions_are_recorded_once_and_move_the_run(tmp_path: Path) -> None:
         cluster.start_coordinator()
         assert cluster.api("GET", "/v1/runs/r1")["policy_version"] == 1
         assert cluster.api("GET", "/v1/runs/r1/versions")["data"] == versions
+    finally:
+        cluster.stop_all()
+
+
+def test_a_node_fetches_the_current_version_and_works_at_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    cluster = Cluster(tmp_path, interval_s=1.0)
+    files = read_files(random_adapter(tiny_model, tmp_path / "lora", seed=5))
+    infos, shards = cut(files, shard_bytes=16384)
+    trainer_id = Identity.generate()
+    try:
+        cluster.start_coordinator()
+        spec = {"run_id": "r1", "env": "arith", "env_args": {"digits": 2}, "total_examples": 8,
+                "prompts_per_lease": 2, "group_size": 2}  # fmt: skip
+        cluster.api("POST", "/v1/runs", json=spec)
+
+        async def main() -> None:
+            async with peer(cluster.multiaddr, trainer_id) as trainer:
+                await trainer.join(["trainer"], "trainer")
+                store = PayloadStore(tmp_path / "trainer-shards")
+                for s in shards:
+                    store.put(s)
+                serve_shards(trainer.host, store)
+                m = AdapterManifest(run_id="r1", version=1, parent_version=0,
+                                    base_model_hash=bytes(32), shards=infos,
+                                    total_bytes=sum(i.size for i in infos))  # fmt: skip
+                ack = await trainer.ask(ADAPTERS, m)
+                assert isinstance(ack, ManifestAck) and ack.outcome == "recorded"
+                node = cluster.start_node("n", extra=[f"--model_cache={tiny_model.parent.parent}"])
+                held = node.home / "adapters" / "r1" / "1" / "adapter_model.safetensors"
+
+                def delivered() -> bool:
+                    return bool(cluster.api("GET", "/v1/runs/r1")["examples_delivered"] >= 2)
+
+                await trio.to_thread.run_sync(lambda: wait_until(delivered, 120, what="work at v1"))
+                assert held.read_bytes() == files["adapter_model.safetensors"]
+                reply = await trainer.ask(ADAPTERS, VersionsRequest(base_model="tiny"))
+                assert isinstance(reply, VersionsReply)
+                (info,) = reply.versions
+                assert info.version == 1 and info.seeds == 1
+                assert info.holders[0].peer_id == trainer_id.peer_id
+                assert len(info.holders) == 2  # the node now holds it too, for others to fetch
+
+        trio.run(main)
+        rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]
+        assert rollouts and all(r["lease"]["policy_version"] == 1 for r in rollouts)
     finally:
         cluster.stop_all()
