@@ -169,12 +169,14 @@ class LeaseBook:
         max_prompts: int,
         adapter_versions: dict[str, int] | None = None,
         max_active: int = 3,
+        per_version: int | None = None,
     ) -> Lease | None:
         """A lease from the next run this node can serve (round robin over runs), or None.
 
         A node gets nothing while it holds ``max_active`` unexpired leases, so one node cannot
         hoard a run's examples. A run past version 0 is leased only to nodes holding its current
-        adapter version.
+        adapter version; with ``per_version``, a run gets at most that many live or completed
+        leases at its current version.
         """
         self.expire()
         if sum(s.node == node for s in self.active.values()) >= max_active:
@@ -187,11 +189,20 @@ class LeaseBook:
             held = (adapter_versions or {}).get(run.plan.run_id, 0)
             if run.policy_version and held != run.policy_version:
                 continue
+            if per_version is not None and self._at_version(run) >= per_version:
+                continue
             lease = self.issue(run.plan.run_id, node, max_prompts)
             if lease is not None:
                 self._next_run = (self._next_run + k + 1) % len(runs)
                 return lease
         return None
+
+    def _at_version(self, run: RunState) -> int:
+        return sum(
+            s.lease.run_id == run.plan.run_id and s.lease.policy_version == run.policy_version
+            and s.status != "expired"
+            for s in self.leases.values()
+        )  # fmt: skip
 
     def expire(self) -> list[LeaseState]:
         """Expire active leases past their deadline; their undelivered examples are re-queued."""

@@ -30,7 +30,7 @@ from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
-from protocol.adapters import AdapterManifest, VersionsRequest
+from protocol.adapters import AdapterManifest, TrainRequest, VersionsRequest
 from protocol.codec import Message
 from protocol.envelope import ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
@@ -201,6 +201,18 @@ class Coordinator:
         if isinstance(msg, AdapterManifest):
             self._check_member(peer, "trainer")
             return await self.work.record_manifest(peer, msg, data)
+        if isinstance(msg, TrainRequest):
+            self._check_member(peer, "trainer")
+            trainers = sorted(
+                p for p, n in self.membership.nodes.items()
+                if n.status == "alive" and "trainer" in n.capabilities.roles
+            )  # fmt: skip
+            try:
+                dht = await self.hivemind_peers() if len(trainers) > 1 else []
+            except RuntimeError as e:
+                log.error("no hivemind DHT for trainers: %s", e)
+                dht = []
+            return self.work.train(peer, msg, trainers, self._addrs_of, dht)
         if isinstance(msg, VersionsRequest):
             if peer not in self.membership.nodes:
                 raise Forbidden("adapter versions are for members: join first")
@@ -210,7 +222,11 @@ class Coordinator:
     async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
         if isinstance(msg, LeaseRequest):
             self._check_member(peer, "inference")
-            return await self.work.lease(peer, msg)
+            training = any(
+                n.status == "alive" and "trainer" in n.capabilities.roles
+                for n in self.membership.nodes.values()
+            )
+            return await self.work.lease(peer, msg, training)
         if isinstance(msg, RolloutReceipt):
             return await self.work.receipt(peer, msg)
         raise UnknownMessageType(f"{msg.TYPE} is not a lease request")

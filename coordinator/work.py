@@ -36,7 +36,16 @@ from coordinator.db import (
 from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runs import RunSpec, plan_run
-from protocol.adapters import AdapterManifest, ManifestAck, VersionInfo, VersionsReply
+from protocol.adapters import (
+    AdapterManifest,
+    ManifestAck,
+    NoTraining,
+    RolloutRef,
+    TrainAssignment,
+    TrainRequest,
+    VersionInfo,
+    VersionsReply,
+)
 from protocol.codec import decode_struct, encode_body, encode_struct
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.membership import PeerRecord
@@ -190,6 +199,38 @@ class RolloutService:
                                      min(len(row.signers), 64)))  # fmt: skip
         return VersionsReply(versions=infos[:32])
 
+    def train(
+        self,
+        peer: str,
+        req: TrainRequest,
+        trainers: list[str],
+        addrs_of: Callable[[str], list[str]],
+        hivemind_peers: list[str],
+    ) -> TrainAssignment | NoTraining:
+        """A trainer's share of the next round of a run on its base model: the counted rollouts
+        of the run's current version, dealt round robin over the run's live trainers."""
+        for run in self.book.runs.values():
+            if run.state != "running" or run.plan.base_model != req.base_model:
+                continue
+            v = run.policy_version
+            ready = sorted(
+                (s for s in self.book.leases.values()
+                 if s.lease.run_id == run.plan.run_id and s.status == "completed" and s.counted
+                 and s.lease.policy_version == v and s.payload_hash),
+                key=lambda s: (s.completed_at or 0.0, s.lease.lease_id),
+            )  # fmt: skip
+            if len(ready) < self.config.round_leases or peer not in trainers:
+                continue
+            rank, k = trainers.index(peer), len(trainers)
+            share = ready[: self.config.round_leases * max(1, k)][rank::k]
+            if not share:
+                continue
+            refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
+                    for s in share]  # fmt: skip
+            return TrainAssignment(run_id=run.plan.run_id, version=v, rollouts=refs, rank=rank,
+                                   group_size=k, hivemind_peers=hivemind_peers[:16])  # fmt: skip
+        return NoTraining(retry_after_s=1.0)
+
     def versions_view(self, run_id: str) -> list[dict[str, Any]]:
         return [
             {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
@@ -199,7 +240,10 @@ class RolloutService:
 
     # -- the lease protocol -------------------------------------------------------------------
 
-    async def lease(self, peer: str, req: LeaseRequest) -> Lease | NoLease:
+    async def lease(self, peer: str, req: LeaseRequest, training: bool = False) -> Lease | NoLease:
+        """A lease for ``peer``. While trainers are on the network (``training``), a run's
+        current version gets at most ``round_leases`` leases: the rest of its examples wait for
+        the versions the trainers make from them."""
         await self.expire()
         self.held[peer] = dict(req.adapter_versions)  # what it can serve to other nodes too
         lease = self.book.issue_for(
@@ -208,6 +252,7 @@ class RolloutService:
             req.max_prompts,
             dict(req.adapter_versions),
             self.config.max_active_per_node,
+            self.config.round_leases if training else None,
         )
         if lease is None:
             return NoLease(retry_after_s=self.config.retry_after_s)

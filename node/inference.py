@@ -132,6 +132,7 @@ class InferenceWorker:
                 self.metrics.leases.inc()
                 return reply
             if isinstance(reply, NoLease):
+                log.debug("no lease; syncing adapter versions")
                 if await self.versions.sync():  # a run moved on: now this node can take its work
                     continue
                 await trio.sleep(reply.retry_after_s)

@@ -80,8 +80,13 @@ def _roles(
     config: NodeConfig, data_dir: Path, agent: Any, inference_cls: Any, producer: str
 ) -> list[Any]:
     """The node's roles, sharing one model process: inference, verifier, serving."""
+    roles: list[Any] = []
+    if "trainer" in config.roles:
+        from node.training.role import TrainerRole
+
+        roles.append(TrainerRole(config, data_dir))
     if not (config.serve or {"inference", "verifier"} & set(config.roles)):
-        return []
+        return roles
     from node.adapters import AdapterStore
     from node.model_worker import ModelSpec, ModelWorker
 
@@ -89,7 +94,6 @@ def _roles(
     if producer:
         spec = dataclasses.replace(spec, producer=producer)
     model = ModelWorker(spec)
-    roles: list[Any] = []
     if "inference" in config.roles:
         from node.inference import InferenceWorker
 

@@ -46,6 +46,7 @@ class VersionSync:
             log.warning("cannot ask for adapter versions: %s", e)
             return []
         fetched = []
+        log.debug("current versions: %s", [(i.run_id, i.version) for i in reply.versions])
         for info in reply.versions:
             if info.version in self.adapters.versions(info.run_id):
                 continue

@@ -19,10 +19,12 @@ from protocol.codec import (
     MiB,
     Name,
     NonNegInt,
+    PeerIdStr,
     Text,
     decode_struct,
     encode_struct,
 )
+from protocol.leases import Lease
 from protocol.membership import PeerRecord
 
 
@@ -88,6 +90,48 @@ class VersionsReply(Message):
     TYPE: ClassVar[str] = "adapters.versions"
     MAX_BYTES: ClassVar[int] = 4 * MiB
     versions: Annotated[list[VersionInfo], msgspec.Meta(max_length=32)]
+
+
+class TrainRequest(Message):
+    """Trainer → coordinator (adapters protocol): a round to train, on my base model."""
+
+    TYPE: ClassVar[str] = "adapters.train_request"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class RolloutRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A counted rollout to train on: the lease (prompts, seeds) and where its payload is."""
+
+    lease: Lease
+    producer: PeerIdStr
+    producer_addrs: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                              msgspec.Meta(max_length=16)]  # fmt: skip
+    payload_hash: Hash32
+
+
+class TrainAssignment(Message):
+    """Coordinator → trainer: train version ``version + 1`` of a run from these rollouts (this
+    trainer's share: ``rank`` of ``group_size`` trainers), averaging through the DHT peers."""
+
+    TYPE: ClassVar[str] = "adapters.train_assignment"
+    MAX_BYTES: ClassVar[int] = 8 * MiB
+    run_id: Name
+    version: NonNegInt
+    """The version the rollouts were sampled at; the round makes ``version + 1``."""
+    rollouts: Annotated[list[RolloutRef], msgspec.Meta(min_length=1, max_length=4096)]
+    rank: NonNegInt
+    group_size: Annotated[int, msgspec.Meta(ge=1, le=64)]
+    hivemind_peers: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
+                              msgspec.Meta(max_length=16)]  # fmt: skip
+
+
+class NoTraining(Message):
+    """Coordinator → trainer: no round is ready; ask again after ``retry_after_s``."""
+
+    TYPE: ClassVar[str] = "adapters.no_training"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
 
 
 class ShardRequest(Message):

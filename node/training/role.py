@@ -1,0 +1,191 @@
+"""The trainer role: take a round from the coordinator, train, publish the next version.
+
+The loop, once the node has joined with the trainer role:
+
+1. ask the coordinator for a round (``TrainRequest`` on ``/bazaar/adapters/1.0.0``): the run,
+   the version its rollouts were sampled at, this trainer's share of them (rank of group size),
+   and the hivemind DHT peers of the run's trainers; ``NoTraining`` says when to ask again;
+2. fetch each rollout's payload from its producer (hash and signature checked), rebuild the
+   prompts from the lease and recompute rewards with the environment;
+3. run a DiLoCo round (``node/training/trainer.py``) — H inner steps, the quantized
+   pseudo-gradient averaged with the round's other trainers through hivemind (in a child
+   process; alone, no averaging), the outer step — in a worker thread;
+4. cut the new adapter into shards, serve them, and submit the signed manifest; every trainer
+   of the round ends with the same bytes, so the coordinator records the first and counts the
+   others as holders; then share the state, for trainers that join later.
+
+A trainer whose weights are not at the round's version (it joined late, or missed a round)
+downloads the state from a peer first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.adapters import cut, read_files
+from node.config import NodeConfig
+from node.payload_store import PayloadStore
+from node.payloads import fetch_payload
+from node.shards import serve_shards
+from protocol.adapters import (
+    AdapterManifest,
+    ManifestAck,
+    NoTraining,
+    TrainAssignment,
+    TrainRequest,
+)
+from protocol.errors import ProtocolError
+from protocol.rollouts import RolloutPayload
+from protocol.versions import protocol_id
+
+log = logging.getLogger(__name__)
+ADAPTERS_PROTOCOL = protocol_id("adapters")
+
+
+class TrainerRole:
+    def __init__(self, config: NodeConfig, data_dir: Path) -> None:
+        self.config, self.data_dir = config, data_dir
+        self.shards = PayloadStore(data_dir / "shards")
+        self.version = -1
+        self.parts: Any = None  # (LoraTrainer, Quantizer, OuterOptimizer, tokenizer)
+        self.collective: Any = None
+
+    async def __call__(self, agent: Any) -> None:
+        self.agent = agent
+        serve_shards(agent.host, self.shards)
+        try:
+            while True:
+                try:
+                    request = TrainRequest(base_model=self.config.model)
+                    expect = (TrainAssignment, NoTraining)
+                    reply = await agent.ask(request, expect, ADAPTERS_PROTOCOL)
+                except ProtocolError as e:
+                    log.warning("training request failed: %s", e)
+                    await trio.sleep(self.config.reconnect_max_backoff_s)
+                    continue
+                if isinstance(reply, NoTraining):
+                    await trio.sleep(reply.retry_after_s)
+                    continue
+                await self.round(reply)
+        finally:
+            if self.collective is not None:
+                self.collective.close()
+
+    async def round(self, a: TrainAssignment) -> None:
+        if self.parts is None:
+            self.parts = await trio.to_thread.run_sync(self._build, a.run_id)
+            self.version = 0
+        trainer, quantizer, outer, tokenizer = self.parts
+        if a.group_size > 1 and self.collective is None:
+            self.collective = await trio.to_thread.run_sync(self._collective, a, trainer)
+        if self.version != a.version and not await self._catch_up(a):
+            log.warning("at version %d, the round is at %d: skipped", self.version, a.version)
+            return
+        examples = await self._examples(a, tokenizer)
+        if not examples:
+            log.warning("no usable rollouts in the round of %s v%d", a.run_id, a.version)
+            return
+        h = self.config.train_inner_steps
+        size = max(1, len(examples) // h)
+        batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
+        from node.training.trainer import diloco_round, export_state
+
+        def average(q: Any) -> tuple[Any, int]:
+            if self.collective is None:
+                return q, 1
+            result = self.collective.average(q)
+            return result.integer_sum, result.group_size
+
+        _, stats, k = await trio.to_thread.run_sync(
+            diloco_round, trainer, batches, quantizer, outer, average
+        )
+        self.version = a.version + 1
+        manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
+        ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+        log.info("trained %s v%d from %d completions in a group of %d (loss %.4f): %s",
+                 a.run_id, self.version, len(examples), k, stats[-1].loss, ack.outcome,
+                 extra={"run_id": a.run_id})  # fmt: skip
+        if self.collective is not None:
+            state = export_state(self.version, trainer, quantizer, outer)
+            await trio.to_thread.run_sync(self.collective.share_state, *state)
+
+    def _build(self, run_id: str) -> tuple[Any, ...]:
+        from transformers import AutoTokenizer
+
+        from node.models.loading import resolve
+        from node.training.diloco import OuterOptimizer, Quantizer, levels_for
+        from node.training.trainer import LoraTrainer
+
+        base = resolve(self.config.model, Path(self.config.model_cache or self.data_dir))
+        trainer = LoraTrainer(base, run_id, inner_lr=self.config.train_inner_lr)
+        levels = levels_for(8)
+        bound = self.config.train_inner_lr * self.config.train_inner_steps  # AdamW's step bound
+        quantizer = Quantizer(trainer.sizes, levels, bound / levels)
+        outer = OuterOptimizer(self.config.train_outer_lr, self.config.train_outer_momentum,
+                               nesterov=self.config.train_outer_momentum > 0)  # fmt: skip
+        self.base_hash = hashlib.sha256(base.encode()).digest()  # the base's reference
+        return trainer, quantizer, outer, AutoTokenizer.from_pretrained(base)
+
+    def _collective(self, a: TrainAssignment, trainer: Any) -> Any:
+        from node.training.collective import Collective, CollectiveSpec
+
+        spec = CollectiveSpec(list(a.hivemind_peers), a.run_id, sum(trainer.sizes),
+                              target_group_size=8, round_timeout_s=30)  # fmt: skip
+        collective = Collective(spec)
+        collective.start()
+        return collective
+
+    async def _catch_up(self, a: TrainAssignment) -> bool:
+        if self.collective is None:
+            return False
+        from node.training.trainer import import_state
+
+        state = await trio.to_thread.run_sync(self.collective.load_state, 30.0)
+        if state is None:
+            return False
+        trainer, quantizer, outer, _ = self.parts
+        self.version = import_state(state, trainer, quantizer, outer)
+        return self.version == a.version
+
+    async def _examples(self, a: TrainAssignment, tokenizer: Any) -> list[Any]:
+        from envs import load_environment
+        from node.training.trainer import training_examples
+
+        out: list[Any] = []
+        for ref in a.rollouts:
+            for addr in ref.producer_addrs:
+                try:
+                    await self.agent.host.connect(addr, timeout_s=5)
+                    break
+                except (OSError, ProtocolError, trio.TooSlowError):
+                    continue
+            try:
+                env_ = await fetch_payload(self.agent.host, self.agent.identity, ref.producer,
+                                           ref.payload_hash)  # fmt: skip
+            except (ProtocolError, OSError, trio.TooSlowError) as e:
+                log.warning("rollout %s not fetched: %s", ref.lease.lease_id, e)
+                continue
+            payload = env_.message
+            assert isinstance(payload, RolloutPayload)
+            env = load_environment(ref.lease.env_id)
+            out += await trio.to_thread.run_sync(
+                training_examples, env, tokenizer, ref.lease, payload
+            )
+        return out
+
+    def _publish(self, run_id: str, trainer: Any) -> AdapterManifest:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = read_files(trainer.save(Path(tmp) / "adapter"))
+        infos, shards = cut(files)
+        for s in shards:
+            self.shards.put(s)
+        return AdapterManifest(
+            run_id=run_id, version=self.version, parent_version=self.version - 1,
+            base_model_hash=self.base_hash, shards=infos, total_bytes=sum(i.size for i in infos),
+        )  # fmt: skip

@@ -1,0 +1,45 @@
+"""The network improves a model's adapter, round after round: a real coordinator, a trainer node
+and an inference node as processes on the tiny model. The inference node samples at version v,
+the trainer takes the round (its rollouts fetched from the producer, rewards recomputed), trains,
+publishes v+1 (shards served, manifest recorded), the inference node fetches it and samples at
+v+1 — and so on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cluster import Cluster
+from tests.wait import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) -> None:
+    cluster = Cluster(tmp_path, interval_s=1.0)
+    model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
+    try:
+        cluster.start_coordinator(extra=["--leases.round_leases=2"])
+        spec = {"run_id": "r1", "env": "arith", "env_args": {"digits": 2},
+                "total_examples": 400, "prompts_per_lease": 4, "group_size": 4}  # fmt: skip
+        cluster.api("POST", "/v1/runs", json=spec)
+        trainer = cluster.start_node("trainer", roles="trainer",
+                                     extra=[*model, "--train_inner_steps=2"])  # fmt: skip
+        sampler = cluster.start_node("sampler", extra=model)
+
+        def at_version(v: int) -> bool:
+            return bool(cluster.api("GET", "/v1/runs/r1")["policy_version"] >= v)
+
+        wait_until(lambda: at_version(2), 240, what="two versions trained and published")
+        versions = cluster.api("GET", "/v1/runs/r1/versions")["data"]
+        assert [v["version"] for v in versions][:2] == [1, 2]
+        trainer_id = cluster.nodes()["trainer"]["peer_id"]
+        assert all(v["holders"][0] == trainer_id for v in versions)
+        held = sampler.home / "adapters" / "r1" / "1" / "adapter_model.safetensors"
+        assert held.exists()  # the sampler fetched version 1 (and worked at it: v2 needed that)
+        rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]
+        assert {r["lease"]["policy_version"] for r in rollouts} >= {0, 1}
+        assert trainer.alive() and sampler.alive()
+    finally:
+        cluster.stop_all()
