@@ -90,6 +90,7 @@ class InferenceWorker:
         )
         self.model = model or ModelWorker(ModelSpec.of(config, data_dir))
         self.adapters = AdapterStore(data_dir / "adapters")
+        self._next_sync = 0.0
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -132,9 +133,11 @@ class InferenceWorker:
                 self.metrics.leases.inc()
                 return reply
             if isinstance(reply, NoLease):
-                log.debug("no lease; syncing adapter versions")
-                if await self.versions.sync():  # a run moved on: now this node can take its work
-                    continue
+                now = trio.current_time()
+                if now >= self._next_sync:  # at most every few seconds: it is a request too
+                    self._next_sync = now + 5.0
+                    if await self.versions.sync():  # a run moved on: this node can work at it
+                        continue
                 await trio.sleep(reply.retry_after_s)
 
     def lease_request(self) -> LeaseRequest:

@@ -53,7 +53,7 @@ class VersionSync:
             try:
                 await self.fetch(info)
                 fetched.append((info.run_id, info.version))
-            except (ProtocolError, KeyError, ValueError) as e:
+            except Exception as e:  # a version that cannot be had is logged; the node goes on
                 log.warning("cannot fetch %s v%d: %s", info.run_id, info.version, e)
         return fetched
 
