@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.runs import RunSpec
-from protocol.api_errors import APIError, error_body, validation_message
+from protocol.api_errors import APIError, install_error_handlers
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
@@ -25,14 +23,7 @@ if TYPE_CHECKING:
 def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="Bazaar coordinator", version=coord.software_version)
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(e.errors()))
-        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

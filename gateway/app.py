@@ -32,7 +32,6 @@ import aiohttp
 import anyio
 import msgspec
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -41,7 +40,12 @@ from gateway.budgets import Ledger
 from gateway.config import GatewayConfig
 from gateway.keys import ApiKey, Bill, KeyStore
 from gateway.routing import Route, Router, TokenCounter
-from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
+from protocol.api_errors import (
+    APIError,
+    RequestIdMiddleware,
+    error_body,
+    install_error_handlers,
+)
 from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 T = TypeVar("T")
@@ -170,14 +174,7 @@ def create_app(
         RequestIdMiddleware, on_status=lambda status: metrics.requests.labels(str(status)).inc()
     )
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(e.errors()))
-        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+    install_error_handlers(app)
 
     bearer_dep = Depends(HTTPBearer(auto_error=False, description="From `bazaar keys create`"))
 

@@ -23,13 +23,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 from node.adapters import AdapterStore, adapter_name
 from node.completions import CompletionJob, CompletionResult
-from protocol.api_errors import APIError, RequestIdMiddleware, error_body, validation_message
+from protocol.api_errors import (
+    APIError,
+    RequestIdMiddleware,
+    install_error_handlers,
+)
 from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 log = logging.getLogger(__name__)
@@ -52,14 +55,7 @@ def create_app(served: Served) -> FastAPI:
 
     app.add_middleware(RequestIdMiddleware)
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(e.errors()))
-        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

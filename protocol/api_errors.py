@@ -58,6 +58,23 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first['msg']}", param
 
 
+def install_error_handlers(app: Any) -> None:
+    """Answer ``APIError`` and FastAPI's request-validation errors in OpenAI's shape (the
+    latter as 400 ``invalid_request``), for every one of our FastAPI apps."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def api_error(_: Any, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    async def invalid(_: Any, e: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(e.errors()))
+        return JSONResponse(error_body(message, "invalid_request", param), status_code=400)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
 class RequestIdMiddleware:
     """ASGI middleware: ``x-request-id`` on every response (the caller's, or a new one), and
     ``on_status(status)`` for metrics.
