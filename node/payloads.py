@@ -10,8 +10,10 @@ consumes it recomputes them with the environment.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from node.payload_store import PayloadStore
+from protocol.adapters import ShardRequest
 from protocol.codec import MiB
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
@@ -27,18 +29,38 @@ MAX_PAYLOAD_FRAME = 33 * MiB
 
 def serve_payloads(host: P2PHost, store: PayloadStore) -> None:
     """Answer payload requests from ``store``."""
+    serve_by_hash(host, PAYLOAD_PROTOCOL, store, PayloadRequest, "payload")
+
+
+def serve_by_hash(
+    host: P2PHost,
+    protocol: str,
+    store: PayloadStore,
+    request: type[PayloadRequest] | type[ShardRequest],
+    what: str,
+    on_served: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Answer signed requests for content by hash (payloads, adapter shards) from ``store``,
+    with the stored bytes as they are: the requester checks them against the hash it asked
+    for. ``on_served(bytes)`` counts the upload."""
     guard = ReplayGuard()
 
     async def handle(peer: str, data: bytes) -> bytes:
         env = open_envelope(data, guard)
-        if env.sender != peer or not isinstance(env.message, PayloadRequest):
-            raise DecodeError("a payload request must be a PayloadRequest signed by its sender")
-        frame = store.get(env.message.payload_hash)
-        if frame is None:
-            raise NotFound(f"no payload {env.message.payload_hash.hex()} here")
-        return frame
+        if env.sender != peer or not isinstance(env.message, request):
+            raise DecodeError(f"a {what} request must be a {request.__name__} signed by its sender")
+        digest = (
+            env.message.payload_hash
+            if isinstance(env.message, PayloadRequest)
+            else env.message.sha256
+        )
+        content = store.get(digest)
+        if content is None:
+            raise NotFound(f"no {what} {digest.hex()} here")
+        on_served(len(content))
+        return content
 
-    host.serve(PAYLOAD_PROTOCOL, handle, max_request_bytes=4096)
+    host.serve(protocol, handle, max_request_bytes=4096)
 
 
 async def fetch_payload(

@@ -22,10 +22,11 @@ import trio
 
 from node.adapters import check_shard
 from node.payload_store import PayloadStore
+from node.payloads import serve_by_hash
 from protocol.adapters import AdapterManifest, ShardRequest
 from protocol.codec import MiB
-from protocol.envelope import ReplayGuard, open_envelope, seal
-from protocol.errors import DecodeError, HashMismatch, NotFound, ProtocolError
+from protocol.envelope import seal
+from protocol.errors import HashMismatch, NotFound, ProtocolError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
 from protocol.versions import protocol_id
@@ -39,19 +40,7 @@ def serve_shards(
     host: P2PHost, store: PayloadStore, on_served: Callable[[int], None] = lambda n: None
 ) -> None:
     """Answer shard requests from ``store``; ``on_served(bytes)`` counts the upload."""
-    guard = ReplayGuard()
-
-    async def handle(peer: str, data: bytes) -> bytes:
-        env = open_envelope(data, guard)
-        if env.sender != peer or not isinstance(env.message, ShardRequest):
-            raise DecodeError("a shard request must be a ShardRequest signed by its sender")
-        shard = store.get(env.message.sha256)
-        if shard is None:
-            raise NotFound(f"no shard {env.message.sha256.hex()} here")
-        on_served(len(shard))
-        return shard
-
-    host.serve(SHARD_PROTOCOL, handle, max_request_bytes=4096)
+    serve_by_hash(host, SHARD_PROTOCOL, store, ShardRequest, "shard", on_served)
 
 
 async def fetch_version(
