@@ -23,8 +23,8 @@ class LeaseConfig(ConfigModel):
     """Unexpired leases one node may hold at once, so no node hoards a run's examples. A node
     pipelines three: one generating, one fetched ahead, one whose receipt is on its way."""
     round_leases: int = Field(4, ge=1, le=4096)
-    """Trainers train a run's next version once this many leases of its current version are
-    counted (they share them out)."""
+    """Leases each trainer trains on per round: a run's next version is trained once this many
+    per live trainer are counted within its staleness window."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
     """How long a node told "no work" waits before asking again."""
 

@@ -90,6 +90,7 @@ class LeaseRow(Base):
     payload_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    trained_in: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ReceiptRow(Base):

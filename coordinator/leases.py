@@ -43,6 +43,9 @@ class RunPlan:
     total_examples: int | None = None
     """Stop issuing after this many examples (None: as many as trainers consume)."""
     prompts_per_lease: int = 8
+    max_staleness: int = 2
+    """Trainers of version ``v`` consume rollouts sampled at versions ``v - max_staleness`` to
+    ``v``; older ones are never trained on."""
 
 
 class ReceiptOutcome(Enum):
@@ -68,6 +71,8 @@ class LeaseState:
     payload_hash: bytes | None = None
     completion_tokens: int = 0
     completed_at: float | None = None
+    trained_in: int | None = None
+    """The round (the version trained from) whose trainers were dealt this rollout."""
 
 
 @dataclass
@@ -169,14 +174,14 @@ class LeaseBook:
         max_prompts: int,
         adapter_versions: dict[str, int] | None = None,
         max_active: int = 3,
-        per_version: int | None = None,
+        untrained_cap: int | None = None,
     ) -> Lease | None:
         """A lease from the next run this node can serve (round robin over runs), or None.
 
         A node gets nothing while it holds ``max_active`` unexpired leases, so one node cannot
         hoard a run's examples. A run past version 0 is leased only to nodes holding its current
-        adapter version; with ``per_version``, a run gets at most that many live or completed
-        leases at its current version.
+        adapter version; with ``untrained_cap``, a run has at most that many leases out or
+        delivered that no round of training has taken yet (``untrained``).
         """
         self.expire()
         if sum(s.node == node for s in self.active.values()) >= max_active:
@@ -189,7 +194,7 @@ class LeaseBook:
             held = (adapter_versions or {}).get(run.plan.run_id, 0)
             if run.policy_version and held != run.policy_version:
                 continue
-            if per_version is not None and self._at_version(run) >= per_version:
+            if untrained_cap is not None and self.untrained(run) >= untrained_cap:
                 continue
             lease = self.issue(run.plan.run_id, node, max_prompts)
             if lease is not None:
@@ -197,12 +202,23 @@ class LeaseBook:
                 return lease
         return None
 
-    def _at_version(self, run: RunState) -> int:
-        return sum(
-            s.lease.run_id == run.plan.run_id and s.lease.policy_version == run.policy_version
-            and s.status != "expired"
-            for s in self.leases.values()
+    def trainable(self, run: RunState, state: LeaseState) -> bool:
+        """A counted rollout (so verified or not quarantined) within the run's staleness
+        window, not taken by an earlier round."""
+        oldest = run.policy_version - run.plan.max_staleness
+        return (
+            state.status == "completed" and bool(state.counted) and state.payload_hash is not None
+            and oldest <= state.lease.policy_version <= run.policy_version
+            and state.trained_in in (None, run.policy_version)
         )  # fmt: skip
+
+    def untrained(self, run: RunState) -> int:
+        """Leases of the run that are out, or delivered and still waiting for a round."""
+        return sum(
+            s.lease.run_id == run.plan.run_id
+            and (s.status == "active" or (self.trainable(run, s) and s.trained_in is None))
+            for s in self.leases.values()
+        )
 
     def expire(self) -> list[LeaseState]:
         """Expire active leases past their deadline; their undelivered examples are re-queued."""

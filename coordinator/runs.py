@@ -55,6 +55,8 @@ class RunSpec(ConfigModel):
     """Most examples in one lease."""
     lease_ttl_s: float = Field(120.0, gt=0, le=86400)
     """A lease not delivered within this time is given to another node."""
+    max_staleness: int = Field(2, ge=0, le=64)
+    """Trainers of version ``v`` consume rollouts sampled at ``v - max_staleness`` or later."""
 
 
 def plan_run(spec: RunSpec) -> RunPlan:
@@ -71,4 +73,5 @@ def plan_run(spec: RunSpec) -> RunPlan:
         lease_ttl_s=spec.lease_ttl_s,
         total_examples=spec.total_examples,
         prompts_per_lease=spec.prompts_per_lease,
+        max_staleness=spec.max_staleness,
     )

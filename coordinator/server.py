@@ -32,7 +32,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
 from protocol.adapters import AdapterManifest, TrainRequest, VersionsRequest
 from protocol.codec import Message
-from protocol.envelope import ReplayGuard, open_envelope, seal
+from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
 from protocol.gossip import GossipGate
 from protocol.http import bind_tcp, parse_host_port, serve_http
@@ -87,6 +87,7 @@ class Coordinator:
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
+        self.manifest_gate = GossipGate(ADAPTERS_PROTOCOL, (AdapterManifest,), self.metrics.gossip)
         self._request_guard = ReplayGuard()
         self._log_limit = RateLimit(60.0)
         self._dirty: set[str] = set()
@@ -126,10 +127,12 @@ class Coordinator:
             host.serve(AUDITS_PROTOCOL, self._on_audit_request)
             host.serve(ADAPTERS_PROTOCOL, self._on_adapters_request)
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
+            manifests = await host.subscribe(ADAPTERS_PROTOCOL, self._accept_manifest)
             self._write_discovery_file()
             http_stop = trio.Event()
             async with trio.open_nursery() as http, trio.open_nursery() as loops:
                 loops.start_soon(self._gossip_loop, sub)
+                loops.start_soon(_drain, manifests)
                 loops.start_soon(self._sweep_loop)
                 loops.start_soon(self._flush_loop)
                 loops.start_soon(self.work.expire_loop)
@@ -212,21 +215,21 @@ class Coordinator:
             except RuntimeError as e:
                 log.error("no hivemind DHT for trainers: %s", e)
                 dht = []
-            return self.work.train(peer, msg, trainers, self._addrs_of, dht)
+            return await self.work.train(peer, msg, trainers, self._addrs_of, dht)
         if isinstance(msg, VersionsRequest):
             if peer not in self.membership.nodes:
                 raise Forbidden("adapter versions are for members: join first")
-            return self.work.current_versions(msg.base_model, self._addrs_of)
+            return self.work.current_versions(msg, self._addrs_of)
         raise UnknownMessageType(f"{msg.TYPE} is not an adapters request")
 
     async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
         if isinstance(msg, LeaseRequest):
             self._check_member(peer, "inference")
-            training = any(
+            trainers = sum(
                 n.status == "alive" and "trainer" in n.capabilities.roles
                 for n in self.membership.nodes.values()
             )
-            return await self.work.lease(peer, msg, training)
+            return await self.work.lease(peer, msg, trainers)
         if isinstance(msg, RolloutReceipt):
             return await self.work.receipt(peer, msg)
         raise UnknownMessageType(f"{msg.TYPE} is not a lease request")
@@ -283,6 +286,18 @@ class Coordinator:
                 await self._apply(self.membership.goodbye(peer))
             elif isinstance(msg, Announce) and self.membership.announce(peer, msg):
                 await self._persist(peer)
+
+    def _accept_manifest(self, forwarder: str, data: bytes) -> Envelope | None:
+        """Relay a trainer's manifest; one from anyone else stops here (a node's own gate
+        checks the signature, the coordinator also that a trainer signed it)."""
+        env = self.manifest_gate.accept(forwarder, data)
+        if env is None:
+            return None
+        node = self.membership.nodes.get(env.sender)
+        if node is None or "trainer" not in node.capabilities.roles:
+            self.manifest_gate.refuse(forwarder, "not_a_trainer", "a manifest not from a trainer")
+            return None
+        return env
 
     async def _sweep_loop(self) -> None:
         period = max(0.05, self.membership.interval / 10)
@@ -349,3 +364,9 @@ def _dialable(host: str) -> str:
 
 def _loopback_first(addrs: list[str]) -> list[str]:
     return sorted(addrs, key=lambda a: not a.startswith("/ip4/127."))
+
+
+async def _drain(sub: object) -> None:
+    """Consume a topic this process only relays."""
+    async for _ in sub:  # type: ignore[attr-defined]
+        pass

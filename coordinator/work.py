@@ -45,6 +45,7 @@ from protocol.adapters import (
     TrainRequest,
     VersionInfo,
     VersionsReply,
+    VersionsRequest,
 )
 from protocol.codec import decode_struct, encode_body, encode_struct
 from protocol.leases import Lease, LeaseRequest, NoLease
@@ -99,6 +100,7 @@ class RolloutService:
                 payload_hash=r.payload_hash,
                 completion_tokens=r.completion_tokens,
                 completed_at=r.completed_at,
+                trained_in=r.trained_in,
             )
             for r in lease_rows
         ]
@@ -182,24 +184,30 @@ class RolloutService:
         return ManifestAck(outcome="recorded", version=msg.version)
 
     def current_versions(
-        self, base_model: str, addrs_of: Callable[[str], list[str]]
+        self, req: VersionsRequest, addrs_of: Callable[[str], list[str]]
     ) -> VersionsReply:
-        """The current version of every running run on ``base_model``, with its holders: the
-        trainers that made it first, then nodes that hold it."""
+        """The current version of every running run on the request's base model (or the one
+        version it names), with its holders: the trainers that made it first, then nodes that
+        hold it."""
+        wanted: list[tuple[str, int]] = []
+        if req.run_id is not None and req.version is not None:
+            wanted = [(req.run_id, req.version)]
+        else:
+            wanted = [(r.plan.run_id, r.policy_version) for r in self.book.runs.values()
+                      if r.state == "running" and r.plan.base_model == req.base_model]  # fmt: skip
         infos = []
-        for run in self.book.runs.values():
-            row = self.versions.get(run.plan.run_id, {}).get(run.policy_version)
-            if run.state != "running" or run.plan.base_model != base_model or row is None:
+        for run_id, v in wanted:
+            row = self.versions.get(run_id, {}).get(v)
+            run = self.book.runs.get(run_id)
+            if row is None or run is None or run.plan.base_model != req.base_model:
                 continue
-            v = run.policy_version
             nodes = [p for p, held in self.held.items()
-                     if held.get(run.plan.run_id) == v and p not in row.signers]  # fmt: skip
+                     if held.get(run_id) == v and p not in row.signers]  # fmt: skip
             holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
-            infos.append(VersionInfo(run.plan.run_id, run.policy_version, row.frame, holders,
-                                     min(len(row.signers), 64)))  # fmt: skip
+            infos.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
         return VersionsReply(versions=infos[:32])
 
-    def train(
+    async def train(
         self,
         peer: str,
         req: TrainRequest,
@@ -207,22 +215,36 @@ class RolloutService:
         addrs_of: Callable[[str], list[str]],
         hivemind_peers: list[str],
     ) -> TrainAssignment | NoTraining:
-        """A trainer's share of the next round of a run on its base model: the counted rollouts
-        of the run's current version, dealt round robin over the run's live trainers."""
+        """A trainer's share of the next round of a run on its base model.
+
+        A round of version ``v`` takes ``round_leases`` counted rollouts per live trainer from
+        the run's staleness window (the newest versions first, then in order of delivery) and
+        deals them round robin over the trainers;
+        the first trainer to ask fixes the round's rollouts (``trained_in``), so the others get
+        the rest of the same set, and the rollouts delivered meanwhile wait for the next round.
+        """
         for run in self.book.runs.values():
             if run.state != "running" or run.plan.base_model != req.base_model:
                 continue
-            v = run.policy_version
+            if peer not in trainers:
+                continue
+            v, k = run.policy_version, len(trainers)
             ready = sorted(
                 (s for s in self.book.leases.values()
-                 if s.lease.run_id == run.plan.run_id and s.status == "completed" and s.counted
-                 and s.lease.policy_version == v and s.payload_hash),
-                key=lambda s: (s.completed_at or 0.0, s.lease.lease_id),
+                 if s.lease.run_id == run.plan.run_id and self.book.trainable(run, s)),
+                key=lambda s: (s.trained_in != v, -s.lease.policy_version,
+                               s.completed_at or 0.0, s.lease.lease_id),
             )  # fmt: skip
-            if len(ready) < self.config.round_leases or peer not in trainers:
-                continue
-            rank, k = trainers.index(peer), len(trainers)
-            share = ready[: self.config.round_leases * max(1, k)][rank::k]
+            dealt = [s for s in ready if s.trained_in == v]
+            if not dealt:
+                if len(ready) < self.config.round_leases * k:
+                    continue
+                dealt = ready[: self.config.round_leases * k]
+                for s in dealt:
+                    s.trained_in = v
+                await self._save(leases=dealt)
+            rank = trainers.index(peer)
+            share = dealt[rank::k]
             if not share:
                 continue
             refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
@@ -240,10 +262,11 @@ class RolloutService:
 
     # -- the lease protocol -------------------------------------------------------------------
 
-    async def lease(self, peer: str, req: LeaseRequest, training: bool = False) -> Lease | NoLease:
-        """A lease for ``peer``. While trainers are on the network (``training``), a run's
-        current version gets at most ``round_leases`` leases: the rest of its examples wait for
-        the versions the trainers make from them."""
+    async def lease(self, peer: str, req: LeaseRequest, trainers: int = 0) -> Lease | NoLease:
+        """A lease for ``peer``. While ``trainers`` are on the network, a run has at most two
+        rounds' worth of leases out or waiting for training (``round_leases`` per trainer, per
+        round): one round is sampled while the trainers train the one before, and the rest of
+        the run's examples wait for the versions made from them."""
         await self.expire()
         self.held[peer] = dict(req.adapter_versions)  # what it can serve to other nodes too
         lease = self.book.issue_for(
@@ -252,7 +275,7 @@ class RolloutService:
             req.max_prompts,
             dict(req.adapter_versions),
             self.config.max_active_per_node,
-            self.config.round_leases if training else None,
+            2 * self.config.round_leases * trainers if trainers else None,
         )
         if lease is None:
             return NoLease(retry_after_s=self.config.retry_after_s)
@@ -312,14 +335,16 @@ class RolloutService:
             return NoAudit(retry_after_s=self.config.retry_after_s)
         await self._save(audits=[audit])
         run = self.book.runs[audit.run_id]
+        lease = self.book.leases[audit.lease_id].lease
         return AuditAssignment(
             audit_id=audit.audit_id,
-            lease=self.book.leases[audit.lease_id].lease,
+            lease=lease,
             producer=audit.producer,
             producer_addrs=addrs_of(audit.producer)[:16],
             payload_hash=audit.payload_hash,
             current_version=run.policy_version,
-            max_staleness=0,
+            # the lease fixed the version: the run moving on since is not the producer's doing
+            max_staleness=max(0, run.policy_version - lease.policy_version),
             deadline_ms=int(audit.deadline * 1000),
         )
 
@@ -510,6 +535,7 @@ def _lease_row(s: LeaseState) -> LeaseRow:
         payload_hash=s.payload_hash,
         completion_tokens=s.completion_tokens,
         completed_at=s.completed_at,
+        trained_in=s.trained_in,
     )
 
 

@@ -11,6 +11,9 @@
 - **Reconnect.** A watchdog notices when the coordinator connection is gone and joins again with
   the same instance id, so a restarted coordinator accepts us as the same process.
 - **Goodbye** on stop: signed, sent straight to the coordinator and on gossip.
+- **Adapter manifests.** The node also keeps the adapters topic, where trainers publish each new
+  version's signed manifest; every frame passes the gossip gate (signature, replay, type) and
+  goes to the roles' ``on_manifest`` listeners (``node/versions.py``).
 
 The node's roles (``node/inference.py``, ...) run as tasks beside these loops once the node has
 joined, and reach the coordinator through ``ask``.
@@ -29,8 +32,9 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from node.config import NodeConfig
+from protocol.adapters import AdapterManifest
 from protocol.codec import M, Message
-from protocol.envelope import ReplayGuard, open_envelope, seal
+from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, ProtocolError, RemoteError, VersionMismatch
 from protocol.gossip import GossipGate, GossipMetrics
 from protocol.identity import Identity
@@ -51,6 +55,7 @@ from protocol.versions import PROTOCOL_VERSION, protocol_id
 log = logging.getLogger(__name__)
 
 MEMBERSHIP = protocol_id("membership")
+ADAPTERS_TOPIC = protocol_id("adapters")
 MESH_TARGET = 8
 """How many other nodes to stay connected to (gossipsub's mesh degree is 6)."""
 
@@ -95,6 +100,9 @@ class NodeAgent:
         self.instance_id = secrets.token_hex(8)
         self.metrics = NodeMetrics()
         self.gate = GossipGate(MEMBERSHIP, (Heartbeat, Announce, Goodbye), self.metrics.gossip)
+        self.manifest_gate = GossipGate(ADAPTERS_TOPIC, (AdapterManifest,), self.metrics.gossip)
+        self.on_manifest: list[Callable[[Envelope], None]] = []
+        """Called with every adapter manifest heard on gossip."""
         self.interval = 2.0
         self.peers_heard: dict[str, float] = {}
         """Last heartbeat this node heard from each peer: its own view of the network."""
@@ -112,12 +120,14 @@ class NodeAgent:
         async with P2PHost.create(self.identity, [self.config.listen]) as host:
             self.host = host
             sub = await host.subscribe(MEMBERSHIP, self.gate.accept)
+            manifests = await host.subscribe(ADAPTERS_TOPIC, self.manifest_gate.accept)
             await self._join(first=True)
             async with trio.open_nursery() as nursery:
                 for role in roles:
                     nursery.start_soon(role, self)
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._gossip_loop, sub)
+                nursery.start_soon(self._manifest_loop, manifests)
                 nursery.start_soon(self._watchdog_loop)
                 nursery.start_soon(self._peers_loop)
                 task_status.started(self)
@@ -224,6 +234,15 @@ class NodeAgent:
                 self.peers_heard.pop(env.sender, None)
             else:
                 self.peers_heard[env.sender] = self.clock()
+
+    async def _manifest_loop(self, sub: object) -> None:
+        async for env in sub:  # type: ignore[attr-defined]
+            for listener in self.on_manifest:
+                listener(env)
+
+    async def publish_manifest(self, manifest: AdapterManifest) -> None:
+        """Tell the network a new adapter version exists (its trainer's signed manifest)."""
+        await self.host.publish(ADAPTERS_TOPIC, seal(self.identity, manifest))
 
     async def _watchdog_loop(self) -> None:
         while True:

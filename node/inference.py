@@ -82,6 +82,7 @@ class InferenceWorker:
         data_dir: Path,
         model: ModelWorker | None = None,
         store: PayloadStore | None = None,
+        versions: VersionSync | None = None,
     ) -> None:
         self.config = config
         self.data_dir = data_dir
@@ -89,22 +90,24 @@ class InferenceWorker:
             data_dir / "payloads", config.payload_max_bytes, config.payload_retention_s
         )
         self.model = model or ModelWorker(ModelSpec.of(config, data_dir))
-        self.adapters = AdapterStore(data_dir / "adapters")
+        self.versions = versions or VersionSync(
+            config.model, AdapterStore(data_dir / "adapters"), PayloadStore(data_dir / "shards")
+        )
+        self.adapters = self.versions.adapters
         self._next_sync = 0.0
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)
-        self.versions = VersionSync(
-            agent, self.config.model, self.adapters, PayloadStore(self.data_dir / "shards")
-        )
+        self.versions.attach(agent)
         # two leases are with the model at a time (one generating, the next queued in its
         # pipe) and receipts go out while the next lease generates: the model never waits on
         # the network
         slots = trio.Semaphore(2)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.versions.follow)
             while True:
                 await slots.acquire()
                 lease = await self._next_lease()

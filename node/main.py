@@ -79,15 +79,22 @@ def start_node(
 def _roles(
     config: NodeConfig, data_dir: Path, agent: Any, inference_cls: Any, producer: str
 ) -> list[Any]:
-    """The node's roles, sharing one model process: inference, verifier, serving."""
+    """The node's roles, sharing one model process (inference, verifier, serving) and one
+    adapter store with its shards (all of them)."""
+    from node.adapters import AdapterStore
+    from node.payload_store import PayloadStore
+    from node.versions import VersionSync
+
+    versions = VersionSync(
+        config.model, AdapterStore(data_dir / "adapters"), PayloadStore(data_dir / "shards")
+    )
     roles: list[Any] = []
     if "trainer" in config.roles:
         from node.training.role import TrainerRole
 
-        roles.append(TrainerRole(config, data_dir))
+        roles.append(TrainerRole(config, data_dir, versions))
     if not (config.serve or {"inference", "verifier"} & set(config.roles)):
         return roles
-    from node.adapters import AdapterStore
     from node.model_worker import ModelSpec, ModelWorker
 
     spec = ModelSpec.of(config, data_dir)
@@ -97,11 +104,11 @@ def _roles(
     if "inference" in config.roles:
         from node.inference import InferenceWorker
 
-        roles.append((inference_cls or InferenceWorker)(config, data_dir, model))
+        roles.append((inference_cls or InferenceWorker)(config, data_dir, model, versions=versions))
     if "verifier" in config.roles:
         from node.verifier import VerifierWorker
 
-        roles.append(VerifierWorker(config, model, AdapterStore(data_dir / "adapters")))
+        roles.append(VerifierWorker(config, model, versions))
     if config.serve:
         from node.serving import ServingRole
         from protocol.http import bind_tcp
@@ -110,7 +117,7 @@ def _roles(
         sock = bind_tcp(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
-        role = ServingRole(model, sock, config.model, AdapterStore(data_dir / "adapters"))
+        role = ServingRole(model, sock, config.model, versions.adapters)
         agent.capabilities = msgspec.structs.replace(
             agent.capabilities, serving_url=url, serving_models=role.models()
         )

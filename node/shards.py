@@ -5,9 +5,9 @@ store class as rollout payloads: files under their SHA-256). The nodes fetching 
 it: each takes its share of the shards from a seed (a trainer) and the rest from the node whose
 share they are, so the trainers' upload stays about one copy however many nodes there are
 (``fetch_version``); several shards move at once, and a shard is stored — and served onward —
-only after it matched the manifest's hash. A peer that sends a wrong shard is reported
-(``on_bad``: its sender is penalized) and the shard is asked of another; a peer that does not
-have it (``not_found``) or cannot be reached is skipped.
+only after it matched the manifest's hash. A peer that sends a wrong shard is penalized
+(``Penalties``: not asked again for a while) and the shard is asked of another; a peer that does
+not have it (``not_found``) or cannot be reached is skipped.
 
 Shard answers are the raw bytes, unsigned: the manifest that lists their hashes is signed by
 the trainer, and a shard is only as good as that match.
@@ -16,6 +16,7 @@ the trainer, and a shard is only as good as that match.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import trio
@@ -36,6 +37,24 @@ SHARD_PROTOCOL = protocol_id("shards")
 MAX_SHARD = 8 * MiB
 
 
+class Penalties:
+    """Peers this node will not fetch from for a while, and why."""
+
+    def __init__(self, ban_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.ban_s, self.clock = ban_s, clock
+        self.until: dict[str, float] = {}
+        self.strikes: dict[str, int] = {}
+
+    def penalize(self, peer: str, why: str) -> None:
+        self.strikes[peer] = self.strikes.get(peer, 0) + 1
+        self.until[peer] = self.clock() + self.ban_s * self.strikes[peer]
+        log.warning("peer %s banned from fetches for %.0fs: %s", peer,
+                    self.until[peer] - self.clock(), why, extra={"peer": peer})  # fmt: skip
+
+    def banned(self, peer: str) -> bool:
+        return self.until.get(peer, 0.0) > self.clock()
+
+
 def serve_shards(
     host: P2PHost, store: PayloadStore, on_served: Callable[[int], None] = lambda n: None
 ) -> None:
@@ -50,7 +69,7 @@ async def fetch_version(
     store: PayloadStore,
     seeds: Sequence[str],
     swarm: Sequence[str] = (),
-    on_bad: Callable[[str, str], None] = lambda peer, why: None,
+    penalties: Penalties | None = None,
     parallel: int = 4,
     timeout_s: float = 30.0,
     patience_s: float = 10.0,
@@ -67,9 +86,12 @@ async def fetch_version(
     limit = trio.Semaphore(parallel)
     missing: list[bytes] = []
     members = sorted(set(swarm) | {host.peer_id}) if swarm else [host.peer_id]
+    penalties = penalties or Penalties()
 
     async def ask(peer: str, index: int) -> bytes | None:
         info = manifest.shards[index]
+        if penalties.banned(peer):
+            return None
         try:
             data = await host.request(
                 peer, SHARD_PROTOCOL, seal(identity, ShardRequest(sha256=info.sha256)),
@@ -77,8 +99,7 @@ async def fetch_version(
             )  # fmt: skip
             check_shard(info, data)
         except HashMismatch as e:
-            log.warning("bad shard from %s: %s", peer, e)
-            on_bad(peer, str(e))
+            penalties.penalize(peer, f"bad shard: {e}")
             return None
         except (ProtocolError, OSError, trio.TooSlowError) as e:
             log.debug("shard %s not from %s: %s", info.sha256.hex()[:16], peer, e)

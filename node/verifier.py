@@ -8,7 +8,8 @@ The loop, once the node has joined:
    receipt's digest and be signed by the producer (``signature``); a producer that cannot serve
    it before the audit's deadline fails the audit (``unavailable``);
 3. run every check in the model process (``verification/checks.py``: lease, version, seed,
-   termination, reward, seeded replay, logprobs) with the calibrated thresholds of its dtype;
+   termination, reward, seeded replay, logprobs) with the calibrated thresholds of its dtype,
+   at the adapter version the lease named (fetched first if this node lacks it);
 4. sign a ``Verdict`` naming the first failed check and send it; the ``VerdictAck`` says whether
    it was recorded, sent for confirmation, confirmed, or cleared.
 """
@@ -22,10 +23,10 @@ from typing import TYPE_CHECKING
 import trio
 from prometheus_client import Counter
 
-from node.adapters import AdapterStore
 from node.config import NodeConfig
 from node.model_worker import ModelWorker
 from node.payloads import fetch_payload
+from node.versions import VersionSync
 from protocol.errors import ProtocolError
 from protocol.rollouts import RolloutPayload
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
@@ -40,13 +41,15 @@ AUDITS_PROTOCOL = protocol_id("audits")
 
 
 class VerifierWorker:
-    def __init__(self, config: NodeConfig, model: ModelWorker, adapters: AdapterStore) -> None:
+    def __init__(self, config: NodeConfig, model: ModelWorker, versions: VersionSync) -> None:
         self.config = config
         self.model = model
-        self.adapters = adapters
+        self.versions = versions
+        self.adapters = versions.adapters
 
     async def __call__(self, agent: NodeAgent) -> None:
         self.agent = agent
+        self.versions.attach(agent)
         r = agent.metrics.registry
         self.verdicts = Counter(
             "bazaar_verdicts_sent", "Verdicts sent, by failed check", ["check"], registry=r
@@ -106,6 +109,9 @@ class VerifierWorker:
         payload = await self.fetch(a)
         if isinstance(payload, tuple):
             return payload
+        if not await self.versions.ensure(a.lease.run_id, a.lease.policy_version):
+            detail = f"adapter {a.lease.run_id} v{a.lease.policy_version} cannot be fetched"
+            return False, "verifier_error", detail, {}
         try:
             adapter = self.adapters.for_version(a.lease.run_id, a.lease.policy_version)
             outcome = await self.model.verify(

@@ -1,12 +1,25 @@
-"""Keeping a node's adapter store at the current versions of the runs on its base model.
+"""Keeping a node's adapter store at the versions it works with, and serving them onward.
 
-The node asks the coordinator (``VersionsRequest`` over ``/bazaar/adapters/1.0.0``) which
-versions are current and who holds them; for each version it lacks it checks the trainer's
-signed manifest (the signature, and that the signer is one of the trainers the coordinator
-names), fetches the shards from the holders (``node/shards.py``: every shard checked against
-the manifest, a wrong one reported and fetched elsewhere), assembles the PEFT files into the
-adapter store and serves the shards onward. Its next lease request declares the new version, so
-the coordinator leases it that version's work and names it as a holder to other nodes.
+One ``VersionSync`` per node, shared by its roles (inference, verifier, trainer, serving): one
+adapter store, one shard store served on ``/bazaar/shards/1.0.0``.
+
+- **Following.** Trainers publish each new version's signed manifest on the adapters gossip
+  topic; a manifest of a version newer than any held wakes ``follow``, which asks the
+  coordinator (``VersionsRequest`` over ``/bazaar/adapters/1.0.0``) for that version and who
+  holds it, and fetches it; every ``period_s`` it also asks for the current versions of all
+  running runs (a manifest missed). Gossip is the prompt, the coordinator the authority: a
+  manifest on gossip makes a node ask, never fetch on its word.
+- **Fetching.** For each version it lacks, the node checks the trainer's signed manifest (the
+  signature, and that the signer is one of the trainers the coordinator names), fetches the
+  shards from the holders (``node/shards.py``: every shard checked against the manifest),
+  assembles the PEFT files into the adapter store and serves the shards onward. The next lease
+  request declares the new version, so the coordinator leases it that version's work and names
+  this node as a holder to others. In-flight generations finish on the version their lease
+  named: a version is a new adapter name in the model process, never an overwrite.
+- **Penalties.** A peer that sent a shard that does not match the manifest is banned from this
+  node's fetches for ``ban_s`` (``Penalties``); the shard is fetched elsewhere.
+- **On demand.** A verifier auditing a rollout of a version it lacks fetches exactly that
+  version (``ensure``).
 """
 
 from __future__ import annotations
@@ -18,10 +31,10 @@ import trio
 
 from node.adapters import AdapterStore, assemble
 from node.payload_store import PayloadStore
-from node.shards import fetch_version, serve_shards
+from node.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import AdapterManifest, VersionInfo, VersionsReply, VersionsRequest
-from protocol.envelope import open_envelope
-from protocol.errors import BadSignature, DecodeError, ProtocolError
+from protocol.envelope import Envelope, open_envelope
+from protocol.errors import BadSignature, DecodeError, NotFound, ProtocolError
 from protocol.versions import protocol_id
 
 log = logging.getLogger(__name__)
@@ -29,33 +42,73 @@ ADAPTERS_PROTOCOL = protocol_id("adapters")
 
 
 class VersionSync:
-    def __init__(self, agent: Any, base_model: str, adapters: AdapterStore, shards: PayloadStore):
-        self.agent, self.base_model = agent, base_model
-        self.adapters, self.shards = adapters, shards
-        self.bad_shards: list[tuple[str, str]] = []
-        """(peer, why) of every wrong shard received (reported in the log)."""
-        serve_shards(agent.host, shards)
+    def __init__(
+        self, base_model: str, adapters: AdapterStore, shards: PayloadStore, period_s: float = 30.0
+    ) -> None:
+        self.base_model, self.adapters, self.shards = base_model, adapters, shards
+        self.penalties = Penalties()
+        self.period_s = period_s
+        self.agent: Any = None
+        self._heard = trio.Event()
+        self._wanted: set[tuple[str, int]] = set()
+        self._lock = trio.Lock()
+
+    def attach(self, agent: Any) -> None:
+        """Serve the shard store and listen for manifests on ``agent`` (once per node)."""
+        if self.agent is None:
+            self.agent = agent
+            serve_shards(agent.host, self.shards)
+            agent.on_manifest.append(self._on_manifest)
+
+    def _on_manifest(self, env: Envelope) -> None:
+        msg = env.message
+        assert isinstance(msg, AdapterManifest)  # the gossip gate lets nothing else through
+        held = self.adapters.versions(msg.run_id)
+        if (not held or msg.version > held[-1]) and len(self._wanted) < 64:
+            self._wanted.add((msg.run_id, msg.version))
+            self._heard.set()
+
+    async def follow(self) -> None:
+        """Fetch each new version heard of on gossip at once (if the coordinator has recorded
+        it), and sync with the coordinator every ``period_s`` anyway."""
+        while True:
+            with trio.move_on_after(self.period_s):
+                await self._heard.wait()
+            self._heard = trio.Event()
+            wanted, self._wanted = self._wanted, set()
+            for run_id, version in sorted(wanted):
+                await self.ensure(run_id, version)
+            if not wanted:
+                await self.sync()
 
     async def sync(self) -> list[tuple[str, int]]:
         """Fetch every current version not held here; returns the ``(run, version)`` fetched."""
-        try:
-            reply = await self.agent.ask(
-                VersionsRequest(base_model=self.base_model), (VersionsReply,), ADAPTERS_PROTOCOL
-            )
-        except ProtocolError as e:
-            log.warning("cannot ask for adapter versions: %s", e)
-            return []
-        fetched = []
-        log.debug("current versions: %s", [(i.run_id, i.version) for i in reply.versions])
-        for info in reply.versions:
-            if info.version in self.adapters.versions(info.run_id):
-                continue
+        return await self._fetch_all(VersionsRequest(base_model=self.base_model))
+
+    async def ensure(self, run_id: str, version: int) -> bool:
+        """Hold ``version`` of ``run_id`` (fetched if need be); False if it cannot be had."""
+        if version == 0 or version in self.adapters.versions(run_id):
+            return True
+        request = VersionsRequest(base_model=self.base_model, run_id=run_id, version=version)
+        return (run_id, version) in await self._fetch_all(request)
+
+    async def _fetch_all(self, request: VersionsRequest) -> list[tuple[str, int]]:
+        async with self._lock:  # one fetch of a version at a time, whoever asks
             try:
-                await self.fetch(info)
-                fetched.append((info.run_id, info.version))
-            except Exception as e:  # a version that cannot be had is logged; the node goes on
-                log.warning("cannot fetch %s v%d: %s", info.run_id, info.version, e)
-        return fetched
+                reply = await self.agent.ask(request, (VersionsReply,), ADAPTERS_PROTOCOL)
+            except ProtocolError as e:
+                log.warning("cannot ask for adapter versions: %s", e)
+                return []
+            fetched = []
+            for info in reply.versions:
+                if info.version in self.adapters.versions(info.run_id):
+                    continue
+                try:
+                    await self.fetch(info)
+                    fetched.append((info.run_id, info.version))
+                except Exception as e:  # a version that cannot be had is logged; the node goes on
+                    log.warning("cannot fetch %s v%d: %s", info.run_id, info.version, e)
+            return fetched
 
     async def fetch(self, info: VersionInfo) -> None:
         env = open_envelope(info.manifest, None)  # a stored frame: signature, no replay window
@@ -67,20 +120,23 @@ class VersionSync:
             raise BadSignature(f"the manifest of {info.run_id} v{info.version} is not a trainer's")
         if (manifest.run_id, manifest.version) != (info.run_id, info.version):
             raise DecodeError("the manifest names another version than the coordinator")
-        holders = [h for h in info.holders if h.peer_id != self.agent.host.peer_id]
-        for h in holders:  # dial what the coordinator knows of them
+        me = self.agent.host.peer_id
+        holders = [h for h in info.holders if h.peer_id != me]
+        usable = [h for h in holders if not self.penalties.banned(h.peer_id)]
+        if not usable:
+            raise NotFound(f"no holder of {info.run_id} v{info.version} this node trusts")
+        for h in usable:  # dial what the coordinator knows of them
             for addr in h.addrs:
                 try:
                     await self.agent.host.connect(addr, timeout_s=5)
                     break
                 except (OSError, ProtocolError, trio.TooSlowError):
                     continue
-
-        def bad(peer: str, why: str) -> None:
-            self.bad_shards.append((peer, why))
-
-        shards = await fetch_version(self.agent.host, self.agent.identity, manifest, self.shards,
-                                     [h.peer_id for h in holders], on_bad=bad)  # fmt: skip
+        seeds = [h.peer_id for h in usable]
+        host, identity = self.agent.host, self.agent.identity
+        shards = await fetch_version(
+            host, identity, manifest, self.shards, seeds, penalties=self.penalties
+        )
         path = self.adapters.add(info.run_id, info.version, assemble(manifest, shards))
         log.info("fetched %s v%d into %s", info.run_id, info.version, path,
                  extra={"run_id": info.run_id})  # fmt: skip

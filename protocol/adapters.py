@@ -68,11 +68,13 @@ class ManifestAck(Message):
 
 class VersionsRequest(Message):
     """Node → coordinator (adapters protocol): the current adapter versions of the running runs
-    on my base model, and who holds them."""
+    on my base model, and who holds them; with ``run_id`` and ``version``, that one version."""
 
     TYPE: ClassVar[str] = "adapters.versions_request"
     MAX_BYTES: ClassVar[int] = 1 * KiB
     base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    run_id: Name | None = None
+    version: NonNegInt | None = None
 
 
 class VersionInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -12,7 +12,8 @@ The loop, once the node has joined with the trainer role:
    process; alone, no averaging), the outer step — in a worker thread;
 4. cut the new adapter into shards, serve them, and submit the signed manifest; every trainer
    of the round ends with the same bytes, so the coordinator records the first and counts the
-   others as holders; then share the state, for trainers that join later.
+   others as holders; publish the manifest on gossip (nodes fetch the version at once); then
+   share the state, for trainers that join later.
 
 A trainer whose weights are not at the round's version (it joined late, or missed a round)
 downloads the state from a peer first.
@@ -30,9 +31,8 @@ import trio
 
 from node.adapters import cut, read_files
 from node.config import NodeConfig
-from node.payload_store import PayloadStore
 from node.payloads import fetch_payload
-from node.shards import serve_shards
+from node.versions import VersionSync
 from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
@@ -49,16 +49,17 @@ ADAPTERS_PROTOCOL = protocol_id("adapters")
 
 
 class TrainerRole:
-    def __init__(self, config: NodeConfig, data_dir: Path) -> None:
+    def __init__(self, config: NodeConfig, data_dir: Path, versions: VersionSync) -> None:
         self.config, self.data_dir = config, data_dir
-        self.shards = PayloadStore(data_dir / "shards")
+        self.versions = versions
+        self.shards = versions.shards
         self.version = -1
         self.parts: Any = None  # (LoraTrainer, Quantizer, OuterOptimizer, tokenizer)
         self.collective: Any = None
 
     async def __call__(self, agent: Any) -> None:
         self.agent = agent
-        serve_shards(agent.host, self.shards)
+        self.versions.attach(agent)
         try:
             while True:
                 try:
@@ -108,6 +109,8 @@ class TrainerRole:
         self.version = a.version + 1
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
         ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+        if ack.outcome in ("recorded", "duplicate"):
+            await self.agent.publish_manifest(manifest)
         log.info("trained %s v%d from %d completions in a group of %d (loss %.4f): %s",
                  a.run_id, self.version, len(examples), k, stats[-1].loss, ack.outcome,
                  extra={"run_id": a.run_id})  # fmt: skip
@@ -185,6 +188,7 @@ class TrainerRole:
         infos, shards = cut(files)
         for s in shards:
             self.shards.put(s)
+        self.versions.adapters.add(run_id, self.version, files)  # for this node's other roles
         return AdapterManifest(
             run_id=run_id, version=self.version, parent_version=self.version - 1,
             base_model_hash=self.base_hash, shards=infos, total_bytes=sum(i.size for i in infos),

@@ -1,5 +1,5 @@
 """Adapter shards over real py-libp2p hosts: a node assembles a version from several holders,
-shard by shard; a holder sending a tampered shard is reported and the shard comes from another;
+shard by shard; a holder sending a tampered shard is banned and the shard comes from another;
 what a node fetched, it serves onward (swarm)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import trio
 
 from node.adapters import assemble, cut
 from node.payload_store import PayloadStore
-from node.shards import fetch_version, serve_shards
+from node.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import AdapterManifest
 from protocol.errors import NotFound
 from protocol.identity import Identity
@@ -35,7 +35,7 @@ def test_a_version_comes_together_from_several_holders(tmp_path: Path) -> None:
         path = liar_store.root / digest.hex()[:2] / digest.hex()
         path.write_bytes(bytes([s[0] ^ 1]) + s[1:])
     ids = {name: Identity.generate() for name in ("trainer", "liar", "a", "b")}
-    reported: list[str] = []
+    penalties, served = Penalties(), []
     c_root = tmp_path / "c"
 
     async def main() -> None:
@@ -44,7 +44,7 @@ def test_a_version_comes_together_from_several_holders(tmp_path: Path) -> None:
             P2PHost.create(ids["a"]) as a, P2PHost.create(ids["b"]) as b,
         ):  # fmt: skip
             serve_shards(trainer, trainer_store)
-            serve_shards(liar, liar_store)  # it serves the tampered bytes under true hashes
+            serve_shards(liar, liar_store, on_served=lambda n: served.append(n))  # tampered bytes
             a_store, b_store = PayloadStore(tmp_path / "a"), PayloadStore(tmp_path / "b")
             serve_shards(a, a_store)
             for node in (a, b):
@@ -52,9 +52,16 @@ def test_a_version_comes_together_from_several_holders(tmp_path: Path) -> None:
                     await node.connect(other.addrs()[0])
             await b.connect(a.addrs()[0])
             seeds = [trainer.peer_id, liar.peer_id]
-            got = await fetch_version(a, ids["a"], manifest, a_store, seeds,
-                                      on_bad=lambda peer, why: reported.append(peer))  # fmt: skip
+            got = await fetch_version(a, ids["a"], manifest, a_store, seeds, penalties=penalties)
             assert assemble(manifest, got) == FILES
+            assert penalties.banned(ids["liar"].peer_id)
+            assert not penalties.banned(ids["trainer"].peer_id)
+            # a banned peer is not asked again by this node
+            asked = len(served)
+            with pytest.raises(NotFound):
+                await fetch_version(a, ids["a"], manifest, PayloadStore(tmp_path / "a2"),
+                                    [ids["liar"].peer_id], penalties=penalties)  # fmt: skip
+            assert len(served) == asked
             # b asks only a, which now holds what it fetched
             from_a = await fetch_version(b, ids["b"], manifest, b_store, [a.peer_id])
             assert assemble(manifest, from_a) == FILES
@@ -62,7 +69,7 @@ def test_a_version_comes_together_from_several_holders(tmp_path: Path) -> None:
                 await fetch_version(b, ids["b"], manifest, PayloadStore(c_root), [liar.peer_id])
 
     trio.run(main)
-    assert reported and set(reported) == {ids["liar"].peer_id}
+    assert set(penalties.strikes) == {ids["liar"].peer_id}
 
 
 def test_a_swarm_takes_about_one_copy_from_the_trainer(tmp_path: Path) -> None:

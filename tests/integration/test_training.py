@@ -31,15 +31,18 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
         def at_version(v: int) -> bool:
             return bool(cluster.api("GET", "/v1/runs/r1")["policy_version"] >= v)
 
+        def sampled_at(v: int) -> bool:
+            rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]
+            return any(r["lease"]["policy_version"] >= v for r in rollouts)
+
         wait_until(lambda: at_version(2), 240, what="two versions trained and published")
+        wait_until(lambda: sampled_at(1), 60, what="rollouts sampled at version 1 or later")
         versions = cluster.api("GET", "/v1/runs/r1/versions")["data"]
         assert [v["version"] for v in versions][:2] == [1, 2]
         trainer_id = cluster.nodes()["trainer"]["peer_id"]
         assert all(v["holders"][0] == trainer_id for v in versions)
         held = sampler.home / "adapters" / "r1" / "1" / "adapter_model.safetensors"
-        assert held.exists()  # the sampler fetched version 1 (and worked at it: v2 needed that)
-        rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]
-        assert {r["lease"]["policy_version"] for r in rollouts} >= {0, 1}
+        assert held.exists()  # the sampler fetched version 1
         assert trainer.alive() and sampler.alive()
     finally:
         cluster.stop_all()

@@ -3,7 +3,8 @@ signed manifest of the next version is recorded and moves the run to it (leases 
 go only to nodes that hold it); the same manifest from the round's other trainer adds a holder;
 a different one for that version is a conflict; anything but the next version is stale; only
 trainers may submit; versions survive a coordinator restart. A real node process that lacks the
-current version fetches it from the trainer's shards, works at it, and becomes a holder."""
+current version fetches it from the trainer's shards, works at it, and becomes a holder; a newer
+version's manifest published on gossip makes it fetch that one at once."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from protocol.adapters import (
     VersionsReply,
     VersionsRequest,
 )
+from protocol.envelope import seal
 from protocol.errors import RemoteError
 from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest, NoLease
@@ -134,6 +136,29 @@ def test_a_node_fetches_the_current_version_and_works_at_it(
                 assert info.version == 1 and info.seeds == 1
                 assert info.holders[0].peer_id == trainer_id.peer_id
                 assert len(info.holders) == 2  # the node now holds it too, for others to fetch
+
+                # version 2 once the run is completed: no lease or sync asks for it, only the
+                # manifest on gossip tells the node
+                def completed() -> bool:
+                    return bool(cluster.api("GET", "/v1/runs/r1")["state"] == "completed")
+
+                await trio.to_thread.run_sync(lambda: wait_until(completed, 120, what="run done"))
+                files2 = read_files(random_adapter(tiny_model, tmp_path / "lora2", seed=6))
+                infos2, shards2 = cut(files2, shard_bytes=16384)
+                for s in shards2:
+                    store.put(s)
+                m2 = AdapterManifest(run_id="r1", version=2, parent_version=1,
+                                     base_model_hash=bytes(32), shards=infos2,
+                                     total_bytes=sum(i.size for i in infos2))  # fmt: skip
+                await trainer.join(["trainer"], "trainer")  # it sent no heartbeats: dead by now
+                ack = await trainer.ask(ADAPTERS, m2)
+                assert isinstance(ack, ManifestAck) and ack.outcome == "recorded"
+                await trainer.host.publish(ADAPTERS, seal(trainer_id, m2))
+                held2 = node.home / "adapters" / "r1" / "2" / "adapter_model.safetensors"
+                await trio.to_thread.run_sync(
+                    lambda: wait_until(held2.exists, 15, what="v2 fetched on its manifest")
+                )
+                assert held2.read_bytes() == files2["adapter_model.safetensors"]
 
         trio.run(main)
         rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]

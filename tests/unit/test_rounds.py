@@ -1,0 +1,96 @@
+"""Training rounds at the coordinator: which rollouts a round consumes (counted, within the run's
+staleness window, not taken by an earlier round), how they are dealt over trainers, and how many
+leases may wait for training (one round sampled while the one before trains)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import trio
+
+from coordinator.config import AuditConfig, LeaseConfig
+from coordinator.db import Base, WorkStore
+from coordinator.leases import LeaseBook, ReceiptOutcome
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.work import RolloutService
+from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
+from protocol.database import open_database
+from tests.unit.test_leases import PLAN, Clock, receipt_for
+
+STREAM = dataclasses.replace(PLAN, total_examples=None, prompts_per_lease=1, max_staleness=1)
+
+
+def deliver(b: LeaseBook, node: str, versions: dict[str, int] | None = None) -> str:
+    lease = b.issue_for(node, "tiny", 1, versions, max_active=64)
+    assert lease is not None
+    assert b.receipt(node, receipt_for(lease)) is ReceiptOutcome.COUNTED
+    return lease.lease_id
+
+
+def test_leases_waiting_for_training_are_capped() -> None:
+    b = LeaseBook(Clock())
+    b.add_run(STREAM)
+    run = b.runs["r1"]
+    first = b.issue_for("a", "tiny", 1, untrained_cap=2)
+    second = b.issue_for("a", "tiny", 1, untrained_cap=2)
+    assert first is not None and second is not None
+    assert b.issue_for("b", "tiny", 1, untrained_cap=2) is None  # two out, none trained
+    assert b.receipt("a", receipt_for(first)) is ReceiptOutcome.COUNTED
+    assert b.untrained(run) == 2  # delivered but not trained still waits
+    assert b.issue_for("b", "tiny", 1, untrained_cap=2) is None
+    b.leases[first.lease_id].trained_in = 0  # a round took it
+    assert b.untrained(run) == 1
+    assert b.issue_for("b", "tiny", 1, untrained_cap=2) is not None
+
+
+def test_the_staleness_window_bounds_what_trains() -> None:
+    b = LeaseBook(Clock())
+    b.add_run(STREAM)  # max_staleness 1
+    run = b.runs["r1"]
+    at0 = deliver(b, "a")
+    b.set_policy_version("r1", 1)
+    at1 = deliver(b, "a", {"r1": 1})
+    assert b.trainable(run, b.leases[at0]) and b.trainable(run, b.leases[at1])
+    b.set_policy_version("r1", 2)
+    assert not b.trainable(run, b.leases[at0])  # two versions behind: too stale
+    assert b.trainable(run, b.leases[at1])
+    b.leases[at1].trained_in = 1  # an earlier round consumed it
+    assert not b.trainable(run, b.leases[at1])
+    b.uncount(at1, "quarantined")
+    assert not b.trainable(run, b.leases[at1])
+
+
+def test_a_round_is_dealt_over_trainers_once(tmp_path: Path) -> None:
+    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
+    clock = Clock()
+    service = RolloutService(LeaseConfig(round_leases=2), AuditConfig(), WorkStore(engine),
+                             CoordinatorMetrics(), clock)  # fmt: skip
+    service.book.add_run(STREAM)
+    trainers = ["t1", "t2"]
+    req = TrainRequest(base_model="tiny")
+
+    async def ask(peer: str) -> TrainAssignment | NoTraining:
+        return await service.train(peer, req, trainers, lambda p: [], [])
+
+    async def main() -> None:
+        delivered = [deliver(service.book, "a") for _ in range(3)]
+        assert isinstance(await ask("t1"), NoTraining)  # 3 < 2 per trainer x 2
+        delivered.append(deliver(service.book, "a"))
+        one, two = await ask("t1"), await ask("t2")
+        assert isinstance(one, TrainAssignment) and isinstance(two, TrainAssignment)
+        assert (one.rank, two.rank, one.group_size) == (0, 1, 2)
+        got = [r.lease.lease_id for r in one.rollouts] + [r.lease.lease_id for r in two.rollouts]
+        assert sorted(got) == sorted(delivered)  # disjoint shares of the same round
+        again = await ask("t1")  # asking again (a retry) gets the same share
+        assert isinstance(again, TrainAssignment)
+        assert [r.lease.lease_id for r in again.rollouts] == [
+            r.lease.lease_id for r in one.rollouts
+        ]
+        later = deliver(service.book, "a")  # delivered during the round: for the next one
+        assert service.book.leases[later].trained_in is None
+        assert {service.book.leases[i].trained_in for i in delivered} == {0}
+
+    trio.run(main)
+    rows = {r.lease_id: r.trained_in for r in WorkStore(engine).load()[1]}
+    assert sorted(v for v in rows.values() if v is not None) == [0, 0, 0, 0]  # persisted
