@@ -49,7 +49,7 @@ class NodeConfig(ConfigModel):
     the gateway to route requests to."""
     serve_listen: str = "127.0.0.1:0"
     """HOST:PORT of that endpoint; port 0 picks a free one (reported to the coordinator)."""
-    train_inner_lr: float = Field(3e-3, gt=0)
+    train_inner_lr: float = Field(1e-3, gt=0)
     """The trainer role's inner AdamW learning rate on the LoRA weights."""
     train_inner_steps: int = Field(4, ge=1, le=10_000)
     """H: inner steps per round (the round's rollouts are split into this many batches)."""

@@ -18,6 +18,7 @@ processes; nothing from a peer is unpickled.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -42,6 +43,8 @@ class CollectiveSpec:
     target_group_size: int = 4
     min_group_size: int = 2
     matchmaking_s: float = 2.0
+    patience_s: float = 10.0
+    """How long a round waits for the group it expects before it settles for fewer peers."""
     round_timeout_s: float = 30.0
     host: str = "127.0.0.1"
 
@@ -79,8 +82,10 @@ class Collective:
             raise RuntimeError(f"the hivemind process failed to start: {value}")
         self.visible_addrs = value
 
-    def average(self, q: np.ndarray) -> RoundResult:
-        result: RoundResult = self._ask("average", q.astype(np.float32))
+    def average(self, q: np.ndarray, tag: str = "", expected: int = 1) -> RoundResult:
+        """All-reduce ``q`` with the peers averaging the same ``tag`` (the run and version);
+        wait up to ``patience_s`` for a group of ``expected`` before taking a smaller one."""
+        result: RoundResult = self._ask("average", (q.astype(np.float32), tag, expected))
         return result
 
     def share_state(self, metadata: dict[str, Any], arrays: list[np.ndarray]) -> None:
@@ -164,28 +169,47 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
                     metadata, tensors = loaded
                     conn.send(("ok", (metadata, [t.numpy().copy() for t in tensors])))
             else:
-                conn.send(("ok", _round(averager, torch.from_numpy(q), spec)))
+                array, tag, expected = q
+                conn.send(("ok", _round(averager, torch.from_numpy(array), tag, expected, spec)))
     finally:
         averager.shutdown()
         dht.shutdown()
 
 
-def _round(averager: Any, q: Any, spec: Any) -> RoundResult:
+def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundResult:
+    """One round's all-reduce. Peers meet under a key derived from the round's tag; each member
+    also gathers its tag (run and version), the group size its round expects, and whether
+    it is still patient; every member sees the same gathered data and takes the same decision:
+    the result counts if all tags match and the group is as big as expected or someone's
+    patience is over. Otherwise everyone tries again."""
     from node.training.diloco import exact_sum
 
     started = time.monotonic()
     deadline = started + spec.round_timeout_s
+    patient_until = started + spec.patience_s
+    # matchmaking under a key of the round's own (hivemind's group bits), so peers of other
+    # rounds are not even met; hivemind changes the bits after a group, so set them each time
+    digest = hashlib.sha256(tag.encode()).digest()
+    bits = format(int.from_bytes(digest[:2], "big"), "016b") if tag else ""
     while time.monotonic() < deadline:
+        averager.set_group_bits(bits)
         with averager.get_tensors() as (tensor,):
             tensor.copy_(q)
+        gather = {"tag": tag, "expected": expected, "patient": time.monotonic() < patient_until}
         try:
-            group = averager.step(gather=True, timeout=max(1.0, deadline - time.monotonic()))
+            group = averager.step(gather=gather, timeout=max(1.0, deadline - time.monotonic()))
         except Exception as e:  # hivemind raises AllreduceException for "no group found"
             log.info("averaging round failed (%s); trying again until the deadline", e)
             group = None
-        if group:  # a failed round (no group, a peer lost mid-way) returns None: try again
+        if not group:  # a failed round (no group, a peer lost mid-way): try again
+            continue
+        seen = list(group.values())
+        same = all(isinstance(g, dict) and g.get("tag") == tag for g in seen)
+        enough = len(seen) >= min(int(g.get("expected", 1)) for g in seen) if same else False
+        if same and (enough or not all(g.get("patient") for g in seen)):
             with averager.get_tensors() as (tensor,):
                 averaged = tensor.clone()
             k = len(group)
             return RoundResult(exact_sum(averaged, k).numpy(), k, time.monotonic() - started)
+        log.info("group of %d refused (tags match: %s); trying again", len(seen), same)
     return RoundResult(q.numpy().copy(), 1, time.monotonic() - started)

@@ -43,9 +43,9 @@ class Quantizer:
     """Shared-scale integer quantization with error feedback, one scale per tensor.
 
     The scale of round ``t`` must be the same on every trainer without a message: it is derived
-    from the previous round's averaged pseudo-gradient (identical everywhere), twice its largest
-    magnitude over ``Q``; the first round's comes from the inner optimizer's step bound (AdamW
-    moves a weight by at most about ``lr`` per step)."""
+    from the previous version step (identical everywhere, and public: two published adapter
+    versions), twice its largest magnitude over ``Q``; the first round's comes from the inner
+    optimizer's step bound (AdamW moves a weight by at most about ``lr`` per step)."""
 
     sizes: list[int]
     levels: int
@@ -74,15 +74,19 @@ class Quantizer:
         return q
 
     def decode_mean(self, integer_sum: torch.Tensor, group_size: int) -> torch.Tensor:
-        """The averaged pseudo-gradient from the exact integer sum; then the next round's
-        scales, from it (the same computation on every trainer)."""
-        mean = integer_sum / group_size * self._scale_vector()
+        """The averaged pseudo-gradient from the exact integer sum."""
+        return integer_sum / group_size * self._scale_vector()
+
+    def rescale(self, step: torch.Tensor) -> None:
+        """The next round's scales from the version step just taken (old global weights minus
+        new, over the outer lr): twice each tensor's largest magnitude over ``Q``. Every trainer
+        computes it from the same two versions, so a trainer that recovers from the published
+        adapters gets the same scales as those that took the step."""
         start = 0
         for i, n in enumerate(self.sizes):
-            peak = float(mean[start : start + n].abs().max()) if n else 0.0
+            peak = float(step[start : start + n].abs().max()) if n else 0.0
             self.scales[i] = max(2 * peak / self.levels, self.floor * self.initial_scale)
             start += n
-        return mean
 
 
 @dataclass

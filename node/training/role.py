@@ -15,8 +15,8 @@ The loop, once the node has joined with the trainer role:
    others as holders; publish the manifest on gossip (nodes fetch the version at once); then
    share the state, for trainers that join later.
 
-A trainer whose weights are not at the round's version (it joined late, or missed a round)
-downloads the state from a peer first.
+A trainer whose weights are not at the round's version (it joined late, missed a round, or its
+all-reduce group's result lost to another's) takes the published version first (``_recover``).
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class TrainerRole:
         trainer, quantizer, outer, tokenizer = self.parts
         if a.group_size > 1 and self.collective is None:
             self.collective = await trio.to_thread.run_sync(self._collective, a, trainer)
-        if self.version != a.version and not await self._catch_up(a):
+        if self.version != a.version and not await self._recover(a):
             log.warning("at version %d, the round is at %d: skipped", self.version, a.version)
+            await trio.sleep(1.0)
             return
         examples = await self._examples(a, tokenizer)
         if not examples:
@@ -97,10 +98,12 @@ class TrainerRole:
         batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
         from node.training.trainer import diloco_round, export_state
 
+        tag = f"{a.run_id}@{a.version}"
+
         def average(q: Any) -> tuple[Any, int]:
             if self.collective is None:
                 return q, 1
-            result = self.collective.average(q)
+            result = self.collective.average(q, tag, a.group_size)
             return result.integer_sum, result.group_size
 
         _, stats, k = await trio.to_thread.run_sync(
@@ -109,11 +112,13 @@ class TrainerRole:
         self.version = a.version + 1
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
         ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
-        if ack.outcome in ("recorded", "duplicate"):
-            await self.agent.publish_manifest(manifest)
         log.info("trained %s v%d from %d completions in a group of %d (loss %.4f): %s",
                  a.run_id, self.version, len(examples), k, stats[-1].loss, ack.outcome,
                  extra={"run_id": a.run_id})  # fmt: skip
+        if ack.outcome in ("recorded", "duplicate"):
+            await self.agent.publish_manifest(manifest)
+        else:  # another group's result holds the version: recover from it next round
+            self.version = -1
         if self.collective is not None:
             state = export_state(self.version, trainer, quantizer, outer)
             await trio.to_thread.run_sync(self.collective.share_state, *state)
@@ -133,6 +138,7 @@ class TrainerRole:
         outer = OuterOptimizer(self.config.train_outer_lr, self.config.train_outer_momentum,
                                nesterov=self.config.train_outer_momentum > 0)  # fmt: skip
         self.base_hash = hashlib.sha256(base.encode()).digest()  # the base's reference
+        self.v0 = trainer.flat()  # version 0, the same on every trainer of the run
         return trainer, quantizer, outer, AutoTokenizer.from_pretrained(base)
 
     def _collective(self, a: TrainAssignment, trainer: Any) -> Any:
@@ -144,17 +150,51 @@ class TrainerRole:
         collective.start()
         return collective
 
-    async def _catch_up(self, a: TrainAssignment) -> bool:
-        if self.collective is None:
-            return False
+    async def _recover(self, a: TrainAssignment) -> bool:
+        """Take the run's published state at the round's version: a trainer that joins late,
+        missed rounds, or whose result lost to another group's (``conflict``) loads the
+        version's adapter (fetched like any node's) and derives the quantizer scales from it and
+        the version before, as every trainer did. With outer momentum, the momentum comes from a
+        peer's shared state, accepted only if its weights are the published ones."""
         from node.training.trainer import import_state
 
-        state = await trio.to_thread.run_sync(self.collective.load_state, 30.0)
-        if state is None:
-            return False
         trainer, quantizer, outer, _ = self.parts
-        self.version = import_state(state, trainer, quantizer, outer)
-        return self.version == a.version
+        run, v = a.run_id, a.version
+        for needed in {v, v - 1} - {0, -1}:
+            if not await self.versions.ensure(run, needed):
+                return False
+
+        def weights(version: int) -> Any:
+            if version == 0:
+                return self.v0
+            _, path = self.versions.adapters.for_version(run, version) or ("", "")
+            return trainer.adapter_weights(Path(path))
+
+        def load() -> Any:
+            w = weights(v)
+            trainer.load_flat(w)
+            quantizer.residual, outer.buffer = None, None
+            if v == 0:
+                quantizer.scales = [quantizer.initial_scale] * len(quantizer.sizes)
+            else:
+                quantizer.rescale((weights(v - 1) - w) / outer.lr)
+            return w
+
+        published = await trio.to_thread.run_sync(load)
+        if outer.momentum and v > 0:
+            state = None
+            if self.collective is not None:
+                state = await trio.to_thread.run_sync(self.collective.load_state, 30.0)
+            if state is None or state[0].get("version") != v:
+                return False
+            import_state(state, trainer, quantizer, outer)
+            if not bool((trainer.flat() == published).all()):
+                log.warning("a peer's shared state is not version %d as published", v)
+                trainer.load_flat(published)
+                return False
+        self.version = v
+        log.info("took %s v%d from the published adapter", run, v, extra={"run_id": run})
+        return True
 
     async def _examples(self, a: TrainAssignment, tokenizer: Any) -> list[Any]:
         from envs import load_environment

@@ -138,6 +138,19 @@ class LoraTrainer:
         self.inner.step()
         return stats
 
+    def adapter_weights(self, adapter_dir: Path) -> torch.Tensor:
+        """The flat weights (in this trainer's order) of a PEFT adapter saved by ``save``."""
+        from safetensors.torch import load_file
+
+        saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        parts = []
+        for name, p in sorted(self._named_lora().items()):
+            key = name.replace(".default.", ".")
+            if key not in saved or saved[key].shape != p.shape:
+                raise ValueError(f"adapter {adapter_dir} does not fit this model ({key})")
+            parts.append(saved[key].reshape(-1).float())
+        return torch.cat(parts)
+
     def save(self, out: Path) -> Path:
         """The current weights as a PEFT adapter directory."""
         self.model.save_pretrained(str(out))
@@ -161,6 +174,7 @@ def diloco_round(
     integer_sum, k = average(q.numpy())
     mean = quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
     new_w = outer.step(global_w, mean)
+    quantizer.rescale((global_w - new_w) / outer.lr)
     trainer.load_flat(new_w)
     return new_w, stats, k
 

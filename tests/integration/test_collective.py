@@ -10,6 +10,7 @@ import hashlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,11 +51,14 @@ def peers() -> Iterator[list[Collective]]:
             c.close()
 
 
-def _round(peers: list[Collective], qs: list[np.ndarray]) -> list[RoundResult | None]:
+def _round(
+    peers: list[Collective], qs: list[np.ndarray], tags: list[str] | None = None, expected: int = 1
+) -> list[RoundResult | None]:
     results: list[RoundResult | None] = [None] * len(peers)
+    tags = tags or [""] * len(peers)
 
     def run(i: int) -> None:
-        results[i] = peers[i].average(qs[i])
+        results[i] = peers[i].average(qs[i], tags[i], expected)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -101,6 +105,34 @@ def test_a_trainer_killed_mid_round_is_dropped(peers: list[Collective]) -> None:
         return not any(alive(p) for p in psutil.process_iter())
 
     wait_until(group_gone, 10, what="the killed trainer's hivemind processes gone")
+
+
+def test_only_peers_of_the_same_round_average_together(peers: list[Collective]) -> None:
+    qs = [_q(40), _q(41), _q(42)]
+    # the third is a round ahead: the two of version 5 average, it ends alone at the timeout
+    results = _round(peers, qs, tags=["r@5", "r@5", "r@6"], expected=2)
+    assert [r.group_size for r in results if r is not None] == [2, 2, 1]
+    pair = qs[0] + qs[1]
+    assert results[0] is not None and np.array_equal(results[0].integer_sum, pair)
+    assert results[2] is not None and np.array_equal(results[2].integer_sum, qs[2])
+
+
+def test_a_round_waits_for_the_group_it_expects(peers: list[Collective]) -> None:
+    qs = [_q(50), _q(51), _q(52)]
+    results: list[RoundResult | None] = [None] * 3
+
+    def run(i: int) -> None:
+        if i == 2:
+            time.sleep(4)  # being late (past a matchmaking window) is what is under test
+        results[i] = peers[i].average(qs[i], "r@1", 3)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.group_size for r in results if r is not None] == [3, 3, 3]
+    assert results[0] is not None and np.array_equal(results[0].integer_sum, sum(qs))
 
 
 def test_a_trainer_alone_goes_on_alone() -> None:

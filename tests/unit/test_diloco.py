@@ -32,13 +32,15 @@ def test_error_feedback_carries_what_quantization_cut() -> None:
     assert again.tolist() == [1.0, 0.0, 73.0, 0.0, 0.0]  # 0.004 twice crosses half a step
 
 
-def test_the_next_scale_follows_the_shared_average() -> None:
+def test_the_next_scale_follows_the_version_step() -> None:
     quantizer = Quantizer(sizes=[2, 2], levels=100, initial_scale=0.01)
     mean = quantizer.decode_mean(torch.tensor([100.0, -50.0, 2.0, 0.0]), group_size=2)
     assert torch.allclose(mean, torch.tensor([0.5, -0.25, 0.01, 0.0]))
+    assert quantizer.scales == [0.01, 0.01]  # decoding leaves them
+    quantizer.rescale(mean)
     assert quantizer.scales == pytest.approx([2 * 0.5 / 100, 2 * 0.01 / 100])
     tiny = Quantizer(sizes=[1], levels=100, initial_scale=0.01)
-    tiny.decode_mean(torch.zeros(1), group_size=3)
+    tiny.rescale(torch.zeros(1))
     assert tiny.scales == pytest.approx([0.01 * 1e-3])  # never collapses to zero
 
 
