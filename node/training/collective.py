@@ -5,7 +5,8 @@ hivemind and py-libp2p cannot share a Python process (both define the protobuf s
 ("spawn"); the child sets the start method back to "fork" before importing hivemind, whose
 averager forks. The child joins the run's hivemind DHT (bootstrapped from the given peers),
 and for each round puts the trainer's quantized pseudo-gradient into a
-``DecentralizedAverager`` (matchmaking by ``prefix``, fp16 on the wire) and answers with the
+``DecentralizedAverager`` (matchmaking by ``prefix``; fp16 or packed 8-bit integers on the
+wire, ``wire.py``) and answers with the
 group's exact integer sum and size (``diloco.exact_sum``). After a round a trainer shares its
 state (version, global weights, outer momentum, quantizer scales) through the averager, and a
 trainer that joins later downloads it from a peer (hivemind's ``load_state_from_peers``), so it
@@ -47,6 +48,8 @@ class CollectiveSpec:
     """How long a round waits for the group it expects before it settles for fewer peers."""
     round_timeout_s: float = 30.0
     host: str = "127.0.0.1"
+    wire: str = "fp16"
+    """How the integers travel: ``fp16`` or ``int8`` (bit-packed, lossless; ``wire.py``)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,13 @@ class Collective:
         result: RoundResult = self._ask("average", (q.astype(np.float32), tag, expected))
         return result
 
+    def sent_bytes(self) -> int:
+        """Bytes this trainer's all-reduces have serialized so far (its upload). A reducer's
+        replies may still be going out when its own round returns: read it once rounds are
+        over and it has settled."""
+        sent: int = self._ask("sent", None)
+        return sent
+
     def share_state(self, metadata: dict[str, Any], arrays: list[np.ndarray]) -> None:
         """What a trainer joining later downloads from this one (after each round)."""
         self._ask("share", (metadata, arrays))
@@ -124,9 +134,11 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
     multiprocessing.set_start_method("fork", force=True)  # hivemind's averager forks
     import hivemind
     import torch
-    from hivemind.compression import Float16Compression
+
+    from node.training import wire
 
     try:
+        compression = wire.install(spec.wire)
         dht = hivemind.DHT(
             start=True, initial_peers=spec.initial_peers, host_maddrs=[f"/ip4/{spec.host}/tcp/0"]
         )
@@ -142,7 +154,7 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
             [tensor], dht, prefix=spec.prefix, start=True, allow_state_sharing=False,
             target_group_size=spec.target_group_size, min_group_size=spec.min_group_size,
             min_matchmaking_time=spec.matchmaking_s, request_timeout=1.0,
-            compression=Float16Compression(), allreduce_timeout=spec.round_timeout_s,
+            compression=compression, allreduce_timeout=spec.round_timeout_s,
         )  # fmt: skip
         conn.send(("ok", [str(a) for a in dht.get_visible_maddrs()]))
     except Exception as e:  # reported to the node, which stops the trainer role with it
@@ -156,7 +168,9 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
                 return
             if op == "stop":
                 return
-            if op == "share":
+            if op == "sent":
+                conn.send(("ok", int(wire.SENT.value)))
+            elif op == "share":
                 metadata, arrays = q
                 averager.shared = (metadata, [torch.from_numpy(a) for a in arrays])
                 averager.allow_state_sharing = True

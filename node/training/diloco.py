@@ -14,6 +14,8 @@ adapter bytes.
 
 >>> levels_for(2), levels_for(4), levels_for(8)
 (255, 127, 63)
+>>> levels_for(2, "int8"), levels_for(4, "int8")
+(63, 21)
 >>> exact_sum(torch.tensor([1.5, -0.4998]), 2).tolist()
 [3.0, -1.0]
 """
@@ -25,11 +27,15 @@ from dataclasses import dataclass, field
 import torch
 
 
-def levels_for(max_group_size: int) -> int:
+def levels_for(max_group_size: int, wire: str = "fp16") -> int:
     """Integer levels ``Q`` such that a group of up to ``max_group_size`` recovers exact sums.
 
-    fp16 keeps 11 significant bits: a delta of magnitude up to ``2Q`` comes back within
-    ``2Q * 2**-11``; ``k`` times that must stay below 1/2, so ``Q < 512 / k``."""
+    ``fp16``: float16 keeps 11 significant bits: a delta of magnitude up to ``2Q`` comes back
+    within ``2Q * 2**-11``; ``k`` times that must stay below 1/2, so ``Q < 512 / k``.
+    ``int8`` (exact integers, ``wire.py``): the delta times ``k`` is at most ``2(k-1)Q`` and
+    must fit in 8 bits, so ``Q = 127 // (2(k-1))``; a part (``[-Q, Q]``) then needs 7 or fewer."""
+    if wire == "int8":
+        return 127 if max_group_size <= 1 else max(1, 127 // (2 * (max_group_size - 1)))
     return max(1, (512 // max_group_size) - 1)
 
 

@@ -12,6 +12,7 @@ from a generator seeded by the run id, B starts at zero (so v0 changes nothing).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,15 @@ class LoraTrainer:
         return torch.cat(parts)
 
     def save(self, out: Path) -> Path:
-        """The current weights as a PEFT adapter directory."""
+        """The current weights as a PEFT adapter directory, byte for byte the same on every
+        trainer holding the same weights: peft writes ``target_modules`` from a set, whose order
+        varies between processes, so the config is rewritten in a canonical form."""
         self.model.save_pretrained(str(out))
+        path = out / "adapter_config.json"
+        config = json.loads(path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return out
 
 

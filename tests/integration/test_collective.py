@@ -135,6 +135,38 @@ def test_a_round_waits_for_the_group_it_expects(peers: list[Collective]) -> None
     assert results[0] is not None and np.array_equal(results[0].integer_sum, sum(qs))
 
 
+@pytest.mark.parametrize("wire", ["fp16", "int8"])
+def test_the_wire_formats_are_exact_and_counted(wire: str) -> None:
+    q, rounds = levels_for(2, wire), 3
+    first = Collective(CollectiveSpec([], f"run-{wire}", SIZE, wire=wire))
+    pair = [first]
+    try:
+        first.start()
+        pair.append(Collective(CollectiveSpec(first.visible_addrs, f"run-{wire}", SIZE, wire=wire)))
+        pair[1].start()
+        for r in range(rounds):
+            qs = [np.random.default_rng(60 + 2 * r + i).integers(-q, q + 1, SIZE)
+                  .astype(np.float32) for i in range(2)]  # fmt: skip
+            results = _round(pair, qs, tags=[f"w@{r}"] * 2, expected=2)
+            assert all(x is not None and x.group_size == 2 for x in results)
+            assert all(np.array_equal(x.integer_sum, qs[0] + qs[1]) for x in results if x)
+
+        def settled() -> int | None:  # the last replies may still be on their way out
+            before = sum(c.sent_bytes() for c in pair)
+            time.sleep(0.5)
+            return before if before == sum(c.sent_bytes() for c in pair) else None
+
+        total = wait_until(settled, 30, what="upload counters settled")
+    finally:
+        for c in pair:
+            c.close()
+    # a round: the vector goes out once (in parts to their reducers) and its average comes back
+    # as deltas; 2 bytes a value with fp16, at most 1 (7 and 8 bits) with int8
+    per_value = 2.0 if wire == "fp16" else 15 / 16
+    expected_bytes = rounds * 2 * SIZE * per_value
+    assert 0.95 * expected_bytes <= total <= 1.05 * expected_bytes, (total, expected_bytes)
+
+
 def test_a_trainer_alone_goes_on_alone() -> None:
     alone = Collective(CollectiveSpec([], "run-alone", SIZE, round_timeout_s=4))
     try:

@@ -70,6 +70,8 @@ def test_the_network_raises_the_reward(tmp_path: Path, tiny_model: Path) -> None
 
         versions = cluster.api("GET", "/v1/runs/add1/versions")["data"]
         assert [v["version"] for v in versions] == list(range(1, len(versions) + 1))
+        shared = [v["version"] for v in versions if len(v["holders"]) >= 2]
+        assert len(shared) >= 0.75 * len(versions), f"versions with 2+ identical makers: {shared}"
         late_holds = [v["version"] for v in versions if late_id in v["holders"]]
         assert late_holds, "the late trainer never matched the others bit for bit"
         assert all(t.alive() for t in (*trainers[:2], late, *samplers))
