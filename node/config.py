@@ -58,6 +58,13 @@ class NodeConfig(ConfigModel):
     averaging, the measured best at small H: ``scripts/bench_diloco.py``)."""
     train_outer_momentum: float = Field(0.0, ge=0, lt=1)
     """Outer Nesterov momentum (0: none)."""
+    train_clip_eps: float = Field(0.2, gt=0)
+    """PPO clip of the importance ratio in the inner steps; ``inf`` turns it off (the ratio
+    mask stays), the better choice with many inner steps per round (see ``LossSettings``)."""
+    train_wire: Literal["fp16", "int8"] = "fp16"
+    """How the quantized pseudo-gradients travel in the all-reduce: ``fp16`` (hivemind's codec)
+    or ``int8`` (bit-packed integers, half the bytes; coarser levels). Trainers of a run must
+    agree."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

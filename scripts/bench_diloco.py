@@ -1,20 +1,33 @@
 """Benchmark: DiLoCo across 2 trainers over hivemind vs centralized GRPO, and adapter broadcast.
 
-Reward and communication are measured on the same configuration (same H, same compression):
+Task: one-digit additions (``arith``, digits 1), which the tiny model — warm-started on two-digit
+ones — mostly gets wrong, so reinforcement learning has far to go. Reward and communication are
+measured on the same configurations (same H, same wire format), with the same number of
+rollouts and inner steps for every method:
 
 - **Centralized**: one trainer, fully on-policy: every AdamW step samples its own 2P prompts
-  (group size G) with the current weights; H steps make a "round" of the same token count.
-- **DiLoCo**: two trainers, each with its own hivemind child process (real DHT, real all-reduce,
-  fp16 on the wire). Each round the same number of prompts is sampled with the current global
-  adapter; each trainer takes H steps on its half (P prompts per step), then their quantized
-  pseudo-gradients are averaged (bit-identical result) and the outer step gives the next version.
-  Rollouts are sampled in this process (the network's inference nodes in a real run).
+  (group size G) with the current weights.
+- **DiLoCo**: two trainers, each with its own hivemind child process (real DHT, real
+  all-reduce; ``fp16`` or ``int8`` on the wire, ``node/training/wire.py``). Each round samples
+  2·H·P prompts with the current global adapter (as the network's inference nodes do), each
+  trainer takes H steps on its half, their quantized pseudo-gradients are averaged (the result
+  bit-identical on both) and the outer step gives the next version.
 
-``final_reward_*`` is the mean sampled reward of the last ``--tail`` rounds (``first_reward_*``
-of the first ones: the learning is their difference). Bytes per trainer
-per round are the all-reduce's: a butterfly over k peers sends and receives (k-1)/k of the vector
-each way, 2 bytes a value (fp16); the data-parallel equivalent all-reduces fp32 gradients of the
-same LoRA at every one of the H steps. ``comm_reduction_ratio`` = their ratio (= 2H at k = 2).
+The loss is the same everywhere except that DiLoCo's PPO clip is off by default (the
+extreme-ratio mask stays): a round's H steps all train on rollouts of the round's first weights,
+and with the clip at 0.2 a round stops moving once the policy leaves that trust region — at
+H = 256 that cost a third of the reward. The centralized baseline samples before every step
+(ratio 1, the clip never binds); it can run at several inner lrs (``--central-lrs``, parity
+against the best). By default every method runs at the same inner lr, 1e-3 (the centralized
+one's best of 1e-3, 5e-4 and 3e-4).
+
+``final_reward_*`` is the mean reward of the final adapter on a fixed evaluation set (the same
+prompts and sampling seeds for every method, temperature 1); ``reward_parity`` = DiLoCo's over
+the centralized one's. Bytes per trainer per round are **counted** (the codecs count what they
+serialize, ``Collective.sent_bytes``), averaged over the rounds and the two trainers; the
+data-parallel equivalent is what per-step all-reduce of fp32 gradients of the same LoRA would
+send for the same H steps (a butterfly over k peers: each sends (k-1)/k of the vector and the
+same again of results, 4 bytes a value). ``comm_reduction_ratio`` is their ratio.
 
 Broadcast: a version cut into 1 MiB shards, fetched by N = 2, 4, 8, 16 in-process py-libp2p
 nodes at once, swarm style (``node/shards.py``: each node takes its share from the trainer, the
@@ -27,7 +40,7 @@ Run: ``python scripts/bench_diloco.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import statistics
+import dataclasses
 import sys
 import tempfile
 import threading
@@ -48,7 +61,7 @@ from envs import load_environment  # noqa: E402
 from node.models.loading import resolve  # noqa: E402
 from protocol.config import data_dir  # noqa: E402
 
-ENV_ARGS = {"digits": 2}
+ENV_ARGS = {"digits": 1}
 
 
 class Sampler:
@@ -94,60 +107,71 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
     return [c for c in chunks if c]
 
 
-def central(tiny: str, sampler: Sampler, args: argparse.Namespace) -> list[float]:
-    """Fully on-policy: every step samples its 2P prompts with the weights of that step."""
+def evaluate(sampler: Sampler, trainer: Any, args: argparse.Namespace) -> float:
+    """Mean reward of ``trainer``'s weights on the fixed evaluation prompts and seeds."""
+    _, reward = sampler.round(trainer, 7_777_777, args.eval_prompts, args.group)
+    return reward
+
+
+def central(
+    tiny: str, sampler: Sampler, args: argparse.Namespace, lr: float
+) -> tuple[float, float]:
+    """Fully on-policy: every step samples its 2P prompts with the weights of that step.
+    Returns (final evaluation reward, seconds)."""
     from node.training.trainer import LoraTrainer
 
-    trainer = LoraTrainer(tiny, "bench", inner_lr=args.inner_lr)
-    curve = []
-    for r in range(args.rounds):
-        rewards = []
-        for h in range(args.H):
-            seed = 1_000_000 + r * args.H + h
-            examples, reward = sampler.round(trainer, seed, 2 * args.prompts, args.group)
-            if examples:
-                trainer.inner_step(examples)
-            rewards.append(reward)
-        curve.append(statistics.mean(rewards))
-    return curve
+    started = time.perf_counter()
+    trainer = LoraTrainer(tiny, "bench", inner_lr=lr)
+    for step in range(args.steps):
+        examples, _ = sampler.round(trainer, 1_000_000 + step, 2 * args.prompts, args.group)
+        if examples:
+            trainer.inner_step(examples)
+    return evaluate(sampler, trainer, args), time.perf_counter() - started
 
 
 def diloco(
-    tiny: str, sampler: Sampler, args: argparse.Namespace, lr: float, momentum: float
-) -> tuple[list[float], int, bool]:
-    """The reward curve, the averaged vector's length, and whether every round ended with the
-    two trainers' weights equal bit for bit."""
+    tiny: str, sampler: Sampler, args: argparse.Namespace, h: int, wire: str, lr: float,
+    momentum: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Two trainers, ``steps / h`` rounds; the final evaluation reward, counted bytes per
+    trainer per round, and whether every round ended with the two trainers equal bit for bit."""
     import torch
 
     from node.training.collective import Collective, CollectiveSpec
     from node.training.diloco import OuterOptimizer, Quantizer, levels_for
     from node.training.trainer import LoraTrainer, diloco_round
 
-    trainers = [LoraTrainer(tiny, "bench", inner_lr=args.inner_lr) for _ in range(2)]
+    started = time.perf_counter()
+    from node.training.grpo import LossSettings
+
+    loss = LossSettings(clip_eps=args.clip_eps)
+    trainers = [LoraTrainer(tiny, "bench", loss=loss, inner_lr=args.inner_lr) for _ in range(2)]
     size = sum(trainers[0].sizes)
-    levels = levels_for(2)
-    quantizers = [Quantizer(t.sizes, levels, args.inner_lr * args.H / levels) for t in trainers]
+    levels = levels_for(2, wire)
+    quantizers = [Quantizer(t.sizes, levels, args.inner_lr * h / levels) for t in trainers]
     outers = [OuterOptimizer(lr, momentum, nesterov=momentum > 0) for _ in trainers]
-    first = Collective(CollectiveSpec([], "bench", size, round_timeout_s=60))
+    spec = CollectiveSpec([], f"bench-{wire}-{h}", size, round_timeout_s=60, wire=wire)
+    first = Collective(spec)
     first.start()
-    second = Collective(CollectiveSpec(first.visible_addrs, "bench", size, round_timeout_s=60))
+    second = Collective(dataclasses.replace(spec, initial_peers=first.visible_addrs))
     second.start()
     collectives = [first, second]
-    curve, identical = [], True
+    rounds = max(1, args.steps // h)
+    identical = True
     try:
-        for r in range(args.rounds):
-            examples, reward = sampler.round(trainers[0], 1000 + r, 2 * args.H * args.prompts,
-                                             args.group)  # fmt: skip
+        for r in range(rounds):
+            examples, _ = sampler.round(trainers[0], 1000 + r, 2 * h * args.prompts, args.group)
             halves = [examples[: len(examples) // 2], examples[len(examples) // 2 :]]
             results: list[Any] = [None, None]
 
-            def run(i: int, results: list[Any] = results, halves: list[Any] = halves) -> None:
+            def run(i: int, r: int = r, results: list[Any] = results, halves: Any = halves) -> None:
                 def average(q: np.ndarray) -> tuple[np.ndarray, int]:
-                    out = collectives[i].average(q)
+                    out = collectives[i].average(q, f"bench@{r}", 2)
                     return out.integer_sum, out.group_size
 
-                batches = _split(halves[i], args.H)
-                results[i] = diloco_round(trainers[i], batches, quantizers[i], outers[i], average)
+                results[i] = diloco_round(
+                    trainers[i], _split(halves[i], h), quantizers[i], outers[i], average
+                )
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
             for t in threads:
@@ -155,11 +179,34 @@ def diloco(
             for t in threads:
                 t.join()
             identical &= bool(torch.equal(results[0][0], results[1][0]))
-            curve.append(reward)
+            identical &= results[0][2] == results[1][2] == 2
+        sent = _settled(collectives)
     finally:
         for c in collectives:
             c.close()
-    return curve, size, identical
+    k = 2
+    per_round = sent / len(collectives) / rounds
+    dp = 2 * (k - 1) / k * size * 4 * h
+    return {
+        "H": h, "wire": wire, "outer_lr": lr, "momentum": momentum, "rounds": rounds,
+        "final_reward": evaluate(sampler, trainers[0], args), "bit_identical": identical,
+        "bytes_per_trainer_per_round": per_round, "dp_equivalent_bytes": dp,
+        "comm_reduction_ratio": dp / per_round, "lora_params": size,
+        "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+def _settled(collectives: list[Any], timeout_s: float = 30.0) -> int:
+    """Total bytes sent, once the last replies are out (two reads 0.5 s apart agree)."""
+    deadline = time.monotonic() + timeout_s
+    total = -1
+    while time.monotonic() < deadline:
+        now = sum(c.sent_bytes() for c in collectives)
+        if now == total:
+            return now
+        total = now
+        time.sleep(0.5)
+    return total
 
 
 def broadcast(sizes: list[int], adapter_bytes: int) -> dict[str, float]:
@@ -229,69 +276,79 @@ def broadcast(sizes: list[int], adapter_bytes: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--H", type=int, default=8, help="inner steps per round")
+    parser.add_argument("--steps", type=int, default=512, help="inner steps per trainer")
+    parser.add_argument("--H", default="16,256", help="inner steps per round, comma-separated")
     parser.add_argument(
         "--prompts", type=int, default=4, help="prompts per inner step, per trainer"
     )
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--inner-lr", type=float, default=3e-3)
-    parser.add_argument("--tail", type=int, default=10)
+    parser.add_argument("--inner-lr", type=float, default=1e-3, help="every trainer's inner lr")
+    parser.add_argument(
+        "--central-lrs",
+        default="1e-3",
+        help="the centralized baseline's lrs, comma-separated; parity is against the best",
+    )
+    parser.add_argument("--clip-eps", type=float, default=float("inf"),
+                        help="DiLoCo's PPO clip (inf: off; the ratio mask stays)")  # fmt: skip
+    parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "diloco.json")
     args = parser.parse_args()
+    hs = [int(h) for h in args.H.split(",")]
     if args.quick:
-        args.rounds, args.tail = 12, 4
+        args.steps, hs, args.eval_prompts = 64, [8, 64], 128
     tiny = str(resolve("tiny", data_dir()))
-    result: dict[str, Any] = {"H": args.H, "rounds": args.rounds, "prompts_per_step": args.prompts,
-                              "group_size": args.group, "inner_lr": args.inner_lr}  # fmt: skip
+    result: dict[str, Any] = {"steps": args.steps, "prompts_per_step": args.prompts,
+                              "group_size": args.group, "inner_lr": args.inner_lr,
+                              "clip_eps": str(args.clip_eps), "task": "arith digits=1"}  # fmt: skip
+    configs = [(h, "fp16", 1.0, 0.0) for h in hs]
+    configs.insert(1, (hs[0], "fp16", 0.7, 0.9))  # DiLoCo's published outer defaults
+    configs.append((hs[-1], "int8", 1.0, 0.0))
+    table = Table(title="DiLoCo (2 trainers, hivemind) vs centralized GRPO, same rollouts")
+    for col in ("method", "H", "wire", "outer lr / mom.", "final reward", "parity",
+                "bytes/trainer/round", "comm. reduction", "bit-identical"):  # fmt: skip
+        table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         sampler = Sampler(tiny, Path(tmp))
-        started = time.perf_counter()
-        central_curve = central(tiny, sampler, args)
-        result["central_s"] = time.perf_counter() - started
-        result["final_reward_central"] = statistics.mean(central_curve[-args.tail :])
-        result["first_reward_central"] = statistics.mean(central_curve[: args.tail])
-        table = Table(title=f"DiLoCo (2 trainers, hivemind, fp16) vs centralized, H = {args.H}")
-        for col in ("outer lr", "momentum", "final reward", "parity", "bit-identical"):
-            table.add_column(col, justify="right")
-        table.add_row("central", "", f"{result['final_reward_central']:.3f}", "1.00", "")
-        best = 0.0
-        for lr, momentum in ((1.0, 0.0), (0.7, 0.9)):
-            started = time.perf_counter()
-            curve, size, identical = diloco(tiny, sampler, args, lr, momentum)
-            final = statistics.mean(curve[-args.tail :])
-            parity = final / max(result["final_reward_central"], 1e-9)
-            key = f"lr{lr}_m{momentum}"
-            result[f"final_reward_network_{key}"] = final
-            result[f"first_reward_network_{key}"] = statistics.mean(curve[: args.tail])
-            result[f"reward_parity_{key}"] = parity
-            result[f"bit_identical_{key}"] = identical
-            result[f"network_s_{key}"] = time.perf_counter() - started
-            table.add_row(f"{lr}", f"{momentum}", f"{final:.3f}", f"{parity:.2f}", str(identical))
-            if lr == 1.0:  # the default (plain averaging), reported as the headline numbers
-                result["final_reward_network"], result["reward_parity"] = final, parity
-            best = max(best, parity)
-        k = 2
-        result["bytes_per_trainer_per_round"] = 2 * (k - 1) / k * size * 2
-        result["dp_equivalent_bytes"] = 2 * (k - 1) / k * size * 4 * args.H
-        result["comm_reduction_ratio"] = (
-            result["dp_equivalent_bytes"] / result["bytes_per_trainer_per_round"]
-        )
-        result["lora_params"] = size
+        from node.training.trainer import LoraTrainer
+
+        result["base_reward"] = evaluate(sampler, LoraTrainer(tiny, "bench"), args)
+        table.add_row("base model", "", "", "", f"{result['base_reward']:.3f}", "", "", "", "")
+        centrals = {}
+        for lr in (float(x) for x in args.central_lrs.split(",")):
+            centrals[lr], result[f"central_s_lr{lr:g}"] = central(tiny, sampler, args, lr)
+            result[f"final_reward_central_lr{lr:g}"] = centrals[lr]
+        central_reward = max(centrals.values())
+        result["final_reward_central"] = central_reward
+        for lr, reward in centrals.items():
+            parity = f"{reward / central_reward:.2f}"
+            table.add_row("central", "1", "", f"inner lr {lr:g}", f"{reward:.3f}", parity,
+                          "", "", "")  # fmt: skip
+        runs = []
+        for h, wire, lr, momentum in configs:
+            run = diloco(tiny, sampler, args, h, wire, lr, momentum)
+            run["reward_parity"] = run["final_reward"] / max(central_reward, 1e-9)
+            runs.append(run)
+            cells = [f"{run['final_reward']:.3f}", f"{run['reward_parity']:.2f}",
+                     f"{run['bytes_per_trainer_per_round']:,.0f}",
+                     f"{run['comm_reduction_ratio']:.0f}x", str(run["bit_identical"])]  # fmt: skip
+            table.add_row("DiLoCo", str(h), wire, f"{lr} / {momentum}", *cells)
+        result["runs"] = runs
+        for run in runs:  # the headline numbers: the largest H, default outer step, per wire
+            if run["H"] == hs[-1] and run["outer_lr"] == 1.0:
+                w = run["wire"]
+                for key in ("final_reward", "reward_parity", "bytes_per_trainer_per_round",
+                            "dp_equivalent_bytes", "comm_reduction_ratio"):  # fmt: skip
+                    name = "final_reward_network" if key == "final_reward" else key
+                    result[f"{name}_{w}"] = run[key]
+        result["H_headline"] = hs[-1]
         Console().print(table)
     sizes = [2, 4] if args.quick else [2, 4, 8, 16]
     result.update(broadcast(sizes, adapter_bytes=4 << 20))
-    comm = Table(title="communication and broadcast")
-    comm.add_column("metric")
-    comm.add_column("value", justify="right")
-    for name in ("lora_params", "bytes_per_trainer_per_round", "dp_equivalent_bytes",
-                 "comm_reduction_ratio"):  # fmt: skip
-        comm.add_row(
-            name,
-            f"{result[name]:,.0f}" if name != "comm_reduction_ratio" else f"{result[name]:.1f}x",
-        )
+    comm = Table(title="adapter broadcast")
+    comm.add_column("nodes")
+    comm.add_column("time to full delivery / trainer upload over adapter size", justify="right")
     for n in sizes:
-        comm.add_row(f"broadcast to {n}: time / trainer upload",
+        comm.add_row(str(n),
                      f"{result[f'delivery_s_n{n}']:.2f} s / "
                      f"{result[f'trainer_upload_over_adapter_size_n{n}']:.2f}x")  # fmt: skip
     Console().print(comm)

@@ -33,7 +33,10 @@ class LossSettings:
     std_normalize: bool = False
     """Divide each group's advantages by its reward standard deviation (GRPO's original form)."""
     clip_eps: float = 0.2
-    """PPO-style clip of the importance ratio to ``[1 - eps, 1 + eps]``."""
+    """PPO-style clip of the importance ratio to ``[1 - eps, 1 + eps]``; ``inf`` turns it off
+    (the mask below stays). With many inner steps per round on one round's rollouts (large H),
+    the clip stops a round once the policy leaves its trust region: measured in
+    ``scripts/bench_diloco.py``, off is the better choice there."""
     mask_low: float = 0.125
     """Tokens whose ratio is below this are left out of the loss."""
     mask_high: float = 8.0

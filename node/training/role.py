@@ -128,11 +128,13 @@ class TrainerRole:
 
         from node.models.loading import resolve
         from node.training.diloco import OuterOptimizer, Quantizer, levels_for
+        from node.training.grpo import LossSettings
         from node.training.trainer import LoraTrainer
 
         base = resolve(self.config.model, Path(self.config.model_cache or self.data_dir))
-        trainer = LoraTrainer(base, run_id, inner_lr=self.config.train_inner_lr)
-        levels = levels_for(8)
+        loss = LossSettings(clip_eps=self.config.train_clip_eps)
+        trainer = LoraTrainer(base, run_id, loss=loss, inner_lr=self.config.train_inner_lr)
+        levels = levels_for(8, self.config.train_wire)
         bound = self.config.train_inner_lr * self.config.train_inner_steps  # AdamW's step bound
         quantizer = Quantizer(trainer.sizes, levels, bound / levels)
         outer = OuterOptimizer(self.config.train_outer_lr, self.config.train_outer_momentum,
@@ -145,7 +147,8 @@ class TrainerRole:
         from node.training.collective import Collective, CollectiveSpec
 
         spec = CollectiveSpec(list(a.hivemind_peers), a.run_id, sum(trainer.sizes),
-                              target_group_size=8, round_timeout_s=30)  # fmt: skip
+                              target_group_size=8, round_timeout_s=30,
+                              wire=self.config.train_wire)  # fmt: skip
         collective = Collective(spec)
         collective.start()
         return collective

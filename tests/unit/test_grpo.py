@@ -3,6 +3,8 @@ and the optional KL term, checked against their definitions (values and gradient
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from node.training.grpo import LossSettings, group_advantages, grpo_loss
@@ -45,6 +47,15 @@ def test_ratios_beyond_the_clip_stop_the_gradient_in_the_advantage_direction() -
     loss, _ = grpo_loss(logp, behaviour, valid, adv, LossSettings(clip_eps=0.2))
     loss.backward()
     assert logp.grad is not None and (logp.grad > 0).all()
+
+
+def test_an_infinite_clip_turns_clipping_off() -> None:
+    logp, behaviour, valid, adv = _batch(0.5, 1.0)
+    loss, stats = grpo_loss(logp, behaviour, valid, adv, LossSettings(clip_eps=float("inf")))
+    loss.backward()
+    assert stats.clipped_fraction == 0.0
+    assert logp.grad is not None and (logp.grad < 0).all()  # still pushed up: r * A
+    assert abs(stats.loss + math.exp(0.5)) < 1e-5
 
 
 def test_extreme_ratios_are_masked_out() -> None:
