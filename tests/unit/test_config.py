@@ -83,7 +83,8 @@ def _config_models() -> list[type[ConfigModel]]:
     for pkg in ["protocol", "node", "coordinator", "verification", "envs", "gateway"]:
         mod = importlib.import_module(pkg)
         for info in pkgutil.walk_packages(mod.__path__, f"{pkg}."):
-            if not info.name.endswith(".p2p"):
+            # the transport, and hivemind's side (which cannot share a process with libp2p)
+            if not info.name.endswith(".p2p") and info.name != "node.training.wire":
                 importlib.import_module(info.name)
     seen, todo = [], list(ConfigModel.__subclasses__())
     while todo:
