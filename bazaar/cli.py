@@ -27,6 +27,7 @@ network_app = typer.Typer(help="Inspect the network.")
 model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
 keys_app = typer.Typer(help="The gateway's API keys: budgets in tokens and rate limits.")
 gateway_app = typer.Typer(help="Run the OpenAI-compatible gateway: keys, metering, routing.")
+run_app = typer.Typer(help="Researchers' runs: submit a spec, watch, cancel.")
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
@@ -34,6 +35,7 @@ app.add_typer(network_app, name="network")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(run_app, name="run")
 
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")
@@ -381,6 +383,191 @@ def keys_revoke(
     if not _key_store(db).revoke(name):
         raise _fail(f"no key named {name!r}")
     console.print(f"key {name!r} revoked")
+
+
+CoordinatorUrlOpt = Annotated[
+    str | None, typer.Option(help="Coordinator REST URL (default: the local coordinator).")
+]
+
+
+def _coordinator(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
+    """A coordinator REST call; its JSON, or a one-line error naming what went wrong."""
+    import httpx
+
+    from protocol.config import data_dir
+
+    base = (url or _local_coordinator_url(data_dir())).rstrip("/")
+    try:
+        resp = httpx.request(method, f"{base}{path}", timeout=30, **kwargs)
+    except httpx.HTTPError as e:
+        raise _fail(f"cannot reach the coordinator at {base}: {e}") from None
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:200]
+        raise _fail(f"{message} (HTTP {resp.status_code})")
+    return resp.json()
+
+
+@run_app.command("submit")
+def run_submit(
+    spec: Annotated[Path, typer.Argument(help="The run's spec (TOML; see examples/).")],
+    coordinator_url: CoordinatorUrlOpt = None,
+) -> None:
+    """Check a run spec locally, then submit it; prints the run's id."""
+    from coordinator.runs import RunSpec
+    from protocol.errors import ConfigError
+
+    try:
+        parsed = RunSpec.from_toml(spec)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    run = _coordinator("POST", "/v1/runs", coordinator_url, json=parsed.model_dump())
+    console.print(f"run [bold]{run['id']}[/] submitted: {run['env']} on {run['base_model']}")
+
+
+@run_app.command("list")
+def run_list(
+    coordinator_url: CoordinatorUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Every run: state, version, examples delivered, tokens."""
+    runs = _coordinator("GET", "/v1/runs", coordinator_url)["data"]
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(runs)} runs")
+    for col in ("run", "state", "env", "base model", "version", "examples", "tokens"):
+        table.add_column(col)
+    for r in runs:
+        examples = f"{r['examples_delivered']}/{r['total_examples'] or '∞'}"
+        cells = [str(r["policy_version"]), examples, f"{r['completion_tokens']:,}"]
+        table.add_row(r["id"], r["state"], r["env"], r["base_model"], *cells)
+    console.print(table)
+
+
+@run_app.command("status")
+def run_status(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    coordinator_url: CoordinatorUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """One run: its state and settings, and its adapter versions with their holders."""
+    run = _coordinator("GET", f"/v1/runs/{run_id}", coordinator_url)
+    versions = _coordinator("GET", f"/v1/runs/{run_id}/versions", coordinator_url)["data"]
+    rewards = _coordinator("GET", f"/v1/runs/{run_id}/rewards", coordinator_url)["data"]
+    if as_json:
+        print(json.dumps({**run, "versions": versions, "rewards": rewards}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"run {run_id}", show_header=False)
+    for key in ("state", "env", "base_model", "policy_version", "group_size", "examples_leased",
+                "examples_delivered", "active_leases", "completion_tokens",
+                "tokens_trained"):  # fmt: skip
+        table.add_row(key, str(run[key]))
+    if rewards:
+        first, last = rewards[0], rewards[-1]
+        best = max(rewards, key=lambda r: r["mean"])
+        summary = (f"v{first['version']} {first['mean']:.3f} → v{last['version']} "
+                   f"{last['mean']:.3f} (best v{best['version']} {best['mean']:.3f})")  # fmt: skip
+        table.add_row("reward", summary)
+        table.add_row("reward curve", _sparkline([r["mean"] for r in rewards]))
+    console.print(table)
+    if versions:
+        vt = Table(title="adapter versions")
+        for col in ("version", "manifest", "trainers holding it"):
+            vt.add_column(col)
+        for v in versions:
+            vt.add_row(str(v["version"]), v["manifest_sha256"][:16], str(len(v["holders"])))
+        console.print(vt)
+
+
+def _sparkline(values: list[float]) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(bars[int((v - low) / span * (len(bars) - 1))] for v in values[-60:])
+
+
+@run_app.command("rollouts")
+def run_rollouts(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    version: Annotated[int | None, typer.Option(help="Only completions of this version.")] = None,
+    best: Annotated[bool, typer.Option("--best", help="The highest rewards first.")] = False,
+    worst: Annotated[bool, typer.Option("--worst", help="The lowest rewards first.")] = False,
+    n: Annotated[int, typer.Option("-n", help="How many.")] = 10,
+    coordinator_url: CoordinatorUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Completions the trainers trained on, as text: prompt, completion, reward, version."""
+    if best and worst:
+        raise _fail("--best or --worst, not both")
+    order = "best" if best else "worst" if worst else "recent"
+    params: dict[str, Any] = {"order": order, "n": n}
+    if version is not None:
+        params["version"] = version
+    data = _coordinator("GET", f"/v1/runs/{run_id}/samples", coordinator_url, params=params)
+    samples = data["data"]
+    if as_json:
+        print(json.dumps(samples, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(samples)} completions of {run_id} ({order})", show_lines=True)
+    for col in ("version", "prompt", "completion", "reward"):
+        table.add_column(col, overflow="fold")
+    for x in samples:
+        table.add_row(str(x["version"]), x["prompt"][-300:], x["completion"][:300],
+                      f"{x['reward']:.2f}")  # fmt: skip
+    console.print(table)
+
+
+@run_app.command("plot")
+def run_plot(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Image file to write (PNG, SVG).")
+    ] = Path("reward.png"),
+    coordinator_url: CoordinatorUrlOpt = None,
+) -> None:
+    """Plot the reward (mean, and ± one standard deviation) by adapter version."""
+    rewards = _coordinator("GET", f"/v1/runs/{run_id}/rewards", coordinator_url)["data"]
+    if not rewards:
+        raise _fail(f"run {run_id} has no reward reports yet (no round trained)")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    xs = [r["version"] for r in rewards]
+    mean = [r["mean"] for r in rewards]
+    std = [r["std"] for r in rewards]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, mean, marker="o", label="mean reward")
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
+                    [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2,
+                    label="± 1 std")  # fmt: skip
+    ax.set_xlabel("adapter version the completions were sampled at")
+    ax.set_ylabel("reward")
+    ax.set_title(f"run {run_id}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    console.print(f"wrote {out} ({len(rewards)} versions)")
+
+
+@run_app.command("cancel")
+def run_cancel(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    coordinator_url: CoordinatorUrlOpt = None,
+) -> None:
+    """Stop a run: no more leases or training rounds (what was delivered and trained stays)."""
+    run = _coordinator("POST", f"/v1/runs/{run_id}/cancel", coordinator_url)
+    console.print(f"run [bold]{run['id']}[/] {run['state']}")
 
 
 def _local_coordinator_url(home: Path) -> str:

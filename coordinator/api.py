@@ -1,4 +1,5 @@
-"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes, runs.
+"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes, runs; and the
+dashboard (``/``: ``dashboard.html``, a page that reads this API).
 
 Errors are OpenAI-style JSON, ``{"error": {"message", "type", "param", "code"}}``, with the
 HTTP status that fits (400 for a bad run spec, 404 for an unknown run, 409 for a taken run id).
@@ -8,9 +9,11 @@ loop, never beside it in a thread.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Response
+from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.runs import RunSpec
@@ -24,6 +27,12 @@ def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="Bazaar coordinator", version=coord.software_version)
 
     install_error_handlers(app)
+    page = (Path(__file__).parent / "dashboard.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> str:
+        """Nodes, runs, a run's reward curve and rollouts, refreshed every few seconds."""
+        return page
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -87,8 +96,8 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.post("/v1/runs", status_code=201)
     async def create_run(spec: RunSpec) -> dict[str, Any]:
-        if spec.run_id and spec.run_id in coord.work.book.runs:
-            raise APIError(409, f"run {spec.run_id!r} already exists", "run_exists", "run_id")
+        if spec.name and spec.name in coord.work.book.runs:
+            raise APIError(409, f"run {spec.name!r} already exists", "run_exists", "name")
         try:
             run = await coord.work.create_run(spec)
         except ValueError as e:
@@ -106,6 +115,15 @@ def create_app(coord: Coordinator) -> FastAPI:
     async def get_run(run_id: str) -> dict[str, Any]:
         return coord.work.run_view(_run(run_id))
 
+    @app.post("/v1/runs/{run_id}/cancel")
+    async def cancel_run(run_id: str) -> dict[str, Any]:
+        """Stop a running run: no more leases or rounds; what was delivered and trained stays."""
+        run = _run(run_id)
+        if run.state != "running":
+            raise APIError(409, f"run {run_id!r} is {run.state}", "run_not_running", "run_id")
+        await coord.work.cancel_run(run)
+        return coord.work.run_view(run)
+
     @app.get("/v1/runs/{run_id}/rollouts")
     async def rollouts(run_id: str) -> dict[str, Any]:
         _run(run_id)
@@ -113,6 +131,31 @@ def create_app(coord: Coordinator) -> FastAPI:
         for r in data:
             node = coord.membership.nodes.get(r["producer"])
             r["producer_addrs"] = node.addrs if node else []
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/runs/{run_id}/rewards")
+    async def rewards(run_id: str) -> dict[str, Any]:
+        """Reward by the version completions were sampled at (count, mean, std), as the
+        trainers recomputed it for the completions they trained on."""
+        _run(run_id)
+        return {"object": "list", "data": coord.work.rewards_view(run_id)}
+
+    @app.get("/v1/runs/{run_id}/samples")
+    async def samples(
+        run_id: str, version: int | None = None, order: str = "recent", n: int = 20
+    ) -> dict[str, Any]:
+        """Completions as text (prompt, completion, reward, version): the most ``recent``, or
+        the ``best`` or ``worst`` by reward; optionally of one version."""
+        _run(run_id)
+        if order not in ("recent", "best", "worst") or not 1 <= n <= 1000:
+            raise APIError(400, "order is recent, best or worst; n is 1..1000", "invalid_request",
+                           "order")  # fmt: skip
+        data = [x for x in coord.work.samples_view(run_id)
+                if version is None or x["version"] == version]  # fmt: skip
+        if order == "recent":
+            data = data[-n:]
+        else:
+            data = sorted(data, key=lambda x: x["reward"], reverse=order == "best")[:n]
         return {"object": "list", "data": data}
 
     @app.get("/v1/runs/{run_id}/versions")

@@ -76,6 +76,19 @@ class AdapterRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class ReportRow(Base):
+    """A trainer's report of one round: rewards by sampled version, tokens trained, samples."""
+
+    __tablename__ = "round_reports"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trainer: Mapped[str] = mapped_column(String(128), primary_key=True)
+    rewards: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    tokens_trained: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    at: Mapped[float] = mapped_column(Float)
+
+
 class LeaseRow(Base):
     """A lease as issued (``lease`` holds the exact encoded message) and what became of it."""
 
@@ -197,6 +210,10 @@ class WorkStore:
             return list(
                 s.scalars(select(AdapterRow).order_by(AdapterRow.run_id, AdapterRow.version))
             )
+
+    def load_reports(self) -> list[ReportRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(ReportRow).order_by(ReportRow.at)))
 
     def load_audits(self) -> tuple[list[TrustRow], list[AuditRow], list[VerdictRow]]:
         with Session(self.engine, expire_on_commit=False) as s:

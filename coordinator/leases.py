@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from protocol.adapters import TrainSettings
 from protocol.leases import Lease, SamplingParams
 from protocol.rollouts import RolloutReceipt
 
@@ -46,6 +47,8 @@ class RunPlan:
     max_staleness: int = 2
     """Trainers of version ``v`` consume rollouts sampled at versions ``v - max_staleness`` to
     ``v``; older ones are never trained on."""
+    training: TrainSettings = field(default_factory=TrainSettings)
+    """What the run's trainers are told to train with."""
 
 
 class ReceiptOutcome(Enum):
@@ -81,7 +84,7 @@ class RunState:
     policy_version: int = 0
     cursor: int = 0
     """The next never-leased example index."""
-    state: str = "running"  # running | completed
+    state: str = "running"  # running | completed | cancelled
     completion_tokens: int = 0
     """Tokens of counted rollouts: what the run is billed for on the rollout side."""
     created_at: float = 0.0
@@ -266,7 +269,7 @@ class LeaseBook:
         state.counted = fresh
         run.completion_tokens += receipt.completion_tokens
         total = run.plan.total_examples
-        if total is not None and len(run.done) >= total:
+        if total is not None and len(run.done) >= total and run.state == "running":
             run.state = "completed"
         return ReceiptOutcome.COUNTED
 

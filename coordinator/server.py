@@ -30,7 +30,7 @@ from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
-from protocol.adapters import AdapterManifest, TrainRequest, VersionsRequest
+from protocol.adapters import AdapterManifest, RoundReport, TrainRequest, VersionsRequest
 from protocol.codec import Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
@@ -216,6 +216,9 @@ class Coordinator:
                 log.error("no hivemind DHT for trainers: %s", e)
                 dht = []
             return await self.work.train(peer, msg, trainers, self._addrs_of, dht)
+        if isinstance(msg, RoundReport):
+            self._check_member(peer, "trainer")
+            return await self.work.record_report(peer, msg)
         if isinstance(msg, VersionsRequest):
             if peer not in self.membership.nodes:
                 raise Forbidden("adapter versions are for members: join first")

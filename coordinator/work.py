@@ -28,6 +28,7 @@ from coordinator.db import (
     Base,
     LeaseRow,
     ReceiptRow,
+    ReportRow,
     RunRow,
     TrustRow,
     VerdictRow,
@@ -40,7 +41,9 @@ from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
     NoTraining,
+    ReportAck,
     RolloutRef,
+    RoundReport,
     TrainAssignment,
     TrainRequest,
     VersionInfo,
@@ -75,6 +78,8 @@ class RolloutService:
         """Each run's recorded adapter versions."""
         self.held: dict[str, dict[str, int]] = {}
         """The adapter versions each node last said it holds (with its lease requests)."""
+        self.reports: dict[str, dict[tuple[int, str], ReportRow]] = {}
+        """Trainers' round reports, by run, by (round, trainer)."""
 
     def restore(self) -> None:
         """Load runs and leases from the database (blocking: call before serving)."""
@@ -107,6 +112,8 @@ class RolloutService:
         self.book.restore(runs, leases)
         for row in self.store.load_adapters():
             self.versions.setdefault(row.run_id, {})[row.version] = row
+        for report in self.store.load_reports():
+            self.reports.setdefault(report.run_id, {})[(report.round, report.trainer)] = report
         trust_rows, audit_rows, verdict_rows = self.store.load_audits()
         for t in trust_rows:
             self.audits.trust[t.peer_id] = Trust(**t.record)
@@ -133,8 +140,8 @@ class RolloutService:
 
     async def create_run(self, spec: RunSpec) -> RunState:
         """Add a run; ``ValueError`` for a bad spec or a run id already taken."""
-        if spec.run_id and spec.run_id in self.book.runs:
-            raise ValueError(f"run {spec.run_id!r} already exists")
+        if spec.name and spec.name in self.book.runs:
+            raise ValueError(f"run {spec.name!r} already exists")
         plan = await trio.to_thread.run_sync(plan_run, spec)  # may import a task library
         run = self.book.add_run(plan)
         await self._save(runs=[run])
@@ -148,6 +155,11 @@ class RolloutService:
             extra={"run_id": plan.run_id},
         )
         return run
+
+    async def cancel_run(self, run: RunState) -> None:
+        run.state = "cancelled"
+        await self._save(runs=[run])
+        log.info("run %s cancelled", run.plan.run_id, extra={"run_id": run.plan.run_id})
 
     # -- adapter versions -----------------------------------------------------------------------
 
@@ -250,8 +262,49 @@ class RolloutService:
             refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
                     for s in share]  # fmt: skip
             return TrainAssignment(run_id=run.plan.run_id, version=v, rollouts=refs, rank=rank,
-                                   group_size=k, hivemind_peers=hivemind_peers[:16])  # fmt: skip
+                                   group_size=k, hivemind_peers=hivemind_peers[:16],
+                                   settings=run.plan.training)  # fmt: skip
         return NoTraining(retry_after_s=1.0)
+
+    async def record_report(self, peer: str, msg: RoundReport) -> ReportAck:
+        """A trainer's report of a round it trained (a resend replaces the earlier one)."""
+        run = self.book.runs.get(msg.run_id)
+        if run is None or msg.version > run.policy_version:
+            return ReportAck(recorded=False, detail="no such run, or a round not reached yet")
+        row = ReportRow(
+            run_id=msg.run_id, round=msg.version, trainer=peer,
+            rewards=[msgspec.to_builtins(r) for r in msg.rewards],
+            tokens_trained=msg.tokens_trained,
+            samples=[msgspec.to_builtins(x) for x in msg.samples], at=self.book.clock(),
+        )  # fmt: skip
+        self.reports.setdefault(msg.run_id, {})[(msg.version, peer)] = row
+        await self._save(reports=[row])
+        return ReportAck(recorded=True)
+
+    def rewards_view(self, run_id: str) -> list[dict[str, Any]]:
+        """Reward of the completions trainers trained on, by the version they were sampled at:
+        count, mean, standard deviation."""
+        totals: dict[int, list[float]] = {}
+        for row in self.reports.get(run_id, {}).values():
+            for r in row.rewards:
+                t = totals.setdefault(int(r["version"]), [0, 0.0, 0.0])
+                t[0] += r["samples"]
+                t[1] += r["reward_sum"]
+                t[2] += r["reward_sq_sum"]
+        out = []
+        for v, (n, total, sq) in sorted(totals.items()):
+            mean = total / n if n else 0.0
+            out.append({"version": v, "samples": int(n), "mean": mean,
+                        "std": max(sq / n - mean * mean, 0.0) ** 0.5 if n else 0.0})  # fmt: skip
+        return out
+
+    def tokens_trained(self, run_id: str) -> int:
+        return sum(r.tokens_trained for r in self.reports.get(run_id, {}).values())
+
+    def samples_view(self, run_id: str) -> list[dict[str, Any]]:
+        """The completions trainers reported as text, oldest round first."""
+        rows = sorted(self.reports.get(run_id, {}).values(), key=lambda r: (r.round, r.at))
+        return [sample for row in rows for sample in row.samples]
 
     def versions_view(self, run_id: str) -> list[dict[str, Any]]:
         return [
@@ -443,10 +496,12 @@ class RolloutService:
         trust: Sequence[str] = (),
         appended: Sequence[VerdictRow] = (),
         adapters: Sequence[AdapterRow] = (),
+        reports: Sequence[ReportRow] = (),
     ) -> None:
         async with self._db_lock:
             rows: list[Base] = [_run_row(r) for r in runs]
             rows += [_adapter_row(a) for a in adapters]
+            rows += [_report_row(r) for r in reports]
             rows += [_lease_row(s) for s in leases]
             rows += [_audit_row(a) for a in audits]
             rows += [
@@ -482,6 +537,8 @@ class RolloutService:
             "examples_delivered": len(run.done),
             "active_leases": active,
             "completion_tokens": run.completion_tokens,
+            "tokens_trained": self.tokens_trained(plan.run_id),
+            "reward": self.rewards_view(plan.run_id)[-1:] or None,
             "created_at": run.created_at,
         }
 
@@ -550,6 +607,14 @@ def _audit_row(a: Audit) -> AuditRow:
         status=a.status,
         created_at=a.created_at,
     )
+
+
+def _report_row(row: ReportRow) -> ReportRow:
+    """A fresh copy to merge (the kept one stays detached from any session)."""
+    return ReportRow(
+        run_id=row.run_id, round=row.round, trainer=row.trainer, rewards=list(row.rewards),
+        tokens_trained=row.tokens_trained, samples=list(row.samples), at=row.at,
+    )  # fmt: skip
 
 
 def _adapter_row(row: AdapterRow) -> AdapterRow:

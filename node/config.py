@@ -49,22 +49,6 @@ class NodeConfig(ConfigModel):
     the gateway to route requests to."""
     serve_listen: str = "127.0.0.1:0"
     """HOST:PORT of that endpoint; port 0 picks a free one (reported to the coordinator)."""
-    train_inner_lr: float = Field(1e-3, gt=0)
-    """The trainer role's inner AdamW learning rate on the LoRA weights."""
-    train_inner_steps: int = Field(4, ge=1, le=10_000)
-    """H: inner steps per round (the round's rollouts are split into this many batches)."""
-    train_outer_lr: float = Field(1.0, gt=0)
-    """Outer SGD learning rate on the averaged pseudo-gradient (1.0 without momentum is plain
-    averaging, the measured best at small H: ``scripts/bench_diloco.py``)."""
-    train_outer_momentum: float = Field(0.0, ge=0, lt=1)
-    """Outer Nesterov momentum (0: none)."""
-    train_clip_eps: float = Field(0.2, gt=0)
-    """PPO clip of the importance ratio in the inner steps; ``inf`` turns it off (the ratio
-    mask stays), the better choice with many inner steps per round (see ``LossSettings``)."""
-    train_wire: Literal["fp16", "int8"] = "fp16"
-    """How the quantized pseudo-gradients travel in the all-reduce: ``fp16`` (hivemind's codec)
-    or ``int8`` (bit-packed integers, half the bytes; coarser levels). Trainers of a run must
-    agree."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

@@ -112,6 +112,33 @@ class RolloutRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     payload_hash: Hash32
 
 
+ModuleName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a run's trainers train (from the run's spec; every trainer of the run gets the same,
+    which bit-identical rounds need). Field meanings: ``coordinator/runs.py``."""
+
+    lora_rank: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    lora_alpha: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
+    target_modules: Annotated[list[ModuleName], msgspec.Meta(min_length=1, max_length=64)] = (
+        msgspec.field(default_factory=lambda: ["q_proj", "v_proj"])
+    )
+    std_normalize: bool = False
+    clip_eps: Annotated[float, msgspec.Meta(ge=0)] = 0.2
+    """0 turns the clip off."""
+    mask_low: Annotated[float, msgspec.Meta(ge=0)] = 0.125
+    mask_high: Annotated[float, msgspec.Meta(gt=0)] = 8.0
+    normalize: Literal["token", "constant"] = "token"
+    constant: Annotated[float, msgspec.Meta(gt=0)] = 1024.0
+    kl_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    inner_steps: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4
+    inner_lr: Annotated[float, msgspec.Meta(gt=0)] = 1e-3
+    outer_lr: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    outer_momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    wire: Literal["fp16", "int8"] = "fp16"
+
+
 class TrainAssignment(Message):
     """Coordinator → trainer: train version ``version + 1`` of a run from these rollouts (this
     trainer's share: ``rank`` of ``group_size`` trainers), averaging through the DHT peers."""
@@ -126,6 +153,7 @@ class TrainAssignment(Message):
     group_size: Annotated[int, msgspec.Meta(ge=1, le=64)]
     hivemind_peers: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
                               msgspec.Meta(max_length=16)]  # fmt: skip
+    settings: TrainSettings = TrainSettings()
 
 
 class NoTraining(Message):
@@ -134,6 +162,47 @@ class NoTraining(Message):
     TYPE: ClassVar[str] = "adapters.no_training"
     MAX_BYTES: ClassVar[int] = 1 * KiB
     retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+
+
+class VersionRewards(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Rewards of a round's completions sampled at one adapter version."""
+
+    version: NonNegInt
+    samples: NonNegInt
+    reward_sum: float
+    reward_sq_sum: Annotated[float, msgspec.Meta(ge=0)]
+
+
+class SampleText(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One completion as text, for people to read (``bazaar run rollouts``)."""
+
+    version: NonNegInt
+    prompt: Text
+    completion: Text
+    reward: float
+
+
+class RoundReport(Message):
+    """Trainer → coordinator (adapters protocol), after a round: the rewards (recomputed with the
+    environment) of the completions it trained on, by the version they were sampled at, the
+    tokens it trained on, and a few completions as text. The manifest cannot carry these: it
+    must be identical on every trainer of the round, and each trains on its own share."""
+
+    TYPE: ClassVar[str] = "adapters.round_report"
+    MAX_BYTES: ClassVar[int] = 1 * MiB
+    run_id: Name
+    version: NonNegInt
+    """The round's version (it made ``version + 1``)."""
+    rewards: Annotated[list[VersionRewards], msgspec.Meta(max_length=64)]
+    tokens_trained: NonNegInt
+    samples: Annotated[list[SampleText], msgspec.Meta(max_length=64)]
+
+
+class ReportAck(Message):
+    TYPE: ClassVar[str] = "adapters.report_ack"
+    MAX_BYTES: ClassVar[int] = 8 * KiB
+    recorded: bool
+    detail: Text = ""
 
 
 class ShardRequest(Message):

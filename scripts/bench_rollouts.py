@@ -114,9 +114,12 @@ def measure_node(
     max_tokens: int, rounds: int,
 ) -> dict[str, float]:  # fmt: skip
     """Lease-to-receipt throughput of a real node, alternating with the baseline."""
-    env_spec = {"env": "reverse", "group_size": group, "prompts_per_lease": prompts,
-                "base_model": model,
-                "sampling": {"temperature": 1.0, "max_tokens": max_tokens}}  # fmt: skip
+
+    def spec_of(name: str, examples: int) -> dict[str, Any]:
+        return {"name": name, "env": {"name": "reverse"}, "base_model": model,
+                "rl": {"group_size": group, "prompts_per_lease": prompts, "temperature": 1.0,
+                       "max_tokens": max_tokens, "max_examples": examples}}  # fmt: skip
+
     env = load_environment("reverse")
     node_tps, receipt_rate, hf_tps = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,13 +128,11 @@ def measure_node(
             cluster.start_coordinator()
             cluster.start_node("bench", extra=[f"--model_cache={model_cache}", f"--model={model}",
                                                f"--max_prompts_per_lease={prompts}"])  # fmt: skip
-            cluster.api("POST", "/v1/runs", json={**env_spec, "run_id": "warmup",
-                                                  "total_examples": prompts})  # fmt: skip
+            cluster.api("POST", "/v1/runs", json=spec_of("warmup", prompts))
             cluster.wait_run("warmup", timeout_s=300)  # the node has loaded its model
             for r in range(rounds):
                 run_id = f"bench-{r}"
-                spec = {**env_spec, "run_id": run_id, "total_examples": leases * prompts}
-                cluster.api("POST", "/v1/runs", json=spec)
+                cluster.api("POST", "/v1/runs", json=spec_of(run_id, leases * prompts))
                 run = cluster.wait_run(run_id, timeout_s=600, every_s=1.0)  # light polling
                 rollouts = cluster.api("GET", f"/v1/runs/{run_id}/rollouts")["data"]
                 wall = max(x["completed_at"] for x in rollouts) - min(

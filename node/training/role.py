@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from node.adapters import cut, read_files
@@ -37,10 +38,16 @@ from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
     NoTraining,
+    ReportAck,
+    RoundReport,
+    SampleText,
     TrainAssignment,
     TrainRequest,
+    TrainSettings,
+    VersionRewards,
 )
 from protocol.errors import ProtocolError
+from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from protocol.versions import protocol_id
 
@@ -55,6 +62,7 @@ class TrainerRole:
         self.shards = versions.shards
         self.version = -1
         self.parts: Any = None  # (LoraTrainer, Quantizer, OuterOptimizer, tokenizer)
+        self.built_for: tuple[str, Any] | None = None  # the run and settings parts are for
         self.collective: Any = None
 
     async def __call__(self, agent: Any) -> None:
@@ -79,9 +87,12 @@ class TrainerRole:
                 self.collective.close()
 
     async def round(self, a: TrainAssignment) -> None:
-        if self.parts is None:
-            self.parts = await trio.to_thread.run_sync(self._build, a.run_id)
-            self.version = 0
+        if self.built_for != (a.run_id, a.settings):  # a trainer trains one run at a time
+            if self.collective is not None:
+                await trio.to_thread.run_sync(self.collective.close)
+                self.collective = None
+            self.parts = await trio.to_thread.run_sync(self._build, a.run_id, a.settings)
+            self.built_for, self.version = (a.run_id, a.settings), 0
         trainer, quantizer, outer, tokenizer = self.parts
         if a.group_size > 1 and self.collective is None:
             self.collective = await trio.to_thread.run_sync(self._collective, a, trainer)
@@ -89,11 +100,11 @@ class TrainerRole:
             log.warning("at version %d, the round is at %d: skipped", self.version, a.version)
             await trio.sleep(1.0)
             return
-        examples = await self._examples(a, tokenizer)
+        examples, report = await self._examples(a, tokenizer)
         if not examples:
             log.warning("no usable rollouts in the round of %s v%d", a.run_id, a.version)
             return
-        h = self.config.train_inner_steps
+        h = a.settings.inner_steps
         size = max(1, len(examples) // h)
         batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
         from node.training.trainer import diloco_round, export_state
@@ -119,26 +130,43 @@ class TrainerRole:
             await self.agent.publish_manifest(manifest)
         else:  # another group's result holds the version: recover from it next round
             self.version = -1
+        await self._report(msgspec.structs.replace(
+            report, tokens_trained=sum(len(c.tokens) for c in examples)
+        ))  # fmt: skip
         if self.collective is not None:
             state = export_state(self.version, trainer, quantizer, outer)
             await trio.to_thread.run_sync(self.collective.share_state, *state)
 
-    def _build(self, run_id: str) -> tuple[Any, ...]:
+    async def _report(self, report: RoundReport) -> None:
+        try:
+            ack = await self.agent.ask(report, (ReportAck,), ADAPTERS_PROTOCOL)
+        except ProtocolError as e:
+            log.warning("round report not delivered: %s", e)
+            return
+        if not ack.recorded:
+            log.warning("round report refused: %s", ack.detail)
+
+    def _build(self, run_id: str, settings: TrainSettings) -> tuple[Any, ...]:
         from transformers import AutoTokenizer
 
         from node.models.loading import resolve
         from node.training.diloco import OuterOptimizer, Quantizer, levels_for
         from node.training.grpo import LossSettings
-        from node.training.trainer import LoraTrainer
+        from node.training.trainer import LoraSettings, LoraTrainer
 
         base = resolve(self.config.model, Path(self.config.model_cache or self.data_dir))
-        loss = LossSettings(clip_eps=self.config.train_clip_eps)
-        trainer = LoraTrainer(base, run_id, loss=loss, inner_lr=self.config.train_inner_lr)
-        levels = levels_for(8, self.config.train_wire)
-        bound = self.config.train_inner_lr * self.config.train_inner_steps  # AdamW's step bound
+        s = settings
+        lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
+        loss = LossSettings(
+            std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
+            mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
+            constant=s.constant, kl_coef=s.kl_coef,
+        )  # fmt: skip
+        trainer = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
+        levels = levels_for(8, s.wire)
+        bound = s.inner_lr * s.inner_steps  # AdamW moves a weight about lr a step at most
         quantizer = Quantizer(trainer.sizes, levels, bound / levels)
-        outer = OuterOptimizer(self.config.train_outer_lr, self.config.train_outer_momentum,
-                               nesterov=self.config.train_outer_momentum > 0)  # fmt: skip
+        outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
         self.base_hash = hashlib.sha256(base.encode()).digest()  # the base's reference
         self.v0 = trainer.flat()  # version 0, the same on every trainer of the run
         return trainer, quantizer, outer, AutoTokenizer.from_pretrained(base)
@@ -148,7 +176,7 @@ class TrainerRole:
 
         spec = CollectiveSpec(list(a.hivemind_peers), a.run_id, sum(trainer.sizes),
                               target_group_size=8, round_timeout_s=30,
-                              wire=self.config.train_wire)  # fmt: skip
+                              wire=a.settings.wire)  # fmt: skip
         collective = Collective(spec)
         collective.start()
         return collective
@@ -199,11 +227,18 @@ class TrainerRole:
         log.info("took %s v%d from the published adapter", run, v, extra={"run_id": run})
         return True
 
-    async def _examples(self, a: TrainAssignment, tokenizer: Any) -> list[Any]:
+    async def _examples(self, a: TrainAssignment, tokenizer: Any) -> tuple[list[Any], RoundReport]:
+        """The round's training completions, and the report of what they were: every sampled
+        completion's recomputed reward by version (groups without spread included), and a few
+        of those trained on as text."""
         from envs import load_environment
         from node.training.trainer import training_examples
+        from verification.rollouts import score_rollouts
 
         out: list[Any] = []
+        totals: dict[int, list[float]] = {}
+        texts: list[SampleText] = []
+        std = a.settings.std_normalize
         for ref in a.rollouts:
             for addr in ref.producer_addrs:
                 try:
@@ -220,10 +255,28 @@ class TrainerRole:
             payload = env_.message
             assert isinstance(payload, RolloutPayload)
             env = load_environment(ref.lease.env_id)
-            out += await trio.to_thread.run_sync(
-                training_examples, env, tokenizer, ref.lease, payload
-            )
-        return out
+            lease = ref.lease
+
+            def score(env: Any = env, lease: Lease = lease, payload: Any = payload) -> Any:
+                scores = score_rollouts(env, tokenizer, lease, payload)
+                return scores, training_examples(env, tokenizer, lease, payload, std, scores)
+
+            scores, completions = await trio.to_thread.run_sync(score)
+            out += completions
+            t = totals.setdefault(lease.policy_version, [0, 0.0, 0.0])
+            for group in scores:
+                for sc in group:
+                    t[0], t[1], t[2] = t[0] + 1, t[1] + sc.reward, t[2] + sc.reward**2
+            for c in completions[:2]:  # two of each lease, up to 32 in all
+                if len(texts) < 32:
+                    texts.append(SampleText(
+                        version=lease.policy_version, prompt=tokenizer.decode(c.prompt)[-4000:],
+                        completion=tokenizer.decode(c.tokens)[:4000], reward=c.reward,
+                    ))  # fmt: skip
+        rewards = [VersionRewards(v, int(n), total, sq) for v, (n, total, sq) in totals.items()]
+        report = RoundReport(run_id=a.run_id, version=a.version, rewards=rewards[:64],
+                             tokens_trained=0, samples=texts)  # fmt: skip
+        return out, report
 
     def _publish(self, run_id: str, trainer: Any) -> AdapterManifest:
         with tempfile.TemporaryDirectory() as tmp:

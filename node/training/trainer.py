@@ -45,10 +45,16 @@ class Completion:
 
 
 def training_examples(
-    env: Any, tokenizer: Any, lease: Lease, payload: RolloutPayload, std_normalize: bool = False
+    env: Any,
+    tokenizer: Any,
+    lease: Lease,
+    payload: RolloutPayload,
+    std_normalize: bool = False,
+    scores: Any = None,
 ) -> list[Completion]:
-    """A leased payload as training completions (groups without reward spread left out)."""
-    scores = score_rollouts(env, tokenizer, lease, payload)
+    """A leased payload as training completions (groups without reward spread left out);
+    ``scores`` (``score_rollouts``'s) if already computed."""
+    scores = scores if scores is not None else score_rollouts(env, tokenizer, lease, payload)
     rewards_G_S = torch.tensor([[s.reward for s in group] for group in scores])
     adv_G_S, keep_G = group_advantages(rewards_G_S, std_normalize)
     out = []

@@ -37,8 +37,8 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
         extra=["--audits.trusted_after=1000", "--audits.max_strikes=1", "--audits.deadline_s=60"]
     )
     cluster.api("POST", "/v1/runs", json={
-        "run_id": "r", "total_examples": 32, "prompts_per_lease": 4, "group_size": 4,
-        "sampling": {"max_tokens": 12},
+        "name": "r", "rl": {"max_examples": 32, "prompts_per_lease": 4, "group_size": 4,
+                            "max_tokens": 12},
     })  # fmt: skip
     model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
     cheat = "tests.adversarial.cheating_node"

@@ -41,7 +41,7 @@ def verdict(a: AuditAssignment, passed: bool, check: str = "") -> Verdict:
 
 def test_audit_assignment_rules_and_restart(cluster: Cluster) -> None:
     cluster.start_coordinator(extra=["--audits.trusted_after=1000"])
-    cluster.api("POST", "/v1/runs", json={"run_id": "r", "total_examples": 4, "group_size": 2})
+    cluster.api("POST", "/v1/runs", json={"name": "r", "rl": {"max_examples": 4, "group_size": 2}})
     producer_id, v1_id, v2_id = Identity.generate(), Identity.generate(), Identity.generate()
     seen: dict[str, str] = {}
 

@@ -43,12 +43,13 @@ def rewards_by_version(samplers: list[Proc]) -> dict[int, list[float]]:
 def test_the_network_raises_the_reward(tmp_path: Path, tiny_model: Path) -> None:
     cluster = Cluster(tmp_path, interval_s=1.0)
     model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
-    train = [*model, "--train_inner_steps=4", "--train_inner_lr=1e-3"]
+    train = model
     try:
         cluster.start_coordinator(extra=["--leases.round_leases=1", "--audits.floor_rate=0.2"])
-        spec = {"run_id": "add1", "env": "arith", "env_args": {"digits": 1}, "env_seed": 3,
-                "total_examples": None, "prompts_per_lease": 16, "group_size": 8,
-                "sampling": {"temperature": 1.0, "max_tokens": 8}}  # fmt: skip
+        spec = {"name": "add1", "env": {"name": "arith", "args": {"digits": 1}, "seed": 3},
+                "rl": {"prompts_per_lease": 16, "group_size": 8, "temperature": 1.0,
+                       "max_tokens": 8},
+                "diloco": {"inner_steps": 4, "inner_lr": 1e-3}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
         trainers = [cluster.start_node(f"trainer-{i}", roles="trainer", extra=train)
                     for i in (1, 2, 3)]  # fmt: skip

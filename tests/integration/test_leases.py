@@ -47,15 +47,17 @@ def receipt(lease: Lease, *, samples: int | None = None, version: int = 0) -> Ro
 def test_runs_api_validates_specs_with_openai_style_errors(cluster: Cluster) -> None:
     cluster.start_coordinator()
     url = f"{cluster.url}/v1/runs"
-    created = httpx.post(url, json={"run_id": "r1", "env": "sort", "env_seed": 3}).json()
+    spec = {"name": "r1", "env": {"name": "sort", "seed": 3}, "rl": {"max_examples": 64}}
+    created = httpx.post(url, json=spec).json()
     assert created["id"] == "r1" and created["env"] == "sort" and created["state"] == "running"
     cases = [
-        ({"env": "nope"}, 400, "invalid_run", "unknown environment 'nope'"),
-        ({"env": "arith", "env_args": {"digitz": 2}}, 400, "invalid_run", "bad arguments"),
-        ({"group_size": 0}, 400, "invalid_request", "group_size"),
-        ({"run_id": "bad id!"}, 400, "invalid_request", "run_id"),
+        ({"env": {"name": "nope"}}, 400, "invalid_run", "unknown environment 'nope'"),
+        ({"env": {"name": "arith", "args": {"digitz": 2}}}, 400, "invalid_run", "bad arguments"),
+        ({"rl": {"group_size": 0}}, 400, "invalid_request", "group_size"),
+        ({"name": "bad id!"}, 400, "invalid_request", "name"),
         ({"colour": "red"}, 400, "invalid_request", "colour"),
-        ({"run_id": "r1"}, 409, "run_exists", "already exists"),
+        ({"rl": {"loss": {"clip": 1}}}, 400, "invalid_request", "clip"),
+        ({"name": "r1"}, 409, "run_exists", "already exists"),
     ]
     for body, status, code, text in cases:
         resp = httpx.post(url, json=body)
@@ -69,8 +71,8 @@ def test_runs_api_validates_specs_with_openai_style_errors(cluster: Cluster) -> 
 
 def test_leases_and_receipts_over_the_wire(cluster: Cluster) -> None:
     cluster.start_coordinator()
-    spec = {"run_id": "r1", "env": "arith", "total_examples": 4, "prompts_per_lease": 2,
-            "group_size": 2}  # fmt: skip
+    spec = {"name": "r1", "env": {"name": "arith"},
+            "rl": {"max_examples": 4, "prompts_per_lease": 2, "group_size": 2}}  # fmt: skip
     cluster.api("POST", "/v1/runs", json=spec)
     ask = LeaseRequest(max_prompts=8, base_model="tiny")
     acks: list[ReceiptAck] = []
@@ -138,7 +140,7 @@ def test_leases_and_receipts_over_the_wire(cluster: Cluster) -> None:
 
 def test_a_node_holds_at_most_max_active_leases(cluster: Cluster) -> None:
     cluster.start_coordinator(extra=["--leases.max_active_per_node=2"])
-    cluster.api("POST", "/v1/runs", json={"run_id": "big", "total_examples": 100})
+    cluster.api("POST", "/v1/runs", json={"name": "big", "rl": {"max_examples": 100}})
     ask = LeaseRequest(max_prompts=4, base_model="tiny")
 
     async def main() -> None:

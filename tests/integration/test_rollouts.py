@@ -72,8 +72,9 @@ def test_a_run_is_rolled_out_fetched_rescored_and_replayed(
     cluster: Cluster, tiny_model: Path
 ) -> None:
     cluster.start_coordinator()
-    spec = {"run_id": "r1", "env": "arith", "env_args": {"digits": 2}, "total_examples": 8,
-            "prompts_per_lease": 4, "group_size": 4, "sampling": {"max_tokens": 12}}  # fmt: skip
+    spec = {"name": "r1", "env": {"name": "arith", "args": {"digits": 2}},
+            "rl": {"max_examples": 8, "prompts_per_lease": 4, "group_size": 4,
+                   "max_tokens": 12}}  # fmt: skip
     cluster.api("POST", "/v1/runs", json=spec)
     cluster.start_node("gen", extra=node_args(tiny_model))
     run = cluster.wait_run("r1", timeout_s=180)
@@ -117,8 +118,8 @@ def test_a_killed_nodes_lease_is_reissued_and_completed_by_another(
     cluster: Cluster, tiny_model: Path
 ) -> None:
     cluster.start_coordinator()
-    spec = {"run_id": "r2", "total_examples": 8, "prompts_per_lease": 4, "lease_ttl_s": 3,
-            "sampling": {"max_tokens": 8}}  # fmt: skip
+    spec = {"name": "r2", "rl": {"max_examples": 8, "prompts_per_lease": 4, "lease_ttl_s": 3,
+                                 "group_size": 4, "max_tokens": 8}}  # fmt: skip
     cluster.api("POST", "/v1/runs", json=spec)
     staller = cluster.start_node(
         "staller", extra=node_args(tiny_model), module="tests.integration.stalling_node"

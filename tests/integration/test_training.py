@@ -6,11 +6,13 @@ v+1 — and so on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tests.integration.cluster import Cluster
+from tests.integration.test_run_commands import bazaar
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,11 +23,12 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
     model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
     try:
         cluster.start_coordinator(extra=["--leases.round_leases=2"])
-        spec = {"run_id": "r1", "env": "arith", "env_args": {"digits": 2},
-                "total_examples": 400, "prompts_per_lease": 4, "group_size": 4}  # fmt: skip
+        spec = {"name": "r1", "env": {"name": "arith", "args": {"digits": 2}},
+                "rl": {"max_examples": 400, "prompts_per_lease": 4, "group_size": 4},
+                "diloco": {"inner_steps": 2}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
         trainer = cluster.start_node("trainer", roles="trainer",
-                                     extra=[*model, "--train_inner_steps=2"])  # fmt: skip
+                                     extra=model)  # fmt: skip
         sampler = cluster.start_node("sampler", extra=model)
 
         def at_version(v: int) -> bool:
@@ -44,5 +47,25 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
         held = sampler.home / "adapters" / "r1" / "1" / "adapter_model.safetensors"
         assert held.exists()  # the sampler fetched version 1
         assert trainer.alive() and sampler.alive()
+
+        # what the trainer reported of its rounds: rewards by sampled version, texts, tokens
+        rewards = cluster.api("GET", "/v1/runs/r1/rewards")["data"]
+        assert rewards[0]["version"] == 0 and rewards[0]["samples"] >= 2 * 4 * 4
+        assert all(0.0 <= r["mean"] <= 1.0 for r in rewards)
+        assert cluster.api("GET", "/v1/runs/r1")["tokens_trained"] > 0
+        url = ["--coordinator-url", cluster.url]
+        status = bazaar("run", "status", "r1", *url)
+        assert status.returncode == 0 and "reward curve" in status.stdout
+        best = json.loads(
+            bazaar("run", "rollouts", "r1", "--best", "-n", "5", "--json", *url).stdout
+        )
+        assert best and [x["reward"] for x in best] == sorted(
+            (x["reward"] for x in best), reverse=True
+        )
+        assert all(x["prompt"] and "+" in x["prompt"] for x in best)
+        png = tmp_path / "reward.png"
+        plotted = bazaar("run", "plot", "r1", "-o", str(png), *url)
+        assert plotted.returncode == 0, plotted.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         cluster.stop_all()

@@ -51,8 +51,8 @@ def test_versions_are_recorded_once_and_move_the_run(tmp_path: Path) -> None:
     ids = {name: Identity.generate() for name in ("a", "b", "node")}
     try:
         cluster.start_coordinator()
-        spec = {"run_id": "r1", "env": "arith", "total_examples": 8, "prompts_per_lease": 2,
-                "group_size": 2}  # fmt: skip
+        spec = {"name": "r1", "env": {"name": "arith"},
+                "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
 
         async def main() -> list[str]:
@@ -106,8 +106,8 @@ def test_a_node_fetches_the_current_version_and_works_at_it(
     trainer_id = Identity.generate()
     try:
         cluster.start_coordinator()
-        spec = {"run_id": "r1", "env": "arith", "env_args": {"digits": 2}, "total_examples": 8,
-                "prompts_per_lease": 2, "group_size": 2}  # fmt: skip
+        spec = {"name": "r1", "env": {"name": "arith", "args": {"digits": 2}},
+                "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
 
         async def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import trio
 
 from coordinator.config import AuditConfig, LeaseConfig
@@ -94,3 +95,42 @@ def test_a_round_is_dealt_over_trainers_once(tmp_path: Path) -> None:
     trio.run(main)
     rows = {r.lease_id: r.trained_in for r in WorkStore(engine).load()[1]}
     assert sorted(v for v in rows.values() if v is not None) == [0, 0, 0, 0]  # persisted
+
+
+def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
+    from protocol.adapters import RoundReport, SampleText, VersionRewards
+
+    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
+    service = RolloutService(LeaseConfig(), AuditConfig(), WorkStore(engine),
+                             CoordinatorMetrics(), Clock())  # fmt: skip
+    service.book.add_run(STREAM)
+    service.book.set_policy_version("r1", 1)
+
+    def report(version: int, rewards: list[VersionRewards], text: str = "") -> RoundReport:
+        samples = [SampleText(version=version, prompt="p", completion=text, reward=1.0)]
+        return RoundReport(run_id="r1", version=version, rewards=rewards, tokens_trained=10,
+                           samples=samples if text else [])  # fmt: skip
+
+    async def main() -> None:
+        # two trainers of round 0; the first one resends (the resend replaces it)
+        assert (
+            await service.record_report("t1", report(0, [VersionRewards(0, 4, 1.0, 1.0)]))
+        ).recorded
+        again = report(0, [VersionRewards(0, 4, 2.0, 2.0)], "a")
+        assert (await service.record_report("t1", again)).recorded
+        assert (
+            await service.record_report("t2", report(0, [VersionRewards(0, 4, 0.0, 0.0)]))
+        ).recorded
+        ahead = await service.record_report("t1", report(5, []))  # a round not reached
+        assert not ahead.recorded
+
+    trio.run(main)
+    (v0,) = service.rewards_view("r1")
+    assert (v0["version"], v0["samples"]) == (0, 8)
+    assert v0["mean"] == pytest.approx(0.25) and v0["std"] == pytest.approx(0.4330127, rel=1e-5)
+    assert service.tokens_trained("r1") == 20
+    assert [x["completion"] for x in service.samples_view("r1")] == ["a"]
+    restored = RolloutService(LeaseConfig(), AuditConfig(), WorkStore(engine),
+                              CoordinatorMetrics(), Clock())  # fmt: skip
+    restored.restore()
+    assert restored.rewards_view("r1") == service.rewards_view("r1")  # persisted
