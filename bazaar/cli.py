@@ -560,6 +560,21 @@ def run_plot(
     console.print(f"wrote {out} ({len(rewards)} versions)")
 
 
+@run_app.command("deploy")
+def run_deploy(
+    target: Annotated[str, typer.Argument(help="RUN (its current version) or RUN@VERSION.")],
+    coordinator_url: CoordinatorUrlOpt = None,
+) -> None:
+    """Serve an adapter version at the gateway as model RUN (RUN@V is always served too);
+    serving nodes fetch it like any version."""
+    run_id, _, version = target.partition("@")
+    if version and not version.isdigit():
+        raise _fail(f"{target!r}: expected RUN or RUN@VERSION")
+    body = {"version": int(version) if version else None}
+    run = _coordinator("POST", f"/v1/runs/{run_id}/deploy", coordinator_url, json=body)
+    console.print(f"model [bold]{run_id}[/] is now version {run['deployed']}")
+
+
 @run_app.command("cancel")
 def run_cancel(
     run_id: Annotated[str, typer.Argument(help="The run's id.")],

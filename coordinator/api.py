@@ -15,12 +15,19 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
 
 from coordinator.runs import RunSpec
 from protocol.api_errors import APIError, install_error_handlers
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
+
+
+class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = None
+    """The version to deploy; empty: the run's current one."""
 
 
 def create_app(coord: Coordinator) -> FastAPI:
@@ -114,6 +121,19 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.get("/v1/runs/{run_id}")
     async def get_run(run_id: str) -> dict[str, Any]:
         return coord.work.run_view(_run(run_id))
+
+    @app.post("/v1/runs/{run_id}/deploy")
+    async def deploy_run(run_id: str, body: DeployRequest) -> dict[str, Any]:
+        """Serve an adapter version (default: the run's current one) as model ``<run>``; serving
+        nodes fetch it like any version."""
+        run = _run(run_id)
+        version = run.policy_version if body.version is None else body.version
+        try:
+            await coord.work.deploy(run, version)
+        except ValueError as e:
+            raise APIError(404, str(e), "version_not_found", "version") from None
+        await coord.announce_deployment(run_id, version)
+        return coord.work.run_view(run)
 
     @app.post("/v1/runs/{run_id}/cancel")
     async def cancel_run(run_id: str) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class RunRow(Base):
     cursor: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    deployed: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class AdapterRow(Base):

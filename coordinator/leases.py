@@ -88,6 +88,8 @@ class RunState:
     completion_tokens: int = 0
     """Tokens of counted rollouts: what the run is billed for on the rollout side."""
     created_at: float = 0.0
+    deployed: int | None = None
+    """The adapter version served as model ``<run>`` (``bazaar run deploy``)."""
     returned: deque[int] = field(default_factory=deque)
     done: dict[int, str] = field(default_factory=dict)  # example index -> lease that counted
 

@@ -30,7 +30,13 @@ from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
-from protocol.adapters import AdapterManifest, RoundReport, TrainRequest, VersionsRequest
+from protocol.adapters import (
+    AdapterManifest,
+    Deployed,
+    RoundReport,
+    TrainRequest,
+    VersionsRequest,
+)
 from protocol.codec import Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
@@ -87,7 +93,9 @@ class Coordinator:
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
-        self.manifest_gate = GossipGate(ADAPTERS_PROTOCOL, (AdapterManifest,), self.metrics.gossip)
+        self.manifest_gate = GossipGate(
+            ADAPTERS_PROTOCOL, (AdapterManifest, Deployed), self.metrics.gossip
+        )
         self._request_guard = ReplayGuard()
         self._log_limit = RateLimit(60.0)
         self._dirty: set[str] = set()
@@ -290,12 +298,19 @@ class Coordinator:
             elif isinstance(msg, Announce) and self.membership.announce(peer, msg):
                 await self._persist(peer)
 
+    async def announce_deployment(self, run_id: str, version: int) -> None:
+        """Tell serving nodes on gossip that a run deploys a version (they sync at once)."""
+        msg = Deployed(run_id=run_id, version=version)
+        await self.host.publish(ADAPTERS_PROTOCOL, seal(self.identity, msg))
+
     def _accept_manifest(self, forwarder: str, data: bytes) -> Envelope | None:
         """Relay a trainer's manifest; one from anyone else stops here (a node's own gate
         checks the signature, the coordinator also that a trainer signed it)."""
         env = self.manifest_gate.accept(forwarder, data)
         if env is None:
             return None
+        if isinstance(env.message, Deployed):
+            return env if env.sender == self.peer_id else None
         node = self.membership.nodes.get(env.sender)
         if node is None or "trainer" not in node.capabilities.roles:
             self.manifest_gate.refuse(forwarder, "not_a_trainer", "a manifest not from a trainer")

@@ -92,6 +92,7 @@ class RolloutService:
                 state=r.state,
                 completion_tokens=r.completion_tokens,
                 created_at=r.created_at,
+                deployed=r.deployed,
             )
             for r in run_rows
         ]
@@ -156,6 +157,15 @@ class RolloutService:
         )
         return run
 
+    async def deploy(self, run: RunState, version: int) -> None:
+        """Serve ``version`` as model ``<run>``; ``ValueError`` if no such version was made."""
+        if version not in self.versions.get(run.plan.run_id, {}):
+            raise ValueError(f"run {run.plan.run_id!r} has no adapter version {version}")
+        run.deployed = version
+        await self._save(runs=[run])
+        log.info("run %s deploys version %d", run.plan.run_id, version,
+                 extra={"run_id": run.plan.run_id})  # fmt: skip
+
     async def cancel_run(self, run: RunState) -> None:
         run.state = "cancelled"
         await self._save(runs=[run])
@@ -207,17 +217,23 @@ class RolloutService:
         else:
             wanted = [(r.plan.run_id, r.policy_version) for r in self.book.runs.values()
                       if r.state == "running" and r.plan.base_model == req.base_model]  # fmt: skip
-        infos = []
-        for run_id, v in wanted:
-            row = self.versions.get(run_id, {}).get(v)
-            run = self.book.runs.get(run_id)
-            if row is None or run is None or run.plan.base_model != req.base_model:
-                continue
-            nodes = [p for p, held in self.held.items()
-                     if held.get(run_id) == v and p not in row.signers]  # fmt: skip
-            holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
-            infos.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
-        return VersionsReply(versions=infos[:32])
+        deployed = [(r.plan.run_id, r.deployed) for r in self.book.runs.values()
+                     if r.deployed is not None and r.plan.base_model == req.base_model]  # fmt: skip
+
+        def infos(pairs: list[tuple[str, int]]) -> list[VersionInfo]:
+            out = []
+            for run_id, v in pairs:
+                row = self.versions.get(run_id, {}).get(v)
+                run = self.book.runs.get(run_id)
+                if row is None or run is None or run.plan.base_model != req.base_model:
+                    continue
+                nodes = [p for p, held in self.held.items()
+                         if held.get(run_id) == v and p not in row.signers]  # fmt: skip
+                holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
+                out.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
+            return out[:32]
+
+        return VersionsReply(versions=infos(wanted), deployed=infos(deployed))
 
     async def train(
         self,
@@ -540,6 +556,7 @@ class RolloutService:
             "tokens_trained": self.tokens_trained(plan.run_id),
             "reward": self.rewards_view(plan.run_id)[-1:] or None,
             "created_at": run.created_at,
+            "deployed": run.deployed,
         }
 
     def rollouts(self, run_id: str) -> list[dict[str, Any]]:
@@ -577,6 +594,7 @@ def _run_row(run: RunState) -> RunRow:
         cursor=run.cursor,
         completion_tokens=run.completion_tokens,
         created_at=run.created_at,
+        deployed=run.deployed,
     )
 
 

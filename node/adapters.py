@@ -78,6 +78,10 @@ def assemble(manifest: AdapterManifest, shards: dict[bytes, bytes]) -> dict[str,
     return {FILES[0]: bundle.config_json, FILES[1]: bundle.weights}
 
 
+DEPLOYED = "deployed"
+"""Per run: the version ``<run>`` names (written when a node hears of a deployment)."""
+
+
 class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -109,15 +113,35 @@ class AdapterStore:
         return names
 
     def resolve(self, model: str) -> tuple[str, int] | None:
-        """The ``(run, version)`` a model name selects here, or None."""
+        """The ``(run, version)`` a model name selects here, or None: ``<run>`` is the deployed
+        version (``bazaar run deploy``) once this node holds it, else the newest held."""
         parsed = parse_model_name(model)
         if parsed is None:
             return None
         run, version = parsed
         held = self.versions(run)
         if version is None:
+            deployed = self.deployed(run)
+            if deployed in held:
+                return run, deployed
             return (run, held[-1]) if held else None
         return (run, version) if version in held else None
+
+    def deployed(self, run_id: str) -> int | None:
+        """The run's deployed version, as this node last heard it."""
+        try:
+            return int((self.root / run_id / DEPLOYED).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def set_deployed(self, run_id: str, version: int) -> None:
+        if not _RUN.match(run_id):
+            raise ValueError(f"not a run id: {run_id!r}")
+        path = self.root / run_id / DEPLOYED
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(version))
+        tmp.replace(path)
 
     def for_version(self, run_id: str, version: int) -> tuple[str, str] | None:
         """What the model process needs to sample or verify at ``version`` of a run: ``(name,

@@ -32,7 +32,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from node.config import NodeConfig
-from protocol.adapters import AdapterManifest
+from protocol.adapters import AdapterManifest, Deployed
 from protocol.codec import M, Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import DecodeError, ProtocolError, RemoteError, VersionMismatch
@@ -100,9 +100,11 @@ class NodeAgent:
         self.instance_id = secrets.token_hex(8)
         self.metrics = NodeMetrics()
         self.gate = GossipGate(MEMBERSHIP, (Heartbeat, Announce, Goodbye), self.metrics.gossip)
-        self.manifest_gate = GossipGate(ADAPTERS_TOPIC, (AdapterManifest,), self.metrics.gossip)
+        self.manifest_gate = GossipGate(
+            ADAPTERS_TOPIC, (AdapterManifest, Deployed), self.metrics.gossip
+        )
         self.on_manifest: list[Callable[[Envelope], None]] = []
-        """Called with every adapter manifest heard on gossip."""
+        """Called with every frame heard on the adapters topic (manifests, deployments)."""
         self.interval = 2.0
         self.peers_heard: dict[str, float] = {}
         """Last heartbeat this node heard from each peer: its own view of the network."""

@@ -117,7 +117,7 @@ def _roles(
         sock = bind_tcp(host, port)
         url = f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
-        role = ServingRole(model, sock, config.model, versions.adapters)
+        role = ServingRole(model, sock, config.model, versions.adapters, versions=versions)
         agent.capabilities = msgspec.structs.replace(
             agent.capabilities, serving_url=url, serving_models=role.models()
         )

@@ -192,10 +192,18 @@ class ServingRole:
     node's adapter store, and announces what it serves whenever that changes."""
 
     def __init__(
-        self, model: Any, sock: Any, base: str, store: AdapterStore, rescan_s: float = 1.0
+        self,
+        model: Any,
+        sock: Any,
+        base: str,
+        store: AdapterStore,
+        rescan_s: float = 1.0,
+        versions: Any = None,
     ) -> None:
         self.model, self.sock, self.base, self.store = model, sock, base, store
         self.rescan_s = rescan_s
+        self.versions = versions
+        """The node's ``VersionSync``: a serving node follows new and deployed versions."""
         self._models = [base, *store.model_names()]
 
     def models(self) -> list[str]:
@@ -219,6 +227,9 @@ class ServingRole:
         async with trio.open_nursery() as nursery:
             if not await self.model.ensure_started(nursery):
                 return
+            if self.versions is not None:
+                self.versions.attach(agent)
+                nursery.start_soon(self.versions.follow)
             nursery.start_soon(self._watch, agent)
             await serve_http(create_app(self), self.sock, trio.Event())
 

@@ -7,8 +7,10 @@ adapter store, one shard store served on ``/bazaar/shards/1.0.0``.
   topic; a manifest of a version newer than any held wakes ``follow``, which asks the
   coordinator (``VersionsRequest`` over ``/bazaar/adapters/1.0.0``) for that version and who
   holds it, and fetches it; every ``period_s`` it also asks for the current versions of all
-  running runs (a manifest missed). Gossip is the prompt, the coordinator the authority: a
-  manifest on gossip makes a node ask, never fetch on its word.
+  running runs (a manifest missed) and for deployed versions (``Deployed`` on gossip, from the
+  coordinator only, makes it ask at once; the store then answers model ``<run>`` with that
+  version). Gossip is the prompt, the coordinator the authority: a manifest on gossip makes a
+  node ask, never fetch on its word.
 - **Fetching.** For each version it lacks, the node checks the trainer's signed manifest (the
   signature, and that the signer is one of the trainers the coordinator names), fetches the
   shards from the holders (``node/shards.py``: every shard checked against the manifest),
@@ -32,7 +34,13 @@ import trio
 from node.adapters import AdapterStore, assemble
 from node.payload_store import PayloadStore
 from node.shards import Penalties, fetch_version, serve_shards
-from protocol.adapters import AdapterManifest, VersionInfo, VersionsReply, VersionsRequest
+from protocol.adapters import (
+    AdapterManifest,
+    Deployed,
+    VersionInfo,
+    VersionsReply,
+    VersionsRequest,
+)
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import BadSignature, DecodeError, NotFound, ProtocolError
 from protocol.versions import protocol_id
@@ -51,6 +59,8 @@ class VersionSync:
         self.agent: Any = None
         self._heard = trio.Event()
         self._wanted: set[tuple[str, int]] = set()
+        self._following = False
+        self._sync_due = False
         self._lock = trio.Lock()
 
     def attach(self, agent: Any) -> None:
@@ -62,6 +72,11 @@ class VersionSync:
 
     def _on_manifest(self, env: Envelope) -> None:
         msg = env.message
+        if isinstance(msg, Deployed):
+            if env.sender == self.agent.coordinator_id:  # only the coordinator deploys
+                self._sync_due = True
+                self._heard.set()
+            return
         assert isinstance(msg, AdapterManifest)  # the gossip gate lets nothing else through
         held = self.adapters.versions(msg.run_id)
         if (not held or msg.version > held[-1]) and len(self._wanted) < 64:
@@ -70,7 +85,12 @@ class VersionSync:
 
     async def follow(self) -> None:
         """Fetch each new version heard of on gossip at once (if the coordinator has recorded
-        it), and sync with the coordinator every ``period_s`` anyway."""
+        it), and sync with the coordinator every ``period_s`` anyway (current and deployed
+        versions). One loop per node, however many roles start it."""
+        if self._following:
+            return
+        self._following = True
+        await self.sync()
         while True:
             with trio.move_on_after(self.period_s):
                 await self._heard.wait()
@@ -78,7 +98,8 @@ class VersionSync:
             wanted, self._wanted = self._wanted, set()
             for run_id, version in sorted(wanted):
                 await self.ensure(run_id, version)
-            if not wanted:
+            if not wanted or self._sync_due:
+                self._sync_due = False
                 await self.sync()
 
     async def sync(self) -> list[tuple[str, int]]:
@@ -100,7 +121,7 @@ class VersionSync:
                 log.warning("cannot ask for adapter versions: %s", e)
                 return []
             fetched = []
-            for info in reply.versions:
+            for info in [*reply.versions, *reply.deployed]:
                 if info.version in self.adapters.versions(info.run_id):
                     continue
                 try:
@@ -108,6 +129,11 @@ class VersionSync:
                     fetched.append((info.run_id, info.version))
                 except Exception as e:  # a version that cannot be had is logged; the node goes on
                     log.warning("cannot fetch %s v%d: %s", info.run_id, info.version, e)
+            for info in reply.deployed:
+                if self.adapters.deployed(info.run_id) != info.version:
+                    self.adapters.set_deployed(info.run_id, info.version)
+                    log.info("%s now serves v%d (deployed)", info.run_id, info.version,
+                             extra={"run_id": info.run_id})  # fmt: skip
             return fetched
 
     async def fetch(self, info: VersionInfo) -> None:

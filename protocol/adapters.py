@@ -92,6 +92,9 @@ class VersionsReply(Message):
     TYPE: ClassVar[str] = "adapters.versions"
     MAX_BYTES: ClassVar[int] = 4 * MiB
     versions: Annotated[list[VersionInfo], msgspec.Meta(max_length=32)]
+    deployed: Annotated[list[VersionInfo], msgspec.Meta(max_length=32)] = []
+    """The deployed version of each run on the base model (``bazaar run deploy``): what
+    serving nodes answer as model ``<run>``."""
 
 
 class TrainRequest(Message):
@@ -162,6 +165,16 @@ class NoTraining(Message):
     TYPE: ClassVar[str] = "adapters.no_training"
     MAX_BYTES: ClassVar[int] = 1 * KiB
     retry_after_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+
+
+class Deployed(Message):
+    """Coordinator → gossip (adapters topic): ``version`` of ``run_id`` is now served as model
+    ``<run>``; serving nodes sync at once."""
+
+    TYPE: ClassVar[str] = "adapters.deployed"
+    MAX_BYTES: ClassVar[int] = 1 * KiB
+    run_id: Name
+    version: NonNegInt
 
 
 class VersionRewards(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

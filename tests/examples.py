@@ -9,6 +9,7 @@ import numpy as np
 import protocol  # noqa: F401  (registers every message type)
 from protocol.adapters import (
     AdapterManifest,
+    Deployed,
     ManifestAck,
     NoTraining,
     ReportAck,
@@ -178,6 +179,7 @@ EXAMPLES: list[Message] = [
         samples=[SampleText(version=2, prompt="1 + 2 =", completion="3", reward=1.0)],
     ),
     ReportAck(recorded=True),
+    Deployed(run_id="r-1", version=3),
     VersionsReply(versions=[VersionInfo("r-1", 3, b"frame", [PeerRecord(PEER, [ADDR])], 1)]),
     ShardRequest(sha256=H),
     ShardData(sha256=H, data=b"\x00" * 1024),

@@ -66,7 +66,7 @@ def test_the_network_raises_the_reward(tmp_path: Path, tiny_model: Path) -> None
         late = cluster.start_node("trainer-4", roles="trainer", extra=train)
         late_id = wait_until(lambda: cluster.nodes().get("trainer-4", {}).get("peer_id"), 60)
         joined_at = version()
-        target = max(joined_at + 4, 14)
+        target = max(joined_at + 4, 18)
         wait_until(lambda: version() >= target, 900, what=f"version {target}")
 
         versions = cluster.api("GET", "/v1/runs/add1/versions")["data"]
