@@ -560,6 +560,31 @@ def run_plot(
     console.print(f"wrote {out} ({len(rewards)} versions)")
 
 
+@run_app.command("logs")
+def run_logs(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep printing new lines.")
+    ] = False,
+    coordinator_url: CoordinatorUrlOpt = None,
+) -> None:
+    """The coordinator's log lines about a run (created, rounds, versions, penalties, ...)."""
+    import time as _time
+
+    seen = 0
+    while True:
+        lines = _coordinator("GET", f"/v1/runs/{run_id}/logs", coordinator_url,
+                             params={"after": seen})["data"]  # fmt: skip
+        for line in lines:
+            stamp = _time.strftime("%H:%M:%S", _time.localtime(line["at"]))
+            console.print(f"{stamp} {line['level']:<7} {line['message']}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+            seen = line["seq"]
+        if not follow:
+            return
+        _time.sleep(1.0)
+
+
 @run_app.command("deploy")
 def run_deploy(
     target: Annotated[str, typer.Argument(help="RUN (its current version) or RUN@VERSION.")],

@@ -178,6 +178,12 @@ def create_app(coord: Coordinator) -> FastAPI:
             data = sorted(data, key=lambda x: x["reward"], reverse=order == "best")[:n]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/runs/{run_id}/logs")
+    async def logs(run_id: str, after: int = 0) -> dict[str, Any]:
+        """The coordinator's log lines about the run, numbered; ``after`` the last one seen."""
+        _run(run_id)
+        return {"object": "list", "data": coord.runlog.after(run_id, after)}
+
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:
         """The run's adapter versions: manifest hash and the trainers that hold each."""

@@ -29,6 +29,7 @@ from coordinator.db import NodeStore, WorkStore, default_url, open_database
 from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.runlog import RunLog
 from coordinator.work import RolloutService
 from protocol.adapters import (
     AdapterManifest,
@@ -102,6 +103,7 @@ class Coordinator:
         self.multiaddrs: list[str] = []
         self.http_url = ""
         self.dht = DhtBootstrap(host=_listen_host(config.listen))
+        self.runlog = RunLog()
         self._dht_lock = trio.Lock()
 
     async def hivemind_peers(self) -> list[str]:
@@ -119,6 +121,13 @@ class Coordinator:
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
     ) -> None:
+        logging.getLogger("coordinator").addHandler(self.runlog)
+        try:
+            await self._run(stop, task_status)
+        finally:
+            logging.getLogger("coordinator").removeHandler(self.runlog)
+
+    async def _run(self, stop: trio.Event, task_status: Any) -> None:
         rows = await trio.to_thread.run_sync(self.store.load_all)
         await trio.to_thread.run_sync(self.work.restore)
         self.membership.restore(rows, self.clock())

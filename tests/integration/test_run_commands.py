@@ -1,6 +1,6 @@
 """The researcher's run commands against a real coordinator process: submit a TOML spec (checked
-locally first), list, status, cancel; a cancelled run gets no more leases, and stays cancelled
-across a coordinator restart."""
+locally first), list, status, logs (and following them), cancel; a cancelled run gets no more
+leases, and stays cancelled across a coordinator restart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import trio
@@ -16,6 +17,7 @@ from protocol.leases import Lease, LeaseRequest, NoLease
 from tests.conftest import REPO
 from tests.integration.cluster import Cluster
 from tests.integration.peer import LEASES, peer
+from tests.wait import wait_until
 
 
 def bazaar(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,10 +50,31 @@ def test_submit_list_status_cancel(tmp_path: Path) -> None:
                 return await node.ask(LEASES, LeaseRequest(max_prompts=8, base_model="tiny"))
 
         assert isinstance(trio.run(ask), Lease)  # it hands out work until cancelled
-        cancelled = bazaar("run", "cancel", "arith-tiny", *url)
-        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "bazaar", "run", "logs", "arith-tiny", "-f", *url], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        follower_lines: list[str] = []
+        assert follower.stdout is not None
+        reader = threading.Thread(target=lambda: follower_lines.extend(follower.stdout or []))
+        reader.start()  # the follower prints lines as they come
+
+        def followed(text: str) -> bool:
+            return any(text in line for line in list(follower_lines))
+
+        try:
+            wait_until(lambda: followed("created"), 30, what="the follower's first line")
+            assert not followed("cancelled")
+            cancelled = bazaar("run", "cancel", "arith-tiny", *url)
+            assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+            wait_until(lambda: followed("cancelled"), 30, what="a new line, followed")
+        finally:
+            follower.kill()
+            reader.join(10)
         again = bazaar("run", "cancel", "arith-tiny", *url)
         assert again.returncode == 2 and "is cancelled" in again.stderr
+        logs = bazaar("run", "logs", "arith-tiny", *url).stdout
+        assert logs.index("run arith-tiny created") < logs.index("run arith-tiny cancelled")
         missing = bazaar("run", "status", "nope", *url)
         assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
         assert isinstance(trio.run(ask), NoLease)  # a cancelled run hands out no work
