@@ -130,12 +130,7 @@ class VerifierWorker:
             return False, "unavailable", "the audit's deadline passed before the fetch", {}
         try:
             with trio.fail_after(remaining):
-                for addr in a.producer_addrs:
-                    try:
-                        await host.connect(addr, timeout_s=5)
-                        break
-                    except ProtocolError:
-                        continue
+                await host.connect_any(list(a.producer_addrs))
                 env = await fetch_payload(
                     host, self.agent.identity, a.producer, a.payload_hash, timeout_s=remaining
                 )

@@ -152,12 +152,7 @@ class VersionSync:
         if not usable:
             raise NotFound(f"no holder of {info.run_id} v{info.version} this node trusts")
         for h in usable:  # dial what the coordinator knows of them
-            for addr in h.addrs:
-                try:
-                    await self.agent.host.connect(addr, timeout_s=5)
-                    break
-                except (OSError, ProtocolError, trio.TooSlowError):
-                    continue
+            await self.agent.host.connect_any(list(h.addrs))
         seeds = [h.peer_id for h in usable]
         host, identity = self.agent.host, self.agent.identity
         shards = await fetch_version(

@@ -183,6 +183,17 @@ class P2PHost:
             raise TransportError(f"could not dial {addr}: {e}") from None
         return str(info.peer_id.to_base58())
 
+    async def connect_any(self, addrs: list[str], timeout_s: float = 5.0) -> bool:
+        """Dial a peer at the first of its ``addrs`` that answers; False if none did (the
+        caller goes on: the peer may be reachable already, or not at all)."""
+        for addr in addrs:
+            try:
+                await self.connect(addr, timeout_s)
+                return True
+            except ProtocolError:
+                continue
+        return False
+
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
 

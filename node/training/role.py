@@ -240,12 +240,7 @@ class TrainerRole:
         texts: list[SampleText] = []
         std = a.settings.std_normalize
         for ref in a.rollouts:
-            for addr in ref.producer_addrs:
-                try:
-                    await self.agent.host.connect(addr, timeout_s=5)
-                    break
-                except (OSError, ProtocolError, trio.TooSlowError):
-                    continue
+            await self.agent.host.connect_any(list(ref.producer_addrs))
             try:
                 env_ = await fetch_payload(self.agent.host, self.agent.identity, ref.producer,
                                            ref.payload_hash)  # fmt: skip

@@ -151,12 +151,14 @@ def test_the_wire_formats_are_exact_and_counted(wire: str) -> None:
             assert all(x is not None and x.group_size == 2 for x in results)
             assert all(np.array_equal(x.integer_sum, qs[0] + qs[1]) for x in results if x)
 
-        def settled() -> int | None:  # the last replies may still be on their way out
-            before = sum(c.sent_bytes() for c in pair)
-            time.sleep(0.5)
-            return before if before == sum(c.sent_bytes() for c in pair) else None
+        last = [-1]
 
-        total = wait_until(settled, 30, what="upload counters settled")
+        def settled() -> int | None:  # the last replies may still be on their way out
+            now = sum(c.sent_bytes() for c in pair)
+            stable, last[0] = now == last[0], now
+            return now if stable else None
+
+        total = wait_until(settled, 30, every_s=0.5, what="upload counters settled")
     finally:
         for c in pair:
             c.close()
