@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from bazaar import __version__
+from bazaar.output import console
+from bazaar.output import fail as _fail
+from bazaar.runs_cli import local_coordinator_url, run_app
 
 app = typer.Typer(
     help="Bazaar: reinforcement-learning post-training on a peer-to-peer GPU network.",
@@ -27,7 +29,6 @@ network_app = typer.Typer(help="Inspect the network.")
 model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
 keys_app = typer.Typer(help="The gateway's API keys: budgets in tokens and rate limits.")
 gateway_app = typer.Typer(help="Run the OpenAI-compatible gateway: keys, metering, routing.")
-run_app = typer.Typer(help="Researchers' runs: submit a spec, watch, cancel.")
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
@@ -46,14 +47,6 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="TOML config file; flags and --a.b=value override it."),
 ]
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 def _version(value: bool) -> None:
@@ -220,7 +213,7 @@ def network_status(
 
     from protocol.config import data_dir
 
-    url = coordinator_url or _local_coordinator_url(data_dir())
+    url = coordinator_url or local_coordinator_url(data_dir())
     try:
         resp = httpx.get(f"{url.rstrip('/')}/v1/network/nodes", timeout=10)
         resp.raise_for_status()
@@ -383,238 +376,6 @@ def keys_revoke(
     if not _key_store(db).revoke(name):
         raise _fail(f"no key named {name!r}")
     console.print(f"key {name!r} revoked")
-
-
-CoordinatorUrlOpt = Annotated[
-    str | None, typer.Option(help="Coordinator REST URL (default: the local coordinator).")
-]
-
-
-def _coordinator(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
-    """A coordinator REST call; its JSON, or a one-line error naming what went wrong."""
-    import httpx
-
-    from protocol.config import data_dir
-
-    base = (url or _local_coordinator_url(data_dir())).rstrip("/")
-    try:
-        resp = httpx.request(method, f"{base}{path}", timeout=30, **kwargs)
-    except httpx.HTTPError as e:
-        raise _fail(f"cannot reach the coordinator at {base}: {e}") from None
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text[:200]
-        raise _fail(f"{message} (HTTP {resp.status_code})")
-    return resp.json()
-
-
-@run_app.command("submit")
-def run_submit(
-    spec: Annotated[Path, typer.Argument(help="The run's spec (TOML; see examples/).")],
-    coordinator_url: CoordinatorUrlOpt = None,
-) -> None:
-    """Check a run spec locally, then submit it; prints the run's id."""
-    from coordinator.runs import RunSpec
-    from protocol.errors import ConfigError
-
-    try:
-        parsed = RunSpec.from_toml(spec)
-    except ConfigError as e:
-        raise _fail(str(e)) from None
-    run = _coordinator("POST", "/v1/runs", coordinator_url, json=parsed.model_dump())
-    console.print(f"run [bold]{run['id']}[/] submitted: {run['env']} on {run['base_model']}")
-
-
-@run_app.command("list")
-def run_list(
-    coordinator_url: CoordinatorUrlOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-) -> None:
-    """Every run: state, version, examples delivered, tokens."""
-    runs = _coordinator("GET", "/v1/runs", coordinator_url)["data"]
-    if as_json:
-        print(json.dumps(runs, indent=2))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"{len(runs)} runs")
-    for col in ("run", "state", "env", "base model", "version", "examples", "tokens"):
-        table.add_column(col)
-    for r in runs:
-        examples = f"{r['examples_delivered']}/{r['total_examples'] or '∞'}"
-        cells = [str(r["policy_version"]), examples, f"{r['completion_tokens']:,}"]
-        table.add_row(r["id"], r["state"], r["env"], r["base_model"], *cells)
-    console.print(table)
-
-
-@run_app.command("status")
-def run_status(
-    run_id: Annotated[str, typer.Argument(help="The run's id.")],
-    coordinator_url: CoordinatorUrlOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-) -> None:
-    """One run: its state and settings, and its adapter versions with their holders."""
-    run = _coordinator("GET", f"/v1/runs/{run_id}", coordinator_url)
-    versions = _coordinator("GET", f"/v1/runs/{run_id}/versions", coordinator_url)["data"]
-    rewards = _coordinator("GET", f"/v1/runs/{run_id}/rewards", coordinator_url)["data"]
-    if as_json:
-        print(json.dumps({**run, "versions": versions, "rewards": rewards}, indent=2))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"run {run_id}", show_header=False)
-    for key in ("state", "env", "base_model", "policy_version", "group_size", "examples_leased",
-                "examples_delivered", "active_leases", "completion_tokens",
-                "tokens_trained"):  # fmt: skip
-        table.add_row(key, str(run[key]))
-    if rewards:
-        first, last = rewards[0], rewards[-1]
-        best = max(rewards, key=lambda r: r["mean"])
-        summary = (f"v{first['version']} {first['mean']:.3f} → v{last['version']} "
-                   f"{last['mean']:.3f} (best v{best['version']} {best['mean']:.3f})")  # fmt: skip
-        table.add_row("reward", summary)
-        table.add_row("reward curve", _sparkline([r["mean"] for r in rewards]))
-    console.print(table)
-    if versions:
-        vt = Table(title="adapter versions")
-        for col in ("version", "manifest", "trainers holding it"):
-            vt.add_column(col)
-        for v in versions:
-            vt.add_row(str(v["version"]), v["manifest_sha256"][:16], str(len(v["holders"])))
-        console.print(vt)
-
-
-def _sparkline(values: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    return "".join(bars[int((v - low) / span * (len(bars) - 1))] for v in values[-60:])
-
-
-@run_app.command("rollouts")
-def run_rollouts(
-    run_id: Annotated[str, typer.Argument(help="The run's id.")],
-    version: Annotated[int | None, typer.Option(help="Only completions of this version.")] = None,
-    best: Annotated[bool, typer.Option("--best", help="The highest rewards first.")] = False,
-    worst: Annotated[bool, typer.Option("--worst", help="The lowest rewards first.")] = False,
-    n: Annotated[int, typer.Option("-n", help="How many.")] = 10,
-    coordinator_url: CoordinatorUrlOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-) -> None:
-    """Completions the trainers trained on, as text: prompt, completion, reward, version."""
-    if best and worst:
-        raise _fail("--best or --worst, not both")
-    order = "best" if best else "worst" if worst else "recent"
-    params: dict[str, Any] = {"order": order, "n": n}
-    if version is not None:
-        params["version"] = version
-    data = _coordinator("GET", f"/v1/runs/{run_id}/samples", coordinator_url, params=params)
-    samples = data["data"]
-    if as_json:
-        print(json.dumps(samples, indent=2))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"{len(samples)} completions of {run_id} ({order})", show_lines=True)
-    for col in ("version", "prompt", "completion", "reward"):
-        table.add_column(col, overflow="fold")
-    for x in samples:
-        table.add_row(str(x["version"]), x["prompt"][-300:], x["completion"][:300],
-                      f"{x['reward']:.2f}")  # fmt: skip
-    console.print(table)
-
-
-@run_app.command("plot")
-def run_plot(
-    run_id: Annotated[str, typer.Argument(help="The run's id.")],
-    out: Annotated[
-        Path, typer.Option("-o", "--out", help="Image file to write (PNG, SVG).")
-    ] = Path("reward.png"),
-    coordinator_url: CoordinatorUrlOpt = None,
-) -> None:
-    """Plot the reward (mean, and ± one standard deviation) by adapter version."""
-    rewards = _coordinator("GET", f"/v1/runs/{run_id}/rewards", coordinator_url)["data"]
-    if not rewards:
-        raise _fail(f"run {run_id} has no reward reports yet (no round trained)")
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    xs = [r["version"] for r in rewards]
-    mean = [r["mean"] for r in rewards]
-    std = [r["std"] for r in rewards]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, mean, marker="o", label="mean reward")
-    ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
-                    [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2,
-                    label="± 1 std")  # fmt: skip
-    ax.set_xlabel("adapter version the completions were sampled at")
-    ax.set_ylabel("reward")
-    ax.set_title(f"run {run_id}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    console.print(f"wrote {out} ({len(rewards)} versions)")
-
-
-@run_app.command("logs")
-def run_logs(
-    run_id: Annotated[str, typer.Argument(help="The run's id.")],
-    follow: Annotated[
-        bool, typer.Option("-f", "--follow", help="Keep printing new lines.")
-    ] = False,
-    coordinator_url: CoordinatorUrlOpt = None,
-) -> None:
-    """The coordinator's log lines about a run (created, rounds, versions, penalties, ...)."""
-    import time as _time
-
-    seen = 0
-    while True:
-        lines = _coordinator("GET", f"/v1/runs/{run_id}/logs", coordinator_url,
-                             params={"after": seen})["data"]  # fmt: skip
-        for line in lines:
-            stamp = _time.strftime("%H:%M:%S", _time.localtime(line["at"]))
-            console.print(f"{stamp} {line['level']:<7} {line['message']}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
-            seen = line["seq"]
-        if not follow:
-            return
-        _time.sleep(1.0)
-
-
-@run_app.command("deploy")
-def run_deploy(
-    target: Annotated[str, typer.Argument(help="RUN (its current version) or RUN@VERSION.")],
-    coordinator_url: CoordinatorUrlOpt = None,
-) -> None:
-    """Serve an adapter version at the gateway as model RUN (RUN@V is always served too);
-    serving nodes fetch it like any version."""
-    run_id, _, version = target.partition("@")
-    if version and not version.isdigit():
-        raise _fail(f"{target!r}: expected RUN or RUN@VERSION")
-    body = {"version": int(version) if version else None}
-    run = _coordinator("POST", f"/v1/runs/{run_id}/deploy", coordinator_url, json=body)
-    console.print(f"model [bold]{run_id}[/] is now version {run['deployed']}")
-
-
-@run_app.command("cancel")
-def run_cancel(
-    run_id: Annotated[str, typer.Argument(help="The run's id.")],
-    coordinator_url: CoordinatorUrlOpt = None,
-) -> None:
-    """Stop a run: no more leases or training rounds (what was delivered and trained stays)."""
-    run = _coordinator("POST", f"/v1/runs/{run_id}/cancel", coordinator_url)
-    console.print(f"run [bold]{run['id']}[/] {run['state']}")
-
-
-def _local_coordinator_url(home: Path) -> str:
-    try:
-        return str(json.loads((home / "coordinator.json").read_text())["http"])
-    except (OSError, ValueError, KeyError):
-        return "http://127.0.0.1:8700"
 
 
 def main() -> None:

@@ -158,7 +158,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         """Reward by the version completions were sampled at (count, mean, std), as the
         trainers recomputed it for the completions they trained on."""
         _run(run_id)
-        return {"object": "list", "data": coord.work.rewards_view(run_id)}
+        return {"object": "list", "data": coord.work.reports.rewards(run_id)}
 
     @app.get("/v1/runs/{run_id}/samples")
     async def samples(
@@ -170,7 +170,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         if order not in ("recent", "best", "worst") or not 1 <= n <= 1000:
             raise APIError(400, "order is recent, best or worst; n is 1..1000", "invalid_request",
                            "order")  # fmt: skip
-        data = [x for x in coord.work.samples_view(run_id)
+        data = [x for x in coord.work.reports.samples(run_id)
                 if version is None or x["version"] == version]  # fmt: skip
         if order == "recent":
             data = data[-n:]

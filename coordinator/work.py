@@ -36,6 +36,7 @@ from coordinator.db import (
 )
 from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.reports import ReportBook
 from coordinator.runs import RunSpec, plan_run
 from protocol.adapters import (
     AdapterManifest,
@@ -78,8 +79,7 @@ class RolloutService:
         """Each run's recorded adapter versions."""
         self.held: dict[str, dict[str, int]] = {}
         """The adapter versions each node last said it holds (with its lease requests)."""
-        self.reports: dict[str, dict[tuple[int, str], ReportRow]] = {}
-        """Trainers' round reports, by run, by (round, trainer)."""
+        self.reports = ReportBook()
 
     def restore(self) -> None:
         """Load runs and leases from the database (blocking: call before serving)."""
@@ -114,7 +114,7 @@ class RolloutService:
         for row in self.store.load_adapters():
             self.versions.setdefault(row.run_id, {})[row.version] = row
         for report in self.store.load_reports():
-            self.reports.setdefault(report.run_id, {})[(report.round, report.trainer)] = report
+            self.reports.add(report)
         trust_rows, audit_rows, verdict_rows = self.store.load_audits()
         for t in trust_rows:
             self.audits.trust[t.peer_id] = Trust(**t.record)
@@ -293,34 +293,9 @@ class RolloutService:
             tokens_trained=msg.tokens_trained,
             samples=[msgspec.to_builtins(x) for x in msg.samples], at=self.book.clock(),
         )  # fmt: skip
-        self.reports.setdefault(msg.run_id, {})[(msg.version, peer)] = row
+        self.reports.add(row)
         await self._save(reports=[row])
         return ReportAck(recorded=True)
-
-    def rewards_view(self, run_id: str) -> list[dict[str, Any]]:
-        """Reward of the completions trainers trained on, by the version they were sampled at:
-        count, mean, standard deviation."""
-        totals: dict[int, list[float]] = {}
-        for row in self.reports.get(run_id, {}).values():
-            for r in row.rewards:
-                t = totals.setdefault(int(r["version"]), [0, 0.0, 0.0])
-                t[0] += r["samples"]
-                t[1] += r["reward_sum"]
-                t[2] += r["reward_sq_sum"]
-        out = []
-        for v, (n, total, sq) in sorted(totals.items()):
-            mean = total / n if n else 0.0
-            out.append({"version": v, "samples": int(n), "mean": mean,
-                        "std": max(sq / n - mean * mean, 0.0) ** 0.5 if n else 0.0})  # fmt: skip
-        return out
-
-    def tokens_trained(self, run_id: str) -> int:
-        return sum(r.tokens_trained for r in self.reports.get(run_id, {}).values())
-
-    def samples_view(self, run_id: str) -> list[dict[str, Any]]:
-        """The completions trainers reported as text, oldest round first."""
-        rows = sorted(self.reports.get(run_id, {}).values(), key=lambda r: (r.round, r.at))
-        return [sample for row in rows for sample in row.samples]
 
     def versions_view(self, run_id: str) -> list[dict[str, Any]]:
         return [
@@ -553,8 +528,8 @@ class RolloutService:
             "examples_delivered": len(run.done),
             "active_leases": active,
             "completion_tokens": run.completion_tokens,
-            "tokens_trained": self.tokens_trained(plan.run_id),
-            "reward": self.rewards_view(plan.run_id)[-1:] or None,
+            "tokens_trained": self.reports.tokens_trained(plan.run_id),
+            "reward": self.reports.rewards(plan.run_id)[-1:] or None,
             "created_at": run.created_at,
             "deployed": run.deployed,
         }

@@ -125,12 +125,12 @@ def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
         assert not ahead.recorded
 
     trio.run(main)
-    (v0,) = service.rewards_view("r1")
+    (v0,) = service.reports.rewards("r1")
     assert (v0["version"], v0["samples"]) == (0, 8)
     assert v0["mean"] == pytest.approx(0.25) and v0["std"] == pytest.approx(0.4330127, rel=1e-5)
-    assert service.tokens_trained("r1") == 20
-    assert [x["completion"] for x in service.samples_view("r1")] == ["a"]
+    assert service.reports.tokens_trained("r1") == 20
+    assert [x["completion"] for x in service.reports.samples("r1")] == ["a"]
     restored = RolloutService(LeaseConfig(), AuditConfig(), WorkStore(engine),
                               CoordinatorMetrics(), Clock())  # fmt: skip
     restored.restore()
-    assert restored.rewards_view("r1") == service.rewards_view("r1")  # persisted
+    assert restored.reports.rewards("r1") == service.reports.rewards("r1")  # persisted
