@@ -14,7 +14,7 @@ import typer
 from bazaar import __version__
 from bazaar.output import console
 from bazaar.output import fail as _fail
-from bazaar.runs_cli import local_coordinator_url, run_app
+from bazaar.runs_cli import ledger, local_coordinator_url, run_app
 
 app = typer.Typer(
     help="Bazaar: reinforcement-learning post-training on a peer-to-peer GPU network.",
@@ -37,6 +37,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(run_app, name="run")
+app.command("ledger")(ledger)
 
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")
@@ -316,7 +317,7 @@ def up(
 
 
 def _key_store(db: str | None) -> Any:
-    from gateway.keys import KeyStore, open_database
+    from protocol.accounts import KeyStore, open_database
     from protocol.config import data_dir
 
     return KeyStore(open_database(db or f"sqlite:///{data_dir() / 'gateway.db'}"))

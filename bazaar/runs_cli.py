@@ -18,15 +18,25 @@ CoordinatorUrlOpt = Annotated[
 ]
 
 
-def _coordinator(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="BAZAAR_API_KEY",
+                 help="Your API key (bazaar keys create): the run is billed to it."),
+]  # fmt: skip
+
+
+def _coordinator(
+    method: str, path: str, url: str | None, api_key: str | None = None, **kwargs: Any
+) -> Any:
     """A coordinator REST call; its JSON, or a one-line error naming what went wrong."""
     import httpx
 
     from protocol.config import data_dir
 
     base = (url or local_coordinator_url(data_dir())).rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.request(method, f"{base}{path}", timeout=30, **kwargs)
+        resp = httpx.request(method, f"{base}{path}", timeout=30, headers=headers, **kwargs)
     except httpx.HTTPError as e:
         raise _fail(f"cannot reach the coordinator at {base}: {e}") from None
     if resp.status_code >= 400:
@@ -42,8 +52,9 @@ def _coordinator(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
 def run_submit(
     spec: Annotated[Path, typer.Argument(help="The run's spec (TOML; see examples/).")],
     coordinator_url: CoordinatorUrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
-    """Check a run spec locally, then submit it; prints the run's id."""
+    """Check a run spec locally, then submit it, billed to your key; prints the run's id."""
     from coordinator.runs import RunSpec
     from protocol.errors import ConfigError
 
@@ -51,7 +62,7 @@ def run_submit(
         parsed = RunSpec.from_toml(spec)
     except ConfigError as e:
         raise _fail(str(e)) from None
-    run = _coordinator("POST", "/v1/runs", coordinator_url, json=parsed.model_dump())
+    run = _coordinator("POST", "/v1/runs", coordinator_url, api_key, json=parsed.model_dump())
     console.print(f"run [bold]{run['id']}[/] submitted: {run['env']} on {run['base_model']}")
 
 
@@ -93,9 +104,10 @@ def run_status(
     from rich.table import Table
 
     table = Table(title=f"run {run_id}", show_header=False)
-    for key in ("state", "env", "base_model", "policy_version", "group_size", "examples_leased",
-                "examples_delivered", "active_leases", "completion_tokens",
-                "tokens_trained"):  # fmt: skip
+    for key in ("state", "stop_reason", "owner", "env", "base_model", "policy_version",
+                "group_size", "examples_leased", "examples_delivered", "active_leases",
+                "completion_tokens", "tokens_trained", "billed_tokens", "max_tokens",
+                "deployed"):  # fmt: skip
         table.add_row(key, str(run[key]))
     if rewards:
         first, last = rewards[0], rewards[-1]
@@ -217,6 +229,7 @@ def run_logs(
 def run_deploy(
     target: Annotated[str, typer.Argument(help="RUN (its current version) or RUN@VERSION.")],
     coordinator_url: CoordinatorUrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Serve an adapter version at the gateway as model RUN (RUN@V is always served too);
     serving nodes fetch it like any version."""
@@ -224,7 +237,7 @@ def run_deploy(
     if version and not version.isdigit():
         raise _fail(f"{target!r}: expected RUN or RUN@VERSION")
     body = {"version": int(version) if version else None}
-    run = _coordinator("POST", f"/v1/runs/{run_id}/deploy", coordinator_url, json=body)
+    run = _coordinator("POST", f"/v1/runs/{run_id}/deploy", coordinator_url, api_key, json=body)
     console.print(f"model [bold]{run_id}[/] is now version {run['deployed']}")
 
 
@@ -232,10 +245,55 @@ def run_deploy(
 def run_cancel(
     run_id: Annotated[str, typer.Argument(help="The run's id.")],
     coordinator_url: CoordinatorUrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Stop a run: no more leases or training rounds (what was delivered and trained stays)."""
-    run = _coordinator("POST", f"/v1/runs/{run_id}/cancel", coordinator_url)
+    run = _coordinator("POST", f"/v1/runs/{run_id}/cancel", coordinator_url, api_key)
     console.print(f"run [bold]{run['id']}[/] {run['state']}")
+
+
+def ledger(
+    run: Annotated[str | None, typer.Option("--run", help="Only this run's entries.")] = None,
+    node: Annotated[
+        str | None, typer.Option("--node", help="Only this node's entries (its peer id).")
+    ] = None,
+    coordinator_url: CoordinatorUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Who paid for which tokens and who earned them, and whether every run's bill reconciles
+    (charged = tokens processed = the key's usage records). Exits 1 if one does not."""
+    params = {k: v for k, v in (("run", run), ("node", node)) if v}
+    data = _coordinator("GET", "/v1/ledger", coordinator_url, params=params)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        raise typer.Exit(0 if data["reconciled"] else 1)
+    from rich.table import Table
+
+    accounts = Table(title="balances (tokens)")
+    accounts.add_column("account")
+    accounts.add_column("balance", justify="right")
+    for account, balance in data["balances"].items():
+        accounts.add_row(account[:60], f"{balance:,}")
+    console.print(accounts)
+    runs = Table(title="runs: billed vs processed")
+    for col in ("run", "owner", "sampled", "trained", "billed", "processed", "key usage", "ok"):
+        runs.add_column(col, justify="left" if col in ("run", "owner") else "right")
+    for r in data["runs"]:
+        usage = "-" if r["key_usage"] is None else f"{r['key_usage']:,}"
+        runs.add_row(r["run"], r["owner"] or "-", f"{r['charged_sampled']:,}",
+                     f"{r['charged_trained']:,}", f"{r['charged']:,}", f"{r['processed']:,}",
+                     usage, "[green]✓[/]" if r["reconciled"] else "[red]✗[/]")  # fmt: skip
+    console.print(runs)
+    entries = Table(title=f"last entries ({data['entry_count']} in all)")
+    for col in ("run", "kind", "from", "to", "tokens"):
+        entries.add_column(col)
+    for e in data["entries"][-20:]:
+        entries.add_row(e["run_id"], e["kind"], e["debit"][:24], e["credit"][:24],
+                        f"{e['tokens']:,}")  # fmt: skip
+    console.print(entries)
+    verdict = "[green]reconciled[/]" if data["reconciled"] else "[red]NOT reconciled[/]"
+    console.print(f"{verdict}: balances sum to {data['balance_sum']}")
+    raise typer.Exit(0 if data["reconciled"] else 1)
 
 
 def local_coordinator_url(home: Path) -> str:

@@ -2,7 +2,12 @@
 dashboard (``/``: ``dashboard.html``, a page that reads this API).
 
 Errors are OpenAI-style JSON, ``{"error": {"message", "type", "param", "code"}}``, with the
-HTTP status that fits (400 for a bad run spec, 404 for an unknown run, 409 for a taken run id).
+HTTP status that fits (400 for a bad run spec, 401 for a missing or bad key, 402 for a spent
+budget, 403 for another key's run, 404 for an unknown run, 409 for a taken run id).
+
+Submitting, cancelling and deploying a run take the researcher's API key (``Authorization:
+Bearer bz-...``, a key of the accounts database the gateway meters with): the run is billed to
+it and only it may cancel or deploy the run. Reading is open (the dashboard reads it).
 Endpoints that touch coordinator state are ``async``, so they run on the coordinator's own trio
 loop, never beside it in a thread.
 """
@@ -12,12 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Response
+import trio
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import HTMLResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
+from coordinator import views
 from coordinator.runs import RunSpec
+from protocol.accounts import ApiKey
 from protocol.api_errors import APIError, install_error_handlers
 
 if TYPE_CHECKING:
@@ -34,6 +43,31 @@ def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="Bazaar coordinator", version=coord.software_version)
 
     install_error_handlers(app)
+    bearer = Depends(HTTPBearer(auto_error=False, description="From `bazaar keys create`"))
+
+    async def researcher(
+        credentials: HTTPAuthorizationCredentials | None = bearer,
+    ) -> ApiKey | None:
+        """The key a request presents; None only on an open network (``open_runs``)."""
+        presented = credentials.credentials.strip() if credentials else ""
+        if not presented:
+            if coord.config.open_runs:
+                return None
+            raise APIError(401, "no API key: send 'Authorization: Bearer <key>' (bazaar keys "
+                           "create; the CLI reads BAZAAR_API_KEY)", "missing_api_key")  # fmt: skip
+        key = await trio.to_thread.run_sync(coord.accounts.authenticate, presented)
+        if key is None:
+            raise APIError(401, "invalid or revoked API key", "invalid_api_key")
+        return key
+
+    key_dep = Depends(researcher)
+
+    def owned(run: Any, key: ApiKey | None) -> Any:
+        if run.owner and (key is None or key.name != run.owner):
+            raise APIError(403, f"run {run.plan.run_id!r} belongs to another key",
+                           "not_run_owner", "run_id")  # fmt: skip
+        return run
+
     page = (Path(__file__).parent / "dashboard.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -102,52 +136,62 @@ def create_app(coord: Coordinator) -> FastAPI:
         return {"object": "list", "data": out}
 
     @app.post("/v1/runs", status_code=201)
-    async def create_run(spec: RunSpec) -> dict[str, Any]:
+    async def create_run(spec: RunSpec, key: ApiKey | None = key_dep) -> dict[str, Any]:
+        if (
+            key is not None
+            and key.budget_tokens is not None
+            and (key.used_tokens + key.reserved_tokens >= key.budget_tokens)
+        ):
+            raise APIError(402, f"key {key.name!r} has spent its budget of {key.budget_tokens} "
+                           "tokens", "insufficient_quota")  # fmt: skip
         if spec.name and spec.name in coord.work.book.runs:
             raise APIError(409, f"run {spec.name!r} already exists", "run_exists", "name")
         try:
-            run = await coord.work.create_run(spec)
+            run = await coord.work.create_run(spec, key)
         except ValueError as e:
             raise APIError(400, str(e), "invalid_run", "env") from None
-        return coord.work.run_view(run)
+        return views.run_view(coord.work, run)
 
     @app.get("/v1/runs")
     async def list_runs() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [coord.work.run_view(r) for r in coord.work.book.runs.values()],
+            "data": [views.run_view(coord.work, r) for r in coord.work.book.runs.values()],
         }
 
     @app.get("/v1/runs/{run_id}")
     async def get_run(run_id: str) -> dict[str, Any]:
-        return coord.work.run_view(_run(run_id))
+        return views.run_view(coord.work, _run(run_id))
 
     @app.post("/v1/runs/{run_id}/deploy")
-    async def deploy_run(run_id: str, body: DeployRequest) -> dict[str, Any]:
+    async def deploy_run(
+        run_id: str, body: DeployRequest, key: ApiKey | None = key_dep
+    ) -> dict[str, Any]:
         """Serve an adapter version (default: the run's current one) as model ``<run>``; serving
         nodes fetch it like any version."""
-        run = _run(run_id)
+        run = owned(_run(run_id), key)
         version = run.policy_version if body.version is None else body.version
         try:
             await coord.work.deploy(run, version)
         except ValueError as e:
             raise APIError(404, str(e), "version_not_found", "version") from None
         await coord.announce_deployment(run_id, version)
-        return coord.work.run_view(run)
+        return views.run_view(coord.work, run)
 
     @app.post("/v1/runs/{run_id}/cancel")
-    async def cancel_run(run_id: str) -> dict[str, Any]:
-        """Stop a running run: no more leases or rounds; what was delivered and trained stays."""
-        run = _run(run_id)
-        if run.state != "running":
+    async def cancel_run(run_id: str, key: ApiKey | None = key_dep) -> dict[str, Any]:
+        """Stop a queued or running run: no more leases or rounds; what was delivered and
+        trained stays."""
+        run = owned(_run(run_id), key)
+        if run.state not in ("queued", "running"):
             raise APIError(409, f"run {run_id!r} is {run.state}", "run_not_running", "run_id")
         await coord.work.cancel_run(run)
-        return coord.work.run_view(run)
+        return views.run_view(coord.work, run)
 
     @app.get("/v1/runs/{run_id}/rollouts")
     async def rollouts(run_id: str) -> dict[str, Any]:
         _run(run_id)
-        data = coord.work.rollouts(run_id)
+        data = views.rollouts(coord.work, run_id)
         for r in data:
             node = coord.membership.nodes.get(r["producer"])
             r["producer_addrs"] = node.addrs if node else []
@@ -184,11 +228,19 @@ def create_app(coord: Coordinator) -> FastAPI:
         _run(run_id)
         return {"object": "list", "data": coord.runlog.after(run_id, after)}
 
+    @app.get("/v1/ledger")
+    async def ledger(run: str | None = None, node: str | None = None) -> dict[str, Any]:
+        """The billing journal (of one run, or one node's entries), balances by account, and
+        every run's reconciliation: charges = tokens processed = the key's usage records."""
+        if run is not None:
+            _run(run)
+        return await views.ledger(coord.work, run, node)
+
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:
         """The run's adapter versions: manifest hash and the trainers that hold each."""
         _run(run_id)
-        return {"object": "list", "data": coord.work.versions_view(run_id)}
+        return {"object": "list", "data": views.versions(coord.work, run_id)}
 
     def _run(run_id: str) -> Any:
         run = coord.work.book.runs.get(run_id)

@@ -106,15 +106,24 @@ class AuditBook:
     def trust_of(self, node: str) -> Trust:
         return self.trust.setdefault(node, Trust())
 
-    def rate(self, producer: str) -> float:
+    def rate(self, producer: str, floor: float | None = None) -> float:
+        """Audit rate of the producer's next receipt: every one until it is trusted, then the
+        floor (a run's own, or the coordinator's)."""
         trust = self.trust_of(producer)
-        return 1.0 if trust.clean_streak < self.config.trusted_after else self.config.floor_rate
+        if trust.clean_streak < self.config.trusted_after:
+            return 1.0
+        return self.config.floor_rate if floor is None else floor
 
     def on_counted(
-        self, lease_id: str, run_id: str, producer: str, payload_hash: bytes
+        self,
+        lease_id: str,
+        run_id: str,
+        producer: str,
+        payload_hash: bytes,
+        floor: float | None = None,
     ) -> Audit | None:
         """Decide, with fresh randomness, whether this receipt is audited; the audit if so."""
-        if self.rng.random() >= self.rate(producer):
+        if self.rng.random() >= self.rate(producer, floor):
             return None
         audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, self.clock())
         self.audits[audit.audit_id] = audit

@@ -25,6 +25,9 @@ class LeaseConfig(ConfigModel):
     round_leases: int = Field(4, ge=1, le=4096)
     """Leases each trainer trains on per round: a run's next version is trained once this many
     per live trainer are counted within its staleness window."""
+    max_running_runs: int = Field(4, ge=1, le=1000)
+    """Runs leased and trained at once; more wait ``queued`` and start, oldest first, as
+    running ones end."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
     """How long a node told "no work" waits before asking again."""
 
@@ -52,6 +55,11 @@ class CoordinatorConfig(ConfigModel):
     db: str = ""
     """SQLAlchemy database URL; empty means SQLite (WAL) at ``<data dir>/coordinator.db``.
     ``postgresql://user:pass@host/db`` for PostgreSQL."""
+    accounts_db: str = ""
+    """Database URL of the API keys runs are submitted with and billed to (the gateway's);
+    empty means SQLite at ``<data dir>/gateway.db``, the local gateway's."""
+    open_runs: bool = False
+    """Accept runs without an API key (billed to no one): a closed test network."""
     membership: MembershipConfig = MembershipConfig()
     """Liveness rules."""
     leases: LeaseConfig = LeaseConfig()

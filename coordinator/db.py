@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -62,6 +63,9 @@ class RunRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     deployed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stop_reason: Mapped[str] = mapped_column(String(32), default="")
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    owner_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class AdapterRow(Base):
@@ -90,6 +94,22 @@ class ReportRow(Base):
     at: Mapped[float] = mapped_column(Float)
 
 
+class LedgerRow(Base):
+    """One journal entry: ``tokens`` move from account ``debit`` to account ``credit``
+    (``coordinator/billing.py``); ``(kind, ref)`` is unique, so nothing is posted twice."""
+
+    __tablename__ = "ledger"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    debit: Mapped[str] = mapped_column(String(160), index=True)
+    credit: Mapped[str] = mapped_column(String(160), index=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+    ref: Mapped[str] = mapped_column(String(200))
+    at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (UniqueConstraint("kind", "ref"),)
+
+
 class LeaseRow(Base):
     """A lease as issued (``lease`` holds the exact encoded message) and what became of it."""
 
@@ -105,6 +125,7 @@ class LeaseRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     trained_in: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trained_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class ReceiptRow(Base):
@@ -215,6 +236,10 @@ class WorkStore:
     def load_reports(self) -> list[ReportRow]:
         with Session(self.engine, expire_on_commit=False) as s:
             return list(s.scalars(select(ReportRow).order_by(ReportRow.at)))
+
+    def load_ledger(self) -> list[LedgerRow]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return list(s.scalars(select(LedgerRow).order_by(LedgerRow.id)))
 
     def load_audits(self) -> tuple[list[TrustRow], list[AuditRow], list[VerdictRow]]:
         with Session(self.engine, expire_on_commit=False) as s:

@@ -49,6 +49,16 @@ class RunPlan:
     ``v``; older ones are never trained on."""
     training: TrainSettings = field(default_factory=TrainSettings)
     """What the run's trainers are told to train with."""
+    audit_floor: float | None = None
+    """Audit rate of trusted producers' rollouts of this run (None: the coordinator's)."""
+    max_tokens: int | None = None
+    """Most tokens the run may be billed (None: the owner's key budget alone)."""
+    max_rounds: int | None = None
+    """The run completes at this version."""
+    target_reward: float | None = None
+    """The run completes once a version's completions reach this mean reward..."""
+    min_samples: int = 64
+    """...measured on at least this many of them."""
 
 
 class ReceiptOutcome(Enum):
@@ -76,6 +86,8 @@ class LeaseState:
     completed_at: float | None = None
     trained_in: int | None = None
     """The round (the version trained from) whose trainers were dealt this rollout."""
+    trained_by: str | None = None
+    """The trainer whose share of that round it was."""
 
 
 @dataclass
@@ -84,7 +96,14 @@ class RunState:
     policy_version: int = 0
     cursor: int = 0
     """The next never-leased example index."""
-    state: str = "running"  # running | completed | cancelled
+    state: str = "running"
+    """queued → running → completed | failed | cancelled."""
+    stop_reason: str = ""
+    """Why it is no longer running: ``max_examples``, ``max_rounds``, ``target_reward``,
+    ``budget``, ``cancelled``, or what made it fail."""
+    owner: str = ""
+    """The name of the API key that submitted it (billed for it); empty on an open network."""
+    owner_key_id: int | None = None
     completion_tokens: int = 0
     """Tokens of counted rollouts: what the run is billed for on the rollout side."""
     created_at: float = 0.0
@@ -103,12 +122,12 @@ class LeaseBook:
         self.payloads: dict[bytes, str] = {}  # payload hash -> the lease it was handed in for
         self._next_run = 0  # round robin over runs
 
-    def add_run(self, plan: RunPlan) -> RunState:
+    def add_run(self, plan: RunPlan, state: str = "running") -> RunState:
         if plan.run_id in self.runs:
             raise ValueError(f"run {plan.run_id!r} already exists")
         if plan.group_size < 1 or plan.lease_ttl_s <= 0 or plan.prompts_per_lease < 1:
             raise ValueError("group_size and prompts_per_lease must be >= 1, lease_ttl_s > 0")
-        run = self.runs[plan.run_id] = RunState(plan, created_at=self.clock())
+        run = self.runs[plan.run_id] = RunState(plan, state=state, created_at=self.clock())
         return run
 
     def restore(self, runs: list[RunState], leases: list[LeaseState]) -> None:
@@ -272,7 +291,7 @@ class LeaseBook:
         run.completion_tokens += receipt.completion_tokens
         total = run.plan.total_examples
         if total is not None and len(run.done) >= total and run.state == "running":
-            run.state = "completed"
+            run.state, run.stop_reason = "completed", "max_examples"
         return ReceiptOutcome.COUNTED
 
     def uncount(self, lease_id: str, status: str) -> list[int]:
@@ -287,8 +306,8 @@ class LeaseBook:
         if state.counted:
             run.completion_tokens -= state.completion_tokens
         state.status, state.counted = status, []
-        if back and run.state == "completed":
-            run.state = "running"
+        if back and run.state == "completed" and run.stop_reason == "max_examples":
+            run.state, run.stop_reason = "running", ""
         return back
 
     def delivered(self, run_id: str) -> int:

@@ -103,6 +103,30 @@ class DilocoSpec(ConfigModel):
     """Trainers of version ``v`` consume rollouts sampled at ``v - max_staleness`` or later."""
 
 
+class VerificationSpec(ConfigModel):
+    audit_floor: float | None = Field(None, ge=0, le=1)
+    """Share of a trusted producer's rollouts of this run that are audited; empty: the
+    coordinator's floor (``--audits.floor_rate``). New producers are audited every time until
+    they earn trust, whatever this says."""
+
+
+class BudgetSpec(ConfigModel):
+    max_tokens: int | None = Field(None, ge=1)
+    """Most tokens the run may be billed (rollout tokens sampled and tokens trained on); the
+    run completes (``budget``) before a round would pass it. Empty: only the submitter's key
+    budget limits it."""
+
+
+class StopSpec(ConfigModel):
+    max_rounds: int | None = Field(None, ge=1)
+    """Complete the run once this many adapter versions are made (``max_rounds``)."""
+    target_reward: float | None = None
+    """Complete the run once the completions of one version reach this mean reward, over at
+    least ``min_samples`` of them (``target_reward``)."""
+    min_samples: int = Field(64, ge=1)
+    """Completions a version's mean reward must be measured on before it can stop the run."""
+
+
 class RunSpec(ConfigModel):
     name: str = Field("", pattern=r"^$|" + RUN_ID_PATTERN)
     """The run's id; empty picks ``run-<8 hex>``."""
@@ -116,6 +140,12 @@ class RunSpec(ConfigModel):
     """How rollouts are sampled and what the loss makes of them."""
     diloco: DilocoSpec = DilocoSpec()
     """How trainers train and average."""
+    verification: VerificationSpec = VerificationSpec()
+    """How often the run's rollouts are audited."""
+    budget: BudgetSpec = BudgetSpec()
+    """What the run may spend."""
+    stop: StopSpec = StopSpec()
+    """When the run is done (besides ``rl.max_examples`` and the budget)."""
 
     @classmethod
     def from_toml(cls, path: Path) -> RunSpec:
@@ -154,4 +184,9 @@ def plan_run(spec: RunSpec) -> RunPlan:
         prompts_per_lease=rl.prompts_per_lease,
         max_staleness=spec.diloco.max_staleness,
         training=train_settings(spec),
+        audit_floor=spec.verification.audit_floor,
+        max_tokens=spec.budget.max_tokens,
+        max_rounds=spec.stop.max_rounds,
+        target_reward=spec.stop.target_reward,
+        min_samples=spec.stop.min_samples,
     )

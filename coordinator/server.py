@@ -31,6 +31,8 @@ from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runlog import RunLog
 from coordinator.work import RolloutService
+from protocol.accounts import KeyStore
+from protocol.accounts import open_database as open_accounts
 from protocol.adapters import (
     AdapterManifest,
     Deployed,
@@ -88,8 +90,11 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         engine = open_database(config.db or default_url(data_dir))
         self.store = NodeStore(engine)
+        self.accounts = KeyStore(
+            open_accounts(config.accounts_db or f"sqlite:///{data_dir / 'gateway.db'}")
+        )
         self.work = RolloutService(
-            config.leases, config.audits, WorkStore(engine), self.metrics, clock
+            config.leases, config.audits, WorkStore(engine), self.metrics, clock, self.accounts
         )
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip

@@ -15,29 +15,39 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import msgspec
 import trio
 
 from coordinator.audits import Audit, AuditBook, Penalty, Trust, VerdictRecord
+from coordinator.billing import Billing
 from coordinator.config import AuditConfig, LeaseConfig
 from coordinator.db import (
     AdapterRow,
-    AuditRow,
     Base,
-    LeaseRow,
+    LedgerRow,
     ReceiptRow,
     ReportRow,
-    RunRow,
     TrustRow,
     VerdictRow,
     WorkStore,
 )
-from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunPlan, RunState
+from coordinator.leases import LeaseBook, LeaseState, ReceiptOutcome, RunState
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.reports import ReportBook
+from coordinator.rows import (
+    adapter_row,
+    audit_row,
+    lease_row,
+    lease_state,
+    ledger_row,
+    report_row,
+    run_row,
+    run_state,
+)
 from coordinator.runs import RunSpec, plan_run
+from envs import load_environment
+from protocol.accounts import ApiKey, KeyStore
 from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
@@ -51,7 +61,7 @@ from protocol.adapters import (
     VersionsReply,
     VersionsRequest,
 )
-from protocol.codec import decode_struct, encode_body, encode_struct
+from protocol.codec import encode_body
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.membership import PeerRecord
 from protocol.rollouts import ReceiptAck, RolloutReceipt
@@ -68,6 +78,7 @@ class RolloutService:
         store: WorkStore,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float],
+        accounts: KeyStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -80,41 +91,28 @@ class RolloutService:
         self.held: dict[str, dict[str, int]] = {}
         """The adapter versions each node last said it holds (with its lease requests)."""
         self.reports = ReportBook()
+        self.billing = Billing(accounts, clock)
 
     def restore(self) -> None:
         """Load runs and leases from the database (blocking: call before serving)."""
         run_rows, lease_rows = self.store.load()
-        runs = [
-            RunState(
-                plan=msgspec.convert(r.plan, RunPlan),
-                policy_version=r.policy_version,
-                cursor=r.cursor,
-                state=r.state,
-                completion_tokens=r.completion_tokens,
-                created_at=r.created_at,
-                deployed=r.deployed,
-            )
-            for r in run_rows
-        ]
-        leases = [
-            LeaseState(
-                lease=decode_struct(r.lease, Lease, "stored lease"),
-                node=r.node,
-                issued_at=r.issued_at,
-                status=r.status,
-                counted=list(r.counted),
-                payload_hash=r.payload_hash,
-                completion_tokens=r.completion_tokens,
-                completed_at=r.completed_at,
-                trained_in=r.trained_in,
-            )
-            for r in lease_rows
-        ]
+        runs = [run_state(r) for r in run_rows]
+        leases = [lease_state(r) for r in lease_rows]
         self.book.restore(runs, leases)
         for row in self.store.load_adapters():
             self.versions.setdefault(row.run_id, {})[row.version] = row
         for report in self.store.load_reports():
             self.reports.add(report)
+        self.billing.restore(self.store.load_ledger(), runs)
+        for run in runs:
+            if run.state in ("queued", "running"):
+                try:  # a task library uninstalled since, say: the run cannot go on
+                    load_environment(run.plan.env)
+                except ValueError as e:
+                    run.state, run.stop_reason = "failed", f"environment: {e}"[:200]
+                    self.store.save([run_row(run)])
+                    log.error("run %s failed: %s", run.plan.run_id, run.stop_reason,
+                              extra={"run_id": run.plan.run_id})  # fmt: skip
         trust_rows, audit_rows, verdict_rows = self.store.load_audits()
         for t in trust_rows:
             self.audits.trust[t.peer_id] = Trust(**t.record)
@@ -139,23 +137,50 @@ class RolloutService:
 
     # -- runs ---------------------------------------------------------------------------------
 
-    async def create_run(self, spec: RunSpec) -> RunState:
-        """Add a run; ``ValueError`` for a bad spec or a run id already taken."""
+    async def create_run(self, spec: RunSpec, owner: ApiKey | None = None) -> RunState:
+        """Add a run, billed to ``owner``; ``ValueError`` for a bad spec or a taken run id.
+        Beyond ``max_running_runs`` it waits, ``queued``."""
         if spec.name and spec.name in self.book.runs:
             raise ValueError(f"run {spec.name!r} already exists")
         plan = await trio.to_thread.run_sync(plan_run, spec)  # may import a task library
-        run = self.book.add_run(plan)
+        running = sum(r.state == "running" for r in self.book.runs.values())
+        run = self.book.add_run(
+            plan, "queued" if running >= self.config.max_running_runs else "running"
+        )
+        if owner is not None:
+            run.owner, run.owner_key_id = owner.name, owner.id
         await self._save(runs=[run])
         log.info(
-            "run %s created: %s, %s examples x %d samples on %s",
-            plan.run_id,
-            plan.env,
-            plan.total_examples or "unlimited",
-            plan.group_size,
-            plan.base_model,
-            extra={"run_id": plan.run_id},
-        )
+            "run %s %s: %s, %s examples x %d samples on %s, billed to %s",
+            plan.run_id, "created" if run.state == "running" else "queued", plan.env,
+            plan.total_examples or "unlimited", plan.group_size, plan.base_model,
+            run.owner or "no one", extra={"run_id": plan.run_id},
+        )  # fmt: skip
         return run
+
+    async def finish(self, run: RunState, state: str, reason: str) -> None:
+        """A run stops (``completed`` for ``reason``, ``cancelled``, ``failed``): no more
+        leases or rounds; the oldest queued run starts."""
+        if run.state not in ("queued", "running"):
+            return
+        run.state, run.stop_reason = state, reason
+        await self._ended(run)
+
+    async def _ended(self, run: RunState) -> None:
+        await self.billing.close_reported(run)
+        started = []
+        running = sum(r.state == "running" for r in self.book.runs.values())
+        for queued in sorted((r for r in self.book.runs.values() if r.state == "queued"),
+                             key=lambda r: r.created_at):  # fmt: skip
+            if running >= self.config.max_running_runs:
+                break
+            queued.state, running = "running", running + 1
+            started.append(queued)
+        await self._save(runs=[run, *started])
+        log.info("run %s %s (%s)", run.plan.run_id, run.state, run.stop_reason,
+                 extra={"run_id": run.plan.run_id})  # fmt: skip
+        for r in started:
+            log.info("run %s starts (was queued)", r.plan.run_id, extra={"run_id": r.plan.run_id})
 
     async def deploy(self, run: RunState, version: int) -> None:
         """Serve ``version`` as model ``<run>``; ``ValueError`` if no such version was made."""
@@ -167,9 +192,7 @@ class RolloutService:
                  extra={"run_id": run.plan.run_id})  # fmt: skip
 
     async def cancel_run(self, run: RunState) -> None:
-        run.state = "cancelled"
-        await self._save(runs=[run])
-        log.info("run %s cancelled", run.plan.run_id, extra={"run_id": run.plan.run_id})
+        await self.finish(run, "cancelled", "cancelled")
 
     # -- adapter versions -----------------------------------------------------------------------
 
@@ -203,6 +226,8 @@ class RolloutService:
         await self._save(runs=[run], adapters=[row])
         log.info("run %s is at version %d (manifest from %s)", msg.run_id, msg.version, peer,
                  extra={"run_id": msg.run_id})  # fmt: skip
+        if run.plan.max_rounds is not None and msg.version >= run.plan.max_rounds:
+            await self.finish(run, "completed", "max_rounds")
         return ManifestAck(outcome="recorded", version=msg.version)
 
     def current_versions(
@@ -268,13 +293,19 @@ class RolloutService:
                 if len(ready) < self.config.round_leases * k:
                     continue
                 dealt = ready[: self.config.round_leases * k]
+                if not await self.billing.admit_round(run, v, dealt):
+                    await self.finish(run, "completed", "budget")
+                    continue
                 for s in dealt:
                     s.trained_in = v
-                await self._save(leases=dealt)
             rank = trainers.index(peer)
             share = dealt[rank::k]
             if not share:
                 continue
+            for s in share:
+                s.trained_by = peer
+            self.billing.dealt(run.plan.run_id, v, peer)
+            await self._save(leases=dealt)
             refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
                     for s in share]  # fmt: skip
             return TrainAssignment(run_id=run.plan.run_id, version=v, rollouts=refs, rank=rank,
@@ -293,16 +324,31 @@ class RolloutService:
             tokens_trained=msg.tokens_trained,
             samples=[msgspec.to_builtins(x) for x in msg.samples], at=self.book.clock(),
         )  # fmt: skip
+        first = (msg.version, peer) not in self.reports.by_run.get(msg.run_id, {})
+        if not first:  # what was billed stays billed
+            row.tokens_trained = self.reports.by_run[msg.run_id][(msg.version, peer)].tokens_trained
         self.reports.add(row)
-        await self._save(reports=[row])
+        entries = []
+        made = self.versions.get(msg.run_id, {}).get(msg.version + 1)
+        if first and made is not None and peer in made.signers:  # its round moved the model
+            share = [s for s in self.book.leases.values() if s.lease.run_id == msg.run_id
+                     and s.trained_in == msg.version and s.trained_by == peer]  # fmt: skip
+            entries = await self.billing.charge_round(run, msg.version, peer, share,
+                                                      msg.tokens_trained)  # fmt: skip
+        self.billing.reported(run, msg.version, peer)
+        await self.billing.close_reported(run)
+        await self._save(reports=[row], ledger=entries)
+        target = run.plan.target_reward
+        if (
+            target is not None
+            and run.state == "running"
+            and any(
+                r["samples"] >= run.plan.min_samples and r["mean"] >= target
+                for r in self.reports.rewards(msg.run_id)
+            )
+        ):
+            await self.finish(run, "completed", "target_reward")
         return ReportAck(recorded=True)
-
-    def versions_view(self, run_id: str) -> list[dict[str, Any]]:
-        return [
-            {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
-             "created_at": row.created_at}
-            for v, row in sorted(self.versions.get(run_id, {}).items())
-        ]  # fmt: skip
 
     # -- the lease protocol -------------------------------------------------------------------
 
@@ -330,6 +376,8 @@ class RolloutService:
         return lease
 
     async def receipt(self, peer: str, receipt: RolloutReceipt) -> ReceiptAck:
+        run = self.book.runs.get(receipt.run_id)
+        was = run.state if run else ""
         outcome = self.book.receipt(peer, receipt)
         state = self.book.leases.get(receipt.lease_id)
         row = ReceiptRow(
@@ -358,9 +406,12 @@ class RolloutService:
             self.audits.trust_of(peer).credited_tokens += receipt.completion_tokens
             # drawn now, after the receipt arrived: the producer could not know
             audit = self.audits.on_counted(
-                receipt.lease_id, receipt.run_id, peer, receipt.payload_hash
-            )
+                receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
+                self.book.runs[receipt.run_id].plan.audit_floor,
+            )  # fmt: skip
             await self._save(audits=[audit] if audit else [], trust=[peer])
+            if run is not None and was == "running" and run.state != "running":
+                await self._ended(run)  # its last example delivered
         else:
             log.info("receipt for lease %s from %s: %s", receipt.lease_id, peer, outcome.value)
         return ReceiptAck(
@@ -404,9 +455,15 @@ class RolloutService:
             audit_id=audit.audit_id, verifier=peer, passed=record.passed,
             failed_check=record.failed_check, detail=record.detail, frame=frame, at=record.at,
         )  # fmt: skip
+        tokens = self.book.leases[audit.lease_id].completion_tokens
+        entries = [e for e in [self.billing.credit_verified(audit.run_id, audit.audit_id, peer,
+                                                            tokens)] if e]  # fmt: skip
         leases: list[LeaseState] = []
         if penalty is not None:
             leases = self._penalize(penalty)
+            entries += self.billing.forfeit(
+                audit.run_id, penalty.producer, [s.lease.lease_id for s in leases]
+            )
         elif not verdict.passed:
             log.warning(
                 "audit %s of %s failed %s (%s); asking a second verifier",
@@ -418,6 +475,7 @@ class RolloutService:
             audits=[audit] + [a for a in self.audits.audits.values() if a.status == "cancelled"],
             trust=[audit.producer],
             appended=[row],
+            ledger=entries,
         )
         return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
 
@@ -488,131 +546,25 @@ class RolloutService:
         appended: Sequence[VerdictRow] = (),
         adapters: Sequence[AdapterRow] = (),
         reports: Sequence[ReportRow] = (),
+        ledger: Sequence[LedgerRow] = (),
     ) -> None:
         async with self._db_lock:
-            rows: list[Base] = [_run_row(r) for r in runs]
-            rows += [_adapter_row(a) for a in adapters]
-            rows += [_report_row(r) for r in reports]
-            rows += [_lease_row(s) for s in leases]
-            rows += [_audit_row(a) for a in audits]
+            rows: list[Base] = [run_row(r) for r in runs]
+            rows += [adapter_row(a) for a in adapters]
+            rows += [report_row(r) for r in reports]
+            rows += [lease_row(s) for s in leases]
+            rows += [audit_row(a) for a in audits]
             rows += [
                 TrustRow(peer_id=p, record=vars(self.audits.trust_of(p)).copy()) for p in trust
             ]
-            await trio.to_thread.run_sync(self.store.save, rows, [*receipts, *appended])
+            added = [*receipts, *appended, *(ledger_row(e) for e in ledger)]
+            await trio.to_thread.run_sync(self.store.save, rows, added)
 
     # -- views (REST API) ---------------------------------------------------------------------
 
     def refresh_gauges(self) -> None:
-        counts: dict[str, int] = {"running": 0, "completed": 0}
+        counts = dict.fromkeys(("queued", "running", "completed", "failed", "cancelled"), 0)
         for run in self.book.runs.values():
             counts[run.state] = counts.get(run.state, 0) + 1
         for state, n in counts.items():
             self.metrics.runs.labels(state).set(n)
-
-    def run_view(self, run: RunState) -> dict[str, Any]:
-        plan = run.plan
-        active = sum(s.lease.run_id == plan.run_id for s in self.book.active.values())
-        return {
-            "id": plan.run_id,
-            "object": "run",
-            "state": run.state,
-            "env": plan.env,
-            "env_version": plan.env_version,
-            "env_seed": plan.env_seed,
-            "base_model": plan.base_model,
-            "group_size": plan.group_size,
-            "sampling": msgspec.to_builtins(plan.sampling),
-            "total_examples": plan.total_examples,
-            "policy_version": run.policy_version,
-            "examples_leased": run.cursor,
-            "examples_delivered": len(run.done),
-            "active_leases": active,
-            "completion_tokens": run.completion_tokens,
-            "tokens_trained": self.reports.tokens_trained(plan.run_id),
-            "reward": self.reports.rewards(plan.run_id)[-1:] or None,
-            "created_at": run.created_at,
-            "deployed": run.deployed,
-        }
-
-    def rollouts(self, run_id: str) -> list[dict[str, Any]]:
-        """The counted rollouts of a run: what a consumer needs to fetch and re-score each."""
-        done = [
-            s
-            for s in self.book.leases.values()
-            if s.lease.run_id == run_id and s.status == "completed" and s.counted
-        ]
-        done.sort(key=lambda s: s.completed_at or 0.0)
-        out: list[dict[str, Any]] = []
-        for s in done:
-            lease = s.lease
-            out.append(
-                {
-                    "lease_id": lease.lease_id,
-                    "producer": s.node,
-                    "payload_hash": (s.payload_hash or b"").hex(),
-                    "counted_examples": s.counted,
-                    "completion_tokens": s.completion_tokens,
-                    "issued_at": s.issued_at,
-                    "completed_at": s.completed_at,
-                    "lease": {**msgspec.to_builtins(lease), "lease_seed": lease.lease_seed.hex()},
-                }
-            )
-        return out
-
-
-def _run_row(run: RunState) -> RunRow:
-    return RunRow(
-        run_id=run.plan.run_id,
-        plan=msgspec.to_builtins(run.plan),
-        state=run.state,
-        policy_version=run.policy_version,
-        cursor=run.cursor,
-        completion_tokens=run.completion_tokens,
-        created_at=run.created_at,
-        deployed=run.deployed,
-    )
-
-
-def _lease_row(s: LeaseState) -> LeaseRow:
-    return LeaseRow(
-        lease_id=s.lease.lease_id,
-        run_id=s.lease.run_id,
-        node=s.node,
-        lease=encode_struct(s.lease),
-        issued_at=s.issued_at,
-        status=s.status,
-        counted=s.counted,
-        payload_hash=s.payload_hash,
-        completion_tokens=s.completion_tokens,
-        completed_at=s.completed_at,
-        trained_in=s.trained_in,
-    )
-
-
-def _audit_row(a: Audit) -> AuditRow:
-    return AuditRow(
-        audit_id=a.audit_id,
-        lease_id=a.lease_id,
-        run_id=a.run_id,
-        producer=a.producer,
-        payload_hash=a.payload_hash,
-        stage=a.stage,
-        status=a.status,
-        created_at=a.created_at,
-    )
-
-
-def _report_row(row: ReportRow) -> ReportRow:
-    """A fresh copy to merge (the kept one stays detached from any session)."""
-    return ReportRow(
-        run_id=row.run_id, round=row.round, trainer=row.trainer, rewards=list(row.rewards),
-        tokens_trained=row.tokens_trained, samples=list(row.samples), at=row.at,
-    )  # fmt: skip
-
-
-def _adapter_row(row: AdapterRow) -> AdapterRow:
-    """A fresh copy to merge (the kept one stays detached from any session)."""
-    return AdapterRow(
-        run_id=row.run_id, version=row.version, manifest_hash=row.manifest_hash, frame=row.frame,
-        signers=list(row.signers), created_at=row.created_at,
-    )  # fmt: skip

@@ -38,8 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from gateway.budgets import Ledger
 from gateway.config import GatewayConfig
-from gateway.keys import ApiKey, Bill, KeyStore
 from gateway.routing import Route, Router, TokenCounter
+from protocol.accounts import ApiKey, Bill, KeyStore
 from protocol.api_errors import (
     APIError,
     RequestIdMiddleware,

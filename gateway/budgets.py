@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from gateway.keys import ApiKey, KeyStore
+from protocol.accounts import ApiKey, KeyStore
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.keys import KeyStore, open_database
     from gateway.routing import Router, TokenCounter
+    from protocol.accounts import KeyStore, open_database
 
     configure_logging(config.log_json)
     url = coordinator_url(config, data_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from protocol.accounts import ApiKey, KeyStore, open_database
 from tests.conftest import REPO
 from tests.wait import wait_until
 
@@ -56,6 +57,8 @@ class Cluster:
         self.coordinator_home = root / "coordinator"
         self.libp2p_port = 0
         self.http_port = 0
+        self.api_key = ""
+        """A researcher's key in the coordinator's accounts database (``api`` sends it)."""
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -86,6 +89,8 @@ class Cluster:
     ) -> Proc:
         info = self.coordinator_home / "coordinator.json"
         info.unlink(missing_ok=True)
+        if not self.api_key:
+            self.api_key, _ = self.create_key("researcher")
         args = [
             "coordinator",
             "start",
@@ -147,9 +152,19 @@ class Cluster:
 
     # -- observing ----------------------------------------------------------------------------
 
-    def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A call to the coordinator's REST API; the decoded JSON (errors raise)."""
-        resp = httpx.request(method, f"{self.url}{path}", timeout=10, **kwargs)
+    def accounts(self) -> KeyStore:
+        """The accounts database the coordinator bills runs to (its home's ``gateway.db``)."""
+        self.coordinator_home.mkdir(parents=True, exist_ok=True)
+        return KeyStore(open_database(f"sqlite:///{self.coordinator_home / 'gateway.db'}"))
+
+    def create_key(self, name: str, budget_tokens: int | None = None) -> tuple[str, ApiKey]:
+        return self.accounts().create(name, budget_tokens)
+
+    def api(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
+        """A call to the coordinator's REST API with a researcher's key (``api_key`` unless
+        given); the decoded JSON (errors raise)."""
+        headers = {"Authorization": f"Bearer {key or self.api_key}"}
+        resp = httpx.request(method, f"{self.url}{path}", timeout=10, headers=headers, **kwargs)
         resp.raise_for_status()
         return resp.json()
 

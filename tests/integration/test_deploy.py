@@ -28,12 +28,15 @@ from tests.wait import wait_until
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_deploy_serves_a_version_as_the_runs_model(tmp_path: Path, tiny_model: Path) -> None:
+def test_deploy_serves_a_version_as_the_runs_model(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cluster = Cluster(tmp_path, interval_s=1.0)
     files = {v: read_files(random_adapter(tiny_model, tmp_path / f"lora{v}", seed=20 + v))
              for v in (1, 2)}  # fmt: skip
     try:
         cluster.start_coordinator()
+        monkeypatch.setenv("BAZAAR_API_KEY", cluster.api_key)  # the CLI bills runs to it
         spec = {"name": "r1", "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2}}
         cluster.api("POST", "/v1/runs", json=spec)
         url = ["--coordinator-url", cluster.url]

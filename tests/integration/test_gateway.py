@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.keys import KeyStore, open_database
 from node.adapters import AdapterStore
+from protocol.accounts import KeyStore, open_database
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster
 from tests.lora import random_adapter

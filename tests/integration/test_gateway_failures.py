@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.keys import KeyStore, open_database
+from protocol.accounts import KeyStore, open_database
 from tests.integration.cluster import Cluster
 from tests.integration.fake_node import FakeNode, Setup
 from tests.wait import wait_until

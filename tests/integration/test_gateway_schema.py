@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from gateway.keys import KeyStore, open_database
+from protocol.accounts import KeyStore, open_database
 from tests.integration.cluster import Cluster
 from tests.integration.fake_node import FakeNode, Setup
 

@@ -47,9 +47,11 @@ def receipt(lease: Lease, *, samples: int | None = None, version: int = 0) -> Ro
 def test_runs_api_validates_specs_with_openai_style_errors(cluster: Cluster) -> None:
     cluster.start_coordinator()
     url = f"{cluster.url}/v1/runs"
+    auth = {"Authorization": f"Bearer {cluster.api_key}"}
     spec = {"name": "r1", "env": {"name": "sort", "seed": 3}, "rl": {"max_examples": 64}}
-    created = httpx.post(url, json=spec).json()
+    created = httpx.post(url, json=spec, headers=auth).json()
     assert created["id"] == "r1" and created["env"] == "sort" and created["state"] == "running"
+    assert created["owner"] == "researcher"
     cases = [
         ({"env": {"name": "nope"}}, 400, "invalid_run", "unknown environment 'nope'"),
         ({"env": {"name": "arith", "args": {"digitz": 2}}}, 400, "invalid_run", "bad arguments"),
@@ -60,13 +62,43 @@ def test_runs_api_validates_specs_with_openai_style_errors(cluster: Cluster) -> 
         ({"name": "r1"}, 409, "run_exists", "already exists"),
     ]
     for body, status, code, text in cases:
-        resp = httpx.post(url, json=body)
+        resp = httpx.post(url, json=body, headers=auth)
         assert resp.status_code == status, (body, resp.text)
         error = resp.json()["error"]
         assert error["code"] == code and text in error["message"], (body, error)
     missing = httpx.get(f"{url}/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "run_not_found"
     assert [r["id"] for r in cluster.api("GET", "/v1/runs")["data"]] == ["r1"]  # nothing else
+
+
+def test_runs_api_takes_the_researchers_key(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    url = f"{cluster.url}/v1/runs"
+    spec = {"name": "r1", "rl": {"max_examples": 8}}
+    other, _ = cluster.create_key("other")
+    spent, _ = cluster.create_key("spent", budget_tokens=0)
+    refusals = [
+        (None, 401, "missing_api_key"),
+        ("bz-not-a-key", 401, "invalid_api_key"),
+        (spent, 402, "insufficient_quota"),
+    ]
+    for key, status, code in refusals:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        resp = httpx.post(url, json=spec, headers=headers)
+        assert resp.status_code == status and resp.json()["error"]["code"] == code, resp.text
+    assert cluster.api("GET", "/v1/runs")["data"] == []  # nothing was created
+    assert cluster.api("POST", "/v1/runs", json=spec)["owner"] == "researcher"
+    for path in ("/v1/runs/r1/cancel", "/v1/runs/r1/deploy"):
+        resp = httpx.post(f"{cluster.url}{path}", json={} if "deploy" in path else None,
+                          headers={"Authorization": f"Bearer {other}"})  # fmt: skip
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_run_owner"
+    assert cluster.api("GET", "/v1/runs/r1")["state"] == "running"  # untouched
+    assert cluster.api("POST", "/v1/runs/r1/cancel")["state"] == "cancelled"
+    cluster.accounts().revoke("researcher")  # a revoked key submits nothing more
+    resp = httpx.post(
+        url, json={"name": "r2"}, headers={"Authorization": f"Bearer {cluster.api_key}"}
+    )
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_leases_and_receipts_over_the_wire(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.keys import KeyStore, open_database
+from protocol.accounts import KeyStore, open_database
 from tests.integration import postgres
 from tests.integration.cluster import Cluster
 from tests.integration.fake_node import FakeNode, Setup

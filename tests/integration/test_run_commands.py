@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from protocol.leases import Lease, LeaseRequest, NoLease
@@ -25,10 +26,11 @@ def bazaar(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)  # fmt: skip
 
 
-def test_submit_list_status_cancel(tmp_path: Path) -> None:
+def test_submit_list_status_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster = Cluster(tmp_path)
     try:
         cluster.start_coordinator()
+        monkeypatch.setenv("BAZAAR_API_KEY", cluster.api_key)  # the CLI bills runs to it
         url = ["--coordinator-url", cluster.url]
         done = bazaar("run", "submit", str(REPO / "examples" / "arith-tiny.toml"), *url)
         assert done.returncode == 0, done.stderr

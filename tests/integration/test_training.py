@@ -67,5 +67,21 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
         plotted = bazaar("run", "plot", "r1", "-o", str(png), *url)
         assert plotted.returncode == 0, plotted.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # the run is billed to the key that submitted it, and the books balance exactly
+        done = bazaar("ledger", "--run", "r1", "--json", *url)
+        assert done.returncode == 0, done.stdout + done.stderr
+        books = json.loads(done.stdout)
+        (bill,) = books["runs"]
+        assert bill["owner"] == "researcher" and bill["charged_sampled"] > 0
+        assert bill["charged"] == bill["processed"] == bill["key_usage"]
+        assert books["reconciled"] and books["balance_sum"] == 0
+        assert books["balances"][f"node:{trainer_id}"] > 0  # the trainer earned
+        sampler_id = cluster.nodes()["sampler"]["peer_id"]
+        assert books["balances"][f"node:{sampler_id}"] >= bill["charged_sampled"]
+        (researcher,) = [k for k in cluster.accounts().all() if k.name == "researcher"]
+        assert researcher.used_tokens >= bill["charged"]  # the key paid (later rounds too)
+        table = bazaar("ledger", *url)
+        assert "reconciled" in table.stdout and "researcher" in table.stdout
     finally:
         cluster.stop_all()

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from gateway.budgets import Ledger
-from gateway.keys import Bill, KeyStore, open_database
+from protocol.accounts import Bill, KeyStore, open_database
 from tests.conftest import REPO
 
 

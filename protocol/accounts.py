@@ -1,4 +1,6 @@
-"""API keys, budgets and usage records, in the gateway's database.
+"""API keys, budgets and usage records: the accounts the gateway meters requests to and the
+coordinator bills runs to, in one database both open (the gateway's; a shared PostgreSQL URL
+when they run on different machines).
 
 - **Keys** are random (``bz-`` + 32 url-safe bytes), shown once at creation and stored only as
   their SHA-256; a presented key is hashed, looked up, and compared with ``hmac.compare_digest``.
@@ -11,7 +13,9 @@
   against a hold in the gateway's memory (``gateway/budgets.py``).
 - **Settlement** charges the tokens a request used (counted by the gateway with the model's
   tokenizer) out of the gateway's hold, and records the request, in one transaction.
-- **Usage**: every request writes a record (key, model, tokens, latency, node, status).
+- **Usage**: every request writes a record (key, model, tokens, latency, node, status). The
+  coordinator holds and settles a run's charges the same way, under the holder name
+  ``run:<id>``, with one usage record per charge (model ``run:<id>``).
 
 SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL (``protocol/database.py``).
 """
@@ -30,6 +34,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    func,
     insert,
     select,
     update,
@@ -263,3 +268,11 @@ class KeyStore:
         with Session(self.engine, expire_on_commit=False) as s:
             q = select(UsageRow).where(UsageRow.key_id == key_id).order_by(UsageRow.id)
             return list(s.scalars(q))
+
+    def usage_tokens(self, key_id: int, model: str) -> int:
+        """All tokens the key's usage records for ``model`` count."""
+        with Session(self.engine) as s:
+            q = select(
+                func.coalesce(func.sum(UsageRow.prompt_tokens + UsageRow.completion_tokens), 0)
+            )
+            return int(s.scalar(q.where(UsageRow.key_id == key_id, UsageRow.model == model)) or 0)

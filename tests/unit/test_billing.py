@@ -1,0 +1,206 @@
+"""Billing a run and the run lifecycle, against a real coordinator database and a real accounts
+database (SQLite files): what a round charges and to whom, holds on the owner's key budget,
+exact reconciliation, the budget stop, and queued → running → completed / failed / cancelled."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import trio
+
+from coordinator.billing import NETWORK, Billing
+from coordinator.config import AuditConfig, LeaseConfig
+from coordinator.db import Base, WorkStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.views import ledger
+from coordinator.work import RolloutService
+from protocol.accounts import ApiKey, KeyStore
+from protocol.accounts import open_database as open_accounts
+from protocol.adapters import (
+    AdapterManifest,
+    NoTraining,
+    RoundReport,
+    ShardInfo,
+    TrainAssignment,
+    TrainRequest,
+    VersionRewards,
+)
+from protocol.database import open_database
+from tests.unit.test_leases import Clock
+from tests.unit.test_rounds import STREAM, deliver
+
+TOKENS = 100  # per delivered lease (receipt_for)
+
+
+def service(tmp_path: Path, **config: int) -> tuple[RolloutService, KeyStore]:
+    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
+    accounts = KeyStore(open_accounts(f"sqlite:///{tmp_path / 'accounts.db'}"))
+    lease_config = LeaseConfig(round_leases=1, **config)  # type: ignore[arg-type]
+    svc = RolloutService(lease_config, AuditConfig(), WorkStore(engine), CoordinatorMetrics(),
+                         Clock(), accounts)  # fmt: skip
+    return svc, accounts
+
+
+def key(accounts: KeyStore, name: str) -> ApiKey:
+    (k,) = [k for k in accounts.all() if k.name == name]
+    return k
+
+
+async def round_of(
+    svc: RolloutService, run_id: str, trainers: list[str], made: list[str], trained: int
+) -> list[TrainAssignment | NoTraining]:
+    """Deliver a round's leases, deal them, record the next version as made by ``made``, and
+    have every trainer report ``trained`` tokens."""
+    run = svc.book.runs[run_id]
+    v = run.policy_version
+    for _ in trainers:
+        deliver(svc.book, "producer", {run_id: v})
+    got = [await svc.train(t, TrainRequest(base_model="tiny"), trainers, lambda p: [], [])
+           for t in trainers]  # fmt: skip
+    if all(isinstance(a, TrainAssignment) for a in got):
+        for t in made:  # the trainers whose result is the version sign the same manifest
+            ack = await svc.record_manifest(t, manifest(run_id, v + 1), b"frame")
+            assert ack.outcome in ("recorded", "duplicate")
+        for t in trainers:
+            report = RoundReport(run_id=run_id, version=v, rewards=[], tokens_trained=trained,
+                                 samples=[])  # fmt: skip
+            assert (await svc.record_report(t, report)).recorded
+    return got
+
+
+def manifest(run_id: str, version: int) -> AdapterManifest:
+    shard = ShardInfo(sha256=bytes(32), size=1)
+    return AdapterManifest(run_id=run_id, version=version, parent_version=version - 1,
+                           base_model_hash=bytes(32), shards=[shard], total_bytes=1)  # fmt: skip
+
+
+def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(
+    tmp_path: Path,
+) -> None:
+    svc, accounts = service(tmp_path)
+    _, owner = accounts.create("alice", budget_tokens=10_000)
+
+    async def main() -> None:
+        from coordinator.runs import RunSpec
+
+        run = await svc.create_run(RunSpec(name="r1"), owner)
+        run.plan = dataclasses.replace(STREAM, run_id="r1")
+        await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"], trained=60)
+        # t3's result lost to another group's: its share did not move the model
+        await round_of(svc, "r1", ["t1", "t3"], made=["t1"], trained=50)
+        view = await ledger(svc, "r1")
+        (check,) = view["runs"]
+        # round 0: 2 shares x 100 sampled + 2 x 60 trained; round 1: t1's 100 + 50
+        assert check["charged_sampled"] == 300 and check["charged_trained"] == 170
+        assert check["processed"] == check["charged"] == check["key_usage"] == 470
+        assert check["reconciled"] and view["reconciled"] and view["balance_sum"] == 0
+        assert view["balances"]["key:alice"] == -470
+        assert view["balances"]["node:producer"] == 300
+        assert view["balances"]["node:t1"] == 110 and view["balances"]["node:t2"] == 60
+        assert "node:t3" not in view["balances"]
+        # round 1 is not closed (t3 reported, so it is): nothing stays held once all reported
+        after = key(accounts, "alice")
+        assert after.used_tokens == 470 and after.reserved_tokens == 0
+        assert accounts.holds("run:r1") == {}
+
+    trio.run(main)
+    restored = RolloutService(LeaseConfig(), AuditConfig(), svc.store, CoordinatorMetrics(),
+                              Clock(), accounts)  # fmt: skip
+    restored.restore()
+    assert restored.billing.charged("r1") == 470  # the journal is persisted
+
+
+def test_a_run_completes_cleanly_when_its_budget_is_spent(tmp_path: Path) -> None:
+    svc, accounts = service(tmp_path)
+    # one round holds 2 x 100 (one trainer); charges 100 + 40: the third round cannot fit
+    _, owner = accounts.create("bob", budget_tokens=400)
+
+    async def main() -> None:
+        from coordinator.runs import RunSpec
+
+        run = await svc.create_run(RunSpec(name="r1"), owner)
+        run.plan = dataclasses.replace(STREAM, run_id="r1")
+        for _ in range(2):
+            assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"], 40))[0], TrainAssignment)
+        assert run.state == "running"
+        third = await round_of(svc, "r1", ["t1"], ["t1"], 40)
+        assert isinstance(third[0], NoTraining)
+        assert (run.state, run.stop_reason) == ("completed", "budget")
+        bob = key(accounts, "bob")
+        assert bob.used_tokens == 280 <= 400 and bob.reserved_tokens == 0
+        assert (await ledger(svc))["reconciled"]
+
+    trio.run(main)
+
+
+def test_a_runs_own_token_cap_stops_it_too(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path)
+
+    async def main() -> None:
+        from coordinator.runs import BudgetSpec, RunSpec
+
+        run = await svc.create_run(RunSpec(name="r1", budget=BudgetSpec(max_tokens=350)))
+        run.plan = dataclasses.replace(STREAM, run_id="r1", max_tokens=350)
+        await round_of(svc, "r1", ["t1"], ["t1"], 100)  # charges 200 of 350
+        assert run.state == "running"
+        await round_of(svc, "r1", ["t1"], ["t1"], 100)  # 200 + worst 200 > 350
+        assert (run.state, run.stop_reason) == ("completed", "budget")
+        assert svc.billing.charged("r1") == 200
+        assert (await ledger(svc))["runs"][0]["key_usage"] is None  # an open run: no key
+
+    trio.run(main)
+
+
+def test_verifiers_are_credited_and_a_penalized_producer_forfeits(tmp_path: Path) -> None:
+    billing = Billing(None)
+    paid = billing.post("r1", "sampled", "key:a", "node:p", 100, "lease-1")
+    assert paid is not None and billing.post("r1", "sampled", "key:a", "node:p", 100,
+                                              "lease-1") is None  # fmt: skip
+    assert billing.credit_verified("r1", "audit-1", "v", 100) is not None
+    assert [r.tokens for r in billing.forfeit("r1", "p", ["lease-1", "lease-2"])] == [100]
+    assert billing.forfeit("r1", "p", ["lease-1"]) == []  # once
+    assert billing.balances() == {"key:a": -100, "node:p": 0, NETWORK: 0, "node:v": 100}
+
+
+def test_lifecycle_queued_running_and_the_stop_rules(tmp_path: Path) -> None:
+    svc, _ = service(tmp_path, max_running_runs=1)
+
+    async def main() -> None:
+        from coordinator.runs import RunSpec, StopSpec
+
+        first = await svc.create_run(RunSpec(name="a", stop=StopSpec(max_rounds=1)))
+        second = await svc.create_run(
+            RunSpec(name="b", stop=StopSpec(target_reward=0.5, min_samples=4))
+        )
+        third = await svc.create_run(RunSpec(name="c"))
+        assert [first.state, second.state, third.state] == ["running", "queued", "queued"]
+        first.plan = dataclasses.replace(first.plan, prompts_per_lease=1)
+        await round_of(svc, "a", ["t1"], ["t1"], 10)  # only a running run gets leases
+        assert {s.lease.run_id for s in svc.book.leases.values()} == {"a"}
+        assert (first.state, first.stop_reason) == ("completed", "max_rounds")  # v1 of 1
+        assert (second.state, third.state) == ("running", "queued")  # the oldest starts
+        svc.book.set_policy_version("b", 1)
+        low = RoundReport(run_id="b", version=0, rewards=[VersionRewards(0, 8, 2.0, 2.0)],
+                          tokens_trained=0, samples=[])  # fmt: skip
+        await svc.record_report("t1", low)
+        assert second.state == "running"  # mean 0.25 < 0.5
+        svc.book.set_policy_version("b", 2)
+        high = RoundReport(run_id="b", version=1, rewards=[VersionRewards(1, 4, 3.0, 3.0)],
+                           tokens_trained=0, samples=[])  # fmt: skip
+        await svc.record_report("t1", high)
+        assert (second.state, second.stop_reason) == ("completed", "target_reward")
+        assert third.state == "running"
+        await svc.cancel_run(third)
+        assert (third.state, third.stop_reason) == ("cancelled", "cancelled")
+        svc.book.add_run(dataclasses.replace(first.plan, run_id="gone", env="no-such-env"))
+        await svc._save(runs=[svc.book.runs["gone"]])
+
+    trio.run(main)
+    restored = RolloutService(LeaseConfig(), AuditConfig(), svc.store, CoordinatorMetrics(),
+                              Clock())  # fmt: skip
+    restored.restore()  # a coordinator restart: states persisted; a run that cannot go on fails
+    states = {r: (s.state, s.stop_reason) for r, s in restored.book.runs.items()}
+    assert states["a"] == ("completed", "max_rounds") and states["c"][0] == "cancelled"
+    assert states["b"] == ("completed", "target_reward")
+    assert states["gone"][0] == "failed" and "no-such-env" in states["gone"][1]
