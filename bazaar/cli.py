@@ -14,7 +14,7 @@ import typer
 from bazaar import __version__
 from bazaar.output import console
 from bazaar.output import fail as _fail
-from bazaar.runs_cli import ledger, local_coordinator_url, run_app
+from bazaar.runs_cli import evaluate_command, ledger, local_coordinator_url, run_app
 
 app = typer.Typer(
     help="Bazaar: reinforcement-learning post-training on a peer-to-peer GPU network.",
@@ -38,6 +38,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(run_app, name="run")
 app.command("ledger")(ledger)
+app.command("eval")(evaluate_command)
 
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")
@@ -276,9 +277,8 @@ def model_tiny(
     max_steps: Annotated[int, typer.Option(min=1, help="Training schedule length.")] = 1500,
 ) -> None:
     """Build the tiny model (Llama architecture, byte tokenizer) in Hugging Face format."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from node.models.tiny import TinySpec, build_tiny_model, tiny_model_dir
+    from bazaar.output import build_tiny_model
+    from node.models.tiny import TinySpec, tiny_model_dir
     from protocol.config import data_dir
 
     spec = TinySpec(seed=seed, target_accuracy=target_accuracy, max_steps=max_steps)
@@ -286,15 +286,7 @@ def model_tiny(
     if (target / "bazaar-tiny.json").exists():
         console.print(f"already built: {target}", highlight=False)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("warm-up training", total=spec.max_steps, info="")
-
-        def report(step: int, loss: float, accuracy: float) -> None:
-            info = f"step {step}  loss {loss:.3f}  accuracy {accuracy:.0%}"
-            progress.update(task, completed=step, info=info)
-
-        build_tiny_model(target, spec, report)
+    build_tiny_model(target, spec)
     meta = json.loads((target / "bazaar-tiny.json").read_text())
     console.print(
         f"built {target} (accuracy {meta['accuracy']:.0%} after {meta['steps']} steps)",
@@ -305,15 +297,27 @@ def model_tiny(
 @app.command("up")
 def up(
     nodes: Annotated[int, typer.Option(min=1, max=64, help="How many node processes.")] = 3,
+    rounds: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Adapter versions the demo run trains.")
+    ] = 12,
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl+C).")
     ] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="The run to train (default: examples/arith-tiny.toml).")
+    ] = None,
+    model_cache: Annotated[
+        Path | None, typer.Option(help="Where built models are cached (default: the data dir).")
+    ] = None,
 ) -> None:
-    """Run a local network (a coordinator and N nodes on loopback) and watch it live."""
-    from bazaar.up import run_local_network
+    """Run the whole loop on this machine: a coordinator, a gateway and N nodes on loopback train
+    the demo run live, deploy it and serve it through the gateway; Ctrl+C stops everything."""
+    from bazaar.up import DEMO_SPEC, run_local_network
     from protocol.config import data_dir
 
-    raise typer.Exit(run_local_network(data_dir() / "local", nodes, duration, console))
+    code = run_local_network(data_dir() / "local", nodes, rounds, duration, console,
+                             spec or DEMO_SPEC, model_cache)  # fmt: skip
+    raise typer.Exit(code)
 
 
 def _key_store(db: str | None) -> Any:

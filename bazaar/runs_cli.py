@@ -301,3 +301,86 @@ def local_coordinator_url(home: Path) -> str:
         return str(json.loads((home / "coordinator.json").read_text())["http"])
     except (OSError, ValueError, KeyError):
         return "http://127.0.0.1:8700"
+
+
+def evaluate_command(
+    env: Annotated[str, typer.Option("--env", help="Environment (as a run spec names it).")],
+    model: Annotated[
+        str, typer.Option("--model", help="base, RUN (its deployed version) or RUN@VERSION.")
+    ],
+    n: Annotated[int, typer.Option("-n", min=1, max=100_000, help="Examples to answer.")] = 100,
+    env_args: Annotated[
+        str, typer.Option("--env-args", help='Environment arguments as JSON: {"digits": 1}.')
+    ] = "{}",
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also evaluate the base model, side by side.")
+    ] = False,
+    base_model: Annotated[
+        str, typer.Option(help="The base model 'base' means (default: the adapter's base).")
+    ] = "",
+    temperature: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the examples and of their sampling.")] = (
+        1_000_003
+    ),
+    gateway_url: Annotated[
+        str, typer.Option(envvar="BAZAAR_GATEWAY_URL", help="The gateway's URL.")
+    ] = "http://127.0.0.1:8800",
+    api_key: ApiKeyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Answer an environment's examples through the gateway and print the mean reward with a 95 %
+    confidence interval (--compare: the base model beside the adapter)."""
+    import openai
+    from rich.progress import Progress
+
+    from bazaar.evaluate import evaluate, summarize
+
+    try:
+        args = json.loads(env_args)
+        assert isinstance(args, dict)
+    except (ValueError, AssertionError):
+        raise _fail(f"--env-args must be a JSON object, got {env_args!r}") from None
+    if not api_key:
+        raise _fail("an API key is needed: --api-key or BAZAAR_API_KEY (bazaar keys create)")
+    client = openai.OpenAI(base_url=f"{gateway_url.rstrip('/')}/v1", api_key=api_key,
+                           max_retries=2)  # fmt: skip
+    try:
+        cards = {m.id: m for m in client.models.list().data}
+        card = cards.get(model)
+        root = getattr(card, "root", None) or getattr(card, "parent", None)
+        base = str(base_model or root or "tiny")
+        models = [base if model == "base" else model]
+        if compare and model != "base":
+            models.insert(0, base)
+        results = {}
+        with Progress(console=console, transient=True) as progress:
+            for m in models:
+                task = progress.add_task(f"{m}: {n} examples", total=n)
+
+                def advance(done: int, task: Any = task) -> None:
+                    progress.update(task, completed=done)
+
+                rewards = evaluate(client, env, args, m, n, seed=seed, temperature=temperature,
+                                   max_tokens=max_tokens, progress=advance)  # fmt: skip
+                results[m] = summarize(rewards)
+    except openai.APIError as e:
+        raise _fail(f"the gateway refused: {e}") from None
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps({m: {"n": s.n, "mean": s.mean, "ci95": s.ci95}
+                          for m, s in results.items()}, indent=2))  # fmt: skip
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{env} {env_args if args else ''} — {n} examples, through {gateway_url}")
+    for col in ("model", "mean reward", "95% CI"):
+        table.add_column(col)
+    for m, s in results.items():
+        table.add_row(m, f"{s.mean:.3f}", f"[{s.low:.3f}, {s.high:.3f}]")
+    if len(results) == 2:
+        (_, a), (_, b) = results.items()
+        table.add_row("difference", f"{b.mean - a.mean:+.3f}",
+                      f"± {(a.ci95**2 + b.ci95**2) ** 0.5:.3f}")  # fmt: skip
+    console.print(table)

@@ -1,10 +1,20 @@
-"""``bazaar up``: a whole local network on this machine, watched live, stopped by Ctrl+C.
+"""``bazaar up``: the whole loop on one machine — train, deploy, serve — watched live.
 
-Starts a coordinator and N node processes on loopback, each with its own data directory (its own
-identity) under ``<data dir>/local`` and one shared model cache (the tiny model is built once),
-shows the network as a live table, and on Ctrl+C (or after ``--duration``) sends every process
-SIGTERM — nodes say goodbye, the coordinator flushes its database — and waits for all of them,
-killing only what does not stop within the grace period.
+Builds the tiny model first if it is not cached (one model cache for every process), then starts
+a coordinator, a gateway and N nodes on loopback, each a process with its own data directory
+under ``<data dir>/local`` (the gateway shares the coordinator's, so both open one accounts
+database). It creates the demo researcher's API key once (kept in ``local/demo-key``, mode
+0600), submits the demo run (``examples/arith-tiny.toml``, stopped after ``--rounds`` versions)
+billed to it, and shows the run live: round, version, reward, tokens, nodes. When the run is
+done it deploys the adapter, asks the gateway for a chat completion from the base model and
+from the adapter, prints how to call it with curl and the ``openai`` client, and keeps serving
+until Ctrl+C (or ``--duration`` seconds after the start).
+
+Ctrl+C at any point stops everything cleanly: every process gets SIGTERM, in order — nodes
+(their goodbyes reach a live coordinator), the gateway (it gives its budget holds back), the
+coordinator (it flushes its database) — and is waited for; only what has not stopped within the
+grace period is killed. Every process runs in a session of its own, so the terminal's Ctrl+C
+reaches this process alone and the order holds.
 """
 
 from __future__ import annotations
@@ -12,10 +22,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console, Group
@@ -23,88 +37,253 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SPEC = REPO / "examples" / "arith-tiny.toml"
 STATUS_COLORS = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+BARS = "▁▂▃▄▅▆▇█"
 
 
-def run_local_network(root: Path, nodes: int, duration_s: float | None, console: Console) -> int:
-    root.mkdir(parents=True, exist_ok=True)
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+class Stop(Exception):
+    """The network is to stop (Ctrl+C, SIGTERM, ``--duration``)."""
 
-    def spawn(name: str, home: Path, args: list[str]) -> subprocess.Popen[bytes]:
+
+def node_layout(i: int, n: int) -> tuple[str, bool]:
+    """Roles of node ``i`` of ``n``, and whether it serves the OpenAI API: one node does it all
+    alone; otherwise a serving sampler-verifier, a trainer, a sampler, then more of each."""
+    if n == 1:
+        return "inference,trainer,verifier", True
+    first = [("inference,verifier", True), ("trainer", False), ("inference", False)]
+    more = [("inference", False), ("trainer", False), ("inference,verifier", False)]
+    return first[i] if i < len(first) else more[(i - len(first)) % len(more)]
+
+
+@dataclass
+class LocalNetwork:
+    root: Path
+    console: Console
+    deadline: float | None
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def spawn(self, name: str, home: Path, args: list[str]) -> subprocess.Popen[bytes]:
+        home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        with open(logs / f"{name}.log", "ab") as log:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "bazaar", *args],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl+C reaches us only; we stop them in order
-            )
-        procs.append((name, p))
+        with open(self.logs / f"{name}.log", "ab") as log:
+            p = subprocess.Popen([sys.executable, "-m", "bazaar", *args], env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.procs.append((name, p))
         return p
 
+    def wait(self, what: str, probe: Callable[[], Any], timeout_s: float) -> Any:
+        """Poll ``probe`` until it returns something truthy; fails if a process died."""
+        end = time.monotonic() + timeout_s
+        with self.console.status(what):
+            while True:
+                self.check()
+                if got := probe():
+                    return got
+                if time.monotonic() > end:
+                    raise RuntimeError(f"timed out: {what}; see the logs in {self.logs}")
+                time.sleep(0.2)
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Stop
+        for name, p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited ({p.returncode}); see {self.logs}/{name}.log")
+
+    def stop(self, interrupted: bool) -> bool:
+        """Nodes first, so their goodbyes reach a coordinator still running; the gateway; then
+        the coordinator. True if every process stopped by itself, cleanly. A second Ctrl+C
+        (or a signal forwarded twice) must not cut this short and leave processes behind: the
+        waits are bounded anyway."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.console.print()
+        order = [[(n, p) for n, p in self.procs if n.startswith("node-")],
+                 [(n, p) for n, p in self.procs if n == "gateway"],
+                 [(n, p) for n, p in self.procs if n == "coordinator"]]  # fmt: skip
+        with self.console.status("stopping the network" + (" (interrupted)" * interrupted)):
+            for group in order:
+                for _, p in group:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                for _, p in group:
+                    try:
+                        p.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait(5)
+        bad = {name: p.returncode for name, p in self.procs if p.returncode != 0}
+        if bad:
+            self.console.print(f"[yellow]stopped; unclean exits: {bad}")
+        else:
+            self.console.print(f"stopped {len(self.procs)} processes cleanly")
+        return not bad
+
+
+def run_local_network(
+    root: Path,
+    nodes: int,
+    rounds: int,
+    duration_s: float | None,
+    console: Console,
+    spec_path: Path = DEMO_SPEC,
+    model_cache: Path | None = None,
+) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    net = LocalNetwork(root, console, None if duration_s is None else time.monotonic() + duration_s)
+    net.logs.mkdir(exist_ok=True)
     # Ctrl+C and SIGTERM both mean "stop the network cleanly", however we were started (a
     # background job inherits SIGINT as ignored; Python would then never raise KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    coord_home = root / "coordinator"
+    interrupted, failed = False, False
+    try:
+        _demo(net, nodes, rounds, spec_path, model_cache or root)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Stop:
+        pass
+    except RuntimeError as e:
+        console.print(f"[red]{e}", soft_wrap=True)
+        failed = True
+    finally:
+        clean = net.stop(interrupted)
+    return 1 if failed or not clean else 0
+
+
+def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) -> None:
+    console = net.console
+    tiny = _tiny_model(cache)
+    coord_home = net.root / "coordinator"
     info_file = coord_home / "coordinator.json"
     info_file.unlink(missing_ok=True)
-    stopping = False
-    try:
-        coordinator = spawn(
-            "coordinator",
-            coord_home,
-            ["coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0"],
-        )
-        with console.status("starting the coordinator"):
-            deadline = time.monotonic() + 60
-            while not info_file.exists():
-                if coordinator.poll() is not None or time.monotonic() > deadline:
-                    console.print(f"[red]the coordinator did not start; see {logs}/coordinator.log")
-                    return 1
-                time.sleep(0.1)
-        info = json.loads(info_file.read_text())
-        console.print(f"coordinator {info['peer_id']}", soft_wrap=True)
-        console.print(f"  libp2p {info['multiaddrs'][0]}", soft_wrap=True)
-        console.print(f"  REST   {info['http']}   logs: {logs}", soft_wrap=True)
-        for i in range(nodes):
-            roles = ["inference", "inference,verifier", "trainer"][i % 3]
-            spawn(
-                f"node-{i}",
-                root / f"node-{i}",
-                ["node", "start", "--name", f"node-{i}", "--roles", roles,
-                 "--coordinator", info["multiaddrs"][0], "--listen", "/ip4/127.0.0.1/tcp/0",
-                 f"--model_cache={root}"],
-            )  # fmt: skip
-        started = time.monotonic()
-        hint = "Ctrl+C stops the network" if duration_s is None else f"running {duration_s:.0f}s"
-        if console.is_terminal:
-            with Live(console=console, refresh_per_second=2) as live:
-                while duration_s is None or time.monotonic() - started < duration_s:
-                    live.update(_view(info["http"], nodes, hint)[0])
-                    time.sleep(0.5)
-        else:  # a log file or CI: one line each time the network changes
-            last = ""
-            while duration_s is None or time.monotonic() - started < duration_s:
-                summary = _view(info["http"], nodes, hint)[1]
-                if summary != last:
-                    console.print(summary, soft_wrap=True)
-                    last = summary
-                time.sleep(0.5)
-    except KeyboardInterrupt:
-        stopping = True
-    finally:
-        _stop(procs, console, interrupted=stopping)
-    return 0
+    net.spawn("coordinator", coord_home, [
+        "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0",
+        "--leases.round_leases=1",
+    ])  # fmt: skip
+    info = net.wait("starting the coordinator", info_file.exists, 60) and json.loads(
+        info_file.read_text()
+    )
+    url, maddr = info["http"], info["multiaddrs"][0]
+    gateway = f"http://127.0.0.1:{_free_port()}"
+    net.spawn("gateway", coord_home, [
+        "gateway", "start", "--coordinator-url", url, "--listen", gateway.removeprefix("http://"),
+        f"--tokenizers.tiny={tiny}", "--refresh_s=1",
+    ])  # fmt: skip
+    for i in range(n):
+        roles, serve = node_layout(i, n)
+        net.spawn(f"node-{i}", net.root / f"node-{i}", [
+            "node", "start", "--name", f"node-{i}", "--roles", roles, "--coordinator", maddr,
+            "--listen", "/ip4/127.0.0.1/tcp/0", f"--model_cache={cache}", "--torch_threads=1",
+            *(["--serve"] if serve else []),
+        ])  # fmt: skip
+    net.wait("starting the gateway", lambda: _answers(f"{gateway}/health"), 60)
+    console.print(f"coordinator {url}   gateway {gateway}   logs {net.logs}", soft_wrap=True)
+    key = _demo_key(net.root, coord_home)
+    run_id = _submit(url, key, spec_path, rounds)
+    console.print(f"run [bold]{run_id}[/] submitted ({spec_path.name}, {rounds} rounds)")
+    run = _watch(net, url, run_id, n)
+    if run["state"] != "completed":
+        raise RuntimeError(f"run {run_id} ended {run['state']}: {run['stop_reason']}")
+    _serve_demo(net, url, gateway, key, run_id, spec_path)
+    hint = "serving; Ctrl+C stops the network"
+    _follow(net, lambda: _nodes_view(url, n, hint))
 
 
-def _view(url: str, expected: int, hint: str) -> tuple[Group, str]:
-    """The live table, and a one-line summary of it."""
+def _tiny_model(cache: Path) -> Path:
+    """The tiny model's directory in the shared cache, built now (with progress) if missing."""
+    from bazaar.output import build_tiny_model
+    from node.models.tiny import META_FILE, TinySpec, tiny_model_dir
+
+    target = tiny_model_dir(cache, TinySpec())
+    return target if (target / META_FILE).exists() else build_tiny_model(target, TinySpec())
+
+
+def _demo_key(root: Path, accounts_home: Path) -> str:
+    """The demo researcher's key: made once, kept in ``demo-key`` (0600) for later runs."""
+    from protocol.accounts import KeyStore, open_database
+
+    store = KeyStore(open_database(f"sqlite:///{accounts_home / 'gateway.db'}"))
+    path = root / "demo-key"
+    if path.exists() and store.authenticate(path.read_text().strip()) is not None:
+        return path.read_text().strip()
+    taken = {k.name for k in store.all()}
+    name = next(f"demo-{i}" for i in range(1, 10_000) if f"demo-{i}" not in taken)
+    secret, _ = store.create(name, budget_tokens=50_000_000)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
+
+
+def _submit(url: str, key: str, spec_path: Path, rounds: int) -> str:
+    from coordinator.runs import RunSpec
+
+    spec = RunSpec.from_toml(spec_path)
+    spec = spec.model_copy(update={"stop": spec.stop.model_copy(update={"max_rounds": rounds})})
+    taken = {r["id"] for r in httpx.get(f"{url}/v1/runs", timeout=10).json()["data"]}
+    name = next(f"{spec.name}{f'-{i}' if i > 1 else ''}" for i in range(1, 10_000)
+                if f"{spec.name}{f'-{i}' if i > 1 else ''}" not in taken)  # fmt: skip
+    body = {**spec.model_dump(), "name": name}
+    resp = httpx.post(f"{url}/v1/runs", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    if resp.status_code >= 400:
+        raise RuntimeError(f"the coordinator refused the demo run: {resp.text[:300]}")
+    return str(resp.json()["id"])
+
+
+def _watch(net: LocalNetwork, url: str, run_id: str, n: int) -> dict[str, Any]:
+    """Show the run until it is no longer queued or running; its last view."""
+    last: dict[str, Any] = {}
+
+    def view() -> tuple[Group, str]:
+        nonlocal last
+        try:
+            last = httpx.get(f"{url}/v1/runs/{run_id}", timeout=5).json()
+            rewards = httpx.get(f"{url}/v1/runs/{run_id}/rewards", timeout=5).json()["data"]
+        except httpx.HTTPError as e:
+            return Group(Text(f"coordinator not answering: {e}", style="red")), "coordinator down"
+        table, summary = _run_view(last, rewards)
+        nodes, node_summary = _nodes_view(url, n, "Ctrl+C stops the network")
+        return Group(table, nodes), f"{summary}; {node_summary}"
+
+    _follow(net, view, until=lambda: last.get("state") not in (None, "queued", "running"))
+    return last
+
+
+def _run_view(run: dict[str, Any], rewards: list[dict[str, Any]]) -> tuple[Table, str]:
+    rounds = run.get("max_rounds")
+    version = run["policy_version"]
+    curve = [r["mean"] for r in rewards]
+    reward = (f"{curve[0]:.3f} at v{rewards[0]['version']} → {curve[-1]:.3f} at "
+              f"v{rewards[-1]['version']}") if curve else "—"  # fmt: skip
+    spark = "".join(BARS[min(int(v * len(BARS)), len(BARS) - 1)] for v in curve[-40:])
+    rows = [
+        ("state", f"{run['state']} {run['stop_reason']}".strip()),
+        ("round / version", f"{version}" + (f" of {rounds}" if rounds else "")),
+        ("reward (trained completions)", f"{reward}  {spark}"),
+        ("tokens sampled", f"{run['completion_tokens']:,}"),
+        ("tokens trained", f"{run['tokens_trained']:,}"),
+        ("tokens billed", f"{run['billed_tokens']:,} to key {run['owner']!r}"),
+    ]
+    table = Table(title=f"run {run['id']}: {run['env']} on {run['base_model']}", show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    summary = (f"run {run['id']} {run['state']} v{version}: reward {reward}, "
+               f"{run['completion_tokens']:,} tokens sampled, {run['tokens_trained']:,} trained, "
+               f"{run['billed_tokens']:,} billed")  # fmt: skip
+    return table, summary
+
+
+def _nodes_view(url: str, expected: int, hint: str) -> tuple[Group, str]:
+    """The nodes table, and a one-line summary of it."""
     try:
-        data = httpx.get(f"{url}/v1/network/nodes", timeout=2).json()["data"]
+        data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]
     except httpx.HTTPError as e:
         return Group(Text(f"coordinator not answering: {e}", style="red")), "coordinator down"
     alive = sum(n["status"] == "alive" for n in data)
@@ -116,36 +295,101 @@ def _view(url: str, expected: int, hint: str) -> tuple[Group, str]:
         table.add_column(col)
     for n in data:
         table.add_row(
-            n["name"],
-            f"{n['peer_id'][:12]}…",
-            ",".join(n["roles"]),
+            n["name"], f"{n['peer_id'][:12]}…", ",".join(n["roles"]),
             f"[{STATUS_COLORS.get(n['status'], 'white')}]{n['status']}[/]",
-            f"{n['last_seen_ago_s']:.1f}s ago",
-            str(n["heartbeats"]),
-        )
+            f"{n['last_seen_ago_s']:.1f}s ago", str(n["heartbeats"]),
+        )  # fmt: skip
     return Group(table), summary
 
 
-def _stop(
-    procs: list[tuple[str, subprocess.Popen[bytes]]], console: Console, interrupted: bool
+def _follow(
+    net: LocalNetwork,
+    view: Callable[[], tuple[Group, str]],
+    until: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Nodes first, so their goodbyes reach a coordinator still running; then the coordinator."""
-    console.print()
-    nodes = [(n, p) for n, p in procs if n != "coordinator"]
-    coordinator = [(n, p) for n, p in procs if n == "coordinator"]
-    with console.status("stopping the network" + (" (interrupted)" if interrupted else "")):
-        for group in (nodes, coordinator):
-            for _, p in group:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for _, p in group:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-    bad = {name: p.returncode for name, p in procs if p.returncode != 0}
-    if bad:
-        console.print(f"[yellow]stopped; unclean exits: {bad}")
-    else:
-        console.print(f"stopped {len(procs)} processes cleanly")
+    """Show ``view`` live on a terminal, or print its summary line whenever it changes (a log
+    file, CI), until ``until()``; raises ``Stop`` at the deadline."""
+    if net.console.is_terminal:
+        with Live(console=net.console, refresh_per_second=2) as live:
+            while not until():
+                net.check()
+                live.update(view()[0])
+                time.sleep(0.5)
+        return
+    last = ""
+    while not until():
+        net.check()
+        summary = view()[1]
+        if summary != last:
+            net.console.print(summary, soft_wrap=True, highlight=False)
+            last = summary
+        time.sleep(0.5)
+
+
+def _serve_demo(
+    net: LocalNetwork, url: str, gateway: str, key: str, run_id: str, spec_path: Path
+) -> None:
+    """Deploy the run's adapter, wait for the gateway to route it, answer one example with the
+    base model and with the adapter, and print how to call it."""
+    import openai
+
+    from coordinator.runs import RunSpec
+    from envs import load_environment
+
+    resp = httpx.post(f"{url}/v1/runs/{run_id}/deploy", json={}, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    if resp.status_code >= 400:
+        raise RuntimeError(f"deploy refused: {resp.text[:300]}")
+    version = resp.json()["deployed"]
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=2)
+    net.wait(f"the gateway to route model {run_id} (v{version})",
+             lambda: run_id in [m.id for m in client.models.list().data], 120)  # fmt: skip
+    spec = RunSpec.from_toml(spec_path)
+    env = load_environment(spec.env.name, **spec.env.args)
+    example = env.example(7, 0)
+    question = str(example.prompt[-1]["content"])
+    net.console.print(f"\n[bold]deployed {run_id} v{version}[/]; asking the gateway: "
+                      f"{question!r} (answer {example.answer!r})", soft_wrap=True)  # fmt: skip
+    for model in (spec.base_model, run_id):
+        done = client.chat.completions.create(
+            model=model, messages=example.prompt,  # type: ignore[arg-type]
+            max_tokens=spec.rl.max_tokens, temperature=0,
+        )  # fmt: skip
+        reward = env.score(example, done.choices[0].message.content or "").reward
+        net.console.print(f"  chat completion from {model}: "
+                          f"{done.choices[0].message.content!r} (reward {reward:.2f})",
+                          soft_wrap=True, highlight=False)  # fmt: skip
+    key_file = net.root / "demo-key"
+    body = json.dumps({"model": run_id, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": spec.rl.max_tokens})  # fmt: skip
+    net.console.print(f"""
+Call it yourself (the demo key is in {key_file}):
+
+  curl {gateway}/v1/chat/completions \\
+    -H "Authorization: Bearer $(cat {key_file})" -H "Content-Type: application/json" \\
+    -d '{body}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{gateway}/v1", api_key=open("{key_file}").read().strip())
+  print(client.chat.completions.create(model="{run_id}", max_tokens={spec.rl.max_tokens},
+        messages=[{{"role": "user", "content": {question!r}}}]).choices[0].message.content)
+
+  BAZAAR_API_KEY=$(cat {key_file}) bazaar eval --gateway-url {gateway} --env {spec.env.name} \\
+    --env-args '{json.dumps(spec.env.args)}' --model {run_id} --compare -n 200 \\
+    --max-tokens {spec.rl.max_tokens}
+  bazaar ledger --coordinator-url {url}
+""", soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def _free_port() -> int:
+    """A loopback port free now (the gateway binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
 
 from gateway.config import GatewayConfig
@@ -27,6 +29,10 @@ def coordinator_url(config: GatewayConfig, data_dir: Path) -> str:
         ) from None
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
 def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
     import uvicorn
 
@@ -41,6 +47,10 @@ def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
     app = create_app(config, store, router, TokenCounter(config.tokenizers))
     host, port = parse_host_port(config.listen)
     log.info("gateway on http://%s:%d, routing through the coordinator at %s", host, port, url)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the
+    # handlers it found: make that a clean exit, so a stopped gateway exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_config=None,
                 access_log=False, proxy_headers=False, server_header=False)  # fmt: skip
     return 0
