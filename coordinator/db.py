@@ -63,7 +63,7 @@ class RunRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     deployed: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    stop_reason: Mapped[str] = mapped_column(String(32), default="")
+    stop_reason: Mapped[str] = mapped_column(Text, default="")
     owner: Mapped[str] = mapped_column(String(128), default="")
     owner_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 

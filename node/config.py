@@ -16,8 +16,9 @@ class NodeConfig(ConfigModel):
     roles: list[str] = ["inference"]
     """Roles this node takes: any of inference, trainer, verifier."""
     coordinator: str = ""
-    """Coordinator multiaddr (``/ip4/.../tcp/.../p2p/...``); empty means the one a local
-    coordinator wrote to the data directory."""
+    """Coordinator multiaddr (``/ip4/.../tcp/.../p2p/...``), or its REST URL
+    (``http://HOST:8700``, whose ``/health`` gives the multiaddrs; waited for up to a minute);
+    empty means the one a local coordinator wrote to the data directory."""
     listen: str = "/ip4/0.0.0.0/tcp/0"
     """py-libp2p listen multiaddr; port 0 picks a free one."""
     metrics_listen: str = ""
@@ -49,6 +50,9 @@ class NodeConfig(ConfigModel):
     the gateway to route requests to."""
     serve_listen: str = "127.0.0.1:0"
     """HOST:PORT of that endpoint; port 0 picks a free one (reported to the coordinator)."""
+    serve_url: str = ""
+    """The URL the gateway reaches that endpoint at, when it is not ``http://<serve_listen>``
+    (listening on 0.0.0.0 in a container: ``http://node-1:8900``)."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,10 @@ EXIT_REFUSED = 3
 
 
 def coordinator_addrs(config: NodeConfig, data_dir: Path) -> list[str]:
-    """The coordinator to dial: from the config, or the file a local coordinator wrote."""
+    """The coordinator to dial: its multiaddr from the config, the multiaddrs its REST API
+    (``http://HOST:PORT``) gives, or those a local coordinator wrote to the data directory."""
+    if config.coordinator.startswith(("http://", "https://")):
+        return _addrs_from_api(config.coordinator.rstrip("/"))
     if config.coordinator:
         return [config.coordinator]
     path = data_dir / "coordinator.json"
@@ -37,6 +42,27 @@ def coordinator_addrs(config: NodeConfig, data_dir: Path) -> list[str]:
             f"pass --coordinator /ip4/HOST/tcp/PORT/p2p/PEER_ID"
         ) from None
     return list(addrs)
+
+
+def _addrs_from_api(url: str, wait_s: float = 60.0) -> list[str]:
+    """The coordinator's multiaddrs from its ``/health``, waiting up to ``wait_s`` for it to
+    answer (a node may start before its coordinator, as in a compose file)."""
+    import httpx
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            peer = health["peer_id"]
+            # a coordinator listening on 0.0.0.0 is reached where its REST API was
+            here = socket.gethostbyname(httpx.URL(url).host)
+            addrs = [a.replace("/ip4/0.0.0.0/", f"/ip4/{here}/") for a in health["multiaddrs"]]
+            return [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in addrs]
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"no coordinator answering at {url}/health ({e})") from None
+            log.info("waiting for the coordinator at %s (%s)", url, e)
+            time.sleep(1.0)
 
 
 def start_node(
@@ -115,7 +141,7 @@ def _roles(
 
         host, port = parse_host_port(config.serve_listen)
         sock = bind_tcp(host, port)
-        url = f"http://{host}:{sock.getsockname()[1]}"
+        url = config.serve_url.rstrip("/") or f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
         role = ServingRole(model, sock, config.model, versions.adapters, versions=versions)
         agent.capabilities = msgspec.structs.replace(

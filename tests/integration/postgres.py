@@ -56,3 +56,16 @@ def postgres_server() -> Iterator[str]:
     finally:
         as_postgres(pg_ctl, "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def database(server_url: str, name: str) -> Iterator[str]:
+    """A fresh database ``name`` on the server; yields its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(server_url.replace("postgresql://", "postgresql+psycopg://", 1),
+                          isolation_level="AUTOCOMMIT")  # fmt: skip
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    yield server_url.rsplit("/", 1)[0] + f"/{name}"

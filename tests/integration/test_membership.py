@@ -49,8 +49,8 @@ def _status_json(cluster: Cluster) -> list[dict[str, object]]:
 def test_five_nodes_join_and_are_alive_in_network_status(cluster: Cluster) -> None:
     cluster.start_coordinator()
     roles = ["inference", "trainer", "verifier", "inference,verifier", "inference,trainer,verifier"]
-    for i, r in enumerate(roles):
-        cluster.start_node(f"n{i}", roles=r)
+    for i, r in enumerate(roles):  # the last one finds the coordinator from its REST URL
+        cluster.start_node(f"n{i}", roles=r, coordinator=cluster.url if i == 4 else None)
 
     def all_alive() -> list[dict[str, object]] | None:
         rows = _status_json(cluster)

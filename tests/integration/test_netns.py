@@ -65,3 +65,31 @@ def test_cut_link_makes_a_node_dead_and_restoring_it_brings_it_back(
         assert all(p.alive() for p in cluster.procs)
     finally:
         cluster.stop_all()
+
+
+def test_nodes_on_other_hosts_find_a_coordinator_from_its_rest_url(
+    hosts: dict[str, netns.Host], tmp_path: Path
+) -> None:
+    """How a compose file or a data center starts nodes: the coordinator listens on 0.0.0.0,
+    and nodes on other hosts are given only its REST URL."""
+    cluster = Cluster(tmp_path, interval_s=1.0)
+    coord = hosts["coord"]
+    try:
+        cluster.start_coordinator(listen_host="0.0.0.0", ns=coord.ns)
+        assert cluster.multiaddr.startswith("/ip4/0.0.0.0/")  # not dialable as it is
+        url = f"http://{coord.address}:{cluster.http_port}"
+        for name in ("n1", "n2"):
+            cluster.start_node(name, ns=hosts[name].ns, coordinator=url)
+
+        def both_alive() -> bool:
+            out = subprocess.run(
+                ["ip", "netns", "exec", coord.ns, sys.executable, "-m", "bazaar", "network",
+                 "status", "--coordinator-url", cluster.url, "--json"],
+                capture_output=True, text=True, check=True, cwd=REPO, timeout=30,
+            )  # fmt: skip
+            got = {n["name"]: n["status"] for n in json.loads(out.stdout)}
+            return got == {"n1": "alive", "n2": "alive"}
+
+        wait_until(both_alive, 90, 0.5, what="nodes joined through the REST URL")
+    finally:
+        cluster.stop_all()

@@ -93,3 +93,19 @@ def test_gateway_keys_holds_and_usage_live_in_postgresql(
     (after,) = [k for k in store.all() if k.id == key.id]
     assert (after.used_tokens, after.reserved_tokens) == (sum(totals), 0)
     assert not (tmp_path / "gw" / "gateway.db").exists()  # not SQLite
+
+
+def test_runs_leases_billing_and_the_lifecycle_live_in_postgresql(pg_url: str) -> None:
+    """The coordinator's run, lease, report and ledger tables and the accounts tables in one
+    PostgreSQL database (as compose.yaml has them): the billing and lifecycle tests, restarts
+    included, against it."""
+    from tests.unit import test_billing
+
+    with postgres.database(pg_url, "billing") as url:
+        test_billing.test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(
+            (url, url)
+        )
+    with postgres.database(pg_url, "budget") as url:
+        test_billing.test_a_run_completes_cleanly_when_its_budget_is_spent((url, url))
+    with postgres.database(pg_url, "lifecycle") as url:
+        test_billing.test_lifecycle_queued_running_and_the_stop_rules((url, url))

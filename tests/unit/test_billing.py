@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import trio
 
 from coordinator.billing import NETWORK, Billing
@@ -33,9 +34,19 @@ from tests.unit.test_rounds import STREAM, deliver
 TOKENS = 100  # per delivered lease (receipt_for)
 
 
-def service(tmp_path: Path, **config: int) -> tuple[RolloutService, KeyStore]:
-    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
-    accounts = KeyStore(open_accounts(f"sqlite:///{tmp_path / 'accounts.db'}"))
+Databases = tuple[str, str]
+"""URLs of the coordinator's database and the accounts database (PostgreSQL in
+``tests/integration/test_postgres.py``: the same tests, both in one database)."""
+
+
+@pytest.fixture
+def dbs(tmp_path: Path) -> Databases:
+    return f"sqlite:///{tmp_path / 'c.db'}", f"sqlite:///{tmp_path / 'accounts.db'}"
+
+
+def service(dbs: Databases, **config: int) -> tuple[RolloutService, KeyStore]:
+    engine = open_database(dbs[0], Base.metadata)
+    accounts = KeyStore(open_accounts(dbs[1]))
     lease_config = LeaseConfig(round_leases=1, **config)  # type: ignore[arg-type]
     svc = RolloutService(lease_config, AuditConfig(), WorkStore(engine), CoordinatorMetrics(),
                          Clock(), accounts)  # fmt: skip
@@ -75,10 +86,8 @@ def manifest(run_id: str, version: int) -> AdapterManifest:
                            base_model_hash=bytes(32), shards=[shard], total_bytes=1)  # fmt: skip
 
 
-def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(
-    tmp_path: Path,
-) -> None:
-    svc, accounts = service(tmp_path)
+def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
     _, owner = accounts.create("alice", budget_tokens=10_000)
 
     async def main() -> None:
@@ -111,8 +120,8 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(
     assert restored.billing.charged("r1") == 470  # the journal is persisted
 
 
-def test_a_run_completes_cleanly_when_its_budget_is_spent(tmp_path: Path) -> None:
-    svc, accounts = service(tmp_path)
+def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
     # one round holds 2 x 100 (one trainer); charges 100 + 40: the third round cannot fit
     _, owner = accounts.create("bob", budget_tokens=400)
 
@@ -134,8 +143,8 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(tmp_path: Path) -> Non
     trio.run(main)
 
 
-def test_a_runs_own_token_cap_stops_it_too(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path)
+def test_a_runs_own_token_cap_stops_it_too(dbs: Databases) -> None:
+    svc, _ = service(dbs)
 
     async def main() -> None:
         from coordinator.runs import BudgetSpec, RunSpec
@@ -152,7 +161,7 @@ def test_a_runs_own_token_cap_stops_it_too(tmp_path: Path) -> None:
     trio.run(main)
 
 
-def test_verifiers_are_credited_and_a_penalized_producer_forfeits(tmp_path: Path) -> None:
+def test_verifiers_are_credited_and_a_penalized_producer_forfeits() -> None:
     billing = Billing(None)
     paid = billing.post("r1", "sampled", "key:a", "node:p", 100, "lease-1")
     assert paid is not None and billing.post("r1", "sampled", "key:a", "node:p", 100,
@@ -163,8 +172,8 @@ def test_verifiers_are_credited_and_a_penalized_producer_forfeits(tmp_path: Path
     assert billing.balances() == {"key:a": -100, "node:p": 0, NETWORK: 0, "node:v": 100}
 
 
-def test_lifecycle_queued_running_and_the_stop_rules(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path, max_running_runs=1)
+def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
+    svc, _ = service(dbs, max_running_runs=1)
 
     async def main() -> None:
         from coordinator.runs import RunSpec, StopSpec
