@@ -159,7 +159,7 @@ def run_local_network(
 
 def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) -> None:
     console = net.console
-    tiny = _tiny_model(cache)
+    tiny = tiny_model(cache)
     coord_home = net.root / "coordinator"
     info_file = coord_home / "coordinator.json"
     info_file.unlink(missing_ok=True)
@@ -196,7 +196,7 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
     _follow(net, lambda: _nodes_view(url, n, hint))
 
 
-def _tiny_model(cache: Path) -> Path:
+def tiny_model(cache: Path) -> Path:
     """The tiny model's directory in the shared cache, built now (with progress) if missing."""
     from bazaar.output import build_tiny_model
     from node.models.tiny import META_FILE, TinySpec, tiny_model_dir

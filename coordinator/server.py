@@ -42,7 +42,13 @@ from protocol.adapters import (
 )
 from protocol.codec import Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
-from protocol.errors import DecodeError, Forbidden, NotFound, ProtocolError, UnknownMessageType
+from protocol.errors import (
+    DecodeError,
+    Forbidden,
+    NotMember,
+    ProtocolError,
+    UnknownMessageType,
+)
 from protocol.gossip import GossipGate
 from protocol.http import bind_tcp, parse_host_port, serve_http
 from protocol.identity import Identity
@@ -214,8 +220,8 @@ class Coordinator:
             return await self._join(peer, msg)
         if isinstance(msg, PeersRequest):
             member = self.membership.nodes.get(peer)
-            if member is None or member.status == "left":
-                raise NotFound("the peer list is for members: join first")
+            if member is None or member.status in ("left", "dead"):
+                raise NotMember("the peer list is for live members: join first")
             return PeersReply(peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit))
         if isinstance(msg, Goodbye):
             await self._apply(self.membership.goodbye(peer))
@@ -243,7 +249,7 @@ class Coordinator:
             return await self.work.record_report(peer, msg)
         if isinstance(msg, VersionsRequest):
             if peer not in self.membership.nodes:
-                raise Forbidden("adapter versions are for members: join first")
+                raise NotMember("adapter versions are for members: join first")
             return self.work.current_versions(msg, self._addrs_of)
         raise UnknownMessageType(f"{msg.TYPE} is not an adapters request")
 
@@ -271,7 +277,7 @@ class Coordinator:
         """Work is for live members with the role, and never for a banned producer."""
         node = self.membership.nodes.get(peer)
         if node is None or node.status in ("left", "dead"):
-            raise Forbidden(f"{role} work is for live members: join first")
+            raise NotMember(f"{role} work is for live members: join first")
         if role not in node.capabilities.roles:
             raise Forbidden(f"{role} work is for nodes with the {role} role")
         trust = self.work.audits.trust.get(peer)

@@ -9,7 +9,10 @@
 - **Mesh.** Dial the peers the coordinator names and refresh them periodically, so gossip between
   nodes carries on through a short coordinator outage.
 - **Reconnect.** A watchdog notices when the coordinator connection is gone and joins again with
-  the same instance id, so a restarted coordinator accepts us as the same process.
+  the same instance id, so a restarted coordinator accepts us as the same process. It also
+  joins again when the coordinator answers a request with ``not_member`` (it declared this node
+  dead: its heartbeats stopped arriving while the connection stayed up, as when another process
+  with the same key dialed it and was refused), over a fresh connection, so gossip starts clean.
 - **Goodbye** on stop: signed, sent straight to the coordinator and on gossip.
 - **Adapter manifests.** The node also keeps the adapters topic, where trainers publish each new
   version's signed manifest; every frame passes the gossip gate (signature, replay, type) and
@@ -35,7 +38,13 @@ from node.config import NodeConfig
 from protocol.adapters import AdapterManifest, Deployed
 from protocol.codec import M, Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
-from protocol.errors import DecodeError, ProtocolError, RemoteError, VersionMismatch
+from protocol.errors import (
+    DecodeError,
+    NotMember,
+    ProtocolError,
+    RemoteError,
+    VersionMismatch,
+)
 from protocol.gossip import GossipGate, GossipMetrics
 from protocol.identity import Identity
 from protocol.membership import (
@@ -110,6 +119,8 @@ class NodeAgent:
         """Last heartbeat this node heard from each peer: its own view of the network."""
         self._reply_guard = ReplayGuard()
         self._started = clock()
+        self._not_member = False
+        """The coordinator answered ``not_member``: the watchdog joins again."""
 
     async def run(
         self,
@@ -204,7 +215,11 @@ class NodeAgent:
         job, which also joins again (a restarted coordinator must hear the join)."""
         if protocol != MEMBERSHIP and self.coordinator_id not in self.host.connected_peers():
             raise TransportError("not connected to the coordinator (reconnecting)")
-        data = await self.host.request(self.coordinator_id, protocol, seal(self.identity, msg))
+        try:
+            data = await self.host.request(self.coordinator_id, protocol, seal(self.identity, msg))
+        except RemoteError as e:
+            self._not_member |= e.code == NotMember.reason
+            raise
         env = open_envelope(data, self._reply_guard)
         if env.sender != self.coordinator_id or not isinstance(env.message, expect):
             raise DecodeError(f"unexpected {env.message.TYPE} from {env.sender}")
@@ -257,6 +272,14 @@ class NodeAgent:
                 self.metrics.coordinator_up.set(0)
                 log.warning("lost the coordinator; reconnecting")
                 await self._join(first=False)
+                self._not_member = False
+            elif self._not_member:
+                self.metrics.coordinator_up.set(0)
+                log.warning("the coordinator no longer counts this node as a live member; "
+                            "joining again over a fresh connection")  # fmt: skip
+                await self.host.disconnect(self.coordinator_id)
+                await self._join(first=False)
+                self._not_member = False
 
     async def _peers_loop(self) -> None:
         while True:

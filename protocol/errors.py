@@ -12,7 +12,8 @@ a caller needs one ``except ProtocolError`` to turn any bad input into a recorde
     ├── ReplayError               this (sender, nonce) was already accepted
     ├── ExpiredError              the timestamp lies outside the acceptance window
     ├── NotFound                  a peer does not have what was asked for (a payload, a shard)
-    ├── Forbidden                 the sender may not ask this (not a member, lacks the role)
+    ├── Forbidden                 the sender may not ask this (lacks the role, banned)
+    │   └── NotMember             the sender is no live member (never joined, left, declared dead)
     ├── HashMismatch              content does not hash to the digest it was fetched by
     └── RemoteError               a peer answered a request with an error of its own
 
@@ -66,6 +67,14 @@ class NotFound(ProtocolError):
 
 class Forbidden(ProtocolError):
     reason = "forbidden"
+
+
+class NotMember(Forbidden):
+    """The coordinator does not count the sender as a live member: it never joined, said
+    goodbye, or was declared dead (its heartbeats stopped arriving). A node told this joins
+    again over a fresh connection."""
+
+    reason = "not_member"
 
 
 class HashMismatch(ProtocolError):

@@ -194,6 +194,10 @@ class P2PHost:
                 continue
         return False
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``; the next dial starts clean (streams, gossip)."""
+        await self._host.disconnect(ID.from_base58(peer_id))
+
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
 

@@ -150,23 +150,10 @@ class TrainerRole:
         from transformers import AutoTokenizer
 
         from node.models.loading import resolve
-        from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-        from node.training.grpo import LossSettings
-        from node.training.trainer import LoraSettings, LoraTrainer
+        from node.training.trainer import trainer_parts
 
         base = resolve(self.config.model, Path(self.config.model_cache or self.data_dir))
-        s = settings
-        lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
-        loss = LossSettings(
-            std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
-            mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
-            constant=s.constant, kl_coef=s.kl_coef,
-        )  # fmt: skip
-        trainer = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
-        levels = levels_for(8, s.wire)
-        bound = s.inner_lr * s.inner_steps  # AdamW moves a weight about lr a step at most
-        quantizer = Quantizer(trainer.sizes, levels, bound / levels)
-        outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
+        trainer, quantizer, outer = trainer_parts(base, run_id, settings)
         self.base_hash = hashlib.sha256(base.encode()).digest()  # the base's reference
         self.v0 = trainer.flat()  # version 0, the same on every trainer of the run
         return trainer, quantizer, outer, AutoTokenizer.from_pretrained(base)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from node.training.diloco import OuterOptimizer, Quantizer
+from node.training.diloco import OuterOptimizer, Quantizer, levels_for
 from node.training.grpo import LossSettings, LossStats, group_advantages, grpo_loss
+from protocol.adapters import TrainSettings
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from verification.rollouts import lease_examples, prompt_ids, sample_tokens, score_rollouts
@@ -169,6 +170,25 @@ class LoraTrainer:
             config["target_modules"] = sorted(config["target_modules"])
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return out
+
+
+def trainer_parts(
+    base: str, run_id: str, s: TrainSettings
+) -> tuple[LoraTrainer, Quantizer, OuterOptimizer]:
+    """A run's trainer as its settings say (LoRA, loss, inner lr), the quantizer of its
+    pseudo-gradients (levels for groups of up to 8; AdamW moves a weight about lr a step at
+    most, so H steps bound it by lr·H) and its outer optimizer."""
+    lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
+    loss = LossSettings(
+        std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
+        mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
+        constant=s.constant, kl_coef=s.kl_coef,
+    )  # fmt: skip
+    trainer = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
+    levels = levels_for(8, s.wire)
+    quantizer = Quantizer(trainer.sizes, levels, s.inner_lr * s.inner_steps / levels)
+    outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
+    return trainer, quantizer, outer
 
 
 def diloco_round(

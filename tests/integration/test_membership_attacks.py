@@ -150,7 +150,7 @@ def test_bad_requests_are_refused_with_their_reason(cluster: Cluster) -> None:
             async with P2PHost.create(stranger) as other:
                 await other.connect(cluster.multiaddr)
                 ask = seal(stranger, PeersRequest(limit=10))
-                with pytest.raises(RemoteError, match=r"not_found.*members"):
+                with pytest.raises(RemoteError, match=r"not_member.*members"):
                     await other.request(cluster.peer_id, MEMBERSHIP, ask)
             answer = await host.request(
                 cluster.peer_id, MEMBERSHIP, seal(attacker, PeersRequest(limit=10))

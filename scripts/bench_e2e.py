@@ -1,0 +1,252 @@
+"""Benchmark: the demo run to its target reward through a local network vs centralized GRPO.
+
+Both train the demo spec (``examples/arith-tiny.toml``: one-digit additions on the tiny model,
+LoRA rank 8, groups of 8, 8 prompts a lease, H = 4 inner AdamW steps, outer lr 1, fp16 wire)
+until the completions sampled at one version reach ``--target`` mean reward over at least
+``--min-samples`` of them — the spec's ``stop.target_reward`` rule, which the coordinator
+applies to the rewards trainers report. Same machine, same tokens: a round is one lease of
+8 prompts × 8 completions (the coordinator runs with ``round_leases = 1``) in both.
+
+- **Network**: ``bazaar up``'s processes without the gateway — a coordinator and N nodes (two
+  samplers, one of them verifying, and a trainer for N = 3), every one a real process on
+  loopback; the run is submitted with a researcher's key and timed from submission to the
+  coordinator marking it ``completed`` for ``target_reward`` (the nodes have joined before;
+  the trainer loads its model inside the timed window). Rollouts cross py-libp2p, versions
+  are published as signed manifests and fetched as shards, the round goes through the
+  trainer's hivemind worker, and every round is billed.
+- **Centralized**: one process with every core (``torch.set_num_threads(cpu_count)``), the
+  same sampler (``TorchBackend``, the new weights hot-swapped in each round), the same scoring,
+  the same trainer (``trainer_parts``: the spec's LoRA, loss, inner lr, quantizer and outer
+  step), fully on-policy: each round samples with the current weights, takes H steps and the
+  outer step. Timed from its first sample (its models already loaded).
+
+``time_ratio`` = network / centralized time to target (above 1: what the network's
+coordination costs on one machine, where its parallelism buys nothing). ``rounds_to_target``
+and ``s_per_round`` tell speed from luck: the rounds one method needed are a draw.
+``billed_tokens_vs_processed`` is the run's charged tokens over the tokens its rounds
+processed, recounted from the lease records and reports; it must be exactly 1.0, as must
+``key_usage_vs_billed`` (the usage records on the researcher's key over the charges).
+
+Run: ``python scripts/bench_e2e.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bazaar.up import DEMO_SPEC, LocalNetwork, node_layout, tiny_model  # noqa: E402
+from coordinator.runs import RunSpec  # noqa: E402
+from protocol.config import data_dir  # noqa: E402
+
+console = Console()
+
+
+def reached(rewards: list[dict[str, Any]], target: float, min_samples: int) -> int | None:
+    """The first version whose sampled completions reach ``target`` (the coordinator's rule)."""
+    return next((r["version"] for r in rewards
+                 if r["samples"] >= min_samples and r["mean"] >= target), None)  # fmt: skip
+
+
+def network(spec: RunSpec, nodes: int, cache: Path, timeout_s: float) -> dict[str, Any]:
+    from protocol.accounts import KeyStore, open_database
+
+    root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    net = LocalNetwork(root, console, None)
+    net.logs.mkdir(parents=True)
+    try:
+        home = root / "coordinator"
+        net.spawn("coordinator", home, [
+            "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--http", "127.0.0.1:0", "--leases.round_leases=1",
+        ])  # fmt: skip
+        info_file = home / "coordinator.json"
+        net.wait("starting the coordinator", info_file.exists, 60)
+        info = json.loads(info_file.read_text())
+        url, maddr = info["http"], info["multiaddrs"][0]
+        for i in range(nodes):
+            roles, _ = node_layout(i, nodes)
+            net.spawn(f"node-{i}", root / f"node-{i}", [
+                "node", "start", "--name", f"node-{i}", "--roles", roles, "--coordinator", maddr,
+                "--listen", "/ip4/127.0.0.1/tcp/0", f"--model_cache={cache}",
+                "--torch_threads=1",
+            ])  # fmt: skip
+
+        def alive() -> bool:
+            data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]
+            return sum(n["status"] == "alive" for n in data) >= nodes
+
+        net.wait(f"{nodes} nodes joining", alive, 120)
+        key, _ = KeyStore(open_database(f"sqlite:///{home / 'gateway.db'}")).create(
+            "bench", budget_tokens=50_000_000
+        )
+        auth = {"Authorization": f"Bearer {key}"}
+        started = time.perf_counter()
+        resp = httpx.post(f"{url}/v1/runs", json=spec.model_dump(), headers=auth, timeout=30)
+        resp.raise_for_status()
+        run_id = resp.json()["id"]
+        end = time.monotonic() + timeout_s
+        with console.status("network: submitted") as status:
+            while True:
+                net.check()
+                run = httpx.get(f"{url}/v1/runs/{run_id}", timeout=5).json()
+                if run["state"] not in ("queued", "running"):
+                    seconds = time.perf_counter() - started
+                    break
+                if time.monotonic() > end:
+                    raise RuntimeError(f"the run did not end in {timeout_s:.0f} s; see {net.logs}")
+                reward = run["reward"][0]["mean"] if run["reward"] else float("nan")
+                status.update(f"network: v{run['policy_version']}, last reward {reward:.3f}")
+                time.sleep(0.1)
+        rewards = httpx.get(f"{url}/v1/runs/{run_id}/rewards", timeout=5).json()["data"]
+
+        def settled() -> dict[str, Any] | None:
+            """The run's reconciliation once its last round's budget hold is settled."""
+            nonlocal run
+            run = httpx.get(f"{url}/v1/runs/{run_id}", timeout=5).json()
+            check = httpx.get(f"{url}/v1/ledger", params={"run": run_id}, timeout=5).json()
+            c: dict[str, Any] = check["runs"][0]
+            return c if run["held_tokens"] == 0 and c["key_usage"] is not None else None
+
+        ledger = net.wait("the run's bill settling", settled, 60)
+    finally:
+        net.stop(interrupted=False)
+    return {
+        "stop_reason": run["stop_reason"], "seconds": seconds, "versions": run["policy_version"],
+        "rewards": rewards, "sampled_tokens": run["completion_tokens"],
+        "billed": ledger["charged"], "processed": ledger["processed"],
+        "key_usage": ledger["key_usage"],
+    }  # fmt: skip
+
+
+def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from coordinator.runs import train_settings
+    from envs import load_environment
+    from node.backends.torch_backend import TorchBackend
+    from node.rollouts import Producer, completion_tokens
+    from node.training.trainer import diloco_round, trainer_parts, training_examples
+    from protocol.leases import Lease, SamplingParams
+    from verification.rollouts import score_rollouts
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = train_settings(spec)
+    env = load_environment(spec.env.name, **spec.env.args)
+    backend = TorchBackend.from_pretrained(tiny)
+    producer = Producer(backend, backend.tokenizer)
+    trainer, quantizer, outer = trainer_parts(tiny, "central", settings)
+    rl, stop = spec.rl, spec.stop
+    sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
+                              max_tokens=rl.max_tokens)  # fmt: skip
+    rewards: list[dict[str, Any]] = []
+    sampled = 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, console.status("centralized") as status:
+        for v in range(max_rounds):
+            name = f"v{v}"
+            backend.load_adapter(name, str(trainer.save(Path(tmp) / name)))
+            p = rl.prompts_per_lease
+            lease = Lease(
+                lease_id=f"c{v}", run_id="central", env_id=env.name, env_version=env.version,
+                env_seed=seed, example_indices=list(range(v * p, (v + 1) * p)),
+                group_size=rl.group_size, policy_version=v, sampling=sampling,
+                lease_seed=(seed + v).to_bytes(32, "little"), deadline_ms=0,
+            )  # fmt: skip
+            payload = producer.produce(env, lease, adapter=name)
+            backend.unload_adapter(name)
+            scores = score_rollouts(env, backend.tokenizer, lease, payload)
+            examples = training_examples(env, backend.tokenizer, lease, payload,
+                                         settings.std_normalize, scores)  # fmt: skip
+            sampled += completion_tokens(payload)
+            values = [s.reward for g in scores for s in g]
+            rewards.append({"version": v, "samples": len(values),
+                            "mean": sum(values) / len(values)})  # fmt: skip
+            h = settings.inner_steps
+            size = max(1, len(examples) // h)
+            batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
+            if batches:
+                diloco_round(trainer, batches, quantizer, outer, lambda q: (q, 1))
+            status.update(f"centralized: v{v + 1}, last reward {rewards[-1]['mean']:.3f}")
+            if reached(rewards, stop.target_reward or 1.0, stop.min_samples) is not None:
+                break
+    return {"seconds": time.perf_counter() - started, "versions": len(rewards),
+            "rewards": rewards, "sampled_tokens": sampled}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a lower target (under a minute)")
+    parser.add_argument("--target", type=float, default=0.25, help="target mean reward")
+    parser.add_argument("--min-samples", type=int, default=64)
+    parser.add_argument("--max-rounds", type=int, default=60, help="give up after this many")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "e2e.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.target, args.max_rounds = 0.15, 20
+    spec = RunSpec.from_toml(DEMO_SPEC)
+    stop = {"target_reward": args.target, "min_samples": args.min_samples,
+            "max_rounds": args.max_rounds}  # fmt: skip
+    spec = spec.model_copy(update={"name": "e2e", "stop": spec.stop.model_copy(update=stop)})
+    cache = data_dir()
+    tiny = str(tiny_model(cache))
+    net = network(spec, args.nodes, cache, timeout_s=30.0 * args.max_rounds)
+    cen = central(spec, tiny, args.max_rounds, args.seed)
+    net_v = reached(net["rewards"], args.target, args.min_samples)
+    cen_v = reached(cen["rewards"], args.target, args.min_samples)
+    result: dict[str, Any] = {
+        "target_reward": args.target, "min_samples": args.min_samples, "nodes": args.nodes,
+        "max_rounds": args.max_rounds,
+        "network_reached": int(net["stop_reason"] == "target_reward"),
+        "central_reached": int(cen_v is not None),
+        "network_time_to_target_s": net["seconds"], "central_time_to_target_s": cen["seconds"],
+        "time_ratio": net["seconds"] / cen["seconds"],
+        "network_rounds": net["versions"], "central_rounds": cen["versions"],
+        "network_version_at_target": net_v, "central_version_at_target": cen_v,
+        "network_s_per_round": net["seconds"] / max(net["versions"], 1),
+        "central_s_per_round": cen["seconds"] / max(cen["versions"], 1),
+        "network_sampled_tokens": net["sampled_tokens"],
+        "central_sampled_tokens": cen["sampled_tokens"],
+        "billed_tokens": net["billed"], "processed_tokens": net["processed"],
+        "billed_tokens_vs_processed": net["billed"] / max(net["processed"], 1),
+        "key_usage_vs_billed": net["key_usage"] / max(net["billed"], 1),
+    }  # fmt: skip
+    table = Table(title=f"time to mean reward {args.target} (arith-tiny, same rounds and tokens)")
+    for col in ("", "network", "centralized", "network / centralized"):
+        table.add_column(col, justify="right")
+    table.add_row("time to target", f"{net['seconds']:.1f} s", f"{cen['seconds']:.1f} s",
+                  f"{result['time_ratio']:.2f}x")  # fmt: skip
+    table.add_row("versions made", str(net["versions"]), str(cen["versions"]),
+                  f"{net['versions'] / max(cen['versions'], 1):.2f}x")  # fmt: skip
+    per = result["network_s_per_round"], result["central_s_per_round"]
+    table.add_row("seconds per version", f"{per[0]:.2f}", f"{per[1]:.2f}",
+                  f"{per[0] / per[1]:.2f}x")  # fmt: skip
+    table.add_row("tokens sampled", f"{net['sampled_tokens']:,}", f"{cen['sampled_tokens']:,}",
+                  "")  # fmt: skip
+    table.add_row("reached at version", str(net_v), str(cen_v), "")
+    console.print(table)
+    console.print(f"billed {net['billed']:,} tokens = processed {net['processed']:,} "
+                  f"(ratio {result['billed_tokens_vs_processed']}), key usage "
+                  f"{net['key_usage']:,} (ratio {result['key_usage_vs_billed']})")  # fmt: skip
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
