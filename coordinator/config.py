@@ -29,7 +29,8 @@ class LeaseConfig(ConfigModel):
     """Runs leased and trained at once; more wait ``queued`` and start, oldest first, as
     running ones end."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
-    """How long a node told "no work" waits before asking again."""
+    """How long a node told "no work" (no lease, no audit, no round to train) waits before
+    asking again: the latency a round pays at worst, against requests an idle node sends."""
 
 
 class AuditConfig(ConfigModel):

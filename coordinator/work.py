@@ -311,7 +311,7 @@ class RolloutService:
             return TrainAssignment(run_id=run.plan.run_id, version=v, rollouts=refs, rank=rank,
                                    group_size=k, hivemind_peers=hivemind_peers[:16],
                                    settings=run.plan.training)  # fmt: skip
-        return NoTraining(retry_after_s=1.0)
+        return NoTraining(retry_after_s=self.config.retry_after_s)
 
     async def record_report(self, peer: str, msg: RoundReport) -> ReportAck:
         """A trainer's report of a round it trained (a resend replaces the earlier one)."""

@@ -20,9 +20,11 @@ applies to the rewards trainers report. Same machine, same tokens: a round is on
   step), fully on-policy: each round samples with the current weights, takes H steps and the
   outer step. Timed from its first sample (its models already loaded).
 
-``time_ratio`` = network / centralized time to target (above 1: what the network's
-coordination costs on one machine, where its parallelism buys nothing). ``rounds_to_target``
-and ``s_per_round`` tell speed from luck: the rounds one method needed are a draw.
+Each method runs ``--trials`` times (seeds ``--seed``, ``--seed + 1``, ...; a fresh network
+each time); times are medians. ``time_ratio`` = network / centralized median time to target
+(above 1: what the network's coordination costs on one machine, where its parallelism buys
+nothing). How many versions a trial needs is a draw — a version's reward is measured on 64
+completions — so ``s_per_version`` (and its ratio) tells speed apart from luck.
 ``billed_tokens_vs_processed`` is the run's charged tokens over the tokens its rounds
 processed, recounted from the lease records and reports; it must be exactly 1.0, as must
 ``key_usage_vs_billed`` (the usage records on the researcher's key over the charges).
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import httpx
@@ -63,7 +66,9 @@ def reached(rewards: list[dict[str, Any]], target: float, min_samples: int) -> i
                  if r["samples"] >= min_samples and r["mean"] >= target), None)  # fmt: skip
 
 
-def network(spec: RunSpec, nodes: int, cache: Path, timeout_s: float) -> dict[str, Any]:
+def network(
+    spec: RunSpec, nodes: int, cache: Path, timeout_s: float, retry_after_s: float
+) -> dict[str, Any]:
     from protocol.accounts import KeyStore, open_database
 
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -74,6 +79,7 @@ def network(spec: RunSpec, nodes: int, cache: Path, timeout_s: float) -> dict[st
         net.spawn("coordinator", home, [
             "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
             "--http", "127.0.0.1:0", "--leases.round_leases=1",
+            f"--leases.retry_after_s={retry_after_s}",
         ])  # fmt: skip
         info_file = home / "coordinator.json"
         net.wait("starting the coordinator", info_file.exists, 60)
@@ -191,60 +197,83 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a lower target (under a minute)")
-    parser.add_argument("--target", type=float, default=0.25, help="target mean reward")
+    parser.add_argument("--quick", action="store_true", help="one trial to 0.3 (under a minute)")
+    parser.add_argument("--target", type=float, default=0.4, help="target mean reward")
     parser.add_argument("--min-samples", type=int, default=64)
     parser.add_argument("--max-rounds", type=int, default=60, help="give up after this many")
+    parser.add_argument("--trials", type=int, default=3, help="runs of each; medians reported")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retry-after", type=float, default=1.0,
+                        help="the coordinator's leases.retry_after_s")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "e2e.json")
     args = parser.parse_args()
     if args.quick:
-        args.target, args.max_rounds = 0.15, 20
-    spec = RunSpec.from_toml(DEMO_SPEC)
-    stop = {"target_reward": args.target, "min_samples": args.min_samples,
-            "max_rounds": args.max_rounds}  # fmt: skip
-    spec = spec.model_copy(update={"name": "e2e", "stop": spec.stop.model_copy(update=stop)})
+        args.target, args.max_rounds, args.trials = 0.3, 30, 1
     cache = data_dir()
     tiny = str(tiny_model(cache))
-    net = network(spec, args.nodes, cache, timeout_s=30.0 * args.max_rounds)
-    cen = central(spec, tiny, args.max_rounds, args.seed)
-    net_v = reached(net["rewards"], args.target, args.min_samples)
-    cen_v = reached(cen["rewards"], args.target, args.min_samples)
+    nets, cens = [], []
+    for trial in range(args.trials):
+        seed = args.seed + trial
+        stop = {"target_reward": args.target, "min_samples": args.min_samples,
+                "max_rounds": args.max_rounds}  # fmt: skip
+        spec = RunSpec.from_toml(DEMO_SPEC)
+        spec = spec.model_copy(update={
+            "name": "e2e", "stop": spec.stop.model_copy(update=stop),
+            "env": spec.env.model_copy(update={"seed": seed}),
+        })  # fmt: skip
+        console.print(f"trial {trial + 1} of {args.trials}")
+        nets.append(network(spec, args.nodes, cache, 30.0 * args.max_rounds, args.retry_after))
+        cens.append(central(spec, tiny, args.max_rounds, seed))
+        for name, r in (("network", nets[-1]), ("centralized", cens[-1])):
+            v = reached(r["rewards"], args.target, args.min_samples)
+            at = "not reached" if v is None else f"reached at version {v}"
+            console.print(f"  {name}: {r['seconds']:.1f} s, {r['versions']} versions, target {at}")
+    net_s = median(r["seconds"] for r in nets)
+    cen_s = median(r["seconds"] for r in cens)
+    net_per = median(r["seconds"] / max(r["versions"], 1) for r in nets)
+    cen_per = median(r["seconds"] / max(r["versions"], 1) for r in cens)
+    billed, processed = sum(r["billed"] for r in nets), sum(r["processed"] for r in nets)
     result: dict[str, Any] = {
         "target_reward": args.target, "min_samples": args.min_samples, "nodes": args.nodes,
-        "max_rounds": args.max_rounds,
-        "network_reached": int(net["stop_reason"] == "target_reward"),
-        "central_reached": int(cen_v is not None),
-        "network_time_to_target_s": net["seconds"], "central_time_to_target_s": cen["seconds"],
-        "time_ratio": net["seconds"] / cen["seconds"],
-        "network_rounds": net["versions"], "central_rounds": cen["versions"],
-        "network_version_at_target": net_v, "central_version_at_target": cen_v,
-        "network_s_per_round": net["seconds"] / max(net["versions"], 1),
-        "central_s_per_round": cen["seconds"] / max(cen["versions"], 1),
-        "network_sampled_tokens": net["sampled_tokens"],
-        "central_sampled_tokens": cen["sampled_tokens"],
-        "billed_tokens": net["billed"], "processed_tokens": net["processed"],
-        "billed_tokens_vs_processed": net["billed"] / max(net["processed"], 1),
-        "key_usage_vs_billed": net["key_usage"] / max(net["billed"], 1),
+        "max_rounds": args.max_rounds, "trials": args.trials, "retry_after_s": args.retry_after,
+        "network_time_to_target_s": net_s, "central_time_to_target_s": cen_s,
+        "time_ratio": net_s / cen_s,
+        "network_reached": sum(r["stop_reason"] == "target_reward" for r in nets),
+        "central_reached": sum(reached(r["rewards"], args.target, args.min_samples) is not None
+                               for r in cens),
+        "network_versions": median(r["versions"] for r in nets),
+        "central_versions": median(r["versions"] for r in cens),
+        "network_s_per_version": net_per, "central_s_per_version": cen_per,
+        "s_per_version_ratio": net_per / cen_per,
+        "network_sampled_tokens": sum(r["sampled_tokens"] for r in nets),
+        "central_sampled_tokens": sum(r["sampled_tokens"] for r in cens),
+        "billed_tokens": billed, "processed_tokens": processed,
+        "billed_tokens_vs_processed": billed / max(processed, 1),
+        "billing_exact_every_trial": int(all(r["billed"] == r["processed"] for r in nets)),
+        "key_usage_vs_billed": sum(r["key_usage"] for r in nets) / max(billed, 1),
+        "network_times_s": [r["seconds"] for r in nets],
+        "central_times_s": [r["seconds"] for r in cens],
     }  # fmt: skip
-    table = Table(title=f"time to mean reward {args.target} (arith-tiny, same rounds and tokens)")
+    title = (f"time to mean reward {args.target} (arith-tiny; same rounds, tokens and machine; "
+             f"median of {args.trials})")  # fmt: skip
+    table = Table(title=title)
     for col in ("", "network", "centralized", "network / centralized"):
         table.add_column(col, justify="right")
-    table.add_row("time to target", f"{net['seconds']:.1f} s", f"{cen['seconds']:.1f} s",
+    table.add_row("time to target", f"{net_s:.1f} s", f"{cen_s:.1f} s",
                   f"{result['time_ratio']:.2f}x")  # fmt: skip
-    table.add_row("versions made", str(net["versions"]), str(cen["versions"]),
-                  f"{net['versions'] / max(cen['versions'], 1):.2f}x")  # fmt: skip
-    per = result["network_s_per_round"], result["central_s_per_round"]
-    table.add_row("seconds per version", f"{per[0]:.2f}", f"{per[1]:.2f}",
-                  f"{per[0] / per[1]:.2f}x")  # fmt: skip
-    table.add_row("tokens sampled", f"{net['sampled_tokens']:,}", f"{cen['sampled_tokens']:,}",
-                  "")  # fmt: skip
-    table.add_row("reached at version", str(net_v), str(cen_v), "")
+    net_v, cen_v = result["network_versions"], result["central_versions"]
+    table.add_row("versions made", f"{net_v:g}", f"{cen_v:g}", f"{net_v / cen_v:.2f}x")
+    table.add_row("seconds per version", f"{net_per:.2f}", f"{cen_per:.2f}",
+                  f"{result['s_per_version_ratio']:.2f}x")  # fmt: skip
+    table.add_row("reached target", f"{result['network_reached']} of {args.trials}",
+                  f"{result['central_reached']} of {args.trials}", "")  # fmt: skip
+    table.add_row("tokens sampled (all trials)", f"{result['network_sampled_tokens']:,}",
+                  f"{result['central_sampled_tokens']:,}", "")  # fmt: skip
     console.print(table)
-    console.print(f"billed {net['billed']:,} tokens = processed {net['processed']:,} "
-                  f"(ratio {result['billed_tokens_vs_processed']}), key usage "
-                  f"{net['key_usage']:,} (ratio {result['key_usage_vs_billed']})")  # fmt: skip
+    console.print(f"billed {billed:,} tokens = processed {processed:,} "
+                  f"(ratio {result['billed_tokens_vs_processed']}), key usage ratio "
+                  f"{result['key_usage_vs_billed']}")  # fmt: skip
     write_result(args.out, result)
 
 
