@@ -94,7 +94,8 @@ def run_status(
     coordinator_url: CoordinatorUrlOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """One run: its state and settings, and its adapter versions with their holders."""
+    """One run: state, settings, reward curve, tokens sampled, trained and billed, and its
+    adapter versions with their holders."""
     run = _coordinator("GET", f"/v1/runs/{run_id}", coordinator_url)
     versions = _coordinator("GET", f"/v1/runs/{run_id}/versions", coordinator_url)["data"]
     rewards = _coordinator("GET", f"/v1/runs/{run_id}/rewards", coordinator_url)["data"]
