@@ -10,15 +10,19 @@ applies to the rewards trainers report. Same machine, same tokens: a round is on
 - **Network**: ``bazaar up``'s processes without the gateway — a coordinator and N nodes (two
   samplers, one of them verifying, and a trainer for N = 3), every one a real process on
   loopback; the run is submitted with a researcher's key and timed from submission to the
-  coordinator marking it ``completed`` for ``target_reward`` (the nodes have joined before;
-  the trainer loads its model inside the timed window). Rollouts cross py-libp2p, versions
-  are published as signed manifests and fetched as shards, the round goes through the
-  trainer's hivemind worker, and every round is billed.
+  coordinator marking it ``completed`` for ``target_reward``. The nodes have joined before;
+  they load their models when the run's first lease or round reaches them, inside the timed
+  window. Rollouts cross py-libp2p, versions are published as signed manifests and fetched as
+  shards, and every round is billed.
 - **Centralized**: one process with every core (``torch.set_num_threads(cpu_count)``), the
   same sampler (``TorchBackend``, the new weights hot-swapped in each round), the same scoring,
   the same trainer (``trainer_parts``: the spec's LoRA, loss, inner lr, quantizer and outer
   step), fully on-policy: each round samples with the current weights, takes H steps and the
-  outer step. Timed from its first sample (its models already loaded).
+  outer step. Timed from loading its models, as the network's nodes are.
+
+Besides the time to target, each side's time to its first version (model loading and the first
+round) and its seconds per version after that are reported: the first is start-up, the second
+the loop's speed.
 
 Each method runs ``--trials`` times (seeds ``--seed``, ``--seed + 1``, ...; a fresh network
 each time); times are medians. ``time_ratio`` = network / centralized median time to target
@@ -37,6 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -120,6 +126,8 @@ def network(
                 status.update(f"network: v{run['policy_version']}, last reward {reward:.3f}")
                 time.sleep(0.1)
         rewards = httpx.get(f"{url}/v1/runs/{run_id}/rewards", timeout=5).json()["data"]
+        made = httpx.get(f"{url}/v1/runs/{run_id}/versions", timeout=5).json()["data"]
+        at = {v["version"]: v["created_at"] for v in made}  # the coordinator's clock
 
         def settled() -> dict[str, Any] | None:
             """The run's reconciliation once its last round's budget hold is settled."""
@@ -132,9 +140,13 @@ def network(
         ledger = net.wait("the run's bill settling", settled, 60)
     finally:
         net.stop(interrupted=False)
+    shutil.rmtree(root, ignore_errors=True)  # kept if the run failed: its logs say why
+    last = max(at)
     return {
-        "stop_reason": run["stop_reason"], "seconds": seconds, "versions": run["policy_version"],
-        "rewards": rewards, "sampled_tokens": run["completion_tokens"],
+        "stop_reason": run["stop_reason"], "seconds": seconds, "versions": last,
+        "first_version_s": at[1] - run["created_at"],
+        "s_per_version_after": (at[last] - at[1]) / max(last - 1, 1), "rewards": rewards,
+        "sampled_tokens": run["completion_tokens"],
         "billed": ledger["charged"], "processed": ledger["processed"],
         "key_usage": ledger["key_usage"],
     }  # fmt: skip
@@ -154,6 +166,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     torch.set_num_threads(os.cpu_count() or 1)
     settings = train_settings(spec)
     env = load_environment(spec.env.name, **spec.env.args)
+    started = time.perf_counter()  # loading its models is part of its time, as on the network
     backend = TorchBackend.from_pretrained(tiny)
     producer = Producer(backend, backend.tokenizer)
     trainer, quantizer, outer = trainer_parts(tiny, "central", settings)
@@ -161,8 +174,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
                               max_tokens=rl.max_tokens)  # fmt: skip
     rewards: list[dict[str, Any]] = []
-    sampled = 0
-    started = time.perf_counter()
+    sampled, first = 0, 0.0
     with tempfile.TemporaryDirectory() as tmp, console.status("centralized") as status:
         for v in range(max_rounds):
             name = f"v{v}"
@@ -188,11 +200,14 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
             batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
             if batches:
                 diloco_round(trainer, batches, quantizer, outer, lambda q: (q, 1))
+            first = first or time.perf_counter()
             status.update(f"centralized: v{v + 1}, last reward {rewards[-1]['mean']:.3f}")
             if reached(rewards, stop.target_reward or 1.0, stop.min_samples) is not None:
                 break
-    return {"seconds": time.perf_counter() - started, "versions": len(rewards),
-            "rewards": rewards, "sampled_tokens": sampled}  # fmt: skip
+    end = time.perf_counter()
+    return {"seconds": end - started, "versions": len(rewards), "first_version_s": first - started,
+            "s_per_version_after": (end - first) / max(len(rewards) - 1, 1), "rewards": rewards,
+            "sampled_tokens": sampled}  # fmt: skip
 
 
 def main() -> None:
@@ -210,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.target, args.max_rounds, args.trials = 0.3, 30, 1
+    # SIGTERM, like Ctrl+C, stops the network's processes (each in a session of its own) first
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cache = data_dir()
     tiny = str(tiny_model(cache))
     nets, cens = [], []
@@ -223,7 +240,7 @@ def main() -> None:
             "env": spec.env.model_copy(update={"seed": seed}),
         })  # fmt: skip
         console.print(f"trial {trial + 1} of {args.trials}")
-        nets.append(network(spec, args.nodes, cache, 30.0 * args.max_rounds, args.retry_after))
+        nets.append(network(spec, args.nodes, cache, 60 + 10.0 * args.max_rounds, args.retry_after))
         cens.append(central(spec, tiny, args.max_rounds, seed))
         for name, r in (("network", nets[-1]), ("centralized", cens[-1])):
             v = reached(r["rewards"], args.target, args.min_samples)
@@ -231,8 +248,8 @@ def main() -> None:
             console.print(f"  {name}: {r['seconds']:.1f} s, {r['versions']} versions, target {at}")
     net_s = median(r["seconds"] for r in nets)
     cen_s = median(r["seconds"] for r in cens)
-    net_per = median(r["seconds"] / max(r["versions"], 1) for r in nets)
-    cen_per = median(r["seconds"] / max(r["versions"], 1) for r in cens)
+    net_first, cen_first = (median(r["first_version_s"] for r in x) for x in (nets, cens))
+    net_per, cen_per = (median(r["s_per_version_after"] for r in x) for x in (nets, cens))
     billed, processed = sum(r["billed"] for r in nets), sum(r["processed"] for r in nets)
     result: dict[str, Any] = {
         "target_reward": args.target, "min_samples": args.min_samples, "nodes": args.nodes,
@@ -244,7 +261,8 @@ def main() -> None:
                                for r in cens),
         "network_versions": median(r["versions"] for r in nets),
         "central_versions": median(r["versions"] for r in cens),
-        "network_s_per_version": net_per, "central_s_per_version": cen_per,
+        "network_first_version_s": net_first, "central_first_version_s": cen_first,
+        "network_s_per_version_after_first": net_per, "central_s_per_version_after_first": cen_per,
         "s_per_version_ratio": net_per / cen_per,
         "network_sampled_tokens": sum(r["sampled_tokens"] for r in nets),
         "central_sampled_tokens": sum(r["sampled_tokens"] for r in cens),
@@ -264,7 +282,10 @@ def main() -> None:
                   f"{result['time_ratio']:.2f}x")  # fmt: skip
     net_v, cen_v = result["network_versions"], result["central_versions"]
     table.add_row("versions made", f"{net_v:g}", f"{cen_v:g}", f"{net_v / cen_v:.2f}x")
-    table.add_row("seconds per version", f"{net_per:.2f}", f"{cen_per:.2f}",
+    table.add_row("time to the first version (loading models, first round)",
+                  f"{net_first:.1f} s", f"{cen_first:.1f} s",
+                  f"{net_first / cen_first:.2f}x")  # fmt: skip
+    table.add_row("seconds per version after the first", f"{net_per:.2f}", f"{cen_per:.2f}",
                   f"{result['s_per_version_ratio']:.2f}x")  # fmt: skip
     table.add_row("reached target", f"{result['network_reached']} of {args.trials}",
                   f"{result['central_reached']} of {args.trials}", "")  # fmt: skip

@@ -101,9 +101,15 @@ class TrainerRole:
             await trio.sleep(1.0)
             return
         examples, report = await self._examples(a, tokenizer)
-        if not examples:
-            log.warning("no usable rollouts in the round of %s v%d", a.run_id, a.version)
+        if not report.rewards:  # not one payload fetched: its producers may come back
+            log.warning("no rollout of the round of %s v%d could be fetched; asking again",
+                        a.run_id, a.version)  # fmt: skip
+            await trio.sleep(1.0)
             return
+        if not examples:
+            log.info("the round of %s v%d has no learning signal (every group's completions "
+                     "scored alike): its version takes no inner step", a.run_id, a.version,
+                     extra={"run_id": a.run_id})  # fmt: skip
         h = a.settings.inner_steps
         size = max(1, len(examples) // h)
         batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
@@ -123,8 +129,9 @@ class TrainerRole:
         self.version = a.version + 1
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
         ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+        loss = stats[-1].loss if stats else float("nan")
         log.info("trained %s v%d from %d completions in a group of %d (loss %.4f): %s",
-                 a.run_id, self.version, len(examples), k, stats[-1].loss, ack.outcome,
+                 a.run_id, self.version, len(examples), k, loss, ack.outcome,
                  extra={"run_id": a.run_id})  # fmt: skip
         if ack.outcome in ("recorded", "duplicate"):
             await self.agent.publish_manifest(manifest)

@@ -85,3 +85,34 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
         assert "reconciled" in table.stdout and "researcher" in table.stdout
     finally:
         cluster.stop_all()
+
+
+def test_a_round_without_learning_signal_still_makes_a_version(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """One byte cannot spell a two-digit sum, so every completion scores 0 and no group has a
+    reward spread: each round's version takes no inner step, and the run goes on to its stop
+    (it used to stall at its first such round, its trainer asking again without pause)."""
+    cluster = Cluster(tmp_path, interval_s=1.0)
+    model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
+    try:
+        cluster.start_coordinator(extra=["--leases.round_leases=1"])
+        spec = {"name": "flat", "env": {"name": "arith", "args": {"digits": 2}},
+                "rl": {"prompts_per_lease": 4, "group_size": 4, "max_tokens": 1},
+                "stop": {"max_rounds": 3}}  # fmt: skip
+        cluster.api("POST", "/v1/runs", json=spec)
+        trainer = cluster.start_node("trainer", roles="trainer", extra=model)
+        cluster.start_node("sampler", extra=model)
+
+        run = cluster.wait_run("flat", "completed", timeout_s=240)
+        assert run["stop_reason"] == "max_rounds"
+        assert run["policy_version"] == 3 and run["tokens_trained"] == 0
+        rewards = cluster.api("GET", "/v1/runs/flat/rewards")["data"]
+        assert rewards and all(r["mean"] == 0.0 for r in rewards)
+        assert trainer.output().count("no learning signal") == 3
+        books = cluster.api("GET", "/v1/ledger", params={"run": "flat"})
+        (bill,) = books["runs"]
+        assert bill["charged_trained"] == 0 and bill["charged_sampled"] > 0
+        assert bill["charged"] == bill["processed"]
+    finally:
+        cluster.stop_all()
