@@ -254,10 +254,13 @@ def network_status(
     except (httpx.HTTPError, ValueError, KeyError):
         return
     if verdicts:
-        recent = Table(title="latest verdicts (signed by their verifiers)")
+        # the latest passes, and failures for longer: an operator looks for those
+        failed = {id(v) for v in [v for v in verdicts if not v["passed"]][-10:]}
+        passed = {id(v) for v in [v for v in verdicts if v["passed"]][-5:]}
+        recent = Table(title="latest verdicts, failures kept longer (signed by their verifiers)")
         for col in ("audit", "producer", "verifier", "result", "detail"):
             recent.add_column(col)
-        for v in verdicts[-10:]:
+        for v in (v for v in verdicts if id(v) in failed | passed):
             result = "[green]passed[/]" if v["passed"] else f"[red]failed {v['failed_check']}[/]"
             recent.add_row(
                 v["audit_id"][:8], v["producer_name"], v["verifier_name"], result, v["detail"][:60]
