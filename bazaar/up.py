@@ -89,6 +89,30 @@ class LocalNetwork:
                     raise RuntimeError(f"timed out: {what}; see the logs in {self.logs}")
                 time.sleep(0.2)
 
+    def start_coordinator(self, home: Path, extra: list[str]) -> tuple[str, str]:
+        """A coordinator on loopback; its REST URL and multiaddr once it is up."""
+        info_file = home / "coordinator.json"
+        info_file.unlink(missing_ok=True)
+        self.spawn("coordinator", home, [
+            "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0",
+            *extra,
+        ])  # fmt: skip
+        self.wait("starting the coordinator", info_file.exists, 60)
+        info = json.loads(info_file.read_text())
+        return str(info["http"]), str(info["multiaddrs"][0])
+
+    def start_nodes(self, n: int, coordinator: str, cache: Path, serve: bool = True) -> None:
+        """``n`` nodes laid out by ``node_layout`` (the first one serving the OpenAI API, unless
+        ``serve`` is off), each with its own data directory, sharing one model cache."""
+        for i in range(n):
+            roles, serves = node_layout(i, n)
+            self.spawn(f"node-{i}", self.root / f"node-{i}", [
+                "node", "start", "--name", f"node-{i}", "--roles", roles,
+                "--coordinator", coordinator, "--listen", "/ip4/127.0.0.1/tcp/0",
+                f"--model_cache={cache}", "--torch_threads=1",
+                *(["--serve"] if serve and serves else []),
+            ])  # fmt: skip
+
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise Stop
@@ -161,28 +185,13 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
     console = net.console
     tiny = tiny_model(cache)
     coord_home = net.root / "coordinator"
-    info_file = coord_home / "coordinator.json"
-    info_file.unlink(missing_ok=True)
-    net.spawn("coordinator", coord_home, [
-        "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0",
-        "--leases.round_leases=1",
-    ])  # fmt: skip
-    info = net.wait("starting the coordinator", info_file.exists, 60) and json.loads(
-        info_file.read_text()
-    )
-    url, maddr = info["http"], info["multiaddrs"][0]
+    url, maddr = net.start_coordinator(coord_home, ["--leases.round_leases=1"])
     gateway = f"http://127.0.0.1:{_free_port()}"
     net.spawn("gateway", coord_home, [
         "gateway", "start", "--coordinator-url", url, "--listen", gateway.removeprefix("http://"),
         f"--tokenizers.tiny={tiny}", "--refresh_s=1",
     ])  # fmt: skip
-    for i in range(n):
-        roles, serve = node_layout(i, n)
-        net.spawn(f"node-{i}", net.root / f"node-{i}", [
-            "node", "start", "--name", f"node-{i}", "--roles", roles, "--coordinator", maddr,
-            "--listen", "/ip4/127.0.0.1/tcp/0", f"--model_cache={cache}", "--torch_threads=1",
-            *(["--serve"] if serve else []),
-        ])  # fmt: skip
+    net.start_nodes(n, maddr, cache)
     net.wait("starting the gateway", lambda: _answers(f"{gateway}/health"), 60)
     console.print(f"coordinator {url}   gateway {gateway}   logs {net.logs}", soft_wrap=True)
     key = _demo_key(net.root, coord_home)

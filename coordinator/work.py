@@ -143,7 +143,7 @@ class RolloutService:
         if spec.name and spec.name in self.book.runs:
             raise ValueError(f"run {spec.name!r} already exists")
         plan = await trio.to_thread.run_sync(plan_run, spec)  # may import a task library
-        running = sum(r.state == "running" for r in self.book.runs.values())
+        running = self._running()
         run = self.book.add_run(
             plan, "queued" if running >= self.config.max_running_runs else "running"
         )
@@ -158,6 +158,9 @@ class RolloutService:
         )  # fmt: skip
         return run
 
+    def _running(self) -> int:
+        return sum(r.state == "running" for r in self.book.runs.values())
+
     async def finish(self, run: RunState, state: str, reason: str) -> None:
         """A run stops (``completed`` for ``reason``, ``cancelled``, ``failed``): no more
         leases or rounds; the oldest queued run starts."""
@@ -169,7 +172,7 @@ class RolloutService:
     async def _ended(self, run: RunState) -> None:
         await self.billing.close_reported(run)
         started = []
-        running = sum(r.state == "running" for r in self.book.runs.values())
+        running = self._running()
         for queued in sorted((r for r in self.book.runs.values() if r.state == "queued"),
                              key=lambda r: r.created_at):  # fmt: skip
             if running >= self.config.max_running_runs:
@@ -456,8 +459,8 @@ class RolloutService:
             failed_check=record.failed_check, detail=record.detail, frame=frame, at=record.at,
         )  # fmt: skip
         tokens = self.book.leases[audit.lease_id].completion_tokens
-        entries = [e for e in [self.billing.credit_verified(audit.run_id, audit.audit_id, peer,
-                                                            tokens)] if e]  # fmt: skip
+        credit = self.billing.credit_verified(audit.run_id, audit.audit_id, peer, tokens)
+        entries = [credit] if credit else []
         leases: list[LeaseState] = []
         if penalty is not None:
             leases = self._penalize(penalty)

@@ -268,18 +268,18 @@ class NodeAgent:
             fresh = [p for p, t in self.peers_heard.items() if now - t < 3 * self.interval]
             self.metrics.peers_alive.set(len(fresh))
             self.metrics.peers_connected.set(len(self.host.connected_peers()))
-            if self.coordinator_id not in self.host.connected_peers():
-                self.metrics.coordinator_up.set(0)
+            lost = self.coordinator_id not in self.host.connected_peers()
+            if not (lost or self._not_member):
+                continue
+            self.metrics.coordinator_up.set(0)
+            if lost:
                 log.warning("lost the coordinator; reconnecting")
-                await self._join(first=False)
-                self._not_member = False
-            elif self._not_member:
-                self.metrics.coordinator_up.set(0)
+            else:
                 log.warning("the coordinator no longer counts this node as a live member; "
                             "joining again over a fresh connection")  # fmt: skip
                 await self.host.disconnect(self.coordinator_id)
-                await self._join(first=False)
-                self._not_member = False
+            await self._join(first=False)
+            self._not_member = False
 
     async def _peers_loop(self) -> None:
         while True:

@@ -101,12 +101,6 @@ class Sampler:
         return examples, sum(rewards) / len(rewards)
 
 
-def _split(items: list[Any], parts: int) -> list[list[Any]]:
-    size = max(1, len(items) // parts)
-    chunks = [items[i * size : (i + 1) * size] for i in range(parts)]
-    return [c for c in chunks if c]
-
-
 def evaluate(sampler: Sampler, trainer: Any, args: argparse.Namespace) -> float:
     """Mean reward of ``trainer``'s weights on the fixed evaluation prompts and seeds."""
     _, reward = sampler.round(trainer, 7_777_777, args.eval_prompts, args.group)
@@ -139,7 +133,7 @@ def diloco(
 
     from node.training.collective import Collective, CollectiveSpec
     from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-    from node.training.trainer import LoraTrainer, diloco_round
+    from node.training.trainer import LoraTrainer, diloco_round, inner_batches
 
     started = time.perf_counter()
     from node.training.grpo import LossSettings
@@ -170,7 +164,7 @@ def diloco(
                     return out.integer_sum, out.group_size
 
                 results[i] = diloco_round(
-                    trainers[i], _split(halves[i], h), quantizers[i], outers[i], average
+                    trainers[i], inner_batches(halves[i], h), quantizers[i], outers[i], average
                 )
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]

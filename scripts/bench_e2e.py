@@ -39,7 +39,6 @@ Run: ``python scripts/bench_e2e.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -59,7 +58,7 @@ from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bazaar.up import DEMO_SPEC, LocalNetwork, node_layout, tiny_model  # noqa: E402
+from bazaar.up import DEMO_SPEC, LocalNetwork, tiny_model  # noqa: E402
 from coordinator.runs import RunSpec  # noqa: E402
 from protocol.config import data_dir  # noqa: E402
 
@@ -82,22 +81,10 @@ def network(
     net.logs.mkdir(parents=True)
     try:
         home = root / "coordinator"
-        net.spawn("coordinator", home, [
-            "coordinator", "start", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--http", "127.0.0.1:0", "--leases.round_leases=1",
-            f"--leases.retry_after_s={retry_after_s}",
-        ])  # fmt: skip
-        info_file = home / "coordinator.json"
-        net.wait("starting the coordinator", info_file.exists, 60)
-        info = json.loads(info_file.read_text())
-        url, maddr = info["http"], info["multiaddrs"][0]
-        for i in range(nodes):
-            roles, _ = node_layout(i, nodes)
-            net.spawn(f"node-{i}", root / f"node-{i}", [
-                "node", "start", "--name", f"node-{i}", "--roles", roles, "--coordinator", maddr,
-                "--listen", "/ip4/127.0.0.1/tcp/0", f"--model_cache={cache}",
-                "--torch_threads=1",
-            ])  # fmt: skip
+        url, maddr = net.start_coordinator(
+            home, ["--leases.round_leases=1", f"--leases.retry_after_s={retry_after_s}"]
+        )
+        net.start_nodes(nodes, maddr, cache, serve=False)
 
         def alive() -> bool:
             data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]
@@ -159,7 +146,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     from envs import load_environment
     from node.backends.torch_backend import TorchBackend
     from node.rollouts import Producer, completion_tokens
-    from node.training.trainer import diloco_round, trainer_parts, training_examples
+    from node.training.trainer import diloco_round, inner_batches, trainer_parts, training_examples
     from protocol.leases import Lease, SamplingParams
     from verification.rollouts import score_rollouts
 
@@ -195,11 +182,8 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
             values = [s.reward for g in scores for s in g]
             rewards.append({"version": v, "samples": len(values),
                             "mean": sum(values) / len(values)})  # fmt: skip
-            h = settings.inner_steps
-            size = max(1, len(examples) // h)
-            batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
-            if batches:
-                diloco_round(trainer, batches, quantizer, outer, lambda q: (q, 1))
+            batches = inner_batches(examples, settings.inner_steps)
+            diloco_round(trainer, batches, quantizer, outer, lambda q: (q, 1))
             first = first or time.perf_counter()
             status.update(f"centralized: v{v + 1}, last reward {rewards[-1]['mean']:.3f}")
             if reached(rewards, stop.target_reward or 1.0, stop.min_samples) is not None:

@@ -110,10 +110,9 @@ class TrainerRole:
             log.info("the round of %s v%d has no learning signal (every group's completions "
                      "scored alike): its version takes no inner step", a.run_id, a.version,
                      extra={"run_id": a.run_id})  # fmt: skip
-        h = a.settings.inner_steps
-        size = max(1, len(examples) // h)
-        batches = [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
-        from node.training.trainer import diloco_round, export_state
+        from node.training.trainer import diloco_round, export_state, inner_batches
+
+        batches = inner_batches(examples, a.settings.inner_steps)
 
         tag = f"{a.run_id}@{a.version}"
 

@@ -191,6 +191,13 @@ def trainer_parts(
     return trainer, quantizer, outer
 
 
+def inner_batches(examples: Sequence[Completion], h: int) -> list[Sequence[Completion]]:
+    """A round's completions cut into ``h`` equal batches, one per inner step (the remainder
+    left out; fewer batches when there are fewer completions than steps, none without any)."""
+    size = max(1, len(examples) // h)
+    return [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
+
+
 def diloco_round(
     trainer: LoraTrainer,
     batches: Sequence[Sequence[Completion]],
