@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from coordinator.admission import AdmissionConfig
 from protocol.config import ConfigModel
+from protocol.peer_limits import TransportLimits
 
 
 class MembershipConfig(ConfigModel):
@@ -67,5 +69,9 @@ class CoordinatorConfig(ConfigModel):
     """How rollout work is handed out."""
     audits: AuditConfig = AuditConfig()
     """How rollouts are audited and cheaters penalized."""
+    admission: AdmissionConfig = AdmissionConfig()
+    """How fast peers and addresses may join and ask for leases; newcomers' lease caps."""
+    transport: TransportLimits = TransportLimits()
+    """What one peer may hold of this process: deadlines, stream and byte budgets."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""

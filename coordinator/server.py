@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from coordinator.admission import Admission
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.db import NodeStore, WorkStore, default_url, open_database
@@ -47,6 +48,7 @@ from protocol.errors import (
     Forbidden,
     NotMember,
     ProtocolError,
+    RateLimited,
     UnknownMessageType,
 )
 from protocol.gossip import GossipGate
@@ -62,7 +64,7 @@ from protocol.membership import (
     PeersRequest,
 )
 from protocol.observability import RateLimit
-from protocol.p2p import P2PHost
+from protocol.p2p import P2PHost, request_cap
 from protocol.rollouts import RolloutReceipt
 from protocol.verification import AuditRequest, Verdict
 from protocol.versions import SOFTWARE_VERSION, protocol_id
@@ -109,6 +111,7 @@ class Coordinator:
             ADAPTERS_PROTOCOL, (AdapterManifest, Deployed), self.metrics.gossip
         )
         self._request_guard = ReplayGuard()
+        self.admission = Admission(config.admission)
         self._log_limit = RateLimit(60.0)
         self._dirty: set[str] = set()
         self.multiaddrs: list[str] = []
@@ -147,13 +150,24 @@ class Coordinator:
         host_, port = parse_host_port(self.config.http)
         sock = bind_tcp(host_, port)
         self.http_url = f"http://{_dialable(host_)}:{sock.getsockname()[1]}"
-        async with P2PHost.create(self.identity, [self.config.listen]) as host:
+        async with P2PHost.create(
+            self.identity,
+            [self.config.listen],
+            limits=self.config.transport,
+            registry=self.metrics.registry,
+        ) as host:
             self.host = host
             self.multiaddrs = _loopback_first(host.addrs())
-            host.serve(MEMBERSHIP_PROTOCOL, self._on_request)
-            host.serve(LEASES_PROTOCOL, self._on_lease_request)
-            host.serve(AUDITS_PROTOCOL, self._on_audit_request)
-            host.serve(ADAPTERS_PROTOCOL, self._on_adapters_request)
+            # each protocol's frame cap is its largest request's (a join, a receipt, a
+            # verdict, a round report)
+            host.serve(MEMBERSHIP_PROTOCOL, self._on_request, request_cap(JoinRequest.MAX_BYTES))
+            host.serve(
+                LEASES_PROTOCOL, self._on_lease_request, request_cap(RolloutReceipt.MAX_BYTES)
+            )
+            host.serve(AUDITS_PROTOCOL, self._on_audit_request, request_cap(Verdict.MAX_BYTES))
+            host.serve(
+                ADAPTERS_PROTOCOL, self._on_adapters_request, request_cap(RoundReport.MAX_BYTES)
+            )
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             manifests = await host.subscribe(ADAPTERS_PROTOCOL, self._accept_manifest)
             self._write_discovery_file()
@@ -256,6 +270,11 @@ class Coordinator:
     async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
         if isinstance(msg, LeaseRequest):
             self._check_member(peer, "inference")
+            self.admission.lease(peer, self.host.remote_ip(peer))
+            if not self._audited(peer):
+                holders = [s.node for s in self.work.book.active.values()]
+                unaudited = {h for h in holders if not self._audited(h)}
+                self.admission.unaudited_lease(peer, holders, unaudited)
             trainers = sum(
                 n.status == "alive" and "trainer" in n.capabilities.roles
                 for n in self.membership.nodes.values()
@@ -284,11 +303,21 @@ class Coordinator:
         if trust is not None and trust.banned:
             raise Forbidden(f"banned after {trust.strikes} confirmed audit failures")
 
+    def _audited(self, peer: str) -> bool:
+        """Has ``peer`` passed an audit (and is it not banned)?"""
+        trust = self.work.audits.trust.get(peer)
+        return trust is not None and trust.passed > 0 and not trust.banned
+
     def _addrs_of(self, peer: str) -> list[str]:
         node = self.membership.nodes.get(peer)
         return list(node.addrs) if node else []
 
     async def _join(self, peer: str, req: JoinRequest) -> Message:
+        try:
+            self.admission.join(peer, self.host.remote_ip(peer))
+        except RateLimited:
+            self.metrics.joins.labels("rate_limited").inc()
+            raise
         reply, transition = self.membership.join(peer, req, req.instance_id, self.clock())
         result = "accepted" if reply.accepted else reply.reason.split(":", 1)[0]
         self.metrics.joins.labels(result).inc()

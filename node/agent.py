@@ -42,6 +42,7 @@ from protocol.errors import (
     DecodeError,
     NotMember,
     ProtocolError,
+    RateLimited,
     RemoteError,
     VersionMismatch,
 )
@@ -130,7 +131,12 @@ class NodeAgent:
         task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
     ) -> None:
         """Join, keep membership, and run each of ``roles`` (given this agent) until ``stop``."""
-        async with P2PHost.create(self.identity, [self.config.listen]) as host:
+        async with P2PHost.create(
+            self.identity,
+            [self.config.listen],
+            limits=self.config.transport,
+            registry=self.metrics.registry,
+        ) as host:
             self.host = host
             sub = await host.subscribe(MEMBERSHIP, self.gate.accept)
             manifests = await host.subscribe(ADAPTERS_TOPIC, self.manifest_gate.accept)
@@ -159,6 +165,12 @@ class NodeAgent:
                 break
             except (TransportError, DecodeError) as e:
                 log.warning("coordinator unreachable (%s); retrying in %.1fs", e, backoff)
+            except RemoteError as e:
+                if e.code != RateLimited.reason:
+                    raise
+                log.warning("join rate-limited: %s", e.message)
+                await trio.sleep(e.retry_after_s)
+                continue
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
         self.interval = reply.heartbeat_interval_s

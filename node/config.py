@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from protocol.config import ConfigModel
 from protocol.membership import ROLES
+from protocol.peer_limits import TransportLimits
 
 
 class NodeConfig(ConfigModel):
@@ -53,6 +54,8 @@ class NodeConfig(ConfigModel):
     serve_url: str = ""
     """The URL the gateway reaches that endpoint at, when it is not ``http://<serve_listen>``
     (listening on 0.0.0.0 in a container: ``http://node-1:8900``)."""
+    transport: TransportLimits = TransportLimits()
+    """What one peer may hold of this process: deadlines, stream and byte budgets."""
     log_json: bool = False
     """Log JSON lines instead of human-readable lines."""
 

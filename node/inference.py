@@ -130,7 +130,7 @@ class InferenceWorker:
                 )
             except ProtocolError as e:
                 log.warning("lease request failed: %s", e)
-                await trio.sleep(self.config.reconnect_max_backoff_s)
+                await trio.sleep(e.retry_after_s or self.config.reconnect_max_backoff_s)
                 continue
             if isinstance(reply, Lease):
                 self.metrics.leases.inc()

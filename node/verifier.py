@@ -68,7 +68,7 @@ class VerifierWorker:
                 reply = await self.agent.ask(request, (AuditAssignment, NoAudit), AUDITS_PROTOCOL)
             except ProtocolError as e:
                 log.warning("audit request failed: %s", e)
-                await trio.sleep(self.config.reconnect_max_backoff_s)
+                await trio.sleep(e.retry_after_s or self.config.reconnect_max_backoff_s)
                 continue
             if isinstance(reply, AuditAssignment):
                 return reply

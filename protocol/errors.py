@@ -15,6 +15,7 @@ a caller needs one ``except ProtocolError`` to turn any bad input into a recorde
     ├── Forbidden                 the sender may not ask this (lacks the role, banned)
     │   └── NotMember             the sender is no live member (never joined, left, declared dead)
     ├── HashMismatch              content does not hash to the digest it was fetched by
+    ├── RateLimited               the sender asks too often, or holds too much; retry_after_s
     └── RemoteError               a peer answered a request with an error of its own
 
     ConfigError                   a config file or override that does not fit its model
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 
 class ProtocolError(Exception):
-    """Bytes from a peer that we refuse. ``reason`` is a short stable label for metrics."""
+    """Bytes from a peer that we refuse. ``reason`` is a short stable label for metrics;
+    ``retry_after_s`` is when asking again may succeed (0: not by waiting)."""
 
     reason = "protocol_error"
+    retry_after_s = 0.0
 
 
 class DecodeError(ProtocolError):
@@ -81,15 +84,28 @@ class HashMismatch(ProtocolError):
     reason = "hash_mismatch"
 
 
+class RateLimited(ProtocolError):
+    """The sender asked too often, or holds too much already; it may ask again after
+    ``retry_after_s``."""
+
+    reason = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry after {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+
+
 class RemoteError(ProtocolError):
-    """A peer answered a request with an error; ``code`` is its reason label."""
+    """A peer answered a request with an error; ``code`` is its reason label, and
+    ``retry_after_s`` when it said to ask again (``rate_limited``)."""
 
     reason = "remote_error"
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(f"peer refused ({code}): {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class ConfigError(ValueError):

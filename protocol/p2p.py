@@ -11,9 +11,27 @@ only ``P2PHost`` (publish, subscribe, serve, request). It runs on trio, like py-
   returns is what the subscriber receives, so a frame is opened once.
 - **Request/response** streams are named by versioned protocol ids. A request is
   ``u32 length || bytes``; the answer is ``u8 status || u32 length || bytes`` where status 1
-  carries ``[code, message]`` of a ``ProtocolError`` raised by the handler. Both directions have a
-  size cap checked against the length prefix before reading the body. A peer that only speaks
+  carries an ``ErrorAnswer`` (code, message, when to ask again) of a ``ProtocolError`` raised by
+  the handler. Both directions have a size cap checked against the length prefix before reading
+  the body. A peer that only speaks
   another major version of a protocol is refused with ``VersionMismatch`` naming both versions.
+- **Hostile peers** (``protocol/peer_limits.py`` holds the numbers and budgets). Every inbound
+  stream of every protocol — ours, gossipsub, identify, ping — is dispatched through one guard
+  (``_StreamGuard``): an error a peer's bytes cause in any handler resets that stream (closes
+  the connection, for gossip), is counted in ``bazaar_peer_faults_total{layer,reason}`` and
+  logged once per peer and reason per minute, and the process keeps serving. The guard also
+  caps open streams per connection and notes when each peer was last heard from; connections
+  idle past ``idle_connection_s`` are closed. Request streams have a read deadline, a cap per
+  peer, and a budget of unfinished request bytes per peer and in all.
+
+  Why a guard of our own: py-libp2p 0.8.1 runs stream handlers in the connection's nursery, so
+  an exception from any handler propagates through the swarm's services and ends the process;
+  its gossipsub reader (``Pubsub.continuously_read_stream``) lets protobuf's ``DecodeError``
+  out, so 11 malformed bytes on ``/meshsub/1.1.0`` ended any of our processes. Gossip messages
+  are also handled in tasks of pubsub's own service (``Pubsub.push_msg``), which a subclass
+  guards the same way. Upstream, ``SwarmConn._handle_muxed_stream`` should contain handler
+  errors and ``continuously_read_stream`` should treat a parse error as a bad peer; with those
+  fixed the guard only counts.
 
 >>> async def echo(peer_id: str, data: bytes) -> bytes:
 ...     return data
@@ -34,8 +52,9 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+import msgspec
 import multiaddr
 import trio
 from libp2p import new_host
@@ -43,15 +62,18 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
+from prometheus_client import CollectorRegistry
 
 from protocol.codec import decode_struct, encode_struct
 from protocol.errors import DecodeError, ProtocolError, RemoteError, TooLarge
 from protocol.identity import Identity
+from protocol.peer_limits import PeerFaults, StreamBudget, TransportLimits
 from protocol.versions import check_compatible, parse_protocol_id
 
 log = logging.getLogger(__name__)
@@ -65,6 +87,15 @@ _OK, _ERR = 0, 1
 T = TypeVar("T")
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 """``async handler(peer_id, request_bytes) -> response_bytes``; may raise ``ProtocolError``."""
+
+
+class ErrorAnswer(msgspec.Struct, array_like=True, frozen=True):
+    """A handler's refusal on the wire: ``[code, message, retry_after_s]`` (the last may be
+    left out: 0)."""
+
+    code: str
+    message: str
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
 
 
 class TransportError(ProtocolError):
@@ -106,12 +137,25 @@ class Subscription(Generic[T]):
 class P2PHost:
     """A running py-libp2p host. Build it with ``async with P2PHost.create(identity) as host``."""
 
-    def __init__(self, identity: Identity, host: Any, pubsub: Pubsub, nursery: trio.Nursery):
+    def __init__(
+        self,
+        identity: Identity,
+        host: Any,
+        pubsub: Pubsub,
+        nursery: trio.Nursery,
+        limits: TransportLimits,
+        faults: PeerFaults,
+        budget: StreamBudget,
+    ):
         self.identity = identity
         self.peer_id = identity.peer_id
         self._host = host
         self._pubsub = pubsub
         self._nursery = nursery
+        self.limits = limits
+        self.faults = faults
+        """What peers did wrong, by layer and reason (also ``bazaar_peer_faults_total``)."""
+        self.budget = budget
         assert host.get_id().to_base58() == self.peer_id, "libp2p derived another peer id"
 
     @classmethod
@@ -121,10 +165,24 @@ class P2PHost:
         identity: Identity,
         listen: list[str] | None = None,
         gossip: GossipConfig | None = None,
+        limits: TransportLimits | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> AsyncIterator[P2PHost]:
+        """``registry`` receives ``bazaar_peer_faults_total`` (none: counted in ``faults``)."""
         gossip = gossip or GossipConfig()
+        limits = limits or TransportLimits()
+        faults = PeerFaults(registry or CollectorRegistry())
+        budget = StreamBudget(limits)
         key = Ed25519PrivateKey.from_bytes(identity.seed())
-        host = new_host(key_pair=KeyPair(key, key.get_public_key()))
+        host = new_host(
+            key_pair=KeyPair(key, key.get_public_key()),
+            negotiate_timeout=max(1, round(limits.handshake_timeout_s)),
+            connection_config=ConnectionConfig(
+                inbound_upgrade_timeout=limits.handshake_timeout_s,
+                inbound_stream_protocol_negotiation_timeout=limits.handshake_timeout_s,
+            ),
+        )
+        _StreamGuard(host, faults, budget)
         router = GossipSub(
             protocols=[GOSSIPSUB_ID],
             degree=gossip.degree,
@@ -134,7 +192,13 @@ class P2PHost:
             heartbeat_interval=gossip.heartbeat_interval_s,
             max_messages_per_topic_per_second=gossip.max_messages_per_peer_s,
         )
-        pubsub = Pubsub(host, router)
+        pubsub = _GuardedPubsub(
+            host,
+            router,
+            faults=faults,
+            max_inbound_rpc_size=limits.max_gossip_rpc_bytes,
+            allowed_topics=frozenset(),  # subscribe() adds ours
+        )
         addrs = [multiaddr.Multiaddr(a) for a in (listen or ["/ip4/127.0.0.1/tcp/0"])]
         # An error from the body is held while the host shuts down and raised after: cancelling
         # our nursery with it in flight would let a Cancelled from py-libp2p's service exits
@@ -147,8 +211,10 @@ class P2PHost:
             await stack.enter_async_context(background_trio_service(router))
             nursery = await stack.enter_async_context(trio.open_nursery())
             await pubsub.wait_until_ready()
+            self = cls(identity, host, pubsub, nursery, limits, faults, budget)
+            nursery.start_soon(self._close_idle_loop)
             try:
-                yield cls(identity, host, pubsub, nursery)
+                yield self
             except BaseException as e:
                 body_error = e
             nursery.cancel_scope.cancel()
@@ -201,6 +267,33 @@ class P2PHost:
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
 
+    def remote_ip(self, peer_id: str) -> str:
+        """The IP address ``peer_id`` is connected from (its first connection's); empty if
+        not connected. What admission limits per address key on: a peer id is free to make,
+        an address is not."""
+        try:
+            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return ""
+        for conn in conns:
+            try:
+                addr = conn.muxed_conn.get_remote_address()
+            except Exception:
+                continue
+            if addr:
+                return str(addr[0])
+        return ""
+
+    async def _close_idle_loop(self) -> None:
+        """Close connections over which the peer sent nothing for ``idle_connection_s``."""
+        period = min(10.0, self.limits.idle_connection_s / 4)
+        while True:
+            await trio.sleep(period)
+            for peer in self.budget.idle(self.connected_peers()):
+                log.info("closing connection to %s: idle", peer, extra={"peer": peer})
+                with trio.move_on_after(5):
+                    await _quietly(self.disconnect(peer))
+
     def gossip_peers(self, topic: str) -> list[str]:
         """Peers known to be subscribed to ``topic``."""
         return [p.to_base58() for p in self._pubsub.peer_topics.get(topic, set())]
@@ -224,6 +317,8 @@ class P2PHost:
             accepted[bytes(msg.from_id) + bytes(msg.seqno)] = value
             return True
 
+        # only our topics' subscriptions are kept: a peer cannot grow our topic tables
+        self._pubsub.allowed_topics = frozenset({*(self._pubsub.allowed_topics or ()), topic})
         self._pubsub.set_topic_validator(topic, validator, False)
         raw = await self._pubsub.subscribe(topic)
         send, receive = trio.open_memory_channel[T](buffer)
@@ -242,24 +337,63 @@ class P2PHost:
     # -- request / response -------------------------------------------------------------------
 
     def serve(self, protocol: str, handler: Handler, max_request_bytes: int = DEFAULT_MAX_REQUEST):
-        """Answer requests on a versioned protocol id with ``handler``."""
+        """Answer requests on a versioned protocol id with ``handler``. ``max_request_bytes``
+        is the largest frame any request of this protocol can be (see ``request_cap``)."""
         parse_protocol_id(protocol)
 
         async def on_stream(stream: Any) -> None:
             peer = stream.muxed_conn.peer_id.to_base58()
+            if not self.budget.open_request(peer):
+                self.faults.record(
+                    peer, "bazaar", "too_many_streams",
+                    f"over {self.limits.max_streams_per_peer} open requests",
+                )  # fmt: skip
+                await _reset(stream)
+                return
             try:
-                request = await _read_frame(stream, max_request_bytes, "request")
+                request = await self._read_request(stream, peer, protocol, max_request_bytes)
+                if request is None:
+                    return
                 try:
                     body, status = await handler(peer, request), _OK
                 except ProtocolError as e:
-                    body, status = encode_struct([e.reason, str(e)]), _ERR
+                    answer = ErrorAnswer(e.reason, str(e), e.retry_after_s)
+                    body, status = encode_struct(answer), _ERR
                 await stream.write(bytes([status]) + _LEN.pack(len(body)) + body)
                 await stream.close()
             except Exception as e:
                 log.info("request on %s from %s failed: %s", protocol, peer, e)
                 await _reset(stream)
+            finally:
+                self.budget.close_request(peer)
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def _read_request(self, stream: Any, peer: str, protocol: str, cap: int) -> bytes | None:
+        """One request frame within the read deadline and the peer's byte budget; ``None``
+        (the stream reset, the fault counted) if the peer overstepped either."""
+        reason, detail, reserved = "", "", 0
+        with trio.move_on_after(self.limits.request_timeout_s):
+            try:
+                (length,) = _LEN.unpack(await _read_exactly(stream, _LEN.size))
+                if length > cap:
+                    raise TooLarge(f"request of {length} bytes is over {protocol}'s cap of {cap}")
+                if not self.budget.reserve(peer, length):
+                    reason, detail = "inflight_bytes", f"no room for a {length}-byte request"
+                else:
+                    reserved = length
+                    return await _read_exactly(stream, length)
+            except ProtocolError as e:
+                reason, detail = e.reason, str(e)
+            finally:
+                if reserved:
+                    self.budget.release(peer, reserved)
+        if not reason:
+            reason = "read_timeout"
+            detail = f"no whole request on {protocol} in {self.limits.request_timeout_s:g}s"
+        self.faults.record(peer, "bazaar", reason, detail)
+        await _reset(stream)
+        return None
 
     async def request(
         self,
@@ -272,6 +406,7 @@ class P2PHost:
     ) -> bytes:
         """Send one request and return the answer; a handler's refusal is ``RemoteError``."""
         pid = ID.from_base58(peer_id)
+        self.budget.touch(peer_id)
         try:
             with trio.fail_after(timeout_s):
                 try:
@@ -295,8 +430,8 @@ class P2PHost:
             raise TransportError(f"{protocol} to {peer_id} failed: {e}") from None
         if status[0] == _OK:
             return body
-        code, message = decode_struct(body, tuple[str, str], "error answer")
-        raise RemoteError(code, message)
+        err = decode_struct(body, ErrorAnswer, "error answer")
+        raise RemoteError(err.code, err.message, err.retry_after_s)
 
     def _raise_version_mismatch(self, pid: ID, protocol: str) -> None:
         name, _ = parse_protocol_id(protocol)
@@ -334,3 +469,94 @@ async def _reset(stream: Any) -> None:
             await stream.reset()
         except Exception as e:
             log.debug("stream reset failed: %s", e)
+
+
+def request_cap(max_message_bytes: int) -> int:
+    """The largest request frame of a protocol whose largest message body is this big: the
+    signed envelope adds its header and signature."""
+    return max_message_bytes + 1024
+
+
+_LAYERS = {"/meshsub/": "gossipsub", "/ipfs/id/": "identify", "/ipfs/ping/": "ping"}
+
+
+def _layer_of(protocol: str | None) -> str:
+    if not protocol:
+        return "negotiation"
+    if protocol.startswith("/bazaar/"):
+        return "bazaar"
+    return next((layer for p, layer in _LAYERS.items() if protocol.startswith(p)), "stream")
+
+
+class _StreamGuard:
+    """Every inbound stream of every protocol passes here: it counts the connection's open
+    streams (over the cap, the stream is reset), notes that the peer was heard from whenever
+    the stream delivers bytes, and contains any error the handler lets out — py-libp2p would
+    let it end the process (see the module docstring)."""
+
+    def __init__(self, host: Any, faults: PeerFaults, budget: StreamBudget) -> None:
+        self._inner = host._swarm_stream_handler
+        self._host = host
+        self._faults = faults
+        self._budget = budget
+        host.get_network().set_stream_handler(self)
+
+    async def __call__(self, stream: Any) -> None:
+        conn = stream.muxed_conn
+        peer = conn.peer_id.to_base58()
+        self._budget.touch(peer)
+        if not self._budget.open_connection_stream(id(conn)):
+            limit = self._budget.limits.max_streams_per_connection
+            self._faults.record(peer, "muxer", "too_many_streams", f"over {limit} streams open")
+            await _reset(stream)
+            return
+        read = stream.read
+
+        async def read_and_note(n: int | None = None) -> bytes:
+            data = await read(n)
+            self._budget.touch(peer)
+            return data
+
+        stream.read = read_and_note
+        try:
+            await self._inner(stream)
+        except Exception as e:
+            layer = _layer_of(stream.get_protocol())
+            self._faults.record(peer, layer, _reason(e), f"{type(e).__name__}: {e}")
+            await _reset(stream)
+            if layer == "gossipsub":  # its one stream to us is broken: start it clean
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await _quietly(self._host.disconnect(conn.peer_id))
+        finally:
+            self._budget.close_connection_stream(id(conn))
+
+
+class _GuardedPubsub(Pubsub):
+    """py-libp2p's pubsub, with the messages a peer sends handled so that an error in one
+    (``push_msg`` runs in pubsub's own service, where an error ends the service and the host)
+    drops that message and counts a fault."""
+
+    def __init__(self, *args: Any, faults: PeerFaults, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._faults = faults
+
+    async def push_msg(self, msg_forwarder: ID, msg: Any) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as e:
+            peer = msg_forwarder.to_base58()
+            self._faults.record(peer, "gossipsub", _reason(e), f"{type(e).__name__}: {e}")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, ProtocolError):
+        return e.reason
+    name = type(e).__name__
+    return {"DecodeError": "decode_error", "ParseError": "decode_error"}.get(name, "handler_error")
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception as e:
+        log.debug("ignored while closing a peer's connection: %s", e)

@@ -76,7 +76,7 @@ class TrainerRole:
                     reply = await agent.ask(request, expect, ADAPTERS_PROTOCOL)
                 except ProtocolError as e:
                     log.warning("training request failed: %s", e)
-                    await trio.sleep(self.config.reconnect_max_backoff_s)
+                    await trio.sleep(e.retry_after_s or self.config.reconnect_max_backoff_s)
                     continue
                 if isinstance(reply, NoTraining):
                     await trio.sleep(reply.retry_after_s)
