@@ -6,6 +6,7 @@ there); everything is removed on exit. Needs root and iproute2.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -77,3 +78,24 @@ def network(names: list[str]) -> Iterator[dict[str, Host]]:
     finally:
         for ns in reversed(made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """Run the calling thread inside namespace ``ns`` (sockets it opens live there), then bring
+    it back: how a test reaches a REST API that listens only inside a namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setns(fd: int) -> None:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+
+    with open("/proc/thread-self/ns/net") as home, open(f"/var/run/netns/{ns}") as target:
+        setns(target.fileno())
+        try:
+            yield
+        finally:
+            setns(home.fileno())
