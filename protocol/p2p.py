@@ -60,6 +60,7 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig
@@ -67,6 +68,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 from prometheus_client import CollectorRegistry
 
@@ -174,8 +177,16 @@ class P2PHost:
         faults = PeerFaults(registry or CollectorRegistry())
         budget = StreamBudget(limits)
         key = Ed25519PrivateKey.from_bytes(identity.seed())
+        key_pair = KeyPair(key, key.get_public_key())
         host = new_host(
-            key_pair=KeyPair(key, key.get_public_key()),
+            key_pair=key_pair,
+            # Noise only: py-libp2p also offers plaintext (where a peer *claims* any peer id),
+            # secio (deprecated) and a TLS it calls limited, each one more parser for a peer
+            sec_opt={
+                TProtocol(NOISE_ID): NoiseTransport(
+                    key_pair, noise_privkey=create_x25519_key_pair().private_key
+                )
+            },
             negotiate_timeout=max(1, round(limits.handshake_timeout_s)),
             connection_config=ConnectionConfig(
                 inbound_upgrade_timeout=limits.handshake_timeout_s,

@@ -193,6 +193,15 @@ class Cluster:
 
         return wait_until(probe, timeout_s, what=f"statuses {expect}")
 
+    def metric_lines(self, name: str, url: str | None = None) -> dict[str, float]:
+        """Every sample of a Prometheus metric, by its name with labels."""
+        text = httpx.get(f"{url or self.url}/metrics", timeout=5).text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        }
+
     def metric(self, name: str, labels: str = "", url: str | None = None) -> float:
         """One sample of a Prometheus metric (0 when absent), e.g. metric("x_total", 'a="b"')."""
         text = httpx.get(f"{url or self.url}/metrics", timeout=5).text

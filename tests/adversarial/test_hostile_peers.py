@@ -1,0 +1,155 @@
+"""A hostile peer cannot crash, stall or exhaust a coordinator or a node.
+
+Real processes, attacked from real py-libp2p hosts in the test process:
+
+- the malformed gossipsub frame that used to end any of our processes (11 bytes on
+  ``/meshsub/1.1.0``), and random bytes on the same stream: each is a counted fault
+  (``bazaar_peer_faults_total{layer="gossipsub"}``), the attacker's connection is closed, the
+  process keeps serving an honest peer;
+- hundreds of request streams that stop part-way through a frame, on one connection and across
+  many: every one is let go within the read deadline, the process's memory comes back under
+  the bound, and the attacker's streams over the per-peer cap are refused at once;
+- a connection that sends nothing is closed once idle.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.adversarial.attacks import (
+    MESHSUB,
+    attacker,
+    protocol_stream,
+    rss_mb,
+    stall_across,
+    stall_streams,
+    still_serves,
+)
+from tests.conftest import free_port
+from tests.integration.cluster import Cluster, Proc
+from tests.integration.peer import MEMBERSHIP
+from tests.wait import await_until, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+DEADLINE_S = 2.0
+"""The read deadline the processes under attack run with (``transport.request_timeout_s``)."""
+RSS_BOUND_MB = 50.0
+"""How much a process may grow under these attacks and keep after them."""
+CRASH_FRAME = b"\x0a\x0b\x0a\x09\x12\x07garbage"[:11]
+"""An 11-byte gossipsub frame that is not a protobuf RPC (the one that killed processes)."""
+LIMITS = [f"--transport.request_timeout_s={DEADLINE_S}", "--transport.idle_connection_s=3"]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, interval_s=1.0)
+    yield c
+    c.stop_all()
+
+
+def _faults(cluster: Cluster, layer: str, reason: str = "", url: str | None = None) -> float:
+    labels = f'layer="{layer}"' + (f',reason="{reason}"' if reason else "")
+    if reason:
+        return cluster.metric("bazaar_peer_faults_total", labels, url)
+    text = cluster.metric_lines("bazaar_peer_faults_total", url)
+    return sum(v for k, v in text.items() if f'layer="{layer}"' in k)
+
+
+def _node(cluster: Cluster) -> tuple[Proc, str, str]:
+    """A node with metrics on; its process, multiaddr and metrics URL."""
+    port = free_port()
+    proc = cluster.start_node("n1", extra=[f"--metrics-listen=127.0.0.1:{port}", *LIMITS])
+    cluster.wait_status({"n1": "alive"}, 60)
+    addr = next(a for a in cluster.nodes()["n1"]["addrs"] if a.startswith("/ip4/127."))
+    return proc, addr, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("target", ["coordinator", "node"])
+def test_malformed_gossip_is_a_counted_fault_not_a_crash(cluster: Cluster, target: str) -> None:
+    coordinator = cluster.start_coordinator(extra=LIMITS)
+    proc, addr, url = coordinator, cluster.multiaddr, None
+    if target == "node":
+        proc, addr, url = _node(cluster)
+    rng = random.Random(16)
+
+    async def attack() -> None:
+        peer = addr.rsplit("/p2p/", 1)[1]
+        frames = [CRASH_FRAME] + [rng.randbytes(rng.choice([11, 64, 900])) for _ in range(4)]
+        for frame in frames:
+            async with attacker(addr) as host:
+                out = await protocol_stream(host, peer, MESHSUB[1], frame)
+                assert out.sent == len(frame), out
+                # the attacker's connection is closed after the fault
+                await await_until(lambda: peer not in host.connected_peers(), 10)
+        assert await still_serves(cluster.multiaddr)
+
+    trio.run(attack)
+    assert proc.alive() and coordinator.alive()
+    wait_until(lambda: _faults(cluster, "gossipsub", url=url) >= 1, 10, what="faults counted")
+    if target == "node":
+        assert cluster.statuses()["n1"] == "alive"
+    lines = [line for line in proc.output().splitlines() if "gossipsub fault" in line]
+    assert 1 <= len(lines) <= 12, lines  # once per (peer, reason) a minute: one peer each time
+
+
+def test_stalled_streams_are_released_within_the_deadline(cluster: Cluster) -> None:
+    coordinator = cluster.start_coordinator(extra=LIMITS)
+    peer = cluster.peer_id
+    before = rss_mb(coordinator.pid)
+    released: list[float] = []
+    refused: list[int] = []
+    peak = [before]
+
+    async def attack() -> None:
+        async with trio.open_nursery() as nursery:
+            # 200 streams on one connection: the per-peer cap (32) holds, the rest are reset
+            async with attacker(cluster.multiaddr) as host:
+                stall = await stall_streams(
+                    host, peer, MEMBERSHIP, 200, nursery, declared=16_000, sent=8_000
+                )
+                await await_until(lambda: stall.held == 0, DEADLINE_S + 10)
+                released.extend(r for r in stall.released_s if r is not None)
+                refused.append(stall.refused)  # reset before the frame could be sent
+                await stall.close()
+            nursery.cancel_scope.cancel()
+        # and across 8 connections (8 identities), 1 MiB declared, 900 kB sent on each
+        adapters = "/bazaar/adapters/1.0.0"
+        async with stall_across(
+            cluster.multiaddr, adapters, 8, 6, declared=1 << 20, sent=900_000
+        ) as stalls:
+            peak.append(rss_mb(coordinator.pid))
+            await await_until(lambda: all(s.held == 0 for s in stalls), DEADLINE_S + 10)
+            for s in stalls:
+                released.extend(r for r in s.released_s if r is not None)
+                refused.append(s.refused)
+        assert await still_serves(cluster.multiaddr)
+
+    trio.run(attack)
+    assert coordinator.alive()
+    assert len(released) + sum(refused) == 200 + 8 * 6
+    assert max(released) <= DEADLINE_S + 1.0, sorted(released)[-5:]
+    # the per-peer cap (32 requests), then the per-peer byte budget (4 x 1 MiB) held
+    assert _faults(cluster, "bazaar", "read_timeout") == 32 + 8 * 4
+    assert _faults(cluster, "bazaar", "too_many_streams") == 200 - 32
+    assert _faults(cluster, "bazaar", "inflight_bytes") == 8 * 2
+    assert max(peak) - before <= RSS_BOUND_MB, (before, peak)
+    wait_until(
+        lambda: rss_mb(coordinator.pid) - before <= RSS_BOUND_MB, 10, what="memory given back"
+    )
+
+
+def test_an_idle_connection_is_closed(cluster: Cluster) -> None:
+    cluster.start_coordinator(extra=LIMITS)
+
+    async def idle() -> None:
+        async with attacker(cluster.multiaddr) as host:
+            assert cluster.peer_id in host.connected_peers()
+            await await_until(lambda: cluster.peer_id not in host.connected_peers(), 15)
+
+    trio.run(idle)
