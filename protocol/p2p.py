@@ -58,19 +58,28 @@ import msgspec
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
 from libp2p.host.exceptions import StreamFailure
+from libp2p.io.exceptions import IOException, MessageTooLarge
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE, Yamux
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from prometheus_client import CollectorRegistry
 
 from protocol.codec import decode_struct, encode_struct
@@ -187,6 +196,7 @@ class P2PHost:
                     key_pair, noise_privkey=create_x25519_key_pair().private_key
                 )
             },
+            muxer_opt={TProtocol(YAMUX_ID): Yamux},  # not mplex too: one parser less
             negotiate_timeout=max(1, round(limits.handshake_timeout_s)),
             connection_config=ConnectionConfig(
                 inbound_upgrade_timeout=limits.handshake_timeout_s,
@@ -194,6 +204,8 @@ class P2PHost:
             ),
         )
         _StreamGuard(host, faults, budget)
+        _InboundSlots(host.get_network(), faults)
+        host.get_network().register_notifee(_WindowGuard(faults))
         router = GossipSub(
             protocols=[GOSSIPSUB_ID],
             degree=gossip.degree,
@@ -571,3 +583,137 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
         await awaitable
     except Exception as e:
         log.debug("ignored while closing a peer's connection: %s", e)
+
+
+class _InboundSlots:
+    """Inbound connections through the handshake, with py-libp2p's slot for each held only
+    while it lasts. py-libp2p (``Swarm._handle_inbound_connection``) holds a slot of its
+    250 for an upgraded connection until the *swarm* stops, closed connection or not: 250
+    connections that shook hands and left locked every newcomer out until a restart. Here the
+    slot is given back once the handshake ends; the handler then lives as long as its
+    connection (trio closes the socket when the handler returns). A failed handshake is a
+    counted fault. Upstream: ``_do_handle_inbound_connection`` should wait for the connection
+    to close, not for ``manager.wait_finished()``, and release the slot after the upgrade."""
+
+    def __init__(self, swarm: Any, faults: PeerFaults) -> None:
+        self._swarm = swarm
+        self._faults = faults
+        swarm._handle_inbound_connection = self
+
+    async def __call__(self, read_write_closer: Any, maddr: Any) -> None:
+        limiter = self._swarm._inbound_limiter
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            self._faults.record("", "transport", "too_many_handshakes", "all slots in use")
+            await _quietly(read_write_closer.close())
+            return
+        raw = RawConnection(read_write_closer, False)
+        try:
+            muxed = await self._swarm.upgrade_inbound_raw_conn(raw, maddr)
+        except Exception as e:
+            self._faults.record("", "security", "handshake_failed", f"{type(e).__name__}: {e}")
+            await _quietly(raw.close())
+            return
+        finally:
+            limiter.release()
+        await muxed.event_closed.wait()
+
+
+_MULTISELECT_MAX = 1024
+"""Longest multistream-select message read: protocol ids are under 100 bytes."""
+
+
+async def _read_multiselect(self: MultiselectCommunicator) -> str:
+    """``MultiselectCommunicator.read`` with a cap on the length the peer declares: py-libp2p
+    reads whatever length it is told (a peer sent 64 MiB of one "protocol id" before any
+    handshake, and the process kept much of it). Installed on the class, as the security,
+    muxer and stream negotiations each build their own communicator. Upstream: ``read_delim``
+    should take a maximum."""
+    try:
+        data = await read_varint_prefixed_bytes_limited(self.read_writer, _MULTISELECT_MAX)
+    except (ParseError, IOException, MessageTooLarge, ValueError) as e:
+        raise MultiselectCommunicatorError("fail to read from multiselect communicator") from e
+    if not data.endswith(b"\n"):
+        raise MultiselectCommunicatorError("multiselect message not delimited by newline")
+    return data[:-1].decode(errors="replace")
+
+
+MultiselectCommunicator.read = _read_multiselect  # type: ignore[method-assign]
+
+
+class _WindowGuard(INotifee):
+    """Keeps yamux streams from buffering past the receive window they were given: py-libp2p's
+    yamux logs a peer that sends beyond the window and keeps the bytes (a peer filled 280 MB
+    of a process through one ping stream nobody read). Past the window plus one frame, the
+    connection is closed and the fault counted. Installed as a notifee on every new connection,
+    both directions, since py-libp2p builds ``Yamux`` by name whatever muxer class it is given.
+    Upstream: ``Yamux.handle_incoming`` should close the connection on a window violation, as
+    the yamux spec says."""
+
+    def __init__(self, faults: PeerFaults) -> None:
+        self._faults = faults
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        muxer = conn.muxed_conn
+        if isinstance(muxer, Yamux) and not isinstance(muxer.stream_buffers, _WindowedBuffers):
+            muxer.stream_buffers = _WindowedBuffers(muxer, self._faults)
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+class _WindowOverrun(Exception):
+    pass
+
+
+class _WindowedBuffers(dict[int, bytearray]):
+    """yamux's per-stream receive buffers, each refusing to grow past its stream's window."""
+
+    def __init__(self, muxer: Yamux, faults: PeerFaults) -> None:
+        super().__init__()
+        self._muxer = muxer
+        self._faults = faults
+        for stream_id, buffer in muxer.stream_buffers.items():  # frames read before we came
+            self[stream_id] = buffer
+
+    def __setitem__(self, stream_id: int, buffer: bytearray) -> None:
+        super().__setitem__(stream_id, _WindowedBuffer(buffer, self, stream_id))
+
+    def overrun(self, stream_id: int, size: int) -> None:
+        peer = self._muxer.peer_id.to_base58()
+        self._faults.record(peer, "muxer", "window_overrun", f"stream {stream_id}: {size} bytes")
+        self._muxer.event_shutting_down.set()  # handle_incoming then closes the connection
+        raise _WindowOverrun(f"stream {stream_id} past its receive window")
+
+
+class _WindowedBuffer(bytearray):
+    def __init__(self, data: bytes | bytearray, owner: _WindowedBuffers, stream_id: int) -> None:
+        super().__init__(data)
+        self._owner = owner
+        self._stream_id = stream_id
+        self._excess = 0
+        """Bytes the peer sent beyond the credit it had."""
+
+    def extend(self, data: Any) -> None:
+        # what the peer may still send is the credit we granted (``recv_window``, which only
+        # grows as our reader consumes); one frame past it, in all, is slack for py-libp2p's
+        # own accounting
+        stream = self._owner._muxer.streams.get(self._stream_id)
+        credit = stream.recv_window if stream is not None else 0
+        self._excess += max(0, len(data) - credit)
+        if self._excess > MAX_MESSAGE_SIZE:
+            self._owner.overrun(self._stream_id, len(self) + len(data))
+        super().extend(data)
