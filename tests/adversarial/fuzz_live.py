@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from tests.adversarial import attacks as A
+from tests.adversarial.inputs import inputs
 
 RSS_BOUND_MB = 50.0
 """Most a fuzzed process may grow over its resident size before the fuzzing."""
@@ -75,7 +76,7 @@ async def fuzz(
     for protocol in bazaar_protocols:
         layers[f"bazaar:{protocol}"] = ("bazaar", _stream(protocol))
     for layer, (generator, send) in layers.items():
-        source = A.inputs(generator, rng)
+        source = inputs(generator, rng)
         batch = [next(source) for _ in range(inputs_per_layer)]
         limiter = trio.CapacityLimiter(CONCURRENCY)
 

@@ -9,7 +9,10 @@ Real processes, attacked from real py-libp2p hosts in the test process:
 - hundreds of request streams that stop part-way through a frame, on one connection and across
   many: every one is let go within the read deadline, the process's memory comes back under
   the bound, and the attacker's streams over the per-peer cap are refused at once;
-- a connection that sends nothing is closed once idle.
+- a connection that sends nothing is closed once idle;
+- what py-libp2p let through beneath our protocols: 300 connections that shake hands and leave
+  (py-libp2p kept a slot of its 250 for each, for good), a yamux stream sent far past its
+  receive window, a multistream-select message declared at 1 GiB.
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ import pytest
 import trio
 
 from tests.adversarial.attacks import (
+    GO_AWAY,
     MESHSUB,
     attacker,
+    multistream_flood,
+    muxer_frames,
+    offered_security,
+    plaintext_session_accepted,
     protocol_stream,
     rss_mb,
+    secured_session,
     stall_across,
     stall_streams,
     still_serves,
+    yamux_frame,
+    yamux_overrun,
 )
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster, Proc
@@ -153,3 +164,43 @@ def test_an_idle_connection_is_closed(cluster: Cluster) -> None:
             await await_until(lambda: cluster.peer_id not in host.connected_peers(), 15)
 
     trio.run(idle)
+
+
+def test_connection_floods_are_bounded(cluster: Cluster) -> None:
+    coordinator = cluster.start_coordinator(extra=LIMITS)
+    before = rss_mb(coordinator.pid)
+    peak = [before]
+
+    async def attack() -> None:
+        for _ in range(300):  # more than py-libp2p's 250 inbound slots
+            async with secured_session(cluster.multiaddr) as s:
+                await s.write(yamux_frame(GO_AWAY, 0, 0, 0))
+        assert await still_serves(cluster.multiaddr)
+        overrun = await yamux_overrun(cluster.multiaddr, 64)
+        peak.append(rss_mb(coordinator.pid))
+        assert overrun.closed_by_target and overrun.sent < 32 << 20, overrun
+        flood = await multistream_flood(cluster.multiaddr, 32)
+        peak.append(rss_mb(coordinator.pid))
+        assert flood.closed_by_target and flood.sent < 8 << 20, flood
+        assert await still_serves(cluster.multiaddr)
+
+    trio.run(attack)
+    assert coordinator.alive()
+    assert _faults(cluster, "muxer", "window_overrun") == 1
+    assert _faults(cluster, "security", "handshake_failed") >= 1  # the flood's negotiation
+    assert max(peak) - before <= RSS_BOUND_MB, (before, peak)
+
+
+def test_only_noise_and_yamux_are_offered(cluster: Cluster) -> None:
+    """Plaintext security lets a peer claim any peer id; secio, TLS and mplex are parsers
+    more for nothing."""
+    cluster.start_coordinator()
+
+    async def probe() -> None:
+        assert await offered_security(cluster.multiaddr) == ["/noise"]
+        claim = await plaintext_session_accepted(cluster.multiaddr, cluster.peer_id)
+        assert claim.error, claim
+        mplex = await muxer_frames(cluster.multiaddr, [], muxer="/mplex/6.7.0")
+        assert mplex.error, mplex
+
+    trio.run(probe)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -86,6 +87,11 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
         assert sum(u.completion_tokens + u.prompt_tokens for u in accounts.usage(demo.id)) == (
             demo.used_tokens
         )
+
+        # an honest network never meets the admission limits, nor counts a peer fault
+        metrics = httpx.get(f"{coordinator[1]}/metrics", timeout=5).text
+        assert "rate_limited" not in metrics, metrics
+        assert "bazaar_peer_faults_total{" not in metrics, metrics
 
         family = psutil.Process(up.pid).children(recursive=True)
         assert len(family) >= 5  # coordinator, gateway, 3 nodes (and their helpers)
