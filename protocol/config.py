@@ -94,12 +94,32 @@ def load_config(model: type[C], path: Path | None, overrides: list[str] | None =
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
     from_cli = parse_overrides(overrides or [])
+    # a section given in part (``--a.b.x=1``, or ``[a.b] x = 1``) keeps its other defaults
+    data = _merged(_defaults(model), data)
     for dotted, value in from_cli.items():
         _set_dotted(data, dotted, value)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e, model, source, set(from_cli))) from None
+
+
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's defaults, nested sections included ({} if a field has none)."""
+    try:
+        return model().model_dump()
+    except ValidationError:
+        return {}
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _explain(err: ValidationError, model: type[BaseModel], source: str, cli: set[str]) -> str:

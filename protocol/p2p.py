@@ -34,8 +34,11 @@ only ``P2PHost`` (publish, subscribe, serve, request). It runs on trio, like py-
     ended any of our processes): ``_StreamGuard``; ``Pubsub.push_msg`` runs in pubsub's own
     service, so ``_GuardedPubsub`` catches there too;
   - an inbound slot is held for the life of the process per connection that ever shook hands
-    (250 of them locked newcomers out): ``_InboundSlots``;
-  - yamux keeps bytes sent past the receive window: ``_WindowGuard``;
+    (250 of them locked newcomers out), and one address may take them all: ``_InboundSlots``,
+    with caps per address on handshakes and open connections;
+  - an auto-connector dials every address any peer announced: ``_no_auto_dials``;
+  - yamux keeps bytes sent past the receive window: ``_WindowGuard``; and grows a stream's
+    window to 16 MiB, all of which a stalled reader holds: ``max_stream_window_bytes``;
   - multistream-select reads a message of any declared length: ``_read_multiselect``.
 
 >>> async def echo(peer_id: str, data: bytes) -> bytes:
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -81,9 +85,11 @@ from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux import yamux as _yamux
 from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE, Yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.anyio_service.exceptions import LifecycleError
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from prometheus_client import CollectorRegistry
 
@@ -100,7 +106,7 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.identity import Identity
-from protocol.peer_limits import PeerFaults, StreamBudget, TransportLimits
+from protocol.peer_limits import PeerFaults, StreamBudget, TransportLimits, decrement
 from protocol.versions import check_compatible, parse_protocol_id
 
 log = logging.getLogger(__name__)
@@ -218,8 +224,10 @@ class P2PHost:
                 inbound_stream_protocol_negotiation_timeout=limits.handshake_timeout_s,
             ),
         )
+        _yamux.MAX_WINDOW_SIZE = limits.max_stream_window_bytes  # read at each window growth
         _StreamGuard(host, faults, budget)
-        _InboundSlots(host.get_network(), faults)
+        _InboundSlots(host.get_network(), faults, limits)
+        _no_auto_dials(host.get_network())
         host.get_network().register_notifee(_WindowGuard(faults))
         router = GossipSub(
             protocols=[GOSSIPSUB_ID],
@@ -631,29 +639,67 @@ class _InboundSlots:
     counted fault. Upstream: ``_do_handle_inbound_connection`` should wait for the connection
     to close, not for ``manager.wait_finished()``, and release the slot after the upgrade."""
 
-    def __init__(self, swarm: Any, faults: PeerFaults) -> None:
+    def __init__(self, swarm: Any, faults: PeerFaults, limits: TransportLimits) -> None:
         self._swarm = swarm
         self._faults = faults
+        self._limits = limits
+        self._handshaking: Tally[str] = Tally()
+        self._open: Tally[str] = Tally()
         swarm._handle_inbound_connection = self
 
     async def __call__(self, read_write_closer: Any, maddr: Any) -> None:
-        limiter = self._swarm._inbound_limiter
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            self._faults.record("", "transport", "too_many_handshakes", "all slots in use")
+        address = _remote_ip(read_write_closer)
+        refusal = ""
+        if self._handshaking[address] >= self._limits.max_handshakes_per_address:
+            refusal = "too_many_handshakes"
+        elif self._open[address] >= self._limits.max_connections_per_address:
+            refusal = "too_many_connections"
+        else:
+            try:
+                self._swarm._inbound_limiter.acquire_nowait()
+            except trio.WouldBlock:
+                refusal = "no_handshake_slot"
+        if refusal:
+            self._faults.record(address, "transport", refusal, f"from {address}")
             await _quietly(read_write_closer.close())
             return
+        self._handshaking[address] += 1
         raw = RawConnection(read_write_closer, False)
         try:
             muxed = await self._swarm.upgrade_inbound_raw_conn(raw, maddr)
         except Exception as e:
-            self._faults.record("", "security", "handshake_failed", f"{type(e).__name__}: {e}")
+            if not isinstance(e, LifecycleError):  # not the peer: this host is stopping
+                detail = f"{type(e).__name__}: {e}"
+                self._faults.record(address, "security", "handshake_failed", detail)
             await _quietly(raw.close())
             return
         finally:
-            limiter.release()
-        await muxed.event_closed.wait()
+            self._swarm._inbound_limiter.release()
+            decrement(self._handshaking, address)
+        self._open[address] += 1
+        try:
+            await muxed.event_closed.wait()
+        finally:
+            decrement(self._open, address)
+
+
+def _remote_ip(read_write_closer: Any) -> str:
+    try:
+        return str(read_write_closer.get_remote_address()[0])
+    except Exception:
+        return ""
+
+
+def _no_auto_dials(swarm: Any) -> None:
+    """Turn off py-libp2p's auto-connector, which dials every peer in the peerstore until the
+    host has 200 connections, and again after each disconnect: addresses any peer announced
+    (identify) included, dead Sybil identities and third parties alike. Whom to dial is ours to
+    decide (a node dials the peers the coordinator names)."""
+
+    async def never() -> None:
+        return None
+
+    swarm.auto_connector.maybe_connect = never
 
 
 _MULTISELECT_MAX = 1024

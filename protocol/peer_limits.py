@@ -66,6 +66,17 @@ class TransportLimits(ConfigModel):
     max_gossip_rpc_bytes: int = Field(256 * KiB, ge=16 * KiB)
     """Largest gossipsub frame accepted; our largest gossip message is an adapter manifest of
     64 KiB. Larger frames close the gossip stream."""
+    max_handshakes_per_address: int = Field(16, ge=1, le=10_000)
+    """Inbound connections one IP address may have in their handshake at once; py-libp2p has
+    250 such slots in all, which one address could otherwise hold."""
+    max_connections_per_address: int = Field(128, ge=1, le=10_000)
+    """Inbound connections one IP address may hold open. py-libp2p takes 300 in all; a local
+    network of many nodes on one machine stays under this."""
+    max_stream_window_bytes: int = Field(1 * MiB, ge=256 * KiB, le=16 * MiB)
+    """Largest receive window a yamux stream grows to: what a peer may have in flight on one
+    stream, and so what a stream whose reader stalls can hold. 1 MiB moves 10 MB/s a stream
+    at 100 ms round trip; py-libp2p's own 16 MiB let one unread stream pin 46 MB. Process-wide
+    (py-libp2p reads it from its module): the last host created sets it."""
     handshake_timeout_s: float = Field(10.0, gt=0, le=600)
     """Time a new connection or stream has to finish its security handshake, muxer and
     protocol negotiation."""
@@ -120,7 +131,7 @@ class StreamBudget:
         return True
 
     def close_request(self, peer: str) -> None:
-        _decrement(self._streams, peer)
+        decrement(self._streams, peer)
 
     def open_connection_stream(self, conn: Hashable) -> bool:
         """Room for one more inbound stream (any protocol) on connection ``conn``."""
@@ -130,7 +141,7 @@ class StreamBudget:
         return True
 
     def close_connection_stream(self, conn: Hashable) -> None:
-        _decrement(self._conn_streams, conn)
+        decrement(self._conn_streams, conn)
 
     def reserve(self, peer: str, nbytes: int) -> bool:
         """Room for a frame of ``nbytes`` that ``peer`` is about to send; False if none."""
@@ -144,7 +155,7 @@ class StreamBudget:
         return True
 
     def release(self, peer: str, nbytes: int) -> None:
-        _decrement(self._bytes, peer, nbytes)
+        decrement(self._bytes, peer, nbytes)
         self.inflight_bytes -= nbytes
 
     def requests_of(self, peer: str) -> int:
@@ -170,7 +181,9 @@ class StreamBudget:
         return out
 
 
-def _decrement(tally: Tally[K], key: K, n: int = 1) -> None:
+def decrement(tally: Tally[K], key: K, n: int = 1) -> None:
+    """Take ``n`` from ``tally[key]``, dropping the key at zero: a tally keyed by peers or
+    addresses stays as small as what is open."""
     left = tally[key] - n
     if left > 0:
         tally[key] = left

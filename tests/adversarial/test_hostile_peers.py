@@ -204,3 +204,28 @@ def test_only_noise_and_yamux_are_offered(cluster: Cluster) -> None:
         assert mplex.error, mplex
 
     trio.run(probe)
+
+
+def test_one_address_cannot_hold_every_handshake_slot(cluster: Cluster) -> None:
+    """Silent TCP connections, each holding a handshake open: one address gets 16 at once
+    (``max_handshakes_per_address``), not py-libp2p's 250; once they time out or close, the
+    address is served again."""
+    cluster.start_coordinator(extra=LIMITS)
+    host, port = cluster.multiaddr.split("/")[2], int(cluster.multiaddr.split("/")[4])
+
+    async def hold() -> None:
+        silent = [await trio.open_tcp_stream(host, port) for _ in range(40)]
+        try:
+            await trio.to_thread.run_sync(
+                lambda: wait_until(
+                    lambda: _faults(cluster, "transport", "too_many_handshakes") >= 40 - 16,
+                    10, what="handshakes over the cap refused",
+                )
+            )  # fmt: skip
+        finally:
+            for s in silent:
+                await s.aclose()
+        assert await still_serves(cluster.multiaddr)
+
+    trio.run(hold)
+    assert _faults(cluster, "transport", "too_many_handshakes") == 40 - 16

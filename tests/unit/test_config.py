@@ -70,7 +70,7 @@ def test_malformed_overrides(args: list[str]) -> None:
 
 
 def test_override_into_a_value_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="command line: name: Input should be a valid string"):
+    with pytest.raises(ConfigError, match="'name' is not a section"):
         load_config(Demo, None, ["--name.x=1"])
     path = tmp_path / "c.toml"
     path.write_text('name = "a"\n')
@@ -118,3 +118,16 @@ def test_coordinator_config_bounds() -> None:
     assert cfg.membership.heartbeat_interval_s == 0.5
     with pytest.raises(ConfigError, match=r"membership\.heartbeat_interval_s"):
         load_config(CoordinatorConfig, None, ["--membership.heartbeat_interval_s=-1"])
+
+
+def test_a_section_given_in_part_keeps_its_other_defaults(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+
+    config = load_config(CoordinatorConfig, None, ["--admission.joins_per_address.burst=8"])
+    assert config.admission.joins_per_address.burst == 8
+    assert config.admission.joins_per_address.per_s == 2.0  # the section's default
+    path = tmp_path / "c.toml"
+    path.write_text("[membership]\nheartbeat_interval_s = 1\n")
+    config = load_config(CoordinatorConfig, path)
+    assert config.membership.heartbeat_interval_s == 1
+    assert config.membership.dead_after_missed == 3.0
