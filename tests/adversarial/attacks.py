@@ -146,17 +146,24 @@ async def raw_tcp(target: str, data: bytes, linger_s: float = 1.0, chunk: int = 
     except OSError as e:
         return Outcome("raw_tcp", error=_describe(e))
     async with stream:
-        try:
-            step = chunk or len(data) or 1
-            for i in range(0, len(data), step):
-                await stream.send_all(data[i : i + step])
-                out.sent += len(data[i : i + step])
-        except _ERRORS as e:
-            out.closed_by_target, out.error = True, _describe(e)
-        if not out.closed_by_target:
-            await _linger(stream.receive_some, linger_s, out)
+        await _send_and_linger(stream, data, linger_s, out, chunk)
     out.elapsed_s = time.monotonic() - start
     return out
+
+
+async def _send_and_linger(
+    stream: trio.SocketStream, data: bytes, linger_s: float, out: Outcome, chunk: int = 0
+) -> None:
+    """Send ``data`` (in ``chunk``-sized writes if set), then read what comes back."""
+    try:
+        step = chunk or len(data) or 1
+        for i in range(0, len(data), step):
+            await stream.send_all(data[i : i + step])
+            out.sent += len(data[i : i + step])
+    except _ERRORS as e:
+        out.closed_by_target, out.error = True, _describe(e)
+    if not out.closed_by_target:
+        await _linger(stream.receive_some, linger_s, out)
 
 
 async def multistream_garbage(target: str, data: bytes, linger_s: float = 1.0) -> Outcome:
@@ -240,13 +247,7 @@ async def security_garbage(
         if not ok:
             out.error = f"{protocol} refused"
             return out
-        try:
-            await stream.send_all(data)
-            out.sent = len(data)
-        except _ERRORS as e:
-            out.closed_by_target, out.error = True, _describe(e)
-        if not out.closed_by_target:
-            await _linger(stream.receive_some, linger_s, out)
+        await _send_and_linger(stream, data, linger_s, out)
     out.elapsed_s = time.monotonic() - start
     return out
 

@@ -144,7 +144,9 @@ def test_stalled_streams_are_released_within_the_deadline(cluster: Cluster) -> N
     trio.run(attack)
     assert coordinator.alive()
     assert len(released) + sum(refused) == 200 + 8 * 6
-    assert max(released) <= DEADLINE_S + 1.0, sorted(released)[-5:]
+    # released by the deadline, not held: 1 s over it alone, 3 s left for a CPU shared with
+    # another job (without a deadline they were held for as long as the attacker liked)
+    assert max(released) <= DEADLINE_S + 3.0, sorted(released)[-5:]
     # the per-peer cap (32 requests), then the per-peer byte budget (4 x 1 MiB) held
     assert _faults(cluster, "bazaar", "read_timeout") == 32 + 8 * 4
     assert _faults(cluster, "bazaar", "too_many_streams") == 200 - 32
