@@ -67,15 +67,15 @@ from protocol.observability import RateLimit
 from protocol.p2p import P2PHost, request_cap
 from protocol.rollouts import RolloutReceipt
 from protocol.verification import AuditRequest, Verdict
-from protocol.versions import SOFTWARE_VERSION, protocol_id
+from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
+from protocol.versions import AUDITS as AUDITS_PROTOCOL
+from protocol.versions import LEASES as LEASES_PROTOCOL
+from protocol.versions import MEMBERSHIP as MEMBERSHIP_PROTOCOL
+from protocol.versions import MEMBERSHIP as MEMBERSHIP_TOPIC
+from protocol.versions import SOFTWARE_VERSION
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_PROTOCOL = protocol_id("membership")
-MEMBERSHIP_TOPIC = protocol_id("membership")
-LEASES_PROTOCOL = protocol_id("leases")
-AUDITS_PROTOCOL = protocol_id("audits")
-ADAPTERS_PROTOCOL = protocol_id("adapters")
 COORDINATOR_FILE = "coordinator.json"
 """Written to the data directory: how local nodes and the CLI find this coordinator."""
 

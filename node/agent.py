@@ -60,12 +60,11 @@ from protocol.membership import (
     PeersRequest,
 )
 from protocol.p2p import P2PHost, TransportError
-from protocol.versions import PROTOCOL_VERSION, protocol_id
+from protocol.versions import ADAPTERS as ADAPTERS_TOPIC
+from protocol.versions import MEMBERSHIP, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP = protocol_id("membership")
-ADAPTERS_TOPIC = protocol_id("adapters")
 MESH_TARGET = 8
 """How many other nodes to stay connected to (gossipsub's mesh degree is 6)."""
 

@@ -44,14 +44,12 @@ from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
-from protocol.versions import protocol_id
+from protocol.versions import LEASES as LEASES_PROTOCOL
 
 if TYPE_CHECKING:
     from node.agent import NodeAgent
 
 log = logging.getLogger(__name__)
-
-LEASES_PROTOCOL = protocol_id("leases")
 
 
 class InferenceMetrics:

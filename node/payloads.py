@@ -20,9 +20,8 @@ from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
 from protocol.rollouts import PayloadRequest, RolloutPayload
-from protocol.versions import protocol_id
+from protocol.versions import PAYLOAD as PAYLOAD_PROTOCOL
 
-PAYLOAD_PROTOCOL = protocol_id("payload")
 MAX_PAYLOAD_FRAME = 33 * MiB
 """A payload body's cap (32 MiB) plus the envelope around it."""
 

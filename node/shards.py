@@ -30,10 +30,9 @@ from protocol.envelope import seal
 from protocol.errors import HashMismatch, NotFound, ProtocolError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
-from protocol.versions import protocol_id
+from protocol.versions import SHARDS as SHARD_PROTOCOL
 
 log = logging.getLogger(__name__)
-SHARD_PROTOCOL = protocol_id("shards")
 MAX_SHARD = 8 * MiB
 
 

@@ -30,14 +30,12 @@ from node.versions import VersionSync
 from protocol.errors import ProtocolError
 from protocol.rollouts import RolloutPayload
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
-from protocol.versions import protocol_id
+from protocol.versions import AUDITS as AUDITS_PROTOCOL
 
 if TYPE_CHECKING:
     from node.agent import NodeAgent
 
 log = logging.getLogger(__name__)
-
-AUDITS_PROTOCOL = protocol_id("audits")
 
 
 class VerifierWorker:

@@ -43,10 +43,9 @@ from protocol.adapters import (
 )
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import BadSignature, DecodeError, NotFound, ProtocolError
-from protocol.versions import protocol_id
+from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 
 log = logging.getLogger(__name__)
-ADAPTERS_PROTOCOL = protocol_id("adapters")
 
 
 class VersionSync:

@@ -75,3 +75,19 @@ def check_compatible(theirs: str, ours: str) -> None:
         raise VersionMismatch(
             f"peer speaks {theirs} (major {their_v[0]}), we speak {ours} (major {our_v[0]})"
         )
+
+
+# Every protocol and topic, declared once; processes and tests import these.
+MEMBERSHIP = protocol_id("membership")
+"""Requests: join, peers, goodbye (coordinator). Topic: heartbeats, announces, goodbyes."""
+LEASES = protocol_id("leases")
+"""Requests: lease, rollout receipt (coordinator)."""
+AUDITS = protocol_id("audits")
+"""Requests: audit assignment, verdict (coordinator)."""
+ADAPTERS = protocol_id("adapters")
+"""Requests: training round, manifest, round report, versions (coordinator). Topic: manifests
+and deployments."""
+PAYLOAD = protocol_id("payload")
+"""Requests: a rollout payload by hash (any node that produced one)."""
+SHARDS = protocol_id("shards")
+"""Requests: an adapter shard by hash (any node holding it)."""

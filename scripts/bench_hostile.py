@@ -47,12 +47,13 @@ from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from node.models.tiny import ensure_tiny_model  # noqa: E402
 from protocol.errors import ProtocolError  # noqa: E402
+from protocol.versions import MEMBERSHIP  # noqa: E402
 from tests.adversarial import attacks as A  # noqa: E402
 from tests.adversarial.fuzz_live import LAYERS  # noqa: E402
 from tests.adversarial.inputs import inputs  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.integration.cluster import Cluster, Proc  # noqa: E402
-from tests.integration.peer import MEMBERSHIP, peer  # noqa: E402
+from tests.integration.peer import peer  # noqa: E402
 
 DEADLINE_S = 5.0
 SPEC = {"name": "hostile", "env": {"name": "arith", "args": {"digits": 1}},

@@ -49,10 +49,9 @@ from protocol.adapters import (
 from protocol.errors import ProtocolError
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
-from protocol.versions import protocol_id
+from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 
 log = logging.getLogger(__name__)
-ADAPTERS_PROTOCOL = protocol_id("adapters")
 
 
 class TrainerRole:

@@ -26,6 +26,7 @@ from protocol.envelope import seal
 from protocol.identity import Identity
 from protocol.membership import Goodbye, Heartbeat, JoinRequest, PeersRequest
 from protocol.rollouts import PayloadRequest
+from protocol.versions import MEMBERSHIP
 from tests.adversarial.attacks import (
     _U32,
     ACK,
@@ -77,7 +78,7 @@ def _random_bytes(rng: random.Random) -> bytes:
     return rng.randbytes(rng.choice([1, 7, 11, 64, 1000, 70000]))
 
 
-def meshsub_rpcs(rng: random.Random, topic: str = "/bazaar/membership/1.0.0") -> list[bytes]:
+def meshsub_rpcs(rng: random.Random, topic: str = MEMBERSHIP) -> list[bytes]:
     """Valid gossipsub RPCs (not length-prefixed): subscriptions, a publish, every control."""
     mid = rng.randbytes(20)
     rpcs = [

@@ -17,7 +17,8 @@ import trio
 
 from protocol.errors import RemoteError
 from protocol.leases import Lease, LeaseRequest, NoLease
-from tests.integration.peer import LEASES, Peer, peer
+from protocol.versions import LEASES
+from tests.integration.peer import Peer, peer
 
 
 async def attack(coordinator: str, keys: int) -> dict[str, Any]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from protocol.versions import ADAPTERS, AUDITS, LEASES, MEMBERSHIP, PAYLOAD
 from tests.adversarial.fuzz_live import RSS_BOUND_MB, fuzz
 from tests.integration.cluster import Cluster
-from tests.integration.peer import LEASES, MEMBERSHIP
 
 pytestmark = pytest.mark.timeout(600)
 
-COORDINATOR_PROTOCOLS = [MEMBERSHIP, LEASES, "/bazaar/audits/1.0.0", "/bazaar/adapters/1.0.0"]
-NODE_PROTOCOLS = ["/bazaar/payload/1.0.0"]
+COORDINATOR_PROTOCOLS = [MEMBERSHIP, LEASES, AUDITS, ADAPTERS]
+NODE_PROTOCOLS = [PAYLOAD]
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from protocol.versions import ADAPTERS, MEMBERSHIP
 from tests.adversarial.attacks import (
     GO_AWAY,
     MESHSUB,
@@ -43,7 +44,6 @@ from tests.adversarial.attacks import (
 )
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster, Proc
-from tests.integration.peer import MEMBERSHIP
 from tests.wait import await_until, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -130,9 +130,8 @@ def test_stalled_streams_are_released_within_the_deadline(cluster: Cluster) -> N
                 await stall.close()
             nursery.cancel_scope.cancel()
         # and across 8 connections (8 identities), 1 MiB declared, 900 kB sent on each
-        adapters = "/bazaar/adapters/1.0.0"
         async with stall_across(
-            cluster.multiaddr, adapters, 8, 6, declared=1 << 20, sent=900_000
+            cluster.multiaddr, ADAPTERS, 8, 6, declared=1 << 20, sent=900_000
         ) as stalls:
             peak.append(rss_mb(coordinator.pid))
             await await_until(lambda: all(s.held == 0 for s in stalls), DEADLINE_S + 10)

@@ -13,10 +13,7 @@ from protocol.envelope import open_envelope, seal
 from protocol.identity import Identity
 from protocol.membership import Capabilities, JoinReply, JoinRequest
 from protocol.p2p import P2PHost
-from protocol.versions import PROTOCOL_VERSION, protocol_id
-
-MEMBERSHIP = protocol_id("membership")
-LEASES = protocol_id("leases")
+from protocol.versions import MEMBERSHIP, PROTOCOL_VERSION
 
 
 def capabilities(roles: list[str]) -> Capabilities:

@@ -17,11 +17,10 @@ from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest
 from protocol.rollouts import ReceiptAck, RolloutReceipt
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
-from protocol.versions import protocol_id
+from protocol.versions import AUDITS, LEASES
 from tests.integration.cluster import Cluster
-from tests.integration.peer import LEASES, peer
+from tests.integration.peer import peer
 
-AUDITS = protocol_id("audits")
 pytestmark = pytest.mark.timeout(120)
 
 

@@ -20,8 +20,9 @@ from coordinator.db import WorkStore, default_url, open_database
 from protocol.errors import RemoteError
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.rollouts import ReceiptAck, RolloutReceipt
+from protocol.versions import LEASES
 from tests.integration.cluster import Cluster
-from tests.integration.peer import LEASES, peer
+from tests.integration.peer import peer
 
 pytestmark = pytest.mark.timeout(120)
 

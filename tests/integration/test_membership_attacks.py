@@ -30,10 +30,10 @@ from protocol.membership import (
 )
 from protocol.p2p import P2PHost
 from protocol.rollouts import PayloadRequest
+from protocol.versions import MEMBERSHIP
 from tests.integration.cluster import Cluster
 from tests.wait import await_until, wait_until
 
-MEMBERSHIP = "/bazaar/membership/1.0.0"
 pytestmark = pytest.mark.timeout(180)
 
 

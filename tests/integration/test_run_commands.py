@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from protocol.leases import Lease, LeaseRequest, NoLease
+from protocol.versions import LEASES
 from tests.conftest import REPO
 from tests.integration.cluster import Cluster
-from tests.integration.peer import LEASES, peer
+from tests.integration.peer import peer
 from tests.wait import wait_until
 
 

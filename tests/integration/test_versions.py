@@ -29,14 +29,13 @@ from protocol.envelope import seal
 from protocol.errors import RemoteError
 from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest, NoLease
-from protocol.versions import protocol_id
+from protocol.versions import ADAPTERS, LEASES
 from tests.integration.cluster import Cluster
-from tests.integration.peer import LEASES, peer
+from tests.integration.peer import peer
 from tests.lora import random_adapter
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
-ADAPTERS = protocol_id("adapters")
 
 
 def manifest(version: int, parent: int, content: bytes = b"v") -> AdapterManifest:
