@@ -4,9 +4,11 @@ Nodes reach it three ways. The membership *protocol* (request/response) carries 
 ``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip) carries
 ``Heartbeat``, ``Announce`` and ``Goodbye``; the lease protocol carries ``LeaseRequest`` and
 ``RolloutReceipt`` (``coordinator/work.py``), leases going only to members with the inference
-role. Joins, departures and status changes are written to the database at once; heartbeats
-update memory and are flushed once per interval, so the database is never more than one interval
-behind and a restarted coordinator picks up where it was.
+role. Every request type is dispatched by one table (``_handlers``: type → protocol and
+handler), so a message on the wrong protocol is refused like an unknown one. Joins, departures
+and status changes are written to the database at once; heartbeats update memory and are
+flushed once per interval, so the database is never more than one interval behind and a
+restarted coordinator picks up where it was.
 
 Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
 drains HTTP within a few seconds, and closes the host.
@@ -14,6 +16,7 @@ drains HTTP within a few seconds, and closes the host.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -76,6 +79,15 @@ from protocol.versions import SOFTWARE_VERSION
 
 log = logging.getLogger(__name__)
 
+_FRAME_CAPS = {
+    MEMBERSHIP_PROTOCOL: request_cap(JoinRequest.MAX_BYTES),
+    LEASES_PROTOCOL: request_cap(RolloutReceipt.MAX_BYTES),
+    AUDITS_PROTOCOL: request_cap(Verdict.MAX_BYTES),
+    ADAPTERS_PROTOCOL: request_cap(RoundReport.MAX_BYTES),
+}
+"""The request protocols the coordinator serves, each capped at its largest request."""
+Handler = Callable[[str, Any, bytes], Awaitable[Message | None]]
+"""``handler(peer, message, frame)``: the answer, or None for no answer."""
 COORDINATOR_FILE = "coordinator.json"
 """Written to the data directory: how local nodes and the CLI find this coordinator."""
 
@@ -112,6 +124,7 @@ class Coordinator:
         )
         self._request_guard = ReplayGuard()
         self.admission = Admission(config.admission)
+        self._dispatch = self._handlers()
         self._log_limit = RateLimit(60.0)
         self._dirty: set[str] = set()
         self.multiaddrs: list[str] = []
@@ -158,16 +171,8 @@ class Coordinator:
         ) as host:
             self.host = host
             self.multiaddrs = _loopback_first(host.addrs())
-            # each protocol's frame cap is its largest request's (a join, a receipt, a
-            # verdict, a round report)
-            host.serve(MEMBERSHIP_PROTOCOL, self._on_request, request_cap(JoinRequest.MAX_BYTES))
-            host.serve(
-                LEASES_PROTOCOL, self._on_lease_request, request_cap(RolloutReceipt.MAX_BYTES)
-            )
-            host.serve(AUDITS_PROTOCOL, self._on_audit_request, request_cap(Verdict.MAX_BYTES))
-            host.serve(
-                ADAPTERS_PROTOCOL, self._on_adapters_request, request_cap(RoundReport.MAX_BYTES)
-            )
+            for protocol, cap in _FRAME_CAPS.items():
+                host.serve(protocol, functools.partial(self._on_request, protocol), cap)
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             manifests = await host.subscribe(ADAPTERS_PROTOCOL, self._accept_manifest)
             self._write_discovery_file()
@@ -197,29 +202,32 @@ class Coordinator:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _on_request(self, peer: str, data: bytes) -> bytes:
-        return await self._handle(peer, data, self._membership_request)
+    def _handlers(self) -> dict[type[Message], tuple[str, Handler]]:
+        """Each request type: the protocol it arrives on, and its handler."""
+        return {
+            JoinRequest: (MEMBERSHIP_PROTOCOL, self._join),
+            PeersRequest: (MEMBERSHIP_PROTOCOL, self._peers),
+            Goodbye: (MEMBERSHIP_PROTOCOL, self._goodbye),
+            LeaseRequest: (LEASES_PROTOCOL, self._lease),
+            RolloutReceipt: (LEASES_PROTOCOL, self._receipt),
+            AuditRequest: (AUDITS_PROTOCOL, self._audit),
+            Verdict: (AUDITS_PROTOCOL, self._verdict),
+            TrainRequest: (ADAPTERS_PROTOCOL, self._train),
+            AdapterManifest: (ADAPTERS_PROTOCOL, self._manifest),
+            RoundReport: (ADAPTERS_PROTOCOL, self._report),
+            VersionsRequest: (ADAPTERS_PROTOCOL, self._versions),
+        }
 
-    async def _on_lease_request(self, peer: str, data: bytes) -> bytes:
-        return await self._handle(peer, data, self._lease_request)
-
-    async def _on_adapters_request(self, peer: str, data: bytes) -> bytes:
-        return await self._handle(peer, data, self._adapters_request)
-
-    async def _on_audit_request(self, peer: str, data: bytes) -> bytes:
-        return await self._handle(peer, data, self._audit_request)
-
-    async def _handle(
-        self,
-        peer: str,
-        data: bytes,
-        handler: Callable[[str, Message, bytes], Awaitable[Message | None]],
-    ) -> bytes:
-        """Open a signed request, answer it signed; refusals are counted and logged by reason."""
+    async def _on_request(self, protocol: str, peer: str, data: bytes) -> bytes:
+        """Open a signed request, hand it to its type's handler, answer it signed; refusals
+        are counted and logged by reason."""
         try:
             env = open_envelope(data, self._request_guard)
             if env.sender != peer:
                 raise DecodeError(f"frame signed by {env.sender} arrived from {peer}")
+            on, handler = self._dispatch.get(type(env.message), ("", None))
+            if on != protocol or handler is None:
+                raise UnknownMessageType(f"{env.message.TYPE} is not a request on {protocol}")
             self.metrics.requests.labels(env.message.TYPE).inc()
             reply = await handler(peer, env.message, data)
         except ProtocolError as e:
@@ -229,68 +237,71 @@ class Coordinator:
             raise
         return seal(self.identity, reply) if reply is not None else b""
 
-    async def _membership_request(self, peer: str, msg: Message, _: bytes) -> Message | None:
-        if isinstance(msg, JoinRequest):
-            return await self._join(peer, msg)
-        if isinstance(msg, PeersRequest):
-            member = self.membership.nodes.get(peer)
-            if member is None or member.status in ("left", "dead"):
-                raise NotMember("the peer list is for live members: join first")
-            return PeersReply(peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit))
-        if isinstance(msg, Goodbye):
-            await self._apply(self.membership.goodbye(peer))
-            return None
-        raise UnknownMessageType(f"{msg.TYPE} is not a membership request")
+    # -- membership --
 
-    async def _adapters_request(self, peer: str, msg: Message, data: bytes) -> Message:
-        if isinstance(msg, AdapterManifest):
-            self._check_member(peer, "trainer")
-            return await self.work.record_manifest(peer, msg, data)
-        if isinstance(msg, TrainRequest):
-            self._check_member(peer, "trainer")
-            trainers = sorted(
-                p for p, n in self.membership.nodes.items()
-                if n.status == "alive" and "trainer" in n.capabilities.roles
-            )  # fmt: skip
-            try:
-                dht = await self.hivemind_peers() if len(trainers) > 1 else []
-            except RuntimeError as e:
-                log.error("no hivemind DHT for trainers: %s", e)
-                dht = []
-            return await self.work.train(peer, msg, trainers, self._addrs_of, dht)
-        if isinstance(msg, RoundReport):
-            self._check_member(peer, "trainer")
-            return await self.work.record_report(peer, msg)
-        if isinstance(msg, VersionsRequest):
-            if peer not in self.membership.nodes:
-                raise NotMember("adapter versions are for members: join first")
-            return self.work.current_versions(msg, self._addrs_of)
-        raise UnknownMessageType(f"{msg.TYPE} is not an adapters request")
+    async def _peers(self, peer: str, msg: PeersRequest, _: bytes) -> Message:
+        member = self.membership.nodes.get(peer)
+        if member is None or member.status in ("left", "dead"):
+            raise NotMember("the peer list is for live members: join first")
+        return PeersReply(peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit))
 
-    async def _lease_request(self, peer: str, msg: Message, _: bytes) -> Message:
-        if isinstance(msg, LeaseRequest):
-            self._check_member(peer, "inference")
-            self.admission.lease(peer, self.host.remote_ip(peer))
-            if not self._audited(peer):
-                holders = [s.node for s in self.work.book.active.values()]
-                unaudited = {h for h in holders if not self._audited(h)}
-                self.admission.unaudited_lease(peer, holders, unaudited)
-            trainers = sum(
-                n.status == "alive" and "trainer" in n.capabilities.roles
-                for n in self.membership.nodes.values()
-            )
-            return await self.work.lease(peer, msg, trainers)
-        if isinstance(msg, RolloutReceipt):
-            return await self.work.receipt(peer, msg)
-        raise UnknownMessageType(f"{msg.TYPE} is not a lease request")
+    async def _goodbye(self, peer: str, msg: Goodbye, _: bytes) -> None:
+        await self._apply(self.membership.goodbye(peer))
 
-    async def _audit_request(self, peer: str, msg: Message, data: bytes) -> Message:
-        if isinstance(msg, AuditRequest):
-            self._check_member(peer, "verifier")
-            return await self.work.audit_request(peer, msg, self._addrs_of)
-        if isinstance(msg, Verdict):
-            return await self.work.verdict(peer, msg, data)
-        raise UnknownMessageType(f"{msg.TYPE} is not an audit request")
+    # -- leases --
+
+    async def _lease(self, peer: str, msg: LeaseRequest, _: bytes) -> Message:
+        self._check_member(peer, "inference")
+        self.admission.lease(peer, self.host.remote_ip(peer))
+        if not self._audited(peer):
+            holders = [s.node for s in self.work.book.active.values()]
+            unaudited = {h for h in holders if not self._audited(h)}
+            self.admission.unaudited_lease(peer, holders, unaudited)
+        trainers = sum(
+            n.status == "alive" and "trainer" in n.capabilities.roles
+            for n in self.membership.nodes.values()
+        )
+        return await self.work.lease(peer, msg, trainers)
+
+    async def _receipt(self, peer: str, msg: RolloutReceipt, _: bytes) -> Message:
+        return await self.work.receipt(peer, msg)
+
+    # -- audits --
+
+    async def _audit(self, peer: str, msg: AuditRequest, _: bytes) -> Message:
+        self._check_member(peer, "verifier")
+        return await self.work.audit_request(peer, msg, self._addrs_of)
+
+    async def _verdict(self, peer: str, msg: Verdict, data: bytes) -> Message:
+        return await self.work.verdict(peer, msg, data)
+
+    # -- training rounds and adapter versions --
+
+    async def _train(self, peer: str, msg: TrainRequest, _: bytes) -> Message:
+        self._check_member(peer, "trainer")
+        trainers = sorted(
+            p for p, n in self.membership.nodes.items()
+            if n.status == "alive" and "trainer" in n.capabilities.roles
+        )  # fmt: skip
+        try:
+            dht = await self.hivemind_peers() if len(trainers) > 1 else []
+        except RuntimeError as e:
+            log.error("no hivemind DHT for trainers: %s", e)
+            dht = []
+        return await self.work.train(peer, msg, trainers, self._addrs_of, dht)
+
+    async def _manifest(self, peer: str, msg: AdapterManifest, data: bytes) -> Message:
+        self._check_member(peer, "trainer")
+        return await self.work.record_manifest(peer, msg, data)
+
+    async def _report(self, peer: str, msg: RoundReport, _: bytes) -> Message:
+        self._check_member(peer, "trainer")
+        return await self.work.record_report(peer, msg)
+
+    async def _versions(self, peer: str, msg: VersionsRequest, _: bytes) -> Message:
+        if peer not in self.membership.nodes:
+            raise NotMember("adapter versions are for members: join first")
+        return self.work.current_versions(msg, self._addrs_of)
 
     def _check_member(self, peer: str, role: str) -> None:
         """Work is for live members with the role, and never for a banned producer."""
@@ -312,7 +323,7 @@ class Coordinator:
         node = self.membership.nodes.get(peer)
         return list(node.addrs) if node else []
 
-    async def _join(self, peer: str, req: JoinRequest) -> Message:
+    async def _join(self, peer: str, req: JoinRequest, _: bytes) -> Message:
         try:
             self.admission.join(peer, self.host.remote_ip(peer))
         except RateLimited:
