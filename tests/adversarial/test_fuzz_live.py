@@ -7,9 +7,6 @@ Both processes must come out alive, still serving an honest peer after every lay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import trio
 
@@ -21,13 +18,6 @@ pytestmark = pytest.mark.timeout(600)
 
 COORDINATOR_PROTOCOLS = [MEMBERSHIP, LEASES, AUDITS, ADAPTERS]
 NODE_PROTOCOLS = [PAYLOAD]
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def _fuzz_both(cluster: Cluster, per_layer: int) -> None:

@@ -19,8 +19,6 @@ Real processes, attacked from real py-libp2p hosts in the test process:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -56,13 +54,6 @@ RSS_BOUND_MB = 50.0
 CRASH_FRAME = b"\x0a\x0b\x0a\x09\x12\x07garbage"[:11]
 """An 11-byte gossipsub frame that is not a protobuf RPC (the one that killed processes)."""
 LIMITS = [f"--transport.request_timeout_s={DEADLINE_S}", "--transport.idle_connection_s=3"]
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def _faults(cluster: Cluster, layer: str, reason: str = "", url: str | None = None) -> float:
