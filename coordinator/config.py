@@ -18,6 +18,10 @@ class MembershipConfig(ConfigModel):
     """A node is *dead* once this many intervals pass without a heartbeat."""
     peers_per_reply: int = Field(16, ge=1, le=1024)
     """How many live peers a joining node is told to dial, to keep a gossip mesh."""
+    forget_after_s: float = Field(3600.0, gt=0)
+    """A node dead or gone this long is forgotten (its row and its peerstore entry; its trust
+    record and any ban stay): identities that joined once and vanished, as a Sybil's do, would
+    otherwise pile up for the life of the coordinator."""
 
 
 class LeaseConfig(ConfigModel):

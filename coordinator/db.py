@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    delete,
     select,
 )
 from sqlalchemy.engine import Engine
@@ -204,6 +205,12 @@ class NodeStore:
         with Session(self.engine) as s, s.begin():
             for row in rows:
                 s.merge(row)
+
+    def delete(self, peer_ids: list[str]) -> None:
+        if not peer_ids:
+            return
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(NodeRow).where(NodeRow.peer_id.in_(peer_ids)))
 
     def touch(self, seen: dict[str, tuple[float, int, str]]) -> None:
         """Write ``last_seen``, heartbeat count and status for many nodes in one transaction."""

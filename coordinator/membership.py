@@ -215,6 +215,17 @@ class Membership:
                 node.status = new
         return out
 
+    def forget(self, now: float) -> list[str]:
+        """Drop nodes dead or gone for ``forget_after_s``; their peer ids."""
+        gone = [
+            n.peer_id
+            for n in self.nodes.values()
+            if n.status in ("left", "dead") and now - n.last_seen > self.config.forget_after_s
+        ]
+        for peer_id in gone:
+            del self.nodes[peer_id]
+        return gone
+
     def live_peers(self, exclude: str, now: float, limit: int | None = None) -> list[PeerRecord]:
         live = [n for n in self.nodes.values() if n.peer_id != exclude and self._live(n, now)]
         random.shuffle(live)

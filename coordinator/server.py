@@ -382,6 +382,14 @@ class Coordinator:
         while True:
             for t in self.membership.sweep(self.clock()):
                 await self._apply(t)
+            gone = self.membership.forget(self.clock())
+            if gone:
+                self._dirty.difference_update(gone)
+                await trio.to_thread.run_sync(self.store.delete, gone)
+                for peer_id in gone:
+                    self.host.forget(peer_id)
+                log.info("forgot %d nodes dead or gone for %.0fs", len(gone),
+                         self.membership.config.forget_after_s)  # fmt: skip
             await trio.sleep(period)
 
     async def _flush_loop(self) -> None:

@@ -315,6 +315,13 @@ class P2PHost:
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
 
+    def forget(self, peer_id: str) -> None:
+        """Drop what py-libp2p keeps of a peer we are done with (keys, addresses, protocols)."""
+        try:
+            self._host.get_peerstore().clear_peerdata(ID.from_base58(peer_id))
+        except Exception as e:
+            log.debug("nothing to forget of %s: %s", peer_id, e)
+
     def remote_ip(self, peer_id: str) -> str:
         """The IP address ``peer_id`` is connected from (its first connection's); empty if
         not connected. What admission limits per address key on: a peer id is free to make,

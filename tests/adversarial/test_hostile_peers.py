@@ -43,6 +43,7 @@ from tests.adversarial.attacks import (
 )
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster, Proc
+from tests.integration.peer import peer
 from tests.wait import await_until, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -231,3 +232,20 @@ def test_one_address_cannot_hold_every_handshake_slot(cluster: Cluster) -> None:
 
     trio.run(hold)
     assert _faults(cluster, "transport", "too_many_handshakes") == 40 - 16
+
+
+def test_identities_that_joined_and_vanished_are_forgotten(cluster: Cluster) -> None:
+    """A Sybil's one-time identities do not pile up: a node dead for ``forget_after_s`` leaves
+    the coordinator's table (and database), and may join again as new."""
+    cluster.start_coordinator(extra=["--membership.forget_after_s=2"])
+
+    async def join_and_vanish() -> None:
+        for i in range(3):
+            async with peer(cluster.multiaddr) as p:
+                await p.join(["inference"], name=f"once-{i}")
+
+    trio.run(join_and_vanish)
+    assert len(cluster.nodes()) == 3
+    wait_until(lambda: cluster.nodes() == {}, 20, what="vanished identities forgotten")
+    assert cluster.coordinator is not None and "forgot" in cluster.coordinator.output()
+    assert trio.run(still_serves, cluster.multiaddr)

@@ -101,3 +101,18 @@ def test_announce_updates_a_known_node_only() -> None:
     msg = Announce(name="a", listen_addrs=[new_addr], capabilities=CAPS)
     assert m.announce("a", msg) and m.nodes["a"].addrs == [new_addr]
     assert not m.announce("ghost", msg) and "ghost" not in m.nodes
+
+
+def test_nodes_dead_or_gone_long_enough_are_forgotten() -> None:
+    m = Membership(MembershipConfig(heartbeat_interval_s=2.0, forget_after_s=60.0))
+    for peer in ("alive", "dead", "left"):
+        join(m, peer, 0.0)
+    m.goodbye("left")
+    m.heartbeat("alive", HB, 59.0)
+    m.sweep(10.0)
+    assert m.forget(59.0) == []  # gone, but not long enough
+    m.heartbeat("alive", HB, 61.0)
+    assert sorted(m.forget(61.0)) == ["dead", "left"]
+    assert list(m.nodes) == ["alive"]
+    _, t = join(m, "dead", 62.0)  # a forgotten node may join again, as new
+    assert t == Transition("dead", None, "alive")
