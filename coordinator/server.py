@@ -388,6 +388,7 @@ class Coordinator:
                 await trio.to_thread.run_sync(self.store.delete, gone)
                 for peer_id in gone:
                     self.host.forget(peer_id)
+                    self.admission.address_of.pop(peer_id, None)
                 log.info("forgot %d nodes dead or gone for %.0fs", len(gone),
                          self.membership.config.forget_after_s)  # fmt: skip
             await trio.sleep(period)
