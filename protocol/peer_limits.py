@@ -94,12 +94,9 @@ class PeerFaults:
             registry=registry,
         )
         self._log_limit = RateLimit(60.0)
-        self.seen: Tally[tuple[str, str]] = Tally()
-        """Faults by (layer, reason), for tests and benchmarks without a metrics scrape."""
 
     def record(self, peer: str, layer: str, reason: str, detail: str) -> None:
         self.counter.labels(layer, reason).inc()
-        self.seen[(layer, reason)] += 1
         if self._log_limit.allow((peer, layer, reason)):
             log.warning(
                 "peer %s: %s fault (%s): %s",
@@ -157,9 +154,6 @@ class StreamBudget:
     def release(self, peer: str, nbytes: int) -> None:
         decrement(self._bytes, peer, nbytes)
         self.inflight_bytes -= nbytes
-
-    def requests_of(self, peer: str) -> int:
-        return self._streams[peer]
 
     def touch(self, peer: str, now: float | None = None) -> None:
         """``peer`` sent us something (or we asked it something): its connection is in use."""
