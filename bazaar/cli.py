@@ -71,9 +71,9 @@ def identity_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Print this node's peer id, creating the key on first use."""
-    from protocol.config import data_dir
     from protocol.errors import IdentityError
     from protocol.identity import KEY_FILE_NAME, load_or_create_identity
+    from protocol.service.config import data_dir
 
     path = data_dir() / KEY_FILE_NAME
     try:
@@ -96,8 +96,8 @@ def _overrides(ctx: typer.Context, **flags: Any) -> list[str]:
 
 
 def _load(model: Any, config: Path | None, overrides: list[str]) -> Any:
-    from protocol.config import load_config
     from protocol.errors import ConfigError
+    from protocol.service.config import load_config
 
     try:
         return load_config(model, config, overrides)
@@ -120,7 +120,7 @@ def coordinator_start(
     """Start the coordinator and run until Ctrl+C."""
     from coordinator.config import CoordinatorConfig
     from coordinator.main import start_coordinator
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     cfg = _load(CoordinatorConfig, config, _overrides(ctx, listen=listen, http=http, db=db))
     raise typer.Exit(start_coordinator(cfg, data_dir()))
@@ -139,8 +139,8 @@ def gateway_start(
     """Serve the OpenAI-compatible API until Ctrl+C."""
     from gateway.config import GatewayConfig
     from gateway.main import start_gateway
-    from protocol.config import data_dir
     from protocol.errors import ConfigError
+    from protocol.service.config import data_dir
 
     flags = dict(coordinator_url=coordinator_url, listen=listen, db=db)
     cfg = _load(GatewayConfig, config, _overrides(ctx, **flags))
@@ -180,8 +180,8 @@ def node_start(
     """Join the network and contribute this machine until Ctrl+C."""
     from node.config import NodeConfig
     from node.main import start_node
-    from protocol.config import data_dir
     from protocol.errors import ConfigError
+    from protocol.service.config import data_dir
 
     role_list = [r.strip() for r in roles.split(",") if r.strip()] if roles is not None else None
     flags = dict(
@@ -213,7 +213,7 @@ def network_status(
     audit record (reputation, strikes, bans) with the latest signed verdicts."""
     import httpx
 
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     url = coordinator_url or local_coordinator_url(data_dir())
     try:
@@ -282,7 +282,7 @@ def model_tiny(
     """Build the tiny model (Llama architecture, byte tokenizer) in Hugging Face format."""
     from bazaar.output import build_tiny_model
     from node.models.tiny import TinySpec, tiny_model_dir
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     spec = TinySpec(seed=seed, target_accuracy=target_accuracy, max_steps=max_steps)
     target = out or tiny_model_dir(data_dir(), spec)
@@ -316,7 +316,7 @@ def up(
     """Run the whole loop on this machine: a coordinator, a gateway and N nodes on loopback train
     the demo run live, deploy it and serve it through the gateway; Ctrl+C stops everything."""
     from bazaar.up import DEMO_SPEC, run_local_network
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     code = run_local_network(data_dir() / "local", nodes, rounds, duration, console,
                              spec or DEMO_SPEC, model_cache)  # fmt: skip
@@ -325,7 +325,7 @@ def up(
 
 def _key_store(db: str | None) -> Any:
     from protocol.accounts import KeyStore, open_database
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     return KeyStore(open_database(db or f"sqlite:///{data_dir() / 'gateway.db'}"))
 

@@ -31,7 +31,7 @@ def _coordinator(
     """A coordinator REST call; its JSON, or a one-line error naming what went wrong."""
     import httpx
 
-    from protocol.config import data_dir
+    from protocol.service.config import data_dir
 
     base = (url or local_coordinator_url(data_dir())).rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

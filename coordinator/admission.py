@@ -27,8 +27,8 @@ from collections.abc import Callable, Hashable, Iterable
 
 from pydantic import Field
 
-from protocol.config import ConfigModel
 from protocol.errors import RateLimited
+from protocol.service.config import ConfigModel
 
 
 class Rate(ConfigModel):

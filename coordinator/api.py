@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from coordinator import views
 from coordinator.runs import RunSpec
 from protocol.accounts import ApiKey
-from protocol.api_errors import APIError, install_error_handlers
+from protocol.service.api_errors import APIError, install_error_handlers
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator

@@ -10,7 +10,7 @@ that credit to the network. The journal is double-entry — every entry moves to
 account to another, and ``(kind, ref)`` is unique, so nothing is posted twice — over the
 accounts ``key:<name>`` (a researcher's API key), ``node:<peer id>`` and ``network``.
 
-The money itself is the key's budget in the accounts database (``protocol/accounts.py``), the
+The money itself is the key's budget in the accounts database (``protocol/accounts/``), the
 one the gateway meters requests against. Before a round is dealt the coordinator *holds* the
 round's worst case (sampled + trained ≤ 2 × the dealt rollouts' sampled tokens) of the owner's
 budget under the holder ``run:<id>`` — the same atomic hold the gateways take, so a key's runs

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from coordinator.admission import AdmissionConfig
-from protocol.config import ConfigModel
 from protocol.peer_limits import TransportLimits
+from protocol.service.config import ConfigModel
 
 
 class MembershipConfig(ConfigModel):

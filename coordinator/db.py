@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-import protocol.database
+import protocol.service.database
 
 
 class Base(DeclarativeBase):
@@ -186,7 +186,7 @@ def default_url(data_dir: Path) -> str:
 
 def open_database(url: str) -> Engine:
     """The coordinator's engine, with its tables in place."""
-    return protocol.database.open_database(url, Base.metadata)
+    return protocol.service.database.open_database(url, Base.metadata)
 
 
 class NodeStore:

@@ -8,8 +8,8 @@ import trio
 
 from coordinator.config import CoordinatorConfig
 from protocol.identity import load_or_create_identity
-from protocol.lifecycle import run_until_signal
-from protocol.observability import configure_logging
+from protocol.service.lifecycle import run_until_signal
+from protocol.service.logs import configure_logging
 
 KEY_FILE = "coordinator.key"
 """The coordinator's own key, apart from a node's ``identity.key`` in the same directory."""

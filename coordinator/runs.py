@@ -24,8 +24,8 @@ from pydantic import Field
 from coordinator.leases import RunPlan
 from envs import load_environment
 from protocol.adapters import TrainSettings
-from protocol.config import ConfigModel, load_config
 from protocol.leases import SamplingParams
+from protocol.service.config import ConfigModel, load_config
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 

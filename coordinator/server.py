@@ -55,7 +55,6 @@ from protocol.errors import (
     UnknownMessageType,
 )
 from protocol.gossip import GossipGate
-from protocol.http import bind_tcp, parse_host_port, serve_http
 from protocol.identity import Identity
 from protocol.leases import LeaseRequest
 from protocol.membership import (
@@ -66,9 +65,10 @@ from protocol.membership import (
     PeersReply,
     PeersRequest,
 )
-from protocol.observability import RateLimit
 from protocol.p2p import P2PHost, request_cap
+from protocol.peer_limits import RateLimit
 from protocol.rollouts import RolloutReceipt
+from protocol.service.http import bind_tcp, parse_host_port, serve_http
 from protocol.verification import AuditRequest, Verdict
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 from protocol.versions import AUDITS as AUDITS_PROTOCOL

@@ -40,13 +40,13 @@ from gateway.budgets import Ledger
 from gateway.config import GatewayConfig
 from gateway.routing import Route, Router, TokenCounter
 from protocol.accounts import ApiKey, Bill, KeyStore
-from protocol.api_errors import (
+from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,
     error_body,
     install_error_handlers,
 )
-from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
+from protocol.service.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499

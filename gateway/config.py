@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from protocol.config import ConfigModel
+from protocol.service.config import ConfigModel
 
 
 class GatewayConfig(ConfigModel):

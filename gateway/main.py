@@ -10,8 +10,8 @@ from pathlib import Path
 
 from gateway.config import GatewayConfig
 from protocol.errors import ConfigError
-from protocol.http import parse_host_port
-from protocol.observability import configure_logging
+from protocol.service.http import parse_host_port
+from protocol.service.logs import configure_logging
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from protocol.config import ConfigModel
 from protocol.membership import ROLES
 from protocol.peer_limits import TransportLimits
+from protocol.service.config import ConfigModel
 
 
 class NodeConfig(ConfigModel):

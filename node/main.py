@@ -15,10 +15,10 @@ import trio
 
 from node.config import NodeConfig
 from protocol.errors import ConfigError
-from protocol.http import parse_host_port
 from protocol.identity import KEY_FILE_NAME, load_or_create_identity
-from protocol.lifecycle import find_exception, run_until_signal
-from protocol.observability import configure_logging
+from protocol.service.http import parse_host_port
+from protocol.service.lifecycle import find_exception, run_until_signal
+from protocol.service.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _roles(
         roles.append(VerifierWorker(config, model, versions))
     if config.serve:
         from node.serving import ServingRole
-        from protocol.http import bind_tcp
+        from protocol.service.http import bind_tcp
 
         host, port = parse_host_port(config.serve_listen)
         sock = bind_tcp(host, port)

@@ -5,8 +5,8 @@ by hypercorn on the node's own trio loop, the model answering from the node's mo
 Requests follow OpenAI's API: ``n``, ``stop``, ``max_tokens`` (``max_completion_tokens``),
 ``temperature``, ``top_p``, ``seed``, ``logprobs``, ``stream`` with ``stream_options.
 include_usage``; unknown fields are ignored; every response carries ``x-request-id``. Errors
-are OpenAI-shaped (``protocol/api_errors.py``): unknown model 404, malformed body 400, a prompt
-that does not fit the context 400 ``context_length_exceeded``.
+are OpenAI-shaped (``protocol/service/api_errors.py``): unknown model 404, malformed body
+400, a prompt that does not fit the context 400 ``context_length_exceeded``.
 
 Streaming sends the role first, then one chunk per token, one ``finish_reason`` per choice, the
 usage chunk only when asked, and ``data: [DONE]``. The model process answers a request whole, so
@@ -28,12 +28,12 @@ from fastapi.responses import StreamingResponse
 
 from node.adapters import AdapterStore, adapter_name
 from node.completions import CompletionJob, CompletionResult
-from protocol.api_errors import (
+from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,
     install_error_handlers,
 )
-from protocol.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
+from protocol.service.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_TOKENS = 256
@@ -222,7 +222,7 @@ class ServingRole:
     async def __call__(self, agent: Any) -> None:
         import trio
 
-        from protocol.http import serve_http
+        from protocol.service.http import serve_http
 
         async with trio.open_nursery() as nursery:
             if not await self.model.ensure_started(nursery):

@@ -1,9 +1,14 @@
-"""How peers talk: typed messages, the msgpack codec, signed envelopes, identity, config.
+"""How peers talk: typed messages, the msgpack codec, signed envelopes, identity, limits.
 
-Wire modules (``codec``, ``envelope``, ``identity``, ``versions`` and the message families
-``membership``, ``leases``, ``rollouts``, ``verification``, ``adapters``, ``runs``) import no
-networking library; ``p2p`` is the one transport module and the only importer of py-libp2p in the
-project. Importing this package registers every message type with the codec.
+Wire modules (``codec``, ``envelope``, ``identity``, ``versions``, ``peer_limits`` and the
+message families ``membership``, ``leases``, ``rollouts``, ``verification``, ``adapters``,
+``runs``) import no networking library; ``p2p`` is the one transport module and the only
+importer of py-libp2p in the project, and ``gossip`` the gate every gossip frame passes.
+Importing this package registers every message type with the codec.
+
+Two subpackages hold what several processes share that is not the wire: ``service/`` (config,
+HTTP on trio, lifecycle, logging, API errors, OpenAI request models) and ``accounts/`` (keys,
+budgets, usage). The wire imports neither.
 """
 
 from protocol import adapters, leases, membership, rollouts, runs, verification

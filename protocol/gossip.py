@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 from protocol.codec import Message
 from protocol.envelope import Envelope, ReplayGuard, open_envelope
 from protocol.errors import ProtocolError
-from protocol.observability import RateLimit
+from protocol.peer_limits import RateLimit
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ a peer's cost is bounded. Three pieces, none of which imports py-libp2p:
   out stream gives everything back.
 - ``PeerFaults``: ``bazaar_peer_faults_total{layer,reason}`` and a log line per (peer, layer,
   reason) per minute, so a flood of bad frames costs one log line a minute.
+- ``RateLimit``: that once-per-key-per-minute limiter, also used for gossip refusals.
 
 >>> budget = StreamBudget(TransportLimits(max_streams_per_peer=1))
 >>> budget.open_request("alice"), budget.open_request("alice"), budget.open_request("bob")
@@ -29,10 +30,7 @@ from collections.abc import Hashable
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import Field
-
-from protocol.config import ConfigModel
-from protocol.observability import RateLimit
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +38,14 @@ KiB, MiB = 1024, 1024 * 1024
 K = TypeVar("K", bound=Hashable)
 
 
-class TransportLimits(ConfigModel):
+class TransportLimits(BaseModel):
     """What one peer may hold of this process at once. The defaults serve an honest peer on a
-    1 Mbit/s link; the largest request anyone sends us is a trainer's round report (1 MiB)."""
+    1 Mbit/s link; the largest request anyone sends us is a trainer's round report (1 MiB).
+
+    A config section like the services' ``ConfigModel`` (same settings), defined here so that
+    the transport needs nothing from ``protocol/service/``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     request_timeout_s: float = Field(10.0, gt=0, le=600)
     """Read deadline of one request frame, from the stream's opening to its last byte. A 1 MiB
@@ -183,3 +186,22 @@ def decrement(tally: Tally[K], key: K, n: int = 1) -> None:
         tally[key] = left
     else:
         tally.pop(key, None)
+
+
+class RateLimit:
+    """``allow(key)`` is True at most once per ``period_s`` for each key."""
+
+    def __init__(self, period_s: float = 60.0, max_keys: int = 10_000) -> None:
+        self.period_s = period_s
+        self.max_keys = max_keys
+        self._last: dict[Hashable, float] = {}
+
+    def allow(self, key: Hashable, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last < self.period_s:
+            return False
+        if len(self._last) >= self.max_keys:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.period_s}
+        self._last[key] = now
+        return True

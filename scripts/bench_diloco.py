@@ -59,7 +59,7 @@ from rich.table import Table  # noqa: E402
 
 from envs import load_environment  # noqa: E402
 from node.models.loading import resolve  # noqa: E402
-from protocol.config import data_dir  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
 
 ENV_ARGS = {"digits": 1}
 

@@ -60,7 +60,7 @@ from rich.table import Table  # noqa: E402
 
 from bazaar.up import DEMO_SPEC, LocalNetwork, tiny_model  # noqa: E402
 from coordinator.runs import RunSpec  # noqa: E402
-from protocol.config import data_dir  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
 
 console = Console()
 

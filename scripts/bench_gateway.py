@@ -36,7 +36,7 @@ from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from node.models.loading import resolve  # noqa: E402
 from protocol.accounts import KeyStore, open_database  # noqa: E402
-from protocol.config import data_dir  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.integration.cluster import Cluster  # noqa: E402
 from tests.wait import wait_until  # noqa: E402

@@ -50,8 +50,8 @@ from envs import load_environment  # noqa: E402
 from node.backends import Sampling  # noqa: E402
 from node.backends.torch_backend import TorchBackend, left_pad  # noqa: E402
 from node.models.loading import SMOLLM2, resolve, smollm2_path  # noqa: E402
-from protocol.config import data_dir  # noqa: E402
 from protocol.leases import Lease  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
 from tests.integration.cluster import Cluster  # noqa: E402
 from verification.rollouts import lease_examples, prompt_ids  # noqa: E402
 from verification.sampling import derive_seed  # noqa: E402

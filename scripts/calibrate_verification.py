@@ -39,9 +39,9 @@ from envs import load_environment  # noqa: E402
 from node.backends.torch_backend import TorchBackend  # noqa: E402
 from node.models.loading import resolve  # noqa: E402
 from node.rollouts import generate_rollouts  # noqa: E402
-from protocol.config import data_dir  # noqa: E402
 from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.rollouts import RolloutPayload  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
 from verification.checks import (  # noqa: E402
     THRESHOLDS_FILE,
     Thresholds,

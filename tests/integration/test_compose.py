@@ -43,7 +43,7 @@ def test_the_options_of_each_service_are_valid_config() -> None:
     from coordinator.config import CoordinatorConfig
     from gateway.config import GatewayConfig
     from node.config import NodeConfig
-    from protocol.config import load_config
+    from protocol.service.config import load_config
 
     models = {"coordinator": CoordinatorConfig, "gateway": GatewayConfig, "node": NodeConfig}
     for name, service in compose()["services"].items():

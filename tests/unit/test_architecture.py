@@ -1,6 +1,8 @@
 """The import rules of ARCHITECTURE.md, checked over every module (lazy imports included).
 
-- packages import only the packages the architecture table allows;
+- packages import only the packages the architecture table allows, subpackages included:
+  ``protocol``'s top level (the wire) imports none of ``protocol/service/`` or
+  ``protocol/accounts/``; ``service`` imports the wire; ``accounts`` the wire and ``service``;
 - ``protocol/p2p.py`` is the only importer of py-libp2p, and ``protocol/`` imports no torch or
   hivemind; its wire modules import no networking library at all;
 - no module imports both py-libp2p and hivemind (their protobuf modules clash in one process),
@@ -18,8 +20,13 @@ from pathlib import Path
 from tests.conftest import REPO
 
 OURS = {"protocol", "envs", "verification", "coordinator", "node", "gateway", "bazaar"}
+SUBPACKAGES = {"protocol.service", "protocol.accounts"}
+"""Packages inside a package that have rules of their own (a module's unit is the deepest of
+these, or of ``OURS``, that contains it)."""
 ALLOWED = {
     "protocol": set(),
+    "protocol.service": {"protocol"},
+    "protocol.accounts": {"protocol", "protocol.service"},
     "envs": {"protocol"},
     "verification": {"protocol", "envs"},
     "coordinator": {"protocol", "envs", "verification"},
@@ -27,6 +34,9 @@ ALLOWED = {
     "gateway": {"protocol"},
     "bazaar": OURS,
 }
+for _unit, _allowed in list(ALLOWED.items()):
+    if not _unit.startswith("protocol") and "protocol" in _allowed:  # the package, whole
+        ALLOWED[_unit] = _allowed | SUBPACKAGES
 NETWORKING = {
     "libp2p", "multiaddr", "trio", "anyio", "socket", "asyncio", "httpx", "requests", "urllib",
     "hivemind", "grpc", "fastapi", "uvicorn", "hypercorn", "starlette", "http",
@@ -36,29 +46,46 @@ WIRE = {
     f"protocol/{m}.py"
     for m in (
         "__init__", "errors", "versions", "identity", "codec", "envelope", "membership",
-        "leases", "rollouts", "verification", "adapters", "runs", "config", "observability",
+        "leases", "rollouts", "verification", "adapters", "runs", "peer_limits",
     )
 }  # fmt: skip
-"""Modules that handle bytes and data only; the transport side (p2p, http, gossip, lifecycle)
-may use networking libraries, and only p2p.py may use py-libp2p."""
+"""Modules that handle bytes and data only; the transport (p2p, gossip) may use networking
+libraries, and only p2p.py may use py-libp2p."""
 
 
 def modules() -> list[Path]:
     return sorted(p for pkg in OURS for p in (REPO / pkg).rglob("*.py"))
 
 
-def imported_tops(path: Path) -> set[str]:
+def imported_names(path: Path) -> set[str]:
+    """Dotted names of every module ``path`` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(), str(path))
-    tops = set()
+    package = ".".join(path.relative_to(REPO).parent.parts)
+    names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            tops.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: stays in its own package
-                tops.add(path.relative_to(REPO).parts[0])
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                names.add(f"{base}.{node.module}" if node.module else base)
             elif node.module:
-                tops.add(node.module.split(".")[0])
-    return tops
+                names.add(node.module)
+                # ``from protocol import service`` imports the subpackage
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def imported_tops(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_names(path)}
+
+
+def unit_of(dotted: str) -> str | None:
+    """The package whose rules apply to ``dotted``: the deepest rule-holding one around it."""
+    for unit in sorted(SUBPACKAGES | OURS, key=len, reverse=True):
+        if dotted == unit or dotted.startswith(unit + "."):
+            return unit
+    return None
 
 
 def test_there_are_modules_to_check() -> None:
@@ -68,11 +95,30 @@ def test_there_are_modules_to_check() -> None:
 def test_packages_import_only_what_the_architecture_allows() -> None:
     bad = []
     for path in modules():
-        pkg = path.relative_to(REPO).parts[0]
-        for top in imported_tops(path) & OURS - {pkg}:
-            if top not in ALLOWED[pkg]:
-                bad.append(f"{path.relative_to(REPO)} imports {top}")
+        own = unit_of(".".join(path.relative_to(REPO).with_suffix("").parts))
+        assert own is not None
+        for name in imported_names(path):
+            other = unit_of(name)
+            if other is None or other == own:
+                continue
+            # a package may use itself and what it is allowed; a unit inside a package it may
+            # use (``protocol.accounts`` inside ``protocol``) is not thereby allowed
+            if other not in ALLOWED[own]:
+                bad.append(f"{path.relative_to(REPO)} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_rules_catch_a_wire_module_importing_service_plumbing(tmp_path: Path) -> None:
+    probe = REPO / "protocol" / "_probe_rule.py"
+    probe.write_text("from protocol.service.config import ConfigModel\n")
+    try:
+        names = imported_names(probe)
+        own = unit_of("protocol._probe_rule")
+        assert own == "protocol"
+        assert any(unit_of(n) == "protocol.service" for n in names)
+        assert "protocol.service" not in ALLOWED[own]
+    finally:
+        probe.unlink()
 
 
 def test_only_the_transport_imports_libp2p() -> None:
@@ -84,6 +130,8 @@ def test_protocol_imports_no_torch_or_hivemind_and_wire_modules_no_networking() 
     for path in (REPO / "protocol").rglob("*.py"):
         tops = imported_tops(path)
         assert not tops & {"torch", "hivemind", "transformers", "peft"}, path
+        if path.parent == REPO / "protocol":  # the wire and the transport: no web, no database
+            assert not tops & {"fastapi", "sqlalchemy", "hypercorn", "starlette"}, path
         if str(path.relative_to(REPO)) in WIRE:
             assert not tops & NETWORKING, f"{path} imports {tops & NETWORKING}"
     assert all((REPO / w).exists() for w in WIRE)

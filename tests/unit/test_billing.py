@@ -27,7 +27,7 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from protocol.database import open_database
+from protocol.service.database import open_database
 from tests.unit.test_leases import Clock
 from tests.unit.test_rounds import STREAM, deliver
 

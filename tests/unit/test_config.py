@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.config import ConfigModel, describe, load_config, parse_overrides
 from protocol.errors import ConfigError
+from protocol.service.config import ConfigModel, describe, load_config, parse_overrides
 
 
 class Gossip(ConfigModel):

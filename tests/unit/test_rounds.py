@@ -16,7 +16,7 @@ from coordinator.leases import LeaseBook, ReceiptOutcome
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.work import RolloutService
 from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
-from protocol.database import open_database
+from protocol.service.database import open_database
 from tests.unit.test_leases import PLAN, Clock, receipt_for
 
 STREAM = dataclasses.replace(PLAN, total_examples=None, prompts_per_lease=1, max_staleness=1)

@@ -1,9 +1,8 @@
-"""Structured logging shared by every process, and a limiter for logs peers can trigger.
+"""Structured logging shared by every process.
 
 ``configure_logging(json_lines=True)`` writes one JSON object per line (``ts``, ``level``,
 ``logger``, ``msg`` and any ``extra=`` fields); otherwise a readable line with the extras as
-``key=value``. ``RateLimit`` lets a process log a misbehaving peer once per key per minute, so a
-peer cannot flood our logs by flooding us with bad frames.
+``key=value``.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from collections.abc import Hashable
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -53,22 +50,3 @@ def configure_logging(json_lines: bool = False, level: str = "INFO") -> None:
     root.setLevel(level)
     # py-libp2p logs every refused stream and dropped peer at INFO; keep only its warnings.
     logging.getLogger("libp2p").setLevel(logging.WARNING)
-
-
-class RateLimit:
-    """``allow(key)`` is True at most once per ``period_s`` for each key."""
-
-    def __init__(self, period_s: float = 60.0, max_keys: int = 10_000) -> None:
-        self.period_s = period_s
-        self.max_keys = max_keys
-        self._last: dict[Hashable, float] = {}
-
-    def allow(self, key: Hashable, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        last = self._last.get(key)
-        if last is not None and now - last < self.period_s:
-            return False
-        if len(self._last) >= self.max_keys:
-            self._last = {k: t for k, t in self._last.items() if now - t < self.period_s}
-        self._last[key] = now
-        return True

@@ -17,7 +17,7 @@ when they run on different machines).
   coordinator holds and settles a run's charges the same way, under the holder name
   ``run:<id>``, with one usage record per charge (model ``run:<id>``).
 
-SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL (``protocol/database.py``).
+SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL (``protocol/service/database.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-import protocol.database
+import protocol.service.database
 
 KEY_PREFIX = "bz-"
 
@@ -134,7 +134,7 @@ def hash_key(key: str) -> str:
 
 def open_database(url: str) -> Engine:
     """The gateway's engine, with its tables in place."""
-    return protocol.database.open_database(url, Base.metadata)
+    return protocol.service.database.open_database(url, Base.metadata)
 
 
 class KeyStore:
