@@ -281,7 +281,7 @@ def model_tiny(
 ) -> None:
     """Build the tiny model (Llama architecture, byte tokenizer) in Hugging Face format."""
     from bazaar.output import build_tiny_model
-    from node.models.tiny import TinySpec, tiny_model_dir
+    from node.model.tiny import TinySpec, tiny_model_dir
     from protocol.service.config import data_dir
 
     spec = TinySpec(seed=seed, target_accuracy=target_accuracy, max_steps=max_steps)

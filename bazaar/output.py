@@ -19,11 +19,11 @@ def fail(message: str) -> typer.Exit:
 
 
 def build_tiny_model(target: Path, spec: Any) -> Path:
-    """Build the tiny model (``node.models.tiny.TinySpec``) in ``target``, showing its warm-up
+    """Build the tiny model (``node.model.tiny.TinySpec``) in ``target``, showing its warm-up
     training as a progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from node.models.tiny import build_tiny_model as build
+    from node.model.tiny import build_tiny_model as build
 
     columns = (
         TextColumn("building the tiny model"),

@@ -208,7 +208,7 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
 def tiny_model(cache: Path) -> Path:
     """The tiny model's directory in the shared cache, built now (with progress) if missing."""
     from bazaar.output import build_tiny_model
-    from node.models.tiny import META_FILE, TinySpec, tiny_model_dir
+    from node.model.tiny import META_FILE, TinySpec, tiny_model_dir
 
     target = tiny_model_dir(cache, TinySpec())
     return target if (target / META_FILE).exists() else build_tiny_model(target, TinySpec())

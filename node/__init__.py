@@ -1,2 +1,12 @@
-"""The node process: identity, p2p host, roles (inference, trainer, verifier), model backends,
-rollout store, adapter shards and the serving endpoint."""
+"""The node process: identity and the p2p host at the top (``main.py``, the entry point of
+``bazaar node start``; ``agent.py``, membership; ``config.py``), and beneath it, by concern:
+
+- ``roles/``: what a joined node does (inference, verifier, serving, trainer), each run by the
+  agent;
+- ``model/``: the model process (generation, completions and verification in a child process of
+  its own) and its backends (PyTorch, vLLM), model loading, the tiny model, the machine probe;
+- ``store/``: what a node keeps and serves to peers: rollout payloads, adapter versions and their
+  shards, and the sync that keeps the adapter store at the versions the network works with;
+- ``training/``: the trainer role's compute (the LoRA model, loss, DiLoCo, the hivemind
+  all-reduce), apart from ``roles/`` because part of it must never share a process with py-libp2p.
+"""

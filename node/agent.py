@@ -16,10 +16,10 @@
 - **Goodbye** on stop: signed, sent straight to the coordinator and on gossip.
 - **Adapter manifests.** The node also keeps the adapters topic, where trainers publish each new
   version's signed manifest; every frame passes the gossip gate (signature, replay, type) and
-  goes to the roles' ``on_manifest`` listeners (``node/versions.py``).
+  goes to the roles' ``on_manifest`` listeners (``node/store/versions.py``).
 
-The node's roles (``node/inference.py``, ...) run as tasks beside these loops once the node has
-joined, and reach the coordinator through ``ask``.
+The node's roles (``node/roles/``) run as tasks beside these loops once the node has joined,
+and reach the coordinator through ``ask``.
 """
 
 from __future__ import annotations

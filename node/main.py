@@ -71,7 +71,7 @@ def start_node(
     """Run a node until a signal. ``inference_cls`` replaces ``InferenceWorker``, ``producer``
     the model process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
-    from node.probe import probe_machine
+    from node.model.probe import probe_machine
 
     configure_logging(config.log_json)
     addrs = coordinator_addrs(config, data_dir)  # a usage error before anything is created
@@ -107,36 +107,36 @@ def _roles(
 ) -> list[Any]:
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
-    from node.adapters import AdapterStore
-    from node.payload_store import PayloadStore
-    from node.versions import VersionSync
+    from node.store.adapters import AdapterStore
+    from node.store.payload_store import PayloadStore
+    from node.store.versions import VersionSync
 
     versions = VersionSync(
         config.model, AdapterStore(data_dir / "adapters"), PayloadStore(data_dir / "shards")
     )
     roles: list[Any] = []
     if "trainer" in config.roles:
-        from node.training.role import TrainerRole
+        from node.roles.trainer import TrainerRole
 
         roles.append(TrainerRole(config, data_dir, versions))
     if not (config.serve or {"inference", "verifier"} & set(config.roles)):
         return roles
-    from node.model_worker import ModelSpec, ModelWorker
+    from node.model.worker import ModelSpec, ModelWorker
 
     spec = ModelSpec.of(config, data_dir)
     if producer:
         spec = dataclasses.replace(spec, producer=producer)
     model = ModelWorker(spec)
     if "inference" in config.roles:
-        from node.inference import InferenceWorker
+        from node.roles.inference import InferenceWorker
 
         roles.append((inference_cls or InferenceWorker)(config, data_dir, model, versions=versions))
     if "verifier" in config.roles:
-        from node.verifier import VerifierWorker
+        from node.roles.verifier import VerifierWorker
 
         roles.append(VerifierWorker(config, model, versions))
     if config.serve:
-        from node.serving import ServingRole
+        from node.roles.serving import ServingRole
         from protocol.service.http import bind_tcp
 
         host, port = parse_host_port(config.serve_listen)

@@ -30,9 +30,9 @@ send for the same H steps (a butterfly over k peers: each sends (k-1)/k of the v
 same again of results, 4 bytes a value). ``comm_reduction_ratio`` is their ratio.
 
 Broadcast: a version cut into 1 MiB shards, fetched by N = 2, 4, 8, 16 in-process py-libp2p
-nodes at once, swarm style (``node/shards.py``: each node takes its share from the trainer, the
-rest from the others); reports time to full delivery and the trainer's upload over the adapter's
-size.
+nodes at once, swarm style (``node/store/shards.py``: each node takes its share from the trainer,
+the rest from the others); reports time to full delivery and the trainer's upload over the
+adapter's size.
 
 Run: ``python scripts/bench_diloco.py [--quick]``
 """
@@ -58,7 +58,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from envs import load_environment  # noqa: E402
-from node.models.loading import resolve  # noqa: E402
+from node.model.loading import resolve  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 
 ENV_ARGS = {"digits": 1}
@@ -68,8 +68,8 @@ class Sampler:
     """Samples rollouts with a trainer's current weights (saved as PEFT, hot-swapped in)."""
 
     def __init__(self, tiny: str, tmp: Path) -> None:
-        from node.backends.torch_backend import TorchBackend
-        from node.rollouts import Producer
+        from node.model.backends.torch_backend import TorchBackend
+        from node.model.rollouts import Producer
 
         self.env = load_environment("arith", **ENV_ARGS)
         self.backend = TorchBackend.from_pretrained(tiny)
@@ -207,9 +207,9 @@ def broadcast(sizes: list[int], adapter_bytes: int) -> dict[str, float]:
     """Time to deliver one version to N nodes, and the trainer's upload over the adapter size."""
     import trio
 
-    from node.adapters import cut
-    from node.payload_store import PayloadStore
-    from node.shards import fetch_version, serve_shards
+    from node.store.adapters import cut
+    from node.store.payload_store import PayloadStore
+    from node.store.shards import fetch_version, serve_shards
     from protocol.adapters import AdapterManifest
     from protocol.identity import Identity
     from protocol.p2p import P2PHost

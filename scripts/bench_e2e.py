@@ -144,8 +144,8 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
 
     from coordinator.runs import train_settings
     from envs import load_environment
-    from node.backends.torch_backend import TorchBackend
-    from node.rollouts import Producer, completion_tokens
+    from node.model.backends.torch_backend import TorchBackend
+    from node.model.rollouts import Producer, completion_tokens
     from node.training.trainer import diloco_round, inner_batches, trainer_parts, training_examples
     from protocol.leases import Lease, SamplingParams
     from verification.rollouts import score_rollouts

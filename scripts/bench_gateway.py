@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
-from node.models.loading import resolve  # noqa: E402
+from node.model.loading import resolve  # noqa: E402
 from protocol.accounts import KeyStore, open_database  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
-from node.models.tiny import ensure_tiny_model  # noqa: E402
+from node.model.tiny import ensure_tiny_model  # noqa: E402
 from protocol.errors import ProtocolError  # noqa: E402
 from protocol.versions import MEMBERSHIP  # noqa: E402
 from tests.adversarial import attacks as A  # noqa: E402

@@ -47,7 +47,7 @@ from coordinator.config import CoordinatorConfig, MembershipConfig  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from node.agent import MEMBERSHIP, NodeAgent  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
-from node.probe import probe_machine  # noqa: E402
+from node.model.probe import probe_machine  # noqa: E402
 from protocol.envelope import seal  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
 from protocol.membership import Heartbeat  # noqa: E402

@@ -47,9 +47,10 @@ sys.path.insert(0, str(REPO))
 from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from envs import load_environment  # noqa: E402
-from node.backends import Sampling  # noqa: E402
-from node.backends.torch_backend import TorchBackend, left_pad  # noqa: E402
-from node.models.loading import SMOLLM2, resolve, smollm2_path  # noqa: E402
+from node.model.backends import Sampling  # noqa: E402
+from node.model.backends.torch_backend import TorchBackend  # noqa: E402
+from node.model.batching import left_pad  # noqa: E402
+from node.model.loading import SMOLLM2, resolve, smollm2_path  # noqa: E402
 from protocol.leases import Lease  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from tests.integration.cluster import Cluster  # noqa: E402

@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 
 from envs import load_environment  # noqa: E402
-from node.backends.torch_backend import TorchBackend  # noqa: E402
-from node.models.loading import resolve  # noqa: E402
-from node.rollouts import generate_rollouts  # noqa: E402
+from node.model.backends.torch_backend import TorchBackend  # noqa: E402
+from node.model.loading import resolve  # noqa: E402
+from node.model.rollouts import generate_rollouts  # noqa: E402
 from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.rollouts import RolloutPayload  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402

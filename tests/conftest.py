@@ -28,6 +28,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's tiny model, built once per test session (~40 s on 2 cores)."""
-    from node.models.tiny import ensure_tiny_model
+    from node.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("data"))

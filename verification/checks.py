@@ -2,7 +2,7 @@
 
 ``verify_payload`` runs, for one lease's payload, the checks below in this order and stops at the
 first that fails; the ``Outcome`` names it. The payload's envelope (signature, schema, size, the
-producer as signer, the receipt's hash) is checked when it is fetched (``node/payloads.py``);
+producer as signer, the receipt's hash) is checked when it is fetched (``node/store/payloads.py``);
 its failures are reported as ``signature`` by the verifier, and a producer that cannot serve the
 payload before the audit's deadline fails as ``unavailable``.
 

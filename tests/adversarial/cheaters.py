@@ -1,4 +1,4 @@
-"""Cheating producers: each a subclass of the node's real ``Producer`` (``node/rollouts.py``),
+"""Cheating producers: each a subclass of the node's real ``Producer`` (``node/model/rollouts.py``),
 changing one step. The adversarial tests audit what they make; ``cheating_node`` runs one inside
 a real node process."""
 
@@ -8,9 +8,9 @@ import msgspec
 import torch
 
 from envs.base import Environment, Example
-from node.backends import Generation, Sampling
-from node.backends.torch_backend import TorchBackend
-from node.rollouts import Producer
+from node.model.backends import Generation, Sampling
+from node.model.backends.torch_backend import TorchBackend
+from node.model.rollouts import Producer
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
 from verification.sampling import sampling_logprobs

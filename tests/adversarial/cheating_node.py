@@ -10,7 +10,7 @@ import functools
 import os
 
 import node.main
-from node.inference import InferenceWorker
+from node.roles.inference import InferenceWorker
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from envs import load_environment
-from node.backends.torch_backend import TorchBackend
-from node.rollouts import Producer
+from node.model.backends.torch_backend import TorchBackend
+from node.model.rollouts import Producer
 from protocol.leases import Lease, SamplingParams
 from protocol.rollouts import RolloutPayload
 from tests.adversarial.cheaters import (

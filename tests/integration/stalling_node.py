@@ -10,7 +10,7 @@ import logging
 import trio
 
 import node.main
-from node.inference import InferenceWorker
+from node.roles.inference import InferenceWorker
 from protocol.leases import Lease
 
 log = logging.getLogger(__name__)

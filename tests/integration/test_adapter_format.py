@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.adapters import AdapterStore, assemble, cut, read_files
-from node.backends.torch_backend import TorchBackend
+from node.model.backends.torch_backend import TorchBackend
+from node.store.adapters import AdapterStore, assemble, cut, read_files
 from protocol.adapters import AdapterManifest, ShardInfo
 from protocol.errors import DecodeError, HashMismatch
 from tests.lora import random_adapter

@@ -13,9 +13,9 @@ import openai
 import pytest
 import trio
 
-from node.adapters import cut, read_files
-from node.payload_store import PayloadStore
-from node.shards import serve_shards
+from node.store.adapters import cut, read_files
+from node.store.payload_store import PayloadStore
+from node.store.shards import serve_shards
 from protocol.adapters import AdapterManifest, ManifestAck
 from protocol.identity import Identity
 from tests.integration.cluster import Cluster

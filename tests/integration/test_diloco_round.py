@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from envs import load_environment
-from node.adapters import read_files
-from node.backends.torch_backend import TorchBackend
-from node.rollouts import Producer
+from node.model.backends.torch_backend import TorchBackend
+from node.model.rollouts import Producer
+from node.store.adapters import read_files
 from node.training.collective import Collective, CollectiveSpec
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
 from node.training.trainer import (

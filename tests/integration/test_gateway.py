@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from node.adapters import AdapterStore
+from node.store.adapters import AdapterStore
 from protocol.accounts import KeyStore, open_database
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.completions import CompletionJob
-from node.model_worker import ModelSpec, ModelWorker
+from node.model.completions import CompletionJob
+from node.model.worker import ModelSpec, ModelWorker
 from tests.lora import random_adapter
 
 pytestmark = pytest.mark.timeout(180)
@@ -52,7 +52,7 @@ def test_rollouts_at_an_adapter_version_are_made_and_checked_with_it(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     from envs import load_environment
-    from node.adapters import AdapterStore
+    from node.store.adapters import AdapterStore
     from protocol.leases import Lease, SamplingParams
 
     env = load_environment("arith", digits=2)

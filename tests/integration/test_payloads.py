@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.payload_store import PayloadStore
-from node.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
+from node.store.payload_store import PayloadStore
+from node.store.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
 from protocol.envelope import seal
 from protocol.errors import BadSignature, HashMismatch, RemoteError
 from protocol.identity import Identity

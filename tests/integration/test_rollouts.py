@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from envs import load_environment
-from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend
-from node.payloads import fetch_payload
+from node.model.backends import Sampling
+from node.model.backends.torch_backend import TorchBackend
+from node.store.payloads import fetch_payload
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from tests.integration.cluster import Cluster

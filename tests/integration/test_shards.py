@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.adapters import assemble, cut
-from node.payload_store import PayloadStore
-from node.shards import Penalties, fetch_version, serve_shards
+from node.store.adapters import assemble, cut
+from node.store.payload_store import PayloadStore
+from node.store.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import AdapterManifest
 from protocol.errors import NotFound
 from protocol.identity import Identity

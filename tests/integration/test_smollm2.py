@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend
-from node.models.loading import SMOLLM2, resolve, smollm2_path
+from node.model.backends import Sampling
+from node.model.backends.torch_backend import TorchBackend
+from node.model.loading import SMOLLM2, resolve, smollm2_path
 from verification.rollouts import prompt_ids
 from verification.sampling import derive_seed, replay_margins, sampling_logprobs
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from envs import load_environment
-from node.backends import Sampling
-from node.backends.torch_backend import TorchBackend
-from node.models.tiny import TinySpec, build_tiny_model, greedy_accuracy
+from node.model.backends import Sampling
+from node.model.backends.torch_backend import TorchBackend
+from node.model.tiny import TinySpec, build_tiny_model, greedy_accuracy
 from tests.conftest import REPO
 from tests.lora import random_adapter
 from verification.rollouts import prompt_ids

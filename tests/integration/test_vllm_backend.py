@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from envs import load_environment
-from node.backends import Sampling
+from node.model.backends import Sampling
 from tests.conftest import REPO
 from verification.sampling import derive_seed, replay_margins
 
@@ -22,7 +22,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 def test_nothing_imports_vllm_until_the_backend_is_built() -> None:
     code = (
         "import sys\n"
-        "import node.backends.vllm_backend, node.inference, node.rollouts\n"
+        "import node.model.backends.vllm_backend, node.roles.inference, node.model.rollouts\n"
         "assert 'vllm' not in sys.modules, 'vllm was imported eagerly'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -30,7 +30,7 @@ def test_nothing_imports_vllm_until_the_backend_is_built() -> None:
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error shown where vLLM is not installed")
 def test_building_it_without_vllm_says_how_to_get_it() -> None:
-    from node.backends.vllm_backend import BackendUnavailable, VLLMBackend
+    from node.model.backends.vllm_backend import BackendUnavailable, VLLMBackend
 
     with pytest.raises(BackendUnavailable, match=r"pip install 'bazaar\[vllm\]'"):
         VLLMBackend("unused")
@@ -39,8 +39,8 @@ def test_building_it_without_vllm_says_how_to_get_it() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(), reason="needs vLLM and CUDA")
 def test_vllm_rollouts_replay_under_the_torch_backend(tiny_model: Path) -> None:
-    from node.backends.torch_backend import TorchBackend
-    from node.backends.vllm_backend import VLLMBackend
+    from node.model.backends.torch_backend import TorchBackend
+    from node.model.backends.vllm_backend import VLLMBackend
     from verification.rollouts import prompt_ids
 
     ours = VLLMBackend(str(tiny_model), dtype="float32", gpu_memory_utilization=0.3)

@@ -191,7 +191,7 @@ def greedy_accuracy(model: Any, tok: Any, examples: list[Any], max_new_tokens: i
     """Share of examples whose greedy completion is exactly the answer."""
     import torch
 
-    from node.backends.torch_backend import left_pad
+    from node.model.batching import left_pad
     from verification.rollouts import prompt_ids
 
     model.eval()

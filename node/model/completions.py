@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.backends import Sampling
+from node.model.backends import Sampling
 from verification.rollouts import prompt_ids
 from verification.sampling import derive_seed
 

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from node.adapters import AdapterStore, adapter_name
-from node.completions import CompletionJob, CompletionResult
+from node.model.completions import CompletionJob, CompletionResult
+from node.store.adapters import AdapterStore, adapter_name
 from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,

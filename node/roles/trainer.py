@@ -30,10 +30,10 @@ from typing import Any
 import msgspec
 import trio
 
-from node.adapters import cut, read_files
 from node.config import NodeConfig
-from node.payloads import fetch_payload
-from node.versions import VersionSync
+from node.store.adapters import cut, read_files
+from node.store.payloads import fetch_payload
+from node.store.versions import VersionSync
 from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
@@ -154,7 +154,7 @@ class TrainerRole:
     def _build(self, run_id: str, settings: TrainSettings) -> tuple[Any, ...]:
         from transformers import AutoTokenizer
 
-        from node.models.loading import resolve
+        from node.model.loading import resolve
         from node.training.trainer import trainer_parts
 
         base = resolve(self.config.model, Path(self.config.model_cache or self.data_dir))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from node.payload_store import PayloadStore
+from node.store.payload_store import PayloadStore
 from protocol.adapters import ShardRequest
 from protocol.codec import MiB
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal

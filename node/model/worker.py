@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from node.completions import CompletionJob, CompletionResult
+from node.model.completions import CompletionJob, CompletionResult
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from verification.checks import Outcome
@@ -43,7 +43,7 @@ class ModelSpec:
     backend: str = "torch"
     device: str = "auto"
     torch_threads: int = 0
-    producer: str = "node.rollouts:Producer"
+    producer: str = "node.model.rollouts:Producer"
     """``module:Class`` of the producer the child runs (tests swap in cheating subclasses)."""
 
     @classmethod
@@ -219,7 +219,7 @@ class _Child:
 
         import torch
 
-        from node.models.loading import resolve
+        from node.model.loading import resolve
 
         if self.spec.torch_threads:
             torch.set_num_threads(self.spec.torch_threads)
@@ -228,11 +228,11 @@ class _Child:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ref = resolve(self.spec.model, Path(self.spec.model_cache))
         if self.spec.backend == "vllm":
-            from node.backends.vllm_backend import VLLMBackend
+            from node.model.backends.vllm_backend import VLLMBackend
 
             self.backend = VLLMBackend(ref)
         else:
-            from node.backends.torch_backend import TorchBackend
+            from node.model.backends.torch_backend import TorchBackend
 
             self.backend = TorchBackend.from_pretrained(ref, device=device)
         return str(self.backend.device)
@@ -260,7 +260,7 @@ class _Child:
         self.backend.unload_adapter(name)
 
     def complete(self, job: CompletionJob) -> CompletionResult:
-        from node.completions import run_completion
+        from node.model.completions import run_completion
 
         return run_completion(self.backend, job)
 

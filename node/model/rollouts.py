@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from envs.base import Environment, Example
-from node.backends import Backend, Generation, Sampling
+from node.model.backends import Backend, Generation, Sampling
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
 from verification.rollouts import completion_text, lease_examples, prompt_ids, sample_seeds

@@ -4,13 +4,13 @@ The loop, once the node has joined:
 
 1. ask the coordinator for a lease (``LeaseRequest`` on ``/bazaar/leases/1.0.0``, naming the
    base model and the adapter versions held); on ``NoLease``, fetch any current adapter version
-   not held yet (``node/versions.py``: a run past version 0 is leased only to its holders) and
+   not held yet (``node/store/versions.py``: a run past version 0 is leased only to its holders) and
    ask again, or wait as long as the coordinator says;
-2. on the first lease, start the model process (``node/model_worker.py``) and load the base
+2. on the first lease, start the model process (``node/model/worker.py``) and load the base
    model in it (``--model``; the tiny model is built first if missing), so a node with no work
    never spends the memory; a model that cannot be loaded stops the role with one clear error;
 3. in the model process, regenerate the leased prompts from the environment and generate every
-   group in one batch with seeds derived from the lease (``node/rollouts.py``), with the
+   group in one batch with seeds derived from the lease (``node/model/rollouts.py``), with the
    adapter of the lease's version; a lease is
    fetched ahead while another generates, and receipts go out while the next one generates;
 4. sign the ``RolloutPayload`` and put the exact frame in the content-addressed store, served to
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import Counter, Histogram
 
-from node.adapters import AdapterStore
 from node.config import NodeConfig
-from node.model_worker import ModelSpec, ModelWorker
-from node.payload_store import PayloadStore
-from node.payloads import serve_payloads
-from node.rollouts import completion_tokens
-from node.versions import VersionSync
+from node.model.rollouts import completion_tokens
+from node.model.worker import ModelSpec, ModelWorker
+from node.store.adapters import AdapterStore
+from node.store.payload_store import PayloadStore
+from node.store.payloads import serve_payloads
+from node.store.versions import VersionSync
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease

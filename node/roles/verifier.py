@@ -24,9 +24,9 @@ import trio
 from prometheus_client import Counter
 
 from node.config import NodeConfig
-from node.model_worker import ModelWorker
-from node.payloads import fetch_payload
-from node.versions import VersionSync
+from node.model.worker import ModelWorker
+from node.store.payloads import fetch_payload
+from node.store.versions import VersionSync
 from protocol.errors import ProtocolError
 from protocol.rollouts import RolloutPayload
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from node.adapters import check_shard
-from node.payload_store import PayloadStore
-from node.payloads import serve_by_hash
+from node.store.adapters import check_shard
+from node.store.payload_store import PayloadStore
+from node.store.payloads import serve_by_hash
 from protocol.adapters import AdapterManifest, ShardRequest
 from protocol.codec import MiB
 from protocol.envelope import seal

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from node.backends import FinishReason, Generation, Sampling
+from node.model.backends import FinishReason, Generation, Sampling
 from verification.sampling import sample
 
 

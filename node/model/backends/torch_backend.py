@@ -14,19 +14,9 @@ from typing import Any
 
 import torch
 
-from node.backends import Generation, Sampling
+from node.model.backends import Generation, Sampling
+from node.model.batching import left_pad
 from verification.sampling import sample
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [B, W], attention mask [B, W])``, left-padded so every row ends at the same place."""
-    width = max(len(p) for p in prompts)
-    ids_B_W = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask_B_W = torch.zeros_like(ids_B_W)
-    for i, p in enumerate(prompts):
-        ids_B_W[i, width - len(p) :] = torch.tensor(p)
-        mask_B_W[i, width - len(p) :] = 1
-    return ids_B_W, mask_B_W
 
 
 class TorchBackend:
@@ -43,7 +33,7 @@ class TorchBackend:
 
     @classmethod
     def from_pretrained(cls, ref: str, device: str = "cpu", dtype: Any = None) -> TorchBackend:
-        from node.models.loading import load_pretrained
+        from node.model.loading import load_pretrained
 
         model, tokenizer = load_pretrained(ref, dtype=dtype, device=device)
         return cls(model, tokenizer, device)

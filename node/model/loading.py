@@ -29,7 +29,7 @@ def resolve(ref: str, data_dir: Path) -> str:
     """``tiny`` (or empty) becomes the built tiny model's directory, ``smollm2`` the packaged
     GGUF file; a directory, a ``.gguf`` path or a hub id stays as it is."""
     if ref in ("", TINY):
-        from node.models.tiny import ensure_tiny_model
+        from node.model.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(data_dir))
     if ref == SMOLLM2:

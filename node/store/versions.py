@@ -13,7 +13,7 @@ adapter store, one shard store served on ``/bazaar/shards/1.0.0``.
   node ask, never fetch on its word.
 - **Fetching.** For each version it lacks, the node checks the trainer's signed manifest (the
   signature, and that the signer is one of the trainers the coordinator names), fetches the
-  shards from the holders (``node/shards.py``: every shard checked against the manifest),
+  shards from the holders (``node/store/shards.py``: every shard checked against the manifest),
   assembles the PEFT files into the adapter store and serves the shards onward. The next lease
   request declares the new version, so the coordinator leases it that version's work and names
   this node as a holder to others. In-flight generations finish on the version their lease
@@ -31,9 +31,9 @@ from typing import Any
 
 import trio
 
-from node.adapters import AdapterStore, assemble
-from node.payload_store import PayloadStore
-from node.shards import Penalties, fetch_version, serve_shards
+from node.store.adapters import AdapterStore, assemble
+from node.store.payload_store import PayloadStore
+from node.store.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import (
     AdapterManifest,
     Deployed,

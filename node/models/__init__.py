@@ -1,1 +1,0 @@
-"""Model loading and the project-built tiny model."""
