@@ -1,8 +1,8 @@
 """The node process: identity and the p2p host at the top (``main.py``, the entry point of
 ``bazaar node start``; ``agent.py``, membership; ``config.py``), and beneath it, by concern:
 
-- ``roles/``: what a joined node does (inference, verifier, serving, trainer), each run by the
-  agent;
+- ``roles/``: what a joined node does (inference, verifier, serving, trainer), every role behind
+  one interface (``roles/base.py``) that the agent runs;
 - ``model/``: the model process (generation, completions and verification in a child process of
   its own) and its backends (PyTorch, vLLM), model loading, the tiny model, the machine probe;
 - ``store/``: what a node keeps and serves to peers: rollout payloads, adapter versions and their

@@ -18,8 +18,8 @@
   version's signed manifest; every frame passes the gossip gate (signature, replay, type) and
   goes to the roles' ``on_manifest`` listeners (``node/store/versions.py``).
 
-The node's roles (``node/roles/``) run as tasks beside these loops once the node has joined,
-and reach the coordinator through ``ask``.
+The node's roles (``node/roles/``, each a ``Role``) run as tasks beside these loops once the node
+has joined, and reach the coordinator through ``ask``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -62,6 +62,9 @@ from protocol.membership import (
 from protocol.p2p import P2PHost, TransportError
 from protocol.versions import ADAPTERS as ADAPTERS_TOPIC
 from protocol.versions import MEMBERSHIP, PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from node.roles.base import Role
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +128,11 @@ class NodeAgent:
     async def run(
         self,
         stop: trio.Event,
-        roles: Sequence[Callable[[NodeAgent], Awaitable[None]]] = (),
+        roles: Sequence[Role] = (),
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,  # trio-typing's stubs lack TaskStatus
     ) -> None:
-        """Join, keep membership, and run each of ``roles`` (given this agent) until ``stop``."""
+        """Join, keep membership, and run each of ``roles`` on this agent until ``stop``."""
         async with P2PHost.create(
             self.identity,
             [self.config.listen],
@@ -142,7 +145,7 @@ class NodeAgent:
             await self._join(first=True)
             async with trio.open_nursery() as nursery:
                 for role in roles:
-                    nursery.start_soon(role, self)
+                    nursery.start_soon(role.run, self, name=f"role {role.name}")
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._gossip_loop, sub)
                 nursery.start_soon(self._manifest_loop, manifests)

@@ -8,7 +8,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -19,6 +19,11 @@ from protocol.identity import KEY_FILE_NAME, load_or_create_identity
 from protocol.service.http import parse_host_port
 from protocol.service.lifecycle import find_exception, run_until_signal
 from protocol.service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from node.agent import NodeAgent
+    from node.roles.base import Role
+    from node.roles.inference import InferenceRole
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +71,12 @@ def _addrs_from_api(url: str, wait_s: float = 60.0) -> list[str]:
 
 
 def start_node(
-    config: NodeConfig, data_dir: Path, inference_cls: Any = None, producer: str = ""
+    config: NodeConfig,
+    data_dir: Path,
+    inference_cls: type[InferenceRole] | None = None,
+    producer: str = "",
 ) -> int:
-    """Run a node until a signal. ``inference_cls`` replaces ``InferenceWorker``, ``producer``
+    """Run a node until a signal. ``inference_cls`` replaces ``InferenceRole``, ``producer``
     the model process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
     from node.model.probe import probe_machine
@@ -103,8 +111,12 @@ def start_node(
 
 
 def _roles(
-    config: NodeConfig, data_dir: Path, agent: Any, inference_cls: Any, producer: str
-) -> list[Any]:
+    config: NodeConfig,
+    data_dir: Path,
+    agent: NodeAgent,
+    inference_cls: type[InferenceRole] | None,
+    producer: str,
+) -> list[Role]:
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
     from node.store.adapters import AdapterStore
@@ -114,7 +126,7 @@ def _roles(
     versions = VersionSync(
         config.model, AdapterStore(data_dir / "adapters"), PayloadStore(data_dir / "shards")
     )
-    roles: list[Any] = []
+    roles: list[Role] = []
     if "trainer" in config.roles:
         from node.roles.trainer import TrainerRole
 
@@ -128,13 +140,13 @@ def _roles(
         spec = dataclasses.replace(spec, producer=producer)
     model = ModelWorker(spec)
     if "inference" in config.roles:
-        from node.roles.inference import InferenceWorker
+        from node.roles.inference import InferenceRole
 
-        roles.append((inference_cls or InferenceWorker)(config, data_dir, model, versions=versions))
+        roles.append((inference_cls or InferenceRole)(config, data_dir, model, versions=versions))
     if "verifier" in config.roles:
-        from node.roles.verifier import VerifierWorker
+        from node.roles.verifier import VerifierRole
 
-        roles.append(VerifierWorker(config, model, versions))
+        roles.append(VerifierRole(config, model, versions))
     if config.serve:
         from node.roles.serving import ServingRole
         from protocol.service.http import bind_tcp

@@ -1,4 +1,5 @@
-"""A node's roles: what it does once it has joined, each run by the membership agent as a task.
+"""A node's roles: what it does once it has joined, each behind the one ``Role`` interface
+(``base.py``) that the membership agent runs as a task.
 
 - ``inference.py``: leases in, rollout payloads kept and receipts out;
 - ``verifier.py``: audits in, payloads fetched and rechecked, verdicts out;

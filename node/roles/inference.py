@@ -36,6 +36,7 @@ from prometheus_client import Counter, Histogram
 from node.config import NodeConfig
 from node.model.rollouts import completion_tokens
 from node.model.worker import ModelSpec, ModelWorker
+from node.roles.base import Role
 from node.store.adapters import AdapterStore
 from node.store.payload_store import PayloadStore
 from node.store.payloads import serve_payloads
@@ -71,8 +72,10 @@ class InferenceMetrics:
         )
 
 
-class InferenceWorker:
+class InferenceRole(Role):
     """One node's inference role. Subclass and override a step to build a misbehaving node."""
+
+    name = "inference"
 
     def __init__(
         self,
@@ -94,7 +97,7 @@ class InferenceWorker:
         self.adapters = self.versions.adapters
         self._next_sync = 0.0
 
-    async def __call__(self, agent: NodeAgent) -> None:
+    async def run(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.metrics = InferenceMetrics(agent.metrics.registry)
         serve_payloads(agent.host, self.store)

@@ -19,21 +19,31 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+import trio
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from node.model.completions import CompletionJob, CompletionResult
+from node.model.worker import ModelWorker
+from node.roles.base import Role
 from node.store.adapters import AdapterStore, adapter_name
+from node.store.versions import VersionSync
 from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,
     install_error_handlers,
 )
+from protocol.service.http import serve_http
 from protocol.service.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
+
+if TYPE_CHECKING:
+    from node.agent import NodeAgent
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_TOKENS = 256
@@ -186,19 +196,21 @@ async def _completion_chunks(
         yield chunk([], usage=_usage(result))
 
 
-class ServingRole:
+class ServingRole(Role):
     """The node role that runs the endpoint: loads the model at start (a serving node should
     answer its first request promptly), serves the base model and every adapter version in the
     node's adapter store, and announces what it serves whenever that changes."""
 
+    name = "serving"
+
     def __init__(
         self,
-        model: Any,
-        sock: Any,
+        model: ModelWorker,
+        sock: socket.socket,
         base: str,
         store: AdapterStore,
         rescan_s: float = 1.0,
-        versions: Any = None,
+        versions: VersionSync | None = None,
     ) -> None:
         self.model, self.sock, self.base, self.store = model, sock, base, store
         self.rescan_s = rescan_s
@@ -219,11 +231,7 @@ class ServingRole:
         async with self.model.using(name, str(self.store.path(*held))):
             return await self.model.complete(job.with_adapter(name))
 
-    async def __call__(self, agent: Any) -> None:
-        import trio
-
-        from protocol.service.http import serve_http
-
+    async def run(self, agent: NodeAgent) -> None:
         async with trio.open_nursery() as nursery:
             if not await self.model.ensure_started(nursery):
                 return
@@ -233,11 +241,8 @@ class ServingRole:
             nursery.start_soon(self._watch, agent)
             await serve_http(create_app(self), self.sock, trio.Event())
 
-    async def _watch(self, agent: Any) -> None:
+    async def _watch(self, agent: NodeAgent) -> None:
         """Re-read the adapter store; on a change, serve the new list and announce it."""
-        import msgspec
-        import trio
-
         while True:
             models = [self.base, *self.store.model_names()]
             if models != self._models or list(agent.capabilities.serving_models) != models:

@@ -25,12 +25,13 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
 from node.config import NodeConfig
+from node.roles.base import Role
 from node.store.adapters import cut, read_files
 from node.store.payloads import fetch_payload
 from node.store.versions import VersionSync
@@ -51,10 +52,15 @@ from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 
+if TYPE_CHECKING:
+    from node.agent import NodeAgent
+
 log = logging.getLogger(__name__)
 
 
-class TrainerRole:
+class TrainerRole(Role):
+    name = "trainer"
+
     def __init__(self, config: NodeConfig, data_dir: Path, versions: VersionSync) -> None:
         self.config, self.data_dir = config, data_dir
         self.versions = versions
@@ -64,7 +70,7 @@ class TrainerRole:
         self.built_for: tuple[str, Any] | None = None  # the run and settings parts are for
         self.collective: Any = None
 
-    async def __call__(self, agent: Any) -> None:
+    async def run(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.versions.attach(agent)
         try:
@@ -77,10 +83,10 @@ class TrainerRole:
                     log.warning("training request failed: %s", e)
                     await trio.sleep(e.retry_after_s or self.config.reconnect_max_backoff_s)
                     continue
-                if isinstance(reply, NoTraining):
+                if isinstance(reply, TrainAssignment):
+                    await self.round(reply)
+                elif isinstance(reply, NoTraining):
                     await trio.sleep(reply.retry_after_s)
-                    continue
-                await self.round(reply)
         finally:
             if self.collective is not None:
                 self.collective.close()

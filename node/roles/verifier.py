@@ -25,6 +25,7 @@ from prometheus_client import Counter
 
 from node.config import NodeConfig
 from node.model.worker import ModelWorker
+from node.roles.base import Role
 from node.store.payloads import fetch_payload
 from node.store.versions import VersionSync
 from protocol.errors import ProtocolError
@@ -38,14 +39,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class VerifierWorker:
+class VerifierRole(Role):
+    name = "verifier"
+
     def __init__(self, config: NodeConfig, model: ModelWorker, versions: VersionSync) -> None:
         self.config = config
         self.model = model
         self.versions = versions
         self.adapters = versions.adapters
 
-    async def __call__(self, agent: NodeAgent) -> None:
+    async def run(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.versions.attach(agent)
         r = agent.metrics.registry

@@ -10,12 +10,12 @@ import functools
 import os
 
 import node.main
-from node.roles.inference import InferenceWorker
+from node.roles.inference import InferenceRole
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 
 
-class WithholdsPayloads(InferenceWorker):
+class WithholdsPayloads(InferenceRole):
     """Submits receipts for payloads it does not keep, so no audit can ever check them."""
 
     async def deliver(

@@ -10,20 +10,20 @@ import logging
 import trio
 
 import node.main
-from node.roles.inference import InferenceWorker
+from node.roles.inference import InferenceRole
 from protocol.leases import Lease
 
 log = logging.getLogger(__name__)
 
 
-class StallingWorker(InferenceWorker):
+class StallingRole(InferenceRole):
     async def work(self, lease: Lease) -> None:
         log.warning("stalling on lease %s", lease.lease_id)
         await trio.sleep_forever()
 
 
 if __name__ == "__main__":
-    node.main.start_node = functools.partial(node.main.start_node, inference_cls=StallingWorker)
+    node.main.start_node = functools.partial(node.main.start_node, inference_cls=StallingRole)
     from bazaar.cli import app
 
     app(prog_name="bazaar")
