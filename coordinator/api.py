@@ -24,7 +24,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
-from coordinator import views
+from coordinator import views as queries
+from coordinator.db import RunState
 from coordinator.runs import RunSpec
 from protocol.accounts import ApiKey
 from protocol.service.api_errors import APIError, install_error_handlers
@@ -62,9 +63,9 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     key_dep = Depends(researcher)
 
-    def owned(run: Any, key: ApiKey | None) -> Any:
+    def owned(run: RunState, key: ApiKey | None) -> RunState:
         if run.owner and (key is None or key.name != run.owner):
-            raise APIError(403, f"run {run.plan.run_id!r} belongs to another key",
+            raise APIError(403, f"run {run.run_id!r} belongs to another key",
                            "not_run_owner", "run_id")  # fmt: skip
         return run
 
@@ -102,9 +103,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         now = coord.clock()
         views = []
         for n in coord.membership.nodes.values():
-            t = coord.work.audits.trust_of(n.peer_id)
-            trust = {**vars(t), "reputation": round(t.reputation, 4)}
-            views.append({**n.view(now), "trust": trust})
+            views.append({**n.view(now), "trust": queries.trust(coord.state, n.peer_id)})
         views.sort(key=lambda v: (v["status"] != "alive", str(v["name"])))
         return {"object": "list", "data": views}
 
@@ -112,27 +111,10 @@ def create_app(coord: Coordinator) -> FastAPI:
     async def verdicts() -> dict[str, Any]:
         """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
         names = {p: n.name for p, n in coord.membership.nodes.items()}
-        out = [
-            {
-                "audit_id": a.audit_id,
-                "lease_id": a.lease_id,
-                "run_id": a.run_id,
-                "producer": a.producer,
-                "producer_name": names.get(a.producer, a.producer[:12]),
-                "stage": "first" if i == 0 else "confirm",
-                "audit_status": a.status,
-                "verifier": v.verifier,
-                "verifier_name": names.get(v.verifier, v.verifier[:12]),
-                "passed": v.passed,
-                "failed_check": v.failed_check,
-                "detail": v.detail,
-                "at": v.at,
-                "signed_frame": v.frame.hex(),
-            }
-            for a in coord.work.audits.audits.values()
-            for i, v in enumerate(a.verdicts)
-        ]
-        out.sort(key=lambda v: v["at"])
+        out = queries.verdicts(coord.state)
+        for v in out:
+            v["producer_name"] = names.get(v["producer"], v["producer"][:12])
+            v["verifier_name"] = names.get(v["verifier"], v["verifier"][:12])
         return {"object": "list", "data": out}
 
     @app.post("/v1/runs", status_code=201)
@@ -144,24 +126,24 @@ def create_app(coord: Coordinator) -> FastAPI:
         ):
             raise APIError(402, f"key {key.name!r} has spent its budget of {key.budget_tokens} "
                            "tokens", "insufficient_quota")  # fmt: skip
-        if spec.name and spec.name in coord.work.book.runs:
+        if spec.name and queries.find_run(coord.state, spec.name):
             raise APIError(409, f"run {spec.name!r} already exists", "run_exists", "name")
         try:
-            run = await coord.work.create_run(spec, key)
+            run = await coord.runs.create(spec, key)
         except ValueError as e:
             raise APIError(400, str(e), "invalid_run", "env") from None
-        return views.run_view(coord.work, run)
+        return queries.run_view(coord.state, run)
 
     @app.get("/v1/runs")
     async def list_runs() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [views.run_view(coord.work, r) for r in coord.work.book.runs.values()],
+            "data": [queries.run_view(coord.state, r) for r in queries.runs(coord.state)],
         }
 
     @app.get("/v1/runs/{run_id}")
     async def get_run(run_id: str) -> dict[str, Any]:
-        return views.run_view(coord.work, _run(run_id))
+        return queries.run_view(coord.state, _run(run_id))
 
     @app.post("/v1/runs/{run_id}/deploy")
     async def deploy_run(
@@ -172,11 +154,11 @@ def create_app(coord: Coordinator) -> FastAPI:
         run = owned(_run(run_id), key)
         version = run.policy_version if body.version is None else body.version
         try:
-            await coord.work.deploy(run, version)
+            await coord.runs.deploy(run, version)
         except ValueError as e:
             raise APIError(404, str(e), "version_not_found", "version") from None
         await coord.announce_deployment(run_id, version)
-        return views.run_view(coord.work, run)
+        return queries.run_view(coord.state, run)
 
     @app.post("/v1/runs/{run_id}/cancel")
     async def cancel_run(run_id: str, key: ApiKey | None = key_dep) -> dict[str, Any]:
@@ -185,13 +167,13 @@ def create_app(coord: Coordinator) -> FastAPI:
         run = owned(_run(run_id), key)
         if run.state not in ("queued", "running"):
             raise APIError(409, f"run {run_id!r} is {run.state}", "run_not_running", "run_id")
-        await coord.work.cancel_run(run)
-        return views.run_view(coord.work, run)
+        await coord.runs.cancel(run)
+        return queries.run_view(coord.state, run)
 
     @app.get("/v1/runs/{run_id}/rollouts")
     async def rollouts(run_id: str) -> dict[str, Any]:
         _run(run_id)
-        data = views.rollouts(coord.work, run_id)
+        data = queries.rollouts(coord.state, run_id)
         for r in data:
             node = coord.membership.nodes.get(r["producer"])
             r["producer_addrs"] = node.addrs if node else []
@@ -202,7 +184,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         """Reward by the version completions were sampled at (count, mean, std), as the
         trainers recomputed it for the completions they trained on."""
         _run(run_id)
-        return {"object": "list", "data": coord.work.reports.rewards(run_id)}
+        return {"object": "list", "data": queries.rewards(coord.state, run_id)}
 
     @app.get("/v1/runs/{run_id}/samples")
     async def samples(
@@ -214,7 +196,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         if order not in ("recent", "best", "worst") or not 1 <= n <= 1000:
             raise APIError(400, "order is recent, best or worst; n is 1..1000", "invalid_request",
                            "order")  # fmt: skip
-        data = [x for x in coord.work.reports.samples(run_id)
+        data = [x for x in queries.samples(coord.state, run_id)
                 if version is None or x["version"] == version]  # fmt: skip
         if order == "recent":
             data = data[-n:]
@@ -234,16 +216,16 @@ def create_app(coord: Coordinator) -> FastAPI:
         every run's reconciliation: charges = tokens processed = the key's usage records."""
         if run is not None:
             _run(run)
-        return await views.ledger(coord.work, run, node)
+        return await queries.ledger(coord.state, run, node)
 
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:
         """The run's adapter versions: manifest hash and the trainers that hold each."""
         _run(run_id)
-        return {"object": "list", "data": views.versions(coord.work, run_id)}
+        return {"object": "list", "data": queries.versions(coord.state, run_id)}
 
-    def _run(run_id: str) -> Any:
-        run = coord.work.book.runs.get(run_id)
+    def _run(run_id: str) -> RunState:
+        run = queries.find_run(coord.state, run_id)
         if run is None:
             raise APIError(404, f"no run {run_id!r}", "run_not_found", "run_id")
         return run

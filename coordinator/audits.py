@@ -1,7 +1,9 @@
 """Audits: which receipts are checked, by whom, and what a confirmed failure costs.
 
-Pure logic over an injected clock and random source (the coordinator wraps it with the network
-and the database).
+Pure logic over an injected clock and random source (``coordinator/auditing.py`` wraps it with
+the network, ``coordinator/state.py`` with the database). Audits still open are indexed apart
+(``open``, and ``assigned`` among them), so assigning and expiring audits never walks the
+history.
 
 - **Sampling.** Whether a counted receipt is audited is drawn *after* it arrived, from the
   coordinator's randomness, so a producer cannot know which of its rollouts will be checked.
@@ -27,59 +29,12 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from coordinator.config import AuditConfig
+from coordinator.db import Audit, Trust, VerdictRecord
 from protocol.verification import Verdict, VerdictOutcome
-
-
-@dataclass
-class Trust:
-    """A producer's record."""
-
-    clean_streak: int = 0
-    passed: int = 0
-    failed: int = 0
-    strikes: int = 0
-    banned: bool = False
-    credited_tokens: int = 0
-    """Completion tokens of its counted rollouts: what it is credited for."""
-    forfeited_tokens: int = 0
-
-    @property
-    def reputation(self) -> float:
-        """In (0, 1]: 1 for a producer never caught; each confirmed failure weighs five passes."""
-        return (self.passed + 1) / (self.passed + 1 + 5 * self.failed)
-
-
-@dataclass
-class VerdictRecord:
-    verifier: str
-    passed: bool
-    failed_check: str
-    detail: str
-    frame: bytes
-    """The verdict exactly as the verifier signed it: the evidence."""
-    at: float
-
-
-@dataclass
-class Audit:
-    audit_id: str
-    lease_id: str
-    run_id: str
-    producer: str
-    payload_hash: bytes
-    created_at: float
-    stage: str = "first"  # first | confirm
-    status: str = "pending"  # pending | assigned | passed | failed | cleared | cancelled
-    verifier: str = ""
-    deadline: float = 0.0
-    verdicts: list[VerdictRecord] = field(default_factory=list)
-
-    def seen_by(self) -> set[str]:
-        return {v.verifier for v in self.verdicts}
 
 
 @dataclass(frozen=True)
@@ -96,15 +51,37 @@ class AuditBook:
         config: AuditConfig,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        keep: Callable[[object], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.rng = rng or secrets.SystemRandom()
+        self.keep = keep or (lambda entity: None)
         self.trust: dict[str, Trust] = {}
         self.audits: dict[str, Audit] = {}
+        self.open: dict[str, Audit] = {}
+        """Audits pending or assigned, oldest first."""
+        self.assigned: dict[str, Audit] = {}
+        """The open audits a verifier holds now."""
+
+    def restore(self, trust: Iterable[Trust], audits: Iterable[Audit]) -> None:
+        """Rebuild from stored records; an audit assigned when the coordinator stopped goes
+        back to the queue (its verifier's deadline is gone with the process)."""
+        for t in trust:
+            self.trust[t.peer_id] = t
+        for a in audits:
+            if a.status == "assigned":
+                a.status, a.verifier = "pending", ""
+            self.audits[a.audit_id] = a
+            if a.status == "pending":
+                self.open[a.audit_id] = a
 
     def trust_of(self, node: str) -> Trust:
-        return self.trust.setdefault(node, Trust())
+        trust = self.trust.get(node)
+        if trust is None:
+            trust = self.trust[node] = Trust(node)
+            self.keep(trust)
+        return trust
 
     def rate(self, producer: str, floor: float | None = None) -> float:
         """Audit rate of the producer's next receipt: every one until it is trusted, then the
@@ -126,15 +103,17 @@ class AuditBook:
         if self.rng.random() >= self.rate(producer, floor):
             return None
         audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, self.clock())
-        self.audits[audit.audit_id] = audit
+        self.audits[audit.audit_id] = self.open[audit.audit_id] = audit
+        self.keep(audit)
         return audit
 
     def expire(self) -> list[Audit]:
         """Assigned audits past their deadline go back to the queue."""
         now, back = self.clock(), []
-        for audit in self.audits.values():
-            if audit.status == "assigned" and now > audit.deadline:
+        for audit in list(self.assigned.values()):
+            if now > audit.deadline:
                 audit.status, audit.verifier = "pending", ""
+                del self.assigned[audit.audit_id]
                 back.append(audit)
         return back
 
@@ -144,7 +123,7 @@ class AuditBook:
         """The oldest audit this verifier may take: not its own work, not one it has judged,
         and one it can check (``can_check``: it runs the run's base model)."""
         self.expire()
-        for audit in self.audits.values():
+        for audit in self.open.values():
             if (
                 audit.status == "pending"
                 and audit.producer != verifier
@@ -152,6 +131,7 @@ class AuditBook:
                 and can_check(audit)
             ):
                 audit.status, audit.verifier = "assigned", verifier
+                self.assigned[audit.audit_id] = audit
                 audit.deadline = self.clock() + self.config.deadline_s
                 return audit
         return None
@@ -165,6 +145,7 @@ class AuditBook:
             return "unknown_audit", None
         if audit.status != "assigned" or audit.verifier != verifier:
             return "wrong_verifier", None
+        del self.assigned[audit.audit_id]
         audit.verdicts.append(
             VerdictRecord(
                 verifier, verdict.passed, verdict.failed_check, verdict.detail, frame, self.clock()
@@ -175,6 +156,7 @@ class AuditBook:
             audit.status, audit.verifier = "pending", ""
             return "reassigned", None
         trust = self.trust_of(audit.producer)
+        del self.open[audit.audit_id]  # decided, unless the first failure asks for a second look
         if verdict.passed:
             if audit.stage == "first":
                 audit.status = "passed"
@@ -185,6 +167,7 @@ class AuditBook:
             return "cleared", None
         if audit.stage == "first":
             audit.stage, audit.status, audit.verifier = "confirm", "pending", ""
+            self.open[audit.audit_id] = audit
             return "confirming", None
         audit.status = "failed"
         trust.failed += 1
@@ -197,9 +180,7 @@ class AuditBook:
 
     def cancel_for(self, lease_ids: set[str]) -> None:
         """Drop open audits of quarantined leases: their work is redone anyway."""
-        for audit in self.audits.values():
-            if audit.lease_id in lease_ids and audit.status in ("pending", "assigned"):
-                audit.status = "cancelled"
-
-    def audited_leases(self, producer: str) -> set[str]:
-        return {a.lease_id for a in self.audits.values() if a.producer == producer}
+        for audit in [a for a in self.open.values() if a.lease_id in lease_ids]:
+            audit.status = "cancelled"
+            del self.open[audit.audit_id]
+            self.assigned.pop(audit.audit_id, None)

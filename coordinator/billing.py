@@ -35,8 +35,7 @@ from typing import Any
 
 import trio
 
-from coordinator.db import LedgerRow, ReportRow
-from coordinator.leases import LeaseState, RunState
+from coordinator.db import LeaseState, LedgerRow, ReportRow, RunState
 from protocol.accounts import Bill, KeyStore
 
 log = logging.getLogger(__name__)
@@ -69,23 +68,30 @@ class RoundBill:
 
 
 class Billing:
-    def __init__(self, accounts: KeyStore | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        accounts: KeyStore | None,
+        clock: Callable[[], float] = time.time,
+        keep: Callable[[object], None] | None = None,
+    ) -> None:
         self.accounts = accounts
         """The accounts database, or None on a network without keys (the journal is kept)."""
         self.clock = clock
+        self.keep = keep or (lambda entity: None)
+        """Where new journal entries go (the state's session)."""
         self.entries: list[LedgerRow] = []
         self._posted: set[tuple[str, str]] = set()
+        self._sums: dict[tuple[str, str], int] = {}  # (run, kind) -> tokens
         self.rounds: dict[tuple[str, int], RoundBill] = {}
 
     def restore(self, rows: Iterable[LedgerRow], runs: Iterable[RunState]) -> None:
         """Load the journal; give back what runs held when the coordinator stopped (a charge
         that then finds no hold is still charged and recorded)."""
         for row in rows:
-            self.entries.append(row)
-            self._posted.add((row.kind, row.ref))
+            self._journal(row)
         if self.accounts is not None:
             for run in runs:
-                self.accounts.release_all(holder(run.plan.run_id))
+                self.accounts.release_all(holder(run.run_id))
 
     # -- the journal ----------------------------------------------------------------------------
 
@@ -97,13 +103,18 @@ class Billing:
             return None
         row = LedgerRow(run_id=run_id, kind=kind, debit=debit, credit=credit, tokens=tokens,
                         ref=ref, at=self.clock())  # fmt: skip
-        self.entries.append(row)
-        self._posted.add((kind, ref))
+        self._journal(row)
+        self.keep(row)
         return row
 
+    def _journal(self, row: LedgerRow) -> None:
+        self.entries.append(row)
+        self._posted.add((row.kind, row.ref))
+        key = (row.run_id, row.kind)
+        self._sums[key] = self._sums.get(key, 0) + row.tokens
+
     def charged(self, run_id: str, kind: str | None = None) -> int:
-        return sum(e.tokens for e in self.entries if e.run_id == run_id
-                   and (e.kind == kind if kind else e.kind in CHARGES))  # fmt: skip
+        return sum(self._sums.get((run_id, k), 0) for k in ((kind,) if kind else CHARGES))
 
     def balances(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -121,7 +132,7 @@ class Billing:
     async def admit_round(self, run: RunState, version: int, dealt: list[LeaseState]) -> bool:
         """Hold the worst case of the round about to be dealt; False if the run's own budget or
         its owner's key cannot cover it (the run should complete)."""
-        run_id = run.plan.run_id
+        run_id = run.run_id
         await self._close(run, lambda v, b: v <= version - 2)
         worst = 2 * sum(s.completion_tokens for s in dealt)
         cap = run.plan.max_tokens
@@ -145,10 +156,10 @@ class Billing:
     ) -> list[LedgerRow]:
         """Charge what a trainer's round moved: its share's sampled tokens, each paid to the
         rollout's producer, and the tokens it trained on, paid to it."""
-        run_id = run.plan.run_id
+        run_id = run.run_id
         rows = [r for s in share
                 if (r := self.post(run_id, "sampled", payer(run), node(s.node),
-                                   s.completion_tokens, s.lease.lease_id))]  # fmt: skip
+                                   s.completion_tokens, s.lease_id))]  # fmt: skip
         if r := self.post(run_id, "trained", payer(run), node(trainer), trained,
                           f"{run_id}:{version}:{trainer}"):  # fmt: skip
             rows.append(r)
@@ -156,7 +167,7 @@ class Billing:
         return rows
 
     def reported(self, run: RunState, version: int, trainer: str) -> None:
-        if bill := self.rounds.get((run.plan.run_id, version)):
+        if bill := self.rounds.get((run.run_id, version)):
             bill.reported.add(trainer)
 
     async def close_reported(self, run: RunState) -> None:
@@ -164,7 +175,7 @@ class Billing:
         await self._close(run, lambda v, b: b.trainers <= b.reported)
 
     async def _settle(self, run: RunState, version: int, rows: list[LedgerRow]) -> None:
-        bill = self.rounds.get((run.plan.run_id, version))
+        bill = self.rounds.get((run.run_id, version))
         bills = []
         for row in rows:
             from_hold = max(min(row.tokens, bill.held - bill.charged), 0) if bill else 0
@@ -172,15 +183,15 @@ class Billing:
                 bill.charged += row.tokens
             if run.owner_key_id is not None:
                 bills.append(Bill(
-                    key_id=run.owner_key_id, charged=from_hold, model=holder(run.plan.run_id),
+                    key_id=run.owner_key_id, charged=from_hold, model=holder(run.run_id),
                     prompt_tokens=0, completion_tokens=row.tokens, latency_ms=0.0,
                     node=row.credit.removeprefix("node:"), status=200, created_at=row.at,
                 ))  # fmt: skip
         if bills and self.accounts is not None:
-            await trio.to_thread.run_sync(self.accounts.settle_many, holder(run.plan.run_id), bills)
+            await trio.to_thread.run_sync(self.accounts.settle_many, holder(run.run_id), bills)
 
     async def _close(self, run: RunState, which: Callable[[int, RoundBill], bool]) -> None:
-        run_id = run.plan.run_id
+        run_id = run.run_id
         for key in [k for k, b in self.rounds.items() if k[0] == run_id and which(k[1], b)]:
             bill = self.rounds.pop(key)
             left = bill.held - bill.charged
@@ -210,7 +221,7 @@ class Billing:
         if self.accounts is None or run.owner_key_id is None:
             return None
         return await trio.to_thread.run_sync(
-            self.accounts.usage_tokens, run.owner_key_id, holder(run.plan.run_id)
+            self.accounts.usage_tokens, run.owner_key_id, holder(run.run_id)
         )
 
     # -- views ----------------------------------------------------------------------------------
@@ -226,9 +237,9 @@ class Billing:
         """A run's charges in the journal against the tokens processed (recounted from the
         lease records and the reports, for trainers that signed the version their round made)
         and the key's usage records for the run; ``reconciled`` when all agree."""
-        run_id = run.plan.run_id
+        run_id = run.run_id
         made = lambda v, t: t in signers.get(v + 1, ())  # noqa: E731
-        sampled = sum(s.completion_tokens for s in leases if s.lease.run_id == run_id
+        sampled = sum(s.completion_tokens for s in leases if s.run_id == run_id
                       and s.trained_in is not None and s.trained_by is not None
                       and made(s.trained_in, s.trained_by))  # fmt: skip
         trained = sum(r.tokens_trained for r in reports if made(r.round, r.trainer))

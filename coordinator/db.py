@@ -1,8 +1,14 @@
-"""The coordinator's database: SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL.
+"""The coordinator's entities, each defined once: a dataclass that is also its table.
 
-Tables: ``nodes`` (membership), ``runs``, ``leases`` (each with the exact lease a node was given)
-and ``receipts`` (every receipt received, with its outcome: the audit trail of what was counted).
-Calls here are synchronous and quick; the server runs them off its event loop in a worker thread.
+SQLAlchemy's dataclass mapping makes every entity one class: the coordinator keeps the objects
+in memory (``coordinator/state.py``) and one long-lived session tracks what changed, so a
+handler changes objects and commits, and never lists what it touched. Messages inside an
+entity are stored as they travel: a lease as its exact encoded bytes, a run's plan as JSON.
+
+Tables: ``nodes`` (membership), ``runs``, ``leases`` (each with the exact lease a node was
+given), ``receipts`` (every receipt received, with its outcome: the audit trail of what was
+counted), ``audits`` and ``verdicts`` (each with the verifier's signed frame), ``trust`` (each
+producer's record), ``adapter_versions``, ``round_reports`` and the ``ledger``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -24,14 +31,51 @@ from sqlalchemy import (
     delete,
     select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    MappedAsDataclass,
+    Session,
+    mapped_column,
+    relationship,
+)
+from sqlalchemy.types import TypeDecorator
 
 import protocol.service.database
+from protocol.codec import decode_struct, encode_struct
+from protocol.leases import Lease
+from protocol.runs import RunPlan
 
 
-class Base(DeclarativeBase):
+class Base(MappedAsDataclass, DeclarativeBase):
     pass
+
+
+class LeaseColumn(TypeDecorator[Lease]):
+    """A lease, stored as the exact bytes the node was sent."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: Lease | None, dialect: Dialect) -> bytes | None:
+        return None if value is None else encode_struct(value)
+
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> Lease | None:
+        return None if value is None else decode_struct(value, Lease, "stored lease")
+
+
+class PlanColumn(TypeDecorator[RunPlan]):
+    """A run's plan, stored as JSON."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: RunPlan | None, dialect: Dialect) -> Any:
+        return None if value is None else msgspec.to_builtins(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> RunPlan | None:
+        return None if value is None else msgspec.convert(value, RunPlan)
 
 
 class NodeRow(Base):
@@ -52,21 +96,137 @@ class NodeRow(Base):
     heartbeats: Mapped[int] = mapped_column(Integer, default=0)
 
 
-class RunRow(Base):
-    """A run: its plan (JSON), where it stands, and how far its examples have been leased."""
+class RunState(Base):
+    """A run: its plan, where it stands, and how far its examples have been leased."""
 
     __tablename__ = "runs"
-    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16))
-    policy_version: Mapped[int] = mapped_column(Integer)
-    cursor: Mapped[int] = mapped_column(Integer)
-    completion_tokens: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[float] = mapped_column(Float)
-    deployed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    plan: Mapped[RunPlan] = mapped_column(PlanColumn)
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True, init=False)
+    """The plan's run id (the key)."""
+    policy_version: Mapped[int] = mapped_column(Integer, default=0)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    """The next never-leased example index."""
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    """queued → running → completed | failed | cancelled."""
     stop_reason: Mapped[str] = mapped_column(Text, default="")
+    """Why it is no longer running: ``max_examples``, ``max_rounds``, ``target_reward``,
+    ``budget``, ``cancelled``, or what made it fail."""
     owner: Mapped[str] = mapped_column(String(128), default="")
-    owner_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The name of the API key that submitted it (billed for it); empty on an open network."""
+    owner_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    """Tokens of counted rollouts: what the run is billed for on the rollout side."""
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+    deployed: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    """The adapter version served as model ``<run>`` (``bazaar run deploy``)."""
+
+    def __post_init__(self) -> None:
+        self.run_id = self.plan.run_id
+
+
+class LeaseState(Base):
+    """A lease as issued and what became of it."""
+
+    __tablename__ = "leases"
+    lease: Mapped[Lease] = mapped_column(LeaseColumn)
+    node: Mapped[str] = mapped_column(String(128), index=True)
+    issued_at: Mapped[float] = mapped_column(Float)
+    lease_id: Mapped[str] = mapped_column(String(64), primary_key=True, init=False)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True, init=False)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    """active | completed | expired | rejected | quarantined."""
+    counted: Mapped[list[int]] = mapped_column(JSON, default_factory=list)
+    """The examples this lease's receipt delivered first (what the run counts). Replaced,
+    never changed in place (the session sees assignments)."""
+    payload_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), default=None)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completed_at: Mapped[float | None] = mapped_column(Float, default=None)
+    trained_in: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The round (the version trained from) whose trainers were dealt this rollout."""
+    trained_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    """The trainer whose share of that round it was."""
+
+    def __post_init__(self) -> None:
+        self.lease_id, self.run_id = self.lease.lease_id, self.lease.run_id
+
+
+class ReceiptRow(Base):
+    """Every receipt received, with its outcome — duplicates and refusals included."""
+
+    __tablename__ = "receipts"
+    lease_id: Mapped[str] = mapped_column(String(128), index=True)
+    run_id: Mapped[str] = mapped_column(String(128))
+    node: Mapped[str] = mapped_column(String(128))
+    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    num_samples: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[float] = mapped_column(Float)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
+
+
+class Trust(Base):
+    """A producer's audit record."""
+
+    __tablename__ = "trust"
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    clean_streak: Mapped[int] = mapped_column(Integer, default=0)
+    passed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    strikes: Mapped[int] = mapped_column(Integer, default=0)
+    banned: Mapped[bool] = mapped_column(Boolean, default=False)
+    credited_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    """Completion tokens of its counted rollouts: what it is credited for."""
+    forfeited_tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def reputation(self) -> float:
+        """In (0, 1]: 1 for a producer never caught; each confirmed failure weighs five passes."""
+        return (self.passed + 1) / (self.passed + 1 + 5 * self.failed)
+
+    def view(self) -> dict[str, Any]:
+        fields = ("clean_streak", "passed", "failed", "strikes", "banned", "credited_tokens",
+                  "forfeited_tokens")  # fmt: skip
+        return {**{f: getattr(self, f) for f in fields}, "reputation": round(self.reputation, 4)}
+
+
+class VerdictRecord(Base):
+    """A verdict exactly as its verifier signed it: the evidence behind every penalty."""
+
+    __tablename__ = "verdicts"
+    verifier: Mapped[str] = mapped_column(String(128))
+    passed: Mapped[bool] = mapped_column(Boolean)
+    failed_check: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    frame: Mapped[bytes] = mapped_column(LargeBinary)
+    """The verdict exactly as the verifier signed it."""
+    at: Mapped[float] = mapped_column(Float)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.audit_id"), index=True, init=False)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
+
+
+class Audit(Base):
+    """An audit of one lease's rollout and where it stands."""
+
+    __tablename__ = "audits"
+    audit_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lease_id: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[str] = mapped_column(String(128))
+    producer: Mapped[str] = mapped_column(String(128), index=True)
+    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[float] = mapped_column(Float)
+    stage: Mapped[str] = mapped_column(String(16), default="first")
+    """first | confirm."""
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending | assigned | passed | failed | cleared | cancelled."""
+    verifier: Mapped[str] = mapped_column(String(128), default="")
+    deadline: Mapped[float] = mapped_column(Float, default=0.0)
+    verdicts: Mapped[list[VerdictRecord]] = relationship(
+        default_factory=list, lazy="selectin", order_by=VerdictRecord.id
+    )
+
+    def seen_by(self) -> set[str]:
+        return {v.verifier for v in self.verdicts}
 
 
 class AdapterRow(Base):
@@ -79,6 +239,7 @@ class AdapterRow(Base):
     manifest_hash: Mapped[str] = mapped_column(String(64))
     frame: Mapped[bytes] = mapped_column(LargeBinary)
     signers: Mapped[list[str]] = mapped_column(JSON)
+    """Replaced, never changed in place (the session sees assignments)."""
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -100,7 +261,6 @@ class LedgerRow(Base):
     (``coordinator/billing.py``); ``(kind, ref)`` is unique, so nothing is posted twice."""
 
     __tablename__ = "ledger"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(String(128), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     debit: Mapped[str] = mapped_column(String(160), index=True)
@@ -108,76 +268,8 @@ class LedgerRow(Base):
     tokens: Mapped[int] = mapped_column(Integer)
     ref: Mapped[str] = mapped_column(String(200))
     at: Mapped[float] = mapped_column(Float)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
     __table_args__ = (UniqueConstraint("kind", "ref"),)
-
-
-class LeaseRow(Base):
-    """A lease as issued (``lease`` holds the exact encoded message) and what became of it."""
-
-    __tablename__ = "leases"
-    lease_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True)
-    node: Mapped[str] = mapped_column(String(128), index=True)
-    lease: Mapped[bytes] = mapped_column(LargeBinary)
-    issued_at: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(16))
-    counted: Mapped[list[int]] = mapped_column(JSON)
-    payload_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    trained_in: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    trained_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
-
-
-class ReceiptRow(Base):
-    """Every receipt received, with its outcome — duplicates and refusals included."""
-
-    __tablename__ = "receipts"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    lease_id: Mapped[str] = mapped_column(String(128), index=True)
-    run_id: Mapped[str] = mapped_column(String(128))
-    node: Mapped[str] = mapped_column(String(128))
-    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
-    num_samples: Mapped[int] = mapped_column(Integer)
-    completion_tokens: Mapped[int] = mapped_column(Integer)
-    outcome: Mapped[str] = mapped_column(String(32))
-    received_at: Mapped[float] = mapped_column(Float)
-
-
-class TrustRow(Base):
-    """A producer's audit record (``coordinator.audits.Trust`` as JSON)."""
-
-    __tablename__ = "trust"
-    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    record: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-
-class AuditRow(Base):
-    """An audit and where it stands."""
-
-    __tablename__ = "audits"
-    audit_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    lease_id: Mapped[str] = mapped_column(String(64), index=True)
-    run_id: Mapped[str] = mapped_column(String(128))
-    producer: Mapped[str] = mapped_column(String(128), index=True)
-    payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
-    stage: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[float] = mapped_column(Float)
-
-
-class VerdictRow(Base):
-    """A verdict exactly as its verifier signed it: the evidence behind every penalty."""
-
-    __tablename__ = "verdicts"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    audit_id: Mapped[str] = mapped_column(String(64), index=True)
-    verifier: Mapped[str] = mapped_column(String(128))
-    passed: Mapped[bool] = mapped_column(Boolean)
-    failed_check: Mapped[str] = mapped_column(String(64))
-    detail: Mapped[str] = mapped_column(Text)
-    frame: Mapped[bytes] = mapped_column(LargeBinary)
-    at: Mapped[float] = mapped_column(Float)
 
 
 def default_url(data_dir: Path) -> str:
@@ -190,7 +282,8 @@ def open_database(url: str) -> Engine:
 
 
 class NodeStore:
-    """Reads and writes node rows."""
+    """Reads and writes node rows (membership keeps its nodes in memory as ``NodeState`` and
+    writes heartbeats in batches; see ``coordinator/membership.py``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -199,7 +292,7 @@ class NodeStore:
         with Session(self.engine, expire_on_commit=False) as s:
             return list(s.scalars(select(NodeRow)))
 
-    def upsert(self, rows: list[NodeRow]) -> None:
+    def upsert(self, rows: Sequence[NodeRow]) -> None:
         if not rows:
             return
         with Session(self.engine) as s, s.begin():
@@ -221,50 +314,3 @@ class NodeStore:
                 row = s.get(NodeRow, peer_id)
                 if row is not None:
                     row.last_seen, row.heartbeats, row.status = last_seen, beats, status
-
-
-class WorkStore:
-    """Reads and writes runs, leases and receipts."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def load(self) -> tuple[list[RunRow], list[LeaseRow]]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at)))
-            return runs, list(s.scalars(select(LeaseRow)))
-
-    def load_adapters(self) -> list[AdapterRow]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(
-                s.scalars(select(AdapterRow).order_by(AdapterRow.run_id, AdapterRow.version))
-            )
-
-    def load_reports(self) -> list[ReportRow]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(ReportRow).order_by(ReportRow.at)))
-
-    def load_ledger(self) -> list[LedgerRow]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return list(s.scalars(select(LedgerRow).order_by(LedgerRow.id)))
-
-    def load_audits(self) -> tuple[list[TrustRow], list[AuditRow], list[VerdictRow]]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            return (
-                list(s.scalars(select(TrustRow))),
-                list(s.scalars(select(AuditRow).order_by(AuditRow.created_at))),
-                list(s.scalars(select(VerdictRow).order_by(VerdictRow.id))),
-            )
-
-    def save(self, rows: Sequence[Base], receipts: Sequence[Base] = ()) -> None:
-        """Merge rows (runs, leases, audits, trust) and append others (receipts, verdicts), in
-        one transaction."""
-        with Session(self.engine) as s, s.begin():
-            for row in rows:
-                s.merge(row)
-            s.add_all(receipts)
-
-    def receipts(self, lease_id: str) -> list[ReceiptRow]:
-        with Session(self.engine, expire_on_commit=False) as s:
-            q = select(ReceiptRow).where(ReceiptRow.lease_id == lease_id).order_by(ReceiptRow.id)
-            return list(s.scalars(q))

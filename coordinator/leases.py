@@ -1,15 +1,21 @@
 """Lease bookkeeping: which examples of which run each inference node is generating.
 
-Pure logic over an injected clock (the coordinator's lease service wraps it with the network and
-the database). A run's examples are handed out in order; every lease gets fresh coordinator
-randomness (``lease_seed``) from which the node's sampling seeds are derived, so the node cannot
-pick its own noise. A lease that misses its deadline expires and its examples go back to the
-front of the queue for another node.
+Pure logic over an injected clock (``coordinator/rollouts.py`` wraps it with the network, and
+``coordinator/state.py`` with the database). A run's examples are handed out in order; every
+lease gets fresh coordinator randomness (``lease_seed``) from which the node's sampling seeds
+are derived, so the node cannot pick its own noise. A lease that misses its deadline expires and
+its examples go back to the front of the queue for another node.
 
 Receipts are idempotent and never double-counted: an example counts once, for the first valid
 receipt that covers it. A late receipt for an expired lease still counts for the examples no one
 has delivered yet (the work is real), and the re-issued lease's receipt is then a duplicate for
 those. Every outcome is a typed ``ReceiptOutcome``, never an exception: a bad receipt is data.
+
+The book keeps every lease, and indexes so that no request walks a run's history: the active
+leases, each run's delivered rollouts that no round has taken yet (``waiting``), and each
+round's dealt rollouts (``dealt``). A request costs the same after a hundred thousand leases as
+after a thousand (``scripts/bench_coordinator.py``). New entities are handed to ``keep`` (the
+state's session adds them).
 """
 
 from __future__ import annotations
@@ -18,47 +24,13 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from enum import Enum
 
-from protocol.adapters import TrainSettings
-from protocol.leases import Lease, SamplingParams
+from coordinator.db import LeaseState, RunState
+from protocol.leases import Lease
 from protocol.rollouts import RolloutReceipt
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What to lease for one run."""
-
-    run_id: str
-    env: str
-    """Canonical environment name (with arguments), as ``load_environment`` takes it."""
-    env_version: str
-    env_seed: int
-    group_size: int
-    sampling: SamplingParams
-    base_model: str = "tiny"
-    """Only nodes generating with this base model (their ``--model``) get this run's leases."""
-    lease_ttl_s: float = 120.0
-    total_examples: int | None = None
-    """Stop issuing after this many examples (None: as many as trainers consume)."""
-    prompts_per_lease: int = 8
-    max_staleness: int = 2
-    """Trainers of version ``v`` consume rollouts sampled at versions ``v - max_staleness`` to
-    ``v``; older ones are never trained on."""
-    training: TrainSettings = field(default_factory=TrainSettings)
-    """What the run's trainers are told to train with."""
-    audit_floor: float | None = None
-    """Audit rate of trusted producers' rollouts of this run (None: the coordinator's)."""
-    max_tokens: int | None = None
-    """Most tokens the run may be billed (None: the owner's key budget alone)."""
-    max_rounds: int | None = None
-    """The run completes at this version."""
-    target_reward: float | None = None
-    """The run completes once a version's completions reach this mean reward..."""
-    min_samples: int = 64
-    """...measured on at least this many of them."""
+from protocol.runs import RunPlan
 
 
 class ReceiptOutcome(Enum):
@@ -73,53 +45,25 @@ class ReceiptOutcome(Enum):
     honest one never repeats): a node resubmitting someone's work."""
 
 
-@dataclass
-class LeaseState:
-    lease: Lease
-    node: str
-    issued_at: float
-    status: str = "active"  # active | completed | expired | rejected | quarantined
-    counted: list[int] = field(default_factory=list)
-    """The examples this lease's receipt delivered first (what the run counts)."""
-    payload_hash: bytes | None = None
-    completion_tokens: int = 0
-    completed_at: float | None = None
-    trained_in: int | None = None
-    """The round (the version trained from) whose trainers were dealt this rollout."""
-    trained_by: str | None = None
-    """The trainer whose share of that round it was."""
-
-
-@dataclass
-class RunState:
-    plan: RunPlan
-    policy_version: int = 0
-    cursor: int = 0
-    """The next never-leased example index."""
-    state: str = "running"
-    """queued → running → completed | failed | cancelled."""
-    stop_reason: str = ""
-    """Why it is no longer running: ``max_examples``, ``max_rounds``, ``target_reward``,
-    ``budget``, ``cancelled``, or what made it fail."""
-    owner: str = ""
-    """The name of the API key that submitted it (billed for it); empty on an open network."""
-    owner_key_id: int | None = None
-    completion_tokens: int = 0
-    """Tokens of counted rollouts: what the run is billed for on the rollout side."""
-    created_at: float = 0.0
-    deployed: int | None = None
-    """The adapter version served as model ``<run>`` (``bazaar run deploy``)."""
-    returned: deque[int] = field(default_factory=deque)
-    done: dict[int, str] = field(default_factory=dict)  # example index -> lease that counted
-
-
 class LeaseBook:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, keep: Callable[[object], None] | None = None
+    ) -> None:
         self.clock = clock
+        self.keep = keep or (lambda entity: None)
         self.runs: dict[str, RunState] = {}
         self.leases: dict[str, LeaseState] = {}
         self.active: dict[str, LeaseState] = {}
         self.payloads: dict[bytes, str] = {}  # payload hash -> the lease it was handed in for
+        self.done: dict[str, dict[int, str]] = {}
+        """Each run's delivered examples: example index -> the lease that counted it."""
+        self.returned: dict[str, deque[int]] = {}
+        """Each run's examples to lease again (expired or taken back), first out first."""
+        self.waiting: dict[str, dict[str, LeaseState]] = {}
+        """Each run's counted rollouts that no round has been dealt yet."""
+        self.dealt: dict[tuple[str, int], list[LeaseState]] = {}
+        """The rollouts dealt to each (run, round)."""
+        self.of_node: dict[str, list[LeaseState]] = {}
         self._next_run = 0  # round robin over runs
 
     def add_run(self, plan: RunPlan, state: str = "running") -> RunState:
@@ -127,32 +71,55 @@ class LeaseBook:
             raise ValueError(f"run {plan.run_id!r} already exists")
         if plan.group_size < 1 or plan.lease_ttl_s <= 0 or plan.prompts_per_lease < 1:
             raise ValueError("group_size and prompts_per_lease must be >= 1, lease_ttl_s > 0")
-        run = self.runs[plan.run_id] = RunState(plan, state=state, created_at=self.clock())
+        run = RunState(plan, state=state, created_at=self.clock())
+        self._index_run(run)
+        self.keep(run)
         return run
 
-    def restore(self, runs: list[RunState], leases: list[LeaseState]) -> None:
-        """Rebuild the book from stored runs and leases (a restarted coordinator)."""
+    def _index_run(self, run: RunState) -> None:
+        self.runs[run.run_id] = run
+        self.done[run.run_id], self.returned[run.run_id] = {}, deque()
+        self.waiting[run.run_id] = {}
+
+    def restore(self, runs: Iterable[RunState], leases: Iterable[LeaseState]) -> None:
+        """Rebuild the book and its indexes from stored runs and leases (a restart)."""
         for run in runs:
-            self.runs[run.plan.run_id] = run
+            self._index_run(run)
+        lost: dict[str, set[int]] = {r: set() for r in self.runs}
         for state in sorted(leases, key=lambda s: s.issued_at):
-            self.leases[state.lease.lease_id] = state
+            self._index_lease(state)
             if state.payload_hash is not None:
-                self.payloads[state.payload_hash] = state.lease.lease_id
-            if state.status == "active":
-                self.active[state.lease.lease_id] = state
-            run = self.runs[state.lease.run_id]
+                self.payloads[state.payload_hash] = state.lease_id
+            if state.status in ("expired", "rejected", "quarantined"):
+                lost[state.run_id].update(state.lease.example_indices)
             for index in state.counted:
-                run.done[index] = state.lease.lease_id
+                self.done[state.run_id][index] = state.lease_id
+            if state.trained_in is not None:
+                self.dealt.setdefault((state.run_id, state.trained_in), []).append(state)
+            elif state.counted and state.status == "completed":
+                self.waiting[state.run_id][state.lease_id] = state
         for run in self.runs.values():
-            out = {i for s in self.active.values() if s.lease.run_id == run.plan.run_id
+            self.set_policy_version(run.run_id, run.policy_version)  # drops what is too stale
+        for run_id, indices in lost.items():
+            out = {i for s in self.active.values() if s.run_id == run_id
                    for i in s.lease.example_indices}  # fmt: skip
-            lost = {i for s in self.leases.values() if s.lease.run_id == run.plan.run_id
-                    and s.status in ("expired", "rejected", "quarantined")
-                    for i in s.lease.example_indices}  # fmt: skip
-            run.returned = deque(sorted(lost - out - set(run.done)))
+            self.returned[run_id] = deque(sorted(indices - out - set(self.done[run_id])))
+
+    def _index_lease(self, state: LeaseState) -> None:
+        self.leases[state.lease_id] = state
+        self.of_node.setdefault(state.node, []).append(state)
+        if state.status == "active":
+            self.active[state.lease_id] = state
 
     def set_policy_version(self, run_id: str, version: int) -> None:
-        self.runs[run_id].policy_version = version
+        """The run is at a new version: rollouts now too stale to train leave the waiting
+        index (versions only grow, so they never could again)."""
+        run = self.runs[run_id]
+        run.policy_version = version
+        oldest = version - run.plan.max_staleness
+        waiting = self.waiting[run_id]
+        for lease_id in [i for i, s in waiting.items() if s.lease.policy_version < oldest]:
+            del waiting[lease_id]
 
     def issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         """A lease of up to ``max_prompts`` examples for ``node``, or None when none are left."""
@@ -162,14 +129,17 @@ class LeaseBook:
             return None
         max_prompts = min(max_prompts, run.plan.prompts_per_lease)
         indices: list[int] = []
-        while run.returned and len(indices) < max_prompts:
-            index = run.returned.popleft()
-            if index not in run.done:
+        returned, done = self.returned[run_id], self.done[run_id]
+        while returned and len(indices) < max_prompts:
+            index = returned.popleft()
+            if index not in done:
                 indices.append(index)
         total = run.plan.total_examples
-        while len(indices) < max_prompts and (total is None or run.cursor < total):
-            indices.append(run.cursor)
-            run.cursor += 1
+        cursor = run.cursor
+        while len(indices) < max_prompts and (total is None or cursor < total):
+            indices.append(cursor)
+            cursor += 1
+        run.cursor = cursor
         if not indices:
             return None
         now = self.clock()
@@ -188,7 +158,8 @@ class LeaseBook:
             deadline_ms=int((now + plan.lease_ttl_s) * 1000),
         )
         state = LeaseState(lease, node, now)
-        self.leases[lease.lease_id] = self.active[lease.lease_id] = state
+        self._index_lease(state)
+        self.keep(state)
         return lease
 
     def issue_for(
@@ -210,17 +181,17 @@ class LeaseBook:
         self.expire()
         if sum(s.node == node for s in self.active.values()) >= max_active:
             return None
-        runs = list(self.runs.values())
+        runs = [r for r in self.runs.values() if r.state == "running"]
         for k in range(len(runs)):
             run = runs[(self._next_run + k) % len(runs)]
             if run.plan.base_model != base_model:
                 continue
-            held = (adapter_versions or {}).get(run.plan.run_id, 0)
+            held = (adapter_versions or {}).get(run.run_id, 0)
             if run.policy_version and held != run.policy_version:
                 continue
             if untrained_cap is not None and self.untrained(run) >= untrained_cap:
                 continue
-            lease = self.issue(run.plan.run_id, node, max_prompts)
+            lease = self.issue(run.run_id, node, max_prompts)
             if lease is not None:
                 self._next_run = (self._next_run + k + 1) % len(runs)
                 return lease
@@ -236,13 +207,24 @@ class LeaseBook:
             and state.trained_in in (None, run.policy_version)
         )  # fmt: skip
 
+    def ready(self, run: RunState) -> list[LeaseState]:
+        """The rollouts the run's current round may train on: those dealt to it, then those
+        waiting."""
+        waiting = self.waiting[run.run_id].values()
+        candidates = [*self.dealt.get((run.run_id, run.policy_version), []), *waiting]
+        return [s for s in candidates if self.trainable(run, s)]
+
+    def deal(self, run: RunState, states: Iterable[LeaseState], version: int) -> None:
+        """Give these waiting rollouts to the round of ``version``."""
+        waiting, dealt = self.waiting[run.run_id], self.dealt.setdefault((run.run_id, version), [])
+        for s in states:
+            waiting.pop(s.lease_id, None)
+            s.trained_in = version
+            dealt.append(s)
+
     def untrained(self, run: RunState) -> int:
         """Leases of the run that are out, or delivered and still waiting for a round."""
-        return sum(
-            s.lease.run_id == run.plan.run_id
-            and (s.status == "active" or (self.trainable(run, s) and s.trained_in is None))
-            for s in self.leases.values()
-        )
+        return self.active_of(run.run_id) + len(self.waiting[run.run_id])
 
     def expire(self) -> list[LeaseState]:
         """Expire active leases past their deadline; their undelivered examples are re-queued."""
@@ -251,18 +233,18 @@ class LeaseBook:
         for state in list(self.active.values()):
             if now_ms > state.lease.deadline_ms:
                 state.status = "expired"
-                del self.active[state.lease.lease_id]
-                run = self.runs[state.lease.run_id]
+                del self.active[state.lease_id]
+                done, returned = self.done[state.run_id], self.returned[state.run_id]
                 for index in reversed(state.lease.example_indices):
-                    if index not in run.done:
-                        run.returned.appendleft(index)
+                    if index not in done:
+                        returned.appendleft(index)
                 expired.append(state)
         return expired
 
     def receipt(self, node: str, receipt: RolloutReceipt) -> ReceiptOutcome:
         """Record a producer's receipt; every outcome is a value, not an exception."""
         state = self.leases.get(receipt.lease_id)
-        if state is None or state.lease.run_id != receipt.run_id:
+        if state is None or state.run_id != receipt.run_id:
             return ReceiptOutcome.UNKNOWN_LEASE
         if state.node != node:
             return ReceiptOutcome.WRONG_NODE
@@ -276,8 +258,8 @@ class LeaseBook:
         if self.payloads.get(receipt.payload_hash, lease.lease_id) != lease.lease_id:
             return ReceiptOutcome.DUPLICATE_PAYLOAD
         self.payloads[receipt.payload_hash] = lease.lease_id
-        run = self.runs[lease.run_id]
-        fresh = [i for i in lease.example_indices if i not in run.done]
+        run, done = self.runs[lease.run_id], self.done[lease.run_id]
+        fresh = [i for i in lease.example_indices if i not in done]
         state.status = "completed"
         state.completed_at = self.clock()
         state.payload_hash = receipt.payload_hash
@@ -286,11 +268,12 @@ class LeaseBook:
         if not fresh:
             return ReceiptOutcome.DUPLICATE
         for index in fresh:
-            run.done[index] = lease.lease_id
+            done[index] = lease.lease_id
         state.counted = fresh
+        self.waiting[run.run_id][state.lease_id] = state
         run.completion_tokens += receipt.completion_tokens
         total = run.plan.total_examples
-        if total is not None and len(run.done) >= total and run.state == "running":
+        if total is not None and len(done) >= total and run.state == "running":
             run.state, run.stop_reason = "completed", "max_examples"
         return ReceiptOutcome.COUNTED
 
@@ -298,18 +281,28 @@ class LeaseBook:
         """Take back what a lease's receipt counted (a rejected or quarantined rollout): its
         examples go back to the front of the queue and its tokens off the run's bill."""
         state = self.leases[lease_id]
-        run = self.runs[state.lease.run_id]
-        back = [i for i in state.counted if run.done.get(i) == lease_id]
+        run, done = self.runs[state.run_id], self.done[state.run_id]
+        back = [i for i in state.counted if done.get(i) == lease_id]
         for index in reversed(back):
-            del run.done[index]
-            run.returned.appendleft(index)
+            del done[index]
+            self.returned[state.run_id].appendleft(index)
         if state.counted:
             run.completion_tokens -= state.completion_tokens
         state.status, state.counted = status, []
+        self.waiting[state.run_id].pop(lease_id, None)
         if back and run.state == "completed" and run.stop_reason == "max_examples":
             run.state, run.stop_reason = "running", ""
         return back
 
     def delivered(self, run_id: str) -> int:
         """How many examples of the run have counted."""
-        return len(self.runs[run_id].done)
+        return len(self.done[run_id])
+
+    def active_of(self, run_id: str) -> int:
+        return sum(s.run_id == run_id for s in self.active.values())
+
+    def counted_of(self, run_id: str) -> list[LeaseState]:
+        """The run's counted rollouts, in order of delivery (a scan: for the REST API)."""
+        done = [s for s in self.leases.values()
+                if s.run_id == run_id and s.status == "completed" and s.counted]  # fmt: skip
+        return sorted(done, key=lambda s: s.completed_at or 0.0)

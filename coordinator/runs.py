@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from coordinator.leases import RunPlan
 from envs import load_environment
 from protocol.adapters import TrainSettings
 from protocol.leases import SamplingParams
+from protocol.runs import RunPlan
 from protocol.service.config import ConfigModel, load_config
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

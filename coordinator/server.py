@@ -1,13 +1,15 @@
 """The coordinator process: a py-libp2p host, the membership table, the REST API, one trio loop.
 
 Nodes reach it three ways. The membership *protocol* (request/response) carries signed
-``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip) carries
-``Heartbeat``, ``Announce`` and ``Goodbye``; the lease protocol carries ``LeaseRequest`` and
-``RolloutReceipt`` (``coordinator/work.py``), leases going only to members with the inference
-role. Every request type is dispatched by one table (``_handlers``: type → protocol and
-handler), so a message on the wrong protocol is refused like an unknown one. Joins, departures
-and status changes are written to the database at once; heartbeats update memory and are
-flushed once per interval, so the database is never more than one interval behind and a
+``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip)
+carries ``Heartbeat``, ``Announce`` and ``Goodbye``; the lease protocol carries ``LeaseRequest``
+and ``RolloutReceipt`` (``coordinator/rollouts.py``), leases going only to members with the
+inference role; the audit protocol goes to ``coordinator/auditing.py``, training rounds and
+adapter versions to ``coordinator/rounds.py``, all over one shared state
+(``coordinator/state.py``). Every request type is dispatched by one table (``_handlers``: type →
+protocol and handler), so a message on the wrong protocol is refused like an unknown one. Joins,
+departures and status changes are written to the database at once; heartbeats update memory and
+are flushed once per interval, so the database is never more than one interval behind and a
 restarted coordinator picks up where it was.
 
 Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
@@ -26,15 +28,20 @@ from typing import Any
 
 import trio
 
+from coordinator import views
 from coordinator.admission import Admission
 from coordinator.api import create_app
+from coordinator.auditing import Auditing
 from coordinator.config import CoordinatorConfig
-from coordinator.db import NodeStore, WorkStore, default_url, open_database
+from coordinator.db import NodeStore, default_url, open_database
 from coordinator.hivemind_dht import DhtBootstrap
+from coordinator.lifecycle import RunLifecycle
 from coordinator.membership import Membership, Transition
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.rollouts import Rollouts
+from coordinator.rounds import Rounds
 from coordinator.runlog import RunLog
-from coordinator.work import RolloutService
+from coordinator.state import State
 from protocol.accounts import KeyStore
 from protocol.accounts import open_database as open_accounts
 from protocol.adapters import (
@@ -113,9 +120,11 @@ class Coordinator:
         self.accounts = KeyStore(
             open_accounts(config.accounts_db or f"sqlite:///{data_dir / 'gateway.db'}")
         )
-        self.work = RolloutService(
-            config.leases, config.audits, WorkStore(engine), self.metrics, clock, self.accounts
-        )
+        self.state = State(engine, config.leases, config.audits, self.metrics, clock, self.accounts)
+        self.runs = RunLifecycle(self.state)
+        self.rollouts = Rollouts(self.state, self.runs)
+        self.rounds = Rounds(self.state, self.runs)
+        self.auditing = Auditing(self.state)
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
@@ -156,7 +165,8 @@ class Coordinator:
 
     async def _run(self, stop: trio.Event, task_status: Any) -> None:
         rows = await trio.to_thread.run_sync(self.store.load_all)
-        await trio.to_thread.run_sync(self.work.restore)
+        await trio.to_thread.run_sync(self.state.restore)
+        self.runs.resume()
         self.membership.restore(rows, self.clock())
         if rows:
             log.info("restored %d nodes from the database", len(rows))
@@ -182,7 +192,7 @@ class Coordinator:
                 loops.start_soon(_drain, manifests)
                 loops.start_soon(self._sweep_loop)
                 loops.start_soon(self._flush_loop)
-                loops.start_soon(self.work.expire_loop)
+                loops.start_soon(self.rollouts.expire_loop)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
                     "coordinator %s listening on %s; REST API on %s",
@@ -199,6 +209,7 @@ class Coordinator:
             with trio.move_on_after(5):
                 await self._flush()
             self.dht.close()
+            self.state.close()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -254,26 +265,26 @@ class Coordinator:
         self._check_member(peer, "inference")
         self.admission.lease(peer, self.host.remote_ip(peer))
         if not self._audited(peer):
-            holders = [s.node for s in self.work.book.active.values()]
+            holders = views.lease_holders(self.state)
             unaudited = {h for h in holders if not self._audited(h)}
             self.admission.unaudited_lease(peer, holders, unaudited)
         trainers = sum(
             n.status == "alive" and "trainer" in n.capabilities.roles
             for n in self.membership.nodes.values()
         )
-        return await self.work.lease(peer, msg, trainers)
+        return await self.rollouts.lease(peer, msg, trainers)
 
     async def _receipt(self, peer: str, msg: RolloutReceipt, _: bytes) -> Message:
-        return await self.work.receipt(peer, msg)
+        return await self.rollouts.receipt(peer, msg)
 
     # -- audits --
 
     async def _audit(self, peer: str, msg: AuditRequest, _: bytes) -> Message:
         self._check_member(peer, "verifier")
-        return await self.work.audit_request(peer, msg, self._addrs_of)
+        return await self.auditing.request(peer, msg, self._addrs_of)
 
     async def _verdict(self, peer: str, msg: Verdict, data: bytes) -> Message:
-        return await self.work.verdict(peer, msg, data)
+        return await self.auditing.verdict(peer, msg, data)
 
     # -- training rounds and adapter versions --
 
@@ -288,20 +299,20 @@ class Coordinator:
         except RuntimeError as e:
             log.error("no hivemind DHT for trainers: %s", e)
             dht = []
-        return await self.work.train(peer, msg, trainers, self._addrs_of, dht)
+        return await self.rounds.train(peer, msg, trainers, self._addrs_of, dht)
 
     async def _manifest(self, peer: str, msg: AdapterManifest, data: bytes) -> Message:
         self._check_member(peer, "trainer")
-        return await self.work.record_manifest(peer, msg, data)
+        return await self.rounds.manifest(peer, msg, data)
 
     async def _report(self, peer: str, msg: RoundReport, _: bytes) -> Message:
         self._check_member(peer, "trainer")
-        return await self.work.record_report(peer, msg)
+        return await self.rounds.report(peer, msg)
 
     async def _versions(self, peer: str, msg: VersionsRequest, _: bytes) -> Message:
         if peer not in self.membership.nodes:
             raise NotMember("adapter versions are for members: join first")
-        return self.work.current_versions(msg, self._addrs_of)
+        return self.rounds.versions(msg, self._addrs_of)
 
     def _check_member(self, peer: str, role: str) -> None:
         """Work is for live members with the role, and never for a banned producer."""
@@ -310,14 +321,13 @@ class Coordinator:
             raise NotMember(f"{role} work is for live members: join first")
         if role not in node.capabilities.roles:
             raise Forbidden(f"{role} work is for nodes with the {role} role")
-        trust = self.work.audits.trust.get(peer)
-        if trust is not None and trust.banned:
-            raise Forbidden(f"banned after {trust.strikes} confirmed audit failures")
+        banned, strikes = views.is_banned(self.state, peer)
+        if banned:
+            raise Forbidden(f"banned after {strikes} confirmed audit failures")
 
     def _audited(self, peer: str) -> bool:
         """Has ``peer`` passed an audit (and is it not banned)?"""
-        trust = self.work.audits.trust.get(peer)
-        return trust is not None and trust.passed > 0 and not trust.banned
+        return views.has_passed_an_audit(self.state, peer)
 
     def _addrs_of(self, peer: str) -> list[str]:
         node = self.membership.nodes.get(peer)
@@ -427,7 +437,7 @@ class Coordinator:
             )
 
     def refresh_gauges(self) -> None:
-        self.work.refresh_gauges()
+        self.runs.refresh_gauges()
         for status, n in self.membership.counts().items():
             self.metrics.nodes.labels(status).set(n)
 

@@ -1,23 +1,29 @@
-"""What the REST API shows of the coordinator's work: runs, their rollouts and versions, and
-the ledger with its reconciliation."""
+"""What the REST API shows of the coordinator's work: query functions over the shared state
+(``coordinator/state.py``), so the API reads through these and never through another object's
+fields. Each returns plain JSON-ready data."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from coordinator.leases import RunState
-
-if TYPE_CHECKING:
-    from coordinator.work import RolloutService
+from coordinator.db import RunState, Trust
+from coordinator.state import State
 
 
-def run_view(work: RolloutService, run: RunState) -> dict[str, Any]:
+def find_run(state: State, run_id: str) -> RunState | None:
+    return state.book.runs.get(run_id)
+
+
+def runs(state: State) -> list[RunState]:
+    return list(state.book.runs.values())
+
+
+def run_view(state: State, run: RunState) -> dict[str, Any]:
     plan = run.plan
-    active = sum(s.lease.run_id == plan.run_id for s in work.book.active.values())
     return {
-        "id": plan.run_id,
+        "id": run.run_id,
         "object": "run",
         "state": run.state,
         "stop_reason": run.stop_reason,
@@ -31,33 +37,56 @@ def run_view(work: RolloutService, run: RunState) -> dict[str, Any]:
         "total_examples": plan.total_examples,
         "policy_version": run.policy_version,
         "examples_leased": run.cursor,
-        "examples_delivered": len(run.done),
-        "active_leases": active,
+        "examples_delivered": state.book.delivered(run.run_id),
+        "active_leases": state.book.active_of(run.run_id),
         "completion_tokens": run.completion_tokens,
-        "tokens_trained": work.reports.tokens_trained(plan.run_id),
-        "billed_tokens": work.billing.charged(plan.run_id),
-        "held_tokens": work.billing.outstanding(plan.run_id),
+        "tokens_trained": state.reports.tokens_trained(run.run_id),
+        "billed_tokens": state.billing.charged(run.run_id),
+        "held_tokens": state.billing.outstanding(run.run_id),
         "max_tokens": plan.max_tokens,
-        "reward": work.reports.rewards(plan.run_id)[-1:] or None,
+        "reward": state.reports.rewards(run.run_id)[-1:] or None,
         "created_at": run.created_at,
         "deployed": run.deployed,
     }
 
 
-def rollouts(work: RolloutService, run_id: str) -> list[dict[str, Any]]:
-    """The counted rollouts of a run: what a consumer needs to fetch and re-score each."""
-    done = [
-        s
-        for s in work.book.leases.values()
-        if s.lease.run_id == run_id and s.status == "completed" and s.counted
+def trust(state: State, peer: str) -> dict[str, Any]:
+    """A producer's audit record (all zero for one never audited)."""
+    return (state.audits.trust.get(peer) or Trust(peer)).view()
+
+
+def verdicts(state: State) -> list[dict[str, Any]]:
+    """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
+    out = [
+        {
+            "audit_id": a.audit_id,
+            "lease_id": a.lease_id,
+            "run_id": a.run_id,
+            "producer": a.producer,
+            "stage": "first" if i == 0 else "confirm",
+            "audit_status": a.status,
+            "verifier": v.verifier,
+            "passed": v.passed,
+            "failed_check": v.failed_check,
+            "detail": v.detail,
+            "at": v.at,
+            "signed_frame": v.frame.hex(),
+        }
+        for a in state.audits.audits.values()
+        for i, v in enumerate(a.verdicts)
     ]
-    done.sort(key=lambda s: s.completed_at or 0.0)
+    out.sort(key=lambda v: v["at"])
+    return out
+
+
+def rollouts(state: State, run_id: str) -> list[dict[str, Any]]:
+    """The counted rollouts of a run: what a consumer needs to fetch and re-score each."""
     out: list[dict[str, Any]] = []
-    for s in done:
+    for s in state.book.counted_of(run_id):
         lease = s.lease
         out.append(
             {
-                "lease_id": lease.lease_id,
+                "lease_id": s.lease_id,
                 "producer": s.node,
                 "payload_hash": (s.payload_hash or b"").hex(),
                 "counted_examples": s.counted,
@@ -70,31 +99,43 @@ def rollouts(work: RolloutService, run_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def versions(work: RolloutService, run_id: str) -> list[dict[str, Any]]:
+def rewards(state: State, run_id: str) -> list[dict[str, Any]]:
+    """Reward by the version completions were sampled at (count, mean, std)."""
+    return state.reports.rewards(run_id)
+
+
+def samples(state: State, run_id: str) -> list[dict[str, Any]]:
+    """The completions trainers reported as text, oldest round first."""
+    return state.reports.samples(run_id)
+
+
+def versions(state: State, run_id: str) -> list[dict[str, Any]]:
     return [
         {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
          "created_at": row.created_at}
-        for v, row in sorted(work.versions.get(run_id, {}).items())
+        for v, row in sorted(state.versions.get(run_id, {}).items())
     ]  # fmt: skip
 
 
 async def ledger(
-    work: RolloutService, run_id: str | None = None, peer: str | None = None
+    state: State, run_id: str | None = None, peer: str | None = None
 ) -> dict[str, Any]:
     """The journal (of one run, or one node's entries), the accounts' balances, and each run's
     reconciliation: charges = tokens processed = the key's usage records."""
-    billing = work.billing
+    billing = state.billing
     account = f"node:{peer}" if peer else None
     entries = [e for e in billing.entries
                if (run_id is None or e.run_id == run_id)
                and (account is None or account in (e.debit, e.credit))]  # fmt: skip
     balances = billing.balances()
-    runs = [r for r in work.book.runs.values() if run_id is None or r.plan.run_id == run_id]
     checks = []
-    for run in runs:
-        signers = {v: row.signers for v, row in work.versions.get(run.plan.run_id, {}).items()}
-        reports = work.reports.by_run.get(run.plan.run_id, {}).values()
-        checks.append(billing.reconcile(run, work.book.leases.values(), reports, signers,
+    for run in state.book.runs.values():
+        if run_id is not None and run.run_id != run_id:
+            continue
+        signers = {v: row.signers for v, row in state.versions.get(run.run_id, {}).items()}
+        reports = state.reports.by_run.get(run.run_id, {}).values()
+        leases = [s for (r, _), dealt in state.book.dealt.items() if r == run.run_id for s in dealt]
+        checks.append(billing.reconcile(run, leases, reports, signers,
                                         await billing.key_usage(run)))  # fmt: skip
     return {
         "object": "ledger",
@@ -108,3 +149,19 @@ async def ledger(
         "runs": checks,
         "reconciled": all(c["reconciled"] for c in checks) and sum(balances.values()) == 0,
     }
+
+
+def is_banned(state: State, peer: str) -> tuple[bool, int]:
+    """Whether a producer is banned, and after how many strikes."""
+    t = state.audits.trust.get(peer)
+    return (t is not None and t.banned), (t.strikes if t else 0)
+
+
+def has_passed_an_audit(state: State, peer: str) -> bool:
+    t = state.audits.trust.get(peer)
+    return t is not None and t.passed > 0 and not t.banned
+
+
+def lease_holders(state: State) -> list[str]:
+    """The producer of every active lease (one entry per lease)."""
+    return [s.node for s in state.book.active.values()]

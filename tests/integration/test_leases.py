@@ -15,8 +15,10 @@ import httpx
 import msgspec
 import pytest
 import trio
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from coordinator.db import WorkStore, default_url, open_database
+from coordinator.db import ReceiptRow, default_url, open_database
 from protocol.errors import RemoteError
 from protocol.leases import Lease, LeaseRequest, NoLease
 from protocol.rollouts import ReceiptAck, RolloutReceipt
@@ -166,9 +168,11 @@ def test_leases_and_receipts_over_the_wire(cluster: Cluster) -> None:
 
     # every receipt is in the database file, with its outcome
     cluster.stop_all()
-    store = WorkStore(open_database(default_url(cluster.coordinator_home)))
+    engine = open_database(default_url(cluster.coordinator_home))
     lease_id = rollouts[0]["lease_id"]
-    stored = [r.outcome for r in store.receipts(lease_id)]
+    with Session(engine) as db:
+        q = select(ReceiptRow.outcome).where(ReceiptRow.lease_id == lease_id)
+        stored = list(db.scalars(q.order_by(ReceiptRow.id)))
     assert stored == ["wrong_node", "wrong_size", "wrong_version", "counted", "duplicate"]
 
 

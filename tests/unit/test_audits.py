@@ -46,7 +46,7 @@ def test_new_producers_are_always_audited_then_at_the_floor_rate() -> None:
     assert b.rate("p", 0.5) == 0.5
     audited = sum(b.on_counted(f"n{i}", "r", "p", H, 0.5) is not None for i in range(2000))
     assert 900 < audited < 1100
-    b.trust["q"] = type(b.trust_of("p"))()  # a new producer: audited every time regardless
+    b.trust["q"] = type(b.trust_of("p"))("q")  # a new producer: audited every time regardless
     assert b.rate("q", 0.0) == 1.0
 
 

@@ -11,11 +11,8 @@ import pytest
 import trio
 
 from coordinator.billing import NETWORK, Billing
-from coordinator.config import AuditConfig, LeaseConfig
-from coordinator.db import Base, WorkStore
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.config import LeaseConfig
 from coordinator.views import ledger
-from coordinator.work import RolloutService
 from protocol.accounts import ApiKey, KeyStore
 from protocol.accounts import open_database as open_accounts
 from protocol.adapters import (
@@ -27,9 +24,8 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from protocol.service.database import open_database
-from tests.unit.test_leases import Clock
 from tests.unit.test_rounds import STREAM, deliver
+from tests.unit.work import Work
 
 TOKENS = 100  # per delivered lease (receipt_for)
 
@@ -44,13 +40,10 @@ def dbs(tmp_path: Path) -> Databases:
     return f"sqlite:///{tmp_path / 'c.db'}", f"sqlite:///{tmp_path / 'accounts.db'}"
 
 
-def service(dbs: Databases, **config: int) -> tuple[RolloutService, KeyStore]:
-    engine = open_database(dbs[0], Base.metadata)
+def service(dbs: Databases, **config: int) -> tuple[Work, KeyStore]:
     accounts = KeyStore(open_accounts(dbs[1]))
     lease_config = LeaseConfig(round_leases=1, **config)  # type: ignore[arg-type]
-    svc = RolloutService(lease_config, AuditConfig(), WorkStore(engine), CoordinatorMetrics(),
-                         Clock(), accounts)  # fmt: skip
-    return svc, accounts
+    return Work.open(dbs[0], lease_config, accounts), accounts
 
 
 def key(accounts: KeyStore, name: str) -> ApiKey:
@@ -59,24 +52,24 @@ def key(accounts: KeyStore, name: str) -> ApiKey:
 
 
 async def round_of(
-    svc: RolloutService, run_id: str, trainers: list[str], made: list[str], trained: int
+    svc: Work, run_id: str, trainers: list[str], made: list[str], trained: int
 ) -> list[TrainAssignment | NoTraining]:
     """Deliver a round's leases, deal them, record the next version as made by ``made``, and
     have every trainer report ``trained`` tokens."""
-    run = svc.book.runs[run_id]
+    run = svc.state.book.runs[run_id]
     v = run.policy_version
     for _ in trainers:
-        deliver(svc.book, "producer", {run_id: v})
-    got = [await svc.train(t, TrainRequest(base_model="tiny"), trainers, lambda p: [], [])
+        deliver(svc.state.book, "producer", {run_id: v})
+    got = [await svc.rounds.train(t, TrainRequest(base_model="tiny"), trainers, lambda p: [], [])
            for t in trainers]  # fmt: skip
     if all(isinstance(a, TrainAssignment) for a in got):
         for t in made:  # the trainers whose result is the version sign the same manifest
-            ack = await svc.record_manifest(t, manifest(run_id, v + 1), b"frame")
+            ack = await svc.rounds.manifest(t, manifest(run_id, v + 1), b"frame")
             assert ack.outcome in ("recorded", "duplicate")
         for t in trainers:
             report = RoundReport(run_id=run_id, version=v, rewards=[], tokens_trained=trained,
                                  samples=[])  # fmt: skip
-            assert (await svc.record_report(t, report)).recorded
+            assert (await svc.rounds.report(t, report)).recorded
     return got
 
 
@@ -93,12 +86,12 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
     async def main() -> None:
         from coordinator.runs import RunSpec
 
-        run = await svc.create_run(RunSpec(name="r1"), owner)
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
         run.plan = dataclasses.replace(STREAM, run_id="r1")
         await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"], trained=60)
         # t3's result lost to another group's: its share did not move the model
         await round_of(svc, "r1", ["t1", "t3"], made=["t1"], trained=50)
-        view = await ledger(svc, "r1")
+        view = await ledger(svc.state, "r1")
         (check,) = view["runs"]
         # round 0: 2 shares x 100 sampled + 2 x 60 trained; round 1: t1's 100 + 50
         assert check["charged_sampled"] == 300 and check["charged_trained"] == 170
@@ -114,10 +107,8 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
         assert accounts.holds("run:r1") == {}
 
     trio.run(main)
-    restored = RolloutService(LeaseConfig(), AuditConfig(), svc.store, CoordinatorMetrics(),
-                              Clock(), accounts)  # fmt: skip
-    restored.restore()
-    assert restored.billing.charged("r1") == 470  # the journal is persisted
+    restored = svc.restored()
+    assert restored.state.billing.charged("r1") == 470  # the journal is persisted
 
 
 def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> None:
@@ -128,7 +119,7 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> Non
     async def main() -> None:
         from coordinator.runs import RunSpec
 
-        run = await svc.create_run(RunSpec(name="r1"), owner)
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
         run.plan = dataclasses.replace(STREAM, run_id="r1")
         for _ in range(2):
             assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"], 40))[0], TrainAssignment)
@@ -138,7 +129,7 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> Non
         assert (run.state, run.stop_reason) == ("completed", "budget")
         bob = key(accounts, "bob")
         assert bob.used_tokens == 280 <= 400 and bob.reserved_tokens == 0
-        assert (await ledger(svc))["reconciled"]
+        assert (await ledger(svc.state))["reconciled"]
 
     trio.run(main)
 
@@ -149,14 +140,14 @@ def test_a_runs_own_token_cap_stops_it_too(dbs: Databases) -> None:
     async def main() -> None:
         from coordinator.runs import BudgetSpec, RunSpec
 
-        run = await svc.create_run(RunSpec(name="r1", budget=BudgetSpec(max_tokens=350)))
+        run = await svc.runs.create(RunSpec(name="r1", budget=BudgetSpec(max_tokens=350)))
         run.plan = dataclasses.replace(STREAM, run_id="r1", max_tokens=350)
         await round_of(svc, "r1", ["t1"], ["t1"], 100)  # charges 200 of 350
         assert run.state == "running"
         await round_of(svc, "r1", ["t1"], ["t1"], 100)  # 200 + worst 200 > 350
         assert (run.state, run.stop_reason) == ("completed", "budget")
-        assert svc.billing.charged("r1") == 200
-        assert (await ledger(svc))["runs"][0]["key_usage"] is None  # an open run: no key
+        assert svc.state.billing.charged("r1") == 200
+        assert (await ledger(svc.state))["runs"][0]["key_usage"] is None  # an open run: no key
 
     trio.run(main)
 
@@ -178,38 +169,36 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
     async def main() -> None:
         from coordinator.runs import RunSpec, StopSpec
 
-        first = await svc.create_run(RunSpec(name="a", stop=StopSpec(max_rounds=1)))
-        second = await svc.create_run(
+        first = await svc.runs.create(RunSpec(name="a", stop=StopSpec(max_rounds=1)))
+        second = await svc.runs.create(
             RunSpec(name="b", stop=StopSpec(target_reward=0.5, min_samples=4))
         )
-        third = await svc.create_run(RunSpec(name="c"))
+        third = await svc.runs.create(RunSpec(name="c"))
         assert [first.state, second.state, third.state] == ["running", "queued", "queued"]
         first.plan = dataclasses.replace(first.plan, prompts_per_lease=1)
         await round_of(svc, "a", ["t1"], ["t1"], 10)  # only a running run gets leases
-        assert {s.lease.run_id for s in svc.book.leases.values()} == {"a"}
+        assert {s.lease.run_id for s in svc.state.book.leases.values()} == {"a"}
         assert (first.state, first.stop_reason) == ("completed", "max_rounds")  # v1 of 1
         assert (second.state, third.state) == ("running", "queued")  # the oldest starts
-        svc.book.set_policy_version("b", 1)
+        svc.state.book.set_policy_version("b", 1)
         low = RoundReport(run_id="b", version=0, rewards=[VersionRewards(0, 8, 2.0, 2.0)],
                           tokens_trained=0, samples=[])  # fmt: skip
-        await svc.record_report("t1", low)
+        await svc.rounds.report("t1", low)
         assert second.state == "running"  # mean 0.25 < 0.5
-        svc.book.set_policy_version("b", 2)
+        svc.state.book.set_policy_version("b", 2)
         high = RoundReport(run_id="b", version=1, rewards=[VersionRewards(1, 4, 3.0, 3.0)],
                            tokens_trained=0, samples=[])  # fmt: skip
-        await svc.record_report("t1", high)
+        await svc.rounds.report("t1", high)
         assert (second.state, second.stop_reason) == ("completed", "target_reward")
         assert third.state == "running"
-        await svc.cancel_run(third)
+        await svc.runs.cancel(third)
         assert (third.state, third.stop_reason) == ("cancelled", "cancelled")
-        svc.book.add_run(dataclasses.replace(first.plan, run_id="gone", env="no-such-env"))
-        await svc._save(runs=[svc.book.runs["gone"]])
+        svc.state.book.add_run(dataclasses.replace(first.plan, run_id="gone", env="no-such-env"))
+        svc.state.commit()
 
     trio.run(main)
-    restored = RolloutService(LeaseConfig(), AuditConfig(), svc.store, CoordinatorMetrics(),
-                              Clock())  # fmt: skip
-    restored.restore()  # a coordinator restart: states persisted; a run that cannot go on fails
-    states = {r: (s.state, s.stop_reason) for r, s in restored.book.runs.items()}
+    restored = svc.restored()  # a restart: states persisted; a run that cannot go on fails
+    states = {r: (s.state, s.stop_reason) for r, s in restored.state.book.runs.items()}
     assert states["a"] == ("completed", "max_rounds") and states["c"][0] == "cancelled"
     assert states["b"] == ("completed", "target_reward")
     assert states["gone"][0] == "failed" and "no-such-env" in states["gone"][1]

@@ -8,9 +8,11 @@ import hashlib
 import msgspec
 import pytest
 
-from coordinator.leases import LeaseBook, ReceiptOutcome, RunPlan, RunState
+from coordinator.db import RunState
+from coordinator.leases import LeaseBook, ReceiptOutcome
 from protocol.leases import Lease, SamplingParams
 from protocol.rollouts import RolloutReceipt
+from protocol.runs import RunPlan
 
 PLAN = RunPlan(
     run_id="r1", env='arith {"digits":2}', env_version="1", env_seed=7, group_size=4,
@@ -155,8 +157,7 @@ def test_restore_rebuilds_delivered_and_requeued_examples() -> None:
     stored = RunState(b.runs["r1"].plan, cursor=b.runs["r1"].cursor)
     copy = LeaseBook(clock)
     copy.restore([stored], [dataclasses.replace(s) for s in b.leases.values()])
-    run = copy.runs["r1"]
-    assert set(run.done) == {0, 1} and list(run.returned) == [2, 3]
+    assert set(copy.done["r1"]) == {0, 1} and list(copy.returned["r1"]) == [2, 3]
     assert set(copy.active) == {held.lease_id}
     again = copy.issue("r1", "d", 4)
     assert again is not None and again.example_indices == [2, 3, 6, 7]

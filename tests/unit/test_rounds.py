@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from sqlalchemy import select
 
-from coordinator.config import AuditConfig, LeaseConfig
-from coordinator.db import Base, WorkStore
+from coordinator.config import LeaseConfig
+from coordinator.db import LeaseState
 from coordinator.leases import LeaseBook, ReceiptOutcome
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.work import RolloutService
 from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
-from protocol.service.database import open_database
 from tests.unit.test_leases import PLAN, Clock, receipt_for
+from tests.unit.work import Work
 
 STREAM = dataclasses.replace(PLAN, total_examples=None, prompts_per_lease=1, max_staleness=1)
 
@@ -40,7 +39,7 @@ def test_leases_waiting_for_training_are_capped() -> None:
     assert b.receipt("a", receipt_for(first)) is ReceiptOutcome.COUNTED
     assert b.untrained(run) == 2  # delivered but not trained still waits
     assert b.issue_for("b", "tiny", 1, untrained_cap=2) is None
-    b.leases[first.lease_id].trained_in = 0  # a round took it
+    b.deal(run, [b.leases[first.lease_id]], 0)  # a round took it
     assert b.untrained(run) == 1
     assert b.issue_for("b", "tiny", 1, untrained_cap=2) is not None
 
@@ -56,28 +55,26 @@ def test_the_staleness_window_bounds_what_trains() -> None:
     b.set_policy_version("r1", 2)
     assert not b.trainable(run, b.leases[at0])  # two versions behind: too stale
     assert b.trainable(run, b.leases[at1])
-    b.leases[at1].trained_in = 1  # an earlier round consumed it
+    b.deal(run, [b.leases[at1]], 1)  # an earlier round consumed it
     assert not b.trainable(run, b.leases[at1])
     b.uncount(at1, "quarantined")
     assert not b.trainable(run, b.leases[at1])
 
 
 def test_a_round_is_dealt_over_trainers_once(tmp_path: Path) -> None:
-    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
-    clock = Clock()
-    service = RolloutService(LeaseConfig(round_leases=2), AuditConfig(), WorkStore(engine),
-                             CoordinatorMetrics(), clock)  # fmt: skip
-    service.book.add_run(STREAM)
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}", LeaseConfig(round_leases=2))
+    book = work.state.book
+    book.add_run(STREAM)
     trainers = ["t1", "t2"]
     req = TrainRequest(base_model="tiny")
 
     async def ask(peer: str) -> TrainAssignment | NoTraining:
-        return await service.train(peer, req, trainers, lambda p: [], [])
+        return await work.rounds.train(peer, req, trainers, lambda p: [], [])
 
     async def main() -> None:
-        delivered = [deliver(service.book, "a") for _ in range(3)]
+        delivered = [deliver(book, "a") for _ in range(3)]
         assert isinstance(await ask("t1"), NoTraining)  # 3 < 2 per trainer x 2
-        delivered.append(deliver(service.book, "a"))
+        delivered.append(deliver(book, "a"))
         one, two = await ask("t1"), await ask("t2")
         assert isinstance(one, TrainAssignment) and isinstance(two, TrainAssignment)
         assert (one.rank, two.rank, one.group_size) == (0, 1, 2)
@@ -88,23 +85,23 @@ def test_a_round_is_dealt_over_trainers_once(tmp_path: Path) -> None:
         assert [r.lease.lease_id for r in again.rollouts] == [
             r.lease.lease_id for r in one.rollouts
         ]
-        later = deliver(service.book, "a")  # delivered during the round: for the next one
-        assert service.book.leases[later].trained_in is None
-        assert {service.book.leases[i].trained_in for i in delivered} == {0}
+        later = deliver(book, "a")  # delivered during the round: for the next one
+        assert book.leases[later].trained_in is None
+        assert {book.leases[i].trained_in for i in delivered} == {0}
 
     trio.run(main)
-    rows = {r.lease_id: r.trained_in for r in WorkStore(engine).load()[1]}
+    with work.state.session.get_bind().connect() as db:  # what is on disk, not in memory
+        rows = {i: v for i, v in db.execute(select(LeaseState.lease_id, LeaseState.trained_in))}
     assert sorted(v for v in rows.values() if v is not None) == [0, 0, 0, 0]  # persisted
 
 
 def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
     from protocol.adapters import RoundReport, SampleText, VersionRewards
 
-    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}", Base.metadata)
-    service = RolloutService(LeaseConfig(), AuditConfig(), WorkStore(engine),
-                             CoordinatorMetrics(), Clock())  # fmt: skip
-    service.book.add_run(STREAM)
-    service.book.set_policy_version("r1", 1)
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}")
+    work.state.book.add_run(STREAM)
+    work.state.book.set_policy_version("r1", 1)
+    work.state.commit()
 
     def report(version: int, rewards: list[VersionRewards], text: str = "") -> RoundReport:
         samples = [SampleText(version=version, prompt="p", completion=text, reward=1.0)]
@@ -114,23 +111,22 @@ def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
     async def main() -> None:
         # two trainers of round 0; the first one resends (the resend replaces it)
         assert (
-            await service.record_report("t1", report(0, [VersionRewards(0, 4, 1.0, 1.0)]))
+            await work.rounds.report("t1", report(0, [VersionRewards(0, 4, 1.0, 1.0)]))
         ).recorded
         again = report(0, [VersionRewards(0, 4, 2.0, 2.0)], "a")
-        assert (await service.record_report("t1", again)).recorded
+        assert (await work.rounds.report("t1", again)).recorded
         assert (
-            await service.record_report("t2", report(0, [VersionRewards(0, 4, 0.0, 0.0)]))
+            await work.rounds.report("t2", report(0, [VersionRewards(0, 4, 0.0, 0.0)]))
         ).recorded
-        ahead = await service.record_report("t1", report(5, []))  # a round not reached
+        ahead = await work.rounds.report("t1", report(5, []))  # a round not reached
         assert not ahead.recorded
 
     trio.run(main)
-    (v0,) = service.reports.rewards("r1")
+    reports = work.state.reports
+    (v0,) = reports.rewards("r1")
     assert (v0["version"], v0["samples"]) == (0, 8)
     assert v0["mean"] == pytest.approx(0.25) and v0["std"] == pytest.approx(0.4330127, rel=1e-5)
-    assert service.reports.tokens_trained("r1") == 20
-    assert [x["completion"] for x in service.reports.samples("r1")] == ["a"]
-    restored = RolloutService(LeaseConfig(), AuditConfig(), WorkStore(engine),
-                              CoordinatorMetrics(), Clock())  # fmt: skip
-    restored.restore()
-    assert restored.reports.rewards("r1") == service.reports.rewards("r1")  # persisted
+    assert reports.tokens_trained("r1") == 20
+    assert [x["completion"] for x in reports.samples("r1")] == ["a"]
+    restored = work.restored()
+    assert restored.state.reports.rewards("r1") == reports.rewards("r1")  # persisted

@@ -1,0 +1,195 @@
+"""Training rounds and adapter versions (``/bazaar/adapters/1.0.0``): ``TrainRequest`` →
+``TrainAssignment`` or ``NoTraining``, ``AdapterManifest`` → ``ManifestAck``, ``RoundReport``
+→ ``ReportAck``, ``VersionsRequest`` → ``VersionsReply``.
+
+A round of version ``v`` takes ``round_leases`` counted rollouts per live trainer from the run's
+staleness window (the newest versions first, then in order of delivery) and deals them round
+robin over the trainers; the first trainer to ask fixes the round's rollouts, so the others get
+the rest of the same set, and rollouts delivered meanwhile wait for the next round. A trainer's
+manifest of ``v + 1`` makes the run's next version; its report bills what the round moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from coordinator.db import AdapterRow, ReportRow, RunState
+from coordinator.lifecycle import RunLifecycle
+from coordinator.state import State
+from protocol.adapters import (
+    AdapterManifest,
+    ManifestAck,
+    NoTraining,
+    ReportAck,
+    RolloutRef,
+    RoundReport,
+    TrainAssignment,
+    TrainRequest,
+    VersionInfo,
+    VersionsReply,
+    VersionsRequest,
+)
+from protocol.codec import encode_body
+from protocol.membership import PeerRecord
+
+log = logging.getLogger(__name__)
+
+
+class Rounds:
+    def __init__(self, state: State, runs: RunLifecycle) -> None:
+        self.state = state
+        self.runs = runs
+
+    async def train(
+        self,
+        peer: str,
+        req: TrainRequest,
+        trainers: list[str],
+        addrs_of: Callable[[str], list[str]],
+        hivemind_peers: list[str],
+    ) -> TrainAssignment | NoTraining:
+        """A trainer's share of the next round of a run on its base model."""
+        state, book = self.state, self.state.book
+        if peer not in trainers:
+            return NoTraining(retry_after_s=state.config.retry_after_s)
+        for run in list(book.runs.values()):
+            if run.state != "running" or run.plan.base_model != req.base_model:
+                continue
+            v, k = run.policy_version, len(trainers)
+            ready = sorted(
+                book.ready(run),
+                key=lambda s: (s.trained_in != v, -s.lease.policy_version,
+                               s.completed_at or 0.0, s.lease_id),
+            )  # fmt: skip
+            dealt = [s for s in ready if s.trained_in == v]
+            if not dealt:
+                if len(ready) < state.config.round_leases * k:
+                    continue
+                dealt = ready[: state.config.round_leases * k]
+                if not await state.billing.admit_round(run, v, dealt):
+                    await self.runs.finish(run, "completed", "budget")
+                    continue
+                book.deal(run, dealt, v)
+            rank = trainers.index(peer)
+            share = dealt[rank::k]
+            if not share:
+                continue
+            for s in share:
+                s.trained_by = peer
+            state.billing.dealt(run.run_id, v, peer)
+            state.commit()
+            refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
+                    for s in share]  # fmt: skip
+            return TrainAssignment(run_id=run.run_id, version=v, rollouts=refs, rank=rank,
+                                   group_size=k, hivemind_peers=hivemind_peers[:16],
+                                   settings=run.plan.training)  # fmt: skip
+        return NoTraining(retry_after_s=state.config.retry_after_s)
+
+    async def manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
+        """A trainer's manifest of a new version: the run's next version if it is the next
+        one; the same manifest from another trainer of the round adds a holder."""
+        state = self.state
+        run = state.book.runs.get(msg.run_id)
+        if run is None:
+            return ManifestAck(outcome="unknown_run", version=0, detail=f"no run {msg.run_id!r}")
+        digest = hashlib.sha256(encode_body(msg)).hexdigest()
+        held = state.versions.setdefault(msg.run_id, {})
+        current = run.policy_version
+        if msg.version == current and current in held:
+            row = held[current]
+            if row.manifest_hash != digest:
+                log.warning("trainer %s sent another manifest for %s v%d", peer, msg.run_id,
+                            current, extra={"run_id": msg.run_id})  # fmt: skip
+                return ManifestAck(outcome="conflict", version=current,
+                                   detail="a different manifest holds this version")  # fmt: skip
+            if peer not in row.signers:
+                row.signers = [*row.signers, peer]
+                state.commit()
+            return ManifestAck(outcome="duplicate", version=current)
+        if msg.version != current + 1 or msg.parent_version != current:
+            detail = f"the next version is {current + 1}, from {current}"
+            return ManifestAck(outcome="stale", version=current, detail=detail)
+        row = AdapterRow(run_id=msg.run_id, version=msg.version, manifest_hash=digest,
+                         frame=frame, signers=[peer], created_at=state.clock())  # fmt: skip
+        held[msg.version] = row
+        state.add(row)
+        state.book.set_policy_version(msg.run_id, msg.version)
+        state.commit()
+        log.info("run %s is at version %d (manifest from %s)", msg.run_id, msg.version, peer,
+                 extra={"run_id": msg.run_id})  # fmt: skip
+        if run.plan.max_rounds is not None and msg.version >= run.plan.max_rounds:
+            await self.runs.finish(run, "completed", "max_rounds")
+        return ManifestAck(outcome="recorded", version=msg.version)
+
+    async def report(self, peer: str, msg: RoundReport) -> ReportAck:
+        """A trainer's report of a round it trained (a resend replaces the earlier one, and
+        what was billed stays billed)."""
+        state = self.state
+        run = state.book.runs.get(msg.run_id)
+        if run is None or msg.version > run.policy_version:
+            return ReportAck(recorded=False, detail="no such run, or a round not reached yet")
+        rewards = [msgspec.to_builtins(r) for r in msg.rewards]
+        samples = [msgspec.to_builtins(x) for x in msg.samples]
+        row = state.reports.by_run.get(msg.run_id, {}).get((msg.version, peer))
+        first = row is None
+        if row is None:
+            row = ReportRow(run_id=msg.run_id, round=msg.version, trainer=peer, rewards=rewards,
+                            tokens_trained=msg.tokens_trained, samples=samples,
+                            at=state.clock())  # fmt: skip
+            state.add(row)
+            state.reports.add(row)
+        else:
+            row.rewards, row.samples, row.at = rewards, samples, state.clock()
+        made = state.versions.get(msg.run_id, {}).get(msg.version + 1)
+        if first and made is not None and peer in made.signers:  # its round moved the model
+            share = [s for s in state.book.dealt.get((msg.run_id, msg.version), [])
+                     if s.trained_by == peer]  # fmt: skip
+            await state.billing.charge_round(run, msg.version, peer, share, msg.tokens_trained)
+        state.billing.reported(run, msg.version, peer)
+        await state.billing.close_reported(run)
+        state.commit()
+        if self._reached_target(run):
+            await self.runs.finish(run, "completed", "target_reward")
+        return ReportAck(recorded=True)
+
+    def _reached_target(self, run: RunState) -> bool:
+        target = run.plan.target_reward
+        return (
+            target is not None
+            and run.state == "running"
+            and any(r["samples"] >= run.plan.min_samples and r["mean"] >= target
+                    for r in self.state.reports.rewards(run.run_id))
+        )  # fmt: skip
+
+    def versions(self, req: VersionsRequest, addrs_of: Callable[[str], list[str]]) -> VersionsReply:
+        """The current version of every running run on the request's base model (or the one
+        version it names), with its holders: the trainers that made it first, then nodes that
+        hold it."""
+        state = self.state
+        runs = state.book.runs
+        if req.run_id is not None and req.version is not None:
+            wanted = [(req.run_id, req.version)]
+        else:
+            wanted = [(r.run_id, r.policy_version) for r in runs.values()
+                      if r.state == "running" and r.plan.base_model == req.base_model]  # fmt: skip
+        deployed = [(r.run_id, r.deployed) for r in runs.values()
+                     if r.deployed is not None and r.plan.base_model == req.base_model]  # fmt: skip
+
+        def infos(pairs: list[tuple[str, int]]) -> list[VersionInfo]:
+            out = []
+            for run_id, v in pairs:
+                row = state.versions.get(run_id, {}).get(v)
+                run = runs.get(run_id)
+                if row is None or run is None or run.plan.base_model != req.base_model:
+                    continue
+                nodes = [p for p, held in state.held.items()
+                         if held.get(run_id) == v and p not in row.signers]  # fmt: skip
+                holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
+                out.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
+            return out[:32]
+
+        return VersionsReply(versions=infos(wanted), deployed=infos(deployed))
