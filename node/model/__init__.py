@@ -1,7 +1,9 @@
 """The node's model: a child process of its own (``worker.py``) that loads a base model into a
-backend once and serves the roles' requests over a pipe.
+backend once and serves the roles' requests over a pipe, errors crossing it as types
+(``errors.py``).
 
 - ``worker.py``: the pipe, both ends (the node's ``ModelWorker``, the child's loop);
+- ``errors.py``: what the child could not do, as the node catches it (``ContextTooLong``, ...);
 - ``rollouts.py``: a lease into a rollout payload (the ``Producer`` the child runs);
 - ``completions.py``: a serving request into ``n`` choices;
 - ``backends/``: one interface, PyTorch (transformers + peft) and vLLM (CUDA);

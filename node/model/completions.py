@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.model.backends import Sampling
+from node.model.errors import ContextTooLong
 from verification.rollouts import prompt_ids
 from verification.sampling import derive_seed
-
-
-class ContextTooLong(ValueError):
-    """Prompt plus ``max_tokens`` does not fit the model's context."""
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ per-op thread-pool handoff is slower off the main thread — and at full speed i
 thread. A child process also keeps the loop's latency (heartbeats, requests) free of model work.
 
 The pipe carries our own objects between our own two processes (a lease in, a ``RolloutPayload``
-out), pickled; nothing from a peer is ever unpickled. A model that cannot load, an environment or
-adapter the node lacks, come back as ``ValueError`` with the child's message; the child exits
-when the node closes the pipe or dies.
+out), pickled; nothing from a peer is ever unpickled. Every answer is ``("ok", value)`` or
+``("error", Failure)``: what the child could not do (a model that cannot load, an environment or
+adapter the node lacks, a prompt too long for the context) comes back as its error's code and
+message, and the node raises that error's class (``errors.py``: a ``ModelError``, a
+``ValueError``). The child exits when the node closes the pipe or dies.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import trio
 
 from node.model.completions import CompletionJob, CompletionResult
+from node.model.errors import Failure, ModelError, ModelGone
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from verification.checks import Outcome
@@ -88,14 +91,14 @@ class ModelWorker:
                         "loaded model %s on %s in %.1fs",
                         self.spec.model, self.device, time.monotonic() - started,
                     )  # fmt: skip
-                except ValueError as e:
+                except ModelError as e:
                     self.close()
                     self.state = "failed"
                     log.error("cannot load model %r (%s); no model work here", self.spec.model, e)
         return self.state == "ready"
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Start the child and load the model in it; ``ValueError`` if it cannot."""
+        """Start the child and load the model in it; ``ModelError`` if it cannot."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, self.spec), daemon=True)
@@ -113,7 +116,8 @@ class ModelWorker:
         return payload
 
     async def complete(self, job: CompletionJob) -> CompletionResult:
-        """Serve one request; ``ValueError`` (incl. ``ContextTooLong``'s message) if it cannot."""
+        """Serve one request; ``ContextTooLong`` if it does not fit the model's context,
+        another ``ModelError`` if it cannot be served."""
         result: CompletionResult = await self._call("complete", job)
         return result
 
@@ -166,7 +170,7 @@ class ModelWorker:
             await _in_thread(self._conn.send, (op, args))
         status, value = await answer_receive.receive()
         if status == "error":
-            raise ValueError(value)
+            raise value.error()
         return value
 
     async def _read_answers(self) -> None:
@@ -175,7 +179,8 @@ class ModelWorker:
                 answer = await _in_thread(self._conn.recv)
             except (EOFError, OSError) as e:
                 while self._waiting:
-                    self._waiting.popleft().send_nowait(("error", f"model process gone ({e})"))
+                    gone = Failure.of(ModelGone(f"model process gone ({e})"))
+                    self._waiting.popleft().send_nowait(("error", gone))
                 return
             self._waiting.popleft().send_nowait(answer)
 
@@ -204,8 +209,8 @@ def _serve(conn: Any, spec: ModelSpec) -> None:
             return
         try:
             conn.send(("ok", getattr(worker, op)(*args)))
-        except Exception as e:  # every failure goes back to the node as a message
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except Exception as e:  # every failure goes back to the node, typed
+            conn.send(("error", Failure.of(e)))
 
 
 class _Child:

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from node.model.completions import CompletionJob, CompletionResult
+from node.model.errors import ContextTooLong
 from node.model.worker import ModelWorker
 from node.roles.base import Role
 from node.store.adapters import AdapterStore, adapter_name
@@ -56,7 +57,9 @@ class Served(Protocol):
         ...
 
     async def complete(self, model: str, job: CompletionJob) -> CompletionResult:
-        """Run ``job`` on ``model``; ``KeyError`` if it is not served (any more)."""
+        """Run ``job`` on ``model``; ``KeyError`` if it is not served (any more),
+        ``ContextTooLong`` if the request does not fit its context, another ``ValueError``
+        (a ``ModelError``) if the model cannot serve it."""
         ...
 
 
@@ -85,10 +88,9 @@ def create_app(served: Served) -> FastAPI:
             return await served.complete(req.model, job)
         except KeyError:
             raise unknown from None
+        except ContextTooLong as e:
+            raise APIError(400, str(e), "context_length_exceeded", "messages") from None
         except ValueError as e:
-            if "ContextTooLong" in str(e):
-                raise APIError(400, str(e).split(": ", 1)[-1], "context_length_exceeded",
-                               "messages") from None  # fmt: skip
             raise APIError(503, f"the model could not serve this request: {e}",
                            "model_unavailable") from None  # fmt: skip
 

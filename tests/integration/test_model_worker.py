@@ -1,15 +1,19 @@
-"""The node's model process: adapters held for requests, least recently used ones unloaded."""
+"""The node's model process: adapters held for requests, least recently used ones unloaded;
+errors back over the pipe as their own types."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 
 from node.model.completions import CompletionJob
+from node.model.errors import ContextTooLong, ModelError, ModelGone
 from node.model.worker import ModelSpec, ModelWorker
 from tests.lora import random_adapter
+from tests.wait import await_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -85,3 +89,56 @@ def test_rollouts_at_an_adapter_version_are_made_and_checked_with_it(
     assert with_it.passed, with_it  # type: ignore[attr-defined]
     assert not with_base.passed  # type: ignore[attr-defined]
     assert with_base.failed_check in ("sampling_replay", "logprobs")  # type: ignore[attr-defined]
+
+
+def test_errors_cross_the_pipe_as_their_types(tiny_model: Path) -> None:
+    """A prompt too long for the context raises ``ContextTooLong`` in the node, any other failure
+    a plain ``ModelError`` naming its class, and the model process serves on; a model process
+    that dies mid-request raises ``ModelGone``."""
+    from protocol.leases import Lease, SamplingParams
+
+    fits = CompletionJob(prompt="12+7=", max_tokens=4, temperature=0.0)
+    unknown_env = Lease(
+        lease_id="l1", run_id="demo", env_id="no-such-env", env_version="1", env_seed=0,
+        example_indices=[0], group_size=1, policy_version=0,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4),
+        lease_seed=b"\x01" * 32, deadline_ms=0,
+    )  # fmt: skip
+    # seconds of generation (near-uniform sampling rarely picks the end token), so the child is
+    # still at it when it is killed
+    slow = CompletionJob(prompt="12+7=", max_tokens=240, n=128, temperature=100.0)
+
+    async def main() -> dict[str, object]:
+        worker = ModelWorker(ModelSpec("tiny", str(tiny_model.parent.parent)))
+        seen: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            assert await worker.ensure_started(nursery)
+            with pytest.raises(ContextTooLong) as too_long:
+                await worker.complete(dataclasses.replace(fits, max_tokens=100_000))
+            seen["too_long"] = str(too_long.value)
+            with pytest.raises(ModelError) as other:
+                await worker.produce(unknown_env)
+            seen["other"] = (type(other.value), str(other.value))
+            seen["serves_on"] = len((await worker.complete(fits)).choices) == 1
+
+            async def request() -> None:
+                try:
+                    await worker.complete(slow)
+                except ModelGone as e:
+                    seen["gone"] = str(e)
+
+            nursery.start_soon(request)
+            # sent (the send lock is free again) and not answered
+            await await_until(lambda: bool(worker._waiting) and not worker._send_lock.locked())
+            worker._proc.kill()
+            await await_until(lambda: "gone" in seen, 30)
+            worker.close()
+            nursery.cancel_scope.cancel()
+        return seen
+
+    seen = trio.run(main)
+    assert "max_tokens is 100000" in str(seen["too_long"])
+    assert not str(seen["too_long"]).startswith("ContextTooLong")  # the message, not a repr
+    assert seen["other"][0] is ModelError, seen["other"]  # type: ignore[index]
+    assert seen["serves_on"] is True
+    assert "model process gone" in str(seen["gone"])
