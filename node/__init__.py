@@ -7,6 +7,7 @@
   its own) and its backends (PyTorch, vLLM), model loading, the tiny model, the machine probe;
 - ``store/``: what a node keeps and serves to peers: rollout payloads, adapter versions and their
   shards, and the sync that keeps the adapter store at the versions the network works with;
-- ``training/``: the trainer role's compute (the LoRA model, loss, DiLoCo, the hivemind
-  all-reduce), apart from ``roles/`` because part of it must never share a process with py-libp2p.
+- ``training/``: the trainer role's compute behind one ``Trainer`` object (build, round, recover,
+  export: the LoRA model, loss, DiLoCo, the hivemind all-reduce), apart from ``roles/`` because
+  part of it must never share a process with py-libp2p.
 """

@@ -78,7 +78,7 @@ class Sampler:
         self.count = 0
 
     def round(self, trainer: Any, seed: int, prompts: int, group: int) -> tuple[list[Any], float]:
-        from node.training.trainer import training_examples
+        from node.training.examples import training_examples
         from protocol.leases import Lease, SamplingParams
 
         self.count += 1
@@ -112,7 +112,7 @@ def central(
 ) -> tuple[float, float]:
     """Fully on-policy: every step samples its 2P prompts with the weights of that step.
     Returns (final evaluation reward, seconds)."""
-    from node.training.trainer import LoraTrainer
+    from node.training.lora import LoraTrainer
 
     started = time.perf_counter()
     trainer = LoraTrainer(tiny, "bench", inner_lr=lr)
@@ -133,47 +133,46 @@ def diloco(
 
     from node.training.collective import Collective, CollectiveSpec
     from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-    from node.training.trainer import LoraTrainer, diloco_round, inner_batches
+    from node.training.grpo import LossSettings
+    from node.training.lora import LoraTrainer
+    from node.training.trainer import Trainer
 
     started = time.perf_counter()
-    from node.training.grpo import LossSettings
-
     loss = LossSettings(clip_eps=args.clip_eps)
-    trainers = [LoraTrainer(tiny, "bench", loss=loss, inner_lr=args.inner_lr) for _ in range(2)]
-    size = sum(trainers[0].sizes)
+    models = [LoraTrainer(tiny, "bench", loss=loss, inner_lr=args.inner_lr) for _ in range(2)]
+    size = sum(models[0].sizes)
     levels = levels_for(2, wire)
-    quantizers = [Quantizer(t.sizes, levels, args.inner_lr * h / levels) for t in trainers]
-    outers = [OuterOptimizer(lr, momentum, nesterov=momentum > 0) for _ in trainers]
+    trainers = [
+        Trainer(m, Quantizer(m.sizes, levels, args.inner_lr * h / levels),
+                OuterOptimizer(lr, momentum, nesterov=momentum > 0))
+        for m in models
+    ]  # fmt: skip
     spec = CollectiveSpec([], f"bench-{wire}-{h}", size, round_timeout_s=60, wire=wire)
     first = Collective(spec)
     first.start()
     second = Collective(dataclasses.replace(spec, initial_peers=first.visible_addrs))
     second.start()
     collectives = [first, second]
+    for trainer, collective in zip(trainers, collectives, strict=True):
+        trainer.collective = collective
     rounds = max(1, args.steps // h)
     identical = True
     try:
         for r in range(rounds):
-            examples, _ = sampler.round(trainers[0], 1000 + r, 2 * h * args.prompts, args.group)
+            examples, _ = sampler.round(models[0], 1000 + r, 2 * h * args.prompts, args.group)
             halves = [examples[: len(examples) // 2], examples[len(examples) // 2 :]]
             results: list[Any] = [None, None]
 
             def run(i: int, r: int = r, results: list[Any] = results, halves: Any = halves) -> None:
-                def average(q: np.ndarray) -> tuple[np.ndarray, int]:
-                    out = collectives[i].average(q, f"bench@{r}", 2)
-                    return out.integer_sum, out.group_size
-
-                results[i] = diloco_round(
-                    trainers[i], inner_batches(halves[i], h), quantizers[i], outers[i], average
-                )
+                results[i] = trainers[i].round(halves[i], h, f"bench@{r}", 2)
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            identical &= bool(torch.equal(results[0][0], results[1][0]))
-            identical &= results[0][2] == results[1][2] == 2
+            identical &= bool(torch.equal(results[0].weights, results[1].weights))
+            identical &= results[0].group_size == results[1].group_size == 2
         sent = _settled(collectives)
     finally:
         for c in collectives:
@@ -183,7 +182,7 @@ def diloco(
     dp = 2 * (k - 1) / k * size * 4 * h
     return {
         "H": h, "wire": wire, "outer_lr": lr, "momentum": momentum, "rounds": rounds,
-        "final_reward": evaluate(sampler, trainers[0], args), "bit_identical": identical,
+        "final_reward": evaluate(sampler, models[0], args), "bit_identical": identical,
         "bytes_per_trainer_per_round": per_round, "dp_equivalent_bytes": dp,
         "comm_reduction_ratio": dp / per_round, "lora_params": size,
         "seconds": time.perf_counter() - started,
@@ -303,7 +302,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         sampler = Sampler(tiny, Path(tmp))
-        from node.training.trainer import LoraTrainer
+        from node.training.lora import LoraTrainer
 
         result["base_reward"] = evaluate(sampler, LoraTrainer(tiny, "bench"), args)
         table.add_row("base model", "", "", "", f"{result['base_reward']:.3f}", "", "", "", "")

@@ -16,7 +16,7 @@ applies to the rewards trainers report. Same machine, same tokens: a round is on
   shards, and every round is billed.
 - **Centralized**: one process with every core (``torch.set_num_threads(cpu_count)``), the
   same sampler (``TorchBackend``, the new weights hot-swapped in each round), the same scoring,
-  the same trainer (``trainer_parts``: the spec's LoRA, loss, inner lr, quantizer and outer
+  the same trainer (``Trainer.build``: the spec's LoRA, loss, inner lr, quantizer and outer
   step), fully on-policy: each round samples with the current weights, takes H steps and the
   outer step. Timed from loading its models, as the network's nodes are.
 
@@ -146,9 +146,8 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     from envs import load_environment
     from node.model.backends.torch_backend import TorchBackend
     from node.model.rollouts import Producer, completion_tokens
-    from node.training.trainer import diloco_round, inner_batches, trainer_parts, training_examples
+    from node.training.trainer import Trainer
     from protocol.leases import Lease, SamplingParams
-    from verification.rollouts import score_rollouts
 
     torch.set_num_threads(os.cpu_count() or 1)
     settings = train_settings(spec)
@@ -156,7 +155,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     started = time.perf_counter()  # loading its models is part of its time, as on the network
     backend = TorchBackend.from_pretrained(tiny)
     producer = Producer(backend, backend.tokenizer)
-    trainer, quantizer, outer = trainer_parts(tiny, "central", settings)
+    trainer = Trainer.build(tiny, "central", settings)
     rl, stop = spec.rl, spec.stop
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
                               max_tokens=rl.max_tokens)  # fmt: skip
@@ -165,7 +164,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     with tempfile.TemporaryDirectory() as tmp, console.status("centralized") as status:
         for v in range(max_rounds):
             name = f"v{v}"
-            backend.load_adapter(name, str(trainer.save(Path(tmp) / name)))
+            backend.load_adapter(name, str(trainer.model.save(Path(tmp) / name)))
             p = rl.prompts_per_lease
             lease = Lease(
                 lease_id=f"c{v}", run_id="central", env_id=env.name, env_version=env.version,
@@ -175,15 +174,12 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
             )  # fmt: skip
             payload = producer.produce(env, lease, adapter=name)
             backend.unload_adapter(name)
-            scores = score_rollouts(env, backend.tokenizer, lease, payload)
-            examples = training_examples(env, backend.tokenizer, lease, payload,
-                                         settings.std_normalize, scores)  # fmt: skip
+            scores, examples = trainer.examples(env, lease, payload, settings.std_normalize)
             sampled += completion_tokens(payload)
             values = [s.reward for g in scores for s in g]
             rewards.append({"version": v, "samples": len(values),
                             "mean": sum(values) / len(values)})  # fmt: skip
-            batches = inner_batches(examples, settings.inner_steps)
-            diloco_round(trainer, batches, quantizer, outer, lambda q: (q, 1))
+            trainer.round(examples, settings.inner_steps)  # alone: no collective
             first = first or time.perf_counter()
             status.update(f"centralized: v{v + 1}, last reward {rewards[-1]['mean']:.3f}")
             if reached(rewards, stop.target_reward or 1.0, stop.min_samples) is not None:

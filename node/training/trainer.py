@@ -1,247 +1,205 @@
-"""A trainer's model: LoRA on the base model, inner AdamW steps on rollouts with the GRPO loss,
-and one DiLoCo round (pseudo-gradient → collective → outer step) that leaves every trainer of
-the group with the same adapter bytes.
+"""One run's trainer, as one object: build, join, round, recover, export.
 
-Rollouts become training examples here: the prompt is rebuilt from the lease (never taken from
-the producer), rewards are recomputed with the environment (``verification.rollouts``), and each
-completion keeps the logprobs its producer committed, the behaviour policy of the importance
-ratio. Version 0 of a run's adapter is the same on every trainer: LoRA's A matrices are drawn
-from a generator seeded by the run id, B starts at zero (so v0 changes nothing).
+The trainer role (``node/roles/trainer.py``) does the network side of a round: it asks the
+coordinator for it, fetches the rollouts and the published versions, and publishes the new
+version. Everything in between touches the model and is here, blocking (torch, and the
+collective's pipe; the role calls each method in a worker thread):
+
+- ``build``: a run's trainer as its settings say: the LoRA model at version 0 (the same on every
+  trainer of the run), the quantizer of its pseudo-gradients, the outer optimizer, the tokenizer;
+- ``join``: the round's other trainers, through the hivemind collective (``collective.py``, a
+  process of its own); without it a trainer trains alone;
+- ``examples``: a fetched payload as training completions, rewards recomputed;
+- ``round``: one DiLoCo round: H inner steps, the group's averaged pseudo-gradient, the outer
+  step; every trainer of the group ends with the same weights, bit for bit;
+- ``recover``: take a published version instead (a trainer that joined late, missed a round, or
+  whose group's result lost to another's);
+- ``export``: the weights as PEFT adapter files, byte for byte the same on every trainer holding
+  the same weights; ``state``, ``load_state`` and ``share_state`` for trainers that join later.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from node.store.adapters import read_files
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-from node.training.grpo import LossSettings, LossStats, group_advantages, grpo_loss
+from node.training.examples import Completion, inner_batches, training_examples
+from node.training.grpo import LossSettings, LossStats
+from node.training.lora import LoraSettings, LoraTrainer
 from protocol.adapters import TrainSettings
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
-from verification.rollouts import lease_examples, prompt_ids, sample_tokens, score_rollouts
+from verification.rollouts import score_rollouts
+
+if TYPE_CHECKING:
+    from node.training.collective import Collective
+
+log = logging.getLogger(__name__)
+
+State = tuple[dict[str, Any], list[np.ndarray]]
+"""A trainer's state as trainers share it: metadata (version, quantizer scales) and arrays
+(global weights, outer momentum)."""
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+class Trained:
+    """What a round did."""
+
+    weights: torch.Tensor
+    """The new global weights (loaded)."""
+    stats: list[LossStats]
+    """Each inner step's loss statistics."""
+    group_size: int
+    """How many trainers' pseudo-gradients were averaged (1: alone)."""
 
 
-@dataclass(frozen=True)
-class Completion:
-    prompt: list[int]
-    tokens: list[int]
-    behaviour: list[float]
-    advantage: float
-    reward: float
-
-
-def training_examples(
-    env: Any,
-    tokenizer: Any,
-    lease: Lease,
-    payload: RolloutPayload,
-    std_normalize: bool = False,
-    scores: Any = None,
-) -> list[Completion]:
-    """A leased payload as training completions (groups without reward spread left out);
-    ``scores`` (``score_rollouts``'s) if already computed."""
-    scores = scores if scores is not None else score_rollouts(env, tokenizer, lease, payload)
-    rewards_G_S = torch.tensor([[s.reward for s in group] for group in scores])
-    adv_G_S, keep_G = group_advantages(rewards_G_S, std_normalize)
-    out = []
-    for g, example in enumerate(lease_examples(env, lease)):
-        if not keep_G[g]:
-            continue
-        prompt = prompt_ids(tokenizer, example.prompt)
-        for s in range(lease.group_size):
-            sample = payload.samples[g * lease.group_size + s]
-            ids, logprobs = sample_tokens(sample)
-            out.append(Completion(prompt, ids.tolist(), logprobs.tolist(),
-                                  float(adv_G_S[g, s]), float(rewards_G_S[g, s])))  # fmt: skip
-    return out
-
-
-class LoraTrainer:
+class Trainer:
     def __init__(
         self,
-        base: str,
-        run_id: str,
-        lora: LoraSettings | None = None,
-        loss: LossSettings | None = None,
-        inner_lr: float = 1e-3,
+        model: LoraTrainer,
+        quantizer: Quantizer,
+        outer: OuterOptimizer,
+        tokenizer: Any = None,
+        collective: Collective | None = None,
     ) -> None:
-        lora, loss = lora or LoraSettings(), loss or LossSettings()
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        self.model, self.quantizer, self.outer = model, quantizer, outer
+        self.tokenizer = tokenizer
+        self.collective = collective
+        self.v0 = model.flat()
+        """Version 0, the same on every trainer of the run."""
+        self.version = 0
+        """The version the weights are at; -1 when unknown (the next round recovers)."""
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
-                            target_modules=list(lora.target_modules), lora_dropout=0.0)  # fmt: skip
-        self.model = get_peft_model(model, config)
-        self.params = [p for _, p in sorted(self._named_lora().items())]
-        seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "little") >> 1
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # version 0: the same on every trainer of the run
-            for name, p in sorted(self._named_lora().items()):
-                if "lora_A" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-                else:
-                    p.zero_()
-        self.loss_settings = loss
-        self.inner = torch.optim.AdamW(self.params, lr=inner_lr, weight_decay=0.0)
-        self.sizes = [p.numel() for p in self.params]
+    @classmethod
+    def build(cls, base: str, run_id: str, s: TrainSettings) -> Trainer:
+        """A run's trainer on the base model at ``base`` (a directory or hub id) as its settings
+        say (LoRA, loss, inner lr), with the quantizer of its pseudo-gradients (levels for
+        groups of up to 8; AdamW moves a weight about lr a step at most, so H steps bound it by
+        lr·H) and its outer optimizer."""
+        from transformers import AutoTokenizer
 
-    def _named_lora(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+        lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
+        loss = LossSettings(
+            std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
+            mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
+            constant=s.constant, kl_coef=s.kl_coef,
+        )  # fmt: skip
+        model = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
+        levels = levels_for(8, s.wire)
+        quantizer = Quantizer(model.sizes, levels, s.inner_lr * s.inner_steps / levels)
+        outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
+        return cls(model, quantizer, outer, AutoTokenizer.from_pretrained(base))
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+    def join(self, peers: Sequence[str], prefix: str, wire: str) -> None:
+        """Start the collective: join the run's hivemind DHT through ``peers`` (none: start
+        one), matchmaking under ``prefix``, ``wire`` the all-reduce's codec."""
+        from node.training.collective import Collective, CollectiveSpec
 
-    def load_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            start = 0
-            for p in self.params:
-                p.copy_(flat[start : start + p.numel()].view_as(p))
-                start += p.numel()
+        spec = CollectiveSpec(list(peers), prefix, sum(self.model.sizes), target_group_size=8,
+                              round_timeout_s=30, wire=wire)  # fmt: skip
+        collective = Collective(spec)
+        collective.start()
+        self.collective = collective
 
-    def inner_step(self, batch: Sequence[Completion]) -> LossStats:
-        """One AdamW step on a batch of completions."""
-        width = max(len(c.prompt) + len(c.tokens) for c in batch)
-        pad = 0
-        ids_B_W = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask_B_W = torch.zeros_like(ids_B_W)
-        t_max = max(len(c.tokens) for c in batch)
-        valid_B_T = torch.zeros(len(batch), t_max)
-        behaviour_B_T = torch.zeros(len(batch), t_max)
-        for i, c in enumerate(batch):
-            seq = c.prompt + c.tokens
-            ids_B_W[i, : len(seq)] = torch.tensor(seq)
-            mask_B_W[i, : len(seq)] = 1
-            valid_B_T[i, : len(c.tokens)] = 1
-            behaviour_B_T[i, : len(c.tokens)] = torch.tensor(c.behaviour)
-        logits_B_W_V = self.model(input_ids=ids_B_W, attention_mask=mask_B_W).logits
-        logp_B_W_V = torch.log_softmax(logits_B_W_V.float(), dim=-1)
-        rows = []
-        for i, c in enumerate(batch):  # position p predicts token p + 1
-            start = len(c.prompt) - 1
-            positions = torch.arange(start, start + len(c.tokens))
-            token_logp = logp_B_W_V[i, positions, torch.tensor(c.tokens)]
-            rows.append(torch.nn.functional.pad(token_logp, (0, t_max - len(c.tokens))))
-        logp_B_T = torch.stack(rows)
-        advantages_B = torch.tensor([c.advantage for c in batch])
-        loss, stats = grpo_loss(logp_B_T, behaviour_B_T, valid_B_T, advantages_B,
-                                self.loss_settings)  # fmt: skip
-        self.inner.zero_grad()
-        loss.backward()
-        self.inner.step()
-        return stats
+    def examples(
+        self, env: Any, lease: Lease, payload: RolloutPayload, std_normalize: bool
+    ) -> tuple[Any, list[Completion]]:
+        """A payload's recomputed scores (``score_rollouts``'s, every sample) and its training
+        completions (groups without reward spread left out)."""
+        scores = score_rollouts(env, self.tokenizer, lease, payload)
+        completions = training_examples(env, self.tokenizer, lease, payload, std_normalize, scores)
+        return scores, completions
 
-    def adapter_weights(self, adapter_dir: Path) -> torch.Tensor:
-        """The flat weights (in this trainer's order) of a PEFT adapter saved by ``save``."""
-        from safetensors.torch import load_file
+    def round(
+        self, examples: Sequence[Completion], inner_steps: int, tag: str = "", expected: int = 1
+    ) -> Trained:
+        """One DiLoCo round from the global weights: the completions cut into ``inner_steps``
+        batches, one inner step each, then the pseudo-gradient averaged with the group (the
+        collective's round ``tag``, ``expected`` trainers; alone without a collective) and the
+        outer step. The weights move to the next version."""
+        global_w = self.model.flat()
+        stats = [self.model.inner_step(b) for b in inner_batches(examples, inner_steps)]
+        pseudo_grad = global_w - self.model.flat()
+        q = self.quantizer.encode(pseudo_grad).numpy()
+        if self.collective is None:
+            integer_sum, k = q, 1
+        else:
+            result = self.collective.average(q, tag, expected)
+            integer_sum, k = result.integer_sum, result.group_size
+        mean = self.quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
+        new_w = self.outer.step(global_w, mean)
+        self.quantizer.rescale((global_w - new_w) / self.outer.lr)
+        self.model.load_flat(new_w)
+        self.version += 1
+        return Trained(new_w, stats, k)
 
-        saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        parts = []
-        for name, p in sorted(self._named_lora().items()):
-            key = name.replace(".default.", ".")
-            if key not in saved or saved[key].shape != p.shape:
-                raise ValueError(f"adapter {adapter_dir} does not fit this model ({key})")
-            parts.append(saved[key].reshape(-1).float())
-        return torch.cat(parts)
+    def recover(self, version: int, adapter_dir: Callable[[int], Path]) -> bool:
+        """Take the run's published state at ``version``: load its adapter (``adapter_dir``
+        says where each version is held) and derive the quantizer scales from it and the
+        version before, as every trainer did. With outer momentum, the momentum comes from a
+        peer's shared state, accepted only if its weights are the published ones; False (the
+        version left as it was) if there is none."""
 
-    def save(self, out: Path) -> Path:
-        """The current weights as a PEFT adapter directory, byte for byte the same on every
-        trainer holding the same weights: peft writes ``target_modules`` from a set, whose order
-        varies between processes, so the config is rewritten in a canonical form."""
-        self.model.save_pretrained(str(out))
-        path = out / "adapter_config.json"
-        config = json.loads(path.read_text())
-        if isinstance(config.get("target_modules"), list):
-            config["target_modules"] = sorted(config["target_modules"])
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return out
+        def weights(v: int) -> torch.Tensor:
+            return self.v0 if v == 0 else self.model.adapter_weights(adapter_dir(v))
 
+        published = weights(version)
+        self.model.load_flat(published)
+        self.quantizer.residual, self.outer.buffer = None, None
+        if version == 0:
+            self.quantizer.scales = [self.quantizer.initial_scale] * len(self.quantizer.sizes)
+        else:
+            self.quantizer.rescale((weights(version - 1) - published) / self.outer.lr)
+        if self.outer.momentum and version > 0:
+            state = self.collective.load_state(30.0) if self.collective is not None else None
+            if state is None or state[0].get("version") != version:
+                return False
+            self.load_state(state)
+            if not bool((self.model.flat() == published).all()):
+                log.warning("a peer's shared state is not version %d as published", version)
+                self.model.load_flat(published)
+                return False
+        self.version = version
+        return True
 
-def trainer_parts(
-    base: str, run_id: str, s: TrainSettings
-) -> tuple[LoraTrainer, Quantizer, OuterOptimizer]:
-    """A run's trainer as its settings say (LoRA, loss, inner lr), the quantizer of its
-    pseudo-gradients (levels for groups of up to 8; AdamW moves a weight about lr a step at
-    most, so H steps bound it by lr·H) and its outer optimizer."""
-    lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
-    loss = LossSettings(
-        std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
-        mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
-        constant=s.constant, kl_coef=s.kl_coef,
-    )  # fmt: skip
-    trainer = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
-    levels = levels_for(8, s.wire)
-    quantizer = Quantizer(trainer.sizes, levels, s.inner_lr * s.inner_steps / levels)
-    outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
-    return trainer, quantizer, outer
+    def export(self) -> dict[str, bytes]:
+        """The weights as PEFT adapter files (``node/store/adapters.py``'s ``FILES``)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_files(self.model.save(Path(tmp) / "adapter"))
 
+    def state(self) -> State:
+        """What a trainer joining later needs to continue from the same bits: the version, the
+        quantizer's scales (metadata); the global weights and the outer momentum (arrays)."""
+        weights = self.model.flat()
+        buffer = self.outer.buffer
+        momentum = buffer if buffer is not None else torch.zeros_like(weights)
+        metadata = {"version": self.version, "scales": list(self.quantizer.scales)}
+        return metadata, [weights.numpy(), momentum.numpy()]
 
-def inner_batches(examples: Sequence[Completion], h: int) -> list[Sequence[Completion]]:
-    """A round's completions cut into ``h`` equal batches, one per inner step (the remainder
-    left out; fewer batches when there are fewer completions than steps, none without any)."""
-    size = max(1, len(examples) // h)
-    return [b for b in (examples[i * size : (i + 1) * size] for i in range(h)) if b]
+    def load_state(self, state: State) -> int:
+        """Load another trainer's ``state``; returns its version (not taken as this one's:
+        ``recover`` checks it first)."""
+        metadata, (weights, momentum) = state
+        self.model.load_flat(torch.from_numpy(np.array(weights)))
+        self.outer.buffer = torch.from_numpy(np.array(momentum)) if self.outer.momentum else None
+        self.quantizer.scales = [float(s) for s in metadata["scales"]]
+        return int(metadata["version"])
 
+    def share_state(self) -> None:
+        """Offer this trainer's state to the run's trainers that join later (in a group)."""
+        if self.collective is not None:
+            self.collective.share_state(*self.state())
 
-def diloco_round(
-    trainer: LoraTrainer,
-    batches: Sequence[Sequence[Completion]],
-    quantizer: Quantizer,
-    outer: OuterOptimizer,
-    average: Callable[[np.ndarray], tuple[np.ndarray, int]],
-) -> tuple[torch.Tensor, list[LossStats], int]:
-    """H = ``len(batches)`` inner steps from the global weights, then the group's averaged
-    pseudo-gradient and the outer step; returns ``(new global weights, inner stats, group
-    size)`` with the new weights loaded."""
-    global_w = trainer.flat()
-    stats = [trainer.inner_step(b) for b in batches]
-    pseudo_grad = global_w - trainer.flat()
-    q = quantizer.encode(pseudo_grad)
-    integer_sum, k = average(q.numpy())
-    mean = quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
-    new_w = outer.step(global_w, mean)
-    quantizer.rescale((global_w - new_w) / outer.lr)
-    trainer.load_flat(new_w)
-    return new_w, stats, k
-
-
-def export_state(
-    version: int, trainer: LoraTrainer, quantizer: Quantizer, outer: OuterOptimizer
-) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """What a trainer joining later needs to continue from the same bits: the version, the
-    quantizer's scales (metadata); the global weights and the outer momentum (tensors)."""
-    weights = trainer.flat()
-    momentum = outer.buffer if outer.buffer is not None else torch.zeros_like(weights)
-    return {"version": version, "scales": list(quantizer.scales)}, [
-        weights.numpy(),
-        momentum.numpy(),
-    ]
-
-
-def import_state(
-    state: tuple[dict[str, Any], list[np.ndarray]],
-    trainer: LoraTrainer,
-    quantizer: Quantizer,
-    outer: OuterOptimizer,
-) -> int:
-    """Load another trainer's ``export_state``; returns its version."""
-    metadata, (weights, momentum) = state
-    trainer.load_flat(torch.from_numpy(np.array(weights)))
-    outer.buffer = torch.from_numpy(np.array(momentum)) if outer.momentum else None
-    quantizer.scales = [float(s) for s in metadata["scales"]]
-    return int(metadata["version"])
+    def close(self) -> None:
+        if self.collective is not None:
+            self.collective.close()
+            self.collective = None

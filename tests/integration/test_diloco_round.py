@@ -8,26 +8,18 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from envs import load_environment
 from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer
-from node.store.adapters import read_files
 from node.training.collective import Collective, CollectiveSpec
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-from node.training.trainer import (
-    Completion,
-    LoraTrainer,
-    diloco_round,
-    export_state,
-    import_state,
-    training_examples,
-)
+from node.training.examples import Completion, training_examples
+from node.training.lora import LoraTrainer
+from node.training.trainer import Trained, Trainer
 from protocol.leases import Lease, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,89 +46,61 @@ def _completions(tiny_model: Path) -> list[list[Completion]]:
     return out
 
 
-def test_two_trainers_end_each_round_with_the_same_adapter_bytes(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    data = _completions(tiny_model)
-    assert all(len(d) >= 8 for d in data), [len(d) for d in data]  # groups with reward spread
-    trainers = [LoraTrainer(str(tiny_model), "demo", inner_lr=LR) for _ in range(2)]
-    assert torch.equal(trainers[0].flat(), trainers[1].flat())  # version 0, without a message
-    levels = levels_for(2)
-    quantizers = [Quantizer(t.sizes, levels, initial_scale=LR * H / levels) for t in trainers]
-    outers = [OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True) for _ in trainers]
-    first = Collective(CollectiveSpec([], "demo", sum(trainers[0].sizes), round_timeout_s=60))
-    first.start()
-    second = Collective(CollectiveSpec(first.visible_addrs, "demo", sum(trainers[0].sizes),
-                                       round_timeout_s=60))  # fmt: skip
-    second.start()
-    collectives = [first, second]
-    try:
-        v0 = trainers[0].flat()
-        for round_ in range(2):
-            results: list[Any] = [None, None]
-
-            def run(i: int, results: list[Any] = results) -> None:
-                def average(q: np.ndarray) -> tuple[np.ndarray, int]:
-                    result = collectives[i].average(q)
-                    return result.integer_sum, result.group_size
-
-                batches = [data[i][b * 8 : (b + 1) * 8] for b in range(H)]
-                batches = [b for b in batches if b] or [data[i][:8]]
-                results[i] = diloco_round(trainers[i], batches, quantizers[i], outers[i], average)
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(240)
-            assert [r[2] for r in results] == [2, 2]  # both in the group
-            assert torch.equal(results[0][0], results[1][0])
-            digests = []
-            for i, trainer in enumerate(trainers):
-                files = read_files(trainer.save(tmp_path / f"r{round_}-t{i}"))
-                digests.append(hashlib.sha256(b"".join(files.values())).hexdigest())
-            assert digests[0] == digests[1]  # the same adapter bytes on both trainers
-        assert not torch.equal(trainers[0].flat(), v0)  # and it moved
-    finally:
-        for c in collectives:
-            c.close()
+def _trainer(tiny_model: Path, levels: int) -> Trainer:
+    model = LoraTrainer(str(tiny_model), "demo", inner_lr=LR)
+    quantizer = Quantizer(model.sizes, levels, initial_scale=LR * H / levels)
+    return Trainer(model, quantizer, OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True))
 
 
-def _round_all(
-    trainers: list[LoraTrainer], quantizers: list[Quantizer], outers: list[OuterOptimizer],
-    collectives: list[Collective], data: list[list[Completion]],
-) -> list[Any]:  # fmt: skip
-    results: list[Any] = [None] * len(trainers)
+def _round_all(trainers: list[Trainer], data: list[list[Completion]]) -> list[Trained]:
+    """One round of every trainer at once (each in a thread, as in the trainer role), each on
+    its own completions, H batches of 8."""
+    results: list[Trained | None] = [None] * len(trainers)
 
     def run(i: int) -> None:
-        def average(q: np.ndarray) -> tuple[np.ndarray, int]:
-            result = collectives[i].average(q)
-            return result.integer_sum, result.group_size
-
-        batches = [data[i][b * 8 : (b + 1) * 8] for b in range(H)]
-        results[i] = diloco_round(trainers[i], [b for b in batches if b], quantizers[i],
-                                  outers[i], average)  # fmt: skip
+        results[i] = trainers[i].round(data[i][: 8 * H], H)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(trainers))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(240)
-    return results
+    assert all(r is not None for r in results), results
+    return [r for r in results if r is not None]
 
 
-def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(
-    tiny_model: Path, tmp_path: Path
-) -> None:
+def test_two_trainers_end_each_round_with_the_same_adapter_bytes(tiny_model: Path) -> None:
+    data = _completions(tiny_model)
+    assert all(len(d) >= 8 for d in data), [len(d) for d in data]  # groups with reward spread
+    trainers = [_trainer(tiny_model, levels_for(2)) for _ in range(2)]
+    assert torch.equal(trainers[0].v0, trainers[1].v0)  # version 0, without a message
+    size = sum(trainers[0].model.sizes)
+    first = Collective(CollectiveSpec([], "demo", size, round_timeout_s=60))
+    first.start()
+    collectives = [first]
+    try:
+        second = Collective(CollectiveSpec(first.visible_addrs, "demo", size, round_timeout_s=60))
+        second.start()
+        collectives.append(second)
+        for trainer, collective in zip(trainers, collectives, strict=True):
+            trainer.collective = collective
+        for _ in range(2):
+            results = _round_all(trainers, data)
+            assert [r.group_size for r in results] == [2, 2]  # both in the group
+            assert torch.equal(results[0].weights, results[1].weights)
+            digests = [hashlib.sha256(b"".join(t.export().values())).hexdigest() for t in trainers]
+            assert digests[0] == digests[1]  # the same adapter bytes on both trainers
+        assert not torch.equal(trainers[0].model.flat(), trainers[0].v0)  # and it moved
+    finally:
+        for c in collectives:
+            c.close()
+
+
+def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(tiny_model: Path) -> None:
     data = _completions(tiny_model)
     levels = levels_for(4)  # exact for groups of up to 4
-
-    def parts() -> tuple[LoraTrainer, Quantizer, OuterOptimizer]:
-        t = LoraTrainer(str(tiny_model), "demo", inner_lr=LR)
-        return t, Quantizer(t.sizes, levels, LR * H / levels), OuterOptimizer(0.7, 0.9, True)
-
-    early = [parts() for _ in range(2)]
-    size = sum(early[0][0].sizes)
+    early = [_trainer(tiny_model, levels) for _ in range(2)]
+    size = sum(early[0].model.sizes)
     first = Collective(CollectiveSpec([], "late", size, round_timeout_s=60))
     first.start()
     collectives = [first]
@@ -144,28 +108,27 @@ def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(
         second = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
         second.start()
         collectives.append(second)
-        results = _round_all([p[0] for p in early], [p[1] for p in early],
-                             [p[2] for p in early], collectives, data)  # fmt: skip
-        assert [r[2] for r in results] == [2, 2]
-        for (t, q, o), c in zip(early, collectives, strict=True):
-            c.share_state(*export_state(1, t, q, o))
-        late = parts()
+        for trainer, collective in zip(early, collectives, strict=True):
+            trainer.collective = collective
+        results = _round_all(early, data)
+        assert [r.group_size for r in results] == [2, 2]
+        for trainer in early:
+            trainer.share_state()
+        late = _trainer(tiny_model, levels)
         third = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
         third.start()
         collectives.append(third)
+        late.collective = third
         state = third.load_state(timeout_s=30)
         assert state is not None
-        assert import_state(state, *late) == 1
-        assert torch.equal(late[0].flat(), early[0][0].flat())  # the same bits as the others
-        assert late[2].buffer is not None and early[0][2].buffer is not None
-        assert torch.equal(late[2].buffer, early[0][2].buffer)
-        assert late[1].scales == early[0][1].scales
-        everyone = [*early, late]
-        results = _round_all([p[0] for p in everyone], [p[1] for p in everyone],
-                             [p[2] for p in everyone], collectives,
-                             [data[0], data[1], data[1][::-1]])  # fmt: skip
-        assert [r[2] for r in results] == [3, 3, 3]
-        assert all(torch.equal(r[0], results[0][0]) for r in results)
+        assert late.load_state(state) == 1
+        assert torch.equal(late.model.flat(), early[0].model.flat())  # the same bits as the others
+        assert late.outer.buffer is not None and early[0].outer.buffer is not None
+        assert torch.equal(late.outer.buffer, early[0].outer.buffer)
+        assert late.quantizer.scales == early[0].quantizer.scales
+        results = _round_all([*early, late], [data[0], data[1], data[1][::-1]])
+        assert [r.group_size for r in results] == [3, 3, 3]
+        assert all(torch.equal(r.weights, results[0].weights) for r in results)
     finally:
         for c in collectives:
             c.close()
