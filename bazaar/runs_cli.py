@@ -55,15 +55,34 @@ def run_submit(
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Check a run spec locally, then submit it, billed to your key; prints the run's id."""
-    from coordinator.runs import RunSpec
     from protocol.errors import ConfigError
+    from protocol.runs import load_spec
 
     try:
-        parsed = RunSpec.from_toml(spec)
+        parsed = load_spec(spec)
     except ConfigError as e:
         raise _fail(str(e)) from None
-    run = _coordinator("POST", "/v1/runs", coordinator_url, api_key, json=parsed.model_dump())
+    run = _coordinator("POST", "/v1/runs", coordinator_url, api_key, json=parsed.to_dict())
     console.print(f"run [bold]{run['id']}[/] submitted: {run['env']} on {run['base_model']}")
+
+
+@run_app.command("fields")
+def run_fields() -> None:
+    """Every field a run spec may set, with its meaning (the spec's own documentation)."""
+    import msgspec
+    from rich.table import Table
+
+    from protocol.runs import RunSpec, field_docs
+
+    defaults = msgspec.to_builtins(RunSpec())
+    table = Table("field", "default", "meaning", show_lines=False)
+    for key, doc in field_docs().items():
+        value: Any = defaults
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            table.add_row(key, "" if value is None else json.dumps(value), doc)
+    console.print(table)
 
 
 @run_app.command("list")

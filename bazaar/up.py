@@ -231,14 +231,16 @@ def _demo_key(root: Path, accounts_home: Path) -> str:
 
 
 def _submit(url: str, key: str, spec_path: Path, rounds: int) -> str:
-    from coordinator.runs import RunSpec
+    import msgspec
 
-    spec = RunSpec.from_toml(spec_path)
-    spec = spec.model_copy(update={"stop": spec.stop.model_copy(update={"max_rounds": rounds})})
+    from protocol.runs import load_spec
+
+    spec = load_spec(spec_path)
+    spec = msgspec.structs.replace(spec, stop=msgspec.structs.replace(spec.stop, max_rounds=rounds))
     taken = {r["id"] for r in httpx.get(f"{url}/v1/runs", timeout=10).json()["data"]}
     name = next(f"{spec.name}{f'-{i}' if i > 1 else ''}" for i in range(1, 10_000)
                 if f"{spec.name}{f'-{i}' if i > 1 else ''}" not in taken)  # fmt: skip
-    body = {**spec.model_dump(), "name": name}
+    body = {**spec.to_dict(), "name": name}
     resp = httpx.post(f"{url}/v1/runs", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
     if resp.status_code >= 400:
@@ -342,8 +344,8 @@ def _serve_demo(
     base model and with the adapter, and print how to call it."""
     import openai
 
-    from coordinator.runs import RunSpec
     from envs import load_environment
+    from protocol.runs import load_spec
 
     resp = httpx.post(f"{url}/v1/runs/{run_id}/deploy", json={}, timeout=30,
                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
@@ -353,7 +355,7 @@ def _serve_demo(
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=2)
     net.wait(f"the gateway to route model {run_id} (v{version})",
              lambda: run_id in [m.id for m in client.models.list().data], 120)  # fmt: skip
-    spec = RunSpec.from_toml(spec_path)
+    spec = load_spec(spec_path)
     env = load_environment(spec.env.name, **spec.env.args)
     example = env.example(7, 0)
     question = str(example.prompt[-1]["content"])

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict
 
 from coordinator import views as queries
 from coordinator.db import RunState
-from coordinator.runs import RunSpec
 from protocol.accounts import ApiKey
+from protocol.errors import ConfigError
+from protocol.runs import decode_spec
 from protocol.service.api_errors import APIError, install_error_handlers
 
 if TYPE_CHECKING:
@@ -100,25 +101,21 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/v1/network/nodes")
     async def nodes() -> dict[str, Any]:
-        now = coord.clock()
-        views = []
-        for n in coord.membership.nodes.values():
-            views.append({**n.view(now), "trust": queries.trust(coord.state, n.peer_id)})
-        views.sort(key=lambda v: (v["status"] != "alive", str(v["name"])))
-        return {"object": "list", "data": views}
+        data = queries.nodes(coord.membership, coord.state, coord.clock())
+        return {"object": "list", "data": data}
 
     @app.get("/v1/network/verdicts")
     async def verdicts() -> dict[str, Any]:
         """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
-        names = {p: n.name for p, n in coord.membership.nodes.items()}
-        out = queries.verdicts(coord.state)
-        for v in out:
-            v["producer_name"] = names.get(v["producer"], v["producer"][:12])
-            v["verifier_name"] = names.get(v["verifier"], v["verifier"][:12])
-        return {"object": "list", "data": out}
+        return {"object": "list", "data": queries.verdicts(coord.state, coord.membership)}
 
     @app.post("/v1/runs", status_code=201)
-    async def create_run(spec: RunSpec, key: ApiKey | None = key_dep) -> dict[str, Any]:
+    async def create_run(request: Request, key: ApiKey | None = key_dep) -> dict[str, Any]:
+        """Submit a run: the body is a run spec (``protocol/runs.py``) as JSON."""
+        try:
+            spec = decode_spec(await request.body())
+        except ConfigError as e:
+            raise APIError(400, str(e), "invalid_request") from None
         if (
             key is not None
             and key.budget_tokens is not None
@@ -173,10 +170,7 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.get("/v1/runs/{run_id}/rollouts")
     async def rollouts(run_id: str) -> dict[str, Any]:
         _run(run_id)
-        data = queries.rollouts(coord.state, run_id)
-        for r in data:
-            node = coord.membership.nodes.get(r["producer"])
-            r["producer_addrs"] = node.addrs if node else []
+        data = queries.rollouts(coord.state, run_id, coord.membership)
         return {"object": "list", "data": data}
 
     @app.get("/v1/runs/{run_id}/rewards")

@@ -30,7 +30,7 @@ class Auditing:
         state = self.state
         runs = state.book.runs
         audit = state.audits.assign(
-            peer, lambda a: runs[a.run_id].plan.base_model == req.base_model
+            peer, lambda a: runs[a.run_id].plan.spec.base_model == req.base_model
         )
         if audit is None:
             return NoAudit(retry_after_s=state.config.retry_after_s)

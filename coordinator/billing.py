@@ -135,7 +135,7 @@ class Billing:
         run_id = run.run_id
         await self._close(run, lambda v, b: v <= version - 2)
         worst = 2 * sum(s.completion_tokens for s in dealt)
-        cap = run.plan.max_tokens
+        cap = run.plan.spec.budget.max_tokens
         if cap is not None and self.charged(run_id) + self.outstanding(run_id) + worst > cap:
             return False
         if self.accounts is not None and run.owner_key_id is not None:
@@ -235,14 +235,18 @@ class Billing:
         usage: int | None,
     ) -> dict[str, Any]:
         """A run's charges in the journal against the tokens processed (recounted from the
-        lease records and the reports, for trainers that signed the version their round made)
-        and the key's usage records for the run; ``reconciled`` when all agree."""
+        lease records and the reports, for trainers that reported a round and signed the version
+        it made; a round made but not reported yet is neither charged nor counted) and the key's
+        usage records for the run; ``reconciled`` when all agree."""
         run_id = run.run_id
-        made = lambda v, t: t in signers.get(v + 1, ())  # noqa: E731
+        reports = list(reports)
+        # a round's share is billed when its trainer reports, for a version it made
+        billed = {
+            (r.round, r.trainer) for r in reports if r.trainer in signers.get(r.round + 1, ())
+        }
         sampled = sum(s.completion_tokens for s in leases if s.run_id == run_id
-                      and s.trained_in is not None and s.trained_by is not None
-                      and made(s.trained_in, s.trained_by))  # fmt: skip
-        trained = sum(r.tokens_trained for r in reports if made(r.round, r.trainer))
+                      and (s.trained_in, s.trained_by) in billed)  # fmt: skip
+        trained = sum(r.tokens_trained for r in reports if (r.round, r.trainer) in billed)
         charged = {k: self.charged(run_id, k) for k in CHARGES}
         total = charged["sampled"] + charged["trained"]
         return {

@@ -69,7 +69,8 @@ class LeaseBook:
     def add_run(self, plan: RunPlan, state: str = "running") -> RunState:
         if plan.run_id in self.runs:
             raise ValueError(f"run {plan.run_id!r} already exists")
-        if plan.group_size < 1 or plan.lease_ttl_s <= 0 or plan.prompts_per_lease < 1:
+        rl = plan.spec.rl
+        if rl.group_size < 1 or rl.lease_ttl_s <= 0 or rl.prompts_per_lease < 1:
             raise ValueError("group_size and prompts_per_lease must be >= 1, lease_ttl_s > 0")
         run = RunState(plan, state=state, created_at=self.clock())
         self._index_run(run)
@@ -116,7 +117,7 @@ class LeaseBook:
         index (versions only grow, so they never could again)."""
         run = self.runs[run_id]
         run.policy_version = version
-        oldest = version - run.plan.max_staleness
+        oldest = version - run.plan.spec.diloco.max_staleness
         waiting = self.waiting[run_id]
         for lease_id in [i for i, s in waiting.items() if s.lease.policy_version < oldest]:
             del waiting[lease_id]
@@ -127,14 +128,14 @@ class LeaseBook:
         run = self.runs[run_id]
         if run.state != "running":
             return None
-        max_prompts = min(max_prompts, run.plan.prompts_per_lease)
+        max_prompts = min(max_prompts, run.plan.spec.rl.prompts_per_lease)
         indices: list[int] = []
         returned, done = self.returned[run_id], self.done[run_id]
         while returned and len(indices) < max_prompts:
             index = returned.popleft()
             if index not in done:
                 indices.append(index)
-        total = run.plan.total_examples
+        total = run.plan.spec.rl.max_examples
         cursor = run.cursor
         while len(indices) < max_prompts and (total is None or cursor < total):
             indices.append(cursor)
@@ -151,11 +152,11 @@ class LeaseBook:
             env_version=plan.env_version,
             env_seed=plan.env_seed,
             example_indices=indices,
-            group_size=plan.group_size,
+            group_size=plan.spec.rl.group_size,
             policy_version=run.policy_version,
-            sampling=plan.sampling,
+            sampling=plan.spec.rl.sampling(),
             lease_seed=os.urandom(32),
-            deadline_ms=int((now + plan.lease_ttl_s) * 1000),
+            deadline_ms=int((now + plan.spec.rl.lease_ttl_s) * 1000),
         )
         state = LeaseState(lease, node, now)
         self._index_lease(state)
@@ -184,7 +185,7 @@ class LeaseBook:
         runs = [r for r in self.runs.values() if r.state == "running"]
         for k in range(len(runs)):
             run = runs[(self._next_run + k) % len(runs)]
-            if run.plan.base_model != base_model:
+            if run.plan.spec.base_model != base_model:
                 continue
             held = (adapter_versions or {}).get(run.run_id, 0)
             if run.policy_version and held != run.policy_version:
@@ -200,7 +201,7 @@ class LeaseBook:
     def trainable(self, run: RunState, state: LeaseState) -> bool:
         """A counted rollout (so verified or not quarantined) within the run's staleness
         window, not taken by an earlier round."""
-        oldest = run.policy_version - run.plan.max_staleness
+        oldest = run.policy_version - run.plan.spec.diloco.max_staleness
         return (
             state.status == "completed" and bool(state.counted) and state.payload_hash is not None
             and oldest <= state.lease.policy_version <= run.policy_version
@@ -272,7 +273,7 @@ class LeaseBook:
         state.counted = fresh
         self.waiting[run.run_id][state.lease_id] = state
         run.completion_tokens += receipt.completion_tokens
-        total = run.plan.total_examples
+        total = run.plan.spec.rl.max_examples
         if total is not None and len(done) >= total and run.state == "running":
             run.state, run.stop_reason = "completed", "max_examples"
         return ReceiptOutcome.COUNTED

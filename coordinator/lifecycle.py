@@ -13,10 +13,11 @@ import logging
 import trio
 
 from coordinator.db import RunState
-from coordinator.runs import RunSpec, plan_run
+from coordinator.runs import plan_run
 from coordinator.state import State
 from envs import load_environment
 from protocol.accounts import ApiKey
+from protocol.runs import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class RunLifecycle:
         log.info(
             "run %s %s: %s, %s examples x %d samples on %s, billed to %s",
             plan.run_id, "created" if run.state == "running" else "queued", plan.env,
-            plan.total_examples or "unlimited", plan.group_size, plan.base_model,
+            plan.spec.rl.max_examples or "unlimited", plan.spec.rl.group_size, plan.spec.base_model,
             run.owner or "no one", extra={"run_id": plan.run_id},
         )  # fmt: skip
         return run

@@ -71,7 +71,7 @@ class Rollouts:
         state.audits.trust_of(peer).credited_tokens += receipt.completion_tokens
         # drawn now, after the receipt arrived: the producer could not know
         state.audits.on_counted(receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
-                                run.plan.audit_floor)  # fmt: skip
+                                run.plan.spec.verification.audit_floor)  # fmt: skip
         state.commit()
         if was == "running" and run.state != "running":
             await self.runs.ended(run)  # its last example delivered

@@ -57,7 +57,7 @@ class Rounds:
         if peer not in trainers:
             return NoTraining(retry_after_s=state.config.retry_after_s)
         for run in list(book.runs.values()):
-            if run.state != "running" or run.plan.base_model != req.base_model:
+            if run.state != "running" or run.plan.spec.base_model != req.base_model:
                 continue
             v, k = run.policy_version, len(trainers)
             ready = sorted(
@@ -86,7 +86,7 @@ class Rounds:
                     for s in share]  # fmt: skip
             return TrainAssignment(run_id=run.run_id, version=v, rollouts=refs, rank=rank,
                                    group_size=k, hivemind_peers=hivemind_peers[:16],
-                                   settings=run.plan.training)  # fmt: skip
+                                   settings=run.plan.spec.training())  # fmt: skip
         return NoTraining(retry_after_s=state.config.retry_after_s)
 
     async def manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
@@ -121,7 +121,10 @@ class Rounds:
         state.commit()
         log.info("run %s is at version %d (manifest from %s)", msg.run_id, msg.version, peer,
                  extra={"run_id": msg.run_id})  # fmt: skip
-        if run.plan.max_rounds is not None and msg.version >= run.plan.max_rounds:
+        if (
+            run.plan.spec.stop.max_rounds is not None
+            and msg.version >= run.plan.spec.stop.max_rounds
+        ):
             await self.runs.finish(run, "completed", "max_rounds")
         return ManifestAck(outcome="recorded", version=msg.version)
 
@@ -157,11 +160,11 @@ class Rounds:
         return ReportAck(recorded=True)
 
     def _reached_target(self, run: RunState) -> bool:
-        target = run.plan.target_reward
+        target = run.plan.spec.stop.target_reward
         return (
             target is not None
             and run.state == "running"
-            and any(r["samples"] >= run.plan.min_samples and r["mean"] >= target
+            and any(r["samples"] >= run.plan.spec.stop.min_samples and r["mean"] >= target
                     for r in self.state.reports.rewards(run.run_id))
         )  # fmt: skip
 
@@ -171,20 +174,19 @@ class Rounds:
         hold it."""
         state = self.state
         runs = state.book.runs
+        on_model = [r for r in runs.values() if r.plan.spec.base_model == req.base_model]
         if req.run_id is not None and req.version is not None:
             wanted = [(req.run_id, req.version)]
         else:
-            wanted = [(r.run_id, r.policy_version) for r in runs.values()
-                      if r.state == "running" and r.plan.base_model == req.base_model]  # fmt: skip
-        deployed = [(r.run_id, r.deployed) for r in runs.values()
-                     if r.deployed is not None and r.plan.base_model == req.base_model]  # fmt: skip
+            wanted = [(r.run_id, r.policy_version) for r in on_model if r.state == "running"]
+        deployed = [(r.run_id, r.deployed) for r in on_model if r.deployed is not None]
 
         def infos(pairs: list[tuple[str, int]]) -> list[VersionInfo]:
             out = []
             for run_id, v in pairs:
                 row = state.versions.get(run_id, {}).get(v)
                 run = runs.get(run_id)
-                if row is None or run is None or run.plan.base_model != req.base_model:
+                if row is None or run is None or run.plan.spec.base_model != req.base_model:
                     continue
                 nodes = [p for p, held in state.held.items()
                          if held.get(run_id) == v and p not in row.signers]  # fmt: skip

@@ -1,6 +1,6 @@
-"""What the REST API shows of the coordinator's work: query functions over the shared state
-(``coordinator/state.py``), so the API reads through these and never through another object's
-fields. Each returns plain JSON-ready data."""
+"""What the REST API shows of the coordinator: query functions over the shared work state
+(``coordinator/state.py``) and the membership table, so the API reads through these and never
+through another object's fields. Each returns plain JSON-ready data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from coordinator.db import RunState, Trust
+from coordinator.membership import Membership
 from coordinator.state import State
 
 
@@ -31,10 +32,10 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "env": plan.env,
         "env_version": plan.env_version,
         "env_seed": plan.env_seed,
-        "base_model": plan.base_model,
-        "group_size": plan.group_size,
-        "sampling": msgspec.to_builtins(plan.sampling),
-        "total_examples": plan.total_examples,
+        "base_model": plan.spec.base_model,
+        "group_size": plan.spec.rl.group_size,
+        "sampling": msgspec.to_builtins(plan.spec.rl.sampling()),
+        "total_examples": plan.spec.rl.max_examples,
         "policy_version": run.policy_version,
         "examples_leased": run.cursor,
         "examples_delivered": state.book.delivered(run.run_id),
@@ -43,7 +44,7 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "tokens_trained": state.reports.tokens_trained(run.run_id),
         "billed_tokens": state.billing.charged(run.run_id),
         "held_tokens": state.billing.outstanding(run.run_id),
-        "max_tokens": plan.max_tokens,
+        "max_tokens": plan.spec.budget.max_tokens,
         "reward": state.reports.rewards(run.run_id)[-1:] or None,
         "created_at": run.created_at,
         "deployed": run.deployed,
@@ -55,7 +56,19 @@ def trust(state: State, peer: str) -> dict[str, Any]:
     return (state.audits.trust.get(peer) or Trust(peer)).view()
 
 
-def verdicts(state: State) -> list[dict[str, Any]]:
+def nodes(membership: Membership, state: State, now: float) -> list[dict[str, Any]]:
+    """Every node in the table with its audit record, live ones first."""
+    out = [{**n.view(now), "trust": trust(state, n.peer_id)} for n in membership.nodes.values()]
+    out.sort(key=lambda v: (v["status"] != "alive", str(v["name"])))
+    return out
+
+
+def _name(membership: Membership, peer: str) -> str:
+    node = membership.nodes.get(peer)
+    return node.name if node else peer[:12]
+
+
+def verdicts(state: State, membership: Membership) -> list[dict[str, Any]]:
     """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
     out = [
         {
@@ -63,9 +76,11 @@ def verdicts(state: State) -> list[dict[str, Any]]:
             "lease_id": a.lease_id,
             "run_id": a.run_id,
             "producer": a.producer,
+            "producer_name": _name(membership, a.producer),
             "stage": "first" if i == 0 else "confirm",
             "audit_status": a.status,
             "verifier": v.verifier,
+            "verifier_name": _name(membership, v.verifier),
             "passed": v.passed,
             "failed_check": v.failed_check,
             "detail": v.detail,
@@ -79,15 +94,18 @@ def verdicts(state: State) -> list[dict[str, Any]]:
     return out
 
 
-def rollouts(state: State, run_id: str) -> list[dict[str, Any]]:
-    """The counted rollouts of a run: what a consumer needs to fetch and re-score each."""
+def rollouts(state: State, run_id: str, membership: Membership) -> list[dict[str, Any]]:
+    """The counted rollouts of a run: what a consumer needs to fetch and re-score each, and
+    where to dial its producer."""
     out: list[dict[str, Any]] = []
     for s in state.book.counted_of(run_id):
         lease = s.lease
+        node = membership.nodes.get(s.node)
         out.append(
             {
                 "lease_id": s.lease_id,
                 "producer": s.node,
+                "producer_addrs": list(node.addrs) if node else [],
                 "payload_hash": (s.payload_hash or b"").hex(),
                 "counted_examples": s.counted,
                 "completion_tokens": s.completion_tokens,

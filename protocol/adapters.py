@@ -26,6 +26,7 @@ from protocol.codec import (
 )
 from protocol.leases import Lease
 from protocol.membership import PeerRecord
+from protocol.runs import TrainSettings
 
 
 class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,33 +116,6 @@ class RolloutRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     payload_hash: Hash32
 
 
-ModuleName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-class TrainSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How a run's trainers train (from the run's spec; every trainer of the run gets the same,
-    which bit-identical rounds need). Field meanings: ``coordinator/runs.py``."""
-
-    lora_rank: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
-    lora_alpha: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
-    target_modules: Annotated[list[ModuleName], msgspec.Meta(min_length=1, max_length=64)] = (
-        msgspec.field(default_factory=lambda: ["q_proj", "v_proj"])
-    )
-    std_normalize: bool = False
-    clip_eps: Annotated[float, msgspec.Meta(ge=0)] = 0.2
-    """0 turns the clip off."""
-    mask_low: Annotated[float, msgspec.Meta(ge=0)] = 0.125
-    mask_high: Annotated[float, msgspec.Meta(gt=0)] = 8.0
-    normalize: Literal["token", "constant"] = "token"
-    constant: Annotated[float, msgspec.Meta(gt=0)] = 1024.0
-    kl_coef: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    inner_steps: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4
-    inner_lr: Annotated[float, msgspec.Meta(gt=0)] = 1e-3
-    outer_lr: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    outer_momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
-    wire: Literal["fp16", "int8"] = "fp16"
-
-
 class TrainAssignment(Message):
     """Coordinator → trainer: train version ``version + 1`` of a run from these rollouts (this
     trainer's share: ``rank`` of ``group_size`` trainers), averaging through the DHT peers."""
@@ -156,7 +130,7 @@ class TrainAssignment(Message):
     group_size: Annotated[int, msgspec.Meta(ge=1, le=64)]
     hivemind_peers: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
                               msgspec.Meta(max_length=16)]  # fmt: skip
-    settings: TrainSettings = TrainSettings()
+    settings: TrainSettings = msgspec.field(default_factory=TrainSettings)
 
 
 class NoTraining(Message):

@@ -48,15 +48,15 @@ from coordinator.lifecycle import RunLifecycle  # noqa: E402
 from coordinator.metrics import CoordinatorMetrics  # noqa: E402
 from coordinator.rollouts import Rollouts  # noqa: E402
 from coordinator.state import State  # noqa: E402
-from protocol.leases import Lease, LeaseRequest, SamplingParams  # noqa: E402
+from protocol.leases import Lease, LeaseRequest  # noqa: E402
 from protocol.rollouts import RolloutReceipt  # noqa: E402
-from protocol.runs import RunPlan  # noqa: E402
+from protocol.runs import RLSpec, RunPlan, RunSpec  # noqa: E402
 
 ROUND = 64
 """Leases per past round (a round's deal is what the current round's handlers look at)."""
-PLAN = RunPlan(run_id="bench", env='arith {"digits":2}', env_version="1", env_seed=1,
-               group_size=4, sampling=SamplingParams(temperature=1.0, max_tokens=16),
-               prompts_per_lease=1, lease_ttl_s=3600.0, max_staleness=2)  # fmt: skip
+SPEC = RunSpec(name="bench", rl=RLSpec(group_size=4, max_tokens=16, prompts_per_lease=1,
+                                      lease_ttl_s=3600.0))  # fmt: skip
+PLAN = RunPlan(spec=SPEC, run_id="bench", env='arith {"digits":2}', env_version="1", env_seed=1)
 PRODUCERS = [f"node-{i}" for i in range(16)]
 
 
@@ -71,7 +71,7 @@ def write_history(url: str, start: int, stop: int) -> None:
         v = i // ROUND
         lease = Lease(lease_id=uuid.uuid4().hex, run_id=PLAN.run_id, env_id=PLAN.env,
                       env_version=PLAN.env_version, env_seed=PLAN.env_seed, example_indices=[i],
-                      group_size=PLAN.group_size, policy_version=v, sampling=PLAN.sampling,
+                      group_size=SPEC.rl.group_size, policy_version=v, sampling=SPEC.rl.sampling(),
                       lease_seed=os.urandom(32), deadline_ms=int((now + 60) * 1000))  # fmt: skip
         digest = hashlib.sha256(lease.lease_id.encode()).digest()
         node = PRODUCERS[i % len(PRODUCERS)]
@@ -81,7 +81,7 @@ def write_history(url: str, start: int, stop: int) -> None:
                        "completion_tokens": 50, "completed_at": now + i * 1e-3 + 1,
                        "trained_in": v, "trained_by": "trainer"})  # fmt: skip
         receipts.append({"lease_id": lease.lease_id, "run_id": PLAN.run_id, "node": node,
-                         "payload_hash": digest, "num_samples": PLAN.group_size,
+                         "payload_hash": digest, "num_samples": SPEC.rl.group_size,
                          "completion_tokens": 50, "outcome": "counted",
                          "received_at": now + i * 1e-3 + 1})  # fmt: skip
     if start == 0:
@@ -91,9 +91,7 @@ def write_history(url: str, start: int, stop: int) -> None:
         for at in range(0, len(leases), 5000):
             db.execute(insert(LeaseState.__table__), leases[at : at + 5000])
             db.execute(insert(ReceiptRow.__table__), receipts[at : at + 5000])
-        db.execute(
-            RunState.__table__.update().values(policy_version=stop // ROUND, cursor=stop)
-        )
+        db.execute(RunState.__table__.update().values(policy_version=stop // ROUND, cursor=stop))
     engine.dispose()
 
 
@@ -119,7 +117,7 @@ def cycle_cost(state: State, rollouts: Rollouts, cycles: int, rounds: int) -> fl
             receipt = RolloutReceipt(
                 lease_id=lease.lease_id, run_id=lease.run_id, policy_version=lease.policy_version,
                 payload_hash=hashlib.sha256(lease.lease_id.encode()).digest(),
-                num_samples=PLAN.group_size, completion_tokens=50,
+                num_samples=SPEC.rl.group_size, completion_tokens=50,
             )  # fmt: skip
             ack = await rollouts.receipt(PRODUCERS[k % len(PRODUCERS)], receipt)
             assert ack.outcome == "counted", ack

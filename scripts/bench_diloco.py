@@ -133,12 +133,12 @@ def diloco(
 
     from node.training.collective import Collective, CollectiveSpec
     from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-    from node.training.grpo import LossSettings
     from node.training.lora import LoraTrainer
     from node.training.trainer import Trainer
+    from protocol.runs import LossSpec
 
     started = time.perf_counter()
-    loss = LossSettings(clip_eps=args.clip_eps)
+    loss = LossSpec(clip_eps=args.clip_eps)
     models = [LoraTrainer(tiny, "bench", loss=loss, inner_lr=args.inner_lr) for _ in range(2)]
     size = sum(models[0].sizes)
     levels = levels_for(2, wire)
@@ -281,8 +281,8 @@ def main() -> None:
         default="1e-3",
         help="the centralized baseline's lrs, comma-separated; parity is against the best",
     )
-    parser.add_argument("--clip-eps", type=float, default=float("inf"),
-                        help="DiLoCo's PPO clip (inf: off; the ratio mask stays)")  # fmt: skip
+    parser.add_argument("--clip-eps", type=float, default=0.0,
+                        help="DiLoCo's PPO clip (0: off; the ratio mask stays)")  # fmt: skip
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "diloco.json")
     args = parser.parse_args()

@@ -50,6 +50,7 @@ from statistics import median
 from typing import Any
 
 import httpx
+import msgspec
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -59,7 +60,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bazaar.up import DEMO_SPEC, LocalNetwork, tiny_model  # noqa: E402
-from coordinator.runs import RunSpec  # noqa: E402
+from protocol.runs import RunSpec, load_spec  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 
 console = Console()
@@ -96,7 +97,7 @@ def network(
         )
         auth = {"Authorization": f"Bearer {key}"}
         started = time.perf_counter()
-        resp = httpx.post(f"{url}/v1/runs", json=spec.model_dump(), headers=auth, timeout=30)
+        resp = httpx.post(f"{url}/v1/runs", json=spec.to_dict(), headers=auth, timeout=30)
         resp.raise_for_status()
         run_id = resp.json()["id"]
         end = time.monotonic() + timeout_s
@@ -142,23 +143,21 @@ def network(
 def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, Any]:
     import torch
 
-    from coordinator.runs import train_settings
     from envs import load_environment
     from node.model.backends.torch_backend import TorchBackend
     from node.model.rollouts import Producer, completion_tokens
     from node.training.trainer import Trainer
-    from protocol.leases import Lease, SamplingParams
+    from protocol.leases import Lease
 
     torch.set_num_threads(os.cpu_count() or 1)
-    settings = train_settings(spec)
+    settings = spec.training()
     env = load_environment(spec.env.name, **spec.env.args)
     started = time.perf_counter()  # loading its models is part of its time, as on the network
     backend = TorchBackend.from_pretrained(tiny)
     producer = Producer(backend, backend.tokenizer)
     trainer = Trainer.build(tiny, "central", settings)
     rl, stop = spec.rl, spec.stop
-    sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
-                              max_tokens=rl.max_tokens)  # fmt: skip
+    sampling = rl.sampling()
     rewards: list[dict[str, Any]] = []
     sampled, first = 0, 0.0
     with tempfile.TemporaryDirectory() as tmp, console.status("centralized") as status:
@@ -174,12 +173,12 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
             )  # fmt: skip
             payload = producer.produce(env, lease, adapter=name)
             backend.unload_adapter(name)
-            scores, examples = trainer.examples(env, lease, payload, settings.std_normalize)
+            scores, examples = trainer.examples(env, lease, payload, settings.loss.std_normalize)
             sampled += completion_tokens(payload)
             values = [s.reward for g in scores for s in g]
             rewards.append({"version": v, "samples": len(values),
                             "mean": sum(values) / len(values)})  # fmt: skip
-            trainer.round(examples, settings.inner_steps)  # alone: no collective
+            trainer.round(examples, settings.diloco.inner_steps)  # alone: no collective
             first = first or time.perf_counter()
             status.update(f"centralized: v{v + 1}, last reward {rewards[-1]['mean']:.3f}")
             if reached(rewards, stop.target_reward or 1.0, stop.min_samples) is not None:
@@ -214,11 +213,11 @@ def main() -> None:
         seed = args.seed + trial
         stop = {"target_reward": args.target, "min_samples": args.min_samples,
                 "max_rounds": args.max_rounds}  # fmt: skip
-        spec = RunSpec.from_toml(DEMO_SPEC)
-        spec = spec.model_copy(update={
-            "name": "e2e", "stop": spec.stop.model_copy(update=stop),
-            "env": spec.env.model_copy(update={"seed": seed}),
-        })  # fmt: skip
+        spec = load_spec(DEMO_SPEC)
+        spec = msgspec.structs.replace(
+            spec, name="e2e", stop=msgspec.structs.replace(spec.stop, **stop),
+            env=msgspec.structs.replace(spec.env, seed=seed),
+        )  # fmt: skip
         console.print(f"trial {trial + 1} of {args.trials}")
         nets.append(network(spec, args.nodes, cache, 60 + 10.0 * args.max_rounds, args.retry_after))
         cens.append(central(spec, tiny, args.max_rounds, seed))

@@ -21,7 +21,6 @@ from protocol.adapters import (
     ShardRequest,
     TrainAssignment,
     TrainRequest,
-    TrainSettings,
     VersionInfo,
     VersionRewards,
     VersionsReply,
@@ -48,7 +47,7 @@ from protocol.rollouts import (
     RolloutReceipt,
     Sample,
 )
-from protocol.runs import RunStatus
+from protocol.runs import DilocoSpec, LoraSpec, LossSpec, RunStatus, TrainSettings
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 
 H = hashlib.sha256(b"x").digest()
@@ -169,7 +168,11 @@ EXAMPLES: list[Message] = [
         rank=0,
         group_size=2,
         hivemind_peers=[ADDR],
-        settings=TrainSettings(lora_rank=4, clip_eps=0.0, wire="int8"),
+        settings=TrainSettings(
+            lora=LoraSpec(rank=4),
+            loss=LossSpec(clip_eps=0.0),
+            diloco=DilocoSpec(compression="int8"),
+        ),
     ),
     RoundReport(
         run_id="r-1",

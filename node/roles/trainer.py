@@ -45,12 +45,12 @@ from protocol.adapters import (
     SampleText,
     TrainAssignment,
     TrainRequest,
-    TrainSettings,
     VersionRewards,
 )
 from protocol.errors import ProtocolError
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
+from protocol.runs import TrainSettings
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 
 if TYPE_CHECKING:
@@ -102,7 +102,9 @@ class TrainerRole(Role):
         trainer = self.trainer
         if a.group_size > 1 and trainer.collective is None:
             peers = list(a.hivemind_peers)
-            await trio.to_thread.run_sync(trainer.join, peers, a.run_id, a.settings.wire)
+            await trio.to_thread.run_sync(
+                trainer.join, peers, a.run_id, a.settings.diloco.compression
+            )
         if trainer.version != a.version and not await self._recover(a, trainer):
             log.warning("at version %d, the round is at %d: skipped", trainer.version, a.version)
             await trio.sleep(1.0)
@@ -118,7 +120,7 @@ class TrainerRole(Role):
                      "scored alike): its version takes no inner step", a.run_id, a.version,
                      extra={"run_id": a.run_id})  # fmt: skip
         trained = await trio.to_thread.run_sync(
-            trainer.round, examples, a.settings.inner_steps, f"{a.run_id}@{a.version}",
+            trainer.round, examples, a.settings.diloco.inner_steps, f"{a.run_id}@{a.version}",
             a.group_size,
         )  # fmt: skip
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
@@ -198,7 +200,7 @@ class TrainerRole(Role):
             lease = ref.lease
 
             def score(env: Any = env, lease: Lease = lease, payload: Any = payload) -> Any:
-                return trainer.examples(env, lease, payload, a.settings.std_normalize)
+                return trainer.examples(env, lease, payload, a.settings.loss.std_normalize)
 
             scores, completions = await trio.to_thread.run_sync(score)
             out += completions

@@ -13,6 +13,8 @@ under one of the two policies says more about the version gap than about the act
 normalized per token (mean over the batch's valid tokens) or divided by a constant (the same
 for every batch, so long completions are not down-weighted). An optional KL penalty toward the
 base model (adapters off) uses the k3 estimator ``exp(d) - d - 1``, ``d = logp_ref - logp_now``.
+The settings are the run spec's ``rl.loss`` section (``protocol.runs.LossSpec``), as they are;
+``clip_eps = 0`` turns the clip off.
 
 >>> import torch
 >>> adv, keep = group_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
@@ -23,30 +25,10 @@ base model (adapters off) uses the k3 estimator ``exp(d) - d - 1``, ``d = logp_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-
-@dataclass(frozen=True)
-class LossSettings:
-    std_normalize: bool = False
-    """Divide each group's advantages by its reward standard deviation (GRPO's original form)."""
-    clip_eps: float = 0.2
-    """PPO-style clip of the importance ratio to ``[1 - eps, 1 + eps]``; ``inf`` turns it off
-    (the mask below stays). With many inner steps per round on one round's rollouts (large H),
-    the clip stops a round once the policy leaves its trust region: measured in
-    ``scripts/bench_diloco.py``, off is the better choice there."""
-    mask_low: float = 0.125
-    """Tokens whose ratio is below this are left out of the loss."""
-    mask_high: float = 8.0
-    """Tokens whose ratio is above this are left out of the loss."""
-    normalize: Literal["token", "constant"] = "token"
-    """``token``: mean over the batch's counted tokens; ``constant``: sum over ``constant``."""
-    constant: float = 1024.0
-    """The divisor of ``normalize = "constant"`` (e.g. max tokens × samples per batch)."""
-    kl_coef: float = 0.0
-    """Weight of the KL penalty toward the base model; 0 (the default) turns it off."""
+from protocol.runs import LossSpec
 
 
 def group_advantages(
@@ -79,7 +61,7 @@ def grpo_loss(
     behaviour_B_T: torch.Tensor,
     valid_B_T: torch.Tensor,
     advantages_B: torch.Tensor,
-    settings: LossSettings,
+    settings: LossSpec,
     ref_logp_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """The loss over a batch of ``B`` completions of up to ``T`` tokens.
@@ -95,7 +77,7 @@ def grpo_loss(
     extreme_B_T = (r_B_T < settings.mask_low) | (r_B_T > settings.mask_high)
     counted_B_T = valid_B_T * (~extreme_B_T).to(valid_B_T.dtype)
     adv_B_1 = advantages_B.to(logp_B_T.dtype).unsqueeze(1)
-    eps = settings.clip_eps
+    eps = settings.clip_eps or float("inf")  # 0 turns the clip off; the mask above stays
     unclipped_B_T = ratio_B_T * adv_B_1
     clipped_B_T = ratio_B_T.clamp(1 - eps, 1 + eps) * adv_B_1
     per_token_B_T = -torch.minimum(unclipped_B_T, clipped_B_T)

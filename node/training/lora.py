@@ -12,20 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from node.training.examples import Completion
-from node.training.grpo import LossSettings, LossStats, grpo_loss
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+from node.training.grpo import LossStats, grpo_loss
+from protocol.runs import LoraSpec, LossSpec
 
 
 class LoraTrainer:
@@ -33,11 +26,12 @@ class LoraTrainer:
         self,
         base: str,
         run_id: str,
-        lora: LoraSettings | None = None,
-        loss: LossSettings | None = None,
+        lora: LoraSpec | None = None,
+        loss: LossSpec | None = None,
         inner_lr: float = 1e-3,
     ) -> None:
-        lora, loss = lora or LoraSettings(), loss or LossSettings()
+        """The run spec's ``lora`` and ``rl.loss`` sections, as they are."""
+        lora, loss = lora or LoraSpec(), loss or LossSpec()
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 

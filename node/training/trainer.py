@@ -33,11 +33,11 @@ import torch
 from node.store.adapters import read_files
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
 from node.training.examples import Completion, inner_batches, training_examples
-from node.training.grpo import LossSettings, LossStats
-from node.training.lora import LoraSettings, LoraTrainer
-from protocol.adapters import TrainSettings
+from node.training.grpo import LossStats
+from node.training.lora import LoraTrainer
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
+from protocol.runs import TrainSettings
 from verification.rollouts import score_rollouts
 
 if TYPE_CHECKING:
@@ -87,16 +87,11 @@ class Trainer:
         lr·H) and its outer optimizer."""
         from transformers import AutoTokenizer
 
-        lora = LoraSettings(s.lora_rank, s.lora_alpha, tuple(s.target_modules))
-        loss = LossSettings(
-            std_normalize=s.std_normalize, clip_eps=s.clip_eps or float("inf"),
-            mask_low=s.mask_low, mask_high=s.mask_high, normalize=s.normalize,
-            constant=s.constant, kl_coef=s.kl_coef,
-        )  # fmt: skip
-        model = LoraTrainer(base, run_id, lora=lora, loss=loss, inner_lr=s.inner_lr)
-        levels = levels_for(8, s.wire)
-        quantizer = Quantizer(model.sizes, levels, s.inner_lr * s.inner_steps / levels)
-        outer = OuterOptimizer(s.outer_lr, s.outer_momentum, nesterov=s.outer_momentum > 0)
+        d = s.diloco
+        model = LoraTrainer(base, run_id, lora=s.lora, loss=s.loss, inner_lr=d.inner_lr)
+        levels = levels_for(8, d.compression)
+        quantizer = Quantizer(model.sizes, levels, d.inner_lr * d.inner_steps / levels)
+        outer = OuterOptimizer(d.outer_lr, d.outer_momentum, nesterov=d.outer_momentum > 0)
         return cls(model, quantizer, outer, AutoTokenizer.from_pretrained(base))
 
     def join(self, peers: Sequence[str], prefix: str, wire: str) -> None:

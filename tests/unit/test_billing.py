@@ -4,9 +4,9 @@ exact reconciliation, the budget stop, and queued → running → completed / fa
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -24,6 +24,7 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
+from tests.unit.test_leases import plan
 from tests.unit.test_rounds import STREAM, deliver
 from tests.unit.work import Work
 
@@ -84,10 +85,10 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
     _, owner = accounts.create("alice", budget_tokens=10_000)
 
     async def main() -> None:
-        from coordinator.runs import RunSpec
+        from protocol.runs import RunSpec
 
         run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = dataclasses.replace(STREAM, run_id="r1")
+        run.plan = STREAM
         await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"], trained=60)
         # t3's result lost to another group's: its share did not move the model
         await round_of(svc, "r1", ["t1", "t3"], made=["t1"], trained=50)
@@ -117,10 +118,10 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> Non
     _, owner = accounts.create("bob", budget_tokens=400)
 
     async def main() -> None:
-        from coordinator.runs import RunSpec
+        from protocol.runs import RunSpec
 
         run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = dataclasses.replace(STREAM, run_id="r1")
+        run.plan = STREAM
         for _ in range(2):
             assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"], 40))[0], TrainAssignment)
         assert run.state == "running"
@@ -138,10 +139,10 @@ def test_a_runs_own_token_cap_stops_it_too(dbs: Databases) -> None:
     svc, _ = service(dbs)
 
     async def main() -> None:
-        from coordinator.runs import BudgetSpec, RunSpec
+        from protocol.runs import BudgetSpec, RunSpec
 
         run = await svc.runs.create(RunSpec(name="r1", budget=BudgetSpec(max_tokens=350)))
-        run.plan = dataclasses.replace(STREAM, run_id="r1", max_tokens=350)
+        run.plan = plan(max_examples=None, prompts_per_lease=1, max_staleness=1, budget=350)
         await round_of(svc, "r1", ["t1"], ["t1"], 100)  # charges 200 of 350
         assert run.state == "running"
         await round_of(svc, "r1", ["t1"], ["t1"], 100)  # 200 + worst 200 > 350
@@ -167,7 +168,7 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
     svc, _ = service(dbs, max_running_runs=1)
 
     async def main() -> None:
-        from coordinator.runs import RunSpec, StopSpec
+        from protocol.runs import RunSpec, StopSpec
 
         first = await svc.runs.create(RunSpec(name="a", stop=StopSpec(max_rounds=1)))
         second = await svc.runs.create(
@@ -175,7 +176,9 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
         )
         third = await svc.runs.create(RunSpec(name="c"))
         assert [first.state, second.state, third.state] == ["running", "queued", "queued"]
-        first.plan = dataclasses.replace(first.plan, prompts_per_lease=1)
+        rl = msgspec.structs.replace(first.plan.spec.rl, prompts_per_lease=1)
+        spec = msgspec.structs.replace(first.plan.spec, rl=rl)
+        first.plan = msgspec.structs.replace(first.plan, spec=spec)
         await round_of(svc, "a", ["t1"], ["t1"], 10)  # only a running run gets leases
         assert {s.lease.run_id for s in svc.state.book.leases.values()} == {"a"}
         assert (first.state, first.stop_reason) == ("completed", "max_rounds")  # v1 of 1
@@ -193,7 +196,9 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
         assert third.state == "running"
         await svc.runs.cancel(third)
         assert (third.state, third.stop_reason) == ("cancelled", "cancelled")
-        svc.state.book.add_run(dataclasses.replace(first.plan, run_id="gone", env="no-such-env"))
+        svc.state.book.add_run(
+            msgspec.structs.replace(first.plan, run_id="gone", env="no-such-env")
+        )
         svc.state.commit()
 
     trio.run(main)

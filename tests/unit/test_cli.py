@@ -45,3 +45,19 @@ def test_bad_config_names_the_key(home: Path) -> None:
     assert result.returncode == 2
     assert "unknown key 'membership.bogus'" in result.stderr
     assert not (home / "coordinator.key").exists()  # nothing was created
+
+
+def test_run_submit_refuses_a_bad_spec_locally_and_run_fields_lists_every_field(
+    home: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "typo.toml"
+    spec.write_text('name = "x"\n[rl]\ngroup_sise = 8\n')
+    port = free_port()  # nothing is sent: the spec is checked first
+    result = bazaar(
+        home, "run", "submit", str(spec), "--coordinator-url", f"http://127.0.0.1:{port}"
+    )
+    assert result.returncode == 2
+    assert "typo.toml: unknown key 'rl.group_sise'" in result.stderr
+    fields = bazaar(home, "run", "fields")
+    assert fields.returncode == 0, fields.stderr
+    assert "rl.loss.clip_eps" in fields.stdout and "diloco.compression" in fields.stdout

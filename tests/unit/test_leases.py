@@ -10,14 +10,29 @@ import pytest
 
 from coordinator.db import RunState
 from coordinator.leases import LeaseBook, ReceiptOutcome
-from protocol.leases import Lease, SamplingParams
+from protocol.leases import Lease
 from protocol.rollouts import RolloutReceipt
-from protocol.runs import RunPlan
+from protocol.runs import BudgetSpec, DilocoSpec, EnvSpec, RLSpec, RunPlan, RunSpec
 
-PLAN = RunPlan(
-    run_id="r1", env='arith {"digits":2}', env_version="1", env_seed=7, group_size=4,
-    sampling=SamplingParams(temperature=1.0, max_tokens=8), lease_ttl_s=60.0, total_examples=10,
-)  # fmt: skip
+
+def plan(
+    run_id: str = "r1",
+    base_model: str = "tiny",
+    max_staleness: int = 2,
+    budget: int | None = None,
+    **rl: float | int | None,
+) -> RunPlan:
+    """A run's plan as ``plan_run`` makes it, without loading the environment."""
+    rl = {"group_size": 4, "temperature": 1.0, "max_tokens": 8, "lease_ttl_s": 60.0,
+          "max_examples": 10, **rl}  # fmt: skip
+    spec = RunSpec(name=run_id, base_model=base_model, env=EnvSpec(args={"digits": 2}, seed=7),
+                   rl=RLSpec(**rl), diloco=DilocoSpec(max_staleness=max_staleness),
+                   budget=BudgetSpec(max_tokens=budget))  # type: ignore[arg-type]  # fmt: skip
+    return RunPlan(spec=spec, run_id=run_id, env='arith {"digits":2}', env_version="1",
+                   env_seed=7)  # fmt: skip
+
+
+PLAN = plan()
 
 
 class Clock:
@@ -116,8 +131,8 @@ def test_policy_version_is_leased_and_runs_are_checked() -> None:
 
 def test_issue_for_matches_base_model_caps_active_leases_and_rotates_runs() -> None:
     b, _ = book()
-    b.add_run(dataclasses.replace(PLAN, run_id="r2"))
-    b.add_run(dataclasses.replace(PLAN, run_id="big", base_model="big-model"))
+    b.add_run(plan("r2"))
+    b.add_run(plan("big", base_model="big-model"))
     assert b.issue_for("a", "other-model", 4) is None
     first = b.issue_for("a", "tiny", 4, max_active=2)
     second = b.issue_for("a", "tiny", 4, max_active=2)

@@ -4,7 +4,6 @@ leases may wait for training (one round sampled while the one before trains)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,10 @@ from coordinator.config import LeaseConfig
 from coordinator.db import LeaseState
 from coordinator.leases import LeaseBook, ReceiptOutcome
 from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
-from tests.unit.test_leases import PLAN, Clock, receipt_for
+from tests.unit.test_leases import Clock, plan, receipt_for
 from tests.unit.work import Work
 
-STREAM = dataclasses.replace(PLAN, total_examples=None, prompts_per_lease=1, max_staleness=1)
+STREAM = plan(max_examples=None, prompts_per_lease=1, max_staleness=1)
 
 
 def deliver(b: LeaseBook, node: str, versions: dict[str, int] | None = None) -> str:
