@@ -25,9 +25,22 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's tiny model, built once per test session (~40 s on 2 cores)."""
-    from node.model.tiny import ensure_tiny_model
+TINY_MODEL = pytest.StashKey[Path]()
 
-    return ensure_tiny_model(tmp_path_factory.mktemp("data"))
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Build the tiny model (~40 s on 2 cores, more on a shared CPU) once, after collection and
+    before the first test, when any selected test uses it: never inside a test's timeout."""
+    if any("tiny_model" in getattr(item, "fixturenames", ()) for item in items):
+        from node.model.tiny import ensure_tiny_model
+
+        data = config._tmp_path_factory.mktemp("data")  # type: ignore[attr-defined]
+        config.stash[TINY_MODEL] = ensure_tiny_model(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(pytestconfig: pytest.Config) -> Path:
+    """The project's tiny model, built once per test session before the first test."""
+    return pytestconfig.stash[TINY_MODEL]
