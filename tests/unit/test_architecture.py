@@ -3,6 +3,7 @@
 - packages import only the packages the architecture table allows, subpackages included:
   ``protocol``'s top level (the wire) imports none of ``protocol/service/`` or
   ``protocol/accounts/``; ``service`` imports the wire; ``accounts`` the wire and ``service``;
+  in ``node/``, the roles use the model process, the stores and the trainer, never the reverse;
 - ``protocol/p2p.py`` is the only importer of py-libp2p, and ``protocol/`` imports no torch or
   hivemind; its wire modules import no networking library at all;
 - no module imports both py-libp2p and hivemind (their protobuf modules clash in one process),
@@ -20,9 +21,11 @@ from pathlib import Path
 from tests.conftest import REPO
 
 OURS = {"protocol", "envs", "verification", "coordinator", "node", "gateway", "bazaar"}
-SUBPACKAGES = {"protocol.service", "protocol.accounts"}
+NODE_PARTS = {"node.roles", "node.model", "node.store", "node.training"}
+SUBPACKAGES = {"protocol.service", "protocol.accounts", *NODE_PARTS}
 """Packages inside a package that have rules of their own (a module's unit is the deepest of
 these, or of ``OURS``, that contains it)."""
+OUTSIDE_NODE = {"protocol", "envs", "verification"}
 ALLOWED = {
     "protocol": set(),
     "protocol.service": {"protocol"},
@@ -30,13 +33,20 @@ ALLOWED = {
     "envs": {"protocol"},
     "verification": {"protocol", "envs"},
     "coordinator": {"protocol", "envs", "verification"},
-    "node": {"protocol", "envs", "verification"},
+    # the node process's top (entry point, agent, config) runs the roles; a role uses the
+    # model process, the stores and the trainer; the trainer reads adapters from the store;
+    # the model process and the stores stand alone
+    "node": OUTSIDE_NODE | NODE_PARTS,
+    "node.roles": OUTSIDE_NODE | {"node", "node.model", "node.store", "node.training"},
+    "node.training": OUTSIDE_NODE | {"node.store"},
+    "node.model": OUTSIDE_NODE,
+    "node.store": OUTSIDE_NODE,
     "gateway": {"protocol"},
-    "bazaar": OURS,
+    "bazaar": OURS | SUBPACKAGES,
 }
 for _unit, _allowed in list(ALLOWED.items()):
     if not _unit.startswith("protocol") and "protocol" in _allowed:  # the package, whole
-        ALLOWED[_unit] = _allowed | SUBPACKAGES
+        ALLOWED[_unit] = _allowed | {"protocol.service", "protocol.accounts"}
 NETWORKING = {
     "libp2p", "multiaddr", "trio", "anyio", "socket", "asyncio", "httpx", "requests", "urllib",
     "hivemind", "grpc", "fastapi", "uvicorn", "hypercorn", "starlette", "http",
