@@ -18,11 +18,13 @@ Goodbye(reason='shutdown')
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
-from protocol.errors import DecodeError, TooLarge, UnknownMessageType
+from protocol.errors import ConfigError, DecodeError, TooLarge, UnknownMessageType
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -112,3 +114,14 @@ def _name_positions(error: str, type_: type[Any]) -> str:
 
 def encode_struct(obj: Any) -> bytes:
     return _ENCODER.encode(obj)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file a person wrote (a config, a run spec); ``ConfigError`` naming the file if it
+    is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None

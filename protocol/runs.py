@@ -27,13 +27,12 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
-from protocol.codec import KiB, Message, Name, NonNegInt
+from protocol.codec import KiB, Message, Name, NonNegInt, read_toml
 from protocol.errors import ConfigError
 from protocol.leases import SamplingParams
 
@@ -221,13 +220,7 @@ class RunStatus(Message):
 
 def load_spec(path: Path) -> RunSpec:
     """A spec file (TOML); ``ConfigError`` naming the file and the bad key."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return spec_from(data, str(path))
+    return spec_from(read_toml(path), str(path))
 
 
 def decode_spec(body: bytes, source: str = "run spec") -> RunSpec:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from protocol.codec import read_toml
 from protocol.errors import ConfigError
 
 C = TypeVar("C", bound="ConfigModel")
@@ -87,12 +88,7 @@ def load_config(model: type[C], path: Path | None, overrides: list[str] | None =
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = read_toml(path)
     from_cli = parse_overrides(overrides or [])
     # a section given in part (``--a.b.x=1``, or ``[a.b] x = 1``) keeps its other defaults
     data = _merged(_defaults(model), data)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,21 +71,31 @@ def _round_all(trainers: list[Trainer], data: list[list[Completion]]) -> list[Tr
     return [r for r in results if r is not None]
 
 
+@contextmanager
+def _collectives(trainers: list[Trainer], prefix: str) -> Iterator[list[Collective]]:
+    """A collective per trainer, the first starting the DHT and the others joining it; every
+    collective (those the test adds too) closed at the end."""
+    size = sum(trainers[0].model.sizes)
+    collectives: list[Collective] = []
+    try:
+        for trainer in trainers:
+            peers = collectives[0].visible_addrs if collectives else []
+            collective = Collective(CollectiveSpec(peers, prefix, size, round_timeout_s=60))
+            collective.start()
+            collectives.append(collective)
+            trainer.collective = collective
+        yield collectives
+    finally:
+        for c in collectives:
+            c.close()
+
+
 def test_two_trainers_end_each_round_with_the_same_adapter_bytes(tiny_model: Path) -> None:
     data = _completions(tiny_model)
     assert all(len(d) >= 8 for d in data), [len(d) for d in data]  # groups with reward spread
     trainers = [_trainer(tiny_model, levels_for(2)) for _ in range(2)]
     assert torch.equal(trainers[0].v0, trainers[1].v0)  # version 0, without a message
-    size = sum(trainers[0].model.sizes)
-    first = Collective(CollectiveSpec([], "demo", size, round_timeout_s=60))
-    first.start()
-    collectives = [first]
-    try:
-        second = Collective(CollectiveSpec(first.visible_addrs, "demo", size, round_timeout_s=60))
-        second.start()
-        collectives.append(second)
-        for trainer, collective in zip(trainers, collectives, strict=True):
-            trainer.collective = collective
+    with _collectives(trainers, "demo"):
         for _ in range(2):
             results = _round_all(trainers, data)
             assert [r.group_size for r in results] == [2, 2]  # both in the group
@@ -91,30 +103,19 @@ def test_two_trainers_end_each_round_with_the_same_adapter_bytes(tiny_model: Pat
             digests = [hashlib.sha256(b"".join(t.export().values())).hexdigest() for t in trainers]
             assert digests[0] == digests[1]  # the same adapter bytes on both trainers
         assert not torch.equal(trainers[0].model.flat(), trainers[0].v0)  # and it moved
-    finally:
-        for c in collectives:
-            c.close()
 
 
 def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(tiny_model: Path) -> None:
     data = _completions(tiny_model)
     levels = levels_for(4)  # exact for groups of up to 4
     early = [_trainer(tiny_model, levels) for _ in range(2)]
-    size = sum(early[0].model.sizes)
-    first = Collective(CollectiveSpec([], "late", size, round_timeout_s=60))
-    first.start()
-    collectives = [first]
-    try:
-        second = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
-        second.start()
-        collectives.append(second)
-        for trainer, collective in zip(early, collectives, strict=True):
-            trainer.collective = collective
+    with _collectives(early, "late") as collectives:
         results = _round_all(early, data)
         assert [r.group_size for r in results] == [2, 2]
         for trainer in early:
             trainer.share_state()
         late = _trainer(tiny_model, levels)
+        size, first = sum(late.model.sizes), collectives[0]
         third = Collective(CollectiveSpec(first.visible_addrs, "late", size, round_timeout_s=60))
         third.start()
         collectives.append(third)
@@ -129,6 +130,3 @@ def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(tiny_model:
         results = _round_all([*early, late], [data[0], data[1], data[1][::-1]])
         assert [r.group_size for r in results] == [3, 3, 3]
         assert all(torch.equal(r.weights, results[0].weights) for r in results)
-    finally:
-        for c in collectives:
-            c.close()
