@@ -254,7 +254,8 @@ class LeaseBook:
             return ReceiptOutcome.WRONG_VERSION
         if receipt.num_samples != len(lease.example_indices) * lease.group_size:
             return ReceiptOutcome.WRONG_SIZE
-        if state.status == "completed":
+        if state.status in ("completed", "rejected", "quarantined"):
+            # handed in before; a penalized lease's receipt sent again must not count again
             return ReceiptOutcome.DUPLICATE
         if self.payloads.get(receipt.payload_hash, lease.lease_id) != lease.lease_id:
             return ReceiptOutcome.DUPLICATE_PAYLOAD

@@ -189,3 +189,15 @@ def test_a_payload_handed_in_for_one_lease_is_refused_for_another() -> None:
     )
     assert b.receipt("b", copied) is ReceiptOutcome.DUPLICATE_PAYLOAD
     assert b.delivered("r1") == 2 and b.leases[theirs.lease_id].status == "active"
+
+
+def test_a_penalized_leases_receipt_sent_again_does_not_count_again() -> None:
+    b, _ = book()
+    lease = b.issue("r1", "a", 2)
+    assert lease is not None
+    assert b.receipt("a", receipt_for(lease)) is ReceiptOutcome.COUNTED
+    assert b.uncount(lease.lease_id, "quarantined") == lease.example_indices
+    # the producer's retry of the same receipt (its ack lost, say) is a duplicate, not a count
+    assert b.receipt("a", receipt_for(lease)) is ReceiptOutcome.DUPLICATE
+    assert b.delivered("r1") == 0 and b.runs["r1"].completion_tokens == 0
+    assert b.leases[lease.lease_id].status == "quarantined"
