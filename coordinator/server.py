@@ -1,16 +1,13 @@
-"""The coordinator process: a py-libp2p host, the membership table, the REST API, one trio loop.
+"""The coordinator process: a py-libp2p host, the REST API, one trio loop.
 
-Nodes reach it three ways. The membership *protocol* (request/response) carries signed
-``JoinRequest``, ``PeersRequest`` and ``Goodbye`` frames; the membership *topic* (gossip)
-carries ``Heartbeat``, ``Announce`` and ``Goodbye``; the lease protocol carries ``LeaseRequest``
-and ``RolloutReceipt`` (``coordinator/rollouts.py``), leases going only to members with the
-inference role; the audit protocol goes to ``coordinator/auditing.py``, training rounds and
-adapter versions to ``coordinator/rounds.py``, all over one shared state
-(``coordinator/state.py``). Every request type is dispatched by one table (``_handlers``: type →
-protocol and handler), so a message on the wrong protocol is refused like an unknown one. Joins,
-departures and status changes are written to the database at once; heartbeats update memory and
-are flushed once per interval, so the database is never more than one interval behind and a
-restarted coordinator picks up where it was.
+Nodes reach it by four request protocols and the membership topic, and every request type is
+dispatched by one table (``_handlers``: type → protocol and handler), so a message on the wrong
+protocol is refused like an unknown one. The handlers live with what they are about:
+membership (joins, peers, goodbyes, heartbeats on gossip) in ``coordinator/members.py``; leases
+and receipts in ``rollouts.py``; audits and verdicts in ``auditing.py``; training rounds and
+adapter versions in ``rounds.py`` — the last three over one shared state (``state.py``). What
+stays here is who may ask: work goes to live members with the role, and never to a banned
+producer; unaudited producers' leases are capped by address (``admission.py``).
 
 Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
 drains HTTP within a few seconds, and closes the host.
@@ -36,7 +33,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import NodeStore, default_url, open_database
 from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.lifecycle import RunLifecycle
-from coordinator.membership import Membership, Transition
+from coordinator.members import Members
+from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.rollouts import Rollouts
 from coordinator.rounds import Rounds
@@ -58,7 +56,6 @@ from protocol.errors import (
     Forbidden,
     NotMember,
     ProtocolError,
-    RateLimited,
     UnknownMessageType,
 )
 from protocol.gossip import GossipGate
@@ -69,7 +66,6 @@ from protocol.membership import (
     Goodbye,
     Heartbeat,
     JoinRequest,
-    PeersReply,
     PeersRequest,
 )
 from protocol.p2p import P2PHost, request_cap
@@ -116,7 +112,6 @@ class Coordinator:
         self.membership = Membership(config.membership)
         self.metrics = CoordinatorMetrics()
         engine = open_database(config.db or default_url(data_dir))
-        self.store = NodeStore(engine)
         self.accounts = KeyStore(
             open_accounts(config.accounts_db or f"sqlite:///{data_dir / 'gateway.db'}")
         )
@@ -133,9 +128,11 @@ class Coordinator:
         )
         self._request_guard = ReplayGuard()
         self.admission = Admission(config.admission)
+        self.members = Members(
+            self.membership, NodeStore(engine), self.admission, self.gate, self.metrics, clock
+        )
         self._dispatch = self._handlers()
         self._log_limit = RateLimit(60.0)
-        self._dirty: set[str] = set()
         self.multiaddrs: list[str] = []
         self.http_url = ""
         self.dht = DhtBootstrap(host=_listen_host(config.listen))
@@ -164,12 +161,10 @@ class Coordinator:
             logging.getLogger("coordinator").removeHandler(self.runlog)
 
     async def _run(self, stop: trio.Event, task_status: Any) -> None:
-        rows = await trio.to_thread.run_sync(self.store.load_all)
+        rows = await trio.to_thread.run_sync(self.members.store.load_all)
         await trio.to_thread.run_sync(self.state.restore)
         self.runs.resume()
-        self.membership.restore(rows, self.clock())
-        if rows:
-            log.info("restored %d nodes from the database", len(rows))
+        self.members.restore(rows)
         host_, port = parse_host_port(self.config.http)
         sock = bind_tcp(host_, port)
         self.http_url = f"http://{_dialable(host_)}:{sock.getsockname()[1]}"
@@ -179,7 +174,7 @@ class Coordinator:
             limits=self.config.transport,
             registry=self.metrics.registry,
         ) as host:
-            self.host = host
+            self.host = self.members.host = host
             self.multiaddrs = _loopback_first(host.addrs())
             for protocol, cap in _FRAME_CAPS.items():
                 host.serve(protocol, functools.partial(self._on_request, protocol), cap)
@@ -188,10 +183,10 @@ class Coordinator:
             self._write_discovery_file()
             http_stop = trio.Event()
             async with trio.open_nursery() as http, trio.open_nursery() as loops:
-                loops.start_soon(self._gossip_loop, sub)
+                loops.start_soon(self.members.gossip_loop, sub)
                 loops.start_soon(_drain, manifests)
-                loops.start_soon(self._sweep_loop)
-                loops.start_soon(self._flush_loop)
+                loops.start_soon(self.members.sweep_loop)
+                loops.start_soon(self.members.flush_loop)
                 loops.start_soon(self.rollouts.expire_loop)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
@@ -207,7 +202,7 @@ class Coordinator:
                 http_stop.set()  # open HTTP requests get hypercorn's graceful timeout
                 http.cancel_scope.deadline = trio.current_time() + 5
             with trio.move_on_after(5):
-                await self._flush()
+                await self.members.flush()
             self.dht.close()
             self.state.close()
 
@@ -216,9 +211,9 @@ class Coordinator:
     def _handlers(self) -> dict[type[Message], tuple[str, Handler]]:
         """Each request type: the protocol it arrives on, and its handler."""
         return {
-            JoinRequest: (MEMBERSHIP_PROTOCOL, self._join),
-            PeersRequest: (MEMBERSHIP_PROTOCOL, self._peers),
-            Goodbye: (MEMBERSHIP_PROTOCOL, self._goodbye),
+            JoinRequest: (MEMBERSHIP_PROTOCOL, self.members.join),
+            PeersRequest: (MEMBERSHIP_PROTOCOL, self.members.peers),
+            Goodbye: (MEMBERSHIP_PROTOCOL, self.members.goodbye),
             LeaseRequest: (LEASES_PROTOCOL, self._lease),
             RolloutReceipt: (LEASES_PROTOCOL, self._receipt),
             AuditRequest: (AUDITS_PROTOCOL, self._audit),
@@ -248,17 +243,6 @@ class Coordinator:
             raise
         return seal(self.identity, reply) if reply is not None else b""
 
-    # -- membership --
-
-    async def _peers(self, peer: str, msg: PeersRequest, _: bytes) -> Message:
-        member = self.membership.nodes.get(peer)
-        if member is None or member.status in ("left", "dead"):
-            raise NotMember("the peer list is for live members: join first")
-        return PeersReply(peers=self.membership.live_peers(peer, self.clock(), limit=msg.limit))
-
-    async def _goodbye(self, peer: str, msg: Goodbye, _: bytes) -> None:
-        await self._apply(self.membership.goodbye(peer))
-
     # -- leases --
 
     async def _lease(self, peer: str, msg: LeaseRequest, _: bytes) -> Message:
@@ -268,10 +252,7 @@ class Coordinator:
             holders = views.lease_holders(self.state)
             unaudited = {h for h in holders if not self._audited(h)}
             self.admission.unaudited_lease(peer, holders, unaudited)
-        trainers = sum(
-            n.status == "alive" and "trainer" in n.capabilities.roles
-            for n in self.membership.nodes.values()
-        )
+        trainers = len(self.members.live_with("trainer"))
         return await self.rollouts.lease(peer, msg, trainers)
 
     async def _receipt(self, peer: str, msg: RolloutReceipt, _: bytes) -> Message:
@@ -281,7 +262,7 @@ class Coordinator:
 
     async def _audit(self, peer: str, msg: AuditRequest, _: bytes) -> Message:
         self._check_member(peer, "verifier")
-        return await self.auditing.request(peer, msg, self._addrs_of)
+        return await self.auditing.request(peer, msg, self.members.addrs_of)
 
     async def _verdict(self, peer: str, msg: Verdict, data: bytes) -> Message:
         return await self.auditing.verdict(peer, msg, data)
@@ -290,16 +271,13 @@ class Coordinator:
 
     async def _train(self, peer: str, msg: TrainRequest, _: bytes) -> Message:
         self._check_member(peer, "trainer")
-        trainers = sorted(
-            p for p, n in self.membership.nodes.items()
-            if n.status == "alive" and "trainer" in n.capabilities.roles
-        )  # fmt: skip
+        trainers = self.members.live_with("trainer")
         try:
             dht = await self.hivemind_peers() if len(trainers) > 1 else []
         except RuntimeError as e:
             log.error("no hivemind DHT for trainers: %s", e)
             dht = []
-        return await self.rounds.train(peer, msg, trainers, self._addrs_of, dht)
+        return await self.rounds.train(peer, msg, trainers, self.members.addrs_of, dht)
 
     async def _manifest(self, peer: str, msg: AdapterManifest, data: bytes) -> Message:
         self._check_member(peer, "trainer")
@@ -310,17 +288,13 @@ class Coordinator:
         return await self.rounds.report(peer, msg)
 
     async def _versions(self, peer: str, msg: VersionsRequest, _: bytes) -> Message:
-        if peer not in self.membership.nodes:
+        if not self.members.is_member(peer):
             raise NotMember("adapter versions are for members: join first")
-        return self.rounds.versions(msg, self._addrs_of)
+        return self.rounds.versions(msg, self.members.addrs_of)
 
     def _check_member(self, peer: str, role: str) -> None:
         """Work is for live members with the role, and never for a banned producer."""
-        node = self.membership.nodes.get(peer)
-        if node is None or node.status in ("left", "dead"):
-            raise NotMember(f"{role} work is for live members: join first")
-        if role not in node.capabilities.roles:
-            raise Forbidden(f"{role} work is for nodes with the {role} role")
+        self.members.require(peer, role)
         banned, strikes = views.is_banned(self.state, peer)
         if banned:
             raise Forbidden(f"banned after {strikes} confirmed audit failures")
@@ -329,44 +303,7 @@ class Coordinator:
         """Has ``peer`` passed an audit (and is it not banned)?"""
         return views.has_passed_an_audit(self.state, peer)
 
-    def _addrs_of(self, peer: str) -> list[str]:
-        node = self.membership.nodes.get(peer)
-        return list(node.addrs) if node else []
-
-    async def _join(self, peer: str, req: JoinRequest, _: bytes) -> Message:
-        try:
-            self.admission.join(peer, self.host.remote_ip(peer))
-        except RateLimited:
-            self.metrics.joins.labels("rate_limited").inc()
-            raise
-        reply, transition = self.membership.join(peer, req, req.instance_id, self.clock())
-        result = "accepted" if reply.accepted else reply.reason.split(":", 1)[0]
-        self.metrics.joins.labels(result).inc()
-        if reply.accepted:
-            await self._apply(transition)
-        else:
-            log.warning("refused join of %s (%s): %s", req.name, peer, reply.reason)
-        return reply
-
-    # -- gossip, sweeping, persistence --------------------------------------------------------
-
-    async def _gossip_loop(self, sub: object) -> None:
-        async for env in sub:  # type: ignore[attr-defined]
-            msg, peer = env.message, env.sender
-            if isinstance(msg, Heartbeat):
-                result = self.membership.heartbeat(peer, msg, self.clock())
-                if result is False:
-                    self.gate.refuse(
-                        peer, "unknown_sender", "heartbeat from a node that has not joined"
-                    )
-                    continue
-                self._dirty.add(peer)
-                if isinstance(result, Transition):
-                    await self._apply(result)
-            elif isinstance(msg, Goodbye):
-                await self._apply(self.membership.goodbye(peer))
-            elif isinstance(msg, Announce) and self.membership.announce(peer, msg):
-                await self._persist(peer)
+    # -- gossip ---------------------------------------------------------------------------------
 
     async def announce_deployment(self, run_id: str, version: int) -> None:
         """Tell serving nodes on gossip that a run deploys a version (they sync at once)."""
@@ -381,65 +318,14 @@ class Coordinator:
             return None
         if isinstance(env.message, Deployed):
             return env if env.sender == self.peer_id else None
-        node = self.membership.nodes.get(env.sender)
-        if node is None or "trainer" not in node.capabilities.roles:
+        if not self.members.has_role(env.sender, "trainer"):
             self.manifest_gate.refuse(forwarder, "not_a_trainer", "a manifest not from a trainer")
             return None
         return env
 
-    async def _sweep_loop(self) -> None:
-        period = max(0.05, self.membership.interval / 10)
-        while True:
-            for t in self.membership.sweep(self.clock()):
-                await self._apply(t)
-            gone = self.membership.forget(self.clock())
-            if gone:
-                self._dirty.difference_update(gone)
-                await trio.to_thread.run_sync(self.store.delete, gone)
-                for peer_id in gone:
-                    self.host.forget(peer_id)
-                    self.admission.address_of.pop(peer_id, None)
-                log.info("forgot %d nodes dead or gone for %.0fs", len(gone),
-                         self.membership.config.forget_after_s)  # fmt: skip
-            await trio.sleep(period)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await trio.sleep(self.membership.interval)
-            await self._flush()
-
-    async def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        nodes = self.membership.nodes
-        seen = {p: (nodes[p].last_seen, nodes[p].heartbeats, nodes[p].status) for p in dirty}
-        await trio.to_thread.run_sync(self.store.touch, seen)
-
-    async def _persist(self, peer_id: str) -> None:
-        """Write a node's current state to the database now."""
-        row = self.membership.nodes[peer_id].to_row()
-        await trio.to_thread.run_sync(self.store.upsert, [row])
-
-    async def _apply(self, t: Transition | None) -> None:
-        """Persist a node's new state now, and log and count a change of status."""
-        if t is None:
-            return
-        await self._persist(t.peer_id)
-        node = self.membership.nodes[t.peer_id]
-        if t.old != t.new:
-            self.metrics.transitions.labels(t.new).inc()
-            log.info(
-                "node %s (%s) %s -> %s",
-                node.name,
-                t.peer_id,
-                t.old or "new",
-                t.new,
-                extra={"peer": t.peer_id, "status": t.new},
-            )
-
     def refresh_gauges(self) -> None:
         self.runs.refresh_gauges()
-        for status, n in self.membership.counts().items():
-            self.metrics.nodes.labels(status).set(n)
+        self.members.refresh_gauges()
 
     def _write_discovery_file(self) -> None:
         path = self.data_dir / COORDINATOR_FILE
