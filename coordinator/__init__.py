@@ -1,7 +1,8 @@
 """The coordinator process, one module per concern.
 
 - ``server.py``: the py-libp2p host; every request dispatched by message type to its handler;
-- ``membership.py``, ``admission.py``: the node table and who may join or take leases how fast;
+- ``members.py``: the membership protocol and topic (joins, peers, goodbyes, heartbeats), over
+  the node table (``membership.py``); ``admission.py``: who may join or take leases how fast;
 - the protocols' handlers, over one shared state: ``rollouts.py`` (leases, receipts, expiry),
   ``rounds.py`` (training assignments, manifests, reports, adapter versions), ``auditing.py``
   (audits, verdicts, penalties), ``lifecycle.py`` (runs created, queued, finished, deployed);
