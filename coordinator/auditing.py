@@ -57,12 +57,13 @@ class Auditing:
         if audit is None or outcome in ("unknown_audit", "wrong_verifier"):
             log.warning("verdict from %s refused: %s", peer, outcome)
             return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
-        tokens = state.book.leases[audit.lease_id].completion_tokens
-        state.billing.credit_verified(audit.run_id, audit.audit_id, peer, tokens)
+        if outcome != "reassigned":  # a verifier that could not check hands it on, unpaid
+            tokens = state.book.leases[audit.lease_id].completion_tokens
+            state.billing.credit_verified(audit.run_id, audit.audit_id, peer, tokens)
         if penalty is not None:
             leases = self._penalize(penalty)
             state.billing.forfeit(audit.run_id, penalty.producer, [s.lease_id for s in leases])
-        elif not verdict.passed:
+        elif outcome == "confirming":
             log.warning(
                 "audit %s of %s failed %s (%s); asking a second verifier",
                 audit.audit_id, audit.producer, verdict.failed_check, verdict.detail,

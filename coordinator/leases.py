@@ -43,6 +43,9 @@ class ReceiptOutcome(Enum):
     DUPLICATE_PAYLOAD = "duplicate_payload"
     """The payload was already handed in for another lease (a payload names its lease, so an
     honest one never repeats): a node resubmitting someone's work."""
+    TOO_MANY_TOKENS = "too_many_tokens"
+    """More completion tokens claimed than the lease allows (samples × ``max_tokens``): a
+    claim no payload of this lease can back."""
 
 
 class LeaseBook:
@@ -254,6 +257,8 @@ class LeaseBook:
             return ReceiptOutcome.WRONG_VERSION
         if receipt.num_samples != len(lease.example_indices) * lease.group_size:
             return ReceiptOutcome.WRONG_SIZE
+        if receipt.completion_tokens > receipt.num_samples * lease.sampling.max_tokens:
+            return ReceiptOutcome.TOO_MANY_TOKENS
         if state.status in ("completed", "rejected", "quarantined"):
             # handed in before; a penalized lease's receipt sent again must not count again
             return ReceiptOutcome.DUPLICATE

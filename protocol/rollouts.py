@@ -70,6 +70,7 @@ ReceiptOutcomeName = Literal[
     "wrong_version",
     "wrong_size",
     "duplicate_payload",
+    "too_many_tokens",
 ]
 
 

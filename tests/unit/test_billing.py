@@ -207,3 +207,34 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
     assert states["a"] == ("completed", "max_rounds") and states["c"][0] == "cancelled"
     assert states["b"] == ("completed", "target_reward")
     assert states["gone"][0] == "failed" and "no-such-env" in states["gone"][1]
+
+
+def test_a_verifier_that_hands_an_audit_on_is_not_paid(dbs: Databases) -> None:
+    from protocol.runs import RunSpec
+    from protocol.verification import AuditAssignment, AuditRequest, Verdict
+
+    svc, _ = service(dbs)
+
+    async def main() -> None:
+        await svc.runs.create(RunSpec(name="r1"))
+        svc.state.book.runs["r1"].plan = STREAM
+        deliver(svc.state.book, "producer")  # a new producer: audited every time
+        svc.state.audits.on_counted(*_counted(svc), None)
+        ask = AuditRequest(base_model="tiny")
+        paid = []
+        for verifier, check in (("v1", "verifier_error"), ("v2", "")):
+            job = await svc.auditing.request(verifier, ask, lambda p: [])
+            assert isinstance(job, AuditAssignment)
+            verdict = Verdict(audit_id=job.audit_id, lease_id=job.lease.lease_id,
+                              producer=job.producer, payload_hash=job.payload_hash,
+                              passed=not check, failed_check=check)  # fmt: skip
+            ack = await svc.auditing.verdict(verifier, verdict, b"frame")
+            paid.append((ack.outcome, svc.state.billing.balances().get(f"node:{verifier}", 0)))
+        assert paid == [("reassigned", 0), ("recorded", TOKENS)]  # only the real check earns
+
+    trio.run(main)
+
+
+def _counted(svc: Work) -> tuple[str, str, str, bytes]:
+    (s,) = [s for s in svc.state.book.leases.values() if s.counted]
+    return s.lease_id, s.run_id, s.node, s.payload_hash or b""

@@ -23,7 +23,7 @@ def plan(
     **rl: float | int | None,
 ) -> RunPlan:
     """A run's plan as ``plan_run`` makes it, without loading the environment."""
-    rl = {"group_size": 4, "temperature": 1.0, "max_tokens": 8, "lease_ttl_s": 60.0,
+    rl = {"group_size": 4, "temperature": 1.0, "max_tokens": 32, "lease_ttl_s": 60.0,
           "max_examples": 10, **rl}  # fmt: skip
     spec = RunSpec(name=run_id, base_model=base_model, env=EnvSpec(args={"digits": 2}, seed=7),
                    rl=RLSpec(**rl), diloco=DilocoSpec(max_staleness=max_staleness),
@@ -201,3 +201,14 @@ def test_a_penalized_leases_receipt_sent_again_does_not_count_again() -> None:
     assert b.receipt("a", receipt_for(lease)) is ReceiptOutcome.DUPLICATE
     assert b.delivered("r1") == 0 and b.runs["r1"].completion_tokens == 0
     assert b.leases[lease.lease_id].status == "quarantined"
+
+
+def test_a_receipt_claiming_more_tokens_than_its_lease_allows_is_refused() -> None:
+    b, _ = book()
+    lease = b.issue("r1", "a", 2)
+    assert lease is not None  # 2 examples x 4 samples x 32 max tokens: at most 256
+    too_many = msgspec.structs.replace(receipt_for(lease), completion_tokens=257)
+    assert b.receipt("a", too_many) is ReceiptOutcome.TOO_MANY_TOKENS
+    assert b.delivered("r1") == 0 and b.leases[lease.lease_id].status == "active"
+    at_most = msgspec.structs.replace(receipt_for(lease), completion_tokens=256)
+    assert b.receipt("a", at_most) is ReceiptOutcome.COUNTED
