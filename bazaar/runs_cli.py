@@ -69,12 +69,11 @@ def run_submit(
 @run_app.command("fields")
 def run_fields() -> None:
     """Every field a run spec may set, with its meaning (the spec's own documentation)."""
-    import msgspec
     from rich.table import Table
 
     from protocol.runs import RunSpec, field_docs
 
-    defaults = msgspec.to_builtins(RunSpec())
+    defaults = RunSpec().to_dict()
     table = Table("field", "default", "meaning", show_lines=False)
     for key, doc in field_docs().items():
         value: Any = defaults

@@ -14,6 +14,7 @@ producer's record), ``adapter_versions``, ``round_reports`` and the ``ledger``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +186,8 @@ class Trust(Base):
         return (self.passed + 1) / (self.passed + 1 + 5 * self.failed)
 
     def view(self) -> dict[str, Any]:
-        fields = ("clean_streak", "passed", "failed", "strikes", "banned", "credited_tokens",
-                  "forfeited_tokens")  # fmt: skip
-        return {**{f: getattr(self, f) for f in fields}, "reputation": round(self.reputation, 4)}
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "peer_id"}
+        return {**record, "reputation": round(self.reputation, 4)}
 
 
 class VerdictRecord(Base):

@@ -128,6 +128,9 @@ class LeaseBook:
     def issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         """A lease of up to ``max_prompts`` examples for ``node``, or None when none are left."""
         self.expire()
+        return self._issue(run_id, node, max_prompts)
+
+    def _issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         run = self.runs[run_id]
         if run.state != "running":
             return None
@@ -195,7 +198,7 @@ class LeaseBook:
                 continue
             if untrained_cap is not None and self.untrained(run) >= untrained_cap:
                 continue
-            lease = self.issue(run.run_id, node, max_prompts)
+            lease = self._issue(run.run_id, node, max_prompts)  # expired above
             if lease is not None:
                 self._next_run = (self._next_run + k + 1) % len(runs)
                 return lease
