@@ -280,7 +280,9 @@ def ledger(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Who paid for which tokens and who earned them, and whether every run's bill reconciles
-    (charged = tokens processed = the key's usage records). Exits 1 if one does not."""
+    with the evidence: the tokens in the payloads themselves, counted again by the coordinator
+    from its copies, and the trainers' signed counts; the key's usage records equal the charges
+    less the refunds. Exits 1 if one does not."""
     params = {k: v for k, v in (("run", run), ("node", node)) if v}
     data = _coordinator("GET", "/v1/ledger", coordinator_url, params=params)
     if as_json:
@@ -294,14 +296,21 @@ def ledger(
     for account, balance in data["balances"].items():
         accounts.add_row(account[:60], f"{balance:,}")
     console.print(accounts)
-    runs = Table(title="runs: billed vs processed")
-    for col in ("run", "owner", "sampled", "trained", "billed", "processed", "key usage", "ok"):
+    runs = Table(title="runs: billed vs recounted from the payloads")
+    cols = ("run", "owner", "sampled", "recounted", "trainers' count", "trained",
+            "recounted", "refunded", "key usage", "ok")  # fmt: skip
+    for col in cols:
         runs.add_column(col, justify="left" if col in ("run", "owner") else "right")
     for r in data["runs"]:
         usage = "-" if r["key_usage"] is None else f"{r['key_usage']:,}"
         runs.add_row(r["run"], r["owner"] or "-", f"{r['charged_sampled']:,}",
-                     f"{r['charged_trained']:,}", f"{r['charged']:,}", f"{r['processed']:,}",
-                     usage, "[green]✓[/]" if r["reconciled"] else "[red]✗[/]")  # fmt: skip
+                     f"{r['recounted_sampled']:,}", f"{r['trainer_counted_sampled']:,}",
+                     f"{r['charged_trained']:,}", f"{r['recounted_trained']:,}",
+                     f"{r['refunded']:,}", usage,
+                     "[green]✓[/]" if r["reconciled"] else "[red]✗[/]")  # fmt: skip
+        if r["evidence_missing"]:
+            console.print(f"[yellow]{r['run']}: {len(r['evidence_missing'])} charged payloads "
+                          "are no longer kept[/]")  # fmt: skip
     console.print(runs)
     entries = Table(title=f"last entries ({data['entry_count']} in all)")
     for col in ("run", "kind", "from", "to", "tokens"):

@@ -49,10 +49,14 @@ class Stop(Exception):
 
 def node_layout(i: int, n: int) -> tuple[str, bool]:
     """Roles of node ``i`` of ``n``, and whether it serves the OpenAI API: one node does it all
-    alone; otherwise a serving sampler-verifier, a trainer, a sampler, then more of each."""
+    alone; otherwise a serving sampler-verifier, a trainer, a second sampler-verifier (each
+    sampler's rollouts are audited by the other: no node checks its own work, and a run
+    trains only on audited or trusted rollouts), then more of each."""
     if n == 1:
         return "inference,trainer,verifier", True
-    first = [("inference,verifier", True), ("trainer", False), ("inference", False)]
+    if n == 2:
+        return [("inference,verifier", True), ("trainer,verifier", False)][i]
+    first = [("inference,verifier", True), ("trainer", False), ("inference,verifier", False)]
     more = [("inference", False), ("trainer", False), ("inference,verifier", False)]
     return first[i] if i < len(first) else more[(i - len(first)) % len(more)]
 
@@ -185,7 +189,9 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
     console = net.console
     tiny = tiny_model(cache)
     coord_home = net.root / "coordinator"
-    url, maddr = net.start_coordinator(coord_home, ["--leases.round_leases=1"])
+    url, maddr = net.start_coordinator(
+        coord_home, ["--leases.round_leases=1", f"--tokenizers.tiny={tiny}"]
+    )
     gateway = f"http://127.0.0.1:{_free_port()}"
     net.spawn("gateway", coord_home, [
         "gateway", "start", "--coordinator-url", url, "--listen", gateway.removeprefix("http://"),
@@ -195,7 +201,7 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
     net.wait("starting the gateway", lambda: _answers(f"{gateway}/health"), 60)
     console.print(f"coordinator {url}   gateway {gateway}   logs {net.logs}", soft_wrap=True)
     key = _demo_key(net.root, coord_home)
-    run_id = _submit(url, key, spec_path, rounds)
+    run_id = _submit(url, key, spec_path, rounds, audited=n > 1)
     console.print(f"run [bold]{run_id}[/] submitted ({spec_path.name}, {rounds} rounds)")
     run = _watch(net, url, run_id, n)
     if run["state"] != "completed":
@@ -230,13 +236,18 @@ def _demo_key(root: Path, accounts_home: Path) -> str:
     return secret
 
 
-def _submit(url: str, key: str, spec_path: Path, rounds: int) -> str:
+def _submit(url: str, key: str, spec_path: Path, rounds: int, audited: bool = True) -> str:
+    """Submit the demo run; ``audited`` off (one node alone: no one else can audit its work)
+    trains on rollouts whose token count the coordinator confirmed, audited or not."""
     import msgspec
 
     from protocol.runs import load_spec
 
     spec = load_spec(spec_path)
     spec = msgspec.structs.replace(spec, stop=msgspec.structs.replace(spec.stop, max_rounds=rounds))
+    if not audited:
+        checks = msgspec.structs.replace(spec.verification, trusted_only=False)
+        spec = msgspec.structs.replace(spec, verification=checks)
     taken = {r["id"] for r in httpx.get(f"{url}/v1/runs", timeout=10).json()["data"]}
     name = next(f"{spec.name}{f'-{i}' if i > 1 else ''}" for i in range(1, 10_000)
                 if f"{spec.name}{f'-{i}' if i > 1 else ''}" not in taken)  # fmt: skip

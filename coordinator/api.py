@@ -210,7 +210,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         every run's reconciliation: charges = tokens processed = the key's usage records."""
         if run is not None:
             _run(run)
-        return await queries.ledger(coord.state, run, node)
+        return await queries.ledger(coord.state, coord.recounter.kept_count, run, node)
 
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:

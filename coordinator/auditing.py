@@ -57,12 +57,14 @@ class Auditing:
         if audit is None or outcome in ("unknown_audit", "wrong_verifier"):
             log.warning("verdict from %s refused: %s", peer, outcome)
             return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
+        lease = state.book.leases[audit.lease_id]
         if outcome != "reassigned":  # a verifier that could not check hands it on, unpaid
-            tokens = state.book.leases[audit.lease_id].completion_tokens
-            state.billing.credit_verified(audit.run_id, audit.audit_id, peer, tokens)
+            state.billing.credit_verified(audit.run_id, audit.audit_id, peer,
+                                          lease.completion_tokens)  # fmt: skip
+        if outcome in ("recorded", "cleared"):
+            lease.audit = "passed"
         if penalty is not None:
-            leases = self._penalize(penalty)
-            state.billing.forfeit(audit.run_id, penalty.producer, [s.lease_id for s in leases])
+            await self.penalize(penalty)
         elif outcome == "confirming":
             log.warning(
                 "audit %s of %s failed %s (%s); asking a second verifier",
@@ -70,6 +72,26 @@ class Auditing:
             )  # fmt: skip
         state.commit()
         return VerdictAck(audit_id=verdict.audit_id, outcome=outcome)
+
+    async def convict(self, lease: LeaseState, judge: str, check: str, detail: str,
+                      evidence: bytes) -> Penalty:  # fmt: skip
+        """Penalize a producer whose own signed payload (``evidence``) contradicts its receipt,
+        as the coordinator found it (``judge``): no verifier needed."""
+        penalty = self.state.audits.convict(
+            lease.lease_id, lease.run_id, lease.node, lease.payload_hash or b"", judge, check,
+            detail, evidence,
+        )  # fmt: skip
+        await self.penalize(penalty)
+        self.state.commit()
+        return penalty
+
+    async def penalize(self, penalty: Penalty) -> None:
+        """Apply a confirmed failure: reject, quarantine, forfeit (back to the run's payer)."""
+        state = self.state
+        leases = self._penalize(penalty)
+        state.book.leases[penalty.lease_id].audit = "failed"
+        run = state.book.runs[state.book.leases[penalty.lease_id].run_id]
+        await state.billing.forfeit(run, penalty.producer, [s.lease_id for s in leases])
 
     def _penalize(self, penalty: Penalty) -> list[LeaseState]:
         """Reject the rollout, quarantine the producer's unaudited work in the window, forfeit

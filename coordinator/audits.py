@@ -170,13 +170,38 @@ class AuditBook:
             self.open[audit.audit_id] = audit
             return "confirming", None
         audit.status = "failed"
+        return "confirmed_failure", self._strike(audit, verdict.failed_check)
+
+    def convict(
+        self,
+        lease_id: str,
+        run_id: str,
+        producer: str,
+        payload_hash: bytes,
+        judge: str,
+        check: str,
+        detail: str,
+        evidence: bytes,
+    ) -> Penalty:
+        """A failure the coordinator saw itself (``judge``, its peer id): the producer's own
+        signed payload contradicts its receipt, so no verifier needs to confirm it. Recorded as
+        a failed audit, with the payload as evidence; open audits of the lease are dropped."""
+        self.cancel_for({lease_id})
+        now = self.clock()
+        audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, now,
+                      stage="confirm", status="failed", verifier=judge)  # fmt: skip
+        audit.verdicts.append(VerdictRecord(judge, False, check, detail, evidence, now))
+        self.audits[audit.audit_id] = audit
+        self.keep(audit)
+        return self._strike(audit, check)
+
+    def _strike(self, audit: Audit, check: str) -> Penalty:
+        trust = self.trust_of(audit.producer)
         trust.failed += 1
         trust.strikes += 1
         trust.clean_streak = 0
         trust.banned = trust.banned or trust.strikes >= self.config.max_strikes
-        return "confirmed_failure", Penalty(
-            audit.producer, audit.lease_id, verdict.failed_check, trust.banned
-        )
+        return Penalty(audit.producer, audit.lease_id, check, trust.banned)
 
     def cancel_for(self, lease_ids: set[str]) -> None:
         """Drop open audits of quarantined leases: their work is redone anyway."""

@@ -1,28 +1,36 @@
 """A run's bill and the network's ledger: who paid for each token and who earned it.
 
-Runs are billed per token that moved the model: when a trainer reports a round whose recorded
-version it made (it signed the same manifest), the sampled tokens of the rollouts of its share
-and the tokens it trained on are charged. Each charge is also a credit, to the rollout's
-producer or to the trainer; a trainer whose result lost to another group's, or that died, moved
-nothing, and nothing of its share is charged. Verifiers are credited the tokens they checked,
-out of the network's account; a producer penalized after its rollouts were paid for forfeits
-that credit to the network. The journal is double-entry — every entry moves tokens from one
-account to another, and ``(kind, ref)`` is unique, so nothing is posted twice — over the
-accounts ``key:<name>`` (a researcher's API key), ``node:<peer id>`` and ``network``.
+Runs are billed per token that moved the model, and only for tokens a party other than the
+producer confirmed: the coordinator fetches every counted rollout's payload and counts it
+(``coordinator/recount.py``), and only rollouts whose receipt matches that count are dealt to a
+round. When a trainer reports a round whose recorded version it made (it signed the same
+manifest), each confirmed rollout of its share is charged its sampled tokens (paid to the
+rollout's producer), and the trainer is paid the same tokens again for training on them: the
+tokens trained are what the coordinator dealt, never what a trainer says. A trainer whose
+result lost to another group's, or that died, moved nothing, and nothing of its share is charged.
+Verifiers are credited the tokens they checked, out of the network's account. A producer
+penalized after its rollouts were paid for forfeits that credit back to the run's payer (the
+*refund*: the key's usage goes down by as much), and the run redoes those examples. The journal
+is double-entry — every entry moves tokens from one account to another, and ``(kind, ref)`` is
+unique, so nothing is posted twice — over the accounts ``key:<name>`` (a researcher's API key),
+``node:<peer id>`` and ``network``.
 
 The money itself is the key's budget in the accounts database (``protocol/accounts/``), the
 one the gateway meters requests against. Before a round is dealt the coordinator *holds* the
-round's worst case (sampled + trained ≤ 2 × the dealt rollouts' sampled tokens) of the owner's
+round's worst case (sampled + trained = 2 × the dealt rollouts' sampled tokens) of the owner's
 budget under the holder ``run:<id>`` — the same atomic hold the gateways take, so a key's runs
 and API requests together never overspend it — and settles each charge out of that hold with a
-usage record (model ``run:<id>``). What a round held and did not spend goes back once all its
-trainers' reports are in, or two rounds later (a trainer that died never reports). A run whose
-next round does not fit its key's budget or its own ``budget.max_tokens`` completes
-(``budget``).
+usage record (model ``run:<id>``). **No charge moves more than its round still holds**: one
+that would is refused, logged and not posted. What a round held and did not spend goes back
+once all its trainers' reports are in, or two rounds later (a trainer that died never reports).
+A restarted coordinator gives back what the stopped one held and holds again what its open
+rounds may still charge, before it answers anyone. A run whose next round does not fit its
+key's budget or its own ``budget.max_tokens`` completes (``budget``).
 
-``reconcile`` checks, per run, that the journal's charges equal the tokens processed — counted
-again from the lease records (which trainer's share each was) and the reports, for trainers
-that signed the version their round made — and equal the key's usage records for the run.
+``reconcile`` checks each run's charges against evidence no node can bend: the tokens in the
+payloads themselves, counted again from the frames the coordinator kept (signed by their
+producers and hashed into their receipts), and the signed recounts of the trainers that
+trained on them; and the key's usage records against the charges less the refunds.
 """
 
 from __future__ import annotations
@@ -84,14 +92,42 @@ class Billing:
         self._sums: dict[tuple[str, str], int] = {}  # (run, kind) -> tokens
         self.rounds: dict[tuple[str, int], RoundBill] = {}
 
-    def restore(self, rows: Iterable[LedgerRow], runs: Iterable[RunState]) -> None:
-        """Load the journal; give back what runs held when the coordinator stopped (a charge
-        that then finds no hold is still charged and recorded)."""
+    def restore(self, rows: Iterable[LedgerRow]) -> None:
+        """Load the journal (before the open rounds are held again: ``reestablish``)."""
         for row in rows:
             self._journal(row)
+
+    def reestablish(
+        self, run: RunState, rounds: dict[int, list[LeaseState]], reported: dict[int, set[str]]
+    ) -> None:
+        """After a restart (blocking, before serving): give back what the stopped coordinator
+        held for the run, then hold again what each open round (``rounds``: version → dealt
+        rollouts) may still charge — its worst case less what it has charged — so no later
+        charge finds nothing held."""
+        run_id = run.run_id
         if self.accounts is not None:
-            for run in runs:
-                self.accounts.release_all(holder(run.run_id))
+            self.accounts.release_all(holder(run_id))
+        if run.state != "running":
+            return
+        for version, dealt in sorted(rounds.items()):
+            trainers = {s.trained_by for s in dealt if s.trained_by}
+            done = reported.get(version, set())
+            if trainers and trainers <= done:
+                continue  # closed: every trainer reported
+            refs = {s.lease_id for s in dealt} | {f"{run_id}:{version}:{t}" for t in trainers}
+            charged = sum(e.tokens for e in self.entries
+                          if e.kind in CHARGES and e.ref in refs)  # fmt: skip
+            bill = RoundBill(held=2 * sum(s.completion_tokens for s in dealt), charged=charged,
+                             trainers=trainers, reported=done & trainers)  # fmt: skip
+            left = bill.held - charged
+            key = run.owner_key_id
+            if left > 0 and self.accounts is not None and key is not None \
+                    and not self.accounts.hold(holder(run_id), key, left):  # fmt: skip
+                # the key's budget went elsewhere meanwhile: charge nothing more
+                log.error("run %s round %d: %d tokens could not be held again; its charges "
+                          "will be refused", run_id, version, left)  # fmt: skip
+                bill.held = charged
+            self.rounds[(run_id, version)] = bill
 
     # -- the journal ----------------------------------------------------------------------------
 
@@ -152,18 +188,32 @@ class Billing:
             bill.trainers.add(trainer)
 
     async def charge_round(
-        self, run: RunState, version: int, trainer: str, share: list[LeaseState], trained: int
+        self, run: RunState, version: int, trainer: str, share: list[LeaseState]
     ) -> list[LedgerRow]:
-        """Charge what a trainer's round moved: its share's sampled tokens, each paid to the
-        rollout's producer, and the tokens it trained on, paid to it."""
+        """Charge what a trainer's round moved: each confirmed rollout of its share (sampled
+        tokens, paid to its producer; a rollout rejected or quarantined since it was dealt is
+        not charged), and the same tokens again for training on them (paid to the trainer)."""
         run_id = run.run_id
-        rows = [r for s in share
-                if (r := self.post(run_id, "sampled", payer(run), node(s.node),
-                                   s.completion_tokens, s.lease_id))]  # fmt: skip
-        if r := self.post(run_id, "trained", payer(run), node(trainer), trained,
-                          f"{run_id}:{version}:{trainer}"):  # fmt: skip
-            rows.append(r)
-        await self._settle(run, version, rows)
+        paid = [s for s in share if s.status == "completed" and s.counted and s.confirmed]
+        charges = [("sampled", node(s.node), s.completion_tokens, s.lease_id) for s in paid]
+        trained = sum(s.completion_tokens for s in paid)
+        charges.append(("trained", node(trainer), trained, f"{run_id}:{version}:{trainer}"))
+        bill = self.rounds.get((run_id, version))
+        rows = []
+        for kind, credit, tokens, ref in charges:
+            if tokens <= 0 or (kind, ref) in self._posted:
+                continue
+            if bill is None or tokens > bill.held - bill.charged:
+                log.error(
+                    "run %s round %d: a %s charge of %d tokens (%s) is beyond what the round "
+                    "holds (%d): refused", run_id, version, kind, tokens, ref,
+                    bill.held - bill.charged if bill else 0, extra={"run_id": run_id},
+                )  # fmt: skip
+                continue
+            bill.charged += tokens
+            if row := self.post(run_id, kind, payer(run), credit, tokens, ref):
+                rows.append(row)
+        await self._settle(run, rows)
         return rows
 
     def reported(self, run: RunState, version: int, trainer: str) -> None:
@@ -174,21 +224,16 @@ class Billing:
         """Give back what rounds whose every trainer has reported held and did not spend."""
         await self._close(run, lambda v, b: b.trainers <= b.reported)
 
-    async def _settle(self, run: RunState, version: int, rows: list[LedgerRow]) -> None:
-        bill = self.rounds.get((run.run_id, version))
-        bills = []
-        for row in rows:
-            from_hold = max(min(row.tokens, bill.held - bill.charged), 0) if bill else 0
-            if bill:
-                bill.charged += row.tokens
-            if run.owner_key_id is not None:
-                bills.append(Bill(
-                    key_id=run.owner_key_id, charged=from_hold, model=holder(run.run_id),
-                    prompt_tokens=0, completion_tokens=row.tokens, latency_ms=0.0,
-                    node=row.credit.removeprefix("node:"), status=200, created_at=row.at,
-                ))  # fmt: skip
-        if bills and self.accounts is not None:
-            await trio.to_thread.run_sync(self.accounts.settle_many, holder(run.run_id), bills)
+    async def _settle(self, run: RunState, rows: list[LedgerRow]) -> None:
+        """Write the key's usage records for these charges, each out of the run's hold."""
+        if not rows or self.accounts is None or run.owner_key_id is None:
+            return
+        bills = [Bill(
+            key_id=run.owner_key_id, charged=row.tokens, model=holder(run.run_id),
+            prompt_tokens=0, completion_tokens=row.tokens, latency_ms=0.0,
+            node=row.credit.removeprefix("node:"), status=200, created_at=row.at,
+        ) for row in rows]  # fmt: skip
+        await trio.to_thread.run_sync(self.accounts.settle_many, holder(run.run_id), bills)
 
     async def _close(self, run: RunState, which: Callable[[int, RoundBill], bool]) -> None:
         run_id = run.run_id
@@ -208,13 +253,25 @@ class Billing:
         return self.post(run_id, "verified", NETWORK, node(verifier), tokens,
                          f"{audit_id}:{verifier}")  # fmt: skip
 
-    def forfeit(self, run_id: str, producer: str, lease_ids: Iterable[str]) -> list[LedgerRow]:
-        """A penalized producer gives back what it was paid for these leases."""
+    async def forfeit(
+        self, run: RunState, producer: str, lease_ids: Iterable[str]
+    ) -> list[LedgerRow]:
+        """A penalized producer gives back what it was paid for these leases, to the run's
+        payer: the key's usage for the run goes down by as much."""
         wanted = set(lease_ids)
         paid = {e.ref: e.tokens for e in self.entries if e.kind == "sampled" and e.ref in wanted}
-        return [r for lease_id, tokens in paid.items()
-                if (r := self.post(run_id, "forfeit", node(producer), NETWORK, tokens,
+        rows = [r for lease_id, tokens in paid.items()
+                if (r := self.post(run.run_id, "refund", node(producer), payer(run), tokens,
                                    lease_id))]  # fmt: skip
+        refunded = sum(r.tokens for r in rows)
+        if refunded and self.accounts is not None and run.owner_key_id is not None:
+            await trio.to_thread.run_sync(
+                self.accounts.refund, run.owner_key_id, refunded, holder(run.run_id), producer
+            )
+        return rows
+
+    def refunded(self, run_id: str) -> int:
+        return self._sums.get((run_id, "refund"), 0)
 
     async def key_usage(self, run: RunState) -> int | None:
         """The tokens of the owner key's usage records for the run (None: no key)."""
@@ -229,30 +286,43 @@ class Billing:
     def reconcile(
         self,
         run: RunState,
-        leases: Iterable[LeaseState],
+        dealt: Iterable[LeaseState],
         reports: Iterable[ReportRow],
-        signers: dict[int, list[str]],
         usage: int | None,
+        count: Callable[[LeaseState], int | None],
     ) -> dict[str, Any]:
-        """A run's charges in the journal against the tokens processed (recounted from the
-        lease records and the reports, for trainers that reported a round and signed the version
-        it made; a round made but not reported yet is neither charged nor counted) and the key's
-        usage records for the run; ``reconciled`` when all agree."""
+        """A run's charges against the evidence: ``count`` gives the tokens of a rollout's
+        payload as the reconciler counts them itself (None: the payload is no longer kept), the
+        reports the trainers' signed recounts of the rollouts they trained on. ``reconciled``
+        when every charge equals its evidence and the key's usage records equal the charges
+        less the refunds."""
         run_id = run.run_id
-        reports = list(reports)
-        # a round's share is billed when its trainer reports, for a version it made
-        billed = {
-            (r.round, r.trainer) for r in reports if r.trainer in signers.get(r.round + 1, ())
-        }
-        sampled = sum(s.completion_tokens for s in leases if s.run_id == run_id
-                      and (s.trained_in, s.trained_by) in billed)  # fmt: skip
-        trained = sum(r.tokens_trained for r in reports if (r.round, r.trainer) in billed)
+        by_id = {s.lease_id: s for s in dealt if s.run_id == run_id}
+        sampled_refs = [e.ref for e in self.entries if e.run_id == run_id and e.kind == "sampled"]
+        trained_refs = [e.ref for e in self.entries if e.run_id == run_id and e.kind == "trained"]
+        counts = {lease_id: count(by_id[lease_id]) if lease_id in by_id else None
+                  for lease_id in sampled_refs}  # fmt: skip
+        missing = sorted(lease_id for lease_id, n in counts.items() if n is None)
+        recounted = sum(n or 0 for n in counts.values())
+        trained = 0
+        for ref in trained_refs:
+            version, trainer = ref.removeprefix(f"{run_id}:").split(":", 1)
+            trained += sum(counts.get(s.lease_id) or 0 for s in by_id.values()
+                           if s.trained_in == int(version) and s.trained_by == trainer
+                           and s.lease_id in counts)  # fmt: skip
+        signed: dict[str, int] = {}
+        for r in reports:
+            signed.update({c["lease_id"]: c["tokens"] for c in r.counts})
+        trainer_counted = sum(signed.get(lease_id, 0) for lease_id in sampled_refs)
         charged = {k: self.charged(run_id, k) for k in CHARGES}
-        total = charged["sampled"] + charged["trained"]
+        total, refunded = charged["sampled"] + charged["trained"], self.refunded(run_id)
         return {
             "run": run_id, "owner": run.owner, "charged_sampled": charged["sampled"],
-            "charged_trained": charged["trained"], "charged": total,
-            "processed_sampled": sampled, "processed_trained": trained,
-            "processed": sampled + trained, "key_usage": usage,
-            "reconciled": total == sampled + trained and usage in (None, total),
+            "charged_trained": charged["trained"], "charged": total, "refunded": refunded,
+            "recounted_sampled": recounted, "recounted_trained": trained,
+            "recounted": recounted + trained,
+            "trainer_counted_sampled": trainer_counted, "evidence_missing": missing,
+            "key_usage": usage,
+            "reconciled": not missing and charged["sampled"] == recounted == trainer_counted
+            and charged["trained"] == trained and usage in (None, total - refunded),
         }  # fmt: skip

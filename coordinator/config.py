@@ -34,6 +34,9 @@ class LeaseConfig(ConfigModel):
     max_running_runs: int = Field(4, ge=1, le=1000)
     """Runs leased and trained at once; more wait ``queued`` and start, oldest first, as
     running ones end."""
+    payload_deadline_s: float = Field(120.0, gt=0, le=86400)
+    """How long after its receipt a rollout's payload must reach the coordinator's own count;
+    one never served loses its count (its examples are redone), with no strike."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
     """How long a node told "no work" (no lease, no audit, no round to train) waits before
     asking again: the latency a round pays at worst, against requests an idle node sends."""
@@ -65,6 +68,14 @@ class CoordinatorConfig(ConfigModel):
     accounts_db: str = ""
     """Database URL of the API keys runs are submitted with and billed to (the gateway's);
     empty means SQLite at ``<data dir>/gateway.db``, the local gateway's."""
+    tokenizers: dict[str, str] = {}
+    """Base model → tokenizer path: with it the coordinator recomputes the rewards of every
+    rollout it recounts, which ``stop.target_reward`` needs (``--tokenizers.tiny=PATH``)."""
+    payloads_max_bytes: int = Field(1 << 30, gt=0)
+    """Disk the coordinator's copies of rollout payloads may take (the oldest leave first):
+    the ledger's evidence and the known-answer audits' payloads."""
+    payloads_retention_s: float = Field(7 * 86400.0, gt=0)
+    """How long a payload copy is kept; the ledger reconciles what is still kept."""
     open_runs: bool = False
     """Accept runs without an API key (billed to no one): a closed test network."""
     membership: MembershipConfig = MembershipConfig()

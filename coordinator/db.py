@@ -135,7 +135,8 @@ class LeaseState(Base):
     lease_id: Mapped[str] = mapped_column(String(64), primary_key=True, init=False)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True, init=False)
     status: Mapped[str] = mapped_column(String(16), default="active")
-    """active | completed | expired | rejected | quarantined."""
+    """active | completed | expired | rejected | quarantined | unconfirmed (its payload never
+    reached the coordinator)."""
     counted: Mapped[list[int]] = mapped_column(JSON, default_factory=list)
     """The examples this lease's receipt delivered first (what the run counts). Replaced,
     never changed in place (the session sees assignments)."""
@@ -146,9 +147,22 @@ class LeaseState(Base):
     """The round (the version trained from) whose trainers were dealt this rollout."""
     trained_by: Mapped[str | None] = mapped_column(String(128), default=None)
     """The trainer whose share of that round it was."""
+    recounted_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The completion tokens the coordinator counted in the payload itself
+    (``coordinator/recount.py``); None until it has."""
+    rewards: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    """Every sample's reward as the coordinator recomputed it with the environment (None: not
+    scored here, for want of the base model's tokenizer)."""
+    audit: Mapped[str] = mapped_column(String(16), default="")
+    """Its audit: empty when none was drawn, then pending → passed | failed."""
 
     def __post_init__(self) -> None:
         self.lease_id, self.run_id = self.lease.lease_id, self.lease.run_id
+
+    @property
+    def confirmed(self) -> bool:
+        """The receipt's token count is what the payload holds, as counted by the coordinator."""
+        return self.recounted_tokens is not None and self.recounted_tokens == self.completion_tokens
 
 
 class ReceiptRow(Base):
@@ -244,16 +258,17 @@ class AdapterRow(Base):
 
 
 class ReportRow(Base):
-    """A trainer's report of one round: rewards by sampled version, tokens trained, samples."""
+    """A trainer's report of one round: rewards by sampled version, samples, its counts."""
 
     __tablename__ = "round_reports"
     run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     trainer: Mapped[str] = mapped_column(String(128), primary_key=True)
     rewards: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    tokens_trained: Mapped[int] = mapped_column(Integer)
     samples: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     at: Mapped[float] = mapped_column(Float)
+    counts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default_factory=list)
+    """The trainer's signed count of each payload it fetched: ``{"lease_id", "tokens"}``."""
 
 
 class LedgerRow(Base):

@@ -205,11 +205,13 @@ class LeaseBook:
         return None
 
     def trainable(self, run: RunState, state: LeaseState) -> bool:
-        """A counted rollout (so verified or not quarantined) within the run's staleness
-        window, not taken by an earlier round."""
+        """A counted rollout whose token count the coordinator confirmed (and, for a run that
+        trains only on trusted work, whose audit passed or was not drawn), within the run's
+        staleness window, not taken by an earlier round."""
         oldest = run.policy_version - run.plan.spec.diloco.max_staleness
+        trusted = state.audit in ("", "passed") or not run.plan.spec.verification.trusted_only
         return (
-            state.status == "completed" and bool(state.counted) and state.payload_hash is not None
+            state.status == "completed" and bool(state.counted) and state.confirmed and trusted
             and oldest <= state.lease.policy_version <= run.policy_version
             and state.trained_in in (None, run.policy_version)
         )  # fmt: skip

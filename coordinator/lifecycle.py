@@ -45,6 +45,12 @@ class RunLifecycle:
         book = self.state.book
         if spec.name and spec.name in book.runs:
             raise ValueError(f"run {spec.name!r} already exists")
+        if spec.stop.target_reward is not None and not self.state.can_score(spec.base_model):
+            raise ValueError(
+                "stop.target_reward is decided on rewards the coordinator recomputes, and it "
+                f"has no tokenizer for {spec.base_model!r}: start it with "
+                f"--tokenizers.{spec.base_model}=PATH"
+            )
         plan = await trio.to_thread.run_sync(plan_run, spec)  # may import a task library
         full = self._running() >= self.state.config.max_running_runs
         run = book.add_run(plan, "queued" if full else "running")
@@ -87,6 +93,20 @@ class RunLifecycle:
                  extra={"run_id": run.run_id})  # fmt: skip
         for r in started:
             log.info("run %s starts (was queued)", r.run_id, extra={"run_id": r.run_id})
+
+    async def check_target(self, run: RunState) -> None:
+        """Complete a running run (``target_reward``) once the completions of one version
+        reach its target mean reward over ``min_samples``, as the coordinator recomputed them."""
+        stop = run.plan.spec.stop
+        if (
+            run.state == "running"
+            and stop.target_reward is not None
+            and any(
+                r["samples"] >= stop.min_samples and r["mean"] >= stop.target_reward
+                for r in self.state.rewards.rewards(run.run_id)
+            )
+        ):
+            await self.finish(run, "completed", "target_reward")
 
     async def deploy(self, run: RunState, version: int) -> None:
         """Serve ``version`` as model ``<run>``; ``ValueError`` if no such version was made."""

@@ -3,12 +3,14 @@
 
 Who may ask is the server's call (members with the inference role); which leases and which
 receipts count is the lease book's (``coordinator/leases.py``). A counted receipt is audited or
-not by a draw made after it arrived (``coordinator/auditing.py``'s book).
+not by a draw made after it arrived (``coordinator/auditing.py``'s book), and its payload is
+fetched and counted by the coordinator itself (``coordinator/recount.py``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -23,9 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class Rollouts:
-    def __init__(self, state: State, runs: RunLifecycle) -> None:
+    def __init__(
+        self,
+        state: State,
+        runs: RunLifecycle,
+        recount: Callable[[str], None] = lambda lease_id: None,
+    ) -> None:
         self.state = state
         self.runs = runs
+        self.recount = recount
+        """Hands a counted lease to the coordinator's own count of its payload."""
 
     async def lease(self, peer: str, req: LeaseRequest, trainers: int = 0) -> Lease | NoLease:
         """A lease for ``peer``. While ``trainers`` are on the network, a run has at most two
@@ -70,9 +79,11 @@ class Rollouts:
         state.metrics.rollout_tokens.inc(receipt.completion_tokens)
         state.audits.trust_of(peer).credited_tokens += receipt.completion_tokens
         # drawn now, after the receipt arrived: the producer could not know
-        state.audits.on_counted(receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
-                                run.plan.spec.verification.audit_floor)  # fmt: skip
+        if state.audits.on_counted(receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
+                                   run.plan.spec.verification.audit_floor):  # fmt: skip
+            lease.audit = "pending"
         state.commit()
+        self.recount(lease.lease_id)
         if was == "running" and run.state != "running":
             await self.runs.ended(run)  # its last example delivered
         return ReceiptAck(

@@ -5,8 +5,10 @@
 A round of version ``v`` takes ``round_leases`` counted rollouts per live trainer from the run's
 staleness window (the newest versions first, then in order of delivery) and deals them round
 robin over the trainers; the first trainer to ask fixes the round's rollouts, so the others get
-the rest of the same set, and rollouts delivered meanwhile wait for the next round. A trainer's
-manifest of ``v + 1`` makes the run's next version; its report bills what the round moved.
+the rest of the same set, and rollouts delivered meanwhile wait for the next round. Only
+rollouts the coordinator confirmed (and, by default, that passed an audit or come from trusted
+producers) are dealt. A trainer's manifest of ``v + 1`` makes the run's next version; its
+report bills what the round moved.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from coordinator.db import AdapterRow, ReportRow, RunState
+from coordinator.db import AdapterRow, LeaseState, ReportRow
 from coordinator.lifecycle import RunLifecycle
 from coordinator.state import State
 from protocol.adapters import (
@@ -130,43 +132,44 @@ class Rounds:
 
     async def report(self, peer: str, msg: RoundReport) -> ReportAck:
         """A trainer's report of a round it trained (a resend replaces the earlier one, and
-        what was billed stays billed)."""
+        what was billed stays billed). A round that made the run's version bills what the
+        coordinator dealt to this trainer, whatever the report says it trained."""
         state = self.state
         run = state.book.runs.get(msg.run_id)
         if run is None or msg.version > run.policy_version:
             return ReportAck(recorded=False, detail="no such run, or a round not reached yet")
         rewards = [msgspec.to_builtins(r) for r in msg.rewards]
         samples = [msgspec.to_builtins(x) for x in msg.samples]
+        counts = [msgspec.to_builtins(c) for c in msg.counts]
         row = state.reports.by_run.get(msg.run_id, {}).get((msg.version, peer))
         first = row is None
         if row is None:
             row = ReportRow(run_id=msg.run_id, round=msg.version, trainer=peer, rewards=rewards,
-                            tokens_trained=msg.tokens_trained, samples=samples,
-                            at=state.clock())  # fmt: skip
+                            samples=samples, at=state.clock(), counts=counts)  # fmt: skip
             state.add(row)
             state.reports.add(row)
         else:
-            row.rewards, row.samples, row.at = rewards, samples, state.clock()
+            row.rewards, row.samples, row.counts, row.at = rewards, samples, counts, state.clock()
+        share = [s for s in state.book.dealt.get((msg.run_id, msg.version), [])
+                 if s.trained_by == peer]  # fmt: skip
+        self._compare_counts(peer, share, msg)
         made = state.versions.get(msg.run_id, {}).get(msg.version + 1)
         if first and made is not None and peer in made.signers:  # its round moved the model
-            share = [s for s in state.book.dealt.get((msg.run_id, msg.version), [])
-                     if s.trained_by == peer]  # fmt: skip
-            await state.billing.charge_round(run, msg.version, peer, share, msg.tokens_trained)
+            await state.billing.charge_round(run, msg.version, peer, share)
         state.billing.reported(run, msg.version, peer)
         await state.billing.close_reported(run)
         state.commit()
-        if self._reached_target(run):
-            await self.runs.finish(run, "completed", "target_reward")
         return ReportAck(recorded=True)
 
-    def _reached_target(self, run: RunState) -> bool:
-        target = run.plan.spec.stop.target_reward
-        return (
-            target is not None
-            and run.state == "running"
-            and any(r["samples"] >= run.plan.spec.stop.min_samples and r["mean"] >= target
-                    for r in self.state.reports.rewards(run.run_id))
-        )  # fmt: skip
+    def _compare_counts(self, peer: str, share: list[LeaseState], msg: RoundReport) -> None:
+        """A trainer's count that differs from the coordinator's: the trainer's word against
+        the payload's, which the coordinator counted itself; logged, never billed on."""
+        ours = {s.lease_id: s.recounted_tokens for s in share}
+        for c in msg.counts:
+            if c.lease_id in ours and ours[c.lease_id] != c.tokens:
+                log.warning("trainer %s counted %d tokens in lease %s; the payload holds %s",
+                            peer, c.tokens, c.lease_id, ours[c.lease_id],
+                            extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
 
     def versions(self, req: VersionsRequest, addrs_of: Callable[[str], list[str]]) -> VersionsReply:
         """The current version of every running run on the request's base model (or the one

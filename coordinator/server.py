@@ -30,12 +30,13 @@ from coordinator.admission import Admission
 from coordinator.api import create_app
 from coordinator.auditing import Auditing
 from coordinator.config import CoordinatorConfig
-from coordinator.db import NodeStore, default_url, open_database
+from coordinator.db import LeaseState, NodeStore, default_url, open_database
 from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.lifecycle import RunLifecycle
 from coordinator.members import Members
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.recount import Recounter, Tokenizers
 from coordinator.rollouts import Rollouts
 from coordinator.rounds import Rounds
 from coordinator.runlog import RunLog
@@ -69,6 +70,8 @@ from protocol.membership import (
     PeersRequest,
 )
 from protocol.p2p import P2PHost, request_cap
+from protocol.payload_store import PayloadStore
+from protocol.payloads import fetch_payload, serve_payloads
 from protocol.peer_limits import RateLimit
 from protocol.rollouts import RolloutReceipt
 from protocol.service.http import bind_tcp, parse_host_port, serve_http
@@ -117,9 +120,16 @@ class Coordinator:
         )
         self.state = State(engine, config.leases, config.audits, self.metrics, clock, self.accounts)
         self.runs = RunLifecycle(self.state)
-        self.rollouts = Rollouts(self.state, self.runs)
         self.rounds = Rounds(self.state, self.runs)
         self.auditing = Auditing(self.state)
+        tokenizers = Tokenizers(config.tokenizers)
+        self.state.can_score = tokenizers.has
+        self.payloads = PayloadStore(data_dir / "payloads", config.payloads_max_bytes,
+                                     config.payloads_retention_s)  # fmt: skip
+        self.recounter = Recounter(self.state, self.auditing, self.runs, self.payloads,
+                                   self.peer_id, tokenizers, config.leases.payload_deadline_s,
+                                   clock)  # fmt: skip
+        self.rollouts = Rollouts(self.state, self.runs, self.recounter.submit)
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
@@ -164,6 +174,7 @@ class Coordinator:
         rows = await trio.to_thread.run_sync(self.members.store.load_all)
         await trio.to_thread.run_sync(self.state.restore)
         self.runs.resume()
+        self.recounter.restore()
         self.members.restore(rows)
         host_, port = parse_host_port(self.config.http)
         sock = bind_tcp(host_, port)
@@ -178,6 +189,7 @@ class Coordinator:
             self.multiaddrs = _loopback_first(host.addrs())
             for protocol, cap in _FRAME_CAPS.items():
                 host.serve(protocol, functools.partial(self._on_request, protocol), cap)
+            serve_payloads(host, self.payloads)  # the copies it kept, for known-answer audits
             sub = await host.subscribe(MEMBERSHIP_TOPIC, self.gate.accept)
             manifests = await host.subscribe(ADAPTERS_PROTOCOL, self._accept_manifest)
             self._write_discovery_file()
@@ -188,6 +200,7 @@ class Coordinator:
                 loops.start_soon(self.members.sweep_loop)
                 loops.start_soon(self.members.flush_loop)
                 loops.start_soon(self.rollouts.expire_loop)
+                loops.start_soon(self.recounter.run, self._fetch_payload)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
                     "coordinator %s listening on %s; REST API on %s",
@@ -291,6 +304,14 @@ class Coordinator:
         if not self.members.is_member(peer):
             raise NotMember("adapter versions are for members: join first")
         return self.rounds.versions(msg, self.members.addrs_of)
+
+    async def _fetch_payload(self, lease: LeaseState) -> bytes:
+        """A rollout's payload frame, from its producer (for the coordinator's own count)."""
+        with trio.fail_after(15):
+            await self.host.connect_any(self.members.addrs_of(lease.node)[:4])
+            env = await fetch_payload(self.host, self.identity, lease.node,
+                                      lease.payload_hash or b"", timeout_s=10)  # fmt: skip
+        return env.frame
 
     def _check_member(self, peer: str, role: str) -> None:
         """Work is for live members with the role, and never for a banned producer."""

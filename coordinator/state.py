@@ -1,7 +1,8 @@
 """The coordinator's work state and its persistence: one object every protocol's handlers share.
 
 It holds the books (``LeaseBook``: runs and leases; ``AuditBook``: audits and trust;
-``ReportBook``: trainers' round reports; ``Billing``: the journal), each run's adapter versions,
+``ReportBook``: trainers' round reports; ``RewardBook``: the rewards the coordinator recomputed;
+``Billing``: the journal and the holds), each run's adapter versions,
 and one long-lived SQLAlchemy session. Entities (``coordinator/db.py``) are the in-memory
 objects themselves: new ones are added to the session as the books create them, and the
 session tracks every change, so a handler changes what it must and calls ``commit()`` — no
@@ -30,7 +31,7 @@ from coordinator.config import AuditConfig, LeaseConfig
 from coordinator.db import AdapterRow, Audit, LeaseState, LedgerRow, ReportRow, RunState, Trust
 from coordinator.leases import LeaseBook
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.reports import ReportBook
+from coordinator.reports import ReportBook, RewardBook
 from protocol.accounts import KeyStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class State:
         self.book = LeaseBook(clock, keep=self.add)
         self.audits = AuditBook(audit_config, clock, keep=self.add)
         self.reports = ReportBook()
+        self.rewards = RewardBook()
+        """The rewards the coordinator recomputed itself (``coordinator/recount.py``)."""
+        self.can_score: Callable[[str], bool] = lambda base_model: False
+        """Whether the coordinator can recompute rewards on this base model (has its
+        tokenizer): stop rules on reward need it."""
         self.billing = Billing(accounts, clock, keep=self.add)
         self.versions: dict[str, dict[int, AdapterRow]] = {}
         """Each run's recorded adapter versions."""
@@ -77,7 +83,16 @@ class State:
             self.versions.setdefault(row.run_id, {})[row.version] = row
         for report in s.scalars(select(ReportRow).order_by(ReportRow.at)):
             self.reports.add(report)
-        self.billing.restore(s.scalars(select(LedgerRow).order_by(LedgerRow.id)), runs)
+        for lease in leases:
+            if lease.rewards is not None and lease.confirmed:
+                self.rewards.add(lease.run_id, lease.lease.policy_version, lease.rewards)
+        self.billing.restore(s.scalars(select(LedgerRow).order_by(LedgerRow.id)))
+        for run in runs:
+            rounds = {v: dealt for (r, v), dealt in self.book.dealt.items() if r == run.run_id}
+            reported: dict[int, set[str]] = {}
+            for v, trainer in self.reports.by_run.get(run.run_id, {}):
+                reported.setdefault(v, set()).add(trainer)
+            self.billing.reestablish(run, rounds, reported)
         audits = list(s.scalars(select(Audit).order_by(Audit.created_at)))
         self.audits.restore(s.scalars(select(Trust)), audits)
         self.commit()  # audits that were assigned are pending again

@@ -4,11 +4,12 @@ through another object's fields. Each returns plain JSON-ready data."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from coordinator.db import RunState, Trust
+from coordinator.db import LeaseState, RunState, Trust
 from coordinator.membership import Membership
 from coordinator.state import State
 
@@ -41,11 +42,12 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "examples_delivered": state.book.delivered(run.run_id),
         "active_leases": state.book.active_of(run.run_id),
         "completion_tokens": run.completion_tokens,
-        "tokens_trained": state.reports.tokens_trained(run.run_id),
+        "tokens_trained": state.billing.charged(run.run_id, "trained"),
         "billed_tokens": state.billing.charged(run.run_id),
+        "refunded_tokens": state.billing.refunded(run.run_id),
         "held_tokens": state.billing.outstanding(run.run_id),
         "max_tokens": plan.spec.budget.max_tokens,
-        "reward": state.reports.rewards(run.run_id)[-1:] or None,
+        "reward": rewards(state, run.run_id)[-1:] or None,
         "created_at": run.created_at,
         "deployed": run.deployed,
     }
@@ -118,8 +120,9 @@ def rollouts(state: State, run_id: str, membership: Membership) -> list[dict[str
 
 
 def rewards(state: State, run_id: str) -> list[dict[str, Any]]:
-    """Reward by the version completions were sampled at (count, mean, std)."""
-    return state.reports.rewards(run_id)
+    """Reward by the version completions were sampled at (count, mean, std): as the
+    coordinator recomputed them, or as trainers reported them where it cannot score the run."""
+    return state.rewards.rewards(run_id) or state.reports.rewards(run_id)
 
 
 def samples(state: State, run_id: str) -> list[dict[str, Any]]:
@@ -136,10 +139,14 @@ def versions(state: State, run_id: str) -> list[dict[str, Any]]:
 
 
 async def ledger(
-    state: State, run_id: str | None = None, peer: str | None = None
+    state: State,
+    count: Callable[[LeaseState], int | None],
+    run_id: str | None = None,
+    peer: str | None = None,
 ) -> dict[str, Any]:
     """The journal (of one run, or one node's entries), the accounts' balances, and each run's
-    reconciliation: charges = tokens processed = the key's usage records."""
+    reconciliation against the payloads themselves (``count``: the reconciler's own count of a
+    rollout's kept payload) and the trainers' signed counts."""
     billing = state.billing
     account = f"node:{peer}" if peer else None
     entries = [e for e in billing.entries
@@ -150,11 +157,10 @@ async def ledger(
     for run in state.book.runs.values():
         if run_id is not None and run.run_id != run_id:
             continue
-        signers = {v: row.signers for v, row in state.versions.get(run.run_id, {}).items()}
         reports = state.reports.by_run.get(run.run_id, {}).values()
         leases = [s for (r, _), dealt in state.book.dealt.items() if r == run.run_id for s in dealt]
-        checks.append(billing.reconcile(run, leases, reports, signers,
-                                        await billing.key_usage(run)))  # fmt: skip
+        usage = await billing.key_usage(run)
+        checks.append(billing.reconcile(run, leases, reports, usage, count))
     return {
         "object": "ledger",
         "entries": [

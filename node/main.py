@@ -120,8 +120,8 @@ def _roles(
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
     from node.store.adapters import AdapterStore
-    from node.store.payload_store import PayloadStore
     from node.store.versions import VersionSync
+    from protocol.payload_store import PayloadStore
 
     versions = VersionSync(
         config.model, AdapterStore(data_dir / "adapters"), PayloadStore(data_dir / "shards")

@@ -169,11 +169,20 @@ class SampleText(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reward: float
 
 
+class LeaseCount(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The completion tokens a consumer counted in one rollout's payload."""
+
+    lease_id: Name
+    tokens: NonNegInt
+
+
 class RoundReport(Message):
     """Trainer → coordinator (adapters protocol), after a round: the rewards (recomputed with the
-    environment) of the completions it trained on, by the version they were sampled at, the
-    tokens it trained on, and a few completions as text. The manifest cannot carry these: it
-    must be identical on every trainer of the round, and each trains on its own share."""
+    environment) of the completions it trained on, by the version they were sampled at, its
+    own count of every payload it fetched (signed evidence the ledger reconciles against), and
+    a few completions as text. The manifest cannot carry these: it must be identical on every
+    trainer of the round, and each trains on its own share. What the round trained is not the
+    trainer's to say: the coordinator bills what it dealt."""
 
     TYPE: ClassVar[str] = "adapters.round_report"
     MAX_BYTES: ClassVar[int] = 1 * MiB
@@ -181,8 +190,8 @@ class RoundReport(Message):
     version: NonNegInt
     """The round's version (it made ``version + 1``)."""
     rewards: Annotated[list[VersionRewards], msgspec.Meta(max_length=64)]
-    tokens_trained: NonNegInt
     samples: Annotated[list[SampleText], msgspec.Meta(max_length=64)]
+    counts: Annotated[list[LeaseCount], msgspec.Meta(max_length=4096)] = []
 
 
 class ReportAck(Message):

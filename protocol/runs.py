@@ -132,6 +132,10 @@ class VerificationSpec(Section, frozen=True):
     """Share of a trusted producer's rollouts of this run that are audited; empty: the
     coordinator's floor (``--audits.floor_rate``). New producers are audited every time until
     they earn trust, whatever this says."""
+    trusted_only: bool = True
+    """Train only on rollouts that passed their audit or come from producers past the trust
+    threshold (whose rollouts no audit was drawn for). Off: a rollout trains as soon as the
+    coordinator has confirmed its token count, and a cheat caught later is refunded."""
 
 
 class BudgetSpec(Section, frozen=True):
@@ -146,7 +150,8 @@ class StopSpec(Section, frozen=True):
     """Complete the run once this many adapter versions are made (``max_rounds``)."""
     target_reward: float | None = None
     """Complete the run once the completions of one version reach this mean reward, over at
-    least ``min_samples`` of them (``target_reward``)."""
+    least ``min_samples`` of them (``target_reward``), as the coordinator recomputed them from
+    the payloads (it needs the base model's tokenizer: ``--tokenizers.<model>``)."""
     min_samples: Annotated[int, msgspec.Meta(ge=1)] = 64
     """Completions a version's mean reward must be measured on before it can stop the run."""
 

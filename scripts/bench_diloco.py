@@ -207,11 +207,11 @@ def broadcast(sizes: list[int], adapter_bytes: int) -> dict[str, float]:
     import trio
 
     from node.store.adapters import cut
-    from node.store.payload_store import PayloadStore
     from node.store.shards import fetch_version, serve_shards
     from protocol.adapters import AdapterManifest
     from protocol.identity import Identity
     from protocol.p2p import P2PHost
+    from protocol.payload_store import PayloadStore
 
     rng = np.random.default_rng(0)
     files = {"adapter_config.json": b"{}",

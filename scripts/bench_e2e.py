@@ -83,8 +83,9 @@ def network(
     try:
         home = root / "coordinator"
         url, maddr = net.start_coordinator(
-            home, ["--leases.round_leases=1", f"--leases.retry_after_s={retry_after_s}"]
-        )
+            home, ["--leases.round_leases=1", f"--leases.retry_after_s={retry_after_s}",
+                   f"--tokenizers.tiny={tiny_model(cache)}"],
+        )  # fmt: skip
         net.start_nodes(nodes, maddr, cache, serve=False)
 
         def alive() -> bool:
@@ -135,7 +136,7 @@ def network(
         "first_version_s": at[1] - run["created_at"],
         "s_per_version_after": (at[last] - at[1]) / max(last - 1, 1), "rewards": rewards,
         "sampled_tokens": run["completion_tokens"],
-        "billed": ledger["charged"], "processed": ledger["processed"],
+        "billed": ledger["charged"], "processed": ledger["recounted"],
         "key_usage": ledger["key_usage"],
     }  # fmt: skip
 

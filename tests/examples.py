@@ -10,6 +10,7 @@ import protocol  # noqa: F401  (registers every message type)
 from protocol.adapters import (
     AdapterManifest,
     Deployed,
+    LeaseCount,
     ManifestAck,
     NoTraining,
     ReportAck,
@@ -178,7 +179,7 @@ EXAMPLES: list[Message] = [
         run_id="r-1",
         version=2,
         rewards=[VersionRewards(2, 64, 20.0, 20.0), VersionRewards(1, 32, 8.0, 8.0)],
-        tokens_trained=400,
+        counts=[LeaseCount("lease-1", 96)],
         samples=[SampleText(version=2, prompt="1 + 2 =", completion="3", reward=1.0)],
     ),
     ReportAck(recorded=True),

@@ -11,6 +11,9 @@ check               fails when                                                  
 ==================  =================================================================  ==========
 ``lease``           the payload is for another lease/run, or its samples are not        —
                     exactly the lease's (example, slot) pairs in order
+``token_count``     the payload's completion tokens are not what its receipt claimed      —
+                    (the coordinator counts every payload itself; verifiers and
+                    trainers count again)
 ``policy_version``  its version is not the lease's, or is outside the allowed          —
                     staleness window behind the run's current version
 ``seed``            a sample's seed is not the one derived from the lease               hashing
@@ -57,6 +60,7 @@ CHECKS = (
     "unavailable",
     "signature",
     "lease",
+    "token_count",
     "policy_version",
     "seed",
     "termination",

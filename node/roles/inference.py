@@ -38,12 +38,12 @@ from node.model.rollouts import completion_tokens
 from node.model.worker import ModelSpec, ModelWorker
 from node.roles.base import Role
 from node.store.adapters import AdapterStore
-from node.store.payload_store import PayloadStore
-from node.store.payloads import serve_payloads
 from node.store.versions import VersionSync
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from protocol.leases import Lease, LeaseRequest, NoLease
+from protocol.payload_store import PayloadStore
+from protocol.payloads import serve_payloads
 from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
 from protocol.versions import LEASES as LEASES_PROTOCOL
 

@@ -5,8 +5,9 @@ The loop, once the node has joined with the trainer role:
 1. ask the coordinator for a round (``TrainRequest`` on ``/bazaar/adapters/1.0.0``): the run,
    the version its rollouts were sampled at, this trainer's share of them (rank of group size),
    and the hivemind DHT peers of the run's trainers; ``NoTraining`` says when to ask again;
-2. fetch each rollout's payload from its producer (hash and signature checked), rebuild the
-   prompts from the lease and recompute rewards with the environment;
+2. fetch each rollout's payload from its producer (hash and signature checked), count its
+   tokens (the report carries the counts, signed: evidence the ledger reconciles against),
+   rebuild the prompts from the lease and recompute rewards with the environment;
 3. run a DiLoCo round on the run's ``Trainer`` (``node/training/trainer.py``) — H inner steps,
    the quantized pseudo-gradient averaged with the round's other trainers through hivemind (in
    a child process; alone, no averaging), the outer step — in a worker thread;
@@ -28,16 +29,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import trio
 
 from node.config import NodeConfig
 from node.roles.base import Role
 from node.store.adapters import cut
-from node.store.payloads import fetch_payload
 from node.store.versions import VersionSync
 from protocol.adapters import (
     AdapterManifest,
+    LeaseCount,
     ManifestAck,
     NoTraining,
     ReportAck,
@@ -47,11 +47,13 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from protocol.errors import ProtocolError
+from protocol.errors import DecodeError, ProtocolError
 from protocol.leases import Lease
+from protocol.payloads import fetch_payload
 from protocol.rollouts import RolloutPayload
 from protocol.runs import TrainSettings
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
+from verification.rollouts import sample_tokens
 
 if TYPE_CHECKING:
     from node.agent import NodeAgent
@@ -133,9 +135,7 @@ class TrainerRole(Role):
             await self.agent.publish_manifest(manifest)
         else:  # another group's result holds the version: recover from it next round
             trainer.version = -1
-        await self._report(msgspec.structs.replace(
-            report, tokens_trained=sum(len(c.tokens) for c in examples)
-        ))  # fmt: skip
+        await self._report(report)
         if trainer.collective is not None:
             await trio.to_thread.run_sync(trainer.share_state)
 
@@ -185,6 +185,7 @@ class TrainerRole(Role):
         out: list[Completion] = []
         totals: dict[int, list[float]] = {}
         texts: list[SampleText] = []
+        counts: list[LeaseCount] = []
         tokenizer = trainer.tokenizer
         for ref in a.rollouts:
             await self.agent.host.connect_any(list(ref.producer_addrs))
@@ -196,6 +197,12 @@ class TrainerRole(Role):
                 continue
             payload = env_.message
             assert isinstance(payload, RolloutPayload)
+            try:  # my own count of what I train on: evidence the ledger reconciles against
+                tokens = sum(len(sample_tokens(s)[0]) for s in payload.samples)
+            except DecodeError as e:
+                log.warning("rollout %s is malformed: %s", ref.lease.lease_id, e)
+                continue
+            counts.append(LeaseCount(ref.lease.lease_id, tokens))
             env = load_environment(ref.lease.env_id)
             lease = ref.lease
 
@@ -216,7 +223,7 @@ class TrainerRole(Role):
                     ))  # fmt: skip
         rewards = [VersionRewards(v, int(n), total, sq) for v, (n, total, sq) in totals.items()]
         report = RoundReport(run_id=a.run_id, version=a.version, rewards=rewards[:64],
-                             tokens_trained=0, samples=texts)  # fmt: skip
+                             samples=texts, counts=counts)  # fmt: skip
         return out, report
 
     def _publish(self, run_id: str, trainer: Trainer) -> AdapterManifest:

@@ -26,9 +26,9 @@ from prometheus_client import Counter
 from node.config import NodeConfig
 from node.model.worker import ModelWorker
 from node.roles.base import Role
-from node.store.payloads import fetch_payload
 from node.store.versions import VersionSync
 from protocol.errors import ProtocolError
+from protocol.payloads import fetch_payload
 from protocol.rollouts import RolloutPayload
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 from protocol.versions import AUDITS as AUDITS_PROTOCOL

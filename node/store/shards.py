@@ -22,14 +22,14 @@ from collections.abc import Callable, Sequence
 import trio
 
 from node.store.adapters import check_shard
-from node.store.payload_store import PayloadStore
-from node.store.payloads import serve_by_hash
 from protocol.adapters import AdapterManifest, ShardRequest
 from protocol.codec import MiB
 from protocol.envelope import seal
 from protocol.errors import HashMismatch, NotFound, ProtocolError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
+from protocol.payload_store import PayloadStore
+from protocol.payloads import serve_by_hash
 from protocol.versions import SHARDS as SHARD_PROTOCOL
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ from typing import Any
 import trio
 
 from node.store.adapters import AdapterStore, assemble
-from node.store.payload_store import PayloadStore
 from node.store.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import (
     AdapterManifest,
@@ -43,6 +42,7 @@ from protocol.adapters import (
 )
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import BadSignature, DecodeError, NotFound, ProtocolError
+from protocol.payload_store import PayloadStore
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ when they run on different machines).
   tokenizer) out of the gateway's hold, and records the request, in one transaction.
 - **Usage**: every request writes a record (key, model, tokens, latency, node, status). The
   coordinator holds and settles a run's charges the same way, under the holder name
-  ``run:<id>``, with one usage record per charge (model ``run:<id>``).
+  ``run:<id>``, with one usage record per charge (model ``run:<id>``), and a negative one for
+  each refund.
 
 SQLAlchemy over SQLite (WAL) by default, PostgreSQL by URL (``protocol/service/database.py``).
 """
@@ -255,6 +256,21 @@ class KeyStore:
                         .values(tokens=HoldRow.tokens - charged[key_id])
                     )
             conn.execute(insert(UsageRow), [b.row() for b in bills])
+
+    def refund(self, key_id: int, tokens: int, model: str, node: str) -> None:
+        """Give back ``tokens`` the key was charged (a cheat's forfeited work), with a usage
+        record of minus those tokens, so the records still add up to what the key used."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(KeyRow)
+                .where(KeyRow.id == key_id)
+                .values(used_tokens=KeyRow.used_tokens - tokens)
+            )
+            conn.execute(insert(UsageRow), [{
+                "key_id": key_id, "model": model, "prompt_tokens": 0,
+                "completion_tokens": -tokens, "latency_ms": 0.0, "node": node, "status": 200,
+                "created_at": time.time(),
+            }])  # fmt: skip
 
     @staticmethod
     def _change_hold(s: Session, gateway: str, key_id: int, delta: int) -> None:

@@ -47,7 +47,6 @@ def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
                     report = RoundReport(
                         run_id="r1", version=version,
                         rewards=[VersionRewards(version, 8, 8 * mean, 8 * mean)],
-                        tokens_trained=64,
                         samples=[SampleText(version=version, prompt="<|user|>5 + 7 =",
                                             completion=text, reward=float(text == "12"))],
                     )  # fmt: skip

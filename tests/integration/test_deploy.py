@@ -14,10 +14,10 @@ import pytest
 import trio
 
 from node.store.adapters import cut, read_files
-from node.store.payload_store import PayloadStore
 from node.store.shards import serve_shards
 from protocol.adapters import AdapterManifest, ManifestAck
 from protocol.identity import Identity
+from protocol.payload_store import PayloadStore
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
 from tests.integration.test_run_commands import bazaar

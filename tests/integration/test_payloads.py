@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.store.payload_store import PayloadStore
-from node.store.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
 from protocol.envelope import seal
 from protocol.errors import BadSignature, HashMismatch, RemoteError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
+from protocol.payload_store import PayloadStore
+from protocol.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
 from protocol.rollouts import PayloadRequest
 from tests.examples import rollout_payload
 

@@ -21,8 +21,8 @@ import trio
 from envs import load_environment
 from node.model.backends import Sampling
 from node.model.backends.torch_backend import TorchBackend
-from node.store.payloads import fetch_payload
 from protocol.leases import Lease
+from protocol.payloads import fetch_payload
 from protocol.rollouts import RolloutPayload
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer

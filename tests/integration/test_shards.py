@@ -10,12 +10,12 @@ import pytest
 import trio
 
 from node.store.adapters import assemble, cut
-from node.store.payload_store import PayloadStore
 from node.store.shards import Penalties, fetch_version, serve_shards
 from protocol.adapters import AdapterManifest
 from protocol.errors import NotFound
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
+from protocol.payload_store import PayloadStore
 
 pytestmark = pytest.mark.timeout(120)
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * 400}

@@ -78,7 +78,7 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
         ledger = json.loads(books.stdout)
         (bill,) = ledger["runs"]
         assert bill["run"] == "arith-tiny" and bill["owner"] == "demo-1" and bill["charged"] > 0
-        assert bill["charged"] == bill["processed"] == bill["key_usage"]
+        assert bill["charged"] == bill["recounted"] == bill["key_usage"]
         assert ledger["reconciled"] and ledger["balance_sum"] == 0
         accounts = KeyStore(open_database(f"sqlite:///{local / 'coordinator' / 'gateway.db'}"))
         (demo,) = accounts.all()

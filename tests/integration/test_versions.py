@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from node.store.adapters import cut, read_files
-from node.store.payload_store import PayloadStore
 from node.store.shards import serve_shards
 from protocol.adapters import (
     AdapterManifest,
@@ -29,6 +28,7 @@ from protocol.envelope import seal
 from protocol.errors import RemoteError
 from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest, NoLease
+from protocol.payload_store import PayloadStore
 from protocol.versions import ADAPTERS, LEASES
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer

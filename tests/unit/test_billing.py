@@ -10,13 +10,15 @@ import msgspec
 import pytest
 import trio
 
-from coordinator.billing import NETWORK, Billing
+from coordinator.billing import NETWORK
 from coordinator.config import LeaseConfig
+from coordinator.db import LeaseState
 from coordinator.views import ledger
 from protocol.accounts import ApiKey, KeyStore
 from protocol.accounts import open_database as open_accounts
 from protocol.adapters import (
     AdapterManifest,
+    LeaseCount,
     NoTraining,
     RoundReport,
     ShardInfo,
@@ -24,7 +26,7 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from tests.unit.test_leases import plan
+from tests.unit.test_leases import plan, receipt_for
 from tests.unit.test_rounds import STREAM, deliver
 from tests.unit.work import Work
 
@@ -52,11 +54,16 @@ def key(accounts: KeyStore, name: str) -> ApiKey:
     return k
 
 
+def count(lease: LeaseState) -> int | None:
+    """The reconciler's count of a payload (unit tests have no payloads: the recount)."""
+    return lease.recounted_tokens
+
+
 async def round_of(
-    svc: Work, run_id: str, trainers: list[str], made: list[str], trained: int
+    svc: Work, run_id: str, trainers: list[str], made: list[str]
 ) -> list[TrainAssignment | NoTraining]:
     """Deliver a round's leases, deal them, record the next version as made by ``made``, and
-    have every trainer report ``trained`` tokens."""
+    have every trainer report, with its count of every payload of its share."""
     run = svc.state.book.runs[run_id]
     v = run.policy_version
     for _ in trainers:
@@ -67,9 +74,10 @@ async def round_of(
         for t in made:  # the trainers whose result is the version sign the same manifest
             ack = await svc.rounds.manifest(t, manifest(run_id, v + 1), b"frame")
             assert ack.outcome in ("recorded", "duplicate")
-        for t in trainers:
-            report = RoundReport(run_id=run_id, version=v, rewards=[], tokens_trained=trained,
-                                 samples=[])  # fmt: skip
+        for t, a in zip(trainers, got, strict=True):
+            assert isinstance(a, TrainAssignment)
+            counts = [LeaseCount(r.lease.lease_id, TOKENS) for r in a.rollouts]
+            report = RoundReport(run_id=run_id, version=v, rewards=[], samples=[], counts=counts)
             assert (await svc.rounds.report(t, report)).recorded
     return got
 
@@ -89,32 +97,128 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
 
         run = await svc.runs.create(RunSpec(name="r1"), owner)
         run.plan = STREAM
-        await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"], trained=60)
+        await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"])
         # t3's result lost to another group's: its share did not move the model
-        await round_of(svc, "r1", ["t1", "t3"], made=["t1"], trained=50)
-        view = await ledger(svc.state, "r1")
+        await round_of(svc, "r1", ["t1", "t3"], made=["t1"])
+        view = await ledger(svc.state, count, "r1")
         (check,) = view["runs"]
-        # round 0: 2 shares x 100 sampled + 2 x 60 trained; round 1: t1's 100 + 50
-        assert check["charged_sampled"] == 300 and check["charged_trained"] == 170
-        assert check["processed"] == check["charged"] == check["key_usage"] == 470
+        # each confirmed rollout: 100 sampled (to its producer) + 100 trained (to its trainer)
+        # round 0: 2 shares; round 1: t1's share only
+        assert check["charged_sampled"] == 300 and check["charged_trained"] == 300
+        assert check["recounted_sampled"] == check["trainer_counted_sampled"] == 300
+        assert check["recounted_trained"] == 300
+        assert check["charged"] == check["key_usage"] == 600
         assert check["reconciled"] and view["reconciled"] and view["balance_sum"] == 0
-        assert view["balances"]["key:alice"] == -470
+        assert view["balances"]["key:alice"] == -600
         assert view["balances"]["node:producer"] == 300
-        assert view["balances"]["node:t1"] == 110 and view["balances"]["node:t2"] == 60
+        assert view["balances"]["node:t1"] == 200 and view["balances"]["node:t2"] == 100
         assert "node:t3" not in view["balances"]
         # round 1 is not closed (t3 reported, so it is): nothing stays held once all reported
         after = key(accounts, "alice")
-        assert after.used_tokens == 470 and after.reserved_tokens == 0
+        assert after.used_tokens == 600 and after.reserved_tokens == 0
         assert accounts.holds("run:r1") == {}
 
     trio.run(main)
     restored = svc.restored()
-    assert restored.state.billing.charged("r1") == 470  # the journal is persisted
+    assert restored.state.billing.charged("r1") == 600  # the journal is persisted
+
+
+def test_what_a_trainer_says_it_trained_is_not_what_it_is_paid(dbs: Databases) -> None:
+    """Trained tokens are what the coordinator dealt; unconfirmed rollouts are never dealt."""
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("carol", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        lease = svc.state.book.issue_for("producer", "tiny", 1, max_active=64)
+        assert lease is not None
+        svc.state.book.receipt("producer", receipt_for(lease))  # counted, not confirmed yet
+        ask = TrainRequest(base_model="tiny")
+        assert isinstance(await svc.rounds.train("t1", ask, ["t1"], lambda p: [], []), NoTraining)
+        svc.state.book.leases[lease.lease_id].recounted_tokens = TOKENS  # now confirmed
+        got = await svc.rounds.train("t1", ask, ["t1"], lambda p: [], [])
+        assert isinstance(got, TrainAssignment)
+        await svc.rounds.manifest("t1", manifest("r1", 1), b"frame")
+        counts = [LeaseCount(lease.lease_id, 10**6)]  # a lying count changes nothing
+        lie = RoundReport(run_id="r1", version=0, rewards=[], samples=[], counts=counts)
+        assert (await svc.rounds.report("t1", lie)).recorded
+        assert svc.state.billing.charged("r1", "trained") == TOKENS
+        assert key(accounts, "carol").used_tokens == 2 * TOKENS
+        check = (await ledger(svc.state, count, "r1"))["runs"][0]
+        assert not check["reconciled"]  # the trainer's signed count disagrees: a discrepancy
+        assert check["trainer_counted_sampled"] == 10**6 != check["charged_sampled"]
+
+    trio.run(main)
+
+
+def test_no_charge_moves_more_than_its_round_holds(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("dan", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        deliver(svc.state.book, "producer")
+        got = await svc.rounds.train("t1", TrainRequest(base_model="tiny"), ["t1"],
+                                     lambda p: [], [])  # fmt: skip
+        assert isinstance(got, TrainAssignment)
+        (dealt,) = svc.state.book.dealt[("r1", 0)]
+        # the round held 2 x 100; a (corrupted) claim of 10^6 confirmed tokens must not pass
+        dealt.completion_tokens = dealt.recounted_tokens = 10**6
+        await svc.rounds.manifest("t1", manifest("r1", 1), b"frame")
+        report = RoundReport(run_id="r1", version=0, rewards=[], samples=[])
+        assert (await svc.rounds.report("t1", report)).recorded
+        assert svc.state.billing.charged("r1") == 0  # refused, logged
+        dan = key(accounts, "dan")
+        assert dan.used_tokens == 0 and dan.reserved_tokens == 0
+
+    trio.run(main)
+
+
+def test_a_restart_between_hold_and_settle_holds_again_first(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("erin", budget_tokens=300)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        deliver(svc.state.book, "producer")
+        got = await svc.rounds.train("t1", TrainRequest(base_model="tiny"), ["t1"],
+                                     lambda p: [], [])  # fmt: skip
+        assert isinstance(got, TrainAssignment)
+        svc.state.commit()
+        assert key(accounts, "erin").reserved_tokens == 200
+
+    trio.run(main)
+    # meanwhile the gateway spends part of the budget the round no longer holds? not if held
+    again = svc.restored()
+    assert key(accounts, "erin").reserved_tokens == 200  # held again, not given back
+    assert accounts.hold("gateway", owner.id, 101) is False  # 300 - 200 held: 100 left
+
+    async def settle() -> None:
+        run = again.state.book.runs["r1"]
+        run.plan = STREAM
+        await again.rounds.manifest("t1", manifest("r1", 1), b"frame")
+        (lease,) = again.state.book.dealt[("r1", 0)]
+        counts = [LeaseCount(lease.lease_id, TOKENS)]
+        report = RoundReport(run_id="r1", version=0, rewards=[], samples=[], counts=counts)
+        assert (await again.rounds.report("t1", report)).recorded
+
+    trio.run(settle)
+    erin = key(accounts, "erin")
+    assert erin.used_tokens == 200 and erin.reserved_tokens == 0 <= 300 - erin.used_tokens
 
 
 def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> None:
     svc, accounts = service(dbs)
-    # one round holds 2 x 100 (one trainer); charges 100 + 40: the third round cannot fit
+    # one round holds 2 x 100 (one trainer) and charges it all: the third round cannot fit
     _, owner = accounts.create("bob", budget_tokens=400)
 
     async def main() -> None:
@@ -123,14 +227,14 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> Non
         run = await svc.runs.create(RunSpec(name="r1"), owner)
         run.plan = STREAM
         for _ in range(2):
-            assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"], 40))[0], TrainAssignment)
+            assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"]))[0], TrainAssignment)
         assert run.state == "running"
-        third = await round_of(svc, "r1", ["t1"], ["t1"], 40)
+        third = await round_of(svc, "r1", ["t1"], ["t1"])
         assert isinstance(third[0], NoTraining)
         assert (run.state, run.stop_reason) == ("completed", "budget")
         bob = key(accounts, "bob")
-        assert bob.used_tokens == 280 <= 400 and bob.reserved_tokens == 0
-        assert (await ledger(svc.state))["reconciled"]
+        assert bob.used_tokens == 400 and bob.reserved_tokens == 0
+        assert (await ledger(svc.state, count))["reconciled"]
 
     trio.run(main)
 
@@ -143,25 +247,45 @@ def test_a_runs_own_token_cap_stops_it_too(dbs: Databases) -> None:
 
         run = await svc.runs.create(RunSpec(name="r1", budget=BudgetSpec(max_tokens=350)))
         run.plan = plan(max_examples=None, prompts_per_lease=1, max_staleness=1, budget=350)
-        await round_of(svc, "r1", ["t1"], ["t1"], 100)  # charges 200 of 350
+        await round_of(svc, "r1", ["t1"], ["t1"])  # charges 200 of 350
         assert run.state == "running"
-        await round_of(svc, "r1", ["t1"], ["t1"], 100)  # 200 + worst 200 > 350
+        await round_of(svc, "r1", ["t1"], ["t1"])  # 200 + worst 200 > 350
         assert (run.state, run.stop_reason) == ("completed", "budget")
         assert svc.state.billing.charged("r1") == 200
-        assert (await ledger(svc.state))["runs"][0]["key_usage"] is None  # an open run: no key
+        check = (await ledger(svc.state, count))["runs"][0]
+        assert check["key_usage"] is None  # an open run: no key
 
     trio.run(main)
 
 
-def test_verifiers_are_credited_and_a_penalized_producer_forfeits() -> None:
-    billing = Billing(None)
-    paid = billing.post("r1", "sampled", "key:a", "node:p", 100, "lease-1")
-    assert paid is not None and billing.post("r1", "sampled", "key:a", "node:p", 100,
-                                              "lease-1") is None  # fmt: skip
-    assert billing.credit_verified("r1", "audit-1", "v", 100) is not None
-    assert [r.tokens for r in billing.forfeit("r1", "p", ["lease-1", "lease-2"])] == [100]
-    assert billing.forfeit("r1", "p", ["lease-1"]) == []  # once
-    assert billing.balances() == {"key:a": -100, "node:p": 0, NETWORK: 0, "node:v": 100}
+def test_verifiers_are_credited_and_a_penalized_producer_refunds_the_payer(
+    dbs: Databases,
+) -> None:
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("fay", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        await round_of(svc, "r1", ["t1"], ["t1"])
+        billing = svc.state.billing
+        (paid,) = svc.state.book.dealt[("r1", 0)]
+        assert billing.credit_verified("r1", "audit-1", "v", 100) is not None
+        refunds = await billing.forfeit(run, "producer", [paid.lease_id, "not-paid"])
+        assert [(r.debit, r.credit, r.tokens) for r in refunds] == [
+            ("node:producer", "key:fay", TOKENS)
+        ]
+        assert await billing.forfeit(run, "producer", [paid.lease_id]) == []  # once
+        assert billing.balances() == {"key:fay": -TOKENS, "node:producer": 0, NETWORK: -100,
+                                      "node:t1": TOKENS, "node:v": 100}  # fmt: skip
+        assert key(accounts, "fay").used_tokens == TOKENS  # 200 charged, 100 given back
+        check = (await ledger(svc.state, count, "r1"))["runs"][0]
+        assert check["refunded"] == TOKENS and check["key_usage"] == TOKENS
+        assert check["reconciled"]
+
+    trio.run(main)
 
 
 def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
@@ -171,27 +295,31 @@ def test_lifecycle_queued_running_and_the_stop_rules(dbs: Databases) -> None:
         from protocol.runs import RunSpec, StopSpec
 
         first = await svc.runs.create(RunSpec(name="a", stop=StopSpec(max_rounds=1)))
-        second = await svc.runs.create(
-            RunSpec(name="b", stop=StopSpec(target_reward=0.5, min_samples=4))
-        )
+        on_reward = RunSpec(name="b", stop=StopSpec(target_reward=0.5, min_samples=4))
+        with pytest.raises(ValueError, match=r"tokenizers\.tiny"):  # cannot recompute rewards
+            await svc.runs.create(on_reward)
+        svc.state.can_score = lambda model: True
+        second = await svc.runs.create(on_reward)
         third = await svc.runs.create(RunSpec(name="c"))
         assert [first.state, second.state, third.state] == ["running", "queued", "queued"]
         rl = msgspec.structs.replace(first.plan.spec.rl, prompts_per_lease=1)
         spec = msgspec.structs.replace(first.plan.spec, rl=rl)
         first.plan = msgspec.structs.replace(first.plan, spec=spec)
-        await round_of(svc, "a", ["t1"], ["t1"], 10)  # only a running run gets leases
+        await round_of(svc, "a", ["t1"], ["t1"])  # only a running run gets leases
         assert {s.lease.run_id for s in svc.state.book.leases.values()} == {"a"}
         assert (first.state, first.stop_reason) == ("completed", "max_rounds")  # v1 of 1
         assert (second.state, third.state) == ("running", "queued")  # the oldest starts
-        svc.state.book.set_policy_version("b", 1)
-        low = RoundReport(run_id="b", version=0, rewards=[VersionRewards(0, 8, 2.0, 2.0)],
-                          tokens_trained=0, samples=[])  # fmt: skip
-        await svc.rounds.report("t1", low)
+        # trainers' rewards never stop a run: a trainer could end it early
+        lie = RoundReport(run_id="b", version=0, rewards=[VersionRewards(0, 8, 8.0, 8.0)],
+                          samples=[])  # fmt: skip
+        await svc.rounds.report("t1", lie)
+        assert second.state == "running"
+        # the coordinator's own: what it recomputed from payloads (coordinator/recount.py)
+        svc.state.rewards.add("b", 0, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+        await svc.runs.check_target(second)
         assert second.state == "running"  # mean 0.25 < 0.5
-        svc.state.book.set_policy_version("b", 2)
-        high = RoundReport(run_id="b", version=1, rewards=[VersionRewards(1, 4, 3.0, 3.0)],
-                           tokens_trained=0, samples=[])  # fmt: skip
-        await svc.rounds.report("t1", high)
+        svc.state.rewards.add("b", 1, [1.0, 1.0, 1.0, 0.0])
+        await svc.runs.check_target(second)
         assert (second.state, second.stop_reason) == ("completed", "target_reward")
         assert third.state == "running"
         await svc.runs.cancel(third)

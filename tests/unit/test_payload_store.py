@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.store.payload_store import PayloadStore
+from protocol.payload_store import PayloadStore
 
 
 def test_put_get_is_content_addressed_and_idempotent(tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from node.store.payload_store import PayloadStore
 from protocol.adapters import ShardRequest
 from protocol.codec import MiB
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
+from protocol.payload_store import PayloadStore
 from protocol.rollouts import PayloadRequest, RolloutPayload
 from protocol.versions import PAYLOAD as PAYLOAD_PROTOCOL
 
@@ -63,12 +63,19 @@ def serve_by_hash(
 
 
 async def fetch_payload(
-    host: P2PHost, identity: Identity, producer: str, digest: bytes, timeout_s: float = 30.0
+    host: P2PHost,
+    identity: Identity,
+    producer: str,
+    digest: bytes,
+    timeout_s: float = 30.0,
+    source: str | None = None,
 ) -> Envelope:
-    """The producer's signed payload with this digest; refuses anything else."""
+    """The producer's signed payload with this digest, from the producer or from ``source``
+    (a peer that kept a copy: the coordinator keeps every payload it recounted); refuses
+    anything else, so who serves it does not matter."""
     request = seal(identity, PayloadRequest(payload_hash=digest))
     frame = await host.request(
-        producer,
+        source or producer,
         PAYLOAD_PROTOCOL,
         request,
         max_response_bytes=MAX_PAYLOAD_FRAME,
@@ -76,7 +83,9 @@ async def fetch_payload(
     )
     actual = hashlib.sha256(frame).digest()
     if actual != digest:
-        raise HashMismatch(f"payload from {producer} hashes to {actual.hex()}, not {digest.hex()}")
+        raise HashMismatch(
+            f"payload from {source or producer} hashes to {actual.hex()}, not {digest.hex()}"
+        )
     env = open_envelope(frame, None)  # a stored frame: signature and schema, no replay window
     if env.sender != producer:
         raise BadSignature(f"payload was signed by {env.sender}, not by its producer {producer}")
