@@ -198,10 +198,16 @@ class AuditBook:
     def _strike(self, audit: Audit, check: str) -> Penalty:
         trust = self.trust_of(audit.producer)
         trust.failed += 1
-        trust.strikes += 1
         trust.clean_streak = 0
+        return Penalty(audit.producer, audit.lease_id, check, self.strike(audit.producer))
+
+    def strike(self, node: str) -> bool:
+        """A strike against a node caught lying (a producer's failed audit, a trainer's false
+        report); True if that bans it (``max_strikes``)."""
+        trust = self.trust_of(node)
+        trust.strikes += 1
         trust.banned = trust.banned or trust.strikes >= self.config.max_strikes
-        return Penalty(audit.producer, audit.lease_id, check, trust.banned)
+        return trust.banned
 
     def cancel_for(self, lease_ids: set[str]) -> None:
         """Drop open audits of quarantined leases: their work is redone anyway."""

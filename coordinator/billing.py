@@ -188,16 +188,23 @@ class Billing:
             bill.trainers.add(trainer)
 
     async def charge_round(
-        self, run: RunState, version: int, trainer: str, share: list[LeaseState]
+        self,
+        run: RunState,
+        version: int,
+        trainer: str,
+        share: list[LeaseState],
+        pay_trainer: bool = True,
     ) -> list[LedgerRow]:
         """Charge what a trainer's round moved: each confirmed rollout of its share (sampled
         tokens, paid to its producer; a rollout rejected or quarantined since it was dealt is
-        not charged), and the same tokens again for training on them (paid to the trainer)."""
+        not charged), and the same tokens again for training on them, paid to the trainer
+        (unless its report lied: ``pay_trainer`` off)."""
         run_id = run.run_id
         paid = [s for s in share if s.status == "completed" and s.counted and s.confirmed]
         charges = [("sampled", node(s.node), s.completion_tokens, s.lease_id) for s in paid]
-        trained = sum(s.completion_tokens for s in paid)
-        charges.append(("trained", node(trainer), trained, f"{run_id}:{version}:{trainer}"))
+        if pay_trainer:
+            trained = sum(s.completion_tokens for s in paid)
+            charges.append(("trained", node(trainer), trained, f"{run_id}:{version}:{trainer}"))
         bill = self.rounds.get((run_id, version))
         rows = []
         for kind, credit, tokens, ref in charges:
@@ -292,10 +299,11 @@ class Billing:
         count: Callable[[LeaseState], int | None],
     ) -> dict[str, Any]:
         """A run's charges against the evidence: ``count`` gives the tokens of a rollout's
-        payload as the reconciler counts them itself (None: the payload is no longer kept), the
-        reports the trainers' signed recounts of the rollouts they trained on. ``reconciled``
-        when every charge equals its evidence and the key's usage records equal the charges
-        less the refunds."""
+        payload as the reconciler counts them itself from the kept frame (None: no longer
+        kept); ``reconciled`` when every charge equals it and the key's usage records equal
+        the charges less the refunds. The trainers' signed counts of the rollouts they trained
+        on are a second, independent count: shown, and the rollouts where one disagrees with
+        the payload listed (``disputed_by_trainers``; that trainer was not paid)."""
         run_id = run.run_id
         by_id = {s.lease_id: s for s in dealt if s.run_id == run_id}
         sampled_refs = [e.ref for e in self.entries if e.run_id == run_id and e.kind == "sampled"]
@@ -314,6 +322,7 @@ class Billing:
         for r in reports:
             signed.update({c["lease_id"]: c["tokens"] for c in r.counts})
         trainer_counted = sum(signed.get(lease_id, 0) for lease_id in sampled_refs)
+        disputed = sorted(i for i in sampled_refs if i in signed and signed[i] != counts[i])
         charged = {k: self.charged(run_id, k) for k in CHARGES}
         total, refunded = charged["sampled"] + charged["trained"], self.refunded(run_id)
         return {
@@ -321,8 +330,8 @@ class Billing:
             "charged_trained": charged["trained"], "charged": total, "refunded": refunded,
             "recounted_sampled": recounted, "recounted_trained": trained,
             "recounted": recounted + trained,
-            "trainer_counted_sampled": trainer_counted, "evidence_missing": missing,
-            "key_usage": usage,
-            "reconciled": not missing and charged["sampled"] == recounted == trainer_counted
+            "trainer_counted_sampled": trainer_counted, "disputed_by_trainers": disputed,
+            "evidence_missing": missing, "key_usage": usage,
+            "reconciled": not missing and charged["sampled"] == recounted
             and charged["trained"] == trained and usage in (None, total - refunded),
         }  # fmt: skip

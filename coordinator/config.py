@@ -43,18 +43,36 @@ class LeaseConfig(ConfigModel):
 
 
 class AuditConfig(ConfigModel):
-    floor_rate: float = Field(0.05, ge=0, le=1)
+    """How often rollouts are audited, and what a confirmed failure costs.
+
+    The rates are set so that cheating never pays. A producer earns trust with
+    ``trusted_after`` clean audits in a row (every one of its receipts is audited until then),
+    and is audited at ``floor_rate`` after. A trusted producer that cheats on every lease is
+    caught after 1/``floor_rate`` leases on average (10), and a confirmed failure forfeits
+    *every* unaudited receipt of its within ``quarantine_window_s`` (a day: longer than the
+    whole run of cheats), refunded to the payers: its expected gain from cheating is zero
+    whatever the floor, while it loses its trust (back to ``trusted_after`` audited leases of
+    honest work), a strike, and after ``max_strikes`` everything. The floor then only bounds
+    the harm to the model: with runs training only on audited or trusted rollouts
+    (``verification.trusted_only``), about nine bad rollouts of a newly cheating trusted
+    producer may train before it is caught and its work redone. Ten clean audits to earn
+    trust make counting one's way there cost ten honest leases each time. The cost in an
+    honest steady state is ``floor_rate`` × (replay ÷ generation) of producer compute —
+    measured by ``scripts/bench_trust.py`` (``audit_compute_fraction``)."""
+
+    floor_rate: float = Field(0.1, ge=0, le=1)
     """Share of a trusted producer's receipts that are audited."""
-    trusted_after: int = Field(5, ge=0, le=10_000)
+    trusted_after: int = Field(10, ge=0, le=10_000)
     """Clean audits in a row before a producer drops from auditing every receipt to the floor
     rate; a failure starts the count again."""
     deadline_s: float = Field(60.0, gt=0, le=3600)
     """A verifier must answer within this time, or the audit goes to another verifier."""
     max_strikes: int = Field(3, ge=1, le=1000)
     """Confirmed failures after which a producer is banned."""
-    quarantine_window_s: float = Field(600.0, gt=0)
+    quarantine_window_s: float = Field(86400.0, gt=0)
     """On a confirmed failure, the producer's unaudited receipts of this long before are
-    quarantined (never trained on, their examples redone) and their credits forfeited."""
+    quarantined (never trained on, their examples redone) and their credits forfeited back to
+    the payers."""
 
 
 class CoordinatorConfig(ConfigModel):

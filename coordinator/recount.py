@@ -164,6 +164,7 @@ class Recounter:
                 log.debug("payload of lease %s not fetched yet: %s", lease_id, e)
                 return False
             self.state.book.uncount(lease_id, "unconfirmed")
+            self.state.audits.cancel_for({lease_id})
             self.state.commit()
             log.warning("lease %s: %s never served its payload; its examples are redone",
                         lease_id, s.node, extra={"peer": s.node})  # fmt: skip

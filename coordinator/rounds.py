@@ -152,24 +152,43 @@ class Rounds:
             row.rewards, row.samples, row.counts, row.at = rewards, samples, counts, state.clock()
         share = [s for s in state.book.dealt.get((msg.run_id, msg.version), [])
                  if s.trained_by == peer]  # fmt: skip
-        self._compare_counts(peer, share, msg)
         made = state.versions.get(msg.run_id, {}).get(msg.version + 1)
         if first and made is not None and peer in made.signers:  # its round moved the model
-            await state.billing.charge_round(run, msg.version, peer, share)
+            false = self._false_report(peer, share, msg)
+            if false:
+                banned = state.audits.strike(peer)
+                log.warning("trainer %s reported %s for run %s round %d: not paid for it, a "
+                            "strike%s", peer, false, msg.run_id, msg.version,
+                            "; banned" if banned else "",
+                            extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
+            await state.billing.charge_round(run, msg.version, peer, share, pay_trainer=not false)
         state.billing.reported(run, msg.version, peer)
         await state.billing.close_reported(run)
         state.commit()
         return ReportAck(recorded=True)
 
-    def _compare_counts(self, peer: str, share: list[LeaseState], msg: RoundReport) -> None:
-        """A trainer's count that differs from the coordinator's: the trainer's word against
-        the payload's, which the coordinator counted itself; logged, never billed on."""
-        ours = {s.lease_id: s.recounted_tokens for s in share}
-        for c in msg.counts:
-            if c.lease_id in ours and ours[c.lease_id] != c.tokens:
-                log.warning("trainer %s counted %d tokens in lease %s; the payload holds %s",
-                            peer, c.tokens, c.lease_id, ours[c.lease_id],
-                            extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
+    def _false_report(self, peer: str, share: list[LeaseState], msg: RoundReport) -> str:
+        """What a trainer's report claims that the payloads of its share contradict, as the
+        coordinator counted and scored them itself (empty: nothing)."""
+        ours = {s.lease_id: s for s in share}
+        wrong = [c for c in msg.counts if c.lease_id not in ours
+                 or ours[c.lease_id].recounted_tokens != c.tokens]  # fmt: skip
+        if wrong:
+            return f"token counts the payloads do not hold (lease {wrong[0].lease_id})"
+        fetched = [ours[c.lease_id] for c in msg.counts]
+        if not fetched or any(s.rewards is None for s in fetched):
+            return ""  # the coordinator did not score them all: nothing to compare with
+        totals: dict[int, float] = {}
+        for s in fetched:
+            totals[s.lease.policy_version] = totals.get(s.lease.policy_version, 0.0) + sum(
+                s.rewards or []
+            )
+        said = {r.version: r.reward_sum for r in msg.rewards}
+        if said.keys() != totals.keys() or any(
+            abs(said[v] - totals[v]) > 1e-4 * max(1.0, abs(totals[v])) for v in totals
+        ):
+            return f"rewards the environment does not give ({said} against {totals})"
+        return ""
 
     def versions(self, req: VersionsRequest, addrs_of: Callable[[str], list[str]]) -> VersionsReply:
         """The current version of every running run on the request's base model (or the one

@@ -284,7 +284,9 @@ class Coordinator:
 
     async def _train(self, peer: str, msg: TrainRequest, _: bytes) -> Message:
         self._check_member(peer, "trainer")
-        trainers = self.members.live_with("trainer")
+        # a banned trainer gets no share: a round dealt to it would wait for it in vain
+        trainers = [t for t in self.members.live_with("trainer")
+                    if not views.is_banned(self.state, t)[0]]  # fmt: skip
         try:
             dht = await self.hivemind_peers() if len(trainers) > 1 else []
         except RuntimeError as e:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from node.agent import NodeAgent
     from node.roles.base import Role
     from node.roles.inference import InferenceRole
+    from node.roles.trainer import TrainerRole
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ def start_node(
     data_dir: Path,
     inference_cls: type[InferenceRole] | None = None,
     producer: str = "",
+    trainer_cls: type[TrainerRole] | None = None,
 ) -> int:
-    """Run a node until a signal. ``inference_cls`` replaces ``InferenceRole``, ``producer``
-    the model process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
+    """Run a node until a signal. ``inference_cls`` replaces ``InferenceRole``,
+    ``trainer_cls`` ``TrainerRole``, ``producer`` the model process's ``Producer``
+    (``module:Class``): tests build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
     from node.model.probe import probe_machine
 
@@ -88,7 +91,7 @@ def start_node(
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
-    roles = _roles(config, data_dir, agent, inference_cls, producer)
+    roles = _roles(config, data_dir, agent, inference_cls, producer, trainer_cls)
     if config.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -116,6 +119,7 @@ def _roles(
     agent: NodeAgent,
     inference_cls: type[InferenceRole] | None,
     producer: str,
+    trainer_cls: type[TrainerRole] | None = None,
 ) -> list[Role]:
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
@@ -130,7 +134,7 @@ def _roles(
     if "trainer" in config.roles:
         from node.roles.trainer import TrainerRole
 
-        roles.append(TrainerRole(config, data_dir, versions))
+        roles.append((trainer_cls or TrainerRole)(config, data_dir, versions))
     if not (config.serve or {"inference", "verifier"} & set(config.roles)):
         return roles
     from node.model.worker import ModelSpec, ModelWorker

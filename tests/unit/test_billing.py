@@ -124,7 +124,8 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
 
 
 def test_what_a_trainer_says_it_trained_is_not_what_it_is_paid(dbs: Databases) -> None:
-    """Trained tokens are what the coordinator dealt; unconfirmed rollouts are never dealt."""
+    """Trained tokens are what the coordinator dealt; unconfirmed rollouts are never dealt; a
+    trainer whose signed counts or rewards the payloads contradict is not paid and struck."""
     svc, accounts = service(dbs)
     _, owner = accounts.create("carol", budget_tokens=10_000)
 
@@ -138,18 +139,47 @@ def test_what_a_trainer_says_it_trained_is_not_what_it_is_paid(dbs: Databases) -
         svc.state.book.receipt("producer", receipt_for(lease))  # counted, not confirmed yet
         ask = TrainRequest(base_model="tiny")
         assert isinstance(await svc.rounds.train("t1", ask, ["t1"], lambda p: [], []), NoTraining)
-        svc.state.book.leases[lease.lease_id].recounted_tokens = TOKENS  # now confirmed
+        state = svc.state.book.leases[lease.lease_id]
+        state.recounted_tokens, state.rewards = TOKENS, [1.0, 0.0]  # the coordinator's own
         got = await svc.rounds.train("t1", ask, ["t1"], lambda p: [], [])
         assert isinstance(got, TrainAssignment)
         await svc.rounds.manifest("t1", manifest("r1", 1), b"frame")
-        counts = [LeaseCount(lease.lease_id, 10**6)]  # a lying count changes nothing
-        lie = RoundReport(run_id="r1", version=0, rewards=[], samples=[], counts=counts)
+        counts = [LeaseCount(lease.lease_id, 10**6)]  # a lying count
+        lie = RoundReport(run_id="r1", version=0, rewards=[VersionRewards(0, 2, 1.0, 1.0)],
+                          samples=[], counts=counts)  # fmt: skip
         assert (await svc.rounds.report("t1", lie)).recorded
-        assert svc.state.billing.charged("r1", "trained") == TOKENS
-        assert key(accounts, "carol").used_tokens == 2 * TOKENS
+        assert svc.state.billing.charged("r1", "sampled") == TOKENS  # the producer's work
+        assert svc.state.billing.charged("r1", "trained") == 0  # the liar is not paid
+        assert svc.state.audits.trust["t1"].strikes == 1
+        assert key(accounts, "carol").used_tokens == TOKENS
         check = (await ledger(svc.state, count, "r1"))["runs"][0]
-        assert not check["reconciled"]  # the trainer's signed count disagrees: a discrepancy
-        assert check["trainer_counted_sampled"] == 10**6 != check["charged_sampled"]
+        assert check["reconciled"]  # every charge is what the payloads hold
+        assert check["disputed_by_trainers"] == [lease.lease_id]  # and the lie is on record
+
+    trio.run(main)
+
+
+def test_a_trainer_reporting_false_rewards_is_not_paid(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("gus", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        deliver(svc.state.book, "producer")
+        (s,) = svc.state.book.waiting["r1"].values()
+        s.rewards = [0.0, 0.0]  # the coordinator scored both samples 0
+        got = await svc.rounds.train("t1", TrainRequest(base_model="tiny"), ["t1"],
+                                     lambda p: [], [])  # fmt: skip
+        assert isinstance(got, TrainAssignment)
+        await svc.rounds.manifest("t1", manifest("r1", 1), b"frame")
+        fake = RoundReport(run_id="r1", version=0, rewards=[VersionRewards(0, 2, 2.0, 2.0)],
+                           samples=[], counts=[LeaseCount(s.lease_id, TOKENS)])  # fmt: skip
+        assert (await svc.rounds.report("t1", fake)).recorded
+        assert svc.state.billing.charged("r1", "trained") == 0
+        assert svc.state.audits.trust["t1"].strikes == 1
 
     trio.run(main)
 
