@@ -42,6 +42,7 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "examples_delivered": state.book.delivered(run.run_id),
         "active_leases": state.book.active_of(run.run_id),
         "completion_tokens": run.completion_tokens,
+        **run_tokens(state, run),
         "tokens_trained": state.billing.charged(run.run_id, "trained"),
         "billed_tokens": state.billing.charged(run.run_id),
         "refunded_tokens": state.billing.refunded(run.run_id),
@@ -50,6 +51,21 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "reward": rewards(state, run.run_id)[-1:] or None,
         "created_at": run.created_at,
         "deployed": run.deployed,
+    }
+
+
+def run_tokens(state: State, run: RunState) -> dict[str, int]:
+    """The completion tokens of the run's counted rollouts: ``claimed`` by their receipts (the
+    producers' word), ``confirmed`` by the coordinator's own count of the payloads (only these
+    are ever billed), and ``unconfirmed``: claimed by rollouts it has not counted yet."""
+    counted = state.book.counted_of(run.run_id)
+    confirmed = [s for s in counted if s.confirmed]
+    return {
+        "claimed_tokens": run.completion_tokens,
+        "confirmed_tokens": sum(s.recounted_tokens or 0 for s in confirmed),
+        "unconfirmed_tokens": sum(s.completion_tokens for s in counted if not s.confirmed),
+        "counted_rollouts": len(counted),
+        "confirmed_rollouts": len(confirmed),
     }
 
 
