@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
 from coordinator import views as queries
+from coordinator.billing import KINDS
 from coordinator.db import RunState
 from protocol.accounts import ApiKey
 from protocol.errors import ConfigError
@@ -205,12 +206,17 @@ def create_app(coord: Coordinator) -> FastAPI:
         return {"object": "list", "data": coord.runlog.after(run_id, after)}
 
     @app.get("/v1/ledger")
-    async def ledger(run: str | None = None, node: str | None = None) -> dict[str, Any]:
-        """The billing journal (of one run, or one node's entries), balances by account, and
-        every run's reconciliation: charges = tokens processed = the key's usage records."""
+    async def ledger(
+        run: str | None = None, node: str | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        """The billing journal (of one run, or one node's entries; ``kind``: only its entries
+        of that kind, e.g. ``refund``), balances and totals by account, and every run's
+        reconciliation: charges = tokens processed = the key's usage records."""
         if run is not None:
             _run(run)
-        return await queries.ledger(coord.state, coord.recounter.kept_count, run, node)
+        if kind is not None and kind not in KINDS:
+            raise APIError(400, f"kind is one of {', '.join(KINDS)}", "invalid_request", "kind")
+        return await queries.ledger(coord.state, coord.recounter.kept_count, run, node, kind)
 
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:

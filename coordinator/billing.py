@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 NETWORK = "network"
 CHARGES = ("sampled", "trained")
+KINDS = (*CHARGES, "verified", "refund")
+"""Every kind of journal entry."""
 
 
 def payer(run: RunState) -> str:

@@ -4,12 +4,12 @@ through another object's fields. Each returns plain JSON-ready data."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 
-from coordinator.db import LeaseState, RunState, Trust
+from coordinator.db import LeaseState, LedgerRow, RunState, Trust
 from coordinator.membership import Membership
 from coordinator.state import State
 
@@ -159,15 +159,21 @@ async def ledger(
     count: Callable[[LeaseState], int | None],
     run_id: str | None = None,
     peer: str | None = None,
+    kind: str | None = None,
 ) -> dict[str, Any]:
-    """The journal (of one run, or one node's entries), the accounts' balances, and each run's
-    reconciliation against the payloads themselves (``count``: the reconciler's own count of a
-    rollout's kept payload) and the trainers' signed counts."""
+    """The journal (of one run, or one node's entries; ``kind``: only entries of that kind
+    listed), the accounts' balances, their totals by what moved them in that run's or node's
+    entries (``accounts``), and each run's reconciliation against the payloads themselves
+    (``count``: the reconciler's own count of a rollout's kept payload) and the trainers'
+    signed counts."""
     billing = state.billing
     account = f"node:{peer}" if peer else None
     entries = [e for e in billing.entries
                if (run_id is None or e.run_id == run_id)
                and (account is None or account in (e.debit, e.credit))]  # fmt: skip
+    totals = account_totals(entries)
+    if kind is not None:
+        entries = [e for e in entries if e.kind == kind]
     balances = billing.balances()
     checks = []
     for run in state.book.runs.values():
@@ -186,9 +192,29 @@ async def ledger(
         "entry_count": len(entries),
         "balances": {a: b for a, b in sorted(balances.items()) if account in (None, a)},
         "balance_sum": sum(balances.values()),
+        "accounts": {a: t for a, t in sorted(totals.items()) if account in (None, a)},
         "runs": checks,
         "reconciled": all(c["reconciled"] for c in checks) and sum(balances.values()) == 0,
     }
+
+
+def account_totals(entries: Iterable[LedgerRow]) -> dict[str, dict[str, int]]:
+    """Each account's tokens by what moved them: ``paid`` (charges and verification credits it
+    paid out), ``earned`` (what it was paid), ``forfeited`` (a penalized producer's pay given
+    back), ``refunded`` (what a payer got back), and the ``balance`` they leave."""
+    out: dict[str, dict[str, int]] = {}
+
+    def of(account: str) -> dict[str, int]:
+        return out.setdefault(account, dict.fromkeys(
+            ("paid", "earned", "forfeited", "refunded", "balance"), 0))  # fmt: skip
+
+    for e in entries:
+        refund = e.kind == "refund"
+        of(e.debit)["forfeited" if refund else "paid"] += e.tokens
+        of(e.credit)["refunded" if refund else "earned"] += e.tokens
+        of(e.debit)["balance"] -= e.tokens
+        of(e.credit)["balance"] += e.tokens
+    return out
 
 
 def is_banned(state: State, peer: str) -> tuple[bool, int]:
