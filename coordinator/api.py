@@ -1,5 +1,6 @@
-"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes, runs; and the
-dashboard (``/``: ``dashboard.html``, a page that reads this API).
+"""The coordinator's REST API (FastAPI): health, metrics, the network's nodes and what the
+coordinator knows of their honesty (``/v1/trust``), runs, the ledger; and the dashboard (``/``:
+``dashboard.html``, a page that reads this API).
 
 Errors are OpenAI-style JSON, ``{"error": {"message", "type", "param", "code"}}``, with the
 HTTP status that fits (400 for a bad run spec, 401 for a missing or bad key, 402 for a spent
@@ -217,6 +218,15 @@ def create_app(coord: Coordinator) -> FastAPI:
         if kind is not None and kind not in KINDS:
             raise APIError(400, f"kind is one of {', '.join(KINDS)}", "invalid_request", "kind")
         return await queries.ledger(coord.state, coord.recounter.kept_count, run, node, kind)
+
+    @app.get("/v1/trust")
+    async def trust(recent: int = 50) -> dict[str, Any]:
+        """Every node's audit record (and whatever else its trust record holds), the bans, the
+        ``recent`` newest verdicts (the coordinator's own convictions named "coordinator") and
+        the known-answer results."""
+        if not 1 <= recent <= 1000:
+            raise APIError(400, "recent is 1..1000", "invalid_request", "recent")
+        return queries.trust_summary(coord.state, coord.membership, coord.peer_id, recent)
 
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:

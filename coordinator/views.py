@@ -1,6 +1,12 @@
 """What the REST API shows of the coordinator: query functions over the shared work state
 (``coordinator/state.py``) and the membership table, so the API reads through these and never
-through another object's fields. Each returns plain JSON-ready data."""
+through another object's fields. Each returns plain JSON-ready data.
+
+What the dashboard shows of trust reads through ``trust_summary`` (every node's record, the
+bans, the recent verdicts — the coordinator's own convictions among them — and the
+known-answer results), ``run_tokens`` (a run's tokens as its producers claimed them and as the
+coordinator counted them) and ``ledger`` (the journal, each account's totals by kind, and each
+run's reconciliation against the recount)."""
 
 from __future__ import annotations
 
@@ -109,6 +115,62 @@ def verdicts(state: State, membership: Membership) -> list[dict[str, Any]]:
         for i, v in enumerate(a.verdicts)
     ]
     out.sort(key=lambda v: v["at"])
+    return out
+
+
+def trust_summary(
+    state: State, membership: Membership, judge: str, recent: int = 50
+) -> dict[str, Any]:
+    """What the network knows of its nodes' honesty: every node's record (each node in the
+    table and each peer with a record, gone ones included), the banned producers with the check
+    that convicted them, the ``recent`` newest verdicts (the coordinator's own convictions are
+    those whose verifier is ``judge``, its peer id, named "coordinator"), and the known-answer
+    results."""
+
+    def name(peer: str) -> str:
+        return "coordinator" if peer == judge else _name(membership, peer)
+
+    peers = sorted({*membership.nodes, *state.audits.trust}, key=lambda p: (name(p), p))
+    nodes: list[dict[str, Any]] = []
+    for peer in peers:
+        node = membership.nodes.get(peer)
+        nodes.append({"peer_id": peer, "name": name(peer),
+                      "status": node.status if node else "gone",
+                      "roles": list(node.capabilities.roles) if node else [],
+                      "trust": trust(state, peer)})  # fmt: skip
+    convicted: dict[str, dict[str, Any]] = {}  # producer -> its newest confirmed failure
+    for a in sorted(state.audits.audits.values(), key=lambda a: a.created_at):
+        if a.status == "failed" and a.verdicts:
+            v = a.verdicts[-1]
+            convicted[a.producer] = {"check": v.failed_check, "detail": v.detail, "at": v.at,
+                                     "by": name(v.verifier)}  # fmt: skip
+    bans = [{"peer_id": peer, "name": name(peer), "strikes": t.strikes,
+             "forfeited_tokens": t.forfeited_tokens, "convicted": convicted.get(peer)}
+            for peer, t in sorted(state.audits.trust.items()) if t.banned]  # fmt: skip
+    audits = []
+    for v in reversed(verdicts(state, membership)[-recent:]):
+        v.pop("signed_frame")  # the evidence stays at /v1/network/verdicts
+        audits.append({**v, "producer_name": name(v["producer"]),
+                       "verifier_name": name(v["verifier"]),
+                       "by_coordinator": v["verifier"] == judge,
+                       "outcome": "passed" if v["passed"] else "failed"})  # fmt: skip
+    return {"object": "trust", "coordinator": judge, "nodes": nodes, "bans": bans,
+            "audits": audits, "known_answers": known_answers(state, membership)}  # fmt: skip
+
+
+def known_answers(state: State, membership: Membership) -> list[dict[str, Any]]:
+    """The known-answer audits' results: verifiers handed work whose verdict the coordinator
+    already knows, and what they answered. Whatever rows the audit book keeps of them
+    (``known_answers``: dicts, or entities with ``view()``), named; empty while it keeps none."""
+    rows = getattr(state.audits, "known_answers", None) or []
+    if isinstance(rows, dict):
+        rows = rows.values()
+    out = []
+    for row in rows:
+        view = dict(row.view() if hasattr(row, "view") else row)
+        if isinstance(view.get("verifier"), str):
+            view.setdefault("verifier_name", _name(membership, view["verifier"]))
+        out.append(view)
     return out
 
 
