@@ -76,7 +76,8 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard() -> str:
-        """Nodes, runs, a run's reward curve and rollouts, refreshed every few seconds."""
+        """Nodes, runs, a run's reward curve and rollouts, the ledger, reputation, bans and
+        audits, refreshed every few seconds."""
         return page
 
     @app.get("/health")

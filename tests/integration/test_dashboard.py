@@ -1,21 +1,51 @@
-"""The coordinator's dashboard in headless Chromium (Debian's ``chromium``): against a real
-coordinator with a run whose trainer reported two rounds, the page lists the run, draws its
-reward curve (one point per version, rising) and shows its rollouts as text."""
+"""The coordinator's dashboard in headless Chromium (Debian's ``chromium``), against a real
+coordinator driven by in-process peers over the real protocols:
+
+- a run whose trainer reported two rounds: the page lists the run, draws its reward curve (one
+  point per version, rising) and shows its rollouts as text;
+- a run with an honest producer, a producer that lies about its tokens, a verifier and a
+  trainer: the page shows the run's tokens as claimed and as the coordinator counted them, the
+  ledger (charges, earnings, the liar's forfeit refunded to the researcher, the run reconciled
+  against the recount), every node's record, the liar's ban and the coordinator's conviction
+  among the audits, and no known-answer results yet."""
 
 from __future__ import annotations
 
+import hashlib
+import html
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 import trio
 
-from protocol.adapters import ReportAck, RoundReport, SampleText, VersionRewards
+from protocol.adapters import (
+    LeaseCount,
+    ManifestAck,
+    ReportAck,
+    RoundReport,
+    SampleText,
+    TrainAssignment,
+    TrainRequest,
+    VersionRewards,
+)
+from protocol.envelope import seal
+from protocol.leases import Lease, LeaseRequest
+from protocol.payload_store import PayloadStore
+from protocol.payloads import serve_payloads
+from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
+from protocol.verification import AuditAssignment, AuditRequest, Verdict, VerdictAck
+from protocol.versions import AUDITS, LEASES
+from tests.examples import rollout_payload
 from tests.integration.cluster import Cluster
-from tests.integration.peer import peer
+from tests.integration.peer import Peer, peer
 from tests.integration.test_versions import ADAPTERS, manifest
+from tests.wait import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
@@ -66,3 +96,170 @@ def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     rows = re.findall(r'<tr class="rollout">(.*?)</tr>', dom, re.S)
     assert len(rows) == 2 and any("<pre>12</pre>" in r for r in rows)
     assert "5 + 7 =" in rows[0]
+
+
+TOKENS = 5
+"""Completion tokens in each sample of the payloads below (a lease: one prompt, two samples)."""
+
+
+def payload_for(lease: Lease) -> RolloutPayload:
+    """A payload that fits the lease: its samples, each of ``TOKENS`` tokens."""
+    n = len(lease.example_indices) * lease.group_size
+    made = rollout_payload(n * TOKENS * 8, tokens_per_sample=TOKENS).samples
+    g = lease.group_size
+    samples = [msgspec.structs.replace(x, example_index=lease.example_indices[k // g],
+                                       sample_index=k) for k, x in enumerate(made)]  # fmt: skip
+    return RolloutPayload(lease_id=lease.lease_id, run_id=lease.run_id,
+                          policy_version=lease.policy_version, samples=samples)  # fmt: skip
+
+
+async def take_lease(producer: Peer, version: int = 0) -> Lease:
+    held = {"r1": version} if version else {}
+    lease = await producer.ask(LEASES, LeaseRequest(max_prompts=1, base_model="tiny",
+                                                    adapter_versions=held))  # fmt: skip
+    assert isinstance(lease, Lease), lease
+    return lease
+
+
+async def deliver(
+    producer: Peer, lease: Lease, store: PayloadStore | None, claim: int | None = None
+) -> int:
+    """Make the lease's payload, serve it from ``store`` (None: serve nothing) and send a
+    receipt claiming ``claim`` completion tokens (default: what the payload holds)."""
+    payload = payload_for(lease)
+    frame = seal(producer.identity, payload)
+    digest = store.put(frame) if store is not None else hashlib.sha256(frame).digest()
+    tokens = TOKENS * len(payload.samples)
+    receipt = RolloutReceipt(
+        lease_id=lease.lease_id, run_id=lease.run_id, policy_version=lease.policy_version,
+        payload_hash=digest, num_samples=len(payload.samples),
+        completion_tokens=tokens if claim is None else claim,
+    )  # fmt: skip
+    ack = await producer.ask(LEASES, receipt)
+    assert isinstance(ack, ReceiptAck) and ack.outcome == "counted", ack
+    return tokens
+
+
+def cells(dom: str, table: str) -> list[list[str]]:
+    """The text of every cell of a table's body rows, row by row."""
+    body = re.search(rf'<table id="{table}">.*?<tbody>(.*?)</tbody>', dom, re.S)
+    assert body, f"no table {table}"
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body.group(1), re.S)
+    return [[html.unescape(re.sub(r"<[^>]+>", "", c))
+             for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows]  # fmt: skip
+
+
+def test_the_dashboard_shows_the_ledger_reputation_bans_and_audits(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, interval_s=30.0)  # in-process peers send no heartbeats
+    try:
+        # a round takes two rollouts; one confirmed failure bans
+        cluster.start_coordinator(extra=["--leases.round_leases=2", "--audits.max_strikes=1"])
+        spec = {"name": "r1", "env": {"name": "arith"},
+                "rl": {"max_examples": 100, "prompts_per_lease": 1, "group_size": 2},
+                "verification": {"trusted_only": False}}  # fmt: skip
+        cluster.api("POST", "/v1/runs", json=spec)
+
+        def run() -> Any:
+            return cluster.api("GET", "/v1/runs/r1")
+
+        async def until(probe: Callable[[], object], what: str) -> None:
+            await trio.to_thread.run_sync(lambda: wait_until(probe, 30, what=what))
+
+        async def main() -> None:
+            async with (
+                peer(cluster.multiaddr) as honest, peer(cluster.multiaddr) as liar,
+                peer(cluster.multiaddr) as verifier, peer(cluster.multiaddr) as trainer,
+            ):  # fmt: skip
+                await honest.join(["inference"], "honest")
+                await liar.join(["inference"], "liar")
+                await verifier.join(["verifier"], "verifier")
+                await trainer.join(["trainer"], "trainer")
+                stores = {p: PayloadStore(tmp_path / p) for p in ("honest", "liar")}
+                serve_payloads(honest.host, stores["honest"])
+                serve_payloads(liar.host, stores["liar"])
+
+                # an honest rollout: the coordinator fetches its payload and confirms the count
+                await deliver(honest, await take_lease(honest), stores["honest"])
+                await until(lambda: run()["confirmed_tokens"] == 10, "the first recount")
+                # the producer is new, so its rollout is audited: a verifier passes it
+                a = await verifier.ask(AUDITS, AuditRequest(base_model="tiny"))
+                assert isinstance(a, AuditAssignment) and a.producer == honest.identity.peer_id
+                ok = await verifier.ask(AUDITS, Verdict(
+                    audit_id=a.audit_id, lease_id=a.lease.lease_id, producer=a.producer,
+                    payload_hash=a.payload_hash, passed=True,
+                ))  # fmt: skip
+                assert isinstance(ok, VerdictAck) and ok.outcome == "recorded"
+                # the liar's first rollout is honest (and unaudited yet)
+                await deliver(liar, await take_lease(liar), stores["liar"])
+                await until(lambda: run()["confirmed_tokens"] == 20, "the second recount")
+
+                # the trainer trains both, makes version 1 and reports: the round is billed
+                share = await trainer.ask(ADAPTERS, TrainRequest(base_model="tiny"))
+                assert isinstance(share, TrainAssignment) and len(share.rollouts) == 2
+                made = await trainer.ask(ADAPTERS, manifest(1, 0))
+                assert isinstance(made, ManifestAck) and made.outcome == "recorded"
+                report = RoundReport(
+                    run_id="r1", version=0, rewards=[VersionRewards(0, 4, 2.0, 2.0)],
+                    counts=[LeaseCount(r.lease.lease_id, 10) for r in share.rollouts], samples=[],
+                )  # fmt: skip
+                assert await trainer.ask(ADAPTERS, report) == ReportAck(recorded=True)
+
+                # the liar claims 12 tokens for a payload of 10: convicted, banned, its paid
+                # rollout quarantined and refunded to the researcher
+                await deliver(liar, await take_lease(liar, 1), stores["liar"], claim=12)
+
+                def refunded() -> bool:
+                    books = cluster.api("GET", "/v1/ledger", params={"kind": "refund"})
+                    return len(books["entries"]) == 1 and books["runs"][0]["reconciled"]
+
+                await until(refunded, "the liar's refund")
+                # an honest rollout whose payload the coordinator cannot fetch yet: claimed,
+                # not confirmed
+                await deliver(honest, await take_lease(honest, 1), None)
+                await until(lambda: run()["claimed_tokens"] == 20, "the last receipt")
+
+        trio.run(main)
+        trust = cluster.api("GET", "/v1/trust")
+        dom = render(f"{cluster.url}/#run=r1", tmp_path / "chromium")
+    finally:
+        cluster.stop_all()
+    liar_id = next(n["peer_id"] for n in trust["nodes"] if n["name"] == "liar")
+
+    # the run's tokens: claimed by receipts, confirmed by the coordinator's own count
+    (r1,) = cells(dom, "runs")
+    assert r1[6:8] == ["20", "10 (1 of 2 rollouts, 10 awaiting recount)"], r1
+
+    # the ledger: what the run paid and got back, reconciled against the recount
+    assert '<span id="books" class="ok">books reconciled</span>' in dom
+    (bill,) = cells(dom, "bills")
+    assert bill == ["r1", "researcher", "20", "20", "10", "30", "30", "20 / 20", "20",
+                    "reconciled"], bill  # fmt: skip
+    accounts = {row[0]: row[1:] for row in cells(dom, "accounts")}  # earned paid forfeited ...
+    assert accounts["researcher (API key)"] == ["0", "40", "0", "10", "-30"]
+    assert accounts["honest"] == ["10", "0", "0", "0", "10"]
+    assert accounts["liar"] == ["10", "0", "10", "0", "0"]
+    assert accounts["trainer"] == ["20", "0", "0", "0", "20"]
+    assert accounts["verifier"] == ["10", "0", "0", "0", "10"]
+    assert accounts["network"] == ["0", "10", "0", "0", "-10"]
+    (refund,) = cells(dom, "refunds")
+    assert refund[:4] == ["r1", "liar", "researcher (API key)", "10"]
+
+    # reputation: the producer records, extra fields of a record shown by name
+    reputation = {row[0]: row[1:] for row in cells(dom, "reputation")}
+    assert reputation["honest"][:8] == ["alive", "1.00", "1", "0", "0", "no", "20", "0"]
+    assert "clean_streak: 1" in reputation["honest"][8]
+    # the record forfeits every credit of the window as claimed (10 + 12); the ledger takes
+    # back what was paid (10)
+    assert reputation["liar"][:8] == ["alive", "0.17", "0", "1", "1", "banned", "0", "22"]
+
+    # the ban, convicted by the coordinator itself on the token count
+    (ban,) = cells(dom, "bans")
+    assert ban[:5] == ["liar", liar_id, "1", "token_count", "coordinator"]
+    assert "receipt claims 12 completion tokens, payload holds 10" in ban[5]
+
+    # audits, newest first: the coordinator's conviction, then the verifier's pass
+    audits = [row[2:6] for row in cells(dom, "audits")]
+    assert audits == [["liar", "coordinator", "token_count", "failed"],
+                      ["honest", "verifier", "all passed", "passed"]], audits  # fmt: skip
+    assert '<td class="coordinator">coordinator</td>' in dom
+    assert cells(dom, "known-answers") == [["none yet"]]
