@@ -1,0 +1,55 @@
+"""The cheating node roles ``tests/adversarial/cheating_node.py`` runs: each a subclass of the
+real role that changes one step. Kept apart from that entry point, which must import nothing
+heavy at its top: a trainer's hivemind child process (``spawn``) imports the entry module again,
+and hivemind cannot share a process with py-libp2p."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from node.roles.inference import InferenceRole
+from node.roles.trainer import TrainerRole
+from protocol.adapters import RoundReport
+from protocol.leases import Lease
+from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
+
+
+class WithholdsPayloads(InferenceRole):
+    """Submits receipts for payloads it does not keep, so no audit can ever check them."""
+
+    async def deliver(
+        self, lease: Lease, payload: RolloutPayload, frame: bytes, started: float
+    ) -> None:
+        await super().deliver(lease, payload, frame, started)
+        self.store.evict(now=float("inf"))  # everything is past its retention now
+
+
+class InflatesReceipts(InferenceRole):
+    """Honest on leases sampled before version ``BAZAAR_CHEAT_FROM`` (by then some of its work
+    was trained and paid for), then claims one more completion token than each payload holds."""
+
+    async def submit(self, receipt: RolloutReceipt, attempts: int = 5) -> ReceiptAck | None:
+        if receipt.policy_version >= int(os.environ.get("BAZAAR_CHEAT_FROM", "0")):
+            receipt = msgspec.structs.replace(
+                receipt, completion_tokens=receipt.completion_tokens + 1
+            )
+        return await super().submit(receipt, attempts)
+
+
+class LiesInReports(TrainerRole):
+    """Trains honestly, then reports every round's rewards as perfect (to trip the run's
+    ``target_reward``) and ten times the tokens in each payload."""
+
+    async def _report(self, report: RoundReport) -> None:
+        rewards = [msgspec.structs.replace(r, reward_sum=float(r.samples),
+                                           reward_sq_sum=float(r.samples))
+                   for r in report.rewards]  # fmt: skip
+        counts = [msgspec.structs.replace(c, tokens=10 * c.tokens) for c in report.counts]
+        await super()._report(msgspec.structs.replace(report, rewards=rewards, counts=counts))
+
+
+ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cls",
+         "LiesInReports": "trainer_cls"}  # fmt: skip
+"""Each cheat, and the ``start_node`` argument its class replaces."""
