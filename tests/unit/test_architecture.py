@@ -57,6 +57,7 @@ WIRE = {
     for m in (
         "__init__", "errors", "versions", "identity", "codec", "envelope", "membership",
         "leases", "rollouts", "verification", "adapters", "runs", "peer_limits",
+        "serving_tokens",
     )
 }  # fmt: skip
 """Modules that handle bytes and data only; the transport (p2p, gossip) may use networking
