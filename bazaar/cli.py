@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from bazaar import __version__
+from bazaar.gateways_cli import gateway_admit, gateway_list, gateway_revoke
 from bazaar.output import console
 from bazaar.output import fail as _fail
 from bazaar.runs_cli import evaluate_command, ledger, local_coordinator_url, run_app
@@ -28,7 +29,10 @@ node_app = typer.Typer(help="Run a node that contributes compute to the network.
 network_app = typer.Typer(help="Inspect the network.")
 model_app = typer.Typer(help="Base models: build the tiny model that tests and demos use.")
 keys_app = typer.Typer(help="The gateway's API keys: budgets in tokens and rate limits.")
-gateway_app = typer.Typer(help="Run the OpenAI-compatible gateway: keys, metering, routing.")
+gateway_app = typer.Typer(
+    help="Run the OpenAI-compatible gateway (keys, metering, routing); admit gateways to the "
+    "serving nodes."
+)
 app.add_typer(identity_app, name="identity")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(node_app, name="node")
@@ -38,6 +42,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(run_app, name="run")
 app.command("ledger")(ledger)
+gateway_app.command("admit")(gateway_admit)
+gateway_app.command("revoke")(gateway_revoke)
+gateway_app.command("list")(gateway_list)
 app.command("eval")(evaluate_command)
 
 DbOpt = Annotated[

@@ -8,7 +8,10 @@ budget, 403 for another key's run, 404 for an unknown run, 409 for a taken run i
 
 Submitting, cancelling and deploying a run take the researcher's API key (``Authorization:
 Bearer bz-...``, a key of the accounts database the gateway meters with): the run is billed to
-it and only it may cancel or deploy the run. Reading is open (the dashboard reads it).
+it and only it may cancel or deploy the run. Reading is open (the dashboard reads it), except
+where the serving nodes are: ``/v1/network/routes`` (their URLs, each with a serving token)
+answers only admitted gateways (``Authorization: Bearer bzg-...``, ``coordinator/gateways.py``),
+and no open view shows a serving URL.
 Endpoints that touch coordinator state are ``async``, so they run on the coordinator's own trio
 loop, never beside it in a thread.
 """
@@ -65,6 +68,24 @@ def create_app(coord: Coordinator) -> FastAPI:
         return key
 
     key_dep = Depends(researcher)
+    admitted = HTTPBearer(auto_error=False, description="From `bazaar gateway admit`")
+    gateway_bearer = Depends(admitted)
+
+    async def admitted_gateway(
+        credentials: HTTPAuthorizationCredentials | None = gateway_bearer,
+    ) -> str:
+        """The name of the admitted gateway a request comes from."""
+        presented = credentials.credentials.strip() if credentials else ""
+        if not presented:
+            raise APIError(401, "the serving routes are for admitted gateways: send "
+                           "'Authorization: Bearer <secret>' (bazaar gateway admit NAME)",
+                           "missing_gateway_secret")  # fmt: skip
+        name = await trio.to_thread.run_sync(coord.gateways.store.authenticate, presented)
+        if name is None:
+            raise APIError(401, "invalid or revoked gateway secret", "invalid_gateway_secret")
+        return name
+
+    gateway_dep = Depends(admitted_gateway)
 
     def owned(run: RunState, key: ApiKey | None) -> RunState:
         if run.owner and (key is None or key.name != run.owner):
@@ -105,6 +126,13 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.get("/v1/network/nodes")
     async def nodes() -> dict[str, Any]:
         data = queries.nodes(coord.membership, coord.state, coord.clock())
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/network/routes")
+    async def routes(gateway: str = gateway_dep) -> dict[str, Any]:
+        """For an admitted gateway: every live serving node (URL, models) with a serving token
+        for this gateway at that node."""
+        data = coord.gateways.routes(gateway, coord.membership.nodes.values())
         return {"object": "list", "data": data}
 
     @app.get("/v1/network/verdicts")

@@ -96,6 +96,11 @@ class CoordinatorConfig(ConfigModel):
     """How long a payload copy is kept; the ledger reconciles what is still kept."""
     open_runs: bool = False
     """Accept runs without an API key (billed to no one): a closed test network."""
+    serving_token_ttl_s: float = Field(300.0, gt=0, le=86_400)
+    """How long a serving token (what an admitted gateway shows a serving node) is valid; one
+    is issued again at half-life. A revoked gateway's access ends within this time (plus the
+    nodes' clock skew allowance), and a gateway cut off from the coordinator this long can no
+    longer reach nodes."""
     membership: MembershipConfig = MembershipConfig()
     """Liveness rules."""
     leases: LeaseConfig = LeaseConfig()

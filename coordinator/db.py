@@ -8,7 +8,8 @@ entity are stored as they travel: a lease as its exact encoded bytes, a run's pl
 Tables: ``nodes`` (membership), ``runs``, ``leases`` (each with the exact lease a node was
 given), ``receipts`` (every receipt received, with its outcome: the audit trail of what was
 counted), ``audits`` and ``verdicts`` (each with the verifier's signed frame), ``trust`` (each
-producer's record), ``adapter_versions``, ``round_reports`` and the ``ledger``.
+producer's record), ``adapter_versions``, ``round_reports``, the ``ledger``, and ``gateways`` (the
+gateways admitted to serving nodes, ``coordinator/gateways.py``).
 """
 
 from __future__ import annotations
@@ -285,6 +286,18 @@ class LedgerRow(Base):
     at: Mapped[float] = mapped_column(Float)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
     __table_args__ = (UniqueConstraint("kind", "ref"),)
+
+
+class GatewayRow(Base):
+    """A gateway admitted to the serving nodes (``bazaar gateway admit``): the routes and
+    serving tokens are for it alone. Its secret is kept only as a SHA-256."""
+
+    __tablename__ = "gateways"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    admitted_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When it was revoked; None while it is admitted."""
 
 
 def default_url(data_dir: Path) -> str:

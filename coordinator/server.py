@@ -31,6 +31,7 @@ from coordinator.api import create_app
 from coordinator.auditing import Auditing
 from coordinator.config import CoordinatorConfig
 from coordinator.db import LeaseState, NodeStore, default_url, open_database
+from coordinator.gateways import Gateways, GatewayStore
 from coordinator.hivemind_dht import DhtBootstrap
 from coordinator.lifecycle import RunLifecycle
 from coordinator.members import Members
@@ -119,6 +120,7 @@ class Coordinator:
             open_accounts(config.accounts_db or f"sqlite:///{data_dir / 'gateway.db'}")
         )
         self.state = State(engine, config.leases, config.audits, self.metrics, clock, self.accounts)
+        self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
         self.rounds = Rounds(self.state, self.runs)
         self.auditing = Auditing(self.state)
