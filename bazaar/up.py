@@ -3,7 +3,9 @@
 Builds the tiny model first if it is not cached (one model cache for every process), then starts
 a coordinator, a gateway and N nodes on loopback, each a process with its own data directory
 under ``<data dir>/local`` (the gateway shares the coordinator's, so both open one accounts
-database). It creates the demo researcher's API key once (kept in ``local/demo-key``, mode
+database). The gateway is admitted at the coordinator as ``local`` (a new secret each time,
+handed to it in its environment), so the serving nodes answer it and nobody else. It creates
+the demo researcher's API key once (kept in ``local/demo-key``, mode
 0600), submits the demo run (``examples/arith-tiny.toml``, stopped after ``--rounds`` versions)
 billed to it, and shows the run live: round, version, reward, tokens, nodes. When the run is
 done it deploys the adapter, asks the gateway for a chat completion from the base model and
@@ -72,9 +74,11 @@ class LocalNetwork:
     def logs(self) -> Path:
         return self.root / "logs"
 
-    def spawn(self, name: str, home: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, home: Path, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         with open(self.logs / f"{name}.log", "ab") as log:
             p = subprocess.Popen([sys.executable, "-m", "bazaar", *args], env=env, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -196,7 +200,7 @@ def _demo(net: LocalNetwork, n: int, rounds: int, spec_path: Path, cache: Path) 
     net.spawn("gateway", coord_home, [
         "gateway", "start", "--coordinator-url", url, "--listen", gateway.removeprefix("http://"),
         f"--tokenizers.tiny={tiny}", "--refresh_s=1",
-    ])  # fmt: skip
+    ], env={"BAZAAR_GATEWAY_SECRET": _admit_gateway(coord_home)})  # fmt: skip
     net.start_nodes(n, maddr, cache)
     net.wait("starting the gateway", lambda: _answers(f"{gateway}/health"), 60)
     console.print(f"coordinator {url}   gateway {gateway}   logs {net.logs}", soft_wrap=True)
@@ -218,6 +222,15 @@ def tiny_model(cache: Path) -> Path:
 
     target = tiny_model_dir(cache, TinySpec())
     return target if (target / META_FILE).exists() else build_tiny_model(target, TinySpec())
+
+
+def _admit_gateway(coordinator_home: Path, name: str = "local") -> str:
+    """Admit the local gateway at the coordinator (its database, as ``bazaar gateway admit
+    --replace`` does): a new secret each time, the last one replaced."""
+    from coordinator.db import default_url, open_database
+    from coordinator.gateways import GatewayStore
+
+    return GatewayStore(open_database(default_url(coordinator_home))).admit(name, replace=True)[0]
 
 
 def _demo_key(root: Path, accounts_home: Path) -> str:

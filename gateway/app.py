@@ -5,8 +5,9 @@ no node serves it), the gateway's own prompt count, the key's rate limits (429 w
 ``Retry-After``), a budget reservation of the worst case — prompt + ``max_tokens`` × ``n`` —
 against the key's budget (``gateway/budgets.py``; 402 ``insufficient_quota`` with
 ``x-should-retry: false`` when it does not fit), the least busy serving node (another one if it
-cannot be reached before the first byte; 503 when none can), and finally settlement: the
-reservation is freed and the tokens the gateway counts in the answer are charged and recorded.
+cannot be reached before the first byte or refuses the gateway's serving token; 503 when none
+can), and finally settlement: the reservation is freed and the tokens the gateway counts in the
+answer are charged and recorded. Nodes see the route's serving token, never the client's key.
 Responses carry the gateway's usage numbers, so a client's sum of ``usage`` equals what it is
 billed. A streamed answer is relayed chunk by chunk; an error after streaming began is sent as
 an error event, then ``[DONE]``. A client that disconnects, streaming or not, closes the
@@ -301,7 +302,7 @@ def create_app(
     async def open_upstream(
         path: str, raw: dict[str, Any], model: str
     ) -> tuple[Route, aiohttp.ClientResponse]:
-        session, tried = state["session"], set[str]()
+        session, tried, refused = state["session"], set[str](), 0
         payload = _json.encode(raw)
         while (route := router.pick(model, tried)) is not None:
             tried.add(route.peer_id)
@@ -309,13 +310,24 @@ def create_app(
             try:
                 response = await session.post(
                     f"{route.url}{path}", data=payload,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json",
+                             "authorization": f"Bearer {route.token}"},
                 )  # fmt: skip
-                return route, response
             except (aiohttp.ClientConnectionError, TimeoutError) as e:  # before the first byte
                 router.in_flight[route.peer_id] -= 1
                 log.warning("node %s at %s failed (%s); trying another", route.name, route.url, e)
-        raise APIError(503, f"no node could serve {model!r} right now", "no_capacity",
+                continue
+            if response.status not in (401, 403):
+                return route, response
+            # the node refused our serving token (expired: the coordinator out of reach for a
+            # whole TTL, or this gateway revoked): not the client's business, try another node
+            refused += 1
+            router.in_flight[route.peer_id] -= 1
+            log.warning("node %s refused this gateway's serving token: %s", route.name,
+                        (await response.read())[:200].decode(errors="replace"))  # fmt: skip
+            response.release()
+        why = " (nodes refused this gateway's serving tokens)" if refused else ""
+        raise APIError(503, f"no node could serve {model!r} right now{why}", "no_capacity",
                        headers={"retry-after": "1"})  # fmt: skip
 
     async def relay(

@@ -12,6 +12,11 @@ class GatewayConfig(ConfigModel):
     """HOST:PORT of the OpenAI-compatible API."""
     coordinator_url: str = ""
     """The coordinator's REST URL; empty means the local coordinator's (``coordinator.json``)."""
+    secret_file: str = ""
+    """File holding this gateway's secret, as ``bazaar gateway admit NAME`` printed it on the
+    coordinator's machine (the coordinator tells only the gateways it admits where serving nodes
+    are, and gives them the tokens nodes require). ``BAZAAR_GATEWAY_SECRET``, when set, is used
+    instead. The secret is never a plain config value, so a config file can be shared."""
     db: str = ""
     """SQLAlchemy database URL for keys and usage; empty means SQLite (WAL) at
     ``<data dir>/gateway.db``. ``postgresql://user:pass@host/db`` for PostgreSQL."""

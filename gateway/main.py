@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +30,27 @@ def coordinator_url(config: GatewayConfig, data_dir: Path) -> str:
         ) from None
 
 
+SECRET_ENV = "BAZAAR_GATEWAY_SECRET"
+
+
+def gateway_secret(config: GatewayConfig) -> str:
+    """This gateway's secret at the coordinator: ``$BAZAAR_GATEWAY_SECRET``, else the contents
+    of ``secret_file``; ``ConfigError`` (with the fix) if there is none."""
+    secret = os.environ.get(SECRET_ENV, "").strip()
+    if not secret and config.secret_file:
+        try:
+            secret = Path(config.secret_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the gateway's secret_file: {e}") from None
+    if not secret:
+        raise ConfigError(
+            "no gateway secret: the coordinator shows serving nodes only to gateways it admits. "
+            "Run `bazaar gateway admit NAME` on the coordinator's machine (it prints the secret "
+            f"once), then set {SECRET_ENV} or --secret_file=FILE"
+        )
+    return secret
+
+
 def _exit_cleanly(signum: int, frame: object) -> None:
     sys.exit(0)
 
@@ -42,8 +64,9 @@ def start_gateway(config: GatewayConfig, data_dir: Path) -> int:
 
     configure_logging(config.log_json)
     url = coordinator_url(config, data_dir)
+    secret = gateway_secret(config)
     store = KeyStore(open_database(config.db or f"sqlite:///{data_dir / 'gateway.db'}"))
-    router = Router(url, config.refresh_s)
+    router = Router(url, secret, config.refresh_s)
     app = create_app(config, store, router, TokenCounter(config.tokenizers))
     host, port = parse_host_port(config.listen)
     log.info("gateway on http://%s:%d, routing through the coordinator at %s", host, port, url)

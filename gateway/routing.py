@@ -1,9 +1,14 @@
 """Which serving node gets a request, and how many tokens a request costs.
 
-- **Routes** come from the coordinator (``/v1/network/nodes``: live nodes with a serving
-  endpoint and the models they serve), re-read every ``refresh_s``. A request goes to the node
-  with the fewest requests in flight among those serving its model; a node that cannot be
-  reached is skipped for the next tries of the same request (failover before the first byte).
+- **Routes** come from the coordinator (``/v1/network/routes``, which answers only gateways it
+  admits: this gateway's secret goes as ``Authorization: Bearer``): live nodes with a serving
+  endpoint, the models they serve, and for each a serving token, the credential the node
+  checks (``protocol/serving_tokens.py``). They are re-read every ``refresh_s``, which is how
+  the tokens rotate (the coordinator issues a node's token again at half its life). A
+  coordinator that refuses the secret (revoked) empties the routes at once. A request goes to
+  the node with the fewest requests in flight among those serving its model; a node that cannot
+  be reached, or refuses the token, is skipped for the next tries of the same request (failover
+  before the first byte).
 - **Token counts** are the gateway's own, with each model's tokenizer (``transformers``): the
   prompt as the node renders it (chat template for messages) and each choice's text. A node's
   reported usage is never used for billing.
@@ -22,36 +27,50 @@ import anyio
 log = logging.getLogger(__name__)
 
 
+class NotAdmitted(Exception):
+    """The coordinator refused this gateway's secret (unknown or revoked)."""
+
+
 @dataclass(frozen=True)
 class Route:
     peer_id: str
     name: str
     url: str
     models: tuple[str, ...]
+    token: str = ""
+    """The serving token this node accepts from this gateway (sent as ``Authorization``)."""
 
 
 @dataclass
 class Router:
     coordinator_url: str
+    secret: str
+    """This gateway's secret at the coordinator (``bazaar gateway admit``)."""
     refresh_s: float = 2.0
     routes: list[Route] = field(default_factory=list)
     in_flight: Counter[str] = field(default_factory=Counter)
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
-        url = f"{self.coordinator_url}/v1/network/nodes"
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        url = f"{self.coordinator_url}/v1/network/routes"
+        headers = {"authorization": f"Bearer {self.secret}"}
+        async with session.get(url, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=5)) as resp:  # fmt: skip
+            if resp.status in (401, 403):
+                self.routes = []
+                raise NotAdmitted(f"the coordinator at {self.coordinator_url} does not admit this "
+                                  f"gateway: {await resp.text()}")  # fmt: skip
             resp.raise_for_status()
             nodes = (await resp.json())["data"]
         self.routes = [
-            Route(n["peer_id"], n["name"], n["serving_url"], tuple(n["serving_models"]))
-            for n in nodes
-            if n["status"] == "alive" and n.get("serving_url") and n.get("serving_models")
+            Route(n["peer_id"], n["name"], n["url"], tuple(n["models"]), n["token"]) for n in nodes
         ]
 
     async def refresh_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             try:
                 await self.refresh(session)
+            except NotAdmitted as e:
+                log.error("%s; `bazaar gateway admit NAME` on the coordinator's machine", e)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
                 log.warning("cannot read serving nodes from the coordinator: %s", e)
             await anyio.sleep(self.refresh_s)

@@ -2,9 +2,10 @@
 
 A real coordinator, one real node serving the tiny model (``--serve``) and a real gateway
 process (uvicorn + uvloop), on loopback. The same completion requests (``max_tokens`` 1, so the
-model's time is small and the gateway's shows) are sent directly to the node and through the
-gateway, alternating, one at a time for latency and 64 at a time for throughput, with and
-without streaming. Every answer's ``usage`` is compared with the gateway's usage records.
+model's time is small and the gateway's shows) are sent directly to the node (with a serving
+token, as the gateway sends them) and through the gateway, alternating, one at a time for
+latency and 64 at a time for throughput, with and without streaming. Every answer's ``usage``
+is compared with the gateway's usage records.
 
 Metrics (bench-results/gateway.json):
   overhead_p50_ms, overhead_p99_ms    gateway latency minus direct latency, at p50 and p99
@@ -85,13 +86,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(direct: str, gateway: str, key: str, quick: bool) -> dict[str, float]:
+async def measure(direct: str, token: str, gateway: str, key: str, quick: bool) -> dict[str, float]:
+    """``direct``: the node's URL, opened by a serving ``token`` (as the gateway opens it)."""
     n_lat, n_rps, rounds = (100, 256, 2) if quick else (400, 1024, 3)
     headers = {"authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=64)
     result: dict[str, float] = {}
     async with (
-        httpx.AsyncClient(timeout=120, limits=limits) as d,
+        httpx.AsyncClient(
+            timeout=120, limits=limits, headers={"authorization": f"Bearer {token}"}
+        ) as d,  # fmt: skip
         httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as g,
     ):
         await latencies(d, direct, 10), await latencies(g, gateway, 10)  # warm up
@@ -146,20 +150,22 @@ def main() -> None:
         cluster = Cluster(root, interval_s=2.0)
         db = f"sqlite:///{root / 'gateway.db'}"
         try:
-            cluster.start_coordinator()
+            # the direct client holds one serving token for the whole benchmark
+            cluster.start_coordinator(extra=["--serving_token_ttl_s=86400"])
             cluster.start_node("server", extra=["--serve", f"--model_cache={data_dir()}"])
             port = free_port()
             cluster.spawn("gateway", root / "gw", [
                 "gateway", "start", "--coordinator-url", cluster.url, "--listen",
                 f"127.0.0.1:{port}", "--db", db, f"--tokenizers.tiny={tiny}",
-            ])  # fmt: skip
+            ], env=cluster.gateway_env())  # fmt: skip
             gateway = f"http://127.0.0.1:{port}"
             wait_until(lambda: httpx.get(f"{gateway}/health").json()["nodes"] == 1, 120,
                        what="the gateway")  # fmt: skip
-            direct = cluster.nodes()["server"]["serving_url"]
+            route = cluster.routes(cluster.admit_gateway("bench-direct"))["server"]
+            direct = route["url"]
             wait_until(lambda: httpx.get(f"{direct}/health").is_success, 120, what="the model")
             key, _ = KeyStore(open_database(db)).create("bench")
-            result = asyncio.run(measure(direct, gateway, key, args.quick))
+            result = asyncio.run(measure(direct, route["token"], gateway, key, args.quick))
             key2, _ = KeyStore(open_database(db)).create("usage")
             result["usage_mismatches"] = usage_mismatches(
                 gateway, key2, asyncio.run(usage_run(gateway, key2))

@@ -1,7 +1,10 @@
 """A local network of real processes for integration tests: one coordinator, N nodes.
 
 Every process is ``python -m bazaar ...`` with its own ``BAZAAR_HOME`` (its own identity), logging
-to a file in the test's temp directory, on loopback ports the OS picks.
+to a file in the test's temp directory, on loopback ports the OS picks. A gateway is admitted
+at the coordinator (``admit_gateway``, as ``bazaar gateway admit`` does) and started with its
+secret in ``gateway_env``; ``routes`` reads the serving nodes as an admitted gateway does, each
+with the serving token that opens it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 
 import httpx
 
+from coordinator.db import default_url
+from coordinator.db import open_database as open_coordinator_db
+from coordinator.gateways import GatewayStore
 from protocol.accounts import ApiKey, KeyStore, open_database
 from tests.conftest import REPO
 from tests.wait import wait_until
@@ -59,6 +65,9 @@ class Cluster:
         self.http_port = 0
         self.api_key = ""
         """A researcher's key in the coordinator's accounts database (``api`` sends it)."""
+        self.db_url = ""
+        """The coordinator's ``--db``, if one was given."""
+        self.gateway_secrets: dict[str, str] = {}
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -89,6 +98,8 @@ class Cluster:
     ) -> Proc:
         info = self.coordinator_home / "coordinator.json"
         info.unlink(missing_ok=True)
+        extra = extra or []
+        self.db_url = _flag(extra, "--db")
         if not self.api_key:
             self.api_key, _ = self.create_key("researcher")
         args = [
@@ -100,7 +111,7 @@ class Cluster:
             f"{listen_host}:{self.http_port}",
             f"--membership.heartbeat_interval_s={self.interval_s}",
             f"--membership.dead_after_missed={self.dead_after}",
-            *(extra or []),
+            *extra,
         ]
         self.coordinator = self.spawn("coordinator", self.coordinator_home, args, ns)
         wait_until(info.exists, 60, what="coordinator.json")
@@ -160,6 +171,30 @@ class Cluster:
     def create_key(self, name: str, budget_tokens: int | None = None) -> tuple[str, ApiKey]:
         return self.accounts().create(name, budget_tokens)
 
+    def gateways(self) -> GatewayStore:
+        """The coordinator's admitted gateways, in its database (``bazaar gateway ...``)."""
+        self.coordinator_home.mkdir(parents=True, exist_ok=True)
+        url = self.db_url or default_url(self.coordinator_home)
+        return GatewayStore(open_coordinator_db(url))
+
+    def admit_gateway(self, name: str = "gateway") -> str:
+        """A gateway's secret, admitted at the coordinator on first ask."""
+        if name not in self.gateway_secrets:
+            self.gateway_secrets[name] = self.gateways().admit(name)[0]
+        return self.gateway_secrets[name]
+
+    def gateway_env(self, name: str = "gateway") -> dict[str, str]:
+        """What a gateway process needs to be admitted: its secret in the environment."""
+        return {"BAZAAR_GATEWAY_SECRET": self.admit_gateway(name)}
+
+    def routes(self, secret: str | None = None) -> dict[str, dict[str, Any]]:
+        """Serving routes by node name (URL, models, serving token), as an admitted gateway
+        reads them (with ``secret``, default: the gateway named ``gateway``)."""
+        headers = {"Authorization": f"Bearer {secret or self.admit_gateway()}"}
+        resp = httpx.get(f"{self.url}/v1/network/routes", timeout=5, headers=headers)
+        resp.raise_for_status()
+        return {r["name"]: r for r in resp.json()["data"]}
+
     def api(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
         """A call to the coordinator's REST API with a researcher's key (``api_key`` unless
         given); the decoded JSON (errors raise)."""
@@ -210,3 +245,13 @@ class Cluster:
             if line.startswith(key + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
+
+
+def _flag(args: list[str], name: str) -> str:
+    """The value of ``name`` in ``args`` (``--db URL`` or ``--db=URL``), or empty."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""

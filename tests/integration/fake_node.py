@@ -1,8 +1,9 @@
 """A misbehaving serving node (and the coordinator listing it), for the gateway's failure paths.
 
 A real HTTP server (aiohttp, on its own event loop in a thread of the test process) that
-answers ``/v1/network/nodes`` as a coordinator would, naming itself as the one serving node of
-model ``tiny``, and ``/v1/completions`` by the prompt it is sent:
+answers ``/v1/network/routes`` as a coordinator would to the gateway it admits (``SECRET``),
+naming itself as the one serving node of model ``tiny`` with the token ``TOKEN``, and
+``/v1/completions`` (only with that token, as a node would) by the prompt it is sent:
 
 - ``"break"``: streams two chunks, then drops the connection (no ``[DONE]``);
 - ``"slow"``: streams (or, not streaming, answers) only after a minute — the test's client
@@ -26,6 +27,9 @@ from tests.conftest import free_port
 from tests.integration.cluster import Cluster, Proc
 from tests.wait import wait_until
 
+SECRET = "bzg-fake-gateway-secret"
+TOKEN = "bzs1.fake-serving-token"
+
 
 class FakeNode:
     def __init__(self) -> None:
@@ -48,7 +52,7 @@ class FakeNode:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app.router.add_get("/v1/network/nodes", self._nodes)
+        app.router.add_get("/v1/network/routes", self._routes)
         app.router.add_post("/v1/completions", self._complete)
         runner = web.AppRunner(app, handler_cancellation=True)
         self._loop.run_until_complete(runner.setup())
@@ -59,12 +63,16 @@ class FakeNode:
         self._started.set()
         self._loop.run_forever()
 
-    async def _nodes(self, _: web.Request) -> web.Response:
-        node = {"peer_id": "fake", "name": "fake", "status": "alive", "serving_url": self.url,
-                "serving_models": ["tiny"]}  # fmt: skip
-        return web.json_response({"data": [node]})
+    async def _routes(self, request: web.Request) -> web.Response:
+        if request.headers.get("authorization") != f"Bearer {SECRET}":
+            return web.json_response({"error": {"code": "invalid_gateway_secret"}}, status=401)
+        route = {"peer_id": "fake", "name": "fake", "url": self.url, "models": ["tiny"],
+                 "token": TOKEN, "token_expires_at": 1e12}  # fmt: skip
+        return web.json_response({"data": [route]})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": {"code": "invalid_serving_token"}}, status=401)
         body = await request.json()
         prompt = body.get("prompt")
         if not body.get("stream"):
@@ -127,7 +135,7 @@ class Setup:
             "gateway", "start", "--coordinator-url", self.node.url, "--listen",
             f"127.0.0.1:{port}", "--db", self.db, f"--tokenizers.tiny={self.tiny}",
             "--budget_hold_tokens=1000", "--budget_idle_s=600",
-        ])  # fmt: skip
+        ], env={"BAZAAR_GATEWAY_SECRET": SECRET})  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
 
         def routed() -> bool:

@@ -65,6 +65,9 @@ def test_the_options_of_each_service_are_valid_config() -> None:
     coordinator = " ".join(services["coordinator"]["command"])
     assert f"--db={url}" in coordinator and f"--accounts_db={url}" in coordinator
     assert f"--db={url}" in " ".join(services["gateway"]["command"])  # one accounts database
+    # the gateway is admitted at the coordinator: its secret comes in its environment
+    assert "BAZAAR_GATEWAY_SECRET" in services["gateway"]["environment"]
+    assert services["gateway"]["environment"]["BAZAAR_HOME"] == "/data"
 
 
 def test_the_dockerfile_copies_every_package_and_enters_through_bazaar() -> None:

@@ -60,10 +60,12 @@ def test_deploy_serves_a_version_as_the_runs_model(
         def serve_and_deploy() -> None:
             extra = [f"--model_cache={tiny_model.parent.parent}", "--serve", "--torch_threads=1"]
             node = cluster.start_node("server", roles="verifier", extra=extra)
-            serving = wait_until(lambda: cluster.nodes().get("server", {}).get("serving_url"), 60)
+            route = wait_until(lambda: cluster.routes().get("server"), 60, what="serving")
+            serving = route["url"]
             wait_until(lambda: httpx.get(f"{serving}/health").is_success, 90, what="model loaded")
             pointer = node.home / "adapters" / "r1" / "deployed"
-            client = openai.OpenAI(base_url=f"{serving}/v1", api_key="unused", max_retries=0)
+            client = openai.OpenAI(base_url=f"{serving}/v1", api_key=route["token"],
+                                   max_retries=0)  # fmt: skip
 
             def answer(model: str) -> str:
                 done = client.completions.create(model=model, prompt="12+7=", max_tokens=8,

@@ -53,7 +53,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
             "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
             "--db", db, f"--tokenizers.tiny={tiny_model}", "--refresh_s=0.5",
             "--budget_hold_tokens=64", "--budget_idle_s=0.5",
-        ])  # fmt: skip
+        ], env=cluster.gateway_env())  # fmt: skip
         url = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
@@ -180,23 +180,24 @@ def test_failover_when_a_serving_node_dies_and_503_when_none_is_left(
         cluster.start_coordinator()
         model = [f"--model_cache={tiny_model.parent.parent}", "--serve", "--torch_threads=1"]
         nodes = [cluster.start_node(n, extra=model) for n in ("a", "b")]
-        wait_until(
-            lambda: all(n.get("serving_url") for n in cluster.nodes().values())
-            and len(cluster.nodes()) == 2,
-            90, what="two serving nodes",
-        )  # fmt: skip
+
+        def both_serving() -> dict[str, dict[str, object]] | None:
+            routes = cluster.routes()
+            return routes if len(routes) == 2 else None
+
+        routes = wait_until(both_serving, 90, what="two serving nodes")
         port = free_port()
         # the gateway reads the routes once and keeps them: dead nodes stay on its list
         cluster.spawn("gateway", tmp_path / "gw", [
             "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
             "--db", db, f"--tokenizers.tiny={tiny_model}", "--refresh_s=600",
-        ])  # fmt: skip
+        ], env=cluster.gateway_env())  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(f"{url}/health").json()["nodes"] == 2, 60, what="routes")
         secret, _ = KeyStore(open_database(db)).create("k")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0)
-        for info in cluster.nodes().values():  # a node serves once its model is loaded
-            wait_until(lambda u=info["serving_url"]: httpx.get(f"{u}/health").is_success,
+        for info in routes.values():  # a node serves once its model is loaded
+            wait_until(lambda u=info["url"]: httpx.get(f"{u}/health").is_success,
                        90, what="a loaded model")  # fmt: skip
         nodes[0].signal(signal.SIGKILL)
         nodes[0].wait()

@@ -1,5 +1,6 @@
 """A node's OpenAI-compatible endpoint, driven by the official ``openai`` client: a real node
-process serving the tiny model (``--serve``), found through the coordinator."""
+process serving the tiny model (``--serve``), found through the coordinator's routes and opened
+by the serving token they carry, as an admitted gateway finds and opens it."""
 
 from __future__ import annotations
 
@@ -22,13 +23,10 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         cluster.start_coordinator()
         cluster.start_node("server", extra=["--serve", f"--model_cache={tiny_model.parent.parent}"])
 
-        def endpoint() -> str:
-            node = cluster.nodes().get("server", {})
-            return str(node.get("serving_url") or "")
-
-        url = wait_until(endpoint, 60, what="the node's serving endpoint")
-        assert cluster.nodes()["server"]["serving_models"] == ["tiny"]
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        route = wait_until(lambda: cluster.routes().get("server"), 60, what="the serving route")
+        assert route["models"] == ["tiny"]
+        client = openai.OpenAI(base_url=f"{route['url']}/v1", api_key=route["token"],
+                               max_retries=0)  # fmt: skip
         wait_until(lambda: client.models.list().data, 60, what="the model loaded")
         yield client
     finally:

@@ -88,6 +88,11 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
             demo.used_tokens
         )
 
+        # the gateway was admitted at the coordinator, by name, and is the one admitted
+        listed = bazaar("gateway", "list", "--json", BAZAAR_HOME=str(local / "coordinator"))
+        admitted = json.loads(listed.stdout)
+        assert [(g["name"], g["revoked_at"]) for g in admitted] == [("local", None)], listed
+
         # an honest network never meets the admission limits, nor counts a peer fault
         metrics = httpx.get(f"{coordinator[1]}/metrics", timeout=5).text
         assert "rate_limited" not in metrics, metrics
