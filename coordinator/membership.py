@@ -84,7 +84,8 @@ class NodeState:
         )
 
     def view(self, now: float) -> dict[str, object]:
-        """The JSON shape served at ``/v1/network/nodes``."""
+        """The JSON shape served at ``/v1/network/nodes`` (open to anyone: the serving URL is
+        left out, it is for admitted gateways, ``/v1/network/routes``)."""
         caps = self.capabilities
         gpus = [d for d in caps.devices if d.kind == "cuda"]
         return {
@@ -104,7 +105,6 @@ class NodeState:
             "last_seen": self.last_seen,
             "last_seen_ago_s": round(max(0.0, now - self.last_seen), 3),
             "heartbeats": self.heartbeats,
-            "serving_url": caps.serving_url,
             "serving_models": list(caps.serving_models),
         }
 

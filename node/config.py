@@ -54,6 +54,10 @@ class NodeConfig(ConfigModel):
     serve_url: str = ""
     """The URL the gateway reaches that endpoint at, when it is not ``http://<serve_listen>``
     (listening on 0.0.0.0 in a container: ``http://node-1:8900``)."""
+    serve_token_skew_s: float = Field(30.0, ge=0, le=3600)
+    """How far the coordinator's clock may be off this node's: a serving token (what admitted
+    gateways send, ``node/roles/serving_auth.py``) is accepted this long before it was issued
+    and after it expired."""
     transport: TransportLimits = TransportLimits()
     """What one peer may hold of this process: deadlines, stream and byte budgets."""
     log_json: bool = False

@@ -159,7 +159,8 @@ def _roles(
         sock = bind_tcp(host, port)
         url = config.serve_url.rstrip("/") or f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
-        role = ServingRole(model, sock, config.model, versions.adapters, versions=versions)
+        role = ServingRole(model, sock, config.model, versions.adapters, versions=versions,
+                           token_skew_s=config.serve_token_skew_s)  # fmt: skip
         agent.capabilities = msgspec.structs.replace(
             agent.capabilities, serving_url=url, serving_models=role.models()
         )

@@ -2,6 +2,9 @@
 
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``/health``; served
 by hypercorn on the node's own trio loop, the model answering from the node's model process.
+Only ``/health`` is open: everything else answers only gateways the coordinator admits, by the
+serving token each request carries (``node/roles/serving_auth.py``), so nobody skips the
+gateway's metering.
 Requests follow OpenAI's API: ``n``, ``stop``, ``max_tokens`` (``max_completion_tokens``),
 ``temperature``, ``top_p``, ``seed``, ``logprobs``, ``stream`` with ``stream_options.
 include_usage``; unknown fields are ignored; every response carries ``x-request-id``. Errors
@@ -33,8 +36,10 @@ from node.model.completions import CompletionJob, CompletionResult
 from node.model.errors import ContextTooLong
 from node.model.worker import ModelWorker
 from node.roles.base import Role
+from node.roles.serving_auth import ServingDoor
 from node.store.adapters import AdapterStore, adapter_name
 from node.store.versions import VersionSync
+from protocol.identity import public_key_from_peer_id
 from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,
@@ -42,6 +47,7 @@ from protocol.service.api_errors import (
 )
 from protocol.service.http import serve_http
 from protocol.service.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
+from protocol.serving_tokens import DEFAULT_SKEW_S
 
 if TYPE_CHECKING:
     from node.agent import NodeAgent
@@ -63,10 +69,16 @@ class Served(Protocol):
         ...
 
 
-def create_app(served: Served) -> FastAPI:
+def create_app(
+    served: Served, coordinator_key: bytes, peer_id: str, skew_s: float = DEFAULT_SKEW_S
+) -> FastAPI:
+    """The endpoint's app, open to serving tokens that ``coordinator_key`` signed for
+    ``peer_id`` (this node)."""
     app = FastAPI(title="Bazaar node", docs_url=None, redoc_url=None)
 
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ServingDoor, coordinator_key=coordinator_key, peer_id=peer_id,
+                       skew_s=skew_s)  # fmt: skip
+    app.add_middleware(RequestIdMiddleware)  # the outer one: refusals carry a request id too
 
     install_error_handlers(app)
 
@@ -213,9 +225,12 @@ class ServingRole(Role):
         store: AdapterStore,
         rescan_s: float = 1.0,
         versions: VersionSync | None = None,
+        token_skew_s: float = DEFAULT_SKEW_S,
     ) -> None:
         self.model, self.sock, self.base, self.store = model, sock, base, store
         self.rescan_s = rescan_s
+        self.token_skew_s = token_skew_s
+        """How far the coordinator's clock may be off ours, for serving tokens' lifetimes."""
         self.versions = versions
         """The node's ``VersionSync``: a serving node follows new and deployed versions."""
         self._models = [base, *store.model_names()]
@@ -241,7 +256,9 @@ class ServingRole(Role):
                 self.versions.attach(agent)
                 nursery.start_soon(self.versions.follow)
             nursery.start_soon(self._watch, agent)
-            await serve_http(create_app(self), self.sock, trio.Event())
+            coordinator_key = public_key_from_peer_id(agent.coordinator_id)
+            app = create_app(self, coordinator_key, agent.identity.peer_id, self.token_skew_s)
+            await serve_http(app, self.sock, trio.Event())
 
     async def _watch(self, agent: NodeAgent) -> None:
         """Re-read the adapter store; on a change, serve the new list and announce it."""
