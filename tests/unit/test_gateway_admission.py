@@ -99,3 +99,15 @@ def test_the_gateway_commands_admit_list_and_revoke(home: Path) -> None:
     assert store.authenticate(secret) is None
     again = bazaar(home, "gateway", "revoke", "edge-1")
     assert again.returncode == 2 and "no admitted gateway" in again.stderr
+
+
+def test_a_gateway_without_a_secret_does_not_start(home: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BAZAAR_GATEWAY_SECRET"}
+    url = ["--coordinator-url", "http://127.0.0.1:1"]  # never reached: the secret comes first
+    for extra, expect in (([], "bazaar gateway admit NAME"),
+                          ([f"--secret_file={tmp_path / 'missing'}"], "secret_file")):  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "bazaar", "gateway", "start", *url, *extra],
+                             cwd=REPO, capture_output=True, text=True, timeout=60,
+                             env={**env, "BAZAAR_HOME": str(home)})  # fmt: skip
+        assert out.returncode == 2 and expect in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
