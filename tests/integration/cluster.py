@@ -54,8 +54,13 @@ class Proc:
 
 
 class Cluster:
-    def __init__(self, root: Path, interval_s: float = 1.0, dead_after: float = 3.0) -> None:
+    def __init__(
+        self, root: Path, interval_s: float = 1.0, dead_after: float = 3.0, sessions: bool = False
+    ) -> None:
         self.root = root
+        self.sessions = sessions
+        """Each process in a session of its own: a terminal's Ctrl+C then reaches the caller
+        alone (a benchmark), which stops them (``stop_all``)."""
         self.interval_s = interval_s
         self.dead_after = dead_after
         self.procs: list[Proc] = []
@@ -88,7 +93,8 @@ class Cluster:
             cmd = ["ip", "netns", "exec", ns, *cmd]
         env = {**os.environ, **(env or {}), "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
-            popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=self.sessions)  # fmt: skip
         proc = Proc(name, home, args, log, popen)
         self.procs.append(proc)
         return proc
