@@ -126,7 +126,10 @@ class TrainerRole(Role):
             a.group_size,
         )  # fmt: skip
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
-        ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+        ack = await self._submit(manifest)
+        if ack is None:  # the version was never recorded: take the network's next round
+            trainer.version = -1
+            return
         loss = trained.stats[-1].loss if trained.stats else float("nan")
         log.info("trained %s v%d from %d completions in a group of %d (loss %.4f): %s",
                  a.run_id, trainer.version, len(examples), trained.group_size, loss,
@@ -138,6 +141,21 @@ class TrainerRole(Role):
         await self._report(report)
         if trainer.collective is not None:
             await trio.to_thread.run_sync(trainer.share_state)
+
+    async def _submit(self, manifest: AdapterManifest, attempts: int = 8) -> ManifestAck | None:
+        """Hand the new version's manifest to the coordinator, again while it cannot be reached
+        (a coordinator restarting holds the round open meanwhile); None if it stayed away."""
+        backoff = 0.5
+        for attempt in range(attempts):
+            try:
+                return await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+            except ProtocolError as e:
+                log.warning("manifest of %s v%d not delivered (%s); attempt %d",
+                            manifest.run_id, manifest.version, e, attempt + 1)  # fmt: skip
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
+        log.error("gave up handing in %s v%d", manifest.run_id, manifest.version)
+        return None
 
     async def _report(self, report: RoundReport) -> None:
         try:

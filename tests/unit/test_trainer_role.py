@@ -1,0 +1,53 @@
+"""The trainer role's dealings with a coordinator that goes away: a manifest is handed in again
+while the coordinator restarts, never lost with the node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.config import NodeConfig
+from node.roles.trainer import TrainerRole
+from node.store.adapters import AdapterStore
+from node.store.versions import VersionSync
+from protocol.adapters import AdapterManifest, ManifestAck, ShardInfo
+from protocol.p2p import TransportError
+from protocol.payload_store import PayloadStore
+
+MANIFEST = AdapterManifest(run_id="r", version=3, parent_version=2, base_model_hash=bytes(32),
+                           shards=[ShardInfo(sha256=bytes(32), size=1)], total_bytes=1)  # fmt: skip
+
+
+class Restarting:
+    """The node's agent while its coordinator restarts: ``away`` requests find it unreachable
+    (the agent's own error), then it answers."""
+
+    def __init__(self, away: int) -> None:
+        self.away, self.asked = away, 0
+
+    async def ask(self, msg: Any, expect: Any, protocol: str) -> ManifestAck:
+        self.asked += 1
+        if self.asked <= self.away:
+            raise TransportError("not connected to the coordinator (reconnecting)")
+        return ManifestAck(outcome="recorded", version=msg.version)
+
+
+def role(tmp_path: Path, agent: Restarting) -> TrainerRole:
+    versions = VersionSync("tiny", AdapterStore(tmp_path / "a"), PayloadStore(tmp_path / "s"))
+    r = TrainerRole(NodeConfig(reconnect_max_backoff_s=0.01), tmp_path, versions)
+    r.agent = agent  # type: ignore[assignment]
+    return r
+
+
+def test_a_manifest_is_handed_in_again_while_the_coordinator_restarts(tmp_path: Path) -> None:
+    agent = Restarting(away=3)
+    ack = trio.run(role(tmp_path, agent)._submit, MANIFEST)
+    assert ack is not None and ack.outcome == "recorded" and agent.asked == 4
+
+
+def test_a_coordinator_that_stays_away_costs_the_round_not_the_node(tmp_path: Path) -> None:
+    agent = Restarting(away=1000)
+    assert trio.run(role(tmp_path, agent)._submit, MANIFEST) is None
+    assert agent.asked == 8
