@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 import msgspec
+import trio
 
 from coordinator.db import AdapterRow, LeaseState, ReportRow
 from coordinator.lifecycle import RunLifecycle
@@ -45,6 +46,9 @@ class Rounds:
     def __init__(self, state: State, runs: RunLifecycle) -> None:
         self.state = state
         self.runs = runs
+        self._dealing = trio.Lock()
+        """One request deals at a time: admitting a round waits on the accounts database (its
+        hold), and a trainer asking meanwhile must find the round dealt, not deal it again."""
 
     async def train(
         self,
@@ -55,6 +59,17 @@ class Rounds:
         hivemind_peers: list[str],
     ) -> TrainAssignment | NoTraining:
         """A trainer's share of the next round of a run on its base model."""
+        async with self._dealing:
+            return await self._train(peer, req, trainers, addrs_of, hivemind_peers)
+
+    async def _train(
+        self,
+        peer: str,
+        req: TrainRequest,
+        trainers: list[str],
+        addrs_of: Callable[[str], list[str]],
+        hivemind_peers: list[str],
+    ) -> TrainAssignment | NoTraining:
         state, book = self.state, self.state.book
         if peer not in trainers:
             return NoTraining(retry_after_s=state.config.retry_after_s)

@@ -210,6 +210,48 @@ def test_no_charge_moves_more_than_its_round_holds(dbs: Databases) -> None:
     trio.run(main)
 
 
+def test_trainers_asking_at_once_are_dealt_one_round_held_once(dbs: Databases) -> None:
+    """Admitting a round waits on the accounts database (its hold); a second trainer asking
+    meanwhile must find the round dealt, not deal and hold it again: that double-charged the
+    first trainer's training and left the second hold on the key for good."""
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("erin", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        trainers = ["t1", "t2"]
+        for _ in trainers:
+            deliver(svc.state.book, "producer")
+        got: dict[str, TrainAssignment | NoTraining] = {}
+
+        async def ask(t: str) -> None:
+            got[t] = await svc.rounds.train(t, TrainRequest(base_model="tiny"), trainers,
+                                            lambda p: [], [])  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            for t in trainers:
+                nursery.start_soon(ask, t)
+        shares = {t: [r.lease.lease_id for r in a.rollouts]
+                  for t, a in got.items() if isinstance(a, TrainAssignment)}  # fmt: skip
+        assert sorted(len(s) for s in shares.values()) == [1, 1]  # one round, split in two
+        assert len(svc.state.book.dealt[("r1", 0)]) == 2
+        assert key(accounts, "erin").reserved_tokens == 2 * 2 * TOKENS  # held once
+        for t in trainers:
+            await svc.rounds.manifest(t, manifest("r1", 1), b"frame")
+        for t in trainers:
+            counts = [LeaseCount(i, TOKENS) for i in shares[t]]
+            report = RoundReport(run_id="r1", version=0, rewards=[], samples=[], counts=counts)
+            assert (await svc.rounds.report(t, report)).recorded
+        assert svc.state.billing.charged("r1", "trained") == 2 * TOKENS
+        erin = key(accounts, "erin")
+        assert erin.used_tokens == 4 * TOKENS and erin.reserved_tokens == 0
+
+    trio.run(main)
+
+
 def test_a_restart_between_hold_and_settle_holds_again_first(dbs: Databases) -> None:
     svc, accounts = service(dbs)
     _, owner = accounts.create("erin", budget_tokens=300)
