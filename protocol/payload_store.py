@@ -5,6 +5,7 @@ fetches it can check both that it is what the receipt named (the hash) and who m
 signature). Files live in ``<data dir>/payloads/<2 hex>/<64 hex>``, written atomically. Old
 payloads leave after ``retention_s``, and the oldest leave first whenever the store is over
 ``max_bytes``: a producer must keep payloads long enough for audits and training, and no longer.
+Payloads in ``pinned`` never leave (the coordinator's known answers); they count towards the cap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class PayloadStore:
         self.max_bytes = max_bytes
         self.retention_s = retention_s
         self._index: dict[bytes, tuple[float, int]] = {}  # digest -> (stored at, size)
+        self.pinned: set[bytes] = set()
+        """Digests never evicted, whatever their age (the owner keeps the set small)."""
         root.mkdir(parents=True, exist_ok=True)
         for path in root.glob("*/*"):
             if len(path.name) == 64 and not path.name.endswith(".tmp"):
@@ -69,13 +72,16 @@ class PayloadStore:
             return None
 
     def evict(self, now: float | None = None) -> int:
-        """Drop expired payloads, then the oldest while over the size cap; returns how many."""
+        """Drop expired payloads, then the oldest while over the size cap, never a pinned one;
+        returns how many."""
         now = time.time() if now is None else now
         by_age = sorted(self._index.items(), key=lambda kv: kv[1][0])
         total, dropped = self.total_bytes, 0
         for digest, (stored, size) in by_age:
             if now - stored <= self.retention_s and total <= self.max_bytes:
                 break
+            if digest in self.pinned:
+                continue
             self._path(digest).unlink(missing_ok=True)
             del self._index[digest]
             total -= size

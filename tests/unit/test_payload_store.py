@@ -1,4 +1,5 @@
-"""The content-addressed payload store: idempotent, durable, bounded in age and size."""
+"""The content-addressed payload store: idempotent, durable, bounded in age and size, pins
+kept."""
 
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def test_retention_and_size_cap_evict_oldest_first(tmp_path: Path) -> None:
     assert not (tmp_path / a.hex()[:2] / a.hex()).exists()
     assert store.evict(now=102.5) == 2  # b and c are past retention, d is not
     assert d in store and len(store) == 1
+
+
+def test_pinned_payloads_outlive_retention_and_the_size_cap(tmp_path: Path) -> None:
+    """The coordinator pins its known answers' payloads: they never leave."""
+    store = PayloadStore(tmp_path, max_bytes=30, retention_s=100.0)
+    a = store.put(b"a" * 10, now=0.0)
+    store.pinned = {a}
+    b = store.put(b"b" * 10, now=1.0)
+    store.put(b"c" * 10, now=2.0)
+    store.put(b"d" * 10, now=3.0)  # over 30 bytes: the oldest unpinned goes
+    assert a in store and b not in store and len(store) == 3
+    store.evict(now=1000.0)  # all past retention: only the pinned one stays
+    assert a in store and len(store) == 1
+    store.pinned = set()
+    assert store.evict(now=1000.0) == 1 and a not in store
 
 
 def test_bad_settings_and_oversized_payloads(tmp_path: Path) -> None:
