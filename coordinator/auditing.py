@@ -36,13 +36,15 @@ class Auditing:
             return NoAudit(retry_after_s=state.config.retry_after_s)
         state.commit()
         run = runs[audit.run_id]
-        lease = state.book.leases[audit.lease_id].lease
+        counted = state.book.leases[audit.lease_id]
+        lease = counted.lease
         return AuditAssignment(
             audit_id=audit.audit_id,
             lease=lease,
             producer=audit.producer,
             producer_addrs=addrs_of(audit.producer)[:16],
             payload_hash=audit.payload_hash,
+            completion_tokens=counted.completion_tokens,
             current_version=run.policy_version,
             # the lease fixed the version: the run moving on since is not the producer's doing
             max_staleness=max(0, run.policy_version - lease.policy_version),

@@ -43,17 +43,12 @@ from protocol.envelope import open_envelope
 from protocol.errors import DecodeError, ProtocolError
 from protocol.payload_store import PayloadStore
 from protocol.rollouts import RolloutPayload
-from verification.rollouts import check_shape, sample_tokens, score_rollouts
+from verification.rollouts import check_shape, count_tokens, score_rollouts
 
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[LeaseState], Awaitable[bytes]]
 """Fetch a rollout's payload frame from its producer (raises on failure)."""
-
-
-def count_tokens(payload: RolloutPayload) -> int:
-    """Completion tokens in a payload; ``DecodeError`` if a sample's arrays do not pair up."""
-    return sum(int(sample_tokens(s)[0].size) for s in payload.samples)
 
 
 def open_payload(frame: bytes, lease: LeaseState) -> RolloutPayload:

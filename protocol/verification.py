@@ -47,6 +47,8 @@ class AuditAssignment(Message):
     producer_addrs: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
                               msgspec.Meta(max_length=16)]  # fmt: skip
     payload_hash: Hash32
+    completion_tokens: NonNegInt
+    """The completion tokens the producer's receipt claimed: the verifier counts them again."""
     current_version: NonNegInt
     max_staleness: NonNegInt
     deadline_ms: NonNegInt

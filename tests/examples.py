@@ -134,6 +134,7 @@ EXAMPLES: list[Message] = [
         producer=PEER,
         producer_addrs=[ADDR],
         payload_hash=H,
+        completion_tokens=640,
         current_version=3,
         max_staleness=1,
         deadline_ms=1,

@@ -12,8 +12,8 @@ check               fails when                                                  
 ``lease``           the payload is for another lease/run, or its samples are not        —
                     exactly the lease's (example, slot) pairs in order
 ``token_count``     the payload's completion tokens are not what its receipt claimed      —
-                    (the coordinator counts every payload itself; verifiers and
-                    trainers count again)
+                    (``claimed_tokens``, sent with the audit; the coordinator counts
+                    every payload itself, verifiers and trainers count again)
 ``policy_version``  its version is not the lease's, or is outside the allowed          —
                     staleness window behind the run's current version
 ``seed``            a sample's seed is not the one derived from the lease               hashing
@@ -49,6 +49,7 @@ from protocol.rollouts import RolloutPayload
 from verification.rollouts import (
     check_shape,
     completion_text,
+    count_tokens,
     lease_examples,
     prompt_ids,
     sample_seeds,
@@ -117,12 +118,14 @@ def verify_payload(
     thresholds: Thresholds,
     current_version: int | None = None,
     max_staleness: int = 0,
+    claimed_tokens: int | None = None,
 ) -> Outcome:
     """Every check on one payload; the first failure is the outcome (a bad rollout is data).
-    ``vocab_size`` is the model's (its logits' width), ``eos_ids`` its end-of-sequence ids."""
+    ``vocab_size`` is the model's (its logits' width), ``eos_ids`` its end-of-sequence ids,
+    ``claimed_tokens`` the completion tokens its receipt claimed (None: not checked)."""
     stats: dict[str, float] = {"samples": float(len(payload.samples))}
     try:
-        _structure(lease, payload, current_version, max_staleness)
+        _structure(lease, payload, current_version, max_staleness, claimed_tokens)
         tokens = _termination(lease, payload, eos_ids, vocab_size)
         examples = lease_examples(env, lease)
         _rewards(lease, payload, env, tokenizer, examples, tokens)
@@ -133,12 +136,26 @@ def verify_payload(
 
 
 def _structure(
-    lease: Lease, payload: RolloutPayload, current_version: int | None, max_staleness: int
+    lease: Lease,
+    payload: RolloutPayload,
+    current_version: int | None,
+    max_staleness: int,
+    claimed_tokens: int | None,
 ) -> None:
     try:
         check_shape(lease, payload)
     except DecodeError as e:
         raise _Failed("lease", str(e)) from None
+    if claimed_tokens is not None:
+        try:
+            tokens = count_tokens(payload)
+        except DecodeError:
+            tokens = claimed_tokens  # arrays that do not pair up fail as termination below
+        if tokens != claimed_tokens:
+            raise _Failed(
+                "token_count", f"receipt claims {claimed_tokens} completion tokens, payload "
+                f"holds {tokens}",
+            )  # fmt: skip
     version = payload.policy_version
     if version != lease.policy_version:
         raise _Failed(

@@ -54,6 +54,11 @@ def sample_tokens(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def count_tokens(payload: RolloutPayload) -> int:
+    """Completion tokens in a payload; ``DecodeError`` if a sample's arrays do not pair up."""
+    return sum(int(sample_tokens(s)[0].size) for s in payload.samples)
+
+
 def completion_text(tokenizer: Any, token_ids: list[int]) -> str:
     return str(tokenizer.decode(token_ids, skip_special_tokens=True))
 

@@ -128,12 +128,14 @@ class ModelWorker:
         current_version: int,
         max_staleness: int,
         adapter: tuple[str, str] | None = None,
+        claimed_tokens: int | None = None,
     ) -> Outcome:
-        """Every check on ``payload``, recomputed with ``adapter`` (the lease's version)."""
+        """Every check on ``payload``, recomputed with ``adapter`` (the lease's version);
+        ``claimed_tokens``: the receipt's count, counted again."""
         name, path = adapter or (None, "")
         async with self.using(name, path):
             outcome: Outcome = await self._call(
-                "verify", lease, payload, current_version, max_staleness, name
+                "verify", lease, payload, current_version, max_staleness, name, claimed_tokens
             )
         return outcome
 
@@ -276,6 +278,7 @@ class _Child:
         current_version: int,
         max_staleness: int,
         adapter: str | None = None,
+        claimed_tokens: int | None = None,
     ) -> Outcome:
         import functools
 
@@ -288,5 +291,5 @@ class _Child:
         return verify_payload(
             lease, payload, self.environment(lease.env_id), self.backend.tokenizer,
             self.backend.eos_ids, self.backend.base.config.vocab_size,
-            prefill, load_thresholds(profile), current_version, max_staleness,
+            prefill, load_thresholds(profile), current_version, max_staleness, claimed_tokens,
         )  # fmt: skip

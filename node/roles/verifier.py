@@ -7,9 +7,10 @@ The loop, once the node has joined:
 2. fetch the payload from its producer over ``/bazaar/payload/1.0.0``: it must hash to the
    receipt's digest and be signed by the producer (``signature``); a producer that cannot serve
    it before the audit's deadline fails the audit (``unavailable``);
-3. run every check in the model process (``verification/checks.py``: lease, version, seed,
-   termination, reward, seeded replay, logprobs) with the calibrated thresholds of its dtype,
-   at the adapter version the lease named (fetched first if this node lacks it);
+3. run every check in the model process (``verification/checks.py``: lease, the receipt's
+   token count counted again, version, seed, termination, reward, seeded replay, logprobs)
+   with the calibrated thresholds of its dtype, at the adapter version the lease named (fetched
+   first if this node lacks it);
 4. sign a ``Verdict`` naming the first failed check and send it; the ``VerdictAck`` says whether
    it was recorded, sent for confirmation, confirmed, or cleared.
 """
@@ -116,7 +117,7 @@ class VerifierRole(Role):
         try:
             adapter = self.adapters.for_version(a.lease.run_id, a.lease.policy_version)
             outcome = await self.model.verify(
-                a.lease, payload, a.current_version, a.max_staleness, adapter
+                a.lease, payload, a.current_version, a.max_staleness, adapter, a.completion_tokens
             )
         except ValueError as e:  # no such adapter here, or the model process could not check
             return False, "verifier_error", str(e), {}

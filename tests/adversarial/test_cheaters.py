@@ -100,6 +100,26 @@ def test_honest_payloads_pass(real: TorchBackend) -> None:
         assert outcome.stats["max_margin"] <= load_thresholds("fp32").max_margin
 
 
+def test_the_receipts_token_count_is_counted_again(real: TorchBackend) -> None:
+    """A receipt that claims more (or fewer) tokens than its payload holds fails
+    ``token_count``, before any model check; the true count passes."""
+    payload = Producer(real, real.tokenizer).produce(ENV, lease(2))
+    tokens = sum(len(s.token_ids) // 4 for s in payload.samples)
+
+    def claimed(n: int) -> Outcome:
+        return verify_payload(
+            lease(2), payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
+            real.prefill_logits, load_thresholds("fp32"), claimed_tokens=n,
+        )  # fmt: skip
+
+    assert claimed(tokens).passed
+    for lie in (tokens + 1, tokens - 1):
+        outcome = claimed(lie)
+        assert (outcome.passed, outcome.failed_check) == (False, "token_count")
+        assert f"claims {lie}" in outcome.detail and f"holds {tokens}" in outcome.detail
+        assert "max_margin" not in outcome.stats  # failed before the replay
+
+
 # A cheat that samples from another distribution (another model, adapter or weights) is
 # caught by whichever of the replay's two checks, seeded pick or logprob, meets it first in
 # its first sample; which one depends on the random weights, so either counts.
