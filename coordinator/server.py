@@ -277,7 +277,14 @@ class Coordinator:
 
     async def _audit(self, peer: str, msg: AuditRequest, _: bytes) -> Message:
         self._check_member(peer, "verifier")
-        return await self.auditing.request(peer, msg, self.members.addrs_of)
+        return await self.auditing.request(peer, msg, self._sources)
+
+    def _sources(self, producer: str) -> list[str]:
+        """Where a payload may be fetched: its producer while it is up, then this coordinator
+        (it keeps a copy of every payload it recounted)."""
+        node = self.membership.nodes.get(producer)
+        up = node is not None and node.status in ("alive", "suspect")
+        return (list(node.addrs)[:12] if node and up else []) + self.multiaddrs[:4]
 
     async def _verdict(self, peer: str, msg: Verdict, data: bytes) -> Message:
         return await self.auditing.verdict(peer, msg, data)

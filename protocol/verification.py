@@ -2,9 +2,10 @@
 
 A verifier asks for work with ``AuditRequest`` (audit protocol); the coordinator answers with an
 ``AuditAssignment`` (never the producer's own work, never a verifier's second look at the same
-audit) or ``NoAudit``. The verifier fetches the payload from the producer, recomputes, and
-answers with a ``Verdict`` that names the first check that failed; ``VerdictAck`` says what the
-coordinator made of it. Verdicts are stored with their signatures as evidence.
+audit) or ``NoAudit``. The verifier fetches the payload from the sources the assignment lists,
+recomputes, and answers with a ``Verdict`` that names the first check that failed;
+``VerdictAck`` says what the coordinator made of it. Verdicts are stored with their signatures
+as evidence.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class AuditAssignment(Message):
     producer: PeerIdStr
     producer_addrs: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
                               msgspec.Meta(max_length=16)]  # fmt: skip
+    """Where the payload may be fetched, first to last: the producer's multiaddrs (while it is
+    up), then the coordinator's (it keeps a copy of every payload it recounted); each ends in
+    ``/p2p/<peer id>``. Whoever serves it, the payload must be signed by ``producer``."""
     payload_hash: Hash32
     completion_tokens: NonNegInt
     """The completion tokens the producer's receipt claimed: the verifier counts them again."""

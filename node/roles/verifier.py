@@ -4,9 +4,11 @@ The loop, once the node has joined:
 
 1. ask the coordinator for an audit (``AuditRequest`` on ``/bazaar/audits/1.0.0``, naming the
    base model this node runs); ``NoAudit`` says how long to wait;
-2. fetch the payload from its producer over ``/bazaar/payload/1.0.0``: it must hash to the
-   receipt's digest and be signed by the producer (``signature``); a producer that cannot serve
-   it before the audit's deadline fails the audit (``unavailable``);
+2. fetch the payload over ``/bazaar/payload/1.0.0`` from the sources the assignment lists, in
+   order (the producer while it is up, then the coordinator, which keeps a copy of every
+   payload it recounted): whoever serves it, it must hash to the receipt's digest and be signed
+   by the producer (``signature``); if no source serves it before the audit's deadline, the
+   audit fails ``unavailable``;
 3. run every check in the model process (``verification/checks.py``: lease, the receipt's
    token count counted again, version, seed, termination, reward, seeded replay, logprobs)
    with the calibrated thresholds of its dtype, at the adapter version the lease named (fetched
@@ -126,20 +128,42 @@ class VerifierRole(Role):
     async def fetch(
         self, a: AuditAssignment
     ) -> RolloutPayload | tuple[bool, str, str, dict[str, float]]:
+        """The payload from the first source that serves it (the producer's signature and the
+        receipt's hash checked whoever serves it), or the failed verdict: ``signature`` if a
+        source served a payload that is not the producer's, else ``unavailable``."""
         host = self.agent.host
         remaining = a.deadline_ms / 1000 - time.time()
         if remaining <= 0:
             return False, "unavailable", "the audit's deadline passed before the fetch", {}
-        try:
-            with trio.fail_after(remaining):
-                await host.connect_any(list(a.producer_addrs))
-                env = await fetch_payload(
-                    host, self.agent.identity, a.producer, a.payload_hash, timeout_s=remaining
-                )
-        except trio.TooSlowError:
-            return False, "unavailable", "the producer did not serve the payload in time", {}
-        except ProtocolError as e:
-            check = "unavailable" if e.reason in ("remote_error", "transport") else "signature"
-            return False, check, f"{type(e).__name__}: {e}", {}
-        assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
-        return env.message
+        failures: list[tuple[str, str]] = []
+        with trio.move_on_after(remaining):
+            for source, addrs in sources(a).items():
+                try:
+                    await host.connect_any(addrs)
+                    env = await fetch_payload(
+                        host, self.agent.identity, a.producer, a.payload_hash,
+                        timeout_s=max(0.1, a.deadline_ms / 1000 - time.time()),
+                        source=None if source == a.producer else source,
+                    )  # fmt: skip
+                except ProtocolError as e:
+                    check = (
+                        "unavailable" if e.reason in ("remote_error", "transport") else "signature"
+                    )
+                    failures.append((check, f"{source[:12]}: {type(e).__name__}: {e}"))
+                    continue
+                assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
+                return env.message
+        if not failures or len(failures) < len(sources(a)):
+            failures.append(("unavailable", "no source served the payload in time"))
+        check = "signature" if any(c == "signature" for c, _ in failures) else "unavailable"
+        return False, check, "; ".join(d for _, d in failures), {}
+
+
+def sources(a: AuditAssignment) -> dict[str, list[str]]:
+    """The assignment's sources by peer id, in order; an address without ``/p2p/`` is the
+    producer's."""
+    out: dict[str, list[str]] = {}
+    for addr in a.producer_addrs:
+        _, sep, peer = addr.rpartition("/p2p/")
+        out.setdefault(peer if sep and peer else a.producer, []).append(addr)
+    return out or {a.producer: []}
