@@ -59,11 +59,11 @@ class VerifierRole(Role):
             "bazaar_verdicts_sent", "Verdicts sent, by failed check", ["check"], registry=r
         )
         async with trio.open_nursery() as nursery:
+            # loaded before the first request: an audit's deadline runs from its assignment
+            if not await self.model.ensure_started(nursery):
+                return
             while True:
-                assignment = await self._next_audit()
-                if not await self.model.ensure_started(nursery):
-                    return
-                await self.audit(assignment)
+                await self.audit(await self._next_audit())
 
     async def _next_audit(self) -> AuditAssignment:
         request = AuditRequest(base_model=self.config.model)
