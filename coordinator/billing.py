@@ -262,6 +262,18 @@ class Billing:
         return self.post(run_id, "verified", NETWORK, node(verifier), tokens,
                          f"{audit_id}:{verifier}")  # fmt: skip
 
+    def forfeit_verified(self, verifier: str, since: float) -> list[LedgerRow]:
+        """A verifier caught lying gives back its credit for checks since ``since`` to the
+        network's account (kind ``unverified``, one entry per check, never twice)."""
+        account = node(verifier)
+        paid = [e for e in self.entries
+                if e.kind == "verified" and e.credit == account and e.at >= since]  # fmt: skip
+        return [
+            r
+            for e in paid
+            if (r := self.post(e.run_id, "unverified", account, NETWORK, e.tokens, e.ref))
+        ]
+
     async def forfeit(
         self, run: RunState, producer: str, lease_ids: Iterable[str]
     ) -> list[LedgerRow]:

@@ -43,24 +43,25 @@ class LeaseConfig(ConfigModel):
 
 
 class AuditConfig(ConfigModel):
-    """How often rollouts are audited, and what a confirmed failure costs.
+    """How rollouts are audited and verifiers checked (the rules: ``coordinator/audits.py``).
 
     The rates are set so that cheating never pays. A producer earns trust with
     ``trusted_after`` clean audits in a row (every one of its receipts is audited until then),
     and is audited at ``floor_rate`` after. A trusted producer that cheats on every lease is
-    caught after 1/``floor_rate`` leases on average (10), and a confirmed failure forfeits
-    *every* unaudited receipt of its within ``quarantine_window_s`` (a day: longer than the
-    whole run of cheats), refunded to the payers: its expected gain from cheating is zero
-    whatever the floor, while it loses its trust (back to ``trusted_after`` audited leases of
-    honest work), a strike, and after ``max_strikes`` everything. The floor then only bounds
-    the harm to the model: with runs training only on audited or trusted rollouts
-    (``verification.trusted_only``), about nine bad rollouts of a newly cheating trusted
-    producer may train before it is caught and its work redone. Ten clean audits to earn
-    trust make counting one's way there cost ten honest leases each time. The cost in an
-    honest steady state is ``floor_rate`` × (replay ÷ generation) of producer compute —
-    measured by ``scripts/bench_trust.py`` (``audit_compute_fraction``)."""
+    caught after 1/``floor_rate`` leases on average, and a confirmed failure forfeits *every*
+    unaudited receipt of its within ``quarantine_window_s`` (a day: longer than the whole run
+    of cheats), refunded to the payers: its expected gain from cheating is zero whatever the
+    floor, while it loses its trust (back to ``trusted_after`` audited leases of honest work), a
+    strike, and after ``max_strikes`` everything. The floor then only bounds the harm to the
+    model (with runs training only on audited or trusted rollouts, ``verification.trusted_only``,
+    about 1/``floor_rate`` bad rollouts of a newly cheating trusted producer may train before it
+    is caught and its work redone) and sets the cost: the defaults keep the whole audit cost of
+    an honest network in its steady state under 5 % of the producers' compute, counting a check
+    as costly as the generation it checks (it is less: one prefill replays what took a decode
+    step per token): ``floor_rate × (1 + double_check_rate) / (1 − known_answer_rate)`` = 0.04 ×
+    1.05 / 0.9 ≈ 4.7 % (``steady_state_cost``; measured by ``scripts/bench_trust.py``)."""
 
-    floor_rate: float = Field(0.1, ge=0, le=1)
+    floor_rate: float = Field(0.04, ge=0, le=1)
     """Share of a trusted producer's receipts that are audited."""
     trusted_after: int = Field(10, ge=0, le=10_000)
     """Clean audits in a row before a producer drops from auditing every receipt to the floor
@@ -72,7 +73,37 @@ class AuditConfig(ConfigModel):
     quarantine_window_s: float = Field(86400.0, gt=0)
     """On a confirmed failure, the producer's unaudited receipts of this long before are
     quarantined (never trained on, their examples redone) and their credits forfeited back to
-    the payers."""
+    the payers; on a
+    wrong known answer, the verifier's credits for checks of this long before are forfeited."""
+    double_check_rate: float = Field(0.05, ge=0, le=1)
+    """Share of first passes sent to a second verifier as well: two passes make a known-honest
+    payload, the reference a verifier that fails everything is caught with (and a pass that a
+    second verifier fails is settled by majority). 5 % of audits costs 0.2 % of compute and
+    keeps a fresh supply of references: a few per hundred audits."""
+    known_answer_rate: float = Field(0.1, ge=0, lt=1)
+    """Share of a trusted verifier's audits that are known answers (payloads whose verdict is
+    settled), sent blind in place of a real audit it could take. With known cheats about half
+    of them, a verifier that passes everything meets one every ~20 audits and is banned within
+    ~60 (``max_verifier_strikes``), losing its pay at each; the cost is 1/0.9 of the real
+    checks, ~0.4 % of compute."""
+    verifier_trusted_after: int = Field(3, ge=0, le=10_000)
+    """Known answers a new verifier must answer right before it gets real audits: until then
+    every audit it could take is a known answer (when one it has not seen exists), so a
+    verifier that does not check is caught before its verdict decides anyone's audit."""
+    max_verifier_strikes: int = Field(3, ge=1, le=1000)
+    """Strikes (a wrong known answer, or ``minority_per_strike`` outvoted verdicts) after which
+    a verifier is banned from all work."""
+    minority_per_strike: int = Field(3, ge=1, le=1000)
+    """Verdicts outvoted by the majority of a decided audit that make one verifier strike."""
+    max_references: int = Field(256, ge=1, le=100_000)
+    """Known-answer payloads kept of each kind (honest, cheat), the newest; their frames are
+    pinned in the coordinator's payload store, so its size cap never evicts them."""
+
+    def steady_state_cost(self, floor: float | None = None) -> float:
+        """Checks made per rollout produced by trusted honest producers (each check costing at
+        most what the rollout cost): first looks, double-checks, and known answers."""
+        rate = self.floor_rate if floor is None else floor
+        return rate * (1 + self.double_check_rate) / (1 - self.known_answer_rate)
 
 
 class CoordinatorConfig(ConfigModel):

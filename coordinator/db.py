@@ -7,9 +7,10 @@ entity are stored as they travel: a lease as its exact encoded bytes, a run's pl
 
 Tables: ``nodes`` (membership), ``runs``, ``leases`` (each with the exact lease a node was
 given), ``receipts`` (every receipt received, with its outcome: the audit trail of what was
-counted), ``audits`` and ``verdicts`` (each with the verifier's signed frame), ``trust`` (each
-producer's record), ``adapter_versions``, ``round_reports``, the ``ledger``, and ``gateways`` (the
-gateways admitted to serving nodes, ``coordinator/gateways.py``).
+counted), ``audits`` and ``verdicts`` (each with the verifier's signed frame; known-answer
+audits among them), ``trust`` (each node's record as a producer and as a verifier),
+``adapter_versions``, ``round_reports``, the ``ledger``, and ``gateways`` (the gateways
+admitted to serving nodes, ``coordinator/gateways.py``).
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ class ReceiptRow(Base):
 
 
 class Trust(Base):
-    """A producer's audit record."""
+    """A node's audit record: as a producer (its work audited) and as a verifier (its verdicts
+    scored against known answers and majorities); one ban for both."""
 
     __tablename__ = "trust"
     peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -194,15 +196,44 @@ class Trust(Base):
     credited_tokens: Mapped[int] = mapped_column(Integer, default=0)
     """Completion tokens of its counted rollouts: what it is credited for."""
     forfeited_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    known_right: Mapped[int] = mapped_column(Integer, default=0)
+    """Known-answer audits it answered right."""
+    known_wrong: Mapped[int] = mapped_column(Integer, default=0)
+    """Known-answer audits it answered wrong: a known cheat passed, a known-honest one failed."""
+    agreed: Mapped[int] = mapped_column(Integer, default=0)
+    """Its verdicts that agreed with the decision of their audit."""
+    outvoted: Mapped[int] = mapped_column(Integer, default=0)
+    """Its verdicts outvoted by the decision of their audit (marks)."""
+    verifier_strikes: Mapped[int] = mapped_column(Integer, default=0)
+    verified_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    """Tokens of the checks it was credited for, less those forfeited."""
+    verified_forfeited_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    """Credit for checks it forfeited to the network with its strikes."""
 
     @property
     def reputation(self) -> float:
         """In (0, 1]: 1 for a producer never caught; each confirmed failure weighs five passes."""
         return (self.passed + 1) / (self.passed + 1 + 5 * self.failed)
 
+    @property
+    def verifier_reputation(self) -> float:
+        """In (0, 1]: 1 for a verifier never wrong; a wrong known answer weighs five right
+        verdicts, an outvoted one two."""
+        right = self.known_right + self.agreed + 1
+        return right / (right + 5 * self.known_wrong + 2 * self.outvoted)
+
     def view(self) -> dict[str, Any]:
-        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "peer_id"}
-        return {**record, "reputation": round(self.reputation, 4)}
+        """The producer's record, with the verifier's under ``verifier``."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name != "peer_id" and f.name not in VERIFIER_FIELDS}  # fmt: skip
+        verifier = {name: getattr(self, name) for name in VERIFIER_FIELDS}
+        verifier["reputation"] = round(self.verifier_reputation, 4)
+        return {**record, "reputation": round(self.reputation, 4), "verifier": verifier}
+
+
+VERIFIER_FIELDS = ("known_right", "known_wrong", "agreed", "outvoted", "verifier_strikes",
+                   "verified_tokens", "verified_forfeited_tokens")  # fmt: skip
+"""The fields of ``Trust`` that are a verifier's record."""
 
 
 class VerdictRecord(Base):
@@ -221,7 +252,8 @@ class VerdictRecord(Base):
 
 
 class Audit(Base):
-    """An audit of one lease's rollout and where it stands."""
+    """An audit of one lease's rollout and where it stands: a real audit, or a known-answer
+    audit that re-sends a decided one's payload to check its verifier."""
 
     __tablename__ = "audits"
     audit_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -231,14 +263,27 @@ class Audit(Base):
     payload_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[float] = mapped_column(Float)
     stage: Mapped[str] = mapped_column(String(16), default="first")
-    """first | confirm."""
+    """first (no verdict that counts yet) | confirm (a further look: a failure's confirmation,
+    a split's tie-break, a double-check)."""
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending | assigned | passed | failed | cleared | cancelled."""
+    """pending | assigned | passed | cleared (passed by majority over a failed verdict) |
+    failed | cancelled; a known answer: assigned | right | wrong | cancelled."""
     verifier: Mapped[str] = mapped_column(String(128), default="")
     deadline: Mapped[float] = mapped_column(Float, default=0.0)
     verdicts: Mapped[list[VerdictRecord]] = relationship(
         default_factory=list, lazy="selectin", order_by=VerdictRecord.id
     )
+    known_answer: Mapped[str] = mapped_column(String(8), default="")
+    """Empty for a real audit; ``pass`` or ``fail``: a known-answer audit and its answer."""
+    reference: Mapped[str] = mapped_column(String(64), default="")
+    """A known answer's: the decided audit whose payload it re-sends."""
+    quorum: Mapped[int] = mapped_column(Integer, default=1)
+    """Passes that decide it when no verdict failed: 1, or 2 when drawn for a double-check."""
+    current_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The run's version when the audit was first handed out (None before); every look, and
+    every known answer made of it, is judged against the same window."""
+    max_staleness: Mapped[int] = mapped_column(Integer, default=0)
+    decided_at: Mapped[float | None] = mapped_column(Float, default=None)
 
     def seen_by(self) -> set[str]:
         return {v.verifier for v in self.verdicts}

@@ -40,3 +40,15 @@ class CoordinatorMetrics:
         self.penalties = Counter(
             "bazaar_penalties", "Confirmed audit failures penalized", registry=r
         )
+        self.known_answers = Counter(
+            "bazaar_known_answers", "Known-answer audits scored, by result", ["result"], registry=r
+        )
+        self.known_answers_kept = Gauge(
+            "bazaar_known_answers_kept",
+            "Known answers whose payload the coordinator keeps, by answer (pass, fail)",
+            ["answer"],
+            registry=r,
+        )
+        self.verifier_strikes = Counter(
+            "bazaar_verifier_strikes", "Verifier strikes, by reason", ["reason"], registry=r
+        )

@@ -7,7 +7,7 @@ membership (joins, peers, goodbyes, heartbeats on gossip) in ``coordinator/membe
 and receipts in ``rollouts.py``; audits and verdicts in ``auditing.py``; training rounds and
 adapter versions in ``rounds.py`` — the last three over one shared state (``state.py``). What
 stays here is who may ask: work goes to live members with the role, and never to a banned
-producer; unaudited producers' leases are capped by address (``admission.py``).
+producer or verifier; unaudited producers' leases are capped by address (``admission.py``).
 
 Lifecycle: ``run()`` starts everything and reports ``started``; setting ``stop`` flushes state,
 drains HTTP within a few seconds, and closes the host.
@@ -123,11 +123,11 @@ class Coordinator:
         self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
         self.rounds = Rounds(self.state, self.runs)
-        self.auditing = Auditing(self.state)
         tokenizers = Tokenizers(config.tokenizers)
         self.state.can_score = tokenizers.has
         self.payloads = PayloadStore(data_dir / "payloads", config.payloads_max_bytes,
                                      config.payloads_retention_s)  # fmt: skip
+        self.auditing = Auditing(self.state, self.payloads)
         self.recounter = Recounter(self.state, self.auditing, self.runs, self.payloads,
                                    self.peer_id, tokenizers, config.leases.payload_deadline_s,
                                    clock)  # fmt: skip
@@ -175,6 +175,7 @@ class Coordinator:
     async def _run(self, stop: trio.Event, task_status: Any) -> None:
         rows = await trio.to_thread.run_sync(self.members.store.load_all)
         await trio.to_thread.run_sync(self.state.restore)
+        self.auditing.pin_references()
         self.runs.resume()
         self.recounter.restore()
         self.members.restore(rows)
@@ -203,6 +204,7 @@ class Coordinator:
                 loops.start_soon(self.members.flush_loop)
                 loops.start_soon(self.rollouts.expire_loop)
                 loops.start_soon(self.recounter.run, self._fetch_payload)
+                loops.start_soon(self.auditing.keep_references, self._fetch_payload)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
                     "coordinator %s listening on %s; REST API on %s",
@@ -281,7 +283,7 @@ class Coordinator:
 
     def _sources(self, producer: str) -> list[str]:
         """Where a payload may be fetched: its producer while it is up, then this coordinator
-        (it keeps a copy of every payload it recounted)."""
+        (the same for every audit, so a known answer looks like any other)."""
         node = self.membership.nodes.get(producer)
         up = node is not None and node.status in ("alive", "suspect")
         return (list(node.addrs)[:12] if node and up else []) + self.multiaddrs[:4]
@@ -295,7 +297,7 @@ class Coordinator:
         self._check_member(peer, "trainer")
         # a banned trainer gets no share: a round dealt to it would wait for it in vain
         trainers = [t for t in self.members.live_with("trainer")
-                    if not views.is_banned(self.state, t)[0]]  # fmt: skip
+                    if not views.ban_reason(self.state, t)]  # fmt: skip
         try:
             dht = await self.hivemind_peers() if len(trainers) > 1 else []
         except RuntimeError as e:
@@ -325,11 +327,12 @@ class Coordinator:
         return env.frame
 
     def _check_member(self, peer: str, role: str) -> None:
-        """Work is for live members with the role, and never for a banned producer."""
+        """Work is for live members with the role, and never for a banned producer or
+        verifier."""
         self.members.require(peer, role)
-        banned, strikes = views.is_banned(self.state, peer)
+        banned = views.ban_reason(self.state, peer)
         if banned:
-            raise Forbidden(f"banned after {strikes} confirmed audit failures")
+            raise Forbidden(banned)
 
     def _audited(self, peer: str) -> bool:
         """Has ``peer`` passed an audit (and is it not banned)?"""

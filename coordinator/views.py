@@ -76,8 +76,14 @@ def run_tokens(state: State, run: RunState) -> dict[str, int]:
 
 
 def trust(state: State, peer: str) -> dict[str, Any]:
-    """A producer's audit record (all zero for one never audited)."""
-    return (state.audits.trust.get(peer) or Trust(peer)).view()
+    """A node's audit record (all zero for one never audited): as a producer, and under
+    ``verifier`` as a verifier — known answers right and wrong, verdicts agreeing with their
+    audit's decision or outvoted, strikes, the tokens of checks credited and forfeited, its
+    reputation, and whether it is still on probation (new: it gets known answers only)."""
+    record = (state.audits.trust.get(peer) or Trust(peer)).view()
+    right = record["verifier"]["known_right"]
+    record["verifier"]["probation"] = right < state.audits.config.verifier_trusted_after
+    return record
 
 
 def nodes(membership: Membership, state: State, now: float) -> list[dict[str, Any]]:
@@ -93,7 +99,9 @@ def _name(membership: Membership, peer: str) -> str:
 
 
 def verdicts(state: State, membership: Membership) -> list[dict[str, Any]]:
-    """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
+    """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence.
+    ``known_answer`` is empty for a real audit's verdict; ``pass`` or ``fail`` for a
+    known-answer audit's (its ``audit_status`` is then ``right`` or ``wrong``)."""
     out = [
         {
             "audit_id": a.audit_id,
@@ -103,6 +111,7 @@ def verdicts(state: State, membership: Membership) -> list[dict[str, Any]]:
             "producer_name": _name(membership, a.producer),
             "stage": "first" if i == 0 else "confirm",
             "audit_status": a.status,
+            "known_answer": a.known_answer,
             "verifier": v.verifier,
             "verifier_name": _name(membership, v.verifier),
             "passed": v.passed,
@@ -158,20 +167,28 @@ def trust_summary(
             "audits": audits, "known_answers": known_answers(state, membership)}  # fmt: skip
 
 
-def known_answers(state: State, membership: Membership) -> list[dict[str, Any]]:
-    """The known-answer audits' results: verifiers handed work whose verdict the coordinator
-    already knows, and what they answered. Whatever rows the audit book keeps of them
-    (``known_answers``: dicts, or entities with ``view()``), named; empty while it keeps none."""
-    rows = getattr(state.audits, "known_answers", None) or []
-    if isinstance(rows, dict):
-        rows = rows.values()
+def known_answers(state: State, membership: Membership, recent: int = 50) -> list[dict[str, Any]]:
+    """The ``recent`` newest known-answer audits scored: verifiers handed, blind, a payload
+    whose verdict the coordinator already knew, and whether they answered it right."""
+    scored = [a for a in state.audits.audits.values()
+              if a.known_answer and a.verdicts and a.status != "cancelled"]  # fmt: skip
+    scored.sort(key=lambda a: a.verdicts[-1].at)
     out = []
-    for row in rows:
-        view = dict(row.view() if hasattr(row, "view") else row)
-        if isinstance(view.get("verifier"), str):
-            view.setdefault("verifier_name", _name(membership, view["verifier"]))
-        out.append(view)
+    for a in reversed(scored[-recent:]):
+        v = a.verdicts[-1]
+        out.append({"audit_id": a.audit_id, "lease_id": a.lease_id, "producer_name":
+                    _name(membership, a.producer), "verifier_name": _name(membership, v.verifier),
+                    "known": a.known_answer, "answered": "pass" if v.passed else "fail",
+                    "right": v.passed == (a.known_answer == "pass"),
+                    "failed_check": v.failed_check, "at": v.at})  # fmt: skip
     return out
+
+
+def known_answer_stock(state: State, held: Callable[[bytes], bool]) -> dict[str, int]:
+    """The known answers kept to check verifiers with, by answer (``pass``: known-honest
+    payloads, ``fail``: known cheats), counting those whose payload is ``held``."""
+    return {answer: sum(held(a.payload_hash) for a in refs.values())
+            for answer, refs in state.audits.references.items()}  # fmt: skip
 
 
 def rollouts(state: State, run_id: str, membership: Membership) -> list[dict[str, Any]]:
@@ -279,10 +296,14 @@ def account_totals(entries: Iterable[LedgerRow]) -> dict[str, dict[str, int]]:
     return out
 
 
-def is_banned(state: State, peer: str) -> tuple[bool, int]:
-    """Whether a producer is banned, and after how many strikes."""
+def ban_reason(state: State, peer: str) -> str:
+    """Why a node is banned (empty: it is not)."""
     t = state.audits.trust.get(peer)
-    return (t is not None and t.banned), (t.strikes if t else 0)
+    if t is None or not t.banned:
+        return ""
+    if t.strikes >= state.audits.config.max_strikes:
+        return f"banned after {t.strikes} confirmed audit failures"
+    return f"banned after {t.verifier_strikes} verifier strikes (wrong known answers, outvoted)"
 
 
 def has_passed_an_audit(state: State, peer: str) -> bool:

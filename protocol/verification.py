@@ -5,7 +5,8 @@ A verifier asks for work with ``AuditRequest`` (audit protocol); the coordinator
 audit) or ``NoAudit``. The verifier fetches the payload from the sources the assignment lists,
 recomputes, and answers with a ``Verdict`` that names the first check that failed;
 ``VerdictAck`` says what the coordinator made of it. Verdicts are stored with their signatures
-as evidence.
+as evidence. Some assignments re-send a payload whose verdict is already settled, to check the
+verifier (``coordinator/audits.py``): nothing in the message says which.
 """
 
 from __future__ import annotations

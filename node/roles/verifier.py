@@ -14,7 +14,11 @@ The loop, once the node has joined:
    with the calibrated thresholds of its dtype, at the adapter version the lease named (fetched
    first if this node lacks it);
 4. sign a ``Verdict`` naming the first failed check and send it; the ``VerdictAck`` says whether
-   it was recorded, sent for confirmation, confirmed, or cleared.
+   it was recorded, sent to another verifier, confirmed, or cleared.
+
+Some audits are known answers — payloads whose verdict is already settled, sent to check this
+verifier; nothing tells them apart, and a wrong answer costs strikes, pay and in the end a ban
+(``coordinator/audits.py``). Verifiers are paid only for verdicts that agree with the decision.
 """
 
 from __future__ import annotations

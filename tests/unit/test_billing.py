@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from coordinator.billing import NETWORK
-from coordinator.config import LeaseConfig
+from coordinator.config import AuditConfig, LeaseConfig
 from coordinator.db import LeaseState
 from coordinator.views import ledger
 from protocol.accounts import ApiKey, KeyStore
@@ -414,6 +414,8 @@ def test_a_verifier_that_hands_an_audit_on_is_not_paid(dbs: Databases) -> None:
     from protocol.verification import AuditAssignment, AuditRequest, Verdict
 
     svc, _ = service(dbs)
+    # no double-check drawn: a first pass decides alone here
+    svc.state.audits.config = AuditConfig(double_check_rate=0.0)
 
     async def main() -> None:
         await svc.runs.create(RunSpec(name="r1"))
