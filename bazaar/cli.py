@@ -217,7 +217,8 @@ def network_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show every node the coordinator knows: status, roles, device, last heartbeat, and its
-    audit record (reputation, strikes, bans) with the latest signed verdicts."""
+    audit record as a producer (reputation, strikes, bans) and as a verifier (known answers
+    right and wrong, outvoted verdicts, strikes), with the latest signed verdicts."""
     import httpx
 
     from protocol.service.config import data_dir
@@ -237,12 +238,15 @@ def network_status(
     colors = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
     table = Table(title=f"{len(nodes)} nodes at {url}")
     cols = ("name", "peer id", "roles", "device", "status", "last seen", "audits", "reputation",
-            "strikes", "version")  # fmt: skip
+            "strikes", "as verifier", "version")  # fmt: skip
     for col in cols:
         table.add_column(col)
     for n in nodes:
         pid, t = n["peer_id"], n["trust"]
         strikes = f"[red]{t['strikes']} banned[/]" if t["banned"] else str(t["strikes"])
+        v = t["verifier"]
+        checks = (f"{v['known_right']} right / {v['known_wrong']} wrong, {v['outvoted']} "
+                  f"outvoted, {v['verifier_strikes']} strikes")  # fmt: skip
         table.add_row(
             n["name"],
             f"{pid[:12]}…{pid[-6:]}",
@@ -253,6 +257,7 @@ def network_status(
             f"{t['passed']} passed / {t['failed']} failed",
             f"{t['reputation']:.2f}",
             strikes,
+            checks,
             n["version"],
         )
     console.print(table)
@@ -269,6 +274,8 @@ def network_status(
             recent.add_column(col)
         for v in (v for v in verdicts if id(v) in failed | passed):
             result = "[green]passed[/]" if v["passed"] else f"[red]failed {v['failed_check']}[/]"
+            if v["known_answer"]:  # a known-answer audit: was the verifier right?
+                result += f" (known {v['known_answer']}: {v['audit_status']})"
             recent.add_row(
                 v["audit_id"][:8], v["producer_name"], v["verifier_name"], result, v["detail"][:60]
             )

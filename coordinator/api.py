@@ -137,8 +137,11 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/v1/network/verdicts")
     async def verdicts() -> dict[str, Any]:
-        """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence."""
-        return {"object": "list", "data": queries.verdicts(coord.state, coord.membership)}
+        """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence; and
+        how many known answers (honest, cheats) the coordinator keeps to check verifiers with."""
+        data = queries.verdicts(coord.state, coord.membership)
+        known = queries.known_answers(coord.state, coord.payloads.__contains__)
+        return {"object": "list", "data": data, "known_answers": known}
 
     @app.post("/v1/runs", status_code=201)
     async def create_run(request: Request, key: ApiKey | None = key_dep) -> dict[str, Any]:
