@@ -220,10 +220,10 @@ class AuditBook:
         can_check: Callable[[Audit], bool] = lambda a: True,
         can_serve: Callable[[bytes], bool] = lambda digest: True,
     ) -> Audit | None:
-        """What this verifier checks next: the oldest real audit it may take (not its own
-        work, not one it has judged, one it can check — ``can_check``: it runs the run's base
-        model), or in its place, drawn, a known answer (``can_serve``: the coordinator holds
-        the reference's payload)."""
+        """What this verifier checks next: a real audit it may take (not its own work, not one
+        it has judged, one it can check — ``can_check``: it runs the run's base model; a
+        further look first, else the producer served longest ago), or in its place, drawn, a
+        known answer (``can_serve``: the coordinator holds the reference's payload)."""
         self.expire()
         if self.banned(verifier):
             return None
@@ -415,6 +415,7 @@ class AuditBook:
         lease are dropped, and a verifier that passed the payload is marked outvoted."""
         ruling = Ruling("confirmed_failure", decision="failed")
         for a in [a for a in self.audits.values() if a.lease_id == lease_id and not a.known_answer]:
+            self.references["pass"].pop(a.audit_id, None)  # its passes were wrong
             for v in a.verdicts:
                 if v.passed and not self.banned(v.verifier):
                     self._outvoted(v.verifier, a.audit_id, ruling)
