@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from node.roles.base import Role
     from node.roles.inference import InferenceRole
     from node.roles.trainer import TrainerRole
+    from node.roles.verifier import VerifierRole
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,11 @@ def start_node(
     inference_cls: type[InferenceRole] | None = None,
     producer: str = "",
     trainer_cls: type[TrainerRole] | None = None,
+    verifier_cls: type[VerifierRole] | None = None,
 ) -> int:
     """Run a node until a signal. ``inference_cls`` replaces ``InferenceRole``,
-    ``trainer_cls`` ``TrainerRole``, ``producer`` the model process's ``Producer``
-    (``module:Class``): tests build misbehaving nodes so."""
+    ``trainer_cls`` ``TrainerRole``, ``verifier_cls`` ``VerifierRole``, ``producer`` the model
+    process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
     from node.model.probe import probe_machine
 
@@ -91,7 +93,7 @@ def start_node(
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
-    roles = _roles(config, data_dir, agent, inference_cls, producer, trainer_cls)
+    roles = _roles(config, data_dir, agent, inference_cls, producer, trainer_cls, verifier_cls)
     if config.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -120,6 +122,7 @@ def _roles(
     inference_cls: type[InferenceRole] | None,
     producer: str,
     trainer_cls: type[TrainerRole] | None = None,
+    verifier_cls: type[VerifierRole] | None = None,
 ) -> list[Role]:
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
@@ -150,7 +153,7 @@ def _roles(
     if "verifier" in config.roles:
         from node.roles.verifier import VerifierRole
 
-        roles.append(VerifierRole(config, model, versions))
+        roles.append((verifier_cls or VerifierRole)(config, model, versions))
     if config.serve:
         from node.roles.serving import ServingRole
         from protocol.service.http import bind_tcp

@@ -50,6 +50,9 @@ class LiesInReports(TrainerRole):
         await super()._report(msgspec.structs.replace(report, rewards=rewards, counts=counts))
 
 
+ClaimsMoreTokens = InflatesReceipts
+"""Claims one token more than every payload holds (``BAZAAR_CHEAT_FROM`` unset: from the start)."""
+
 ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cls",
-         "LiesInReports": "trainer_cls"}  # fmt: skip
+         "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls"}  # fmt: skip
 """Each cheat, and the ``start_node`` argument its class replaces."""
