@@ -85,11 +85,13 @@ class AuditConfig(ConfigModel):
     settled), sent blind in place of a real audit it could take. With known cheats about half
     of them, a verifier that passes everything meets one every ~20 audits and is banned within
     ~60 (``max_verifier_strikes``), losing its pay at each; the cost is 1/0.9 of the real
-    checks, ~0.4 % of compute."""
+    checks, ~0.5 % of compute."""
     verifier_trusted_after: int = Field(3, ge=0, le=10_000)
     """Known answers a new verifier must answer right before it gets real audits: until then
-    every audit it could take is a known answer (when one it has not seen exists), so a
-    verifier that does not check is caught before its verdict decides anyone's audit."""
+    every audit it could take is a known answer (when one it was never handed exists). One
+    that passes, or fails, everything answers about half of them wrong (known cheats and
+    known-honest payloads are drawn at even odds): struck before its word decides any audit,
+    and as often as not banned before it gets one."""
     max_verifier_strikes: int = Field(3, ge=1, le=1000)
     """Strikes (a wrong known answer, or ``minority_per_strike`` outvoted verdicts) after which
     a verifier is banned from all work."""
