@@ -140,7 +140,7 @@ def create_app(coord: Coordinator) -> FastAPI:
         """Every verdict, oldest first, with the verifier's signed frame (hex) as evidence; and
         how many known answers (honest, cheats) the coordinator keeps to check verifiers with."""
         data = queries.verdicts(coord.state, coord.membership)
-        known = queries.known_answers(coord.state, coord.payloads.__contains__)
+        known = queries.known_answer_stock(coord.state, coord.payloads.__contains__)
         return {"object": "list", "data": data, "known_answers": known}
 
     @app.post("/v1/runs", status_code=201)
