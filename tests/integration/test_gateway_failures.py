@@ -54,7 +54,9 @@ def test_a_client_that_disconnects_closes_the_upstream_request(setup: Setup) -> 
     secret, _ = KeyStore(open_database(setup.db)).create("k")
     headers = {"authorization": f"Bearer {secret}"}
     body = {"model": "tiny", "prompt": "slow", "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", f"{setup.url}/v1/completions", json=body, headers=headers) as r:
+    # the gateway loads the model's tokenizer on its first request: seconds on a busy machine
+    with httpx.stream("POST", f"{setup.url}/v1/completions", json=body, headers=headers,
+                      timeout=60.0) as r:  # fmt: skip
         first = next(r.iter_lines())
         assert first.startswith("data: ") and '"a"' in first
     # leaving the block closed our connection: the gateway must close the node's at once
