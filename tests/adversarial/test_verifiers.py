@@ -50,9 +50,9 @@ class Network:
         cluster.start_coordinator(extra=[*AUDITS, *extra])
         cluster.api("POST", "/v1/runs", json=RUN)
 
-    def honest(self) -> None:
+    def honest(self, verifiers: tuple[str, ...] = HONEST_VERIFIERS) -> None:
         self.cluster.start_node("p", extra=self.model)
-        for name in HONEST_VERIFIERS:
+        for name in verifiers:
             self.cluster.start_node(name, roles="verifier", extra=self.model)
 
     def cheat(self, name: str, cheat: str, roles: str = "verifier", peer: str = "") -> None:
@@ -71,6 +71,17 @@ class Network:
 
     def verdicts(self) -> list[dict[str, Any]]:
         return list(self.cluster.api("GET", "/v1/network/verdicts")["data"])
+
+    def outvoted(self, verifier: str, status: str = "") -> list[str]:
+        """The real audits ``verifier`` failed that another verifier passed (in ``status``)."""
+        by_audit: dict[str, list[dict[str, Any]]] = {}
+        for v in self.verdicts():
+            if not v["known_answer"]:
+                by_audit.setdefault(v["audit_id"], []).append(v)
+        return [a for a, vs in by_audit.items()
+                if any(v["verifier"] == verifier and not v["passed"] for v in vs)
+                and any(v["verifier"] != verifier and v["passed"] for v in vs)
+                and status in ("", vs[0]["audit_status"])]  # fmt: skip
 
     def known_answers(self, honest: int = 0, cheats: int = 0) -> bool:
         """At least this many known-honest payloads and known cheats are kept (read from the
@@ -149,19 +160,24 @@ def test_a_freeloading_verifier_is_caught_by_known_cheats(
     net.assert_untouched(("p",), HONEST_VERIFIERS)
 
 
-def test_a_verifier_that_always_fails_is_outvoted_and_caught_by_known_honest_payloads(
+def test_a_verifier_that_always_fails_is_outvoted_and_banned(
     cluster: Cluster, tiny_model: Path
 ) -> None:
-    """It fails every payload, from the start. A failure is never decided alone: the honest
-    verifiers outvote it, and the double-checked passes of honest work are known answers it
-    fails too: banned, unpaid — and the honest producer it failed is never penalized."""
+    """It fails every payload. A failure is never decided alone: while one honest verifier
+    passes what it failed, the split waits; the second honest verifier outvotes it. Outvoted
+    verdicts are marks (three make a strike), and the double-checked passes of honest work are
+    known answers it fails (a strike each): banned, unpaid — and the honest producer it failed
+    is never penalized."""
     net = Network(cluster, tiny_model)
-    net.honest()
+    net.honest(verifiers=("v-1",))
     net.cheat("a", "FailingVerifier")
+    a = net.peer_id("a")
+    wait_until(lambda: net.outvoted(a), 300, 1.0, "a split: a failed what v-1 passed")
+    cluster.start_node("v-2", roles="verifier", extra=net.model)
     wait_until(lambda: net.banned("a"), 300, 1.0, "the failing verifier banned")
 
-    net.assert_banned_and_unpaid("a")
-    a = net.peer_id("a")
+    v = net.assert_banned_and_unpaid("a")
+    assert v["outvoted"] >= 1 and net.outvoted(a, "cleared")  # the majority passed them
     real = [x for x in net.verdicts() if x["verifier"] == a and not x["known_answer"]]
     assert all(x["audit_status"] != "failed" for x in real), real  # never a majority
     net.assert_untouched(("p",), HONEST_VERIFIERS)
