@@ -14,7 +14,6 @@ verifiers, and a cheater's audits would wait behind a growing queue.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +124,6 @@ class Network:
         proc = next(p for p in self.cluster.procs if p.name == name)
         wait_until(lambda: "verifier strikes" in proc.output(), 60, what=f"{name} refused")
         return dict(v)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_a_freeloading_verifier_is_caught_by_known_cheats(
