@@ -239,8 +239,10 @@ def network_status(
     table = Table(title=f"{len(nodes)} nodes at {url}")
     cols = ("name", "peer id", "roles", "device", "status", "last seen", "audits", "reputation",
             "strikes", "as verifier", "version")  # fmt: skip
-    for col in cols:
-        table.add_column(col)
+    for col in cols:  # a narrow terminal folds the wide columns, never a node's status
+        table.add_column(
+            col, no_wrap=col in ("name", "status"), min_width=7 if col == "status" else None
+        )
     for n in nodes:
         pid, t = n["peer_id"], n["trust"]
         strikes = f"[red]{t['strikes']} banned[/]" if t["banned"] else str(t["strikes"])
