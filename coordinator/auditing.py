@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from coordinator.audits import Penalty, Ruling, VerifierPenalty
-from coordinator.db import LeaseState
+from coordinator.db import Audit, LeaseState
 from coordinator.state import State
 from protocol.errors import ProtocolError
 from protocol.payload_store import PayloadStore
@@ -53,11 +53,19 @@ class Auditing:
         fetched (the producer while it is up, and the coordinator), the same for every audit."""
         state = self.state
         runs = state.book.runs
-        audit = state.audits.assign(
-            peer, lambda a: runs[a.run_id].plan.spec.base_model == req.base_model, self._can_serve
-        )
+
+        def assign() -> Audit | None:
+            can_check = lambda a: runs[a.run_id].plan.spec.base_model == req.base_model  # noqa: E731
+            return state.audits.assign(peer, can_check, self._can_serve)
+
+        audit = assign()
+        wait_s = min(req.wait_s, state.audits.config.max_wait_s)
+        with trio.move_on_after(wait_s):
+            while audit is None:  # a long poll: every commit may have opened one
+                await state.next_commit()
+                audit = assign()
         if audit is None:
-            return NoAudit(retry_after_s=state.config.retry_after_s)
+            return NoAudit(retry_after_s=0.0 if wait_s else state.config.retry_after_s)
         run = runs[audit.run_id]
         lease = state.book.leases[audit.lease_id]
         if audit.current_version is None:

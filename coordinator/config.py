@@ -66,6 +66,9 @@ class AuditConfig(ConfigModel):
     trusted_after: int = Field(10, ge=0, le=10_000)
     """Clean audits in a row before a producer drops from auditing every receipt to the floor
     rate; a failure starts the count again."""
+    max_wait_s: float = Field(5.0, ge=0, le=8)
+    """Longest a verifier's request for work is held waiting for an audit to open (its
+    ``wait_s``), under the transport's 10 s request timeout."""
     deadline_s: float = Field(60.0, gt=0, le=3600)
     """A verifier must answer within this time, or the audit goes to another verifier."""
     max_strikes: int = Field(3, ge=1, le=1000)

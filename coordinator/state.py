@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import trio
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -64,6 +65,7 @@ class State:
         """Each run's recorded adapter versions."""
         self.held: dict[str, dict[str, int]] = {}
         """The adapter versions each node last said it holds (with its lease requests)."""
+        self._committed = trio.Event()
 
     def add(self, entity: object) -> None:
         """A new entity, written with the next commit."""
@@ -72,6 +74,12 @@ class State:
     def commit(self) -> None:
         """Write every change since the last commit, in one transaction."""
         self.session.commit()
+        self._committed.set()
+        self._committed = trio.Event()
+
+    async def next_commit(self) -> None:
+        """Return at the next commit: what a long poll waits on for its work to appear."""
+        await self._committed.wait()
 
     def restore(self) -> None:
         """Load everything from the database (blocking: call before serving)."""

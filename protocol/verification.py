@@ -35,6 +35,10 @@ class AuditRequest(Message):
     TYPE: ClassVar[str] = "verification.request"
     MAX_BYTES: ClassVar[int] = 1 * KiB
     base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
+    """How long the coordinator may hold the request for an audit to open before it answers
+    ``NoAudit`` (a long poll, capped by the coordinator's ``audits.max_wait_s``): an idle
+    verifier is handed an audit the moment one opens, and asks a few times a minute."""
 
 
 class AuditAssignment(Message):

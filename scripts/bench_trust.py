@@ -26,6 +26,28 @@ coordinator needs, how to tell it was caught):
 - ``inflated_logprobs``: a producer whose logprobs are inflated (``tests/adversarial/
   cheaters.py``), for the verifiers' ``logprobs`` check.
 - ``withheld_payloads``: a producer that keeps none of its payloads (``unavailable``).
+- ``freeloading_verifier``: a verifier that passes every audit without fetching a byte. It joins
+  once the coordinator holds a known cheat, which an accomplice producer supplies: one that
+  claims a token more than each payload holds, convicted by the coordinator's own count. Caught:
+  banned, its pay for checks all forfeited.
+- ``failing_verifier``: a verifier that fails every audit, with everyone from the start: its
+  failures are outvoted by the two honest verifiers, and it fails known-honest payloads. Caught:
+  banned and unpaid, no honest producer penalized.
+- ``covering_verifier``: a colluding pair: an accomplice producer inflating its logprobs, and a
+  verifier passing the accomplice's payloads unchecked (checking everyone else honestly), joining
+  once a known cheat exists. Caught: the verifier banned and unpaid, the accomplice banned, and no
+  audit of the accomplice's work decided honest.
+- ``colluding_verifiers``: two verifiers that fail every payload of the honest ``sampler-1``
+  (together a majority of two failures). They join once the coordinator holds three known-honest
+  payloads, which come from double-checked passes: at the default 5 % the network makes one per
+  ~20 audits, longer than this benchmark's minutes, so this scenario double-checks half of the
+  passes (``--audits.double_check_rate=0.5``). Caught: both banned and unpaid, and sampler-1 never
+  penalized (``false_penalties`` counts it).
+- ``gateway_bypass``: no attacker node; ``sampler-1`` also serves the model (``--serve``). Once
+  the run has a version, an admitted gateway starts and a client calls the serving node straight
+  — with no credential, a made-up one, a valid gateway API key, and a serving token it signed
+  itself — then once through the gateway. Caught: every direct request refused (401) and no
+  token served unmetered, the request through the gateway served and on the key's usage.
 - ``coordinator_kill``: no attacker node; the coordinator is killed (``kill -9``) while a
   round holds part of the key's budget, and restarted. Caught = the restarted coordinator held
   the open round again (the key's reserved tokens equal what the run may still charge).
@@ -38,9 +60,9 @@ Metrics, per scenario (JSON keys ``<scenario>_<metric>``; the table shows them s
   beyond the ledger's independent recount of the kept payloads; the key's usage beyond the
   charges less the refunds; budget still reserved once the run is settled; and what the attacker
   was paid for work no audit vouched for and did not give back.
-- ``refund_exact``: 1 when the run's refunds equal exactly what the caught producer was paid for
+- ``refund_exact``: 1 when the run's refunds equal exactly what the caught producers were paid for
   work no audit vouched for (its audited-and-passed work keeps its pay; 1 when nothing was due).
-- ``false_penalties``: strikes and bans of honest nodes.
+- ``false_penalties``: strikes and bans of honest nodes (producers' and verifiers' strikes).
 - ``billed_vs_independent_recount``: the run's charges ÷ the ledger's recount (exactly 1.0).
 
 And for the honest run, ``audit_compute_fraction``: CPU seconds of the verifiers' process trees
@@ -52,17 +74,10 @@ idle polling and heartbeats; a sampler's: leasing, generating, signing, serving 
 Measured twice: over the whole run (from submission, model loading included), and over the
 steady state — from the moment the coordinator's trust records show every honest sampler's
 ``clean_streak`` at ``--audits.trusted_after`` (10) to the run's end — where audits run at the
-floor (``--audits.floor_rate``, 0.1). The goal (≤ 0.05) is judged on the steady state: before
+floor (``--audits.floor_rate``, 0.04). The goal (≤ 0.05) is judged on the steady state: before
 trust every receipt is audited by design, a cost paid once per producer however long it works.
 Both windows are broken down: audit rate, CPU seconds per lease generated and per audit, and the
 same fraction over the model processes alone.
-
-Not yet covered (TODO, each a row of ``ATTACKS`` once its attacker exists):
-
-- a freeloading verifier (passes every audit without checking);
-- a verifier that fails every audit (false accusations);
-- colluding verifiers (two that confirm each other's false verdicts, or clear a partner);
-- a gateway bypass (serving or billing that skips the gateway's metering).
 
 Run: ``python scripts/bench_trust.py [--quick]`` (quick: 12 honest rounds and 4 with an
 attacker, 9 minutes on two cores shared with other jobs; the full run 16; writes
@@ -100,9 +115,19 @@ from rich.progress import (  # noqa: E402
     TimeElapsedColumn,
 )
 from rich.table import Table  # noqa: E402
-from trust_attacks import ATTACKER, ATTACKS, CHEATS, RUN, Attack, Seen, observe  # noqa: E402
+from trust_attacks import (  # noqa: E402
+    ACCOMPLICE,
+    ATTACKER,
+    ATTACKS,
+    CHEATS,
+    RUN,
+    Attack,
+    Seen,
+    observe,
+)
 
 from bazaar.up import DEMO_SPEC, tiny_model  # noqa: E402
+from coordinator.config import AuditConfig  # noqa: E402
 from protocol.runs import load_spec  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from tests.integration.cluster import Cluster, Proc  # noqa: E402
@@ -161,6 +186,8 @@ class Scenario:
     attack: Attack | None
     cluster: Cluster
     coordinator_args: list[str]
+    tiny: Path
+    model_args: list[str]
     procs: dict[str, Proc] = field(default_factory=dict)
 
     @property
@@ -212,10 +239,12 @@ def play(
         f"--audits.trusted_after={args.trusted_after}", f"--audits.floor_rate={args.floor_rate}",
         *(attack.coordinator if attack else ()),
     ]  # fmt: skip
-    sc = Scenario(attack, Cluster(root, interval_s=2.0, sessions=True), coordinator_args)
+    model_args = [f"--model_cache={cache}", "--torch_threads=1"]
+    cluster = Cluster(root, interval_s=2.0, sessions=True)
+    sc = Scenario(attack, cluster, coordinator_args, tiny, model_args)
     out: dict[str, Any] = {}
     try:
-        start(sc, cache, progress, task)
+        start(sc, progress, task)
         cpu, times = {"start": snapshot(sc.procs)}, {"start": time.time()}
         # an attacker's run goes on (up to 3x its rounds) until it is caught: a producer has to
         # win leases to cheat at all, and leases go to whoever asks first
@@ -251,21 +280,39 @@ def play(
     return out
 
 
-def start(sc: Scenario, cache: Path, progress: Progress, task: TaskID) -> None:
-    """The coordinator, the honest nodes and the attacker, until every node is alive."""
+def start(sc: Scenario, progress: Progress, task: TaskID) -> None:
+    """The coordinator, the honest nodes, an accomplice and the attackers (unless they join
+    later), until every node is alive."""
     cluster, attack = sc.cluster, sc.attack
     cluster.start_coordinator(extra=sc.coordinator_args)
-    model = [f"--model_cache={cache}", "--torch_threads=1"]
     for name, roles in HONEST.items():
-        sc.procs[name] = cluster.start_node(name, roles=roles, extra=model)
-    if attack and attack.roles:
-        sc.procs[ATTACKER] = cluster.start_node(
-            ATTACKER, roles=attack.roles, extra=model, module=CHEATS,
-            env={"BAZAAR_CHEAT": attack.cheat, **dict(attack.env)},
+        serve = ["--serve"] if attack and attack.serve and name == "sampler-1" else []
+        sc.procs[name] = cluster.start_node(name, roles=roles, extra=[*sc.model_args, *serve])
+    if attack and attack.accomplice:
+        sc.procs[ACCOMPLICE] = cluster.start_node(
+            ACCOMPLICE, roles="inference", extra=sc.model_args, module=CHEATS,
+            env={"BAZAAR_CHEAT": attack.accomplice},
         )  # fmt: skip
+    if attack and attack.roles and attack.joins_when is None:
+        start_attackers(sc)
     progress.update(task, description=f"{sc.key}: {len(sc.procs)} nodes joining")
     wait(sc, "nodes joining", lambda: sum(
         s == "alive" for s in cluster.statuses().values()) >= len(sc.procs), 120)  # fmt: skip
+
+
+def start_attackers(sc: Scenario) -> None:
+    attack = sc.attack
+    assert attack is not None
+    env = {"BAZAAR_CHEAT": attack.cheat, **dict(attack.env)}
+    if attack.peer:
+        peer = attack.peer
+        nodes = sc.cluster.nodes
+        env["BAZAAR_PEER"] = wait(sc, f"{peer}'s id", lambda: nodes()[peer]["peer_id"], 60)
+    for i in range(attack.attackers):
+        name = ATTACKER if i == 0 else f"{ATTACKER}-{i + 1}"
+        sc.procs[name] = sc.cluster.start_node(
+            name, roles=attack.roles, extra=sc.model_args, module=CHEATS, env=env
+        )
 
 
 def follow(
@@ -299,9 +346,14 @@ def follow(
         if attack is None and "trusted" not in cpu and min(streaks) >= args.trusted_after:
             cpu["trusted"], times["trusted"] = snapshot(sc.procs), time.time()
         note = f"trusted {sum(s >= args.trusted_after for s in streaks)}/{len(SAMPLERS)}"
-        if attack and attack.roles:
+        if attack and attack.roles and ATTACKER not in sc.procs:
+            note = "the attackers wait for the network's known answers"
+        elif attack and attack.roles:
             t = trust.get(ATTACKER, {})
-            note = f"attacker {t.get('strikes', 0)} strikes" + (", banned" * t.get("banned", 0))
+            strikes = t.get("strikes", 0) + t.get("verifier", {}).get("verifier_strikes", 0)
+            note = f"attacker {strikes} strikes" + (", banned" * t.get("banned", 0))
+        if attack and attack.joins_when and ATTACKER not in sc.procs and attack.joins_when(sc):
+            start_attackers(sc)
         if attack and attack.during and did is None:
             did = attack.during(sc, run)
         if attack and run["policy_version"] >= rounds and attack.caught(observe(sc, did or {})):
@@ -318,14 +370,15 @@ def measure(seen: Seen, attack: Attack | None) -> dict[str, Any]:
     bill = seen.bill
     charged, recounted, refunded = bill["charged"], bill["recounted"], bill["refunded"]
     # what the attacker was paid for work no audit vouched for: all of it is to be given back
+    cheats = [n for n in seen.trust if n.startswith(ATTACKER) or n == ACCOMPLICE]
+    ids = {seen.trust[n]["peer_id"] for n in cheats}
     vouched = {v["lease_id"] for v in seen.verdicts
-               if v["producer"] == (seen.attacker or {}).get("peer_id")
-               and v["audit_status"] == "passed"}  # fmt: skip
-    attacker = seen.account(ATTACKER)
+               if v["producer"] in ids and v["audit_status"] == "passed"}  # fmt: skip
+    accounts = {seen.account(n) for n in cheats}
     due = sum(e["tokens"] for e in seen.sampled
-              if attacker and e["credit"] == attacker and e["ref"] not in vouched)  # fmt: skip
-    given_back = sum(e["tokens"] for e in seen.refunds if attacker
-                     and e["debit"] == attacker and e["credit"].startswith("key:"))  # fmt: skip
+              if e["credit"] in accounts and e["ref"] not in vouched)  # fmt: skip
+    given_back = sum(e["tokens"] for e in seen.refunds
+                     if e["debit"] in accounts and e["credit"].startswith("key:"))  # fmt: skip
     overcharge = (max(0, charged - recounted) + max(0, seen.key_used - (charged - refunded))
                   + seen.key_reserved + max(0, due - given_back))  # fmt: skip
     honest = [t for name, t in seen.trust.items() if name in HONEST]
@@ -334,7 +387,8 @@ def measure(seen: Seen, attack: Attack | None) -> dict[str, Any]:
         "overcharge_tokens": overcharge,
         "refund_exact": (int(refunded == given_back == due)
                          if attack is None or attack.refund_applies else None),
-        "false_penalties": sum(t["strikes"] + int(t["banned"]) for t in honest),
+        "false_penalties": sum(t["strikes"] + int(t["banned"]) + t["verifier"]["verifier_strikes"]
+                               for t in honest),
         "billed_vs_independent_recount": charged / recounted if recounted else None,
         "charged_tokens": charged, "recounted_tokens": recounted, "refunded_tokens": refunded,
         "refund_due_tokens": due, "key_used_tokens": seen.key_used,
@@ -346,7 +400,12 @@ def measure(seen: Seen, attack: Attack | None) -> dict[str, Any]:
     }  # fmt: skip
     if seen.attacker:
         a = seen.attacker
-        out.update(attacker_strikes=a["strikes"], attacker_banned=int(a["banned"]),
+        out.update(attacker_strikes=a["strikes"] + a["verifier"]["verifier_strikes"],
+                   attacker_banned=int(all(t["banned"] for t in seen.attackers())),
+                   attacker_verified_tokens=sum(t["verifier"]["verified_tokens"]
+                                                for t in seen.attackers()),
+                   attacker_forfeited_verified_tokens=sum(
+                       t["verifier"]["verified_forfeited_tokens"] for t in seen.attackers()),
                    attacker_paid_tokens=seen.paid(ATTACKER, seen.sampled),
                    attacker_paid_training_tokens=seen.paid(ATTACKER, seen.trained),
                    attacker_failed_checks=sorted({v["failed_check"] for v in seen.verdicts
@@ -429,6 +488,12 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
             notes.append(f"paid {r['attacker_paid_tokens']} for rollouts, "
                          f"{r['attacker_paid_training_tokens']} for training; "
                          f"refunded {r['refunded_tokens']}")  # fmt: skip
+        if "attacker_verified_tokens" in r and r["attacker_forfeited_verified_tokens"]:
+            notes.append(f"{r['attacker_forfeited_verified_tokens']} verifier credit forfeited")
+        if "direct_attempts" in r:
+            notes.append(f"{r['direct_refused']}/{r['direct_attempts']} direct requests refused, "
+                         f"{r['direct_served_tokens']} tokens served unmetered; through the "
+                         f"gateway metered: {bool(r['gateway_metered'])}")  # fmt: skip
         if "held_again" in r:
             notes.append(f"killed holding {r['killed_holding']}; after restart reserved "
                          f"{r['restart_reserved']} = held {r['restart_held']}")  # fmt: skip
@@ -497,7 +562,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="the run's rl.max_tokens")
     parser.add_argument("--trusted-after", type=int, default=10,
                         help="the coordinator's audits.trusted_after")  # fmt: skip
-    parser.add_argument("--floor-rate", type=float, default=0.1,
+    parser.add_argument("--floor-rate", type=float, default=AuditConfig().floor_rate,
                         help="the coordinator's audits.floor_rate")  # fmt: skip
     parser.add_argument("--catch-timeout", type=float, default=120,
                         help="seconds to wait after the run for the attacker's catch")  # fmt: skip

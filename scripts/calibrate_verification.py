@@ -90,7 +90,7 @@ def per_sample_stats(
         for k, s in enumerate(payload.samples):
             ids, claimed = (a.tolist() for a in sample_tokens(s))
             m, d = replay_sample(
-                prompts[k // GROUP], ids, s.seed, claimed, backend.prefill_logits,
+                backend.prefill_logits(prompts[k // GROUP], ids), ids, s.seed, claimed,
                 lease.sampling.temperature, lease.sampling.top_p,
             )  # fmt: skip
             margins.append(float(m.max()))
@@ -126,7 +126,7 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
     for env, lease, payload in leases:
         outcome = verify_payload(
             lease, payload, env, backend.tokenizer, backend.eos_ids, vocab,
-            backend.prefill_logits, thresholds,
+            backend.prefill_batch, thresholds,
         )  # fmt: skip
         refused += not outcome.passed
     return {

@@ -127,7 +127,7 @@ EXAMPLES: list[Message] = [
         completion_tokens=640,
     ),
     PayloadRequest(payload_hash=H),
-    AuditRequest(base_model="tiny"),
+    AuditRequest(base_model="tiny", wait_s=5.0),
     AuditAssignment(
         audit_id="a-1",
         lease=LEASE,

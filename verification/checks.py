@@ -72,8 +72,9 @@ CHECKS = (
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
 REWARD_TOLERANCE = 1e-6
 
-Prefill = Callable[[list[int], list[int]], torch.Tensor]
-"""``prefill(prompt ids, completion ids) -> logits [T, V]`` with the claimed model and adapter."""
+Prefill = Callable[[list[tuple[list[int], list[int]]]], list[torch.Tensor]]
+"""``prefill([(prompt ids, completion ids), ...]) -> [logits [T, V], ...]`` with the claimed model
+and adapter: a backend's ``prefill_batch``, which replays a whole lease in a few forward passes."""
 
 
 @dataclass(frozen=True)
@@ -223,30 +224,50 @@ def _rewards(
 
 
 def replay_sample(
-    prompt: list[int],
+    logits_T_V: torch.Tensor,
     ids: list[int],
     seed: int,
     claimed_logprobs: Any,
-    prefill: Prefill,
     temperature: float,
     top_p: float,
 ) -> tuple[Any, Any]:
-    """Per position of one sample: ``(replay margins [T], |claimed - recomputed| logprobs [T])``.
+    """Per position of one sample, from the logits the claimed model gives its tokens
+    (``Prefill``): ``(replay margins [T], |claimed - recomputed| logprobs [T])``."""
+    return replay_samples([logits_T_V], [ids], [seed], [claimed_logprobs], temperature, top_p)[0]
+
+
+def replay_samples(
+    logits: list[torch.Tensor],
+    ids: list[list[int]],
+    seeds: list[int],
+    claimed_logprobs: list[Any],
+    temperature: float,
+    top_p: float,
+) -> list[tuple[Any, Any]]:
+    """``replay_sample`` of many samples, computed over all their tokens at once.
 
     Where the committed token sits just outside the recomputed top-p set its truncated logprob
     is -inf; there the untruncated tempered logprob is compared instead (the margin vouches for
     the token itself)."""
-    logits_T_V = prefill(prompt, ids)
-    ids_T = torch.tensor(ids)
-    margins_T = replay_margins(logits_T_V, ids_T, seed, temperature, top_p)
-    claimed_T = torch.as_tensor(claimed_logprobs, dtype=torch.float64)
-    logp_T_V = sampling_logprobs(logits_T_V, temperature, top_p).to(torch.float64)
-    recomputed_T = logp_T_V.gather(-1, ids_T.view(-1, 1)).view(-1)
+    sizes = [len(t) for t in ids]
+    logits_N_V = torch.cat(logits) if logits else torch.zeros(0, 0)
+    ids_N = torch.tensor([t for sample in ids for t in sample], dtype=torch.long)
+    seeds_N = torch.tensor([s for s, n in zip(seeds, sizes, strict=True) for _ in range(n)],
+                           dtype=torch.int64)  # fmt: skip
+    positions_N = torch.tensor([p for n in sizes for p in range(n)], dtype=torch.int64)
+    claimed_N = torch.cat([torch.as_tensor(c, dtype=torch.float64).view(-1)
+                           for c in claimed_logprobs]) if ids else torch.zeros(0)  # fmt: skip
+    if ids_N.numel() == 0:
+        return [(torch.zeros(0), torch.zeros(0, dtype=torch.float64)) for _ in ids]
+    margins_N = replay_margins(logits_N_V, ids_N, seeds_N, temperature, top_p, positions_N)
+    logp_N_V = sampling_logprobs(logits_N_V, temperature, top_p).to(torch.float64)
+    recomputed_N = logp_N_V.gather(-1, ids_N.view(-1, 1)).view(-1)
     scale = temperature if temperature > 0 else 1.0
-    untruncated_T_V = torch.log_softmax(logits_T_V.to(torch.float64) / scale, dim=-1)
-    fallback_T = untruncated_T_V.gather(-1, ids_T.view(-1, 1)).view(-1)
-    recomputed_T = torch.where(torch.isfinite(recomputed_T), recomputed_T, fallback_T)
-    return margins_T, (claimed_T - recomputed_T).abs()
+    untruncated_N_V = torch.log_softmax(logits_N_V.to(torch.float64) / scale, dim=-1)
+    fallback_N = untruncated_N_V.gather(-1, ids_N.view(-1, 1)).view(-1)
+    recomputed_N = torch.where(torch.isfinite(recomputed_N), recomputed_N, fallback_N)
+    diffs_N = (claimed_N - recomputed_N).abs()
+    return list(zip(margins_N.split(sizes), diffs_N.split(sizes), strict=True))
 
 
 def _replay(
@@ -262,13 +283,16 @@ def _replay(
     t, top_p = lease.sampling.temperature, lease.sampling.top_p
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
     stats["max_margin"] = stats["max_logprob_diff"] = 0.0
-    for k, (s, ids) in enumerate(zip(payload.samples, tokens, strict=True)):
-        claimed = sample_tokens(s)[1].copy()
+    claims = [sample_tokens(s)[1].copy() for s in payload.samples]
+    for s, claimed in zip(payload.samples, claims, strict=True):
         if not bool(torch.isfinite(torch.from_numpy(claimed)).all()):
             raise _Failed("logprobs", f"sample {s.sample_index} has non-finite logprobs")
-        margins_T, diff_T = replay_sample(
-            prompts[k // lease.group_size], ids, s.seed, claimed, prefill, t, top_p
-        )
+    logits = prefill([(prompts[k // lease.group_size], ids) for k, ids in enumerate(tokens)])
+    seeds = [s.seed for s in payload.samples]
+    replays = replay_samples(logits, tokens, seeds, claims, t, top_p)
+    for s, ids, claimed, (margins_T, diff_T) in zip(
+        payload.samples, tokens, claims, replays, strict=True
+    ):
         stats["max_margin"] = max(stats["max_margin"], float(margins_T.max()))
         stats["max_logprob_diff"] = max(stats["max_logprob_diff"], float(diff_T.max()))
         if stats["max_margin"] > thresholds.max_margin:

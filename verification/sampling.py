@@ -114,9 +114,10 @@ def sample(
 def replay_margins(
     logits_T_V: torch.Tensor,
     tokens_T: torch.Tensor,
-    seed: int,
+    seed: int | torch.Tensor,
     temperature: float,
     top_p: float,
+    positions_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """For a committed completion: at each position, the best score among the tokens the sampler
     could pick minus the committed token's score (0 where the committed token is the pick).
@@ -125,14 +126,18 @@ def replay_margins(
     compete (renormalizing shifts them all alike). The committed token is scored even when it
     falls outside the recomputed top-p set, so a token at the boundary — kept by the producer's
     arithmetic, just dropped by the verifier's — gets a small finite margin, not an infinite one.
+
+    Several samples replay at once when ``seed`` holds each row's seed and ``positions_T`` each
+    row's position in its own sample (default: one sample, positions 0, 1, ...).
     """
     logits = logits_T_V.to(torch.float32)
-    positions = torch.arange(tokens_T.shape[0])
+    positions = torch.arange(tokens_T.shape[0]) if positions_T is None else positions_T
     if temperature <= 0:
         scores = torch.log_softmax(logits, dim=-1).to(torch.float64)
         candidates = scores
     else:
-        noise = gumbel_noise(torch.full_like(positions, seed), positions, logits.shape[-1])
+        seeds = torch.full_like(positions, seed) if isinstance(seed, int) else seed
+        noise = gumbel_noise(seeds, positions, logits.shape[-1])
         scores = torch.log_softmax(logits / temperature, dim=-1).to(torch.float64)
         scores = scores + noise.to(scores.device)
         kept = sampling_logprobs(logits, temperature, top_p) > float("-inf")

@@ -287,7 +287,7 @@ class _Child:
         from verification.checks import load_thresholds, verify_payload
 
         profile = "fp32" if self.backend.base.dtype == torch.float32 else "bf16"
-        prefill = functools.partial(self.backend.prefill_logits, adapter=adapter)
+        prefill = functools.partial(self.backend.prefill_batch, adapter=adapter)
         return verify_payload(
             lease, payload, self.environment(lease.env_id), self.backend.tokenizer,
             self.backend.eos_ids, self.backend.base.config.vocab_size,

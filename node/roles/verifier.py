@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LONG_POLL_S = 5.0
+"""How long the coordinator may hold a request for work (``AuditRequest.wait_s``): half the
+transport's request timeout."""
+
 
 class VerifierRole(Role):
     name = "verifier"
@@ -70,7 +74,7 @@ class VerifierRole(Role):
                 await self.audit(await self._next_audit())
 
     async def _next_audit(self) -> AuditAssignment:
-        request = AuditRequest(base_model=self.config.model)
+        request = AuditRequest(base_model=self.config.model, wait_s=LONG_POLL_S)
         while True:
             try:
                 reply = await self.agent.ask(request, (AuditAssignment, NoAudit), AUDITS_PROTOCOL)

@@ -66,7 +66,7 @@ def audit(
 ) -> Outcome:
     return verify_payload(
         lease_, payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
-        real.prefill_logits, load_thresholds(profile),
+        real.prefill_batch, load_thresholds(profile),
     )  # fmt: skip
 
 
@@ -109,7 +109,7 @@ def test_the_receipts_token_count_is_counted_again(real: TorchBackend) -> None:
     def claimed(n: int) -> Outcome:
         return verify_payload(
             lease(2), payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
-            real.prefill_logits, load_thresholds("fp32"), claimed_tokens=n,
+            real.prefill_batch, load_thresholds("fp32"), claimed_tokens=n,
         )  # fmt: skip
 
     assert claimed(tokens).passed
@@ -186,7 +186,7 @@ def honest_audits(backend: TorchBackend, profile: str, leases: int) -> list[Outc
         thresholds = load_thresholds(profile)
         audit_ = verify_payload(
             lease_, payload, env, backend.tokenizer, backend.eos_ids, vocab,
-            backend.prefill_logits, thresholds,
+            backend.prefill_batch, thresholds,
         )  # fmt: skip
         outcomes.append(audit_)
     return outcomes

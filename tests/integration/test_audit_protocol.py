@@ -102,3 +102,46 @@ def test_audit_assignment_rules_and_restart(cluster: Cluster) -> None:
     assert run["examples_delivered"] == 0  # the rejected rollout no longer counts
     verdicts = cluster.api("GET", "/v1/network/verdicts")["data"]
     assert [v["failed_check"] for v in verdicts] == ["logprobs", "logprobs"]
+
+
+def test_a_waiting_verifier_is_handed_an_audit_the_moment_it_opens(cluster: Cluster) -> None:
+    """A long poll: the request is held until a receipt opens an audit, then answered at once;
+    with nothing to check it is answered ``NoAudit`` after the wait, to ask again at once."""
+    cluster.start_coordinator(extra=["--audits.trusted_after=1000", "--audits.max_wait_s=3"])
+    cluster.api("POST", "/v1/runs", json={"name": "r", "rl": {"max_examples": 4, "group_size": 2}})
+
+    async def main() -> None:
+        async with (
+            peer(cluster.multiaddr, Identity.generate()) as producer,
+            peer(cluster.multiaddr, Identity.generate()) as v1,
+        ):
+            await producer.join(["inference"], "producer")
+            await v1.join(["verifier"], "v1")
+            started = trio.current_time()
+            idle = await v1.ask(AUDITS, AuditRequest(base_model="tiny", wait_s=60))
+            assert isinstance(idle, NoAudit) and idle.retry_after_s == 0
+            assert 3 <= trio.current_time() - started < 8  # held for the coordinator's cap
+            handed: list[tuple[AuditAssignment, float]] = []
+
+            async def wait_for_audit() -> None:
+                a = await v1.ask(AUDITS, AuditRequest(base_model="tiny", wait_s=3))
+                assert isinstance(a, AuditAssignment)
+                handed.append((a, trio.current_time()))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_audit)
+                await trio.sleep(0.5)  # the request is in and waiting
+                lease = await producer.ask(LEASES, LeaseRequest(max_prompts=4, base_model="tiny"))
+                assert isinstance(lease, Lease)
+                receipt = RolloutReceipt(
+                    lease_id=lease.lease_id, run_id="r", policy_version=0,
+                    payload_hash=hashlib.sha256(b"payload").digest(), num_samples=8,
+                    completion_tokens=10,
+                )  # fmt: skip
+                ack = await producer.ask(LEASES, receipt)
+                counted = trio.current_time()
+                assert isinstance(ack, ReceiptAck) and ack.outcome == "counted"
+            a, at = handed[0]
+            assert a.lease == lease and at - counted < 1.0  # answered as the audit opened
+
+    trio.run(main)

@@ -33,6 +33,29 @@ def _prompts(backend: TorchBackend, n: int) -> list[list[int]]:
     return [prompt_ids(backend.tokenizer, e.prompt) for e in env.examples(1, 0, n)]
 
 
+def test_batched_prefill_gives_each_pair_its_own_logits(backend: TorchBackend) -> None:
+    """A verifier replays a lease in a few forward passes, each prompt prefilled once for the
+    samples that continue it: every pair's logits are what one plain pass over its prompt and
+    completion gives, however the pairs are grouped into batches."""
+    prompts = _prompts(backend, 3)
+    seeds = [derive_seed(bytes(32), i, 0) for i in range(6)]
+    gens = backend.generate([p for p in prompts for _ in (0, 1)], seeds, SAMPLING)
+    pairs = [(prompts[k // 2], g.token_ids) for k, g in enumerate(gens)]
+    pairs += [(prompts[0] + prompts[1], gens[2].token_ids[:1]), (prompts[2], [])]
+
+    def plain(prompt: list[int], completion: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = backend.model(input_ids=torch.tensor([prompt + completion])).logits
+        return logits[0, len(prompt) - 1 : -1].float()
+
+    alone = [plain(p, c) for p, c in pairs]
+    for budget in (4096, 40, 1):  # one batch, several, one prompt each
+        batched = backend.prefill_batch(pairs, max_batch_tokens=budget)
+        assert [b.shape for b in batched] == [a.shape for a in alone]
+        for a, b in zip(alone, batched, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_tiny_model_is_a_real_checkpoint_with_room_to_improve(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

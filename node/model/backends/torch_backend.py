@@ -18,6 +18,9 @@ from node.model.backends import Generation, Sampling
 from node.model.batching import left_pad
 from verification.sampling import sample
 
+PREFILL_BATCH_TOKENS = 4096
+"""Padded tokens per replay forward pass: bounds the logits a batch holds (tokens × vocabulary)."""
+
 
 class TorchBackend:
     name = "torch"
@@ -133,7 +136,91 @@ class TorchBackend:
         self, prompt: list[int], completion: list[int], adapter: str | None = None
     ) -> torch.Tensor:
         """Logits ``[T, V]`` that produced each completion token, from one forward pass."""
-        ids_1_L = torch.tensor([prompt + completion], device=self.device)
+        return self.prefill_batch([(prompt, completion)], adapter)[0]
+
+    @torch.no_grad()
+    def prefill_batch(
+        self,
+        pairs: list[tuple[list[int], list[int]]],
+        adapter: str | None = None,
+        max_batch_tokens: int = PREFILL_BATCH_TOKENS,
+    ) -> list[torch.Tensor]:
+        """``prefill_logits`` of many (prompt, completion) pairs, a few forward passes in all.
+
+        Pairs that share a prompt (a lease's group) share its prefill, as in generation: each
+        distinct prompt is prefilled once (left-padded, as ``generate`` does), its KV cache
+        copied to the rows that continue it, and every row's completion then goes through in
+        one pass on top (right-padded: a causal row never sees the padding after it). Prompts
+        are taken in batches of at most ``max_batch_tokens`` padded tokens, prompt and
+        completion rows together."""
+        out: list[torch.Tensor | None] = [None] * len(pairs)
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, _) in enumerate(pairs):
+            if not prompt:
+                raise ValueError("a replayed completion needs a prompt of at least one token")
+            rows_of.setdefault(tuple(prompt), []).append(i)
+        groups = sorted(rows_of.values(), key=lambda rows: len(pairs[rows[0]][0]))
         with self._select(adapter):
-            logits_1_L_V = self.model(input_ids=ids_1_L).logits
-        return logits_1_L_V[0, len(prompt) - 1 : -1].float().cpu()
+            batch: list[list[int]] = []
+            for rows in groups:
+                if batch and self._padded([*batch, rows], pairs) > max_batch_tokens:
+                    self._prefill_groups(pairs, batch, out)
+                    batch = []
+                batch.append(rows)
+            if batch:
+                self._prefill_groups(pairs, batch, out)
+        return [t for t in out if t is not None]
+
+    @staticmethod
+    def _padded(groups: list[list[int]], pairs: list[tuple[list[int], list[int]]]) -> int:
+        """Padded tokens of a batch of groups: its prompts, and its rows' completions."""
+        width = max(len(pairs[g[0]][0]) for g in groups)
+        rows = [i for g in groups for i in g]
+        return len(groups) * width + len(rows) * max(len(pairs[i][1]) for i in rows)
+
+    def _prefill_groups(
+        self,
+        pairs: list[tuple[list[int], list[int]]],
+        groups: list[list[int]],
+        out: list[torch.Tensor | None],
+    ) -> None:
+        prompts = [pairs[g[0]][0] for g in groups]
+        ids_G_W, mask_G_W = (t.to(self.device) for t in left_pad(prompts, self._pad_id()))
+        pos_G_W = (mask_G_W.cumsum(-1) - 1).clamp(min=0)
+        first = self.model(
+            input_ids=ids_G_W, attention_mask=mask_G_W, position_ids=pos_G_W,
+            use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        first_G_V = first.logits[:, -1].float().cpu()
+        rows = [i for g in groups for i in g]
+        group_B = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=self.device)
+        # completion tokens but the last go in (the last token's logits predict nothing here)
+        rest = [pairs[i][1][:-1] for i in rows]
+        width = max(len(r) for r in rest)
+        rest_B_T = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        logits_B_T_V = torch.zeros(0)
+        if width:
+            cache = first.past_key_values
+            cache.reorder_cache(group_B)  # each row continues its own prompt's cache
+            rest_B_T.fill_(self._pad_id())
+            rest_mask_B_T = torch.zeros_like(rest_B_T)
+            for b, r in enumerate(rest):
+                rest_B_T[b, : len(r)] = torch.tensor(r)
+                rest_mask_B_T[b, : len(r)] = 1
+            mask_B_L = torch.cat([mask_G_W[group_B], rest_mask_B_T], dim=1)
+            pos_B_T = pos_G_W[group_B, -1:] + 1 + torch.arange(width, device=self.device)
+            logits_B_T_V = self.model(
+                input_ids=rest_B_T, attention_mask=mask_B_L, position_ids=pos_B_T,
+                past_key_values=cache, use_cache=True,
+            ).logits.float().cpu()  # fmt: skip
+        for b, i in enumerate(rows):
+            n = len(pairs[i][1])
+            if n == 0:
+                out[i] = torch.zeros(0, first_G_V.shape[-1])
+                continue
+            head = first_G_V[int(group_B[b])].unsqueeze(0)
+            out[i] = torch.cat([head, logits_B_T_V[b, : n - 1]]) if n > 1 else head
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else 0)

@@ -129,22 +129,30 @@ class VLLMBackend:
         self, prompt: list[int], completion: list[int], adapter: str | None = None
     ) -> torch.Tensor:
         """Log-probabilities ``[T, V]`` over the whole vocabulary at each completion token."""
+        return self.prefill_batch([(prompt, completion)], adapter)[0]
+
+    def prefill_batch(
+        self, pairs: list[tuple[list[int], list[int]]], adapter: str | None = None
+    ) -> list[torch.Tensor]:
+        """``prefill_logits`` of many (prompt, completion) pairs, in one engine call."""
         from vllm import SamplingParams, TokensPrompt
 
         vocab = len(self.tokenizer)
         params = SamplingParams(max_tokens=1, prompt_logprobs=-1, temperature=0.0)
-        out = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt + completion)],
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p + c) for p, c in pairs],
             params,
             lora_request=self._lora(adapter),
             use_tqdm=False,
-        )[0]
-        rows = out.prompt_logprobs[len(prompt) :]
-        logits_T_V = torch.full((len(completion), vocab), float("-inf"))
-        for t, row in enumerate(rows):
-            for token_id, lp in row.items():
-                logits_T_V[t, token_id] = lp.logprob
-        return logits_T_V
+        )
+        result = []
+        for (prompt, completion), out in zip(pairs, outs, strict=True):
+            logits_T_V = torch.full((len(completion), vocab), float("-inf"))
+            for t, row in enumerate(out.prompt_logprobs[len(prompt) :]):
+                for token_id, lp in row.items():
+                    logits_T_V[t, token_id] = lp.logprob
+            result.append(logits_T_V)
+        return result
 
 
 def _seeded_gumbel_processor(logprobs: dict[str, dict[int, float]]) -> Any:
