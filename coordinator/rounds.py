@@ -20,7 +20,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from coordinator.db import AdapterRow, LeaseState, ReportRow
+from coordinator.db import AdapterRow, LeaseState, ReportRow, RunState
 from coordinator.lifecycle import RunLifecycle
 from coordinator.state import State
 from protocol.adapters import (
@@ -59,17 +59,6 @@ class Rounds:
         hivemind_peers: list[str],
     ) -> TrainAssignment | NoTraining:
         """A trainer's share of the next round of a run on its base model."""
-        async with self._dealing:
-            return await self._train(peer, req, trainers, addrs_of, hivemind_peers)
-
-    async def _train(
-        self,
-        peer: str,
-        req: TrainRequest,
-        trainers: list[str],
-        addrs_of: Callable[[str], list[str]],
-        hivemind_peers: list[str],
-    ) -> TrainAssignment | NoTraining:
         state, book = self.state, self.state.book
         if peer not in trainers:
             return NoTraining(retry_after_s=state.config.retry_after_s)
@@ -77,20 +66,10 @@ class Rounds:
             if run.state != "running" or run.plan.spec.base_model != req.base_model:
                 continue
             v, k = run.policy_version, len(trainers)
-            ready = sorted(
-                book.ready(run),
-                key=lambda s: (s.trained_in != v, -s.lease.policy_version,
-                               s.completed_at or 0.0, s.lease_id),
-            )  # fmt: skip
-            dealt = [s for s in ready if s.trained_in == v]
+            async with self._dealing:
+                dealt = await self._deal(run, v, k)
             if not dealt:
-                if len(ready) < state.config.round_leases * k:
-                    continue
-                dealt = ready[: state.config.round_leases * k]
-                if not await state.billing.admit_round(run, v, dealt):
-                    await self.runs.finish(run, "completed", "budget")
-                    continue
-                book.deal(run, dealt, v)
+                continue
             rank = trainers.index(peer)
             share = dealt[rank::k]
             if not share:
@@ -105,6 +84,27 @@ class Rounds:
                                    group_size=k, hivemind_peers=hivemind_peers[:16],
                                    settings=run.plan.spec.training())  # fmt: skip
         return NoTraining(retry_after_s=state.config.retry_after_s)
+
+    async def _deal(self, run: RunState, v: int, k: int) -> list[LeaseState]:
+        """The leases of round ``v`` of ``run``: those dealt already, or a new round's (held
+        on the key first) once enough are ready for ``k`` trainers; none otherwise."""
+        state, book = self.state, self.state.book
+        ready = sorted(
+            book.ready(run),
+            key=lambda s: (s.trained_in != v, -s.lease.policy_version,
+                           s.completed_at or 0.0, s.lease_id),
+        )  # fmt: skip
+        dealt = [s for s in ready if s.trained_in == v]
+        if dealt:
+            return dealt
+        if len(ready) < state.config.round_leases * k:
+            return []
+        dealt = ready[: state.config.round_leases * k]
+        if not await state.billing.admit_round(run, v, dealt):
+            await self.runs.finish(run, "completed", "budget")
+            return []
+        book.deal(run, dealt, v)
+        return dealt
 
     async def manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
         """A trainer's manifest of a new version: the run's next version if it is the next
