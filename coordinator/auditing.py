@@ -222,10 +222,11 @@ class Auditing:
             and s.lease_id != penalty.lease_id
             and (s.completed_at or 0.0) >= now - window
         ]
-        forfeited = rejected.completion_tokens if rejected.counted else 0
+        # credit is what the coordinator confirmed (recount.py): only that can be forfeited
+        forfeited = rejected.completion_tokens if rejected.counted and rejected.confirmed else 0
         book.uncount(penalty.lease_id, "rejected")
         for s in quarantined:
-            forfeited += s.completion_tokens
+            forfeited += s.completion_tokens if s.confirmed else 0
             book.uncount(s.lease_id, "quarantined")
         state.audits.cancel_for({s.lease_id for s in quarantined})
         trust = state.audits.trust_of(penalty.producer)

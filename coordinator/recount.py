@@ -190,6 +190,7 @@ class Recounter:
                         extra={"peer": s.node, "lease_id": s.lease_id})  # fmt: skip
             await self.auditing.convict(s, self.judge, "token_count", detail, frame)
             return
+        self.state.audits.trust_of(s.node).credited_tokens += tokens  # confirmed: now credited
         run = self.state.book.runs[s.run_id]
         tokenizer = await trio.to_thread.run_sync(self.tokenizers.get, run.plan.spec.base_model)
         if tokenizer is not None:

@@ -77,7 +77,6 @@ class Rollouts:
             log.info("receipt for lease %s from %s: %s", receipt.lease_id, peer, outcome.value)
             return ReceiptAck(lease_id=receipt.lease_id, outcome=outcome.value, counted_examples=0)
         state.metrics.rollout_tokens.inc(receipt.completion_tokens)
-        state.audits.trust_of(peer).credited_tokens += receipt.completion_tokens
         # drawn now, after the receipt arrived: the producer could not know
         if state.audits.on_counted(receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
                                    run.plan.spec.verification.audit_floor):  # fmt: skip
