@@ -75,6 +75,7 @@ class RoundBill:
     charged: int = 0
     trainers: set[str] = field(default_factory=set)
     reported: set[str] = field(default_factory=set)
+    opened_at: float = 0.0
 
 
 class Billing:
@@ -120,7 +121,8 @@ class Billing:
             charged = sum(e.tokens for e in self.entries
                           if e.kind in CHARGES and e.ref in refs)  # fmt: skip
             bill = RoundBill(held=2 * sum(s.completion_tokens for s in dealt), charged=charged,
-                             trainers=trainers, reported=done & trainers)  # fmt: skip
+                             trainers=trainers, reported=done & trainers,
+                             opened_at=self.clock())  # fmt: skip
             left = bill.held - charged
             key = run.owner_key_id
             if left > 0 and self.accounts is not None and key is not None \
@@ -182,7 +184,7 @@ class Billing:
             )
             if not held:
                 return False
-        self.rounds[(run_id, version)] = RoundBill(held=worst)
+        self.rounds[(run_id, version)] = RoundBill(held=worst, opened_at=self.clock())
         return True
 
     def dealt(self, run_id: str, version: int, trainer: str) -> None:
@@ -232,6 +234,19 @@ class Billing:
     async def close_reported(self, run: RunState) -> None:
         """Give back what rounds whose every trainer has reported held and did not spend."""
         await self._close(run, lambda v, b: b.trainers <= b.reported)
+
+    async def close_overdue(self, run: RunState, deadline_s: float) -> None:
+        """Give back what an ended run's rounds opened ``deadline_s`` ago still hold: a trainer
+        that has not reported by then never will (it died, or left)."""
+        if run.state in ("queued", "running"):
+            return
+        since = self.clock() - deadline_s
+        for (run_id, v), bill in self.rounds.items():
+            if run_id == run.run_id and bill.opened_at <= since:
+                log.warning("run %s round %d: no report from %s; its unspent hold given back",
+                            run_id, v, sorted(bill.trainers - bill.reported) or "any trainer",
+                            extra={"run_id": run_id})  # fmt: skip
+        await self._close(run, lambda v, b: b.opened_at <= since)
 
     async def _settle(self, run: RunState, rows: list[LedgerRow]) -> None:
         """Write the key's usage records for these charges, each out of the run's hold."""

@@ -37,6 +37,10 @@ class LeaseConfig(ConfigModel):
     payload_deadline_s: float = Field(120.0, gt=0, le=86400)
     """How long after its receipt a rollout's payload must reach the coordinator's own count;
     one never served loses its count (its examples are redone), with no strike."""
+    report_deadline_s: float = Field(300.0, gt=0, le=86400)
+    """How long after a run ends its last rounds wait for their trainers' reports: then what
+    they held and did not charge goes back to the key (a trainer that died never reports;
+    while the run goes on, each round is closed two rounds later anyway)."""
     retry_after_s: float = Field(1.0, gt=0, le=60)
     """How long a node told "no work" (no lease, no audit, no round to train) waits before
     asking again: the latency a round pays at worst, against requests an idle node sends."""

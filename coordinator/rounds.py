@@ -106,6 +106,13 @@ class Rounds:
         book.deal(run, dealt, v)
         return dealt
 
+    async def close_loop(self, period_s: float = 5.0) -> None:
+        """Give back the holds of ended runs' rounds whose reports never came."""
+        while True:
+            await trio.sleep(period_s)
+            for run in list(self.state.book.runs.values()):
+                await self.state.billing.close_overdue(run, self.state.config.report_deadline_s)
+
     async def manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
         """A trainer's manifest of a new version: the run's next version if it is the next
         one; the same manifest from another trainer of the round adds a holder."""

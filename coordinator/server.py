@@ -203,6 +203,7 @@ class Coordinator:
                 loops.start_soon(self.members.sweep_loop)
                 loops.start_soon(self.members.flush_loop)
                 loops.start_soon(self.rollouts.expire_loop)
+                loops.start_soon(self.rounds.close_loop)
                 loops.start_soon(self.recounter.run, self._fetch_payload)
                 loops.start_soon(self.auditing.keep_references, self._fetch_payload)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)

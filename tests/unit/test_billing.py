@@ -26,7 +26,7 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from tests.unit.test_leases import plan, receipt_for
+from tests.unit.test_leases import Clock, plan, receipt_for
 from tests.unit.test_rounds import STREAM, deliver
 from tests.unit.work import Work
 
@@ -248,6 +248,46 @@ def test_trainers_asking_at_once_are_dealt_one_round_held_once(dbs: Databases) -
         assert svc.state.billing.charged("r1", "trained") == 2 * TOKENS
         erin = key(accounts, "erin")
         assert erin.used_tokens == 4 * TOKENS and erin.reserved_tokens == 0
+
+    trio.run(main)
+
+
+def test_an_ended_runs_round_a_dead_trainer_never_reports_gives_its_hold_back(
+    dbs: Databases,
+) -> None:
+    """The run ends with its last round dealt to two trainers; one reports, the other died. Its
+    share stays held until ``report_deadline_s`` after the round opened, then goes back; what
+    the live trainer's report charged stays charged."""
+    svc, accounts = service(dbs)
+    clock = svc.state.billing.clock = svc.state.clock
+    assert isinstance(clock, Clock)
+    _, owner = accounts.create("fay", budget_tokens=10_000)
+
+    async def main() -> None:
+        from protocol.runs import RunSpec
+
+        run = await svc.runs.create(RunSpec(name="r1"), owner)
+        run.plan = STREAM
+        trainers = ["t1", "t2"]
+        for _ in trainers:
+            deliver(svc.state.book, "producer")
+        got = {t: await svc.rounds.train(t, TrainRequest(base_model="tiny"), trainers,
+                                         lambda p: [], []) for t in trainers}  # fmt: skip
+        await svc.rounds.manifest("t1", manifest("r1", 1), b"frame")
+        a = got["t1"]
+        assert isinstance(a, TrainAssignment)
+        counts = [LeaseCount(r.lease.lease_id, TOKENS) for r in a.rollouts]
+        report = RoundReport(run_id="r1", version=0, rewards=[], samples=[], counts=counts)
+        assert (await svc.rounds.report("t1", report)).recorded
+        await svc.runs.finish(run, "cancelled", "cancelled")
+        deadline = svc.state.config.report_deadline_s
+        clock.now += deadline - 1
+        await svc.state.billing.close_overdue(run, deadline)
+        assert key(accounts, "fay").reserved_tokens == 2 * TOKENS  # t2 may still report
+        clock.now += 2
+        await svc.state.billing.close_overdue(run, deadline)
+        fay = key(accounts, "fay")
+        assert fay.used_tokens == 2 * TOKENS and fay.reserved_tokens == 0
 
     trio.run(main)
 
