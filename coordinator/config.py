@@ -37,6 +37,9 @@ class LeaseConfig(ConfigModel):
     payload_deadline_s: float = Field(120.0, gt=0, le=86400)
     """How long after its receipt a rollout's payload must reach the coordinator's own count;
     one never served loses its count (its examples are redone), with no strike."""
+    manifest_wait_s: float = Field(5.0, ge=0, le=8)
+    """How long a trainer's manifest waits at the coordinator for the round's other trainers
+    to sign theirs before the answer is ``pending`` (under the 10 s request timeout)."""
     report_deadline_s: float = Field(300.0, gt=0, le=86400)
     """How long after a run ends its last rounds wait for their trainers' reports: then what
     they held and did not charge goes back to the key (a trainer that died never reports;

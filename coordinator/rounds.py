@@ -7,8 +7,10 @@ staleness window (the newest versions first, then in order of delivery) and deal
 robin over the trainers; the first trainer to ask fixes the round's rollouts, so the others get
 the rest of the same set, and rollouts delivered meanwhile wait for the next round. Only
 rollouts the coordinator confirmed (and, by default, that passed an audit or come from trusted
-producers) are dealt. A trainer's manifest of ``v + 1`` makes the run's next version; its
-report bills what the round moved.
+producers) are dealt. The run's next version ``v + 1`` is made when every live trainer the
+round is dealt to has signed the same manifest (a trainer it is not dealt to is refused and
+struck; trainers that disagree leave the version unmade); a trainer's report bills what the
+round moved.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 import trio
@@ -42,6 +45,14 @@ from protocol.membership import PeerRecord
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Proposal:
+    """A manifest for a run's next version, and the round's trainers that signed it."""
+
+    frame: bytes
+    signers: list[str] = field(default_factory=list)
+
+
 class Rounds:
     def __init__(self, state: State, runs: RunLifecycle) -> None:
         self.state = state
@@ -49,6 +60,8 @@ class Rounds:
         self._dealing = trio.Lock()
         """One request deals at a time: admitting a round waits on the accounts database (its
         hold), and a trainer asking meanwhile must find the round dealt, not deal it again."""
+        self._proposals: dict[tuple[str, int], dict[str, _Proposal]] = {}
+        """Manifests of next versions not made yet, by (run, version) and manifest hash."""
 
     async def train(
         self,
@@ -113,38 +126,107 @@ class Rounds:
             for run in list(self.state.book.runs.values()):
                 await self.state.billing.close_overdue(run, self.state.config.report_deadline_s)
 
-    async def manifest(self, peer: str, msg: AdapterManifest, frame: bytes) -> ManifestAck:
-        """A trainer's manifest of a new version: the run's next version if it is the next
-        one; the same manifest from another trainer of the round adds a holder."""
+    def dealt_to(self, run_id: str, version: int) -> set[str]:
+        """The trainers round ``version`` of a run is dealt to now."""
+        dealt = self.state.book.dealt.get((run_id, version), [])
+        return {s.trained_by for s in dealt if s.trained_by}
+
+    async def manifest(
+        self,
+        peer: str,
+        msg: AdapterManifest,
+        frame: bytes,
+        alive: Callable[[str], bool] = lambda peer: True,
+    ) -> ManifestAck:
+        """A trainer's manifest of the run's next version. Only the trainers the round was
+        dealt to may make it (any other is refused and struck), and the version is made only
+        when every one of them still alive (``alive``) has signed the same manifest: never on
+        the word of whoever came first. Different manifests for one round are a conflict:
+        nothing either signed is recorded, and the round's trainers train it again from the
+        current version. (Which of them lied is for a replay of their work to show; until
+        that exists, a trainer whose manifests keep conflicting stalls the run's versions —
+        it cannot make one.)
+        The request waits up to ``leases.manifest_wait_s`` for the round's other trainers;
+        ``pending`` means "send it again"."""
         state = self.state
         run = state.book.runs.get(msg.run_id)
         if run is None:
             return ManifestAck(outcome="unknown_run", version=0, detail=f"no run {msg.run_id!r}")
         digest = hashlib.sha256(encode_body(msg)).hexdigest()
-        held = state.versions.setdefault(msg.run_id, {})
         current = run.policy_version
-        if msg.version == current and current in held:
-            row = held[current]
-            if row.manifest_hash != digest:
-                log.warning("trainer %s sent another manifest for %s v%d", peer, msg.run_id,
-                            current, extra={"run_id": msg.run_id})  # fmt: skip
-                return ManifestAck(outcome="conflict", version=current,
-                                   detail="a different manifest holds this version")  # fmt: skip
-            if peer not in row.signers:
-                row.signers = [*row.signers, peer]
-                state.commit()
-            return ManifestAck(outcome="duplicate", version=current)
+        made = state.versions.setdefault(msg.run_id, {}).get(msg.version)
+        if made is not None and msg.version == current:
+            return self._made(peer, msg, digest, made)
         if msg.version != current + 1 or msg.parent_version != current:
             detail = f"the next version is {current + 1}, from {current}"
             return ManifestAck(outcome="stale", version=current, detail=detail)
+        dealt = self.dealt_to(msg.run_id, current)
+        if peer not in dealt:
+            banned = state.audits.strike(peer)
+            state.commit()
+            log.warning("trainer %s sent a manifest for %s v%d, a round not dealt to it: a "
+                        "strike%s", peer, msg.run_id, msg.version, "; banned" if banned else "",
+                        extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
+            detail = f"round {current} of {msg.run_id} is not dealt to you"
+            return ManifestAck(outcome="not_dealt", version=current, detail=detail)
+        proposals = self._proposals.setdefault((msg.run_id, msg.version), {})
+        proposal = proposals.setdefault(digest, _Proposal(frame))
+        if peer not in proposal.signers:
+            proposal.signers.append(peer)
+        give_up = trio.current_time() + state.config.manifest_wait_s
+        while True:
+            made = state.versions[msg.run_id].get(msg.version)
+            if made is not None:  # another signer's request made it meanwhile
+                return self._made(peer, msg, digest, made)
+            if len(proposals) > 1:  # every signer of either learns it; the round starts over
+                if self._proposals.get((msg.run_id, msg.version)) is proposals:
+                    del self._proposals[(msg.run_id, msg.version)]
+                    log.error("the trainers of %s round %d signed different manifests: none is "
+                              "recorded, the round is trained again", msg.run_id, current,
+                              extra={"run_id": msg.run_id})  # fmt: skip
+                return ManifestAck(outcome="conflict", version=current,
+                                   detail="the round's trainers signed different manifests: "
+                                   "train the round again from the current version")  # fmt: skip
+            missing = {t for t in self.dealt_to(msg.run_id, current) if alive(t)}
+            if missing <= set(proposal.signers):
+                return await self._make(run, msg, digest, proposal)
+            if trio.current_time() >= give_up:
+                return ManifestAck(outcome="pending", version=current,
+                                   detail=f"waiting for {len(missing - set(proposal.signers))} "
+                                   "more of the round's trainers")  # fmt: skip
+            # a co-trainer's manifest commits; one dying does not: look again every second
+            with trio.move_on_at(min(give_up, trio.current_time() + 1.0)):
+                await state.next_commit()
+
+    def _made(self, peer: str, msg: AdapterManifest, digest: str, made: AdapterRow) -> ManifestAck:
+        """The answer for a manifest of a version already made: a holder more if it is the
+        same manifest from one of the round's trainers."""
+        if made.manifest_hash != digest:
+            log.warning("trainer %s sent another manifest for %s v%d", peer, msg.run_id,
+                        msg.version, extra={"run_id": msg.run_id})  # fmt: skip
+            return ManifestAck(outcome="conflict", version=msg.version,
+                               detail="a different manifest holds this version")  # fmt: skip
+        if peer in made.signers:
+            return ManifestAck(outcome="recorded", version=msg.version)
+        if peer in self.dealt_to(msg.run_id, msg.version - 1):
+            made.signers = [*made.signers, peer]
+            self.state.commit()
+        return ManifestAck(outcome="duplicate", version=msg.version)
+
+    async def _make(
+        self, run: RunState, msg: AdapterManifest, digest: str, proposal: _Proposal
+    ) -> ManifestAck:
+        state = self.state
         row = AdapterRow(run_id=msg.run_id, version=msg.version, manifest_hash=digest,
-                         frame=frame, signers=[peer], created_at=state.clock())  # fmt: skip
-        held[msg.version] = row
+                         frame=proposal.frame, signers=list(proposal.signers),
+                         created_at=state.clock())  # fmt: skip
+        state.versions[msg.run_id][msg.version] = row
         state.add(row)
+        self._proposals.pop((msg.run_id, msg.version), None)
         state.book.set_policy_version(msg.run_id, msg.version)
         state.commit()
-        log.info("run %s is at version %d (manifest from %s)", msg.run_id, msg.version, peer,
-                 extra={"run_id": msg.run_id})  # fmt: skip
+        log.info("run %s is at version %d (manifest signed by %s)", msg.run_id, msg.version,
+                 ", ".join(proposal.signers), extra={"run_id": msg.run_id})  # fmt: skip
         if (
             run.plan.spec.stop.max_rounds is not None
             and msg.version >= run.plan.spec.stop.max_rounds

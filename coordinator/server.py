@@ -308,7 +308,10 @@ class Coordinator:
 
     async def _manifest(self, peer: str, msg: AdapterManifest, data: bytes) -> Message:
         self._check_member(peer, "trainer")
-        return await self.rounds.manifest(peer, msg, data)
+        live = self.members.live_with("trainer")
+        return await self.rounds.manifest(
+            peer, msg, data, lambda t: t in live and not views.ban_reason(self.state, t)
+        )
 
     async def _report(self, peer: str, msg: RoundReport, _: bytes) -> Message:
         self._check_member(peer, "trainer")

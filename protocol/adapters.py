@@ -48,16 +48,20 @@ class AdapterManifest(Message):
     total_bytes: NonNegInt
 
 
-ManifestOutcome = Literal["recorded", "duplicate", "conflict", "stale", "unknown_run"]
+ManifestOutcome = Literal[
+    "recorded", "duplicate", "pending", "conflict", "not_dealt", "stale", "unknown_run"
+]
 
 
 class ManifestAck(Message):
     """Coordinator → trainer (adapters protocol): what became of a submitted manifest.
 
-    ``recorded``: it is the run's new version; ``duplicate``: another trainer of the same round
-    submitted the same manifest (this one is now a holder too); ``conflict``: a different
-    manifest holds that version (trainers of one round must agree bit for bit); ``stale``: not
-    the next version; ``unknown_run``."""
+    ``recorded``: it is the run's new version, signed by every live trainer of the round;
+    ``duplicate``: the version was made with the same manifest (this trainer of the round is now
+    a holder too); ``pending``: not every trainer of the round has signed it yet (send it again);
+    ``conflict``: the round's trainers signed different manifests, or a different one holds
+    that version (trainers of one round must agree bit for bit); ``not_dealt``: the round is
+    not this trainer's (a strike); ``stale``: not the next version; ``unknown_run``."""
 
     TYPE: ClassVar[str] = "adapters.manifest_ack"
     MAX_BYTES: ClassVar[int] = 8 * KiB

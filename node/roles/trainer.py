@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PENDING_LIMIT_S = 600.0
+"""How long a trainer keeps handing in a manifest the round's other trainers have not signed."""
+
 
 class TrainerRole(Role):
     name = "trainer"
@@ -144,16 +147,24 @@ class TrainerRole(Role):
 
     async def _submit(self, manifest: AdapterManifest, attempts: int = 8) -> ManifestAck | None:
         """Hand the new version's manifest to the coordinator, again while it cannot be reached
-        (a coordinator restarting holds the round open meanwhile); None if it stayed away."""
-        backoff = 0.5
-        for attempt in range(attempts):
+        (a coordinator restarting holds the round open meanwhile), and again while the answer
+        is ``pending`` (the round's other trainers have not signed theirs yet, for at most
+        ``PENDING_LIMIT_S``); None if the coordinator stayed away."""
+        backoff, failed = 0.5, 0
+        give_up = trio.current_time() + PENDING_LIMIT_S
+        while failed < attempts:
             try:
-                return await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
+                ack = await self.agent.ask(manifest, (ManifestAck,), ADAPTERS_PROTOCOL)
             except ProtocolError as e:
+                failed += 1
                 log.warning("manifest of %s v%d not delivered (%s); attempt %d",
-                            manifest.run_id, manifest.version, e, attempt + 1)  # fmt: skip
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
+                            manifest.run_id, manifest.version, e, failed)  # fmt: skip
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
+                continue
+            if ack.outcome != "pending" or trio.current_time() > give_up:
+                return ack
+            await trio.sleep(0.1)  # the coordinator waited for the others already
         log.error("gave up handing in %s v%d", manifest.run_id, manifest.version)
         return None
 

@@ -68,7 +68,7 @@ def _add_missing_columns(engine: Engine, metadata: MetaData) -> None:
 def _add_column(engine: Engine, table: str, column: Column[Any]) -> str:
     """``ALTER TABLE`` adding ``column``, its default filling the existing rows."""
     kind = column.type.compile(dialect=engine.dialect)
-    default = column.default.arg if column.default is not None else None
+    default = getattr(column.default, "arg", None)
     if callable(default) or (default is None and not column.nullable):
         raise SchemaError(
             f"the database's table {table!r} lacks column {column.name!r}, which needs a value "

@@ -28,6 +28,7 @@ class Peer:
         self.host, self.identity, self.coordinator = host, identity, coordinator
         # one "process" per identity: the same instance id whenever this identity joins
         self.instance_id = hashlib.sha256(identity.peer_id.encode()).hexdigest()[:16]
+        self.joined: tuple[list[str], str] | None = None
 
     async def ask(self, protocol: str, msg: Message) -> Message:
         """A signed request to the coordinator; its signed answer (``RemoteError`` if refused)."""
@@ -44,6 +45,13 @@ class Peer:
         )  # fmt: skip
         reply = await self.ask(MEMBERSHIP, req)
         assert isinstance(reply, JoinReply) and reply.accepted, reply
+        self.joined = (roles, name)
+
+    async def rejoin(self) -> None:
+        """Join again as before: an in-process peer sends no heartbeats, so a coordinator with
+        a short interval soon counts it dead."""
+        assert self.joined is not None, "join first"
+        await self.join(*self.joined)
 
 
 @asynccontextmanager

@@ -11,7 +11,6 @@ coordinator driven by in-process peers over the real protocols:
 
 from __future__ import annotations
 
-import hashlib
 import html
 import re
 import shutil
@@ -20,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 
@@ -34,16 +32,13 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
 )
-from protocol.envelope import seal
-from protocol.leases import Lease, LeaseRequest
 from protocol.payload_store import PayloadStore
 from protocol.payloads import serve_payloads
-from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
 from protocol.verification import AuditAssignment, AuditRequest, Verdict, VerdictAck
-from protocol.versions import AUDITS, LEASES
-from tests.examples import rollout_payload
+from protocol.versions import AUDITS
 from tests.integration.cluster import Cluster
-from tests.integration.peer import Peer, peer
+from tests.integration.peer import peer
+from tests.integration.rounds import dealt_round, deliver, take_lease
 from tests.integration.test_versions import ADAPTERS, manifest
 from tests.wait import wait_until
 
@@ -65,15 +60,21 @@ def render(url: str, profile: Path) -> str:
 def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, interval_s=30.0)  # the in-process trainer sends no heartbeats
     try:
-        cluster.start_coordinator()
-        cluster.api("POST", "/v1/runs", json={"name": "r1", "rl": {"max_examples": 100}})
+        cluster.start_coordinator(extra=["--leases.round_leases=1"])
+        cluster.api("POST", "/v1/runs", json={"name": "r1", "rl": {"max_examples": 100},
+                                              "verification": {"trusted_only": False}})  # fmt: skip
 
         async def main() -> None:
-            async with peer(cluster.multiaddr) as trainer:
+            async with peer(cluster.multiaddr) as trainer, peer(cluster.multiaddr) as producer:
                 await trainer.join(["trainer"], "trainer")
+                await producer.join(["inference"], "producer")
+                store = PayloadStore(tmp_path / "producer")
+                serve_payloads(producer.host, store)
                 for version, (mean, text) in enumerate([(0.25, "7"), (0.75, "12")]):
                     if version:  # the run must be at a version for its round to be reported
-                        await trainer.ask(ADAPTERS, manifest(version, version - 1))
+                        await dealt_round(cluster, producer, store, [trainer])
+                        made = await trainer.ask(ADAPTERS, manifest(version, version - 1))
+                        assert isinstance(made, ManifestAck) and made.outcome == "recorded"
                     report = RoundReport(
                         run_id="r1", version=version,
                         rewards=[VersionRewards(version, 8, 8 * mean, 8 * mean)],
@@ -96,48 +97,6 @@ def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     rows = re.findall(r'<tr class="rollout">(.*?)</tr>', dom, re.S)
     assert len(rows) == 2 and any("<pre>12</pre>" in r for r in rows)
     assert "5 + 7 =" in rows[0]
-
-
-TOKENS = 5
-"""Completion tokens in each sample of the payloads below (a lease: one prompt, two samples)."""
-
-
-def payload_for(lease: Lease) -> RolloutPayload:
-    """A payload that fits the lease: its samples, each of ``TOKENS`` tokens."""
-    n = len(lease.example_indices) * lease.group_size
-    made = rollout_payload(n * TOKENS * 8, tokens_per_sample=TOKENS).samples
-    g = lease.group_size
-    samples = [msgspec.structs.replace(x, example_index=lease.example_indices[k // g],
-                                       sample_index=k) for k, x in enumerate(made)]  # fmt: skip
-    return RolloutPayload(lease_id=lease.lease_id, run_id=lease.run_id,
-                          policy_version=lease.policy_version, samples=samples)  # fmt: skip
-
-
-async def take_lease(producer: Peer, version: int = 0) -> Lease:
-    held = {"r1": version} if version else {}
-    lease = await producer.ask(LEASES, LeaseRequest(max_prompts=1, base_model="tiny",
-                                                    adapter_versions=held))  # fmt: skip
-    assert isinstance(lease, Lease), lease
-    return lease
-
-
-async def deliver(
-    producer: Peer, lease: Lease, store: PayloadStore | None, claim: int | None = None
-) -> int:
-    """Make the lease's payload, serve it from ``store`` (None: serve nothing) and send a
-    receipt claiming ``claim`` completion tokens (default: what the payload holds)."""
-    payload = payload_for(lease)
-    frame = seal(producer.identity, payload)
-    digest = store.put(frame) if store is not None else hashlib.sha256(frame).digest()
-    tokens = TOKENS * len(payload.samples)
-    receipt = RolloutReceipt(
-        lease_id=lease.lease_id, run_id=lease.run_id, policy_version=lease.policy_version,
-        payload_hash=digest, num_samples=len(payload.samples),
-        completion_tokens=tokens if claim is None else claim,
-    )  # fmt: skip
-    ack = await producer.ask(LEASES, receipt)
-    assert isinstance(ack, ReceiptAck) and ack.outcome == "counted", ack
-    return tokens
 
 
 def cells(dom: str, table: str) -> list[list[str]]:
@@ -246,11 +205,11 @@ def test_the_dashboard_shows_the_ledger_reputation_bans_and_audits(tmp_path: Pat
 
     # reputation: the producer records, extra fields of a record shown by name
     reputation = {row[0]: row[1:] for row in cells(dom, "reputation")}
-    assert reputation["honest"][:8] == ["alive", "1.00", "1", "0", "0", "no", "20", "0"]
+    # credited: what the coordinator confirmed (not the honest's last, unserved rollout)
+    assert reputation["honest"][:8] == ["alive", "1.00", "1", "0", "0", "no", "10", "0"]
     assert "clean_streak: 1" in reputation["honest"][8]
-    # the record forfeits every credit of the window as claimed (10 + 12); the ledger takes
-    # back what was paid (10)
-    assert reputation["liar"][:8] == ["alive", "0.17", "0", "1", "1", "banned", "0", "22"]
+    # the liar forfeits the credit it had: its confirmed rollout (10), not the lie (12)
+    assert reputation["liar"][:8] == ["alive", "0.17", "0", "1", "1", "banned", "0", "10"]
 
     # the ban, convicted by the coordinator itself on the token count
     (ban,) = cells(dom, "bans")

@@ -18,8 +18,10 @@ from node.store.shards import serve_shards
 from protocol.adapters import AdapterManifest, ManifestAck
 from protocol.identity import Identity
 from protocol.payload_store import PayloadStore
+from protocol.payloads import serve_payloads
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
+from tests.integration.rounds import dealt_round
 from tests.integration.test_run_commands import bazaar
 from tests.integration.test_versions import ADAPTERS
 from tests.lora import random_adapter
@@ -35,18 +37,26 @@ def test_deploy_serves_a_version_as_the_runs_model(
     files = {v: read_files(random_adapter(tiny_model, tmp_path / f"lora{v}", seed=20 + v))
              for v in (1, 2)}  # fmt: skip
     try:
-        cluster.start_coordinator()
+        cluster.start_coordinator(extra=["--leases.round_leases=1"])
         monkeypatch.setenv("BAZAAR_API_KEY", cluster.api_key)  # the CLI bills runs to it
-        spec = {"name": "r1", "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2}}
+        spec = {"name": "r1", "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2},
+                "verification": {"trusted_only": False}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
         url = ["--coordinator-url", cluster.url]
 
         async def main() -> None:
-            async with peer(cluster.multiaddr, Identity.generate()) as trainer:
+            async with (
+                peer(cluster.multiaddr, Identity.generate()) as trainer,
+                peer(cluster.multiaddr) as producer,
+            ):
                 await trainer.join(["trainer"], "trainer")
+                await producer.join(["inference"], "producer")
+                payloads = PayloadStore(tmp_path / "producer")
+                serve_payloads(producer.host, payloads)
                 store = PayloadStore(tmp_path / "trainer-shards")
                 serve_shards(trainer.host, store)
                 for v in (1, 2):
+                    await dealt_round(cluster, producer, payloads, [trainer])
                     infos, shards = cut(files[v], shard_bytes=16384)
                     for s in shards:
                         store.put(s)

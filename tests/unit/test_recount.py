@@ -60,7 +60,7 @@ def test_payloads_are_counted_liars_convicted_and_the_ledger_reconciles(tmp_path
     _, owner = accounts.create("ada", budget_tokens=10_000)
     url = f"sqlite:///{tmp_path / 'c.db'}"
     clock = Clock()
-    work = Work.open(url, LeaseConfig(round_leases=1), accounts, clock)
+    work = Work.open(url, LeaseConfig(round_leases=1, manifest_wait_s=0), accounts, clock)
     store = PayloadStore(tmp_path / "kept")
     recounter = Recounter(work.state, work.auditing, work.runs, store, "coordinator",
                           Tokenizers({}), deadline_s=30.0, clock=clock)  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from sqlalchemy import select
@@ -129,3 +130,84 @@ def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
     assert [x["completion"] for x in reports.samples("r1")] == ["a"]
     restored = work.restored()
     assert restored.state.reports.rewards("r1") == reports.rewards("r1")  # persisted
+
+
+def test_only_the_rounds_trainers_make_its_version_and_only_together(tmp_path: Path) -> None:
+    """A manifest from a trainer the round is not dealt to is refused and struck; the version
+    is made once every live trainer of the round signed the same manifest; different
+    manifests make nothing, and the round is trained again; a dead trainer is not waited for."""
+    from protocol.adapters import ManifestAck
+    from tests.unit.test_billing import manifest
+
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}",
+                     LeaseConfig(round_leases=1, manifest_wait_s=0))  # fmt: skip
+    book = work.state.book
+    book.add_run(STREAM)
+    trainers = ["t1", "t2"]
+
+    async def deal() -> None:
+        for _ in trainers:
+            deliver(book, "a", {"r1": book.runs["r1"].policy_version})
+        for t in trainers:
+            got = await work.rounds.train(t, TrainRequest(base_model="tiny"), trainers,
+                                          lambda p: [], [])  # fmt: skip
+            assert isinstance(got, TrainAssignment)
+
+    async def sign(peer: str, version: int, content: int = 0, dead: str = "") -> ManifestAck:
+        m = manifest("r1", version)
+        m = msgspec.structs.replace(m, total_bytes=1 + content)  # another adapter
+        return await work.rounds.manifest(peer, m, b"frame", lambda t: t != dead)
+
+    async def main() -> None:
+        await deal()
+        refused = await sign("outsider", 1)
+        assert refused.outcome == "not_dealt" and work.state.audits.trust_of("outsider").strikes
+        assert (await sign("t1", 1)).outcome == "pending"  # t2 has not signed yet
+        assert book.runs["r1"].policy_version == 0
+        assert (await sign("t2", 1)).outcome == "recorded"
+        assert book.runs["r1"].policy_version == 1
+        assert work.state.versions["r1"][1].signers == ["t1", "t2"]
+        assert (await sign("t1", 1)).outcome == "recorded"  # a resend changes nothing
+
+        await deal()
+        assert (await sign("t1", 2)).outcome == "pending"
+        assert (await sign("t2", 2, content=1)).outcome == "conflict"  # a poisoned adapter
+        assert book.runs["r1"].policy_version == 1  # neither is the version
+        assert (await sign("t1", 2)).outcome == "pending"  # the round starts over
+        assert (await sign("t2", 2)).outcome == "recorded"  # trained again, agreeing
+
+        await deal()
+        assert (await sign("t1", 3, dead="t2")).outcome == "recorded"
+        assert work.state.versions["r1"][3].signers == ["t1"]
+
+    trio.run(main)
+
+
+def test_a_manifest_waits_for_the_rounds_other_trainers(tmp_path: Path) -> None:
+    from tests.unit.test_billing import manifest
+
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}",
+                     LeaseConfig(round_leases=1, manifest_wait_s=5))  # fmt: skip
+    book = work.state.book
+    book.add_run(STREAM)
+    trainers = ["t1", "t2"]
+    answers: dict[str, str] = {}
+
+    async def sign(peer: str) -> None:
+        ack = await work.rounds.manifest(peer, manifest("r1", 1), b"frame")
+        answers[peer] = ack.outcome
+
+    async def main() -> None:
+        for _ in trainers:
+            deliver(book, "a")
+        for t in trainers:
+            await work.rounds.train(t, TrainRequest(base_model="tiny"), trainers, lambda p: [], [])
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sign, "t1")
+            await trio.sleep(0.2)
+            nursery.start_soon(sign, "t2")
+        assert answers == {"t1": "recorded", "t2": "recorded"}
+        assert trio.current_time() - started < 2  # t1 was answered when t2 signed
+
+    trio.run(main)
