@@ -237,11 +237,16 @@ class Rounds:
     async def report(self, peer: str, msg: RoundReport) -> ReportAck:
         """A trainer's report of a round it trained (a resend replaces the earlier one, and
         what was billed stays billed). A round that made the run's version bills what the
-        coordinator dealt to this trainer, whatever the report says it trained."""
+        coordinator dealt to this trainer, whatever the report says it trained. A round that
+        made no version is not reported: its trainers train it again (a conflict), and the
+        report of the round that makes it is the one billed."""
         state = self.state
         run = state.book.runs.get(msg.run_id)
-        if run is None or msg.version > run.policy_version:
-            return ReportAck(recorded=False, detail="no such run, or a round not reached yet")
+        if run is None:
+            return ReportAck(recorded=False, detail=f"no run {msg.run_id!r}")
+        if msg.version >= run.policy_version:  # a round is reported once it made a version
+            return ReportAck(recorded=False, detail=f"round {msg.version} made no version (yet): "
+                             "it is trained again, or goes on")  # fmt: skip
         rewards = [msgspec.to_builtins(r) for r in msg.rewards]
         samples = [msgspec.to_builtins(x) for x in msg.samples]
         counts = [msgspec.to_builtins(c) for c in msg.counts]

@@ -255,8 +255,12 @@ class TrainerRole(Role):
                              samples=texts, counts=counts)  # fmt: skip
         return out, report
 
+    def _adapter_files(self, trainer: Trainer) -> dict[str, bytes]:
+        """The trained adapter's PEFT files, as this trainer publishes them."""
+        return trainer.export()
+
     def _publish(self, run_id: str, trainer: Trainer) -> AdapterManifest:
-        files = trainer.export()
+        files = self._adapter_files(trainer)
         infos, shards = cut(files)
         for s in shards:
             self.shards.put(s)

@@ -6,6 +6,7 @@ and hivemind cannot share a process with py-libp2p."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -14,6 +15,9 @@ from node.roles.trainer import TrainerRole
 from protocol.adapters import RoundReport
 from protocol.leases import Lease
 from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
+
+if TYPE_CHECKING:  # the training package loads hivemind: never in a roles process
+    from node.training.trainer import Trainer
 
 
 class WithholdsPayloads(InferenceRole):
@@ -50,9 +54,23 @@ class LiesInReports(TrainerRole):
         await super()._report(msgspec.structs.replace(report, rewards=rewards, counts=counts))
 
 
+class PoisonsAdapter(TrainerRole):
+    """Trains and all-reduces honestly, then publishes an adapter with its LoRA weights scaled
+    tenfold: what the network would sample and serve if its manifest made the version."""
+
+    def _adapter_files(self, trainer: Trainer) -> dict[str, bytes]:
+        from safetensors.torch import load, save
+
+        files = dict(super()._adapter_files(trainer))
+        name = "adapter_model.safetensors"
+        files[name] = save({k: 10 * v for k, v in load(files[name]).items()})
+        return files
+
+
 ClaimsMoreTokens = InflatesReceipts
 """Claims one token more than every payload holds (``BAZAAR_CHEAT_FROM`` unset: from the start)."""
 
 ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cls",
-         "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls"}  # fmt: skip
+         "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls",
+         "PoisonsAdapter": "trainer_cls"}  # fmt: skip
 """Each cheat, and the ``start_node`` argument its class replaces."""
