@@ -102,6 +102,8 @@ class Auditing:
                 audit.audit_id, audit.producer, verdict.failed_check, verdict.detail,
             )  # fmt: skip
         await self.apply(ruling)
+        for decided in ruling.followups:
+            await self.apply(decided)
         state.commit()
         return VerdictAck(audit_id=verdict.audit_id, outcome=ruling.outcome)
 

@@ -24,6 +24,13 @@ history. This docstring is the one description of the rules; the rates are ``Aud
   at least two verdicts and more than the other — two failures, 2 of 3, …; a single later pass
   never clears a failure. Verdicts of banned nodes count for nothing. The decision sets the
   lease's audit (``passed`` / ``failed``; status ``cleared`` is a pass over a failed verdict).
+- **A failure must vouch.** A verifier's failure of a producer's payload counts only once it
+  has answered a known-honest reference *of that producer* right (sent blind, before anything
+  else it could take, as soon as it failed one), or when the coordinator holds none it was not
+  handed. Until then the audit waits; failing that reference discredits its failures of the
+  producer (they count for nothing, besides the strike). Verifiers that lie about one producer
+  only — colluders framing it, who answer every other known answer right and pass probation on
+  other producers' references — fail its own honest work, and cannot make a majority against it.
 - **Producer penalties** (a ``Penalty`` for the caller to apply to leases and credits): the
   rollout is rejected; every unaudited receipt of the producer within the quarantine window is
   quarantined; its credits in that window are forfeited; its reputation drops; after
@@ -107,6 +114,9 @@ class Ruling:
     struck: list[VerifierPenalty] = field(default_factory=list)
     reopened: list[Audit] = field(default_factory=list)
     """Audits a verifier banned now had decided alone: open again."""
+    followups: list[Ruling] = field(default_factory=list)
+    """Audits this verdict let be decided (a verifier vouched for, or was discredited on, the
+    producer their failures waited on)."""
 
 
 class AuditBook:
@@ -135,6 +145,13 @@ class AuditBook:
         """Verifier → when it last asked for work."""
         self.served: dict[str, float] = {}
         """Producer → when an audit of its work was last handed out."""
+        self.vouched: dict[str, set[str]] = {}
+        """Verifier → producers whose known-honest reference it answered right."""
+        self.discredited: dict[str, set[str]] = {}
+        """Verifier → producers whose known-honest reference it failed."""
+        self.owed: dict[str, dict[str, str]] = {}
+        """Verifier → producer (→ run) whose known-honest reference it must answer before its
+        failures of that producer count."""
 
     def restore(self, trust: Iterable[Trust], audits: Iterable[Audit]) -> None:
         """Rebuild from stored records; an audit assigned when the coordinator stopped goes
@@ -150,6 +167,7 @@ class AuditBook:
                 seen.add(a.verifier)
                 if a.status == "assigned":
                     a.status = "cancelled"
+                self._note_answer(a)
                 continue
             if a.status == "assigned":
                 a.status, a.verifier = "pending", ""
@@ -228,6 +246,11 @@ class AuditBook:
         if self.banned(verifier):
             return None
         self.asked[verifier] = self.clock()
+        for producer, run_id in list(self.owed.get(verifier, {}).items()):
+            ref = self._reference_of(producer, run_id, verifier, can_check, can_serve)
+            if ref is not None:  # before anything else: failures of the producer wait on it
+                return self._hand(self._known_audit(ref, "pass"), verifier)
+            del self.owed[verifier][producer]
         real, served = None, 0.0
         for a in self.open.values():  # oldest first
             if a.status != "pending" or a.producer == verifier or verifier in a.seen_by() \
@@ -272,7 +295,9 @@ class AuditBook:
         if not kinds:
             return None
         answer, eligible = self.rng.choice(kinds)
-        ref = self.rng.choice(eligible)
+        return self._known_audit(self.rng.choice(eligible), answer)
+
+    def _known_audit(self, ref: Audit, answer: str) -> Audit:
         audit = Audit(uuid.uuid4().hex, ref.lease_id, ref.run_id, ref.producer, ref.payload_hash,
                       self.clock(), known_answer=answer, reference=ref.audit_id,
                       current_version=ref.current_version,
@@ -280,6 +305,23 @@ class AuditBook:
         self.audits[audit.audit_id] = audit
         self.keep(audit)
         return audit
+
+    def _reference_of(
+        self,
+        producer: str,
+        run_id: str,
+        verifier: str,
+        can_check: Callable[[Audit], bool] = lambda a: True,
+        can_serve: Callable[[bytes], bool] = lambda digest: True,
+    ) -> Audit | None:
+        """A known-honest reference of the producer's work in the run that the verifier was
+        never handed (and can check, and the coordinator can serve); None if there is none."""
+        for ref in self.references["pass"].values():
+            if ref.producer == producer and ref.run_id == run_id \
+                    and verifier not in self.handed.get(ref.lease_id, ()) \
+                    and can_check(ref) and can_serve(ref.payload_hash):  # fmt: skip
+                return ref
+        return None
 
     # -- verdicts -------------------------------------------------------------------------------
 
@@ -320,23 +362,67 @@ class AuditBook:
         if verdict.passed == (audit.known_answer == "pass"):
             audit.status = "right"
             trust.known_right += 1
-            return Ruling(outcome, audit, paid=[verifier])
-        audit.status = "wrong"
-        trust.known_wrong += 1
-        ruling = Ruling(outcome, audit)
-        self._verifier_strike(verifier, audit.audit_id, "known_answer", ruling)
+            ruling = Ruling(outcome, audit, paid=[verifier])
+        else:
+            audit.status = "wrong"
+            trust.known_wrong += 1
+            ruling = Ruling(outcome, audit)
+            self._verifier_strike(verifier, audit.audit_id, "known_answer", ruling)
+        if self._note_answer(audit):  # the audits its failures of the producer held, decided
+            for held in [a for a in self.open.values() if a.producer == audit.producer
+                         and a.status == "pending" and a.stage == "confirm"]:  # fmt: skip
+                decided = self._decide(held, passed=False)
+                if decided.decision:
+                    ruling.followups.append(decided)
         return ruling
 
-    def _counted(self, audit: Audit) -> tuple[int, int]:
-        """``(passes, failures)`` that count: no hand-ons, nothing from a banned node."""
+    def _note_answer(self, audit: Audit) -> bool:
+        """Record a scored known-honest answer as vouching for its producer, or discrediting
+        the verifier on it; True if it was one."""
+        if audit.known_answer != "pass" or audit.status not in ("right", "wrong") \
+                or not audit.verdicts:  # fmt: skip
+            return False
+        verifier = audit.verdicts[-1].verifier
+        book = self.vouched if audit.status == "right" else self.discredited
+        book.setdefault(verifier, set()).add(audit.producer)
+        self.owed.get(verifier, {}).pop(audit.producer, None)
+        return True
+
+    def _standing(self, verifier: str, audit: Audit) -> str:
+        """Whether the verifier's failure of ``audit``'s producer ``counts``, is ``owed`` a
+        known-honest answer first, or is ``discredited``."""
+        producer = audit.producer
+        if producer in self.vouched.get(verifier, ()):
+            return "counts"
+        if producer in self.discredited.get(verifier, ()):
+            return "discredited"
+        if self._reference_of(producer, audit.run_id, verifier) is None:
+            return "counts"
+        return "owed"
+
+    def _counted(self, audit: Audit, ignore: frozenset[str] = frozenset()) -> tuple[int, int]:
+        """``(passes, failures)`` that count: no hand-ons, nothing from a banned node, no
+        failure from a verifier in ``ignore`` (discredited on the producer)."""
         votes = [v.passed for v in audit.verdicts
-                 if v.failed_check != "verifier_error" and not self.banned(v.verifier)]  # fmt: skip
+                 if v.failed_check != "verifier_error" and not self.banned(v.verifier)
+                 and (v.passed or v.verifier not in ignore)]  # fmt: skip
         return sum(votes), len(votes) - sum(votes)
 
     def _decide(self, audit: Audit, passed: bool) -> Ruling:
         first = audit.stage == "first"
         audit.stage = "confirm"  # any further look is a second one
-        p, f = self._counted(audit)
+        failing = {v.verifier for v in audit.verdicts if not v.passed
+                   and v.failed_check != "verifier_error"
+                   and not self.banned(v.verifier)}  # fmt: skip
+        standing = {v: self._standing(v, audit) for v in failing}
+        owed = [v for v, s in standing.items() if s == "owed"]
+        if owed:  # no decision while a failing verifier has not vouched for the producer
+            for v in owed:
+                self.owed.setdefault(v, {})[audit.producer] = audit.run_id
+            audit.status, audit.verifier = "pending", ""
+            return Ruling("confirming", audit)
+        ignore = frozenset(v for v, s in standing.items() if s == "discredited")
+        p, f = self._counted(audit, ignore)
         if (
             first
             and passed

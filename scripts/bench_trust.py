@@ -38,11 +38,14 @@ coordinator needs, how to tell it was caught):
   once a known cheat exists. Caught: the verifier banned and unpaid, the accomplice banned, and no
   audit of the accomplice's work decided honest.
 - ``colluding_verifiers``: two verifiers that fail every payload of the honest ``sampler-1``
-  (together a majority of two failures). They join once the coordinator holds three known-honest
-  payloads, which come from double-checked passes: at the default 5 % the network makes one per
-  ~20 audits, longer than this benchmark's minutes, so this scenario double-checks half of the
-  passes (``--audits.double_check_rate=0.5``). Caught: both banned and unpaid, and sampler-1 never
-  penalized (``false_penalties`` counts it).
+  and check everything else honestly (together a majority of two failures). They join once the
+  coordinator holds two known-honest payloads of sampler-1's, which come from double-checked
+  passes: at the default 5 % the network makes one per ~20 audits, longer than this benchmark's
+  minutes, so this scenario double-checks half of the passes
+  (``--audits.double_check_rate=0.5``). Their failures of sampler-1 wait until each answered a
+  known-honest payload of sampler-1's, sent blind; they fail it. Caught: both struck (a ban
+  takes two more strikes: more such answers, or outvoted verdicts) and no audit of sampler-1's
+  work decided failed (``false_penalties`` counts sampler-1 too).
 - ``gateway_bypass``: no attacker node; ``sampler-1`` also serves the model (``--serve``). Once
   the run has a version, an admitted gateway starts and a client calls the serving node straight
   — with no credential, a made-up one, a valid gateway API key, and a serving token it signed

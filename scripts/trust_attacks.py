@@ -177,6 +177,32 @@ def known_answers(cheats: int = 0, honest: int = 0) -> Callable[[Scenario], bool
     return ready
 
 
+def references_of(name: str, at_least: int) -> Callable[[Scenario], bool]:
+    """The coordinator holds ``at_least`` known-honest payloads of the named node's work (two
+    passes, no failure), as its verdicts show."""
+
+    def ready(sc: Scenario) -> bool:
+        peer = sc.cluster.nodes()[name]["peer_id"]
+        passes: dict[str, set[str]] = {}
+        for v in sc.cluster.api("GET", "/v1/network/verdicts")["data"]:
+            if v["producer"] == peer and not v["known_answer"] and v["audit_status"] == "passed":
+                passes.setdefault(v["audit_id"], set()).add(v["verifier"])
+        return sum(len(vs) >= 2 for vs in passes.values()) >= at_least
+
+    return ready
+
+
+def colluders_stopped(seen: Seen) -> bool:
+    """Both colluders struck (they failed the target's known-honest work) and unpaid for it,
+    and the target never penalized: no audit of its work decided failed."""
+    target = seen.trust.get("sampler-1", {})
+    against = [v for v in seen.verdicts if v["producer"] == target.get("peer_id")
+               and not v["known_answer"] and v["audit_status"] == "failed"]  # fmt: skip
+    liars = seen.attackers()
+    return (len(liars) == 2 and all(t["verifier"]["verifier_strikes"] >= 1 for t in liars)
+            and target.get("strikes", 1) == 0 and not against)  # fmt: skip
+
+
 def bypass_the_gateway(sc: Scenario, run: dict[str, Any]) -> dict[str, Any] | None:
     """Once the run has a version: an admitted gateway starts; a client then calls the serving
     node straight (no credential, a made-up one, a valid gateway API key, and a serving token it
@@ -205,8 +231,8 @@ ATTACKS = [
            accomplice="InflatedLogprobs", peer=ACCOMPLICE, joins_when=known_answers(cheats=1)),
     Attack("colluding_verifiers", "two colluding verifiers failing an honest producer",
            "verifier", "FailsTarget", coordinator=("--audits.double_check_rate=0.5",),
-           caught=verifiers_banned_unpaid, refund_applies=False, attackers=2,
-           peer="sampler-1", joins_when=known_answers(honest=3)),
+           caught=colluders_stopped, refund_applies=False, attackers=2,
+           peer="sampler-1", joins_when=references_of("sampler-1", 2)),
     Attack("gateway_bypass", "client calling a serving node, skipping the gateway",
            caught=no_bypass, refund_applies=False, during=bypass_the_gateway, serve=True),
     Attack("coordinator_kill", "coordinator kill -9 between hold and settle",

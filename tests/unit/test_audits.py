@@ -468,3 +468,70 @@ def test_the_handlers_pay_on_decision_and_forfeit_on_a_wrong_known_answer(tmp_pa
         assert isinstance(await svc.auditing.request("v1", ask, lambda p: []), AuditAssignment)
 
     trio.run(main)
+
+
+def known_honest(b: AuditBook, lease: str, producer: str = "p") -> Audit:
+    """A known-honest reference of the producer's work: two passes of a double-check."""
+    audit = counted(b, lease, producer)
+    audit.quorum = 2
+    judge(b, "h1", audit, True)
+    assert judge(b, "h2", audit, True).decision == "passed"
+    assert audit.audit_id in b.references["pass"]
+    return audit
+
+
+def test_colluders_framing_a_producer_fail_its_honest_work_and_decide_nothing() -> None:
+    """Two verifiers that fail every payload of one producer (and answer everything else
+    right): a failure of theirs waits until each answered a known-honest payload of that
+    producer, sent blind at once; they fail it — struck, and their failures of it no longer
+    count — and an honest pass decides the audit. The producer is never penalized."""
+    b, _ = book()
+    known_honest(b, "ref-1")
+    known_honest(b, "ref-2")
+    audit = counted(b, "l")
+    held = judge(b, "c1", audit, False)
+    assert (held.outcome, held.decision) == ("confirming", "")
+    assert judge(b, "c2", audit, False).decision == ""  # two failures, but neither vouched
+    for colluder in ("c1", "c2"):
+        test = b.assign(colluder)
+        assert test is not None and test.known_answer == "pass" and test.producer == "p"
+        wrong = b.verdict(colluder, verdict(test, False, "logprobs"), b"f")
+        assert wrong.struck and wrong.followups == []  # no decision on their word
+        assert b.trust_of(colluder).verifier_strikes == 1
+    assert audit.status == "pending"
+    cleared = judge(b, "h1", audit, True)  # the honest look: their failures count for nothing
+    assert cleared.decision == "passed" and cleared.penalty is None
+    assert b.trust_of("p").strikes == 0
+    assert b.trust_of("c1").outvoted == 1 and b.trust_of("c2").outvoted == 1
+
+
+def test_honest_verifiers_vouch_once_then_their_failures_decide() -> None:
+    """A producer with known-honest work starts cheating: each honest verifier that fails it
+    first answers one of its honest payloads right, and the failure is then decided."""
+    b, _ = book()
+    known_honest(b, "ref-1")
+    known_honest(b, "ref-2")
+    audit = counted(b, "l")
+    assert judge(b, "v1", audit, False).decision == ""
+    test = b.assign("v1")
+    assert test is not None and test.known_answer == "pass"
+    right = b.verdict("v1", verdict(test, True), b"f")
+    assert right.followups == [] and audit.status == "pending"  # one failure: not enough
+    assert judge(b, "v2", audit, False).decision == ""
+    test = b.assign("v2")
+    assert test is not None and test.known_answer == "pass" and test.lease_id != "l"
+    done = b.verdict("v2", verdict(test, True), b"f")
+    (decided,) = done.followups
+    assert decided.decision == "failed" and decided.penalty is not None
+    assert sorted(decided.paid) == ["v1", "v2"]
+    # vouched for now: their next failures of it count at once
+    again = counted(b, "m")
+    judge(b, "v1", again, False)
+    assert judge(b, "v2", again, False).decision == "failed"
+
+
+def test_a_producer_without_known_honest_work_is_decided_as_before() -> None:
+    b, _ = book()
+    audit = counted(b, "l", producer="new")
+    judge(b, "v1", audit, False)
+    assert judge(b, "v2", audit, False).decision == "failed"
