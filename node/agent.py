@@ -141,14 +141,17 @@ class NodeAgent:
         ) as host:
             self.host = host
             sub = await host.subscribe(MEMBERSHIP, self.gate.accept)
-            manifests = await host.subscribe(ADAPTERS_TOPIC, self.manifest_gate.accept)
+            follows = not roles or any(role.follows_versions for role in roles)
+            manifests = (await host.subscribe(ADAPTERS_TOPIC, self.manifest_gate.accept)
+                         if follows else None)  # fmt: skip
             await self._join(first=True)
             async with trio.open_nursery() as nursery:
                 for role in roles:
                     nursery.start_soon(role.run, self, name=f"role {role.name}")
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._gossip_loop, sub)
-                nursery.start_soon(self._manifest_loop, manifests)
+                if manifests is not None:
+                    nursery.start_soon(self._manifest_loop, manifests)
                 nursery.start_soon(self._watchdog_loop)
                 nursery.start_soon(self._peers_loop)
                 task_status.started(self)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 class Role(abc.ABC):
     name: ClassVar[str]
     """The role's name as ``--roles`` spells it (``serving`` for ``--serve``); its task's name."""
+    follows_versions: ClassVar[bool] = True
+    """Whether the role wants new adapter versions as they are made (manifests on gossip); a
+    node whose roles all fetch versions on demand does not subscribe to them, nor relay them."""
 
     @abc.abstractmethod
     async def run(self, agent: NodeAgent) -> None:

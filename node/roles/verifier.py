@@ -52,6 +52,7 @@ transport's request timeout."""
 
 class VerifierRole(Role):
     name = "verifier"
+    follows_versions = False  # it fetches the version an audit needs, when it needs it
 
     def __init__(self, config: NodeConfig, model: ModelWorker, versions: VersionSync) -> None:
         self.config = config

@@ -37,7 +37,7 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
     cache = tiny_model.parent.parent
     with open(log, "wb") as out:
         up = subprocess.Popen(
-            [sys.executable, "-m", "bazaar", "up", "--nodes", "3", "--rounds", "12",
+            [sys.executable, "-m", "bazaar", "up", "--nodes", "3", "--rounds", "24",
              "--model-cache", str(cache)],
             cwd=REPO, env={**os.environ, "BAZAAR_HOME": str(home)}, stdout=out,
             stderr=subprocess.STDOUT,
@@ -56,7 +56,7 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
 
         # the adapter answers through the gateway, metered to the key
         client = openai.OpenAI(base_url=f"{gateway[1]}/v1", api_key=key, max_retries=0)
-        assert {"tiny", "arith-tiny", "arith-tiny@12"} <= {m.id for m in client.models.list().data}
+        assert {"tiny", "arith-tiny", "arith-tiny@24"} <= {m.id for m in client.models.list().data}
         done = client.chat.completions.create(
             model="arith-tiny", messages=[{"role": "user", "content": "3 + 4 ="}], max_tokens=8
         )
