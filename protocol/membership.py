@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 
 from protocol.codec import KiB, Message, Multiaddr, Name, NonNegInt, PeerIdStr, Text
+from protocol.rollouts import ComputeProfile
 
 Role = Literal["inference", "trainer", "verifier"]
 ROLES: tuple[Role, ...] = ("inference", "trainer", "verifier")
@@ -41,6 +42,8 @@ class Capabilities(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     serving_models: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
                               msgspec.Meta(max_length=256)] = []  # fmt: skip
     """What that endpoint serves: the base model, and ``<run>@<version>`` for adapters."""
+    compute: ComputeProfile | None = None
+    """How its model computes, once loaded (announced then)."""
 
 
 class JoinRequest(Message):

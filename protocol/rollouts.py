@@ -17,6 +17,19 @@ import msgspec
 from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt
 
 FinishReason = Literal["stop", "length"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class ComputeProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a node computes its model's logits: what an audit's thresholds depend on (a replay
+    in another dtype, or on another kind of device, differs by more than last-bit noise)."""
+
+    backend: Name
+    """``torch`` or ``vllm``."""
+    dtype: Dtype
+    """The model's parameter and compute dtype."""
+    device: Annotated[str, msgspec.Meta(max_length=128)]
+    """``cpu``, or ``cuda:<device name>``."""
 
 
 class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -47,6 +60,9 @@ class RolloutPayload(Message):
     run_id: Name
     policy_version: NonNegInt
     samples: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=65536)]
+    profile: ComputeProfile | None = None
+    """How the producer computed the samples, signed with them: a verifier checks the payload
+    with the thresholds calibrated for that profile against its own (``None``: its own)."""
 
 
 class RolloutReceipt(Message):

@@ -1,9 +1,12 @@
-"""Calibrate the verification thresholds from honest generations, per dtype profile.
+"""Calibrate the verification thresholds from honest generations, per (producer, verifier) dtype.
 
-For each profile (``fp32``, ``bf16``) the tiny model generates honest samples exactly as an
-inference node does (leases of 8 prompts x 4 samples, batched KV-cache decoding, seeds derived
-from the lease, several environments and sampling settings, greedy included), and a verifier
-replays each one (one prefill per sample, same dtype). Per sample we record the worst replay
+For each profile — ``fp32`` and ``bf16`` (both sides in that dtype; verifiers replay in the
+producer's declared dtype), or on request a cross pair such as ``bf16>fp32`` (a bf16 producer
+checked in fp32, to measure why verifiers do not) — the tiny model in the producer's dtype generates
+honest samples exactly as an inference node does (leases of 8 prompts x 4 samples, batched
+KV-cache decoding, seeds derived from the lease, several environments and sampling settings,
+greedy included), and the tiny model in the verifier's dtype replays each one (one prefill per
+sample). Per sample we record the worst replay
 margin and the worst logprob difference. A threshold is the honest extreme times a safety factor,
 never below a floor: honest work passes with room to spare, while a wrong token costs whole nats.
 Finally every payload is re-checked with ``verify_payload`` under the new thresholds: the count
@@ -12,7 +15,7 @@ of honest payloads refused (false positives) is reported and must be 0.
 Writes ``verification/thresholds.toml`` (thresholds and a summary of the data) and
 ``bench-results/calibration.json``.
 
-Run: ``python scripts/calibrate_verification.py [--samples 1024]``
+Run: ``python scripts/calibrate_verification.py [--samples 1024] [--profiles fp32,bf16>fp32]``
 """
 
 from __future__ import annotations
@@ -111,12 +114,14 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
+    producer_dtype, _, verifier_dtype = profile.partition(">")
     ref = resolve("tiny", data_dir())
-    backend = TorchBackend.from_pretrained(ref, dtype=PROFILES[profile])
+    producer = TorchBackend.from_pretrained(ref, dtype=PROFILES[producer_dtype])
+    backend = TorchBackend.from_pretrained(ref, dtype=PROFILES[verifier_dtype or producer_dtype])
     started = time.perf_counter()
-    leases = honest_leases(backend, samples)
+    leases = honest_leases(producer, samples)
     margins, diffs = per_sample_stats(backend, leases, progress)
-    floor = FLOORS[profile]
+    floor = max(FLOORS[producer_dtype], FLOORS[verifier_dtype or producer_dtype])
     thresholds = Thresholds(
         max_margin=max(floor, SAFETY * max(margins)),
         max_logprob_diff=max(floor, SAFETY * max(diffs)),
@@ -152,7 +157,7 @@ def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
     for r in results:
         t, m, d = r["thresholds"], r["margin"], r["logprob_diff"]
         lines += [
-            f"[{r['profile']}]",
+            f'["{r["profile"]}"]' if ">" in r["profile"] else f"[{r['profile']}]",
             f"max_margin = {t.max_margin:.6g}",
             f"max_logprob_diff = {t.max_logprob_diff:.6g}",
             f"# {r['samples']} honest samples in {r['payloads']} leases; false positives: "
@@ -169,7 +174,10 @@ def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=1024, help="honest samples per profile")
-    parser.add_argument("--profiles", default="fp32,bf16")
+    parser.add_argument("--profiles", default="fp32,bf16",
+                        help="dtypes (producer and verifier alike), or PRODUCER>VERIFIER pairs "
+                             "(measured, e.g. bf16>fp32; verifiers replay in the producer's "
+                             "dtype instead)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=THRESHOLDS_FILE)
     args = parser.parse_args()
     console = Console()
@@ -188,7 +196,7 @@ def main() -> None:
             f"{r['logprob_diff']['max']:.3g}", f"{t.max_margin:.3g} / {t.max_logprob_diff:.3g}",
             str(r["false_positive_payloads"]),
         )  # fmt: skip
-        p = r["profile"]
+        p = r["profile"].replace(">", "_checked_in_")
         flat.update({
             f"{p}_samples": r["samples"], f"{p}_max_margin": r["margin"]["max"],
             f"{p}_max_logprob_diff": r["logprob_diff"]["max"],

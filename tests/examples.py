@@ -42,6 +42,7 @@ from protocol.membership import (
     PeersRequest,
 )
 from protocol.rollouts import (
+    ComputeProfile,
     PayloadRequest,
     ReceiptAck,
     RolloutPayload,
@@ -62,6 +63,7 @@ CAPS = Capabilities(
     torch_version="2.13.0",
     backends=["torch"],
     software_version="0.1.0",
+    compute=ComputeProfile(backend="torch", dtype="fp32", device="cpu"),
 )
 
 
@@ -81,7 +83,9 @@ def rollout_payload(total_bytes: int, tokens_per_sample: int = 512) -> RolloutPa
         )
         for i in range(n)
     ]
-    return RolloutPayload(lease_id="l-1", run_id="r-1", policy_version=3, samples=samples)
+    return RolloutPayload(lease_id="l-1", run_id="r-1", policy_version=3, samples=samples,
+                          profile=ComputeProfile(backend="torch", dtype="bf16",
+                                                 device="cuda:NVIDIA H200"))  # fmt: skip
 
 
 LEASE = Lease(

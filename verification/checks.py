@@ -45,7 +45,7 @@ import torch
 from envs.base import Environment
 from protocol.errors import DecodeError
 from protocol.leases import Lease
-from protocol.rollouts import RolloutPayload
+from protocol.rollouts import ComputeProfile, RolloutPayload
 from verification.rollouts import (
     check_shape,
     completion_text,
@@ -85,13 +85,31 @@ class Thresholds:
     max_logprob_diff: float
 
 
+class UncalibratedPair(ValueError):
+    """No thresholds were calibrated for this producer's profile checked in this verifier's."""
+
+
 def load_thresholds(profile: str, path: Path = THRESHOLDS_FILE) -> Thresholds:
-    """The calibrated thresholds of ``profile`` (``fp32``, ``bf16``)."""
+    """The calibrated thresholds of ``profile``: ``fp32`` or ``bf16`` (producer and verifier
+    alike), or ``PRODUCER>VERIFIER`` (``bf16>fp32``: a bf16 producer checked in fp32)."""
     data = tomllib.loads(path.read_text())
     if profile not in data:
-        raise ValueError(f"no calibrated profile {profile!r} in {path}; have {sorted(data)}")
+        raise UncalibratedPair(f"no calibrated profile {profile!r} in {path}; have {sorted(data)}")
     p = data[profile]
     return Thresholds(float(p["max_margin"]), float(p["max_logprob_diff"]))
+
+
+def thresholds_for(
+    producer: ComputeProfile | None, verifier: ComputeProfile, path: Path = THRESHOLDS_FILE
+) -> Thresholds:
+    """The thresholds a verifier computing as ``verifier`` checks a payload made as ``producer``
+    with (a payload that declares no profile: as if made like the verifier's own);
+    ``UncalibratedPair`` when none were calibrated for that pair — the verifier then hands the
+    audit on rather than judge it with the wrong ones. Calibrated pairs are by dtype, on CPU:
+    devices are not told apart yet."""
+    made = producer.dtype if producer is not None else verifier.dtype
+    pair = made if made == verifier.dtype else f"{made}>{verifier.dtype}"
+    return load_thresholds(pair, path)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class Producer:
             run_id=lease.run_id,
             policy_version=lease.policy_version,
             samples=samples,
+            profile=self.backend.profile,
         )
 
     def seeds(self, lease: Lease) -> list[int]:

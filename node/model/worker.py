@@ -31,7 +31,7 @@ import trio
 from node.model.completions import CompletionJob, CompletionResult
 from node.model.errors import Failure, ModelError, ModelGone
 from protocol.leases import Lease
-from protocol.rollouts import RolloutPayload
+from protocol.rollouts import ComputeProfile, RolloutPayload
 from verification.checks import Outcome
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class ModelWorker:
     def __init__(self, spec: ModelSpec, max_adapters: int = 4) -> None:
         self.spec = spec
         self.device = ""
+        self.profile: ComputeProfile | None = None
+        """How the loaded model computes (``ComputeProfile``), once it is loaded."""
         self._conn: Any = None
         self._proc: Any = None
         self._send_lock = trio.Lock()  # FIFO: answers come back in the order requests went out
@@ -107,6 +109,7 @@ class ModelWorker:
         self._conn = parent
         nursery.start_soon(self._read_answers)
         self.device = await self._call("load")
+        self.profile = await self._call("profile")
 
     async def produce(self, lease: Lease, adapter: tuple[str, str] | None = None) -> RolloutPayload:
         """The lease's payload, sampled with ``adapter`` = ``(name, path)`` (None: the base)."""
@@ -220,6 +223,11 @@ class _Child:
         self.spec = spec
         self.backend: Any = None
         self.envs: dict[str, Any] = {}
+        self.ref = ""
+        self.adapter_paths: dict[str, str] = {}
+        self.siblings: dict[str, Any] = {}
+        """The model in another dtype, loaded when a payload declares it was made so: a
+        verifier replays in the producer's dtype (a CPU verifier can compute in bf16)."""
 
     def load(self) -> str:
         from pathlib import Path
@@ -233,7 +241,7 @@ class _Child:
         device = self.spec.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        ref = resolve(self.spec.model, Path(self.spec.model_cache))
+        ref = self.ref = resolve(self.spec.model, Path(self.spec.model_cache))
         if self.spec.backend == "vllm":
             from node.model.backends.vllm_backend import VLLMBackend
 
@@ -260,11 +268,36 @@ class _Child:
         payload: RolloutPayload = producer.produce(self.environment(lease.env_id), lease, adapter)
         return payload
 
+    def profile(self) -> ComputeProfile:
+        return self.backend.profile
+
     def load_adapter(self, name: str, path: str) -> None:
         self.backend.load_adapter(name, path)
+        self.adapter_paths[name] = path
 
     def unload_adapter(self, name: str) -> None:
         self.backend.unload_adapter(name)
+        self.adapter_paths.pop(name, None)
+        for sibling in self.siblings.values():
+            sibling.unload_adapter(name)
+
+    def in_dtype(self, dtype: str, adapter: str | None) -> Any:
+        """The backend to replay a payload made in ``dtype`` with: this one, or the model
+        loaded again in that dtype (once), holding ``adapter`` too."""
+        if dtype == self.backend.profile.dtype or self.spec.backend != "torch":
+            return self.backend
+        from node.model.backends.torch_backend import TORCH_DTYPES, TorchBackend
+
+        if dtype not in self.siblings:
+            self.siblings[dtype] = TorchBackend.from_pretrained(
+                self.ref,
+                device=str(self.backend.device),
+                dtype=TORCH_DTYPES[dtype],  # type: ignore[index]
+            )
+        sibling = self.siblings[dtype]
+        if adapter is not None and adapter not in sibling.adapters:
+            sibling.load_adapter(adapter, self.adapter_paths[adapter])
+        return sibling
 
     def complete(self, job: CompletionJob) -> CompletionResult:
         from node.model.completions import run_completion
@@ -282,14 +315,22 @@ class _Child:
     ) -> Outcome:
         import functools
 
-        import torch
+        import msgspec
 
-        from verification.checks import load_thresholds, verify_payload
+        from verification.checks import Outcome, UncalibratedPair, thresholds_for, verify_payload
 
-        profile = "fp32" if self.backend.base.dtype == torch.float32 else "bf16"
-        prefill = functools.partial(self.backend.prefill_batch, adapter=adapter)
+        own = self.backend.profile
+        made = payload.profile.dtype if payload.profile is not None else own.dtype
+        replay = msgspec.structs.replace(own, dtype=made)
+        try:  # replayed in the dtype the producer declared (and signed), with its thresholds
+            thresholds = thresholds_for(payload.profile, replay)
+            backend = self.in_dtype(made, adapter)
+            thresholds = thresholds_for(payload.profile, backend.profile)
+        except UncalibratedPair as e:  # not this verifier's to judge: another one takes it
+            return Outcome(False, "verifier_error", f"cannot check this producer's profile: {e}")
+        prefill = functools.partial(backend.prefill_batch, adapter=adapter)
         return verify_payload(
-            lease, payload, self.environment(lease.env_id), self.backend.tokenizer,
-            self.backend.eos_ids, self.backend.base.config.vocab_size,
-            prefill, load_thresholds(profile), current_version, max_staleness, claimed_tokens,
+            lease, payload, self.environment(lease.env_id), backend.tokenizer,
+            backend.eos_ids, backend.base.config.vocab_size,
+            prefill, thresholds, current_version, max_staleness, claimed_tokens,
         )  # fmt: skip

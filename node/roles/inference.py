@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 from prometheus_client import Counter, Histogram
 
@@ -115,7 +116,15 @@ class InferenceRole(Role):
                 if not await self.model.ensure_started(nursery):
                     nursery.cancel_scope.cancel()
                     return
+                await self._announce_profile()
                 nursery.start_soon(self._run_lease, lease, slots)
+
+    async def _announce_profile(self) -> None:
+        """Once the model is loaded, tell the network how it computes (its payloads carry
+        the same, signed)."""
+        caps = self.agent.capabilities
+        if self.model.profile is not None and caps.compute != self.model.profile:
+            await self.agent.announce(msgspec.structs.replace(caps, compute=self.model.profile))
 
     async def _run_lease(self, lease: Lease, slots: trio.Semaphore) -> None:
         try:

@@ -18,7 +18,7 @@ from envs import load_environment
 from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer
 from protocol.leases import Lease, SamplingParams
-from protocol.rollouts import RolloutPayload
+from protocol.rollouts import ComputeProfile, RolloutPayload
 from tests.adversarial.cheaters import (
     ClaimsEosOnTruncation,
     FabricatedRewards,
@@ -31,7 +31,13 @@ from tests.adversarial.cheaters import (
     SplicedTokens,
     WrongAdapter,
 )
-from verification.checks import Outcome, load_thresholds, verify_payload
+from verification.checks import (
+    Outcome,
+    UncalibratedPair,
+    load_thresholds,
+    thresholds_for,
+    verify_payload,
+)
 
 ENV = load_environment("arith", digits=2)
 
@@ -168,8 +174,13 @@ def test_each_cheat_is_caught_by_its_check(
     assert outcome.detail
 
 
-def honest_audits(backend: TorchBackend, profile: str, leases: int) -> list[Outcome]:
-    """Audit ``leases`` honest leases (32 samples each) across environments and sampling."""
+def honest_audits(
+    backend: TorchBackend, leases: int, verifier: TorchBackend | None = None
+) -> list[Outcome]:
+    """Audit ``leases`` honest leases (32 samples each) across environments and sampling, made
+    by ``backend`` and checked by ``verifier`` (default: the same) with the thresholds of the
+    pair of their profiles (the payload declares the producer's)."""
+    verifier = verifier or backend
     settings = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
                 ("sort", {}, 1.0, 0.95), ("countdown", {}, 0.0, 1.0)]  # fmt: skip
     outcomes = []
@@ -182,28 +193,65 @@ def honest_audits(backend: TorchBackend, profile: str, leases: int) -> list[Outc
             sampling=SamplingParams(temperature=t, top_p=top_p, max_tokens=24),
         )  # fmt: skip
         payload = Producer(backend, backend.tokenizer).produce(env, lease_)
-        vocab = backend.base.config.vocab_size
-        thresholds = load_thresholds(profile)
+        assert payload.profile == backend.profile  # declared, and signed with the samples
+        vocab = verifier.base.config.vocab_size
+        thresholds = thresholds_for(payload.profile, verifier.profile)
         audit_ = verify_payload(
-            lease_, payload, env, backend.tokenizer, backend.eos_ids, vocab,
-            backend.prefill_batch, thresholds,
+            lease_, payload, env, verifier.tokenizer, verifier.eos_ids, vocab,
+            verifier.prefill_batch, thresholds,
         )  # fmt: skip
         outcomes.append(audit_)
     return outcomes
 
 
 def test_no_false_positives_over_1024_honest_fp32_samples(real: TorchBackend) -> None:
-    outcomes = honest_audits(real, "fp32", 32)
+    outcomes = honest_audits(real, 32)
     assert sum(int(o.stats["samples"]) for o in outcomes) == 1024
     assert [o for o in outcomes if not o.passed] == []
 
 
 def test_bf16_honest_work_passes_within_the_calibrated_profile(tiny_model: Path) -> None:
     bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
-    outcomes = honest_audits(bf16, "bf16", 8)
+    outcomes = honest_audits(bf16, 8)
     assert [o for o in outcomes if not o.passed] == []
     # and the fp32 thresholds would be too tight for bf16: the profiles are not interchangeable
     assert (
         max(o.stats["max_logprob_diff"] for o in outcomes)
         > load_thresholds("fp32").max_logprob_diff
     )
+
+
+def test_a_verifier_replays_in_the_dtype_the_producer_declared(
+    real: TorchBackend, tiny_model: Path
+) -> None:
+    """An fp32 verifier's model process checks a bf16 producer's payloads in bf16 — it loads
+    the model again in the dtype the payload declares (and signs) — with bf16's thresholds:
+    honest work passes. Checked in fp32 with fp32's, it would fail (0 of 6 leases passed before
+    payloads declared their profile). A dtype nobody calibrated is not judged: the verifier
+    hands the audit on. A producer that computes in bf16 and declares nothing is checked as
+    fp32 work, and fails."""
+    from node.model.worker import ModelSpec, _Child
+
+    child = _Child(ModelSpec(model=str(tiny_model), model_cache=str(tiny_model.parent.parent),
+                             device="cpu"))  # fmt: skip
+    child.load()
+    assert child.backend.profile.dtype == "fp32"
+    bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    env = load_environment("arith", digits=2)
+    outcomes, stripped = [], []
+    for n in range(6):
+        lease_ = msgspec.structs.replace(lease(n, lease_id=f"bf16-{n}"), env_seed=20_000 + n)
+        payload = Producer(bf16, bf16.tokenizer).produce(env, lease_)
+        assert payload.profile is not None and payload.profile.dtype == "bf16"
+        outcomes.append(child.verify(lease_, payload, 0, 0))
+        undeclared = msgspec.structs.replace(payload, profile=None)
+        stripped.append(child.verify(lease_, undeclared, 0, 0))
+    assert [o for o in outcomes if not o.passed] == [] and "bf16" in child.siblings
+    assert any(not o.passed for o in stripped)
+    assert {o.failed_check for o in stripped if not o.passed} <= {"logprobs", "sampling_replay"}
+    fp16 = ComputeProfile(backend="torch", dtype="fp16", device="cpu")
+    odd = child.verify(lease_, msgspec.structs.replace(payload, profile=fp16), 0, 0)
+    assert (odd.passed, odd.failed_check) == (False, "verifier_error")
+    assert "fp16" not in child.siblings  # nothing loaded for a dtype it cannot judge
+    with pytest.raises(UncalibratedPair):
+        thresholds_for(fp16, real.profile)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from protocol.rollouts import ComputeProfile
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -33,6 +35,9 @@ class Sampling:
 
 class Backend(Protocol):
     name: str
+
+    @property
+    def profile(self) -> ComputeProfile: ...
 
     def generate(
         self,

@@ -16,7 +16,12 @@ import torch
 
 from node.model.backends import Generation, Sampling
 from node.model.batching import left_pad
+from protocol.rollouts import ComputeProfile, Dtype
 from verification.sampling import sample
+
+DTYPES: dict[torch.dtype, Dtype] = {torch.float32: "fp32", torch.bfloat16: "bf16",
+                                    torch.float16: "fp16"}  # fmt: skip
+TORCH_DTYPES: dict[Dtype, torch.dtype] = {name: dtype for dtype, name in DTYPES.items()}
 
 PREFILL_BATCH_TOKENS = 4096
 """Padded tokens per replay forward pass: bounds the logits a batch holds (tokens × vocabulary)."""
@@ -40,6 +45,15 @@ class TorchBackend:
 
         model, tokenizer = load_pretrained(ref, dtype=dtype, device=device)
         return cls(model, tokenizer, device)
+
+    @property
+    def profile(self) -> ComputeProfile:
+        """How this backend computes: what a verifier's thresholds for its work depend on."""
+        dtype = DTYPES.get(self.base.dtype, "fp32")
+        device = str(self.device)
+        if device.startswith("cuda"):
+            device = f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+        return ComputeProfile(backend=self.name, dtype=dtype, device=device)
 
     # -- adapters -----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from node.model.backends import FinishReason, Generation, Sampling
+from protocol.rollouts import ComputeProfile
 from verification.sampling import sample
 
 
@@ -63,6 +64,15 @@ class VLLMBackend:
         self.device = "cuda"
         self.adapters: dict[str, tuple[int, str]] = {}
         self._next_id = 0
+
+    @property
+    def profile(self) -> ComputeProfile:
+        """How this backend computes: what a verifier's thresholds for its work depend on."""
+        from node.model.backends.torch_backend import DTYPES
+
+        dtype = DTYPES.get(self.llm.llm_engine.model_config.dtype, "bf16")
+        name = torch.cuda.get_device_name(torch.cuda.current_device())
+        return ComputeProfile(backend=self.name, dtype=dtype, device=f"cuda:{name}")
 
     def load_adapter(self, name: str, path: str) -> None:
         """Register a PEFT adapter; vLLM loads it on first use, beside the base weights."""
