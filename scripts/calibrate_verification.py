@@ -58,6 +58,10 @@ SAFETY = 4.0
 FLOORS = {"fp32": 1e-3, "bf16": 0.05}
 """Lowest threshold per profile: fp32 replays agree to ~1e-6, so 1e-3 is still tiny next to the
 nats a wrong token costs; bf16 carries ~3 significant digits."""
+LEASE_FLOORS = {"mean_logprob_diff": 0.01, "replaced_rate": 0.002}
+"""Lowest lease-wide limits: a hundredth of a nat a token on average, and one token in 500 off
+the seeded pick — honest replays on one machine are often exact, which must not make the
+limits zero."""
 SETTINGS = [
     ('arith {"digits":2}', SamplingParams(temperature=1.0, top_p=1.0, max_tokens=16)),
     ("reverse", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=24)),
@@ -122,18 +126,30 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
     leases = honest_leases(producer, samples)
     margins, diffs = per_sample_stats(backend, leases, progress)
     floor = max(FLOORS[producer_dtype], FLOORS[verifier_dtype or producer_dtype])
-    thresholds = Thresholds(
+    per_token = Thresholds(
         max_margin=max(floor, SAFETY * max(margins)),
         max_logprob_diff=max(floor, SAFETY * max(diffs)),
     )
     vocab = backend.base.config.vocab_size
-    refused = 0
-    for env, lease, payload in leases:
-        outcome = verify_payload(
+
+    def audit(thresholds: Thresholds) -> list[Any]:
+        return [verify_payload(
             lease, payload, env, backend.tokenizer, backend.eos_ids, vocab,
             backend.prefill_batch, thresholds,
-        )  # fmt: skip
-        refused += not outcome.passed
+        ) for env, lease, payload in leases]  # fmt: skip
+
+    lease_stats = [o.stats for o in audit(per_token)]  # lease-wide: measured, not limited yet
+    means = [st.get("mean_logprob_diff", 0.0) for st in lease_stats]
+    replaced = [st.get("replaced_fraction", 0.0) for st in lease_stats]
+    tokens = sum(st.get("tokens", 0.0) for st in lease_stats)
+    off_pick = sum(st.get("replaced_fraction", 0.0) * st.get("tokens", 0.0) for st in lease_stats)
+    rate = off_pick / max(1.0, tokens)
+    thresholds = Thresholds(
+        per_token.max_margin, per_token.max_logprob_diff,
+        max_mean_logprob_diff=max(LEASE_FLOORS["mean_logprob_diff"], SAFETY * max(means)),
+        replaced_rate=max(LEASE_FLOORS["replaced_rate"], SAFETY * rate),
+    )  # fmt: skip
+    refused = sum(not o.passed for o in audit(thresholds))
     return {
         "profile": profile,
         "samples": len(margins),
@@ -141,6 +157,9 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
         "thresholds": thresholds,
         "margin": summary(margins),
         "logprob_diff": summary(diffs),
+        "lease_mean_logprob_diff": summary(means),
+        "lease_replaced_fraction": summary(replaced),
+        "replaced_rate": rate,
         "false_positive_payloads": refused,
         "seconds": time.perf_counter() - started,
     }
@@ -160,12 +179,17 @@ def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
             f'["{r["profile"]}"]' if ">" in r["profile"] else f"[{r['profile']}]",
             f"max_margin = {t.max_margin:.6g}",
             f"max_logprob_diff = {t.max_logprob_diff:.6g}",
+            f"max_mean_logprob_diff = {t.max_mean_logprob_diff:.6g}",
+            f"replaced_rate = {t.replaced_rate:.6g}",
             f"# {r['samples']} honest samples in {r['payloads']} leases; false positives: "
             f"{r['false_positive_payloads']}",
             f"# replay margin: max {m['max']:.3g}, p99.9 {m['p999']:.3g}, p99 {m['p99']:.3g}, "
             f"nonzero in {m['nonzero_fraction']:.1%} of samples",
             f"# logprob diff: max {d['max']:.3g}, p99.9 {d['p999']:.3g}, p99 {d['p99']:.3g}, "
             f"median {d['median']:.3g}",
+            f"# per lease: |mean logprob diff| max {r['lease_mean_logprob_diff']['max']:.3g}, "
+            f"tokens off the seeded pick max {r['lease_replaced_fraction']['max']:.3g} of a lease, "
+            f"{r['replaced_rate']:.3g} of all",
             "",
         ]
     path.write_text("\n".join(lines))

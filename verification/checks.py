@@ -79,10 +79,19 @@ and adapter: a backend's ``prefill_batch``, which replays a whole lease in a few
 
 @dataclass(frozen=True)
 class Thresholds:
-    """How far an honest replay may drift, for one dtype profile."""
+    """How far an honest replay may drift, for one dtype profile: per token, and over a whole
+    lease (a subtle cheat stays under the per-token limits on every token, not on average)."""
 
     max_margin: float
     max_logprob_diff: float
+    max_mean_logprob_diff: float = math.inf
+    """|Mean| over the lease's tokens of claimed − recomputed logprob: honest drift averages
+    out, logprobs inflated (or deflated) a little on every token do not."""
+    replaced_rate: float = 1.0
+    """How often an honest token is not the seeded sampler's pick on replay (a margin above 0:
+    a near-tie the replay's rounding broke the other way). A lease fails when it has more such
+    tokens than that rate makes likely at odds of a million to one (``replaced_limit``);
+    a producer swapping in near runner-ups does it often. 1.0: not checked."""
 
 
 class UncalibratedPair(ValueError):
@@ -96,7 +105,11 @@ def load_thresholds(profile: str, path: Path = THRESHOLDS_FILE) -> Thresholds:
     if profile not in data:
         raise UncalibratedPair(f"no calibrated profile {profile!r} in {path}; have {sorted(data)}")
     p = data[profile]
-    return Thresholds(float(p["max_margin"]), float(p["max_logprob_diff"]))
+    return Thresholds(
+        float(p["max_margin"]), float(p["max_logprob_diff"]),
+        float(p.get("max_mean_logprob_diff", math.inf)),
+        float(p.get("replaced_rate", 1.0)),
+    )  # fmt: skip
 
 
 def thresholds_for(
@@ -251,7 +264,10 @@ def replay_sample(
 ) -> tuple[Any, Any]:
     """Per position of one sample, from the logits the claimed model gives its tokens
     (``Prefill``): ``(replay margins [T], |claimed - recomputed| logprobs [T])``."""
-    return replay_samples([logits_T_V], [ids], [seed], [claimed_logprobs], temperature, top_p)[0]
+    margins_T, signed_T = replay_samples(
+        [logits_T_V], [ids], [seed], [claimed_logprobs], temperature, top_p
+    )[0]
+    return margins_T, signed_T.abs()
 
 
 def replay_samples(
@@ -262,7 +278,8 @@ def replay_samples(
     temperature: float,
     top_p: float,
 ) -> list[tuple[Any, Any]]:
-    """``replay_sample`` of many samples, computed over all their tokens at once.
+    """Per sample, ``(replay margins [T], claimed − recomputed logprobs [T])`` (signed), for
+    many samples, computed over all their tokens at once.
 
     Where the committed token sits just outside the recomputed top-p set its truncated logprob
     is -inf; there the untruncated tempered logprob is compared instead (the margin vouches for
@@ -284,7 +301,7 @@ def replay_samples(
     untruncated_N_V = torch.log_softmax(logits_N_V.to(torch.float64) / scale, dim=-1)
     fallback_N = untruncated_N_V.gather(-1, ids_N.view(-1, 1)).view(-1)
     recomputed_N = torch.where(torch.isfinite(recomputed_N), recomputed_N, fallback_N)
-    diffs_N = (claimed_N - recomputed_N).abs()
+    diffs_N = claimed_N - recomputed_N
     return list(zip(margins_N.split(sizes), diffs_N.split(sizes), strict=True))
 
 
@@ -308,9 +325,10 @@ def _replay(
     logits = prefill([(prompts[k // lease.group_size], ids) for k, ids in enumerate(tokens)])
     seeds = [s.seed for s in payload.samples]
     replays = replay_samples(logits, tokens, seeds, claims, t, top_p)
-    for s, ids, claimed, (margins_T, diff_T) in zip(
+    for s, ids, claimed, (margins_T, signed_T) in zip(
         payload.samples, tokens, claims, replays, strict=True
     ):
+        diff_T = signed_T.abs()
         stats["max_margin"] = max(stats["max_margin"], float(margins_T.max()))
         stats["max_logprob_diff"] = max(stats["max_logprob_diff"], float(diff_T.max()))
         if stats["max_margin"] > thresholds.max_margin:
@@ -327,3 +345,50 @@ def _replay(
                 f"sample {s.sample_index} position {pos}: claimed logprob {claimed[pos]:.6g} is "
                 f"off by {float(diff_T[pos]):.3g} (tolerance {thresholds.max_logprob_diff:g})",
             )
+    _lease_statistics(replays, thresholds, stats)
+
+
+def replaced_limit(tokens: int, rate: float, odds: float = 1e-6) -> int:
+    """The most tokens of ``tokens`` an honest lease has off the seeded pick, at ``rate`` each:
+    the smallest count a Poisson(tokens x rate) count exceeds with probability below ``odds``.
+
+    >>> replaced_limit(100, 0.003), replaced_limit(1000, 0.003), replaced_limit(100, 1.0)
+    (5, 14, 100)
+    """
+    if rate >= 1.0:
+        return tokens
+    mean = tokens * rate
+    term = tail = math.exp(-mean)  # P(X = 0), then P(X <= k)
+    k = 0
+    while 1.0 - tail >= odds and k < tokens:
+        k += 1
+        term *= mean / k
+        tail += term
+    return k
+
+
+def _lease_statistics(
+    replays: list[tuple[Any, Any]], thresholds: Thresholds, stats: dict[str, float]
+) -> None:
+    """The lease-wide checks: every token within its own limits, the lease not on average."""
+    margins_N = torch.cat([m for m, _ in replays]) if replays else torch.zeros(0)
+    signed_N = torch.cat([d for _, d in replays]) if replays else torch.zeros(0)
+    if margins_N.numel() == 0:
+        return
+    stats["mean_logprob_diff"] = mean = abs(float(signed_N.mean()))
+    n = margins_N.numel()
+    replaced = int((margins_N > 0).sum())
+    stats["replaced_fraction"], stats["tokens"] = replaced / n, float(n)
+    limit = replaced_limit(n, thresholds.replaced_rate)
+    if replaced > limit:
+        raise _Failed(
+            "sampling_replay",
+            f"{replaced} of the lease's {n} tokens are not the seeded pick (honest work: at "
+            f"most {limit} at a rate of {thresholds.replaced_rate:.2%})",
+        )
+    if mean > thresholds.max_mean_logprob_diff:
+        raise _Failed(
+            "logprobs",
+            f"claimed logprobs are off the recomputed ones by {mean:.3g} nats a token on "
+            f"average over the lease (honest work: under {thresholds.max_mean_logprob_diff:g})",
+        )

@@ -111,6 +111,24 @@ def sample(
     return tokens, logp.gather(-1, tokens.view(-1, 1)).view(-1)
 
 
+TOP_P_SLACK = 0.01
+"""Probability mass at the top-p boundary within which a low-precision replay may disagree with
+the producer on whether a token was in the set (bf16 carries about three digits)."""
+
+
+def _surely_kept(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Tokens inside the top-p set with room to spare: the mass before them below
+    ``top_p − TOP_P_SLACK`` (the first is always kept)."""
+    logp = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.ones_like(logp, dtype=torch.bool)
+    sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
+    before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
+    keep_sorted = before < max(top_p - TOP_P_SLACK, 0.0)
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
 def replay_margins(
     logits_T_V: torch.Tensor,
     tokens_T: torch.Tensor,
@@ -126,6 +144,9 @@ def replay_margins(
     compete (renormalizing shifts them all alike). The committed token is scored even when it
     falls outside the recomputed top-p set, so a token at the boundary — kept by the producer's
     arithmetic, just dropped by the verifier's — gets a small finite margin, not an infinite one.
+    The other way round, a token the producer's arithmetic just dropped competes only if it is
+    clearly inside the set (``TOP_P_SLACK``): with a large draw of noise it would otherwise
+    outscore the honest pick by whole nats.
 
     Several samples replay at once when ``seed`` holds each row's seed and ``positions_T`` each
     row's position in its own sample (default: one sample, positions 0, 1, ...).
@@ -140,7 +161,7 @@ def replay_margins(
         noise = gumbel_noise(seeds, positions, logits.shape[-1])
         scores = torch.log_softmax(logits / temperature, dim=-1).to(torch.float64)
         scores = scores + noise.to(scores.device)
-        kept = sampling_logprobs(logits, temperature, top_p) > float("-inf")
+        kept = _surely_kept(logits, temperature, top_p)
         candidates = scores.masked_fill(~kept, float("-inf"))
     chosen = scores.gather(-1, tokens_T.view(-1, 1).to(scores.device)).view(-1)
     return candidates.max(dim=-1).values - chosen

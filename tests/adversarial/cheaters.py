@@ -13,7 +13,7 @@ from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
-from verification.sampling import sampling_logprobs
+from verification.sampling import gumbel_noise, sampling_logprobs
 
 
 class OtherBaseModel(Producer):
@@ -131,3 +131,52 @@ class ClaimsEosOnTruncation(Producer):
             keep = max(1, len(g.token_ids) // 2) if len(g.token_ids) > 1 else 1
             out.append(Generation(g.token_ids[:keep], g.logprobs[:keep], "stop"))
         return out
+
+
+# -- subtle cheats: each token within a loose per-token tolerance, the lease not ---------------
+
+
+class SlightlyInflatedLogprobs(Producer):
+    """Claims each sampled token 0.15 nats likelier than it was (never above probability 1)."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return [Generation(g.token_ids, [min(0.0, lp + 0.15) for lp in g.logprobs],
+                           g.finish_reason)
+                for g in super().generate(prompts, seeds, sampling, adapter)]  # fmt: skip
+
+
+def runner_up_sample(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: float,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded sampler, except that a runner-up scoring within 0.3 of the pick is taken."""
+    logp = sampling_logprobs(logits, temperature, top_p)
+    scores = logp.double()
+    if temperature > 0:
+        scores = scores + gumbel_noise(seeds, positions, logits.shape[-1])
+    top2 = scores.topk(2, dim=-1)
+    close = top2.values[:, 0] - top2.values[:, 1] < 0.3
+    pick = torch.where(close, top2.indices[:, 1], top2.indices[:, 0])
+    return pick, logp.gather(-1, pick.view(-1, 1)).view(-1)
+
+
+class TakesCloseRunnerUps(Producer):
+    """Takes the sampler's runner-up wherever it scores within 0.3 of the seeded pick (about
+    one token in ten), reporting that token's true logprob."""
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        import node.model.backends.torch_backend as backend_module
+
+        honest = backend_module.sample
+        backend_module.sample = runner_up_sample  # the backend's sampler, for this call only
+        try:
+            return super().generate(prompts, seeds, sampling, adapter)
+        finally:
+            backend_module.sample = honest

@@ -8,6 +8,7 @@ fixed seed, so each run of the suite audits the very same payloads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import msgspec
@@ -27,8 +28,10 @@ from tests.adversarial.cheaters import (
     OtherTemperature,
     ReplaysOldRollout,
     ResubmitsOthersRollout,
+    SlightlyInflatedLogprobs,
     SmallerModelHonestLogprobs,
     SplicedTokens,
+    TakesCloseRunnerUps,
     WrongAdapter,
 )
 from verification.checks import (
@@ -255,3 +258,32 @@ def test_a_verifier_replays_in_the_dtype_the_producer_declared(
     assert "fp16" not in child.siblings  # nothing loaded for a dtype it cannot judge
     with pytest.raises(UncalibratedPair):
         thresholds_for(fp16, real.profile)
+
+
+@pytest.mark.parametrize(
+    ("cheat", "check", "says"),
+    [(SlightlyInflatedLogprobs, "logprobs", "on average"),
+     (TakesCloseRunnerUps, "sampling_replay", "not the seeded pick")],
+)  # fmt: skip
+def test_lease_statistics_catch_cheats_every_token_hides(
+    real: TorchBackend, cheat: type[Producer], check: str, says: str
+) -> None:
+    """Per-token limits as loose as a noisy profile's let each token of a subtle cheat
+    through; over the lease, the average logprob gap and the share of tokens that are not the
+    seeded pick do not — while honest work stays far inside both."""
+    loose = dataclasses.replace(load_thresholds("fp32"), max_margin=10.0, max_logprob_diff=10.0)
+    env = load_environment("arith", digits=2)
+    for n, producer in enumerate((Producer(real, real.tokenizer), cheat(real, real.tokenizer))):
+        lease_ = msgspec.structs.replace(lease(20 + n, lease_id=f"subtle-{n}"), env_seed=7)
+        payload = producer.produce(env, lease_)
+        outcome = verify_payload(
+            lease_, payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
+            real.prefill_batch, loose,
+        )  # fmt: skip
+        if n == 0:
+            assert outcome.passed, outcome
+            assert outcome.stats["mean_logprob_diff"] < 1e-4
+            assert outcome.stats["replaced_fraction"] == 0
+        else:
+            assert (outcome.passed, outcome.failed_check) == (False, check)
+            assert says in outcome.detail, outcome.detail

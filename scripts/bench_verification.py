@@ -1,0 +1,173 @@
+"""Benchmark: how well audits separate honest work from subtle cheats, per precision profile.
+
+For each profile (``fp32``, ``bf16``: producer and verifier alike; a verifier replays in the dtype
+a payload declares) the tiny model produces leases of 8 prompts x 4 samples over four
+environments and sampling settings (greedy included), honestly and by three subtle cheats, and
+the real checks (``verification.checks.verify_payload``, the profile's calibrated thresholds,
+per token and per lease) audit each lease:
+
+- ``noise_1pct``: the producer's weights carry 1 % Gaussian noise (a cheaper or damaged model);
+- ``inflated_0.15``: every claimed logprob is 0.15 nats higher than the sampled one (capped at 0);
+- ``runner_up_0.3``: wherever the seeded sampler's runner-up scores within 0.3 of its pick, the
+  producer takes the runner-up (about one token in ten), reporting its true logprob.
+
+Metrics per profile (JSON keys ``<profile>_<metric>``): ``false_positive_rate`` (honest leases
+failed ÷ honest leases; goal 0, over ``--leases`` x 32 samples), ``caught_rate_<cheat>`` (cheating
+leases failed ÷ cheating leases; goal ≥ 0.99), with the check that caught them (a lease the
+cheat left exactly as an honest producer makes it does not count: ``unchanged_<cheat>``), and
+``verify_vs_generate_cost`` (seconds to audit a lease ÷ seconds to generate it, one thread; goal
+≤ 0.1 — on the tiny model's short completions generation is no slower per token than a replay).
+
+Not measured here: producer and verifier on different devices (a GPU producer's bf16 against a
+CPU verifier's), which needs a GPU.
+
+Run: ``python scripts/bench_verification.py [--leases 32]``; writes
+``bench-results/verification.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bazaar.up import tiny_model  # noqa: E402
+from envs import load_environment  # noqa: E402
+from node.model.backends.torch_backend import TORCH_DTYPES, TorchBackend  # noqa: E402
+from node.model.rollouts import Producer  # noqa: E402
+from protocol.leases import Lease, SamplingParams  # noqa: E402
+from protocol.service.config import data_dir  # noqa: E402
+from tests.adversarial.cheaters import (  # noqa: E402
+    SlightlyInflatedLogprobs,
+    TakesCloseRunnerUps,
+)
+from verification.checks import load_thresholds, verify_payload  # noqa: E402
+
+SETTINGS = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
+            ("sort", {}, 1.0, 0.95), ("countdown", {}, 0.0, 1.0)]  # fmt: skip
+GOALS = {"false_positive_rate": 0.0, "caught_rate": 0.99, "verify_vs_generate_cost": 0.1}
+
+
+def noisy(backend: TorchBackend, scale: float) -> TorchBackend:
+    model = copy.deepcopy(backend.base)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen) * p.float().abs().mean() * scale
+            p.add_(noise.to(p.dtype))
+    return TorchBackend(model, backend.tokenizer)
+
+
+def lease_for(n: int) -> tuple[Any, Lease]:
+    name, args, t, top_p = SETTINGS[n % len(SETTINGS)]
+    env = load_environment(name, **args)
+    lease = Lease(
+        lease_id=f"bench-{n}", run_id="bench", env_id=env.name, env_version=env.version,
+        env_seed=50_000 + n, example_indices=list(range(8)), group_size=4, policy_version=0,
+        sampling=SamplingParams(temperature=t, top_p=top_p, max_tokens=24),
+        lease_seed=n.to_bytes(4, "big") * 8, deadline_ms=0,
+    )  # fmt: skip
+    return env, lease
+
+
+def play(profile: str, leases: int, progress: Progress) -> dict[str, Any]:
+    verifier = TorchBackend.from_pretrained(
+        str(tiny_model(data_dir())),
+        dtype=TORCH_DTYPES[profile],  # type: ignore[index]
+    )
+    thresholds = load_thresholds(profile)
+    producers: dict[str, Callable[[], Producer]] = {
+        "honest": lambda: Producer(verifier, verifier.tokenizer),
+        "noise_1pct": lambda: Producer(noisy(verifier, 0.01), verifier.tokenizer),
+        "inflated_0.15": lambda: SlightlyInflatedLogprobs(verifier, verifier.tokenizer),
+        "runner_up_0.3": lambda: TakesCloseRunnerUps(verifier, verifier.tokenizer),
+    }
+    out: dict[str, Any] = {}
+    honest: list[Any] = []
+    task = progress.add_task(f"{profile}", total=leases * len(producers))
+    for name, make in producers.items():
+        producer, failed, checks, gen_s, ver_s = make(), 0, Counter[str](), 0.0, 0.0
+        unchanged = 0
+        for n in range(leases):
+            env, lease = lease_for(n)
+            started = time.perf_counter()
+            payload = producer.produce(env, lease)
+            gen_s += time.perf_counter() - started
+            if name == "honest":
+                honest.append(payload.samples)
+            elif payload.samples == honest[n]:  # the cheat changed nothing here: no cheat
+                unchanged += 1
+                progress.advance(task)
+                continue
+            started = time.perf_counter()
+            outcome = verify_payload(
+                lease, payload, env, verifier.tokenizer, verifier.eos_ids,
+                verifier.base.config.vocab_size, verifier.prefill_batch, thresholds,
+            )  # fmt: skip
+            ver_s += time.perf_counter() - started
+            failed += not outcome.passed
+            checks[outcome.failed_check or "passed"] += 1
+            progress.advance(task)
+        if name == "honest":
+            out["false_positive_rate"] = failed / leases
+            out["honest_samples"] = leases * 32
+            out["verify_vs_generate_cost"] = ver_s / gen_s
+        else:
+            out[f"caught_rate_{name}"] = failed / max(1, leases - unchanged)
+            out[f"caught_by_{name}"] = dict(checks)
+            out[f"unchanged_{name}"] = unchanged
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--leases", type=int, default=32, help="leases per producer (32 samples)")
+    parser.add_argument("--profiles", default="fp32,bf16")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "verification.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    console = Console()
+    results: dict[str, dict[str, Any]] = {}
+    with Progress(console=console) as progress:
+        for profile in args.profiles.split(","):
+            results[profile] = play(profile, args.leases, progress)
+    table = Table(title=f"audits of honest and subtly cheating leases ({args.leases} each)")
+    cheats = ("noise_1pct", "inflated_0.15", "runner_up_0.3")
+    for col in ("profile", "false positives", *cheats, "verify ÷ generate"):
+        table.add_column(col, justify="right")
+    flat: dict[str, Any] = {}
+    for profile, r in results.items():
+        table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']} samples",
+                      *[f"{r[f'caught_rate_{c}']:.2f} ({_top(r[f'caught_by_{c}'])})"
+                        for c in cheats],
+                      f"{r['verify_vs_generate_cost']:.2f}")  # fmt: skip
+        flat.update({f"{profile}_{k}": v for k, v in r.items() if not isinstance(v, dict)})
+    console.print(table)
+    console.print("goals: " + ", ".join(f"{k} {'≥' if k == 'caught_rate' else '≤'} {v}"
+                                        for k, v in GOALS.items()))  # fmt: skip
+    write_result(args.out, {**flat, "leases": args.leases,
+                            **{f"goal_{k}": v for k, v in GOALS.items()}})  # fmt: skip
+
+
+def _top(checks: dict[str, int]) -> str:
+    caught = {k: v for k, v in checks.items() if k != "passed"}
+    return ", ".join(f"{k} {v}" for k, v in sorted(caught.items(), key=lambda kv: -kv[1])) or "-"
+
+
+if __name__ == "__main__":
+    main()
