@@ -149,6 +149,9 @@ class AuditBook:
         """Verifier → producers whose known-honest reference it answered right."""
         self.discredited: dict[str, set[str]] = {}
         """Verifier → producers whose known-honest reference it failed."""
+        self._servable: Callable[[bytes], bool] = lambda digest: True
+        """Whether the coordinator can serve a payload (as ``assign`` was last told): a
+        reference it cannot serve cannot test anyone."""
         self.owed: dict[str, dict[str, str]] = {}
         """Verifier → producer (→ run) whose known-honest reference it must answer before its
         failures of that producer count."""
@@ -246,6 +249,7 @@ class AuditBook:
         if self.banned(verifier):
             return None
         self.asked[verifier] = self.clock()
+        self._servable = can_serve
         for producer, run_id in list(self.owed.get(verifier, {}).items()):
             ref = self._reference_of(producer, run_id, verifier, can_check, can_serve)
             if ref is not None:  # before anything else: failures of the producer wait on it
@@ -396,8 +400,8 @@ class AuditBook:
             return "counts"
         if producer in self.discredited.get(verifier, ()):
             return "discredited"
-        if self._reference_of(producer, audit.run_id, verifier) is None:
-            return "counts"
+        if self._reference_of(producer, audit.run_id, verifier, can_serve=self._servable) is None:
+            return "counts"  # nothing to test it with: its word counts as any verifier's
         return "owed"
 
     def _counted(self, audit: Audit, ignore: frozenset[str] = frozenset()) -> tuple[int, int]:

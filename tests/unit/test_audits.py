@@ -535,3 +535,17 @@ def test_a_producer_without_known_honest_work_is_decided_as_before() -> None:
     audit = counted(b, "l", producer="new")
     judge(b, "v1", audit, False)
     assert judge(b, "v2", audit, False).decision == "failed"
+
+
+def test_a_reference_the_coordinator_cannot_serve_holds_no_failure() -> None:
+    """Known-honest payloads the coordinator no longer holds cannot test a failing verifier:
+    its failure counts as before, so the audit is decided instead of waiting for good."""
+    b, _ = book()
+    known_honest(b, "ref-1")
+    assert b.assign("nobody", can_serve=lambda digest: False) is None  # what it can serve
+    audit = counted(b, "l")
+    assert b.assign("v1", can_serve=lambda digest: False) is audit
+    b.verdict("v1", verdict(audit, False, "logprobs"), b"f")
+    assert b.assign("v2", can_serve=lambda digest: False) is audit
+    decided = b.verdict("v2", verdict(audit, False, "logprobs"), b"f")
+    assert decided.decision == "failed"
