@@ -21,7 +21,8 @@ cheat left exactly as an honest producer makes it does not count: ``unchanged_<c
 Not measured here: producer and verifier on different devices (a GPU producer's bf16 against a
 CPU verifier's), which needs a GPU.
 
-Run: ``python scripts/bench_verification.py [--leases 32]``; writes
+Run: ``python scripts/bench_verification.py [--leases 32]`` (``--model smollm2 --max-tokens 128
+--only none``: the cost on a real model's longer completions); writes
 ``bench-results/verification.json``.
 """
 
@@ -49,6 +50,7 @@ from rich.table import Table  # noqa: E402
 from bazaar.up import tiny_model  # noqa: E402
 from envs import load_environment  # noqa: E402
 from node.model.backends.torch_backend import TORCH_DTYPES, TorchBackend  # noqa: E402
+from node.model.loading import resolve  # noqa: E402
 from node.model.rollouts import Producer  # noqa: E402
 from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
@@ -73,23 +75,29 @@ def noisy(backend: TorchBackend, scale: float) -> TorchBackend:
     return TorchBackend(model, backend.tokenizer)
 
 
-def lease_for(n: int) -> tuple[Any, Lease]:
+def lease_for(n: int, max_tokens: int = 24) -> tuple[Any, Lease]:
     name, args, t, top_p = SETTINGS[n % len(SETTINGS)]
     env = load_environment(name, **args)
     lease = Lease(
         lease_id=f"bench-{n}", run_id="bench", env_id=env.name, env_version=env.version,
         env_seed=50_000 + n, example_indices=list(range(8)), group_size=4, policy_version=0,
-        sampling=SamplingParams(temperature=t, top_p=top_p, max_tokens=24),
+        sampling=SamplingParams(temperature=t, top_p=top_p, max_tokens=max_tokens),
         lease_seed=n.to_bytes(4, "big") * 8, deadline_ms=0,
     )  # fmt: skip
     return env, lease
 
 
-def play(profile: str, leases: int, progress: Progress) -> dict[str, Any]:
-    verifier = TorchBackend.from_pretrained(
-        str(tiny_model(data_dir())),
-        dtype=TORCH_DTYPES[profile],  # type: ignore[index]
-    )
+def play(
+    profile: str,
+    leases: int,
+    progress: Progress,
+    model: str = "tiny",
+    max_tokens: int = 24,
+    only: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One profile's audits; ``only``: the cheats to play (empty: all)."""
+    ref = str(tiny_model(data_dir())) if model == "tiny" else resolve(model, data_dir())
+    verifier = TorchBackend.from_pretrained(ref, dtype=TORCH_DTYPES[profile])  # type: ignore[index]
     thresholds = load_thresholds(profile)
     producers: dict[str, Callable[[], Producer]] = {
         "honest": lambda: Producer(verifier, verifier.tokenizer),
@@ -97,6 +105,7 @@ def play(profile: str, leases: int, progress: Progress) -> dict[str, Any]:
         "inflated_0.15": lambda: SlightlyInflatedLogprobs(verifier, verifier.tokenizer),
         "runner_up_0.3": lambda: TakesCloseRunnerUps(verifier, verifier.tokenizer),
     }
+    producers = {k: v for k, v in producers.items() if k == "honest" or not only or k in only}
     out: dict[str, Any] = {}
     honest: list[Any] = []
     task = progress.add_task(f"{profile}", total=leases * len(producers))
@@ -104,7 +113,7 @@ def play(profile: str, leases: int, progress: Progress) -> dict[str, Any]:
         producer, failed, checks, gen_s, ver_s = make(), 0, Counter[str](), 0.0, 0.0
         unchanged = 0
         for n in range(leases):
-            env, lease = lease_for(n)
+            env, lease = lease_for(n, max_tokens)
             started = time.perf_counter()
             payload = producer.produce(env, lease)
             gen_s += time.perf_counter() - started
@@ -138,6 +147,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--leases", type=int, default=32, help="leases per producer (32 samples)")
     parser.add_argument("--profiles", default="fp32,bf16")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, or smollm2 (scripts/setup-smollm2): the thresholds are the "
+                             "tiny model's, so on another only the cost is meaningful")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=24, help="each lease's max_tokens")
+    parser.add_argument("--only", default="", help="cheats besides honest ('none': no cheat)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "verification.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -145,7 +159,10 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     with Progress(console=console) as progress:
         for profile in args.profiles.split(","):
-            results[profile] = play(profile, args.leases, progress)
+            only = tuple(c for c in args.only.split(",") if c)
+            results[profile] = play(
+                profile, args.leases, progress, args.model, args.max_tokens, only
+            )
     table = Table(title=f"audits of honest and subtly cheating leases ({args.leases} each)")
     cheats = ("noise_1pct", "inflated_0.15", "runner_up_0.3")
     for col in ("profile", "false positives", *cheats, "verify ÷ generate"):
@@ -154,13 +171,14 @@ def main() -> None:
     for profile, r in results.items():
         table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']} samples",
                       *[f"{r[f'caught_rate_{c}']:.2f} ({_top(r[f'caught_by_{c}'])})"
-                        for c in cheats],
+                        if f"caught_rate_{c}" in r else "—" for c in cheats],
                       f"{r['verify_vs_generate_cost']:.2f}")  # fmt: skip
         flat.update({f"{profile}_{k}": v for k, v in r.items() if not isinstance(v, dict)})
     console.print(table)
     console.print("goals: " + ", ".join(f"{k} {'≥' if k == 'caught_rate' else '≤'} {v}"
                                         for k, v in GOALS.items()))  # fmt: skip
-    write_result(args.out, {**flat, "leases": args.leases,
+    write_result(args.out, {**flat, "leases": args.leases, "model": args.model,
+                            "max_tokens": args.max_tokens,
                             **{f"goal_{k}": v for k, v in GOALS.items()}})  # fmt: skip
 
 
