@@ -325,7 +325,8 @@ class _Child:
         try:  # replayed in the dtype the producer declared (and signed), with its thresholds
             thresholds = thresholds_for(payload.profile, replay)
             backend = self.in_dtype(made, adapter)
-            thresholds = thresholds_for(payload.profile, backend.profile)
+            if backend.profile.dtype != made:  # a backend that loads no other dtype (vLLM)
+                thresholds = thresholds_for(payload.profile, backend.profile)
         except UncalibratedPair as e:  # not this verifier's to judge: another one takes it
             return Outcome(False, "verifier_error", f"cannot check this producer's profile: {e}")
         prefill = functools.partial(backend.prefill_batch, adapter=adapter)

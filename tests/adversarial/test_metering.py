@@ -13,7 +13,6 @@ coordinator confirmed it in the payloads themselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,6 @@ from tests.wait import wait_until
 pytestmark = pytest.mark.timeout(420)
 
 CHEATS = "tests.adversarial.cheating_node"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_inflated_receipts_and_lying_trainers_are_caught_and_refunded(

@@ -12,7 +12,6 @@ version, and only by all signing the same manifest.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ from tests.wait import wait_until
 pytestmark = pytest.mark.timeout(420)
 
 CHEATS = "tests.adversarial.cheating_node"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_a_poisoned_adapter_from_one_of_two_trainers_never_becomes_a_version(

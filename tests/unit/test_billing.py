@@ -12,7 +12,7 @@ import trio
 
 from coordinator.billing import NETWORK
 from coordinator.config import AuditConfig, LeaseConfig
-from coordinator.db import LeaseState
+from coordinator.db import LeaseState, RunState
 from coordinator.views import ledger
 from protocol.accounts import ApiKey, KeyStore
 from protocol.accounts import open_database as open_accounts
@@ -84,6 +84,15 @@ async def round_of(
     return got
 
 
+async def streaming_run(svc: Work, owner: ApiKey) -> RunState:
+    """Run ``r1``, billed to ``owner``, taking rollouts as they come (``STREAM``)."""
+    from protocol.runs import RunSpec
+
+    run = await svc.runs.create(RunSpec(name="r1"), owner)
+    run.plan = STREAM
+    return run
+
+
 def manifest(run_id: str, version: int) -> AdapterManifest:
     shard = ShardInfo(sha256=bytes(32), size=1)
     return AdapterManifest(run_id=run_id, version=version, parent_version=version - 1,
@@ -95,10 +104,7 @@ def test_a_round_is_billed_to_the_owner_and_credited_to_who_moved_the_model(dbs:
     _, owner = accounts.create("alice", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         await round_of(svc, "r1", ["t1", "t2"], made=["t1", "t2"])
         # t3 died before it signed: its share did not move the model
         await round_of(svc, "r1", ["t1", "t3"], made=["t1"])
@@ -132,10 +138,7 @@ def test_what_a_trainer_says_it_trained_is_not_what_it_is_paid(dbs: Databases) -
     _, owner = accounts.create("carol", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         lease = svc.state.book.issue_for("producer", "tiny", 1, max_active=64)
         assert lease is not None
         svc.state.book.receipt("producer", receipt_for(lease))  # counted, not confirmed yet
@@ -166,10 +169,7 @@ def test_a_trainer_reporting_false_rewards_is_not_paid(dbs: Databases) -> None:
     _, owner = accounts.create("gus", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         deliver(svc.state.book, "producer")
         (s,) = svc.state.book.waiting["r1"].values()
         s.rewards = [0.0, 0.0]  # the coordinator scored both samples 0
@@ -191,10 +191,7 @@ def test_no_charge_moves_more_than_its_round_holds(dbs: Databases) -> None:
     _, owner = accounts.create("dan", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         deliver(svc.state.book, "producer")
         got = await svc.rounds.train("t1", TrainRequest(base_model="tiny"), ["t1"],
                                      lambda p: [], [])  # fmt: skip
@@ -220,10 +217,7 @@ def test_trainers_asking_at_once_are_dealt_one_round_held_once(dbs: Databases) -
     _, owner = accounts.create("erin", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         trainers = ["t1", "t2"]
         for _ in trainers:
             deliver(svc.state.book, "producer")
@@ -266,10 +260,7 @@ def test_an_ended_runs_round_a_dead_trainer_never_reports_gives_its_hold_back(
     _, owner = accounts.create("fay", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        run = await streaming_run(svc, owner)
         trainers = ["t1", "t2"]
         for _ in trainers:
             deliver(svc.state.book, "producer")
@@ -300,10 +291,7 @@ def test_a_restart_between_hold_and_settle_holds_again_first(dbs: Databases) -> 
     _, owner = accounts.create("erin", budget_tokens=300)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        await streaming_run(svc, owner)
         deliver(svc.state.book, "producer")
         got = await svc.rounds.train("t1", TrainRequest(base_model="tiny"), ["t1"],
                                      lambda p: [], [])  # fmt: skip
@@ -337,10 +325,7 @@ def test_a_run_completes_cleanly_when_its_budget_is_spent(dbs: Databases) -> Non
     _, owner = accounts.create("bob", budget_tokens=400)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        run = await streaming_run(svc, owner)
         for _ in range(2):
             assert isinstance((await round_of(svc, "r1", ["t1"], ["t1"]))[0], TrainAssignment)
         assert run.state == "running"
@@ -380,10 +365,7 @@ def test_verifiers_are_credited_and_a_penalized_producer_refunds_the_payer(
     _, owner = accounts.create("fay", budget_tokens=10_000)
 
     async def main() -> None:
-        from protocol.runs import RunSpec
-
-        run = await svc.runs.create(RunSpec(name="r1"), owner)
-        run.plan = STREAM
+        run = await streaming_run(svc, owner)
         await round_of(svc, "r1", ["t1"], ["t1"])
         billing = svc.state.billing
         (paid,) = svc.state.book.dealt[("r1", 0)]
