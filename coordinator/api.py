@@ -262,9 +262,16 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.get("/v1/runs/{run_id}/versions")
     async def versions(run_id: str) -> dict[str, Any]:
-        """The run's adapter versions: manifest hash and the trainers that hold each."""
+        """The run's adapter versions: manifest hash, the trainers that hold each, the replays
+        of the rounds that made it, and whether a rollback withdrew it."""
         _run(run_id)
         return {"object": "list", "data": queries.versions(coord.state, run_id)}
+
+    @app.get("/v1/runs/{run_id}/replays")
+    async def replays(run_id: str) -> dict[str, Any]:
+        """The replay audits of the run's trainers' rounds, with their verdicts."""
+        _run(run_id)
+        return {"object": "list", "data": queries.replays(coord.state, run_id)}
 
     def _run(run_id: str) -> RunState:
         run = queries.find_run(coord.state, run_id)

@@ -306,6 +306,23 @@ class Billing:
             )
         return rows
 
+    async def forfeit_trained(
+        self, run: RunState, trainer: str, rounds: Iterable[int]
+    ) -> list[LedgerRow]:
+        """A trainer caught lying gives back what it was paid for training these rounds (their
+        versions were withdrawn), to the run's payer."""
+        refs = {f"{run.run_id}:{v}:{trainer}" for v in rounds}
+        paid = {e.ref: e.tokens for e in self.entries if e.kind == "trained" and e.ref in refs}
+        account, to = node(trainer), payer(run)
+        rows = [r for ref, tokens in paid.items()
+                if (r := self.post(run.run_id, "refund", account, to, tokens, ref))]  # fmt: skip
+        refunded = sum(r.tokens for r in rows)
+        if refunded and self.accounts is not None and run.owner_key_id is not None:
+            await trio.to_thread.run_sync(
+                self.accounts.refund, run.owner_key_id, refunded, holder(run.run_id), trainer
+            )
+        return rows
+
     def refunded(self, run_id: str) -> int:
         return self._sums.get((run_id, "refund"), 0)
 

@@ -118,6 +118,31 @@ class AuditConfig(ConfigModel):
         return rate * (1 + self.double_check_rate) / (1 - self.known_answer_rate)
 
 
+class ReplayConfig(ConfigModel):
+    """How trainers' rounds are replay-audited (the rules: ``coordinator/replays.py``).
+
+    A replay costs a verifier about what the round cost its trainer (the same inner steps on
+    the same completions), so the rate is the cost: ``rate`` of a trusted trainer's rounds in a
+    group and ``lone_rate`` of a lone trainer's. Cheating never pays at any rate above zero: a
+    failed replay bans the trainer, rolls the run back to before its first round no replay
+    passed (every version it touched since is withdrawn) and forfeits its pay for those rounds
+    to the run's payer — all it gained. The rate bounds the harm instead: a newly cheating
+    trusted trainer moves the served model for 1/rate rounds on average before the rollback.
+    A lone trainer's part is the whole step (in a group of k it is a k-th, and the all-reduce
+    already makes a lie show in the sum check of every replay of the round), so its rounds are
+    replayed twice as often. New trainers are replayed every round until ``trusted_after``
+    replays passed. Measured cost: ``scripts/bench_verification.py`` (``replay_cost_fraction``)."""
+
+    rate: float = Field(0.05, ge=0, le=1)
+    """Share of a trusted trainer's rounds in a group that are replayed."""
+    lone_rate: float = Field(0.1, ge=0, le=1)
+    """Share of a trusted trainer's rounds that it trained alone that are replayed."""
+    trusted_after: int = Field(2, ge=0, le=10_000)
+    """Replays a new trainer must pass before its rounds are sampled at the rates above."""
+    deadline_s: float = Field(300.0, gt=0, le=86_400)
+    """A verifier must answer a replay within this time, or it goes to another verifier."""
+
+
 class CoordinatorConfig(ConfigModel):
     listen: str = "/ip4/0.0.0.0/tcp/4001"
     """py-libp2p listen multiaddr (``/ip4/HOST/tcp/PORT``; port 0 picks a free one)."""
@@ -150,6 +175,8 @@ class CoordinatorConfig(ConfigModel):
     """How rollout work is handed out."""
     audits: AuditConfig = AuditConfig()
     """How rollouts are audited and cheaters penalized."""
+    replays: ReplayConfig = ReplayConfig()
+    """How trainers' rounds are replayed and lying trainers penalized."""
     admission: AdmissionConfig = AdmissionConfig()
     """How fast peers and addresses may join and ask for leases; newcomers' lease caps."""
     transport: TransportLimits = TransportLimits()

@@ -209,6 +209,8 @@ class Trust(Base):
     """Tokens of the checks it was credited for, less those forfeited."""
     verified_forfeited_tokens: Mapped[int] = mapped_column(Integer, default=0)
     """Credit for checks it forfeited to the network with its strikes."""
+    replays_passed: Mapped[int] = mapped_column(Integer, default=0)
+    """Its rounds as a trainer that a replay confirmed (``coordinator/replays.py``)."""
 
     @property
     def reputation(self) -> float:
@@ -301,6 +303,54 @@ class AdapterRow(Base):
     signers: Mapped[list[str]] = mapped_column(JSON)
     """Replaced, never changed in place (the session sees assignments)."""
     created_at: Mapped[float] = mapped_column(Float)
+    parent: Mapped[int] = mapped_column(Integer, default=-1)
+    """The version its round was trained from (-1: from an earlier database, ``version - 1``)."""
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Withdrawn by a rollback: a failed replay touched the rounds that made it."""
+
+    def trained_from(self) -> int:
+        return self.parent if self.parent >= 0 else self.version - 1
+
+
+class CommitmentRow(Base):
+    """A trainer's commitment to its part of a round, before the all-reduce: the hash of the
+    signed part it serves, and the dealt rollouts it trained on, in order."""
+
+    __tablename__ = "round_commitments"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trainer: Mapped[str] = mapped_column(String(128), primary_key=True)
+    part_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    lease_ids: Mapped[list[str]] = mapped_column(JSON)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class ReplayRow(Base):
+    """A replay audit of one trainer's round: the version (or the proposal) it made, the parts
+    its group committed, and the verdicts so far."""
+
+    __tablename__ = "replay_audits"
+    audit_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(128), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[int] = mapped_column(Integer)
+    """The version the round's starting version was trained from (-1: none)."""
+    made: Mapped[int] = mapped_column(Integer)
+    """The version the round made; -1 for a proposal that conflicted (none made)."""
+    trainer: Mapped[str] = mapped_column(String(128), index=True)
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    """The manifest frame the trainer signed for the round."""
+    parts: Mapped[list[list[str]]] = mapped_column(JSON)
+    """``[trainer, part hash hex]`` of every part the manifest averaged, the trainer's first."""
+    lease_ids: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    """open | assigned | passed | failed | cancelled."""
+    verifier: Mapped[str] = mapped_column(String(128), default="")
+    deadline: Mapped[float] = mapped_column(Float, default=0.0)
+    verdicts: Mapped[list[list[Any]]] = mapped_column(JSON, default_factory=list)
+    """``[verifier, passed, failed check, stats]`` of each verdict; replaced, never changed in
+    place."""
 
 
 class ReportRow(Base):

@@ -125,6 +125,14 @@ class LeaseBook:
         for lease_id in [i for i, s in waiting.items() if s.lease.policy_version < oldest]:
             del waiting[lease_id]
 
+    def roll_back(self, run_id: str, version: int) -> None:
+        """The run is back at ``version`` (newer ones were withdrawn): rollouts sampled at a
+        withdrawn version leave the waiting index, never to train."""
+        self.runs[run_id].policy_version = version
+        waiting = self.waiting[run_id]
+        for lease_id in [i for i, s in waiting.items() if s.lease.policy_version > version]:
+            del waiting[lease_id]
+
     def issue(self, run_id: str, node: str, max_prompts: int) -> Lease | None:
         """A lease of up to ``max_prompts`` examples for ``node``, or None when none are left."""
         self.expire()

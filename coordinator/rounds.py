@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -28,10 +28,12 @@ from coordinator.lifecycle import RunLifecycle
 from coordinator.state import State
 from protocol.adapters import (
     AdapterManifest,
+    CommitmentAck,
     ManifestAck,
     NoTraining,
     ReportAck,
     RolloutRef,
+    RoundCommitment,
     RoundReport,
     TrainAssignment,
     TrainRequest,
@@ -45,6 +47,10 @@ from protocol.membership import PeerRecord
 log = logging.getLogger(__name__)
 
 
+async def _keep_nothing(peer: str, part_hash: bytes) -> bool:
+    return True
+
+
 @dataclass
 class _Proposal:
     """A manifest for a run's next version, and the round's trainers that signed it."""
@@ -54,9 +60,16 @@ class _Proposal:
 
 
 class Rounds:
-    def __init__(self, state: State, runs: RunLifecycle) -> None:
+    def __init__(
+        self,
+        state: State,
+        runs: RunLifecycle,
+        keep_part: Callable[[str, bytes], Awaitable[bool]] | None = None,
+    ) -> None:
         self.state = state
         self.runs = runs
+        self.keep_part = keep_part or _keep_nothing
+        """Fetch a trainer's committed part and keep it (False: it did not serve it)."""
         self._dealing = trio.Lock()
         """One request deals at a time: admitting a round waits on the accounts database (its
         hold), and a trainer asking meanwhile must find the round dealt, not deal it again."""
@@ -95,7 +108,9 @@ class Rounds:
                     for s in share]  # fmt: skip
             return TrainAssignment(run_id=run.run_id, version=v, rollouts=refs, rank=rank,
                                    group_size=k, hivemind_peers=hivemind_peers[:16],
-                                   settings=run.plan.spec.training())  # fmt: skip
+                                   settings=run.plan.spec.training(),
+                                   next_version=self.next_version(run.run_id),
+                                   parent=self.parent_of(run.run_id, v))  # fmt: skip
         return NoTraining(retry_after_s=state.config.retry_after_s)
 
     async def _deal(self, run: RunState, v: int, k: int) -> list[LeaseState]:
@@ -125,6 +140,43 @@ class Rounds:
             await trio.sleep(period_s)
             for run in list(self.state.book.runs.values()):
                 await self.state.billing.close_overdue(run, self.state.config.report_deadline_s)
+
+    def next_version(self, run_id: str) -> int:
+        """The number of the run's next version: after every version made, withdrawn ones
+        included (a number is never used twice: nodes cache adapters by it)."""
+        return max([0, *self.state.versions.get(run_id, {})]) + 1
+
+    def parent_of(self, run_id: str, version: int) -> int:
+        """The version ``version`` was trained from (-1 for version 0)."""
+        row = self.state.versions.get(run_id, {}).get(version)
+        return -1 if version == 0 or row is None else row.trained_from()
+
+    def made_from(self, run_id: str, round_: int) -> AdapterRow | None:
+        """The live version the round from ``round_`` made, if any."""
+        rows = self.state.versions.get(run_id, {}).values()
+        return next((r for r in rows if not r.revoked and r.trained_from() == round_), None)
+
+    def live_versions(self, run_id: str) -> int:
+        return sum(not r.revoked for r in self.state.versions.get(run_id, {}).values())
+
+    def commit(self, peer: str, msg: RoundCommitment) -> CommitmentAck:
+        """A trainer's commitment to its part of a round (``coordinator/replays.py``). Naming a
+        rollout outside its share is a strike: it trained on rollouts it was not dealt."""
+        state = self.state
+        run = state.book.runs.get(msg.run_id)
+        if run is None:
+            return CommitmentAck(accepted=False, detail=f"no run {msg.run_id!r}")
+        dealt = state.book.dealt.get((msg.run_id, msg.version), [])
+        share = [s.lease_id for s in dealt if s.trained_by == peer]
+        open_round = run.state == "running" and msg.version == run.policy_version
+        ack = state.replays.commit(peer, msg, share, open_round)
+        if not ack.accepted and share and open_round:
+            banned = state.audits.strike(peer)
+            log.warning("trainer %s committed to %s round %d with rollouts it was not dealt: a "
+                        "strike%s", peer, msg.run_id, msg.version, "; banned" if banned else "",
+                        extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
+        state.commit()
+        return ack
 
     def dealt_to(self, run_id: str, version: int) -> set[str]:
         """The trainers round ``version`` of a run is dealt to now."""
@@ -157,8 +209,9 @@ class Rounds:
         made = state.versions.setdefault(msg.run_id, {}).get(msg.version)
         if made is not None and msg.version == current:
             return self._made(peer, msg, digest, made)
-        if msg.version != current + 1 or msg.parent_version != current:
-            detail = f"the next version is {current + 1}, from {current}"
+        nxt = self.next_version(msg.run_id)
+        if msg.version != nxt or msg.parent_version != current:
+            detail = f"the next version is {nxt}, from {current}"
             return ManifestAck(outcome="stale", version=current, detail=detail)
         dealt = self.dealt_to(msg.run_id, current)
         if peer not in dealt:
@@ -169,6 +222,13 @@ class Rounds:
                         extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
             detail = f"round {current} of {msg.run_id} is not dealt to you"
             return ManifestAck(outcome="not_dealt", version=current, detail=detail)
+        commitment = state.replays.committed(msg.run_id, current, peer)
+        if commitment is None:
+            detail = f"no commitment of yours to a part of round {current} of {msg.run_id}"
+            return ManifestAck(outcome="uncommitted", version=current, detail=detail)
+        if not await self.keep_part(peer, commitment.part_hash):
+            detail = f"the part you committed to for round {current} could not be fetched"
+            return ManifestAck(outcome="uncommitted", version=current, detail=detail)
         proposals = self._proposals.setdefault((msg.run_id, msg.version), {})
         proposal = proposals.setdefault(digest, _Proposal(frame))
         if peer not in proposal.signers:
@@ -182,8 +242,16 @@ class Rounds:
                 if self._proposals.get((msg.run_id, msg.version)) is proposals:
                     del self._proposals[(msg.run_id, msg.version)]
                     log.error("the trainers of %s round %d signed different manifests: none is "
-                              "recorded, the round is trained again", msg.run_id, current,
+                              "recorded, every signer's round is replayed, the round is "
+                              "trained again", msg.run_id, current,
                               extra={"run_id": msg.run_id})  # fmt: skip
+                    state.replays.on_conflict(
+                        msg.run_id,
+                        current,
+                        self.parent_of(msg.run_id, current),
+                        [(p.frame, list(p.signers)) for p in proposals.values()],
+                    )
+                    state.commit()
                 return ManifestAck(outcome="conflict", version=current,
                                    detail="the round's trainers signed different manifests: "
                                    "train the round again from the current version")  # fmt: skip
@@ -208,7 +276,7 @@ class Rounds:
                                detail="a different manifest holds this version")  # fmt: skip
         if peer in made.signers:
             return ManifestAck(outcome="recorded", version=msg.version)
-        if peer in self.dealt_to(msg.run_id, msg.version - 1):
+        if peer in self.dealt_to(msg.run_id, made.trained_from()):
             made.signers = [*made.signers, peer]
             self.state.commit()
         return ManifestAck(outcome="duplicate", version=msg.version)
@@ -219,17 +287,19 @@ class Rounds:
         state = self.state
         row = AdapterRow(run_id=msg.run_id, version=msg.version, manifest_hash=digest,
                          frame=proposal.frame, signers=list(proposal.signers),
-                         created_at=state.clock())  # fmt: skip
+                         created_at=state.clock(), parent=msg.parent_version)  # fmt: skip
+        parent = self.parent_of(msg.run_id, msg.parent_version)
         state.versions[msg.run_id][msg.version] = row
         state.add(row)
         self._proposals.pop((msg.run_id, msg.version), None)
         state.book.set_policy_version(msg.run_id, msg.version)
+        state.replays.on_made(row, parent)
         state.commit()
         log.info("run %s is at version %d (manifest signed by %s)", msg.run_id, msg.version,
                  ", ".join(proposal.signers), extra={"run_id": msg.run_id})  # fmt: skip
         if (
             run.plan.spec.stop.max_rounds is not None
-            and msg.version >= run.plan.spec.stop.max_rounds
+            and self.live_versions(msg.run_id) >= run.plan.spec.stop.max_rounds
         ):
             await self.runs.finish(run, "completed", "max_rounds")
         return ManifestAck(outcome="recorded", version=msg.version)
@@ -244,7 +314,8 @@ class Rounds:
         run = state.book.runs.get(msg.run_id)
         if run is None:
             return ReportAck(recorded=False, detail=f"no run {msg.run_id!r}")
-        if msg.version >= run.policy_version:  # a round is reported once it made a version
+        made = self.made_from(msg.run_id, msg.version)
+        if made is None:  # a round is reported once it made a version
             return ReportAck(recorded=False, detail=f"round {msg.version} made no version (yet): "
                              "it is trained again, or goes on")  # fmt: skip
         rewards = [msgspec.to_builtins(r) for r in msg.rewards]
@@ -261,8 +332,7 @@ class Rounds:
             row.rewards, row.samples, row.counts, row.at = rewards, samples, counts, state.clock()
         share = [s for s in state.book.dealt.get((msg.run_id, msg.version), [])
                  if s.trained_by == peer]  # fmt: skip
-        made = state.versions.get(msg.run_id, {}).get(msg.version + 1)
-        if first and made is not None and peer in made.signers:  # its round moved the model
+        if first and peer in made.signers:  # its round moved the model
             false = self._false_report(peer, share, msg)
             if false:
                 banned = state.audits.strike(peer)
@@ -317,7 +387,8 @@ class Rounds:
             for run_id, v in pairs:
                 row = state.versions.get(run_id, {}).get(v)
                 run = runs.get(run_id)
-                if row is None or run is None or run.plan.spec.base_model != req.base_model:
+                if (row is None or row.revoked or run is None
+                        or run.plan.spec.base_model != req.base_model):  # fmt: skip
                     continue
                 nodes = [p for p, held in state.held.items()
                          if held.get(run_id) == v and p not in row.signers]  # fmt: skip
@@ -325,4 +396,25 @@ class Rounds:
                 out.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
             return out[:32]
 
-        return VersionsReply(versions=infos(wanted), deployed=infos(deployed))
+        current = {r.run_id: r.policy_version for r in on_model[-1024:]}
+        return VersionsReply(versions=infos(wanted), deployed=infos(deployed), current=current)
+
+    def roll_back(self, run: RunState, to: int) -> list[int]:
+        """Withdraw every live version of the run after ``to`` (a failed replay touched the
+        rounds that made them): the run is at ``to`` again, its next version takes the next
+        unused number, nodes drop the withdrawn ones when they next sync, and the open replays
+        of their rounds are cancelled. Rollouts sampled at withdrawn versions are not trained
+        on; those the withdrawn rounds trained on stay spent. Returns the versions withdrawn."""
+        rows = self.state.versions.get(run.run_id, {})
+        withdrawn = [r for v, r in sorted(rows.items()) if not r.revoked and v > to]
+        for r in withdrawn:
+            r.revoked = True
+        for key in [k for k in self._proposals if k[0] == run.run_id]:
+            del self._proposals[key]
+        self.state.book.roll_back(run.run_id, to)
+        if run.deployed is not None and run.deployed > to:
+            run.deployed = to or None
+        self.state.replays.cancel(run.run_id, {r.trained_from() for r in withdrawn})
+        log.warning("run %s rolled back to version %d: versions %s withdrawn", run.run_id, to,
+                    [r.version for r in withdrawn], extra={"run_id": run.run_id})  # fmt: skip
+        return [r.version for r in withdrawn]

@@ -38,6 +38,7 @@ from coordinator.members import Members
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.recount import Recounter, Tokenizers
+from coordinator.replaying import Replaying
 from coordinator.rollouts import Rollouts
 from coordinator.rounds import Rounds
 from coordinator.runlog import RunLog
@@ -47,6 +48,7 @@ from protocol.accounts import open_database as open_accounts
 from protocol.adapters import (
     AdapterManifest,
     Deployed,
+    RoundCommitment,
     RoundReport,
     TrainRequest,
     VersionsRequest,
@@ -72,11 +74,11 @@ from protocol.membership import (
 )
 from protocol.p2p import P2PHost, request_cap
 from protocol.payload_store import PayloadStore
-from protocol.payloads import fetch_payload, serve_payloads
+from protocol.payloads import fetch_part, fetch_payload, serve_payloads
 from protocol.peer_limits import RateLimit
 from protocol.rollouts import RolloutReceipt
 from protocol.service.http import bind_tcp, parse_host_port, serve_http
-from protocol.verification import AuditRequest, Verdict
+from protocol.verification import AuditRequest, ReplayVerdict, Verdict
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
 from protocol.versions import AUDITS as AUDITS_PROTOCOL
 from protocol.versions import LEASES as LEASES_PROTOCOL
@@ -119,10 +121,11 @@ class Coordinator:
         self.accounts = KeyStore(
             open_accounts(config.accounts_db or f"sqlite:///{data_dir / 'gateway.db'}")
         )
-        self.state = State(engine, config.leases, config.audits, self.metrics, clock, self.accounts)
+        self.state = State(engine, config.leases, config.audits, self.metrics, clock, self.accounts,
+                           config.replays)  # fmt: skip
         self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
-        self.rounds = Rounds(self.state, self.runs)
+        self.rounds = Rounds(self.state, self.runs, self._keep_part)
         tokenizers = Tokenizers(config.tokenizers)
         self.state.can_score = tokenizers.has
         self.payloads = PayloadStore(data_dir / "payloads", config.payloads_max_bytes,
@@ -132,6 +135,8 @@ class Coordinator:
                                    self.peer_id, tokenizers, config.leases.payload_deadline_s,
                                    clock)  # fmt: skip
         self.rollouts = Rollouts(self.state, self.runs, self.recounter.submit)
+        self.replaying = Replaying(self.state, self.rounds, lambda p: self.members.addrs_of(p),
+                                   self._sources, self.announce_deployment)  # fmt: skip
         self.gate = GossipGate(
             MEMBERSHIP_TOPIC, (Heartbeat, Announce, Goodbye), self.metrics.gossip
         )
@@ -239,6 +244,8 @@ class Coordinator:
             TrainRequest: (ADAPTERS_PROTOCOL, self._train),
             AdapterManifest: (ADAPTERS_PROTOCOL, self._manifest),
             RoundReport: (ADAPTERS_PROTOCOL, self._report),
+            RoundCommitment: (ADAPTERS_PROTOCOL, self._commitment),
+            ReplayVerdict: (AUDITS_PROTOCOL, self._replay_verdict),
             VersionsRequest: (ADAPTERS_PROTOCOL, self._versions),
         }
 
@@ -280,7 +287,13 @@ class Coordinator:
 
     async def _audit(self, peer: str, msg: AuditRequest, _: bytes) -> Message:
         self._check_member(peer, "verifier")
+        replay = self.replaying.request(peer, msg)  # trainers' rounds first: they are rarer
+        if replay is not None:
+            return replay
         return await self.auditing.request(peer, msg, self._sources)
+
+    async def _replay_verdict(self, peer: str, msg: ReplayVerdict, _: bytes) -> Message:
+        return await self.replaying.verdict(peer, msg)
 
     def _sources(self, producer: str) -> list[str]:
         """Where a payload may be fetched: its producer while it is up, then this coordinator
@@ -313,6 +326,10 @@ class Coordinator:
             peer, msg, data, lambda t: t in live and not views.ban_reason(self.state, t)
         )
 
+    async def _commitment(self, peer: str, msg: RoundCommitment, _: bytes) -> Message:
+        self._check_member(peer, "trainer")
+        return self.rounds.commit(peer, msg)
+
     async def _report(self, peer: str, msg: RoundReport, _: bytes) -> Message:
         self._check_member(peer, "trainer")
         return await self.rounds.report(peer, msg)
@@ -321,6 +338,22 @@ class Coordinator:
         if not self.members.is_member(peer):
             raise NotMember("adapter versions are for members: join first")
         return self.rounds.versions(msg, self.members.addrs_of)
+
+    async def _keep_part(self, trainer: str, digest: bytes) -> bool:
+        """Fetch a trainer's committed part and keep it with the payloads (served to verifiers
+        replaying its round, whether or not the trainer is still up)."""
+        if digest in self.payloads:
+            return True
+        try:
+            with trio.fail_after(30):
+                await self.host.connect_any(self.members.addrs_of(trainer)[:4])
+                _, frame = await fetch_part(self.host, self.identity, trainer, digest, 20)
+        except (ProtocolError, OSError, trio.TooSlowError) as e:
+            log.warning("part %s of trainer %s not fetched: %s", digest.hex()[:12], trainer, e,
+                        extra={"peer": trainer})  # fmt: skip
+            return False
+        self.payloads.put(frame)
+        return True
 
     async def _fetch_payload(self, lease: LeaseState) -> bytes:
         """A rollout's payload frame, from its producer (for the coordinator's own count)."""

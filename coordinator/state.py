@@ -1,6 +1,7 @@
 """The coordinator's work state and its persistence: one object every protocol's handlers share.
 
 It holds the books (``LeaseBook``: runs and leases; ``AuditBook``: audits and trust;
+``ReplayBook``: trainers' commitments and the replays of their rounds;
 ``ReportBook``: trainers' round reports; ``RewardBook``: the rewards the coordinator recomputed;
 ``Billing``: the journal and the holds), each run's adapter versions,
 and one long-lived SQLAlchemy session. Entities (``coordinator/db.py``) are the in-memory
@@ -28,10 +29,21 @@ from sqlalchemy.orm import Session
 
 from coordinator.audits import AuditBook
 from coordinator.billing import Billing
-from coordinator.config import AuditConfig, LeaseConfig
-from coordinator.db import AdapterRow, Audit, LeaseState, LedgerRow, ReportRow, RunState, Trust
+from coordinator.config import AuditConfig, LeaseConfig, ReplayConfig
+from coordinator.db import (
+    AdapterRow,
+    Audit,
+    CommitmentRow,
+    LeaseState,
+    LedgerRow,
+    ReplayRow,
+    ReportRow,
+    RunState,
+    Trust,
+)
 from coordinator.leases import LeaseBook
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.replays import ReplayBook
 from coordinator.reports import ReportBook, RewardBook
 from protocol.accounts import KeyStore
 
@@ -47,6 +59,7 @@ class State:
         metrics: CoordinatorMetrics,
         clock: Callable[[], float],
         accounts: KeyStore | None = None,
+        replay_config: ReplayConfig | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -54,6 +67,9 @@ class State:
         self.session = Session(engine, expire_on_commit=False, autoflush=False)
         self.book = LeaseBook(clock, keep=self.add)
         self.audits = AuditBook(audit_config, clock, keep=self.add)
+        self.replays = ReplayBook(replay_config or ReplayConfig(), clock, self.audits.trust_of,
+                                  keep=self.add)  # fmt: skip
+        """Trainers' commitments and the replays of their rounds."""
         self.reports = ReportBook()
         self.rewards = RewardBook()
         """The rewards the coordinator recomputed itself (``coordinator/recount.py``)."""
@@ -103,6 +119,7 @@ class State:
             self.billing.reestablish(run, rounds, reported)
         audits = list(s.scalars(select(Audit).order_by(Audit.created_at)))
         self.audits.restore(s.scalars(select(Trust)), audits)
+        self.replays.restore(s.scalars(select(CommitmentRow)), s.scalars(select(ReplayRow)))
         self.commit()  # audits that were assigned are pending again
         if runs or audits:
             log.info("restored %d runs, %d leases and %d audits from the database",

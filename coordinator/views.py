@@ -226,10 +226,33 @@ def samples(state: State, run_id: str) -> list[dict[str, Any]]:
 
 
 def versions(state: State, run_id: str) -> list[dict[str, Any]]:
+    """A run's versions, withdrawn ones included (``revoked``), each with the replays of the
+    rounds that made it (``coordinator/replays.py``)."""
+    replays: dict[int, list[dict[str, Any]]] = {}
+    for r in state.replays.replays.values():
+        if r.run_id == run_id and r.made >= 0:
+            replays.setdefault(r.made, []).append(
+                {"audit_id": r.audit_id, "trainer": r.trainer, "status": r.status,
+                 "verdicts": [{"verifier": v[0], "passed": v[1], "failed_check": v[2]}
+                              for v in r.verdicts]}
+            )  # fmt: skip
     return [
         {"version": v, "manifest_sha256": row.manifest_hash, "holders": row.signers,
-         "created_at": row.created_at}
+         "created_at": row.created_at, "trained_from": row.trained_from(),
+         "revoked": row.revoked, "replays": replays.get(v, [])}
         for v, row in sorted(state.versions.get(run_id, {}).items())
+    ]  # fmt: skip
+
+
+def replays(state: State, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Every replay audit of trainers' rounds (of one run), oldest first."""
+    rows = sorted(state.replays.replays.values(), key=lambda r: r.created_at)
+    return [
+        {"audit_id": r.audit_id, "run_id": r.run_id, "round": r.round, "made": r.made,
+         "trainer": r.trainer, "status": r.status, "created_at": r.created_at,
+         "verdicts": [{"verifier": v[0], "passed": v[1], "failed_check": v[2], "stats": v[3]}
+                      for v in r.verdicts]}
+        for r in rows if run_id is None or r.run_id == run_id
     ]  # fmt: skip
 
 

@@ -153,7 +153,7 @@ def _roles(
     if "verifier" in config.roles:
         from node.roles.verifier import VerifierRole
 
-        roles.append((verifier_cls or VerifierRole)(config, model, versions))
+        roles.append((verifier_cls or VerifierRole)(config, model, versions, data_dir))
     if config.serve:
         from node.roles.serving import ServingRole
         from protocol.service.http import bind_tcp

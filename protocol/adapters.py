@@ -49,7 +49,14 @@ class AdapterManifest(Message):
 
 
 ManifestOutcome = Literal[
-    "recorded", "duplicate", "pending", "conflict", "not_dealt", "stale", "unknown_run"
+    "recorded",
+    "duplicate",
+    "pending",
+    "conflict",
+    "not_dealt",
+    "uncommitted",
+    "stale",
+    "unknown_run",
 ]
 
 
@@ -61,7 +68,8 @@ class ManifestAck(Message):
     a holder too); ``pending``: not every trainer of the round has signed it yet (send it again);
     ``conflict``: the round's trainers signed different manifests, or a different one holds
     that version (trainers of one round must agree bit for bit); ``not_dealt``: the round is
-    not this trainer's (a strike); ``stale``: not the next version; ``unknown_run``."""
+    not this trainer's (a strike); ``uncommitted``: this trainer committed no part for the
+    round before it (``RoundCommitment``); ``stale``: not the next version; ``unknown_run``."""
 
     TYPE: ClassVar[str] = "adapters.manifest_ack"
     MAX_BYTES: ClassVar[int] = 8 * KiB
@@ -100,6 +108,9 @@ class VersionsReply(Message):
     deployed: Annotated[list[VersionInfo], msgspec.Meta(max_length=32)] = []
     """The deployed version of each run on the base model (``bazaar run deploy``): what
     serving nodes answer as model ``<run>``."""
+    current: Annotated[dict[Name, NonNegInt], msgspec.Meta(max_length=1024)] = {}
+    """Each run's current version: a node holding a newer one drops it (a rollback withdrew
+    it, ``coordinator/replays.py``)."""
 
 
 class TrainRequest(Message):
@@ -121,8 +132,9 @@ class RolloutRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TrainAssignment(Message):
-    """Coordinator → trainer: train version ``version + 1`` of a run from these rollouts (this
-    trainer's share: ``rank`` of ``group_size`` trainers), averaging through the DHT peers."""
+    """Coordinator → trainer: train the run's next version (``next_version``) from version
+    ``version`` on these rollouts (this trainer's share: ``rank`` of ``group_size`` trainers),
+    averaging through the DHT peers."""
 
     TYPE: ClassVar[str] = "adapters.train_assignment"
     MAX_BYTES: ClassVar[int] = 8 * MiB
@@ -135,6 +147,54 @@ class TrainAssignment(Message):
     hivemind_peers: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
                               msgspec.Meta(max_length=16)]  # fmt: skip
     settings: TrainSettings = msgspec.field(default_factory=TrainSettings)
+    next_version: NonNegInt = 0
+    """The version the round makes (0: ``version + 1``; after a rollback the numbers of the
+    versions withdrawn are not used again)."""
+    parent: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    """The version ``version`` was trained from (-1: ``version - 1``): the quantizer's scales
+    derive from that step."""
+
+    def makes(self) -> int:
+        return self.next_version or self.version + 1
+
+    def parent_of_start(self) -> int:
+        return self.parent if self.parent >= 0 else self.version - 1
+
+
+class RoundCommitment(Message):
+    """Trainer → coordinator (adapters protocol), after its inner steps and before the
+    all-reduce: the hash of its signed ``TrainingPart`` of the round from ``version``, which
+    it keeps serving (payload protocol) for replays. A manifest counts only from a trainer
+    that committed; a resend replaces it while the round has made no version."""
+
+    TYPE: ClassVar[str] = "adapters.commitment"
+    MAX_BYTES: ClassVar[int] = 512 * KiB
+    run_id: Name
+    version: NonNegInt
+    part_hash: Hash32
+    lease_ids: Annotated[list[Name], msgspec.Meta(max_length=4096)] = []
+    """The dealt rollouts the part was trained on, in the order they were trained: a replay
+    trains on the same."""
+
+
+class CommitmentAck(Message):
+    TYPE: ClassVar[str] = "adapters.commitment_ack"
+    MAX_BYTES: ClassVar[int] = 4 * KiB
+    accepted: bool
+    detail: Text = ""
+
+
+class TrainingPart(Message):
+    """A trainer's quantized pseudo-gradient of one round (signed, content-addressed): the
+    integers it put into the all-reduce, one signed byte each, in the trainer's weight order."""
+
+    TYPE: ClassVar[str] = "adapters.training_part"
+    MAX_BYTES: ClassVar[int] = 32 * MiB
+    run_id: Name
+    version: NonNegInt
+    """The round's starting version."""
+    levels: Annotated[int, msgspec.Meta(ge=1, le=127)]
+    part: Annotated[bytes, msgspec.Meta(max_length=32 * MiB - 4 * KiB)]
 
 
 class NoTraining(Message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from protocol.adapters import ShardRequest
+from protocol.adapters import ShardRequest, TrainingPart
 from protocol.codec import MiB
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
@@ -21,6 +21,7 @@ from protocol.p2p import P2PHost
 from protocol.payload_store import PayloadStore
 from protocol.rollouts import PayloadRequest, RolloutPayload
 from protocol.versions import PAYLOAD as PAYLOAD_PROTOCOL
+from protocol.versions import SHARDS as SHARDS_PROTOCOL
 
 MAX_PAYLOAD_FRAME = 33 * MiB
 """A payload body's cap (32 MiB) plus the envelope around it."""
@@ -92,3 +93,34 @@ async def fetch_payload(
     if not isinstance(env.message, RolloutPayload):
         raise DecodeError(f"expected a rollout payload, got {env.message.TYPE}")
     return env
+
+
+async def fetch_part(
+    host: P2PHost,
+    identity: Identity,
+    trainer: str,
+    digest: bytes,
+    timeout_s: float = 30.0,
+    source: str | None = None,
+) -> tuple[TrainingPart, bytes]:
+    """A trainer's committed part of a round and its frame, from the trainer (served with its
+    adapter shards, by hash) or from ``source`` (the coordinator keeps every committed part,
+    served with the payloads): it must hash to the commitment and be a ``TrainingPart`` signed
+    by ``trainer``."""
+    if source is None:
+        request = seal(identity, ShardRequest(sha256=digest))
+        peer, protocol = trainer, SHARDS_PROTOCOL
+    else:
+        request = seal(identity, PayloadRequest(payload_hash=digest))
+        peer, protocol = source, PAYLOAD_PROTOCOL
+    frame = await host.request(peer, protocol, request, max_response_bytes=MAX_PAYLOAD_FRAME,
+                               timeout_s=timeout_s)  # fmt: skip
+    actual = hashlib.sha256(frame).digest()
+    if actual != digest:
+        raise HashMismatch(f"part from {trainer} hashes to {actual.hex()}, not {digest.hex()}")
+    env = open_envelope(frame, None)
+    if env.sender != trainer:
+        raise BadSignature(f"part was signed by {env.sender}, not by its trainer {trainer}")
+    if not isinstance(env.message, TrainingPart):
+        raise DecodeError(f"expected a training part, got {env.message.TYPE}")
+    return env.message, frame

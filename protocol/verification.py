@@ -15,8 +15,11 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from protocol.codec import Hash32, KiB, Message, Name, NonNegInt, PeerIdStr, Text
+from protocol.adapters import RolloutRef
+from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt, PeerIdStr, Text
 from protocol.leases import Lease
+from protocol.membership import PeerRecord
+from protocol.runs import TrainSettings
 
 VerdictOutcome = Literal[
     "recorded",
@@ -93,3 +96,51 @@ class VerdictAck(Message):
     MAX_BYTES: ClassVar[int] = 1 * KiB
     audit_id: Name
     outcome: VerdictOutcome
+
+
+class PartRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A trainer's committed part of a round, and where it is served."""
+
+    trainer: PeerIdStr
+    addrs: Annotated[list[Annotated[str, msgspec.Meta(max_length=256)]],
+                     msgspec.Meta(max_length=16)]  # fmt: skip
+    part_hash: Hash32
+
+
+class ReplayAssignment(Message):
+    """Coordinator → verifier (audit protocol, in answer to ``AuditRequest``): replay
+    ``trainer``'s round of a run from version ``version`` — the dealt ``rollouts``, the run's
+    ``settings``, a fresh AdamW, the scales of the step ``parent`` → ``version`` — and check its
+    committed part against it; then check that the adapter ``manifest`` (signed by the trainer:
+    the version the round made, or the one it proposed) is the outer step with the mean of the
+    round's committed ``parts``."""
+
+    TYPE: ClassVar[str] = "verification.replay"
+    MAX_BYTES: ClassVar[int] = 8 * MiB
+    audit_id: Name
+    run_id: Name
+    version: NonNegInt
+    parent: Annotated[int, msgspec.Meta(ge=-1)]
+    """The version ``version`` was trained from (-1: ``version`` is 0)."""
+    trainer: PeerIdStr
+    parts: Annotated[list[PartRef], msgspec.Meta(min_length=1, max_length=64)]
+    """Every committed part the version averaged, ``trainer``'s first."""
+    manifest: Annotated[bytes, msgspec.Meta(max_length=80 * KiB)]
+    holders: Annotated[list[PeerRecord], msgspec.Meta(max_length=16)]
+    """Who serves the manifest's shards."""
+    rollouts: Annotated[list[RolloutRef], msgspec.Meta(min_length=1, max_length=4096)]
+    settings: TrainSettings
+    deadline_ms: NonNegInt
+
+
+class ReplayVerdict(Message):
+    """Verifier → coordinator: the trainer's round replayed as committed, or which check failed."""
+
+    TYPE: ClassVar[str] = "verification.replay_verdict"
+    MAX_BYTES: ClassVar[int] = 16 * KiB
+    audit_id: Name
+    trainer: PeerIdStr
+    passed: bool
+    failed_check: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    detail: Text = ""
+    stats: Annotated[dict[Name, float], msgspec.Meta(max_length=64)] = {}

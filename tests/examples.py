@@ -9,18 +9,21 @@ import numpy as np
 import protocol  # noqa: F401  (registers every message type)
 from protocol.adapters import (
     AdapterManifest,
+    CommitmentAck,
     Deployed,
     LeaseCount,
     ManifestAck,
     NoTraining,
     ReportAck,
     RolloutRef,
+    RoundCommitment,
     RoundReport,
     SampleText,
     ShardData,
     ShardInfo,
     ShardRequest,
     TrainAssignment,
+    TrainingPart,
     TrainRequest,
     VersionInfo,
     VersionRewards,
@@ -50,7 +53,16 @@ from protocol.rollouts import (
     Sample,
 )
 from protocol.runs import DilocoSpec, LoraSpec, LossSpec, RunStatus, TrainSettings
-from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
+from protocol.verification import (
+    AuditAssignment,
+    AuditRequest,
+    NoAudit,
+    PartRef,
+    ReplayAssignment,
+    ReplayVerdict,
+    Verdict,
+    VerdictAck,
+)
 
 H = hashlib.sha256(b"x").digest()
 PEER = "12D3KooWDqKLJN9JUJNg2HgVqrSCYR6AYm8LK57Tpgt6d2riQevu"
@@ -179,6 +191,32 @@ EXAMPLES: list[Message] = [
             loss=LossSpec(clip_eps=0.0),
             diloco=DilocoSpec(compression="int8"),
         ),
+        next_version=5,
+        parent=1,
+    ),
+    RoundCommitment(run_id="r-1", version=2, part_hash=H, lease_ids=["lease-1", "lease-2"]),
+    CommitmentAck(accepted=False, detail="round 2 of r-1 is not dealt to you"),
+    TrainingPart(run_id="r-1", version=2, levels=63, part=bytes([1, 255, 0, 63])),
+    ReplayAssignment(
+        audit_id="replay-1",
+        run_id="r-1",
+        version=2,
+        parent=1,
+        trainer=PEER,
+        parts=[PartRef(PEER, [ADDR], H)],
+        manifest=b"frame",
+        holders=[PeerRecord(PEER, [ADDR])],
+        rollouts=[RolloutRef(LEASE, PEER, [ADDR], H)],
+        settings=TrainSettings(),
+        deadline_ms=5,
+    ),
+    ReplayVerdict(
+        audit_id="replay-1",
+        trainer=PEER,
+        passed=False,
+        failed_check="part_replay",
+        detail="3% of the part is more than a level from the replay",
+        stats={"outside_band": 0.03},
     ),
     RoundReport(
         run_id="r-1",

@@ -8,13 +8,17 @@ The loop, once the node has joined with the trainer role:
 2. fetch each rollout's payload from its producer (hash and signature checked), count its
    tokens (the report carries the counts, signed: evidence the ledger reconciles against),
    rebuild the prompts from the lease and recompute rewards with the environment;
-3. run a DiLoCo round on the run's ``Trainer`` (``node/training/trainer.py``) — H inner steps,
-   the quantized pseudo-gradient averaged with the round's other trainers through hivemind (in
-   a child process; alone, no averaging), the outer step — in a worker thread;
-4. cut the new adapter into shards, serve them, and submit the signed manifest; every trainer
-   of the round ends with the same bytes, so the coordinator records the first and counts the
-   others as holders; publish the manifest on gossip (nodes fetch the version at once); then
-   share the state, for trainers that join later.
+3. run a DiLoCo round on the run's ``Trainer`` (``node/training/trainer.py``): H inner steps
+   from a fresh AdamW give this trainer's quantized part; it signs the part, serves it (by
+   hash, with its adapter shards) and commits to it at the coordinator (``RoundCommitment``)
+   *before* the all-reduce; then the parts are averaged with the round's other trainers
+   through hivemind (in a child process; alone, no averaging) and the outer step taken — in a
+   worker thread. A verifier may replay the round and check the part and the version against
+   it (``verification/training.py``);
+4. cut the new adapter into shards, serve them, and submit the signed manifest of the version
+   the assignment names; the version is made once every trainer of the round signed the same
+   manifest; publish the manifest on gossip (nodes fetch the version at once); then share the
+   state, for trainers that join later.
 
 A trainer whose weights are not at the round's version (it joined late, missed a round, or its
 all-reduce group's result lost to another's) takes the published version first (``_recover``:
@@ -37,16 +41,20 @@ from node.store.adapters import cut
 from node.store.versions import VersionSync
 from protocol.adapters import (
     AdapterManifest,
+    CommitmentAck,
     LeaseCount,
     ManifestAck,
     NoTraining,
     ReportAck,
+    RoundCommitment,
     RoundReport,
     SampleText,
     TrainAssignment,
+    TrainingPart,
     TrainRequest,
     VersionRewards,
 )
+from protocol.envelope import seal
 from protocol.errors import DecodeError, ProtocolError
 from protocol.leases import Lease
 from protocol.payloads import fetch_payload
@@ -124,11 +132,17 @@ class TrainerRole(Role):
             log.info("the round of %s v%d has no learning signal (every group's completions "
                      "scored alike): its version takes no inner step", a.run_id, a.version,
                      extra={"run_id": a.run_id})  # fmt: skip
+        part, stats = await trio.to_thread.run_sync(
+            self._inner, trainer, examples, a.settings.diloco.inner_steps
+        )
+        if not await self._commit(a, trainer, part, [c.lease_id for c in report.counts]):
+            trainer.version = -1  # the weights are this round's local ones: take the version
+            await trio.sleep(1.0)
+            return
         trained = await trio.to_thread.run_sync(
-            trainer.round, examples, a.settings.diloco.inner_steps, f"{a.run_id}@{a.version}",
-            a.group_size,
+            trainer.finish, part, stats, f"{a.run_id}@{a.version}", a.group_size, a.makes()
         )  # fmt: skip
-        manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer)
+        manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer, a.version)
         ack = await self._submit(manifest)
         if ack is None:  # the version was never recorded: take the network's next round
             trainer.version = -1
@@ -188,8 +202,8 @@ class TrainerRole(Role):
     async def _recover(self, a: TrainAssignment, trainer: Trainer) -> bool:
         """Fetch the run's published versions the round's one is derived from (it and the one
         before, as any node fetches them), and take it (``Trainer.recover``)."""
-        run, v = a.run_id, a.version
-        for needed in {v, v - 1} - {0, -1}:
+        run, v, parent = a.run_id, a.version, a.parent_of_start()
+        for needed in {v, parent} - {0, -1}:
             if not await self.versions.ensure(run, needed):
                 return False
 
@@ -198,7 +212,7 @@ class TrainerRole(Role):
             assert held is not None  # only versions past 0 are read, and those were ensured
             return Path(held[1])
 
-        if not await trio.to_thread.run_sync(trainer.recover, v, adapter_dir):
+        if not await trio.to_thread.run_sync(trainer.recover, v, adapter_dir, parent):
             return False
         log.info("took %s v%d from the published adapter", run, v, extra={"run_id": run})
         return True
@@ -259,13 +273,44 @@ class TrainerRole(Role):
         """The trained adapter's PEFT files, as this trainer publishes them."""
         return trainer.export()
 
-    def _publish(self, run_id: str, trainer: Trainer) -> AdapterManifest:
+    def _inner(self, trainer: Trainer, examples: list[Completion], steps: int) -> Any:
+        """The round's inner steps: this trainer's part (``Trainer.inner``)."""
+        return trainer.inner(examples, steps)
+
+    async def _commit(
+        self, a: TrainAssignment, trainer: Trainer, part: Any, lease_ids: list[str]
+    ) -> bool:
+        """Sign the round's part, serve it (with the adapter shards, by hash) and commit to it
+        at the coordinator before the all-reduce: a replay of the round is checked against it.
+        False if the coordinator refused it or could not be reached."""
+        import numpy as np
+
+        body = TrainingPart(run_id=a.run_id, version=a.version, levels=trainer.quantizer.levels,
+                            part=np.asarray(part, dtype=np.int8).tobytes())  # fmt: skip
+        digest = self.shards.put(seal(self.agent.identity, body))
+        commitment = RoundCommitment(run_id=a.run_id, version=a.version, part_hash=digest,
+                                     lease_ids=lease_ids)  # fmt: skip
+        for attempt in range(4):
+            try:
+                ack = await self.agent.ask(commitment, (CommitmentAck,), ADAPTERS_PROTOCOL)
+            except ProtocolError as e:
+                log.warning("commitment of %s round %d not delivered (%s); attempt %d",
+                            a.run_id, a.version, e, attempt + 1)  # fmt: skip
+                await trio.sleep(0.5 * 2**attempt)
+                continue
+            if not ack.accepted:
+                log.warning("commitment of %s round %d refused: %s", a.run_id, a.version,
+                            ack.detail)  # fmt: skip
+            return ack.accepted
+        return False
+
+    def _publish(self, run_id: str, trainer: Trainer, parent: int) -> AdapterManifest:
         files = self._adapter_files(trainer)
         infos, shards = cut(files)
         for s in shards:
             self.shards.put(s)
         self.versions.adapters.add(run_id, trainer.version, files)  # for this node's other roles
         return AdapterManifest(
-            run_id=run_id, version=trainer.version, parent_version=trainer.version - 1,
+            run_id=run_id, version=trainer.version, parent_version=parent,
             base_model_hash=self.base_hash, shards=infos, total_bytes=sum(i.size for i in infos),
         )  # fmt: skip

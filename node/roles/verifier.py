@@ -16,6 +16,14 @@ The loop, once the node has joined:
 4. sign a ``Verdict`` naming the first failed check and send it; the ``VerdictAck`` says whether
    it was recorded, sent to another verifier, confirmed, or cleared.
 
+The coordinator may answer with a replay of a trainer's round instead (``ReplayAssignment``):
+the verifier fetches the round's committed parts (from their trainers, else the coordinator,
+which keeps them), the dealt payloads, the starting version and the one before it, and the
+adapter the trainer signed; trains the round again from the same weights with a fresh AdamW
+(``node/training/replay.py``, in a worker thread) and checks the part and the version against
+it (``verification/training.py``); a ``ReplayVerdict`` goes back. What it could not fetch or
+compute is ``unavailable`` or ``verifier_error``: not counted against the trainer.
+
 Some audits are known answers — payloads whose verdict is already settled, sent to check this
 verifier; nothing tells them apart, and a wrong answer costs strikes, pay and in the end a ban
 (``coordinator/audits.py``). Verifiers are paid only for verdicts that agree with the decision.
@@ -25,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import Counter
@@ -34,11 +43,22 @@ from node.config import NodeConfig
 from node.model.worker import ModelWorker
 from node.roles.base import Role
 from node.store.versions import VersionSync
+from protocol.adapters import AdapterManifest
+from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
-from protocol.payloads import fetch_payload
+from protocol.payloads import fetch_part, fetch_payload
 from protocol.rollouts import RolloutPayload
-from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
+from protocol.verification import (
+    AuditAssignment,
+    AuditRequest,
+    NoAudit,
+    ReplayAssignment,
+    ReplayVerdict,
+    Verdict,
+    VerdictAck,
+)
 from protocol.versions import AUDITS as AUDITS_PROTOCOL
+from verification.training import TrainingCheck
 
 if TYPE_CHECKING:
     from node.agent import NodeAgent
@@ -54,11 +74,20 @@ class VerifierRole(Role):
     name = "verifier"
     follows_versions = False  # it fetches the version an audit needs, when it needs it
 
-    def __init__(self, config: NodeConfig, model: ModelWorker, versions: VersionSync) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        model: ModelWorker,
+        versions: VersionSync,
+        data_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.versions = versions
         self.adapters = versions.adapters
+        self.data_dir = data_dir or Path(config.model_cache or ".")
+        self.replayer: Any = None
+        """The replays' trainer (``node/training/replay.py``), built at the first replay."""
 
     async def run(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -72,18 +101,23 @@ class VerifierRole(Role):
             if not await self.model.ensure_started(nursery):
                 return
             while True:
-                await self.audit(await self._next_audit())
+                work = await self._next_audit()
+                if isinstance(work, ReplayAssignment):
+                    await self.replay(work)
+                else:
+                    await self.audit(work)
 
-    async def _next_audit(self) -> AuditAssignment:
+    async def _next_audit(self) -> AuditAssignment | ReplayAssignment:
         request = AuditRequest(base_model=self.config.model, wait_s=LONG_POLL_S)
         while True:
             try:
-                reply = await self.agent.ask(request, (AuditAssignment, NoAudit), AUDITS_PROTOCOL)
+                expect = (AuditAssignment, ReplayAssignment, NoAudit)
+                reply = await self.agent.ask(request, expect, AUDITS_PROTOCOL)
             except ProtocolError as e:
                 log.warning("audit request failed: %s", e)
                 await trio.sleep(e.retry_after_s or self.config.reconnect_max_backoff_s)
                 continue
-            if isinstance(reply, AuditAssignment):
+            if isinstance(reply, (AuditAssignment, ReplayAssignment)):
                 return reply
             if isinstance(reply, NoAudit):
                 await trio.sleep(reply.retry_after_s)
@@ -116,6 +150,122 @@ class VerifierRole(Role):
             ack.outcome,
             extra={"audit_id": a.audit_id, "producer": a.producer},
         )
+
+    async def replay(self, a: ReplayAssignment) -> None:
+        """Replay a trainer's round and send the verdict (``node/training/replay.py``)."""
+        started = time.monotonic()
+        try:
+            check = await self.check_replay(a)
+        except Exception as e:  # fails closed, as "could not check": another verifier will
+            log.exception("replay %s could not be checked", a.audit_id)
+            check = TrainingCheck(False, "verifier_error", f"{type(e).__name__}: {e}")
+        verdict = ReplayVerdict(audit_id=a.audit_id, trainer=a.trainer, passed=check.passed,
+                                failed_check=check.check, detail=check.detail[:4000],
+                                stats=dict(list(check.stats.items())[:64]))  # fmt: skip
+        self.verdicts.labels(check.check or "passed").inc()
+        try:
+            ack = await self.agent.ask(verdict, VerdictAck, AUDITS_PROTOCOL)
+        except ProtocolError as e:
+            log.warning("verdict on replay %s not delivered: %s", a.audit_id, e)
+            return
+        log.info("replay %s of %s round %d: %s in %.2fs -> %s", a.audit_id, a.trainer, a.version,
+                 "passed" if check.passed else f"failed {check.check} ({check.detail})",
+                 time.monotonic() - started, ack.outcome,
+                 extra={"audit_id": a.audit_id, "peer": a.trainer})  # fmt: skip
+
+    async def check_replay(self, a: ReplayAssignment) -> TrainingCheck:
+        """Fetch what the round was made of, then replay and check it in a worker thread."""
+        from node.model.loading import resolve
+        from node.store.adapters import assemble
+        from node.store.shards import fetch_version
+        from node.training.replay import Replayer
+
+        host, me = self.agent.host, self.agent.identity
+        parts = []
+        for ref in a.parts:
+            part = await self._fetch_part(ref.trainer, list(ref.addrs), ref.part_hash)
+            if part is None:
+                return TrainingCheck(False, "unavailable", f"part of {ref.trainer} not fetched")
+            if (part.run_id, part.version) != (a.run_id, a.version):
+                return TrainingCheck(False, "part_range", "a part of another round")
+            parts.append(part)
+        payloads = []
+        for r in a.rollouts:
+            got = await self.fetch_rollout(r.lease.lease_id, r.producer, list(r.producer_addrs),
+                                           r.payload_hash, a.deadline_ms)  # fmt: skip
+            if not isinstance(got, RolloutPayload):
+                return TrainingCheck(False, "unavailable", got)
+            payloads.append((r.lease, got))
+        for v in {a.version, a.parent} - {0, -1}:
+            if not await self.versions.ensure(a.run_id, v):
+                return TrainingCheck(False, "verifier_error", f"{a.run_id} v{v} cannot be had")
+        env = open_envelope(a.manifest, None)
+        manifest = env.message
+        if env.sender != a.trainer or not isinstance(manifest, AdapterManifest):
+            return TrainingCheck(False, "verifier_error", "the manifest is not the trainer's")
+        seeds = [h.peer_id for h in a.holders]
+        for h in a.holders:
+            await host.connect_any(list(h.addrs))
+        shards = await fetch_version(host, me, manifest, self.versions.shards, seeds)
+        made = assemble(manifest, shards)
+
+        def held(v: int) -> Path | None:
+            if v <= 0:
+                return None
+            found = self.adapters.for_version(a.run_id, v)
+            return Path(found[1]) if found else None
+
+        if self.replayer is None:
+            cache = self.config.model_cache or str(self.data_dir)
+            self.replayer = Replayer(resolve(self.config.model, Path(cache)))
+        replayer = self.replayer
+        start = held(a.version)
+        parent = held(a.parent) if a.version > 0 else None
+        blobs, levels = [p.part for p in parts], parts[0].levels
+
+        def replay() -> TrainingCheck:
+            return replayer.replay(a.run_id, a.settings, start, parent, payloads, blobs, levels,
+                                   made)  # fmt: skip
+
+        return await trio.to_thread.run_sync(replay)
+
+    async def _fetch_part(self, trainer: str, addrs: list[str], digest: bytes) -> Any:
+        """A committed part, from its trainer, else from the coordinator (which keeps them)."""
+        host = self.agent.host
+        for source in (None, self.agent.coordinator_id):
+            try:
+                if source is None:
+                    await host.connect_any(addrs)
+                part, _ = await fetch_part(host, self.agent.identity, trainer, digest, 20,
+                                           source=source)  # fmt: skip
+                return part
+            except (ProtocolError, OSError, trio.TooSlowError) as e:
+                log.info("part %s of %s not fetched from %s: %s", digest.hex()[:12], trainer,
+                         source or "the trainer", e)  # fmt: skip
+        return None
+
+    async def fetch_rollout(self, lease_id: str, producer: str, addrs: list[str], digest: bytes,
+                            deadline_ms: int) -> RolloutPayload | str:  # fmt: skip
+        """A payload from the first of its sources that serves it, or why none did."""
+        failures = []
+        by_peer: dict[str, list[str]] = {}
+        for addr in addrs:
+            _, sep, peer = addr.rpartition("/p2p/")
+            by_peer.setdefault(peer if sep and peer else producer, []).append(addr)
+        for source, at in (by_peer or {producer: []}).items():
+            try:
+                await self.agent.host.connect_any(at)
+                env = await fetch_payload(
+                    self.agent.host, self.agent.identity, producer, digest,
+                    timeout_s=max(1.0, deadline_ms / 1000 - time.time()),
+                    source=None if source == producer else source,
+                )  # fmt: skip
+            except (ProtocolError, OSError, trio.TooSlowError) as e:
+                failures.append(f"{source[:12]}: {e}")
+                continue
+            assert isinstance(env.message, RolloutPayload)
+            return env.message
+        return f"rollout {lease_id} not fetched: " + "; ".join(failures)
 
     async def check(self, a: AuditAssignment) -> tuple[bool, str, str, dict[str, float]]:
         """``(passed, failed check, detail, stats)``; fails closed on anything unexpected."""

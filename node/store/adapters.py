@@ -127,6 +127,14 @@ class AdapterStore:
             return (run, held[-1]) if held else None
         return (run, version) if version in held else None
 
+    def withdraw(self, run_id: str, above: int) -> list[int]:
+        """Drop the versions of ``run_id`` newer than ``above`` (the run was rolled back);
+        returns those dropped."""
+        dropped = [v for v in self.versions(run_id) if v > above]
+        for v in dropped:
+            shutil.rmtree(self.path(run_id, v), ignore_errors=True)
+        return dropped
+
     def deployed(self, run_id: str) -> int | None:
         """The run's deployed version, as this node last heard it."""
         try:

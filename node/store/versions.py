@@ -128,6 +128,10 @@ class VersionSync:
                     fetched.append((info.run_id, info.version))
                 except Exception as e:  # a version that cannot be had is logged; the node goes on
                     log.warning("cannot fetch %s v%d: %s", info.run_id, info.version, e)
+            for run_id, current in reply.current.items():
+                if dropped := self.adapters.withdraw(run_id, current):
+                    log.warning("%s is back at v%d: dropped the withdrawn versions %s", run_id,
+                                current, dropped, extra={"run_id": run_id})  # fmt: skip
             for info in reply.deployed:
                 if self.adapters.deployed(info.run_id) != info.version:
                     self.adapters.set_deployed(info.run_id, info.version)

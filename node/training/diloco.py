@@ -5,10 +5,11 @@ Why quantize before averaging: hivemind's all-reduce hands each peer ``its own p
 compressed delta to the average``, so with any compression the peers' results differ in the last
 bits, and so would their adapters. Here each trainer first turns its pseudo-gradient into
 integers ``q`` in ``[-Q, Q]`` under a scale every trainer shares (``Quantizer``; what rounding
-and clipping cut off is kept and added to the next round — error feedback). The all-reduce then
-runs on those integers with fp16 on the wire; each peer's result ``y`` is within a known bound
-of the true mean ``S / k`` of ``k`` peers, and since ``S`` is an integer, ``round(y * k)`` is
-``S`` exactly when ``k`` × the bound is below 1/2 — which ``levels_for(k)`` guarantees. Every
+cut off, up to half a level, is kept and added to the next round — error feedback). The
+all-reduce then runs on those integers with fp16 on the wire; each peer's result ``y`` is within
+a known bound of the true mean ``S / k`` of ``k`` peers, and since ``S`` is an integer,
+``round(y * k)`` is ``S`` exactly when ``k`` × the bound is below 1/2 — which ``levels_for(k)``
+guarantees. Every
 trainer then computes the same mean from the same integers, the same outer step, the same
 adapter bytes.
 
@@ -48,6 +49,12 @@ def exact_sum(averaged: torch.Tensor, group_size: int) -> torch.Tensor:
 class Quantizer:
     """Shared-scale integer quantization with error feedback, one scale per tensor.
 
+    The residual carried into a round is capped at half a level of that round's scale (what
+    clipping cut off beyond it is dropped; the next scale grows with the step instead). So an
+    honest part ``q`` is always within one level of the pseudo-gradient over the scale,
+    ``|q - g / s| <= 1``: the bound a replay of the round checks (``verification/training.py``),
+    whatever the trainer's private residual was.
+
     The scale of round ``t`` must be the same on every trainer without a message: it is derived
     from the previous version step (identical everywhere, and public: two published adapter
     versions), twice its largest magnitude over ``Q``; the first round's comes from the inner
@@ -70,14 +77,20 @@ class Quantizer:
         return torch.cat([torch.full((n,), s) for n, s in pairs])
 
     def encode(self, pseudo_grad: torch.Tensor) -> torch.Tensor:
-        """Integers (as float32) in ``[-Q, Q]``; what they miss is kept for the next round."""
+        """Integers (as float32) in ``[-Q, Q]``; what they miss is kept for the next round
+        (up to half a level of that round's scale)."""
+        scale = self._scale_vector()
         if self.residual is None:
             self.residual = torch.zeros_like(pseudo_grad)
-        scale = self._scale_vector()
-        wanted = pseudo_grad + self.residual
+        carried = torch.maximum(torch.minimum(self.residual, scale / 2), -scale / 2)
+        wanted = pseudo_grad + carried
         q = torch.clamp(torch.round(wanted / scale), -self.levels, self.levels)
         self.residual = wanted - q * scale
         return q
+
+    def scale_vector(self) -> torch.Tensor:
+        """Each weight's scale this round."""
+        return self._scale_vector()
 
     def decode_mean(self, integer_sum: torch.Tensor, group_size: int) -> torch.Tensor:
         """The averaged pseudo-gradient from the exact integer sum."""

@@ -65,6 +65,12 @@ class LoraTrainer:
                 p.copy_(flat[start : start + p.numel()].view_as(p))
                 start += p.numel()
 
+    def reset_inner(self) -> None:
+        """Forget the inner optimizer's moments: every round starts AdamW afresh, so a round
+        is a function of its starting weights, completions and settings alone, and anyone can
+        replay it (``verification/training.py``)."""
+        self.inner.state.clear()
+
     def inner_step(self, batch: Sequence[Completion]) -> LossStats:
         """One AdamW step on a batch of completions."""
         width = max(len(c.prompt) + len(c.tokens) for c in batch)

@@ -78,6 +78,8 @@ class Trainer:
         """Version 0, the same on every trainer of the run."""
         self.version = 0
         """The version the weights are at; -1 when unknown (the next round recovers)."""
+        self.global_w = self.v0
+        """The weights the current round started from."""
 
     @classmethod
     def build(cls, base: str, run_id: str, s: TrainSettings) -> Trainer:
@@ -115,16 +117,54 @@ class Trainer:
         return scores, completions
 
     def round(
-        self, examples: Sequence[Completion], inner_steps: int, tag: str = "", expected: int = 1
+        self,
+        examples: Sequence[Completion],
+        inner_steps: int,
+        tag: str = "",
+        expected: int = 1,
+        next_version: int | None = None,
     ) -> Trained:
-        """One DiLoCo round from the global weights: the completions cut into ``inner_steps``
-        batches, one inner step each, then the pseudo-gradient averaged with the group (the
-        collective's round ``tag``, ``expected`` trainers; alone without a collective) and the
-        outer step. The weights move to the next version."""
-        global_w = self.model.flat()
+        """One DiLoCo round from the global weights (``inner``, then ``finish``): the weights
+        move to the next version (``next_version``, default the one after)."""
+        part, stats = self.inner(examples, inner_steps)
+        return self.finish(part, stats, tag, expected, next_version)
+
+    def inner(
+        self, examples: Sequence[Completion], inner_steps: int
+    ) -> tuple[torch.Tensor, list[LossStats]]:
+        """A round's own work: the completions cut into ``inner_steps`` batches, one inner
+        step each from a fresh AdamW, and the pseudo-gradient quantized: this trainer's part,
+        which it commits to before the all-reduce. The model is left at the local weights."""
+        self.global_w = self.model.flat()
+        self.model.reset_inner()
         stats = [self.model.inner_step(b) for b in inner_batches(examples, inner_steps)]
-        pseudo_grad = global_w - self.model.flat()
-        q = self.quantizer.encode(pseudo_grad).numpy()
+        return self.quantizer.encode(self.global_w - self.model.flat()), stats
+
+    def pseudo_gradient(self, examples: Sequence[Completion], inner_steps: int) -> torch.Tensor:
+        """What ``inner`` computes before quantizing, from the current weights, which it leaves
+        as they were: a replay of a round (``verification/training.py`` checks a part
+        against it)."""
+        start = self.model.flat()
+        self.model.reset_inner()
+        for b in inner_batches(examples, inner_steps):
+            self.model.inner_step(b)
+        pseudo_grad = start - self.model.flat()
+        self.model.load_flat(start)
+        self.model.reset_inner()
+        return pseudo_grad
+
+    def finish(
+        self,
+        part: torch.Tensor,
+        stats: list[LossStats],
+        tag: str = "",
+        expected: int = 1,
+        next_version: int | None = None,
+    ) -> Trained:
+        """The part averaged with the group (the collective's round ``tag``, ``expected``
+        trainers; alone without a collective) and the outer step from the global weights."""
+        global_w = self.global_w
+        q = part.numpy()
         if self.collective is None:
             integer_sum, k = q, 1
         else:
@@ -134,13 +174,16 @@ class Trainer:
         new_w = self.outer.step(global_w, mean)
         self.quantizer.rescale((global_w - new_w) / self.outer.lr)
         self.model.load_flat(new_w)
-        self.version += 1
+        self.version = self.version + 1 if next_version is None else next_version
         return Trained(new_w, stats, k)
 
-    def recover(self, version: int, adapter_dir: Callable[[int], Path]) -> bool:
+    def recover(
+        self, version: int, adapter_dir: Callable[[int], Path], parent: int | None = None
+    ) -> bool:
         """Take the run's published state at ``version``: load its adapter (``adapter_dir``
         says where each version is held) and derive the quantizer scales from it and the
-        version before, as every trainer did. With outer momentum, the momentum comes from a
+        version it was trained from (``parent``, default the one before), as every trainer
+        did (``scales_at``). With outer momentum, the momentum comes from a
         peer's shared state, accepted only if its weights are the published ones; False (the
         version left as it was) if there is none."""
 
@@ -150,10 +193,8 @@ class Trainer:
         published = weights(version)
         self.model.load_flat(published)
         self.quantizer.residual, self.outer.buffer = None, None
-        if version == 0:
-            self.quantizer.scales = [self.quantizer.initial_scale] * len(self.quantizer.sizes)
-        else:
-            self.quantizer.rescale((weights(version - 1) - published) / self.outer.lr)
+        before = None if version == 0 else weights(version - 1 if parent is None else parent)
+        self.scales_at(published, before)
         if self.outer.momentum and version > 0:
             state = self.collective.load_state(30.0) if self.collective is not None else None
             if state is None or state[0].get("version") != version:
@@ -165,6 +206,14 @@ class Trainer:
                 return False
         self.version = version
         return True
+
+    def scales_at(self, weights: torch.Tensor, parent: torch.Tensor | None) -> None:
+        """The quantizer's scales for a round from ``weights``, as every trainer derives them:
+        from the step that made them from ``parent`` (None: version 0, the initial scales)."""
+        if parent is None:
+            self.quantizer.scales = [self.quantizer.initial_scale] * len(self.quantizer.sizes)
+        else:
+            self.quantizer.rescale((parent - weights) / self.outer.lr)
 
     def export(self) -> dict[str, bytes]:
         """The weights as PEFT adapter files (``node/store/adapters.py``'s ``FILES``)."""

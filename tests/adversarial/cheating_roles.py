@@ -6,7 +6,7 @@ and hivemind cannot share a process with py-libp2p."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -67,10 +67,45 @@ class PoisonsAdapter(TrainerRole):
         return files
 
 
+class SkipsInnerSteps(TrainerRole):
+    """Takes none of its inner steps (the round's compute saved) and puts in the part of an
+    empty round, claiming the round's pay like any trainer."""
+
+    def _inner(self, trainer: Trainer, examples: list[Any], steps: int) -> Any:
+        return trainer.inner([], steps)
+
+
+class TrainsOnRolloutsNotDealt(TrainerRole):
+    """Commits to its dealt rollouts but trains on completions that are none of them: each
+    prompt paired with the next completion's tokens (rollouts of its own choosing)."""
+
+    def _inner(self, trainer: Trainer, examples: list[Any], steps: int) -> Any:
+        import dataclasses
+
+        n = len(examples)
+        other = [dataclasses.replace(c, tokens=examples[(i + 1) % n].tokens,
+                                     behaviour=examples[(i + 1) % n].behaviour)
+                 for i, c in enumerate(examples)]  # fmt: skip
+        return trainer.inner(other, steps)
+
+
+class ScalesItsPart(TrainerRole):
+    """Puts its part into the all-reduce three times over (and commits to that): a bigger say
+    in the version than its share."""
+
+    def _inner(self, trainer: Trainer, examples: list[Any], steps: int) -> Any:
+        import torch
+
+        part, stats = trainer.inner(examples, steps)
+        levels = trainer.quantizer.levels
+        return torch.clamp(3 * part, -levels, levels), stats
+
+
 ClaimsMoreTokens = InflatesReceipts
 """Claims one token more than every payload holds (``BAZAAR_CHEAT_FROM`` unset: from the start)."""
 
 ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cls",
          "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls",
-         "PoisonsAdapter": "trainer_cls"}  # fmt: skip
+         "PoisonsAdapter": "trainer_cls", "SkipsInnerSteps": "trainer_cls",
+         "TrainsOnRolloutsNotDealt": "trainer_cls", "ScalesItsPart": "trainer_cls"}  # fmt: skip
 """Each cheat, and the ``start_node`` argument its class replaces."""

@@ -5,15 +5,20 @@ receipts — honestly or not)."""
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+from node.store.shards import serve_shards
+from protocol.adapters import CommitmentAck, RoundCommitment, TrainingPart
 from protocol.codec import Message
 from protocol.envelope import open_envelope, seal
 from protocol.identity import Identity
 from protocol.membership import Capabilities, JoinReply, JoinRequest
 from protocol.p2p import P2PHost
-from protocol.versions import MEMBERSHIP, PROTOCOL_VERSION
+from protocol.payload_store import PayloadStore
+from protocol.versions import ADAPTERS, MEMBERSHIP, PROTOCOL_VERSION
 
 
 def capabilities(roles: list[str]) -> Capabilities:
@@ -29,6 +34,25 @@ class Peer:
         # one "process" per identity: the same instance id whenever this identity joins
         self.instance_id = hashlib.sha256(identity.peer_id.encode()).hexdigest()[:16]
         self.joined: tuple[list[str], str] | None = None
+        self.shards: PayloadStore | None = None
+
+    def serve_shards(self, store: PayloadStore | None = None) -> PayloadStore:
+        """Serve adapter shards (and training parts) from ``store`` (a new one if None)."""
+        if self.shards is None:
+            fresh = PayloadStore(Path(tempfile.mkdtemp(prefix="peer-shards-")))
+            self.shards = store if store is not None else fresh  # an empty store is falsy
+            serve_shards(self.host, self.shards)
+        return self.shards
+
+    async def commit(self, run_id: str, version: int, lease_ids: list[str]) -> CommitmentAck:
+        """Commit to a (made-up) part of a round, and serve it: what a trainer does before
+        its all-reduce, so that its manifest counts."""
+        part = TrainingPart(run_id=run_id, version=version, levels=63, part=bytes(16))
+        digest = self.serve_shards().put(seal(self.identity, part))
+        commitment = RoundCommitment(run_id, version, digest, lease_ids)
+        ack = await self.ask(ADAPTERS, commitment)
+        assert isinstance(ack, CommitmentAck), ack
+        return ack
 
     async def ask(self, protocol: str, msg: Message) -> Message:
         """A signed request to the coordinator; its signed answer (``RemoteError`` if refused)."""

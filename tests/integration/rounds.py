@@ -4,8 +4,9 @@ round was dealt to, so a test trainer must be dealt one first.
 
 ``deliver`` makes a lease's payload (``TOKENS`` tokens a sample), serves it and sends its
 receipt; ``dealt_round`` delivers a round's leases, waits for the coordinator's own count to
-confirm them, and has each trainer take its share. The run must train on unaudited rollouts
-(``"verification": {"trusted_only": false}``) unless the producer is trusted."""
+confirm them, and has each trainer take its share and commit to a part of it. The run must
+train on unaudited rollouts (``"verification": {"trusted_only": false}``) unless the producer
+is trusted."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from tests.examples import rollout_payload
 from tests.integration.cluster import Cluster
 from tests.integration.peer import Peer
 from tests.wait import wait_until
+
+NO_REPLAYS = ["--replays.trusted_after=0", "--replays.rate=0", "--replays.lone_rate=0"]
+"""Coordinator flags for tests whose trainers are in-process peers that train nothing: a real
+verifier would replay their rounds, and their made-up parts fail any replay."""
 
 TOKENS = 5
 """Completion tokens in each sample of the payloads below."""
@@ -76,7 +81,8 @@ async def dealt_round(
     leases: int = 1,
 ) -> list[TrainAssignment]:
     """Deliver ``leases`` leases per trainer at the run's current version, wait until the
-    coordinator confirmed them, and have each trainer take its share of the round."""
+    coordinator confirmed them, and have each trainer take its share of the round and commit
+    to a part (``Peer.commit``: a manifest counts only after)."""
     await producer.rejoin()  # live, so the coordinator fetches its payloads from it
     version = cluster.api("GET", f"/v1/runs/{run_id}")["policy_version"]
     before = cluster.api("GET", f"/v1/runs/{run_id}")["confirmed_tokens"]
@@ -96,4 +102,7 @@ async def dealt_round(
         share = await t.ask(ADAPTERS, TrainRequest(base_model="tiny"))
         assert isinstance(share, TrainAssignment), share
         shares.append(share)
+    for t, share in zip(trainers, shares, strict=True):  # their parts, before the all-reduce
+        ack = await t.commit(run_id, share.version, [r.lease.lease_id for r in share.rollouts])
+        assert ack.accepted, ack
     return shares

@@ -38,7 +38,7 @@ from protocol.verification import AuditAssignment, AuditRequest, Verdict, Verdic
 from protocol.versions import AUDITS
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
-from tests.integration.rounds import dealt_round, deliver, take_lease
+from tests.integration.rounds import NO_REPLAYS, dealt_round, deliver, take_lease
 from tests.integration.test_versions import ADAPTERS, manifest
 from tests.wait import wait_until
 
@@ -60,7 +60,7 @@ def render(url: str, profile: Path) -> str:
 def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, interval_s=30.0)  # the in-process trainer sends no heartbeats
     try:
-        cluster.start_coordinator(extra=["--leases.round_leases=1"])
+        cluster.start_coordinator(extra=["--leases.round_leases=1", *NO_REPLAYS])
         cluster.api("POST", "/v1/runs", json={"name": "r1", "rl": {"max_examples": 100},
                                               "verification": {"trusted_only": False}})  # fmt: skip
 
@@ -112,7 +112,8 @@ def test_the_dashboard_shows_the_ledger_reputation_bans_and_audits(tmp_path: Pat
     cluster = Cluster(tmp_path, interval_s=30.0)  # in-process peers send no heartbeats
     try:
         # a round takes two rollouts; one confirmed failure bans
-        cluster.start_coordinator(extra=["--leases.round_leases=2", "--audits.max_strikes=1"])
+        cluster.start_coordinator(extra=["--leases.round_leases=2", "--audits.max_strikes=1",
+                                         *NO_REPLAYS])  # fmt: skip
         spec = {"name": "r1", "env": {"name": "arith"},
                 "rl": {"max_examples": 100, "prompts_per_lease": 1, "group_size": 2},
                 "verification": {"trusted_only": False}}  # fmt: skip
@@ -155,6 +156,8 @@ def test_the_dashboard_shows_the_ledger_reputation_bans_and_audits(tmp_path: Pat
                 # the trainer trains both, makes version 1 and reports: the round is billed
                 share = await trainer.ask(ADAPTERS, TrainRequest(base_model="tiny"))
                 assert isinstance(share, TrainAssignment) and len(share.rollouts) == 2
+                ids = [r.lease.lease_id for r in share.rollouts]
+                assert (await trainer.commit("r1", 0, ids)).accepted
                 made = await trainer.ask(ADAPTERS, manifest(1, 0))
                 assert isinstance(made, ManifestAck) and made.outcome == "recorded"
                 report = RoundReport(

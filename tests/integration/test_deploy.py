@@ -14,14 +14,13 @@ import pytest
 import trio
 
 from node.store.adapters import cut, read_files
-from node.store.shards import serve_shards
 from protocol.adapters import AdapterManifest, ManifestAck
 from protocol.identity import Identity
 from protocol.payload_store import PayloadStore
 from protocol.payloads import serve_payloads
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
-from tests.integration.rounds import dealt_round
+from tests.integration.rounds import NO_REPLAYS, dealt_round
 from tests.integration.test_run_commands import bazaar
 from tests.integration.test_versions import ADAPTERS
 from tests.lora import random_adapter
@@ -37,7 +36,7 @@ def test_deploy_serves_a_version_as_the_runs_model(
     files = {v: read_files(random_adapter(tiny_model, tmp_path / f"lora{v}", seed=20 + v))
              for v in (1, 2)}  # fmt: skip
     try:
-        cluster.start_coordinator(extra=["--leases.round_leases=1"])
+        cluster.start_coordinator(extra=["--leases.round_leases=1", *NO_REPLAYS])
         monkeypatch.setenv("BAZAAR_API_KEY", cluster.api_key)  # the CLI bills runs to it
         spec = {"name": "r1", "rl": {"max_examples": 8, "prompts_per_lease": 2, "group_size": 2},
                 "verification": {"trusted_only": False}}  # fmt: skip
@@ -54,7 +53,7 @@ def test_deploy_serves_a_version_as_the_runs_model(
                 payloads = PayloadStore(tmp_path / "producer")
                 serve_payloads(producer.host, payloads)
                 store = PayloadStore(tmp_path / "trainer-shards")
-                serve_shards(trainer.host, store)
+                trainer.serve_shards(store)
                 for v in (1, 2):
                     await dealt_round(cluster, producer, payloads, [trainer])
                     infos, shards = cut(files[v], shard_bytes=16384)

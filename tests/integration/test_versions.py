@@ -17,7 +17,6 @@ import pytest
 import trio
 
 from node.store.adapters import cut, read_files
-from node.store.shards import serve_shards
 from protocol.adapters import (
     AdapterManifest,
     ManifestAck,
@@ -141,7 +140,7 @@ def test_a_node_fetches_the_current_version_and_works_at_it(
                 store = PayloadStore(tmp_path / "trainer-shards")
                 for s in shards:
                     store.put(s)
-                serve_shards(trainer.host, store)
+                trainer.serve_shards(store)
                 await dealt_round(cluster, producer, payloads, [trainer])
                 m = AdapterManifest(run_id="r1", version=1, parent_version=0,
                                     base_model_hash=bytes(32), shards=infos,
@@ -169,10 +168,12 @@ def test_a_node_fetches_the_current_version_and_works_at_it(
 
                 async def round_one() -> None:
                     while not isinstance(
-                        await trainer.ask(ADAPTERS, TrainRequest(base_model="tiny")),
+                        got := await trainer.ask(ADAPTERS, TrainRequest(base_model="tiny")),
                         TrainAssignment,
                     ):
                         await trio.sleep(0.3)
+                    ids = [r.lease.lease_id for r in got.rollouts]
+                    assert (await trainer.commit("r1", got.version, ids)).accepted
 
                 with trio.fail_after(60):
                     await round_one()

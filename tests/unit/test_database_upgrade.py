@@ -19,6 +19,8 @@ def test_an_earlier_coordinator_database_gains_the_new_columns(tmp_path: Path) -
     old = create_engine(url)
     with old.begin() as db:  # as a version before verifier pay and confirmed credit made it
         db.execute(text("ALTER TABLE trust DROP COLUMN verified_forfeited_tokens"))
+        db.execute(text("ALTER TABLE trust DROP COLUMN replays_passed"))
+        db.execute(text("ALTER TABLE adapter_versions DROP COLUMN revoked"))
         db.execute(text("ALTER TABLE leases DROP COLUMN recounted_tokens"))
         db.execute(text("INSERT INTO trust (peer_id, clean_streak, passed, failed, strikes, "
                         "banned, credited_tokens, forfeited_tokens, known_right, known_wrong, "
@@ -31,7 +33,7 @@ def test_an_earlier_coordinator_database_gains_the_new_columns(tmp_path: Path) -
         row = db.execute(select(Trust.__table__)).mappings().one()
         columns = set(db.execute(text("SELECT * FROM leases LIMIT 0")).keys())
     assert row["peer_id"] == "p" and row["credited_tokens"] == 640  # kept
-    assert row["verified_forfeited_tokens"] == 0  # added, with its default
+    assert row["verified_forfeited_tokens"] == 0 and row["replays_passed"] == 0  # added
     assert "recounted_tokens" in columns
 
 

@@ -12,7 +12,7 @@ import trio
 from sqlalchemy import select
 
 from coordinator.config import LeaseConfig
-from coordinator.db import LeaseState
+from coordinator.db import AdapterRow, LeaseState
 from coordinator.leases import LeaseBook, ReceiptOutcome
 from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
 from tests.unit.test_leases import Clock, plan, receipt_for
@@ -101,6 +101,9 @@ def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
 
     work = Work.open(f"sqlite:///{tmp_path / 'c.db'}")
     work.state.book.add_run(STREAM)
+    made = AdapterRow(run_id="r1", version=1, manifest_hash="h", frame=b"f", signers=["t1", "t2"],
+                      created_at=0.0, parent=0)  # fmt: skip
+    work.state.versions["r1"] = {1: made}  # round 0 made version 1
     work.state.book.set_policy_version("r1", 1)
     work.state.commit()
 
