@@ -341,9 +341,13 @@ class ReplayRow(Base):
     manifest: Mapped[bytes] = mapped_column(LargeBinary)
     """The manifest frame the trainer signed for the round."""
     parts: Mapped[list[list[str]]] = mapped_column(JSON)
-    """``[trainer, part hash hex]`` of every part the manifest averaged, the trainer's first."""
+    """``[trainer, part hash hex]`` of every part the manifest averaged (its ``group``), the
+    trainer's first."""
     lease_ids: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
+    signers: Mapped[list[str]] = mapped_column(JSON, default_factory=list)
+    """Who signed the manifest: a version several signed that fails only the sum check names
+    none of them."""
     status: Mapped[str] = mapped_column(String(16), default="open")
     """open | assigned | passed | failed | cancelled."""
     verifier: Mapped[str] = mapped_column(String(128), default="")

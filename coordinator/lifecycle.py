@@ -76,6 +76,17 @@ class RunLifecycle:
         run.state, run.stop_reason = state, reason
         await self.ended(run)
 
+    async def reopen(self, run: RunState) -> None:
+        """A run that completed on its last round runs again (queued if the running runs are
+        full): a rollback withdrew versions it counted."""
+        if run.state != "completed" or run.stop_reason != "max_rounds":
+            return
+        full = self._running() >= self.state.config.max_running_runs
+        run.state, run.stop_reason = ("queued" if full else "running"), ""
+        self.state.commit()
+        log.warning("run %s %s again: a rollback withdrew versions of its last rounds",
+                    run.run_id, run.state, extra={"run_id": run.run_id})  # fmt: skip
+
     async def ended(self, run: RunState) -> None:
         """Close a run that has just stopped: give back what its rounds held, start the
         oldest queued runs that now fit."""
@@ -110,8 +121,10 @@ class RunLifecycle:
 
     async def deploy(self, run: RunState, version: int) -> None:
         """Serve ``version`` as model ``<run>``; ``ValueError`` if no such version was made."""
-        if version not in self.state.versions.get(run.run_id, {}):
-            raise ValueError(f"run {run.run_id!r} has no adapter version {version}")
+        made = self.state.versions.get(run.run_id, {}).get(version)
+        if made is None or made.revoked:
+            raise ValueError(f"run {run.run_id!r} has no adapter version {version}"
+                             + (" (withdrawn)" if made is not None else ""))  # fmt: skip
         run.deployed = version
         self.state.commit()
         log.info("run %s deploys version %d", run.run_id, version, extra={"run_id": run.run_id})

@@ -108,9 +108,10 @@ class Replaying:
         """Ban the trainer, roll its run back, forfeit its pay for the withdrawn rounds. A
         version several trainers signed that is not the step their committed parts make (the
         sum check) says that one of them put another part into the all-reduce than it committed
-        to, not which: the version is withdrawn, no one is banned."""
+        to, not which: the version is withdrawn, no one is banned. (A manifest its trainer
+        alone signed is its own word: a poisoned adapter beside its co-trainers' honest one.)"""
         state = self.state
-        if msg.failed_check == "version_sum" and len(row.parts) > 1:
+        if msg.failed_check == "version_sum" and len(row.signers) > 1:
             run = state.book.runs[row.run_id]
             made = state.versions.get(row.run_id, {}).get(row.made)
             withdrawn = self.rounds.roll_back(run, row.round) if made and not made.revoked else []
@@ -120,6 +121,7 @@ class Replaying:
                       extra={"run_id": row.run_id})  # fmt: skip
             state.commit()
             if withdrawn:
+                await self.rounds.runs.reopen(run)
                 await self._announce(row.run_id, run.deployed or run.policy_version)
             return
         trust = state.audits.trust_of(row.trainer)
@@ -141,6 +143,7 @@ class Replaying:
                   extra={"run_id": row.run_id, "peer": row.trainer})  # fmt: skip
         state.commit()
         if withdrawn:
+            await self.rounds.runs.reopen(run)
             await self._announce(row.run_id, run.deployed or run.policy_version)
 
     async def _announce(self, run_id: str, version: int) -> None:

@@ -124,34 +124,41 @@ class ReplayBook:
 
     # -- opening replays --------------------------------------------------------------------
 
-    def on_made(self, row: AdapterRow, parent: int) -> list[ReplayRow]:
+    def on_made(self, row: AdapterRow, parent: int, group: list[str]) -> list[ReplayRow]:
         """Draw the rounds of a version just made for replay (``parent``: what the round's
-        starting version was trained from)."""
+        starting version was trained from; ``group``: the trainers whose parts it averages)."""
         opened = []
         for trainer in row.signers:
             trust = self.trust_of(trainer)
             rate = self.config.lone_rate if len(row.signers) == 1 else self.config.rate
             if trust.replays_passed < self.config.trusted_after or self.rng.random() < rate:
                 opened.append(self._open(row.run_id, row.trained_from(), parent, row.version,
-                                         trainer, row.frame, row.signers))  # fmt: skip
+                                         trainer, row.frame, row.signers, group))  # fmt: skip
         return [r for r in opened if r is not None]
 
     def on_conflict(
-        self, run_id: str, round_: int, parent: int, proposals: Iterable[tuple[bytes, list[str]]]
+        self,
+        run_id: str,
+        round_: int,
+        parent: int,
+        proposals: Iterable[tuple[bytes, list[str], list[str]]],
     ) -> list[ReplayRow]:
         """Replay every signer of a round whose trainers signed different manifests, each
-        against the manifest it signed (and the parts of that manifest's signers)."""
+        against the manifest it signed (``(frame, signers, group)``: and the parts of the group
+        that manifest names)."""
         opened = []
-        for frame, signers in proposals:
+        for frame, signers, group in proposals:
             for trainer in signers:
-                opened.append(self._open(run_id, round_, parent, -1, trainer, frame, signers))
+                opened.append(
+                    self._open(run_id, round_, parent, -1, trainer, frame, signers, group)
+                )
         return [r for r in opened if r is not None]
 
     def _open(self, run_id: str, round_: int, parent: int, made: int, trainer: str,
-              frame: bytes, signers: list[str]) -> ReplayRow | None:  # fmt: skip
+              frame: bytes, signers: list[str], group: list[str]) -> ReplayRow | None:  # fmt: skip
         own = self.committed(run_id, round_, trainer)
-        group = [trainer, *[s for s in signers if s != trainer]]
-        commits = [self.committed(run_id, round_, s) for s in group]
+        members = [trainer, *[s for s in group if s != trainer]]
+        commits = [self.committed(run_id, round_, s) for s in members]
         if own is None or any(c is None for c in commits):
             return None  # a manifest counts only after its signers committed
         question = (run_id, round_, trainer, made)
@@ -162,7 +169,7 @@ class ReplayBook:
             audit_id=f"replay-{secrets.token_hex(8)}", run_id=run_id, round=round_,
             parent=parent, made=made, trainer=trainer, manifest=frame,
             parts=[[c.trainer, c.part_hash.hex()] for c in commits if c is not None],
-            lease_ids=list(own.lease_ids), created_at=self.clock(),
+            lease_ids=list(own.lease_ids), created_at=self.clock(), signers=list(signers),
         )  # fmt: skip
         self.keep(row)
         self.replays[row.audit_id] = row

@@ -53,9 +53,11 @@ async def _keep_nothing(peer: str, part_hash: bytes) -> bool:
 
 @dataclass
 class _Proposal:
-    """A manifest for a run's next version, and the round's trainers that signed it."""
+    """A manifest for a run's next version, the trainers whose parts it says it averages, and
+    the round's trainers that signed it."""
 
     frame: bytes
+    group: list[str]
     signers: list[str] = field(default_factory=list)
 
 
@@ -229,8 +231,12 @@ class Rounds:
         if not await self.keep_part(peer, commitment.part_hash):
             detail = f"the part you committed to for round {current} could not be fetched"
             return ManifestAck(outcome="uncommitted", version=current, detail=detail)
+        group = sorted(msg.group or [peer])
+        if peer not in group or not set(group) <= dealt:
+            detail = "a version averages parts of the round's dealt trainers, yours among them"
+            return ManifestAck(outcome="conflict", version=current, detail=detail)
         proposals = self._proposals.setdefault((msg.run_id, msg.version), {})
-        proposal = proposals.setdefault(digest, _Proposal(frame))
+        proposal = proposals.setdefault(digest, _Proposal(frame, group))
         if peer not in proposal.signers:
             proposal.signers.append(peer)
         give_up = trio.current_time() + state.config.manifest_wait_s
@@ -249,7 +255,7 @@ class Rounds:
                         msg.run_id,
                         current,
                         self.parent_of(msg.run_id, current),
-                        [(p.frame, list(p.signers)) for p in proposals.values()],
+                        [(p.frame, list(p.signers), p.group) for p in proposals.values()],
                     )
                     state.commit()
                 return ManifestAck(outcome="conflict", version=current,
@@ -293,7 +299,7 @@ class Rounds:
         state.add(row)
         self._proposals.pop((msg.run_id, msg.version), None)
         state.book.set_policy_version(msg.run_id, msg.version)
-        state.replays.on_made(row, parent)
+        state.replays.on_made(row, parent, proposal.group)
         state.commit()
         log.info("run %s is at version %d (manifest signed by %s)", msg.run_id, msg.version,
                  ", ".join(proposal.signers), extra={"run_id": msg.run_id})  # fmt: skip

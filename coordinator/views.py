@@ -326,6 +326,10 @@ def ban_reason(state: State, peer: str) -> str:
         return ""
     if t.strikes >= state.audits.config.max_strikes:
         return f"banned after {t.strikes} confirmed audit failures"
+    failed = [r for r in state.replays.replays.values()
+              if r.trainer == peer and r.status == "failed"]  # fmt: skip
+    if failed:
+        return f"banned: its training of {failed[0].run_id} round {failed[0].round} failed a replay"
     return f"banned after {t.verifier_strikes} verifier strikes (wrong known answers, outvoted)"
 
 

@@ -46,6 +46,9 @@ class AdapterManifest(Message):
     base_model_hash: Hash32
     shards: Annotated[list[ShardInfo], msgspec.Meta(min_length=1, max_length=4096)]
     total_bytes: NonNegInt
+    group: Annotated[list[PeerIdStr], msgspec.Meta(max_length=64)] = []
+    """The trainers whose committed parts the version averages, sorted (the same for all of
+    them): a replay checks the version against exactly those parts. Empty: its signers."""
 
 
 ManifestOutcome = Literal[

@@ -111,9 +111,9 @@ class ReplayAssignment(Message):
     """Coordinator → verifier (audit protocol, in answer to ``AuditRequest``): replay
     ``trainer``'s round of a run from version ``version`` — the dealt ``rollouts``, the run's
     ``settings``, a fresh AdamW, the scales of the step ``parent`` → ``version`` — and check its
-    committed part against it; then check that the adapter ``manifest`` (signed by the trainer:
-    the version the round made, or the one it proposed) is the outer step with the mean of the
-    round's committed ``parts``."""
+    committed part against it; then check that the adapter ``manifest`` (the version the round
+    made, as one of its group signed it, or the one the trainer proposed) is the outer step
+    with the mean of the round's committed ``parts``."""
 
     TYPE: ClassVar[str] = "verification.replay"
     MAX_BYTES: ClassVar[int] = 8 * MiB

@@ -20,6 +20,7 @@ cheat left exactly as an honest producer makes it does not count: ``unchanged_<c
 
 Not measured here: producer and verifier on different devices (a GPU producer's bf16 against a
 CPU verifier's), which needs a GPU.
+Nor the replay audit of trainers' rounds: ``scripts/bench_replay.py`` measures it.
 
 Run: ``python scripts/bench_verification.py [--leases 32]`` (``--model smollm2 --max-tokens 128
 --only none``: the cost on a real model's longer completions); writes

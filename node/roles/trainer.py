@@ -116,8 +116,9 @@ class TrainerRole(Role):
         if a.group_size > 1 and trainer.collective is None:
             peers = list(a.hivemind_peers)
             await trio.to_thread.run_sync(
-                trainer.join, peers, a.run_id, a.settings.diloco.compression
-            )
+                trainer.join, peers, a.run_id, a.settings.diloco.compression,
+                self.agent.host.peer_id,
+            )  # fmt: skip
         if trainer.version != a.version and not await self._recover(a, trainer):
             log.warning("at version %d, the round is at %d: skipped", trainer.version, a.version)
             await trio.sleep(1.0)
@@ -142,7 +143,8 @@ class TrainerRole(Role):
         trained = await trio.to_thread.run_sync(
             trainer.finish, part, stats, f"{a.run_id}@{a.version}", a.group_size, a.makes()
         )  # fmt: skip
-        manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer, a.version)
+        group = list(trained.members) or [self.agent.host.peer_id]
+        manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer, a.version, group)
         ack = await self._submit(manifest)
         if ack is None:  # the version was never recorded: take the network's next round
             trainer.version = -1
@@ -304,7 +306,9 @@ class TrainerRole(Role):
             return ack.accepted
         return False
 
-    def _publish(self, run_id: str, trainer: Trainer, parent: int) -> AdapterManifest:
+    def _publish(
+        self, run_id: str, trainer: Trainer, parent: int, group: list[str]
+    ) -> AdapterManifest:
         files = self._adapter_files(trainer)
         infos, shards = cut(files)
         for s in shards:
@@ -313,4 +317,5 @@ class TrainerRole(Role):
         return AdapterManifest(
             run_id=run_id, version=trainer.version, parent_version=parent,
             base_model_hash=self.base_hash, shards=infos, total_bytes=sum(i.size for i in infos),
+            group=sorted(group),
         )  # fmt: skip

@@ -50,6 +50,9 @@ class CollectiveSpec:
     host: str = "127.0.0.1"
     wire: str = "fp16"
     """How the integers travel: ``fp16`` or ``int8`` (bit-packed, lossless; ``wire.py``)."""
+    member: str = ""
+    """This trainer's peer id in the network (gathered: the group's members name the version's
+    parts in its manifest)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class RoundResult:
     integer_sum: np.ndarray
     group_size: int
     seconds: float
+    members: tuple[str, ...] = ()
+    """The group's trainers (their ``member``), sorted."""
 
 
 class Collective:
@@ -209,7 +214,8 @@ def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundRe
         averager.set_group_bits(bits)
         with averager.get_tensors() as (tensor,):
             tensor.copy_(q)
-        gather = {"tag": tag, "expected": expected, "patient": time.monotonic() < patient_until}
+        gather = {"tag": tag, "expected": expected, "patient": time.monotonic() < patient_until,
+                  "member": spec.member}  # fmt: skip
         try:
             group = averager.step(gather=gather, timeout=max(1.0, deadline - time.monotonic()))
         except Exception as e:  # hivemind raises AllreduceException for "no group found"
@@ -224,6 +230,8 @@ def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundRe
             with averager.get_tensors() as (tensor,):
                 averaged = tensor.clone()
             k = len(group)
-            return RoundResult(exact_sum(averaged, k).numpy(), k, time.monotonic() - started)
+            members = tuple(sorted(str(g.get("member", "")) for g in seen))
+            return RoundResult(exact_sum(averaged, k).numpy(), k, time.monotonic() - started,
+                               members)  # fmt: skip
         log.info("group of %d refused (tags match: %s); trying again", len(seen), same)
-    return RoundResult(q.numpy().copy(), 1, time.monotonic() - started)
+    return RoundResult(q.numpy().copy(), 1, time.monotonic() - started, (spec.member,))

@@ -60,6 +60,8 @@ class Trained:
     """Each inner step's loss statistics."""
     group_size: int
     """How many trainers' pseudo-gradients were averaged (1: alone)."""
+    members: tuple[str, ...] = ()
+    """The group's trainers, by the ids given to ``join`` (empty: alone)."""
 
 
 class Trainer:
@@ -96,13 +98,14 @@ class Trainer:
         outer = OuterOptimizer(d.outer_lr, d.outer_momentum, nesterov=d.outer_momentum > 0)
         return cls(model, quantizer, outer, AutoTokenizer.from_pretrained(base))
 
-    def join(self, peers: Sequence[str], prefix: str, wire: str) -> None:
+    def join(self, peers: Sequence[str], prefix: str, wire: str, member: str = "") -> None:
         """Start the collective: join the run's hivemind DHT through ``peers`` (none: start
-        one), matchmaking under ``prefix``, ``wire`` the all-reduce's codec."""
+        one), matchmaking under ``prefix``, ``wire`` the all-reduce's codec, ``member`` this
+        trainer's id in the group."""
         from node.training.collective import Collective, CollectiveSpec
 
         spec = CollectiveSpec(list(peers), prefix, sum(self.model.sizes), target_group_size=8,
-                              round_timeout_s=30, wire=wire)  # fmt: skip
+                              round_timeout_s=30, wire=wire, member=member)  # fmt: skip
         collective = Collective(spec)
         collective.start()
         self.collective = collective
@@ -165,17 +168,18 @@ class Trainer:
         trainers; alone without a collective) and the outer step from the global weights."""
         global_w = self.global_w
         q = part.numpy()
+        members: tuple[str, ...] = ()
         if self.collective is None:
             integer_sum, k = q, 1
         else:
             result = self.collective.average(q, tag, expected)
-            integer_sum, k = result.integer_sum, result.group_size
+            integer_sum, k, members = result.integer_sum, result.group_size, result.members
         mean = self.quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
         new_w = self.outer.step(global_w, mean)
         self.quantizer.rescale((global_w - new_w) / self.outer.lr)
         self.model.load_flat(new_w)
         self.version = self.version + 1 if next_version is None else next_version
-        return Trained(new_w, stats, k)
+        return Trained(new_w, stats, k, members)
 
     def recover(
         self, version: int, adapter_dir: Callable[[int], Path], parent: int | None = None
