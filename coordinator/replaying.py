@@ -54,10 +54,16 @@ class Replaying:
         row = state.replays.assign(peer, can_check)
         if row is None:
             return None
-        state.commit()
         run, leases = runs[row.run_id], state.book.leases
         refs = [RolloutRef(leases[i].lease, leases[i].node, self.sources(leases[i].node)[:16],
-                           leases[i].payload_hash or b"") for i in row.lease_ids]  # fmt: skip
+                           leases[i].payload_hash or b"")
+                for i in row.lease_ids if i in leases]  # fmt: skip
+        if len(refs) != len(row.lease_ids):  # commitments name leases of the round only
+            log.error("replay %s names leases the coordinator lacks: cancelled", row.audit_id)
+            row.status = "cancelled"
+            state.commit()
+            return None
+        state.commit()
         return ReplayAssignment(
             audit_id=row.audit_id, run_id=row.run_id, version=row.round, parent=row.parent,
             trainer=row.trainer,

@@ -103,6 +103,9 @@ class ReplayBook:
         if not share:
             return CommitmentAck(accepted=False, detail=f"round {msg.version} of {msg.run_id} "
                                  "is not dealt to you")  # fmt: skip
+        if not msg.lease_ids:
+            return CommitmentAck(accepted=False, detail="a part is trained on rollouts: name "
+                                 "those of your share it was trained on")  # fmt: skip
         foreign = [i for i in msg.lease_ids if i not in set(share)]
         if foreign or len(set(msg.lease_ids)) != len(msg.lease_ids):
             return CommitmentAck(accepted=False, detail=f"rollout {foreign[:1] or msg.lease_ids} "

@@ -163,7 +163,9 @@ class Rounds:
 
     def commit(self, peer: str, msg: RoundCommitment) -> CommitmentAck:
         """A trainer's commitment to its part of a round (``coordinator/replays.py``). Naming a
-        rollout outside its share is a strike: it trained on rollouts it was not dealt."""
+        rollout the round was not dealt is a strike: it trained on rollouts it was not dealt
+        (one dealt to another trainer of the round since — the shares are cut again when
+        trainers join — is refused, no strike: the trainer takes its share again)."""
         state = self.state
         run = state.book.runs.get(msg.run_id)
         if run is None:
@@ -172,7 +174,8 @@ class Rounds:
         share = [s.lease_id for s in dealt if s.trained_by == peer]
         open_round = run.state == "running" and msg.version == run.policy_version
         ack = state.replays.commit(peer, msg, share, open_round)
-        if not ack.accepted and share and open_round:
+        round_ids = {s.lease_id for s in dealt}
+        if not ack.accepted and open_round and any(i not in round_ids for i in msg.lease_ids):
             banned = state.audits.strike(peer)
             log.warning("trainer %s committed to %s round %d with rollouts it was not dealt: a "
                         "strike%s", peer, msg.run_id, msg.version, "; banned" if banned else "",
@@ -235,6 +238,9 @@ class Rounds:
         if peer not in group or not set(group) <= dealt:
             detail = "a version averages parts of the round's dealt trainers, yours among them"
             return ManifestAck(outcome="conflict", version=current, detail=detail)
+        if any(state.replays.committed(msg.run_id, current, t) is None for t in group):
+            detail = "a version averages only parts committed to before the all-reduce"
+            return ManifestAck(outcome="uncommitted", version=current, detail=detail)
         proposals = self._proposals.setdefault((msg.run_id, msg.version), {})
         proposal = proposals.setdefault(digest, _Proposal(frame, group))
         if peer not in proposal.signers:

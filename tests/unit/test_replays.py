@@ -5,14 +5,16 @@ run goes back."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import trio
 
 from coordinator.config import ReplayConfig
 from coordinator.db import AdapterRow, Trust
 from coordinator.replays import ReplayBook
-from protocol.adapters import RoundCommitment
+from protocol.adapters import RoundCommitment, TrainAssignment, TrainRequest
 from protocol.verification import ReplayVerdict
 from verification.training import check_part, check_sum
 
@@ -158,3 +160,31 @@ def test_the_rates_cost_what_the_config_says(signers: list[str]) -> None:
         drawn += len(b.book.on_made(b.made(v, signers), v - 2, signers))
     expected = (0.1 if len(signers) == 1 else 0.05) * 2000 * len(signers)
     assert abs(drawn - expected) < 4 * expected**0.5
+
+
+def test_a_commitment_naming_rollouts_the_round_was_not_dealt_is_a_strike(tmp_path: Path) -> None:
+    from tests.unit.test_billing import service, streaming_run
+    from tests.unit.test_rounds import deliver
+
+    svc, accounts = service((f"sqlite:///{tmp_path / 'c.db'}", f"sqlite:///{tmp_path / 'a.db'}"))
+    accounts.create("researcher", budget_tokens=10**9)
+    (owner,) = accounts.all()
+
+    async def main() -> None:
+        run = await streaming_run(svc, owner)
+        for _ in range(3):
+            deliver(svc.state.book, "producer", {"r1": 0})
+        ask = TrainRequest(base_model="tiny")
+        a = await svc.rounds.train("t1", ask, ["t1", "t2"], lambda p: [], [])
+        b = await svc.rounds.train("t2", ask, ["t1", "t2"], lambda p: [], [])
+        assert isinstance(a, TrainAssignment) and isinstance(b, TrainAssignment)
+        theirs = b.rollouts[0].lease.lease_id
+        outside = next(i for i in svc.state.book.waiting[run.run_id])  # dealt to no round
+        refused = svc.rounds.commit("t1", RoundCommitment("r1", 0, bytes(32), [theirs]))
+        assert not refused.accepted and svc.state.audits.trust_of("t1").strikes == 0
+        struck = svc.rounds.commit("t1", RoundCommitment("r1", 0, bytes(32), [outside]))
+        assert not struck.accepted and svc.state.audits.trust_of("t1").strikes == 1
+        empty = svc.rounds.commit("t1", RoundCommitment("r1", 0, bytes(32), []))
+        assert not empty.accepted
+
+    trio.run(main)
