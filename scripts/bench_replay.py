@@ -23,8 +23,8 @@ commits three times its part (clamped to the levels), a bigger say in the versio
 ``trains_on_rollouts_not_dealt`` trains each prompt on the next completion's tokens;
 ``poisons_adapter`` trains honestly and publishes its adapter's weights x10.
 
-Metrics: ``honest_false_failure_rate`` (goal 0), the honest parts' ``mean_distance`` and
-``outside_band`` (the checks' limits 0.42 and 1e-3), ``caught_rate_<cheat>`` (failed replays ÷
+Metrics: ``honest_false_failure_rate`` (goal 0), the honest parts' ``mean_distance`` (only
+reported) and ``outside_band`` (the band's limit 1e-3), ``caught_rate_<cheat>`` (failed replays ÷
 replayed cheating rounds; goal ≥ 0.99) and ``caught_by_<cheat>``; ``replay_vs_train_cost``: an
 honest replay's seconds ÷ its baseline round's (completions, inner steps, outer step, export),
 the median over rounds (a busy neighbour on a shared machine can stall a two-thread step a
@@ -74,7 +74,7 @@ from node.training.replay import Replayer  # noqa: E402
 from node.training.trainer import Trainer  # noqa: E402
 from protocol.runs import TrainSettings  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
-from verification.training import MEAN_DISTANCE_LIMIT, OUT_OF_BAND_LIMIT  # noqa: E402
+from verification.training import OUT_OF_BAND_LIMIT  # noqa: E402
 
 RUN, THREADS = "bench", 2
 GOALS = {"false_failure_rate": 0.0, "caught_rate": 0.99, "replay_cost_fraction": 0.1}
@@ -279,7 +279,7 @@ def main() -> None:
     console.print(table)
     console.print(
         f"honest parts: mean distance {out['honest_mean_distance_min']:.3f}–"
-        f"{out['honest_mean_distance_max']:.3f} levels (limit {MEAN_DISTANCE_LIMIT}), outside "
+        f"{out['honest_mean_distance_max']:.3f} levels (no limit: bounded by the band), outside "
         f"the band at most {out['honest_outside_band_max']:.2e} (limit {OUT_OF_BAND_LIMIT}). A "
         f"replay costs "
         f"{cost:.2f} of its round: {out['replay_cost_fraction_group']:.3f} of a trusted "

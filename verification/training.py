@@ -8,16 +8,20 @@ replay computes the pseudo-gradient ``g`` again; the trainer's part ``q`` (integ
 ``[-Q, Q]``) must sit within one level of ``g / s`` — honest error feedback carries at most half
 a level in and half a level out (``node/training/diloco.py``) — on all but a sliver of the
 weights (last-bit float differences between machines move a few of them further: a gradient
-near zero that changes sign moves AdamW's first step by ``2 lr``); on average the distance is
-about a third of a level (two independent half-level roundings), never half. A clipped weight
+near zero that changes sign moves AdamW's first step by ``2 lr``). A clipped weight
 (``|q| = Q``) must have ``g / s`` at least ``Q - 1`` on its side.
 
 Calibration (tiny model, four inner steps, six rounds, replays on 1 and 2 threads with every
 starting weight moved by one ulp): at most 1.4e-4 of the weights fell outside the band, and the
-mean distance was 0.25–0.36 (``scripts/bench_verification.py`` measures it again, and what each
-trainer attack scores). The limits below leave 7× and 0.06 of room. What they let through: a
-trainer that chooses, on every weight, the rounding that suits it (the mean distance rises to
-half a level — caught), or that changes fewer than ``OUT_OF_BAND_LIMIT`` of the weights by more.
+mean distance was 0.25–0.36 levels (``scripts/bench_replay.py`` measures it again, and what
+each trainer attack scores); the limit leaves 7× of room. What it lets through: a trainer that
+chooses, on every weight, the rounding that suits it (one level either way), or that changes
+fewer than ``OUT_OF_BAND_LIMIT`` of the weights by more. No statistic of the distances can
+tell the first from honest work: the residual carried in is the trainer's own, anywhere in
+half a level either way — when the scale shrinks from one round to the next, every carried
+residual sits at that bound, and an honest part's mean distance nears half a level (seen in a
+real run: 0.49). So the freedom is bounded, not detected: one level of the scale per weight per
+round, the scale being twice the previous step's largest move over ``Q``.
 
 The sum check: the new version's weights must be exactly the outer step from the starting
 weights with the mean of the committed parts (momentum-free outer SGD, the default: with
@@ -34,8 +38,6 @@ BAND = 1.0 + 1e-3
 """How far from ``g / s`` (in levels) an honest weight's part lies."""
 OUT_OF_BAND_LIMIT = 1e-3
 """Share of the weights a replay on another machine may find outside ``BAND``."""
-MEAN_DISTANCE_LIMIT = 0.42
-"""Mean ``|q - g / s|`` over the unclipped weights: an honest part is near 1/3."""
 SUM_TOLERANCE = 1e-5
 """How far (in levels of the scale) a version may lie from the step its parts make: the same
 float operations on the same numbers give the same bits; this is room for nothing else."""
@@ -46,7 +48,7 @@ class TrainingCheck:
     passed: bool
     check: str = ""
     """The first check that failed: ``part_shape``, ``part_range``, ``part_replay``,
-    ``part_bias``, ``version_sum``."""
+    ``version_sum``."""
     detail: str = ""
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -80,10 +82,6 @@ def check_part(
         return TrainingCheck(False, "part_replay",
                              f"{outside:.2%} of the part is more than a level from the replay "
                              f"(limit {OUT_OF_BAND_LIMIT:.2%})", stats)  # fmt: skip
-    if mean > MEAN_DISTANCE_LIMIT:
-        detail = (f"the part lies {mean:.3f} levels from the replay on average (an honest one "
-                  f"about 1/3; limit {MEAN_DISTANCE_LIMIT})")  # fmt: skip
-        return TrainingCheck(False, "part_bias", detail, stats)
     return TrainingCheck(True, stats=stats)
 
 

@@ -7,6 +7,7 @@ delivery included, is the real role."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from node.config import NodeConfig
 from node.model.worker import ModelWorker
@@ -35,8 +36,14 @@ class FailingVerifier(VerifierRole):
 class _Colluding(VerifierRole):
     """Honest, except towards one producer (``BAZAAR_PEER``)."""
 
-    def __init__(self, config: NodeConfig, model: ModelWorker, versions: VersionSync) -> None:
-        super().__init__(config, model, versions)
+    def __init__(
+        self,
+        config: NodeConfig,
+        model: ModelWorker,
+        versions: VersionSync,
+        data_dir: Path | None = None,
+    ) -> None:
+        super().__init__(config, model, versions, data_dir)
         self.peer = os.environ["BAZAAR_PEER"]
 
 

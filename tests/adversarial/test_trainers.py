@@ -99,8 +99,7 @@ def test_of_trainers_in_conflict_the_replays_ban_the_poisoner(
         assert not nodes[n]["trust"]["banned"] and nodes[n]["trust"]["strikes"] == 0
 
 
-PART = {"part_replay", "part_bias"}
-"""The part checks: which one a cheating part fails first depends on the round."""
+PART = {"part_replay"}
 LONE_CHEATS = [
     ("SkipsInnerSteps", PART),
     ("ScalesItsPart", PART),
