@@ -323,6 +323,11 @@ class CommitmentRow(Base):
     part_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     lease_ids: Mapped[list[str]] = mapped_column(JSON)
     at: Mapped[float] = mapped_column(Float)
+    history: Mapped[dict[str, list[str]]] = mapped_column(JSON, default_factory=dict)
+    """Every part it committed to for the round (a round trained again after a conflict has
+    one per try), by hash (hex): the rollouts each was trained on. A manifest names the parts
+    it averages; a late one may name a co-trainer's part of the try before. Replaced, never
+    changed in place."""
 
 
 class ReplayRow(Base):

@@ -43,10 +43,13 @@ from dataclasses import dataclass, field
 
 from coordinator.config import ReplayConfig
 from coordinator.db import AdapterRow, CommitmentRow, ReplayRow, Trust
-from protocol.adapters import CommitmentAck, RoundCommitment
+from protocol.adapters import CommitmentAck, RoundCommitment, parse_part
 from protocol.verification import ReplayVerdict
 
 log = logging.getLogger(__name__)
+
+HISTORY = 16
+"""Parts of one round kept per trainer (one per try: a conflict makes the round trained again)."""
 
 ABSTAIN = ("verifier_error", "unavailable")
 """Failed checks that say the verifier could not check, not that the trainer lied: the
@@ -120,7 +123,14 @@ class ReplayBook:
             self.commitments[key] = row
         else:
             row.part_hash, row.lease_ids, row.at = msg.part_hash, list(msg.lease_ids), self.clock()
+        history = dict(list(row.history.items())[-(HISTORY - 1) :])
+        row.history = {**history, msg.part_hash.hex(): list(msg.lease_ids)}
         return CommitmentAck(accepted=True)
+
+    def was_committed(self, run_id: str, round_: int, trainer: str, part_hash: bytes) -> bool:
+        """Whether ``trainer`` committed to this part for the round (in any try of it)."""
+        row = self.committed(run_id, round_, trainer)
+        return row is not None and (part_hash == row.part_hash or part_hash.hex() in row.history)
 
     def committed(self, run_id: str, round_: int, trainer: str) -> CommitmentRow | None:
         return self.commitments.get((run_id, round_, trainer))
@@ -129,7 +139,8 @@ class ReplayBook:
 
     def on_made(self, row: AdapterRow, parent: int, group: list[str]) -> list[ReplayRow]:
         """Draw the rounds of a version just made for replay (``parent``: what the round's
-        starting version was trained from; ``group``: the trainers whose parts it averages)."""
+        starting version was trained from; ``group``: the committed parts it averages, as its
+        manifest names them)."""
         opened = []
         for trainer in row.signers:
             trust = self.trust_of(trainer)
@@ -159,11 +170,13 @@ class ReplayBook:
 
     def _open(self, run_id: str, round_: int, parent: int, made: int, trainer: str,
               frame: bytes, signers: list[str], group: list[str]) -> ReplayRow | None:  # fmt: skip
-        own = self.committed(run_id, round_, trainer)
-        members = [trainer, *[s for s in group if s != trainer]]
-        commits = [self.committed(run_id, round_, s) for s in members]
-        if own is None or any(c is None for c in commits):
-            return None  # a manifest counts only after its signers committed
+        named = [parse_part(name) for name in group]
+        own = [h for t, h in named if t == trainer]
+        row_of = self.committed(run_id, round_, trainer)
+        if len(own) != 1 or row_of is None:
+            return None  # a manifest counts only with the signer's own committed part
+        lease_ids = row_of.history.get(own[0].hex(), row_of.lease_ids)
+        parts = [(trainer, own[0]), *[(t, h) for t, h in named if t != trainer]]
         question = (run_id, round_, trainer, made)
         open_ = [r for r in self.replays.values() if r.status in ("open", "assigned")]
         if any((r.run_id, r.round, r.trainer, r.made) == question for r in open_):
@@ -171,8 +184,8 @@ class ReplayBook:
         row = ReplayRow(
             audit_id=f"replay-{secrets.token_hex(8)}", run_id=run_id, round=round_,
             parent=parent, made=made, trainer=trainer, manifest=frame,
-            parts=[[c.trainer, c.part_hash.hex()] for c in commits if c is not None],
-            lease_ids=list(own.lease_ids), created_at=self.clock(), signers=list(signers),
+            parts=[[t, h.hex()] for t, h in parts],
+            lease_ids=list(lease_ids), created_at=self.clock(), signers=list(signers),
         )  # fmt: skip
         self.keep(row)
         self.replays[row.audit_id] = row

@@ -40,6 +40,8 @@ from protocol.adapters import (
     VersionInfo,
     VersionsReply,
     VersionsRequest,
+    committed_part,
+    parse_part,
 )
 from protocol.codec import encode_body
 from protocol.membership import PeerRecord
@@ -231,15 +233,17 @@ class Rounds:
         if commitment is None:
             detail = f"no commitment of yours to a part of round {current} of {msg.run_id}"
             return ManifestAck(outcome="uncommitted", version=current, detail=detail)
-        if not await self.keep_part(peer, commitment.part_hash):
-            detail = f"the part you committed to for round {current} could not be fetched"
-            return ManifestAck(outcome="uncommitted", version=current, detail=detail)
-        group = sorted(msg.group or [peer])
-        if peer not in group or not set(group) <= dealt:
-            detail = "a version averages parts of the round's dealt trainers, yours among them"
+        group = sorted(msg.group or [committed_part(peer, commitment.part_hash)])
+        parts = [parse_part(name) for name in group]
+        own = [h for t, h in parts if t == peer]
+        if len(own) != 1 or not {t for t, _ in parts} <= dealt or len(set(parts)) != len(parts):
+            detail = "a version averages parts of the round's dealt trainers, one of yours"
             return ManifestAck(outcome="conflict", version=current, detail=detail)
-        if any(state.replays.committed(msg.run_id, current, t) is None for t in group):
+        if not all(state.replays.was_committed(msg.run_id, current, t, h) for t, h in parts):
             detail = "a version averages only parts committed to before the all-reduce"
+            return ManifestAck(outcome="uncommitted", version=current, detail=detail)
+        if not await self.keep_part(peer, own[0]):
+            detail = f"the part you committed to for round {current} could not be fetched"
             return ManifestAck(outcome="uncommitted", version=current, detail=detail)
         proposals = self._proposals.setdefault((msg.run_id, msg.version), {})
         proposal = proposals.setdefault(digest, _Proposal(frame, group))

@@ -28,6 +28,18 @@ from protocol.leases import Lease
 from protocol.membership import PeerRecord
 from protocol.runs import TrainSettings
 
+PartName = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[1-9A-Za-z]+:[0-9a-f]{64}$")]
+"""A committed part, as a manifest names it: ``<trainer peer id>:<part hash hex>``."""
+
+
+def committed_part(trainer: str, part_hash: bytes) -> str:
+    return f"{trainer}:{part_hash.hex()}"
+
+
+def parse_part(name: str) -> tuple[str, bytes]:
+    trainer, _, digest = name.partition(":")
+    return trainer, bytes.fromhex(digest)
+
 
 class ShardInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sha256: Hash32
@@ -46,9 +58,11 @@ class AdapterManifest(Message):
     base_model_hash: Hash32
     shards: Annotated[list[ShardInfo], msgspec.Meta(min_length=1, max_length=4096)]
     total_bytes: NonNegInt
-    group: Annotated[list[PeerIdStr], msgspec.Meta(max_length=64)] = []
-    """The trainers whose committed parts the version averages, sorted (the same for all of
-    them): a replay checks the version against exactly those parts. Empty: its signers."""
+    group: Annotated[list[PartName], msgspec.Meta(max_length=64)] = []
+    """The committed parts the version averages, ``<trainer>:<part hash hex>`` each
+    (``committed_part``), sorted: the same for every member of the all-reduce, which gathered
+    them; a replay checks the version against exactly those parts. Empty: the signer's
+    current commitment alone."""
 
 
 ManifestOutcome = Literal[

@@ -53,6 +53,7 @@ from protocol.adapters import (
     TrainingPart,
     TrainRequest,
     VersionRewards,
+    committed_part,
 )
 from protocol.envelope import seal
 from protocol.errors import DecodeError, ProtocolError
@@ -136,14 +137,16 @@ class TrainerRole(Role):
         part, stats = await trio.to_thread.run_sync(
             self._inner, trainer, examples, a.settings.diloco.inner_steps
         )
-        if not await self._commit(a, trainer, part, [c.lease_id for c in report.counts]):
+        digest = await self._commit(a, trainer, part, [c.lease_id for c in report.counts])
+        if digest is None:
             trainer.version = -1  # the weights are this round's local ones: take the version
             await trio.sleep(1.0)
             return
+        me = committed_part(self.agent.host.peer_id, digest)  # its name in the all-reduce
         trained = await trio.to_thread.run_sync(
-            trainer.finish, part, stats, f"{a.run_id}@{a.version}", a.group_size, a.makes()
+            trainer.finish, part, stats, f"{a.run_id}@{a.version}", a.group_size, a.makes(), me
         )  # fmt: skip
-        group = list(trained.members) or [self.agent.host.peer_id]
+        group = list(trained.members) or [me]
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer, a.version, group)
         ack = await self._submit(manifest)
         if ack is None:  # the version was never recorded: take the network's next round
@@ -281,10 +284,10 @@ class TrainerRole(Role):
 
     async def _commit(
         self, a: TrainAssignment, trainer: Trainer, part: Any, lease_ids: list[str]
-    ) -> bool:
+    ) -> bytes | None:
         """Sign the round's part, serve it (with the adapter shards, by hash) and commit to it
         at the coordinator before the all-reduce: a replay of the round is checked against it.
-        False if the coordinator refused it or could not be reached."""
+        Its hash; None if the coordinator refused it or could not be reached."""
         import numpy as np
 
         body = TrainingPart(run_id=a.run_id, version=a.version, levels=trainer.quantizer.levels,
@@ -303,8 +306,8 @@ class TrainerRole(Role):
             if not ack.accepted:
                 log.warning("commitment of %s round %d refused: %s", a.run_id, a.version,
                             ack.detail)  # fmt: skip
-            return ack.accepted
-        return False
+            return digest if ack.accepted else None
+        return None
 
     def _publish(
         self, run_id: str, trainer: Trainer, parent: int, group: list[str]

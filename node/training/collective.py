@@ -51,8 +51,7 @@ class CollectiveSpec:
     wire: str = "fp16"
     """How the integers travel: ``fp16`` or ``int8`` (bit-packed, lossless; ``wire.py``)."""
     member: str = ""
-    """This trainer's peer id in the network (gathered: the group's members name the version's
-    parts in its manifest)."""
+    """This trainer's name in a round's group, unless the round names it (``average``)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,15 @@ class Collective:
             raise RuntimeError(f"the hivemind process failed to start: {value}")
         self.visible_addrs = value
 
-    def average(self, q: np.ndarray, tag: str = "", expected: int = 1) -> RoundResult:
+    def average(
+        self, q: np.ndarray, tag: str = "", expected: int = 1, member: str = ""
+    ) -> RoundResult:
         """All-reduce ``q`` with the peers averaging the same ``tag`` (the run and version);
-        wait up to ``patience_s`` for a group of ``expected`` before taking a smaller one."""
-        result: RoundResult = self._ask("average", (q.astype(np.float32), tag, expected))
+        wait up to ``patience_s`` for a group of ``expected`` before taking a smaller one.
+        ``member``: this trainer's name in the group (gathered: every member learns every
+        name), ``CollectiveSpec.member`` if empty."""
+        args = (q.astype(np.float32), tag, expected, member or self.spec.member)
+        result: RoundResult = self._ask("average", args)
         return result
 
     def sent_bytes(self) -> int:
@@ -188,14 +192,17 @@ def _serve(conn: Any, spec: CollectiveSpec) -> None:
                     metadata, tensors = loaded
                     conn.send(("ok", (metadata, [t.numpy().copy() for t in tensors])))
             else:
-                array, tag, expected = q
-                conn.send(("ok", _round(averager, torch.from_numpy(array), tag, expected, spec)))
+                array, tag, expected, member = q
+                conn.send(("ok", _round(averager, torch.from_numpy(array), tag, expected, spec,
+                                        member)))  # fmt: skip
     finally:
         averager.shutdown()
         dht.shutdown()
 
 
-def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundResult:
+def _round(
+    averager: Any, q: Any, tag: str, expected: int, spec: Any, member: str = ""
+) -> RoundResult:
     """One round's all-reduce. Peers meet under a key derived from the round's tag; each member
     also gathers its tag (run and version), the group size its round expects, and whether
     it is still patient; every member sees the same gathered data and takes the same decision:
@@ -215,7 +222,7 @@ def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundRe
         with averager.get_tensors() as (tensor,):
             tensor.copy_(q)
         gather = {"tag": tag, "expected": expected, "patient": time.monotonic() < patient_until,
-                  "member": spec.member}  # fmt: skip
+                  "member": member}  # fmt: skip
         try:
             group = averager.step(gather=gather, timeout=max(1.0, deadline - time.monotonic()))
         except Exception as e:  # hivemind raises AllreduceException for "no group found"
@@ -234,4 +241,4 @@ def _round(averager: Any, q: Any, tag: str, expected: int, spec: Any) -> RoundRe
             return RoundResult(exact_sum(averaged, k).numpy(), k, time.monotonic() - started,
                                members)  # fmt: skip
         log.info("group of %d refused (tags match: %s); trying again", len(seen), same)
-    return RoundResult(q.numpy().copy(), 1, time.monotonic() - started, (spec.member,))
+    return RoundResult(q.numpy().copy(), 1, time.monotonic() - started, (member,))

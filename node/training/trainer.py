@@ -61,7 +61,7 @@ class Trained:
     group_size: int
     """How many trainers' pseudo-gradients were averaged (1: alone)."""
     members: tuple[str, ...] = ()
-    """The group's trainers, by the ids given to ``join`` (empty: alone)."""
+    """The group's members, by the names each gave (empty: alone)."""
 
 
 class Trainer:
@@ -163,16 +163,18 @@ class Trainer:
         tag: str = "",
         expected: int = 1,
         next_version: int | None = None,
+        member: str = "",
     ) -> Trained:
         """The part averaged with the group (the collective's round ``tag``, ``expected``
-        trainers; alone without a collective) and the outer step from the global weights."""
+        trainers, ``member`` this one's name there; alone without a collective) and the outer
+        step from the global weights."""
         global_w = self.global_w
         q = part.numpy()
         members: tuple[str, ...] = ()
         if self.collective is None:
             integer_sum, k = q, 1
         else:
-            result = self.collective.average(q, tag, expected)
+            result = self.collective.average(q, tag, expected, member)
             integer_sum, k, members = result.integer_sum, result.group_size, result.members
         mean = self.quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
         new_w = self.outer.step(global_w, mean)

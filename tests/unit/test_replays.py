@@ -14,7 +14,7 @@ import trio
 from coordinator.config import ReplayConfig
 from coordinator.db import AdapterRow, Trust
 from coordinator.replays import ReplayBook
-from protocol.adapters import RoundCommitment, TrainAssignment, TrainRequest
+from protocol.adapters import RoundCommitment, TrainAssignment, TrainRequest, committed_part
 from protocol.verification import ReplayVerdict
 from verification.training import check_part, check_sum
 
@@ -77,6 +77,10 @@ class Book:
         msg = RoundCommitment("r1", round_, bytes([len(trainer)]) * 32, list(share))
         return self.book.commit(trainer, msg, list(share), True).accepted
 
+    def parts(self, trainers: list[str]) -> list[str]:
+        """The parts ``commit`` makes, as a manifest names them."""
+        return [committed_part(t, bytes([len(t)]) * 32) for t in trainers]
+
     def made(self, version: int, signers: list[str], parent: int = -1) -> AdapterRow:
         return AdapterRow(run_id="r1", version=version, manifest_hash="h", frame=b"m",
                           signers=signers, created_at=0.0, parent=version - 1)  # fmt: skip
@@ -104,26 +108,28 @@ def test_a_commitment_counts_only_for_the_trainers_own_share() -> None:
 def test_new_trainers_are_replayed_every_round_then_at_the_rate() -> None:
     b = Book(trusted_after=2, rate=0.0, lone_rate=0.0)
     b.commit("t1")
-    assert len(b.book.on_made(b.made(1, ["t1"]), -1, ["t1"])) == 1
+    assert len(b.book.on_made(b.made(1, ["t1"]), -1, b.parts(["t1"]))) == 1
     b.trust_of("t1").replays_passed = 2
     b.commit("t1", 1)
-    assert b.book.on_made(b.made(2, ["t1"]), 0, ["t1"]) == []  # trusted, and the rate is 0
-    assert b.book.on_made(b.made(3, ["t9"]), 1, ["t9"]) == []  # never committed: nothing to replay
+    assert b.book.on_made(b.made(2, ["t1"]), 0, b.parts(["t1"])) == []  # trusted, and the rate is 0
+    assert (
+        b.book.on_made(b.made(3, ["t9"]), 1, b.parts(["t9"])) == []
+    )  # never committed: nothing to replay
 
 
 def test_one_pass_decides_two_failures_ban_and_a_split_goes_to_the_majority() -> None:
     b = Book()
     for t in ("good", "bad", "split"):
         b.commit(t)
-    (good,) = b.book.on_made(b.made(1, ["good"]), -1, ["good"])
+    (good,) = b.book.on_made(b.made(1, ["good"]), -1, b.parts(["good"]))
     assert b.verdict("v1", good.audit_id, "good", True) == "passed"
     assert b.trust_of("good").replays_passed == 1
-    (bad,) = b.book.on_made(b.made(1, ["bad"]), -1, ["bad"])
+    (bad,) = b.book.on_made(b.made(1, ["bad"]), -1, b.parts(["bad"]))
     assert b.verdict("v1", bad.audit_id, "bad", False) == "confirming"
     assert b.book.assign("v1", lambda r: True) is None  # the same verifier never looks twice
     assert b.book.assign("bad", lambda r: True) is None  # nor the trainer at its own round
     assert b.verdict("v2", bad.audit_id, "bad", False) == "failed"
-    (split,) = b.book.on_made(b.made(1, ["split"]), -1, ["split"])
+    (split,) = b.book.on_made(b.made(1, ["split"]), -1, b.parts(["split"]))
     assert b.verdict("v1", split.audit_id, "split", False) == "confirming"
     assert b.verdict("v2", split.audit_id, "split", True) == "confirming"
     assert b.verdict("v3", split.audit_id, "split", True) == "passed"
@@ -133,7 +139,7 @@ def test_one_pass_decides_two_failures_ban_and_a_split_goes_to_the_majority() ->
 def test_a_verifier_that_could_not_check_does_not_count() -> None:
     b = Book()
     b.commit("t1")
-    (row,) = b.book.on_made(b.made(1, ["t1"]), -1, ["t1"])
+    (row,) = b.book.on_made(b.made(1, ["t1"]), -1, b.parts(["t1"]))
     assert b.verdict("v1", row.audit_id, "t1", False, "unavailable") == "abstained"
     assert row.status == "open"
     assert b.verdict("v2", row.audit_id, "t1", False) == "confirming"  # the first to count
@@ -145,7 +151,7 @@ def test_a_caught_trainer_takes_the_run_back_before_its_first_unconfirmed_round(
     for v in (2, 3):  # rounds 2 and 3 made versions 3 and 4
         b.commit("liar", v)
         b.commit("honest", v)
-    rows = b.book.on_made(versions[3], 1, ["honest", "liar"])
+    rows = b.book.on_made(versions[3], 1, b.parts(["honest", "liar"]))
     liar3 = next(r for r in rows if r.trainer == "liar")
     b.book._decide(liar3, "passed")  # its round 2 replayed clean
     assert b.book.rollback_point(versions, "liar") == 3  # round 3 (made v4) is the first unsure
@@ -161,7 +167,7 @@ def test_the_rates_cost_what_the_config_says(signers: list[str]) -> None:
     for v in range(1, 2001):
         for t in signers:
             b.commit(t, v - 1)
-        drawn += len(b.book.on_made(b.made(v, signers), v - 2, signers))
+        drawn += len(b.book.on_made(b.made(v, signers), v - 2, b.parts(signers)))
     expected = (0.1 if len(signers) == 1 else 0.05) * 2000 * len(signers)
     assert abs(drawn - expected) < 4 * expected**0.5
 
