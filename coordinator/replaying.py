@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from coordinator.db import ReplayRow
+from coordinator.db import ReplayRow, RunState
 from coordinator.rounds import Rounds
 from coordinator.state import State
 from protocol.adapters import RolloutRef
@@ -125,10 +125,7 @@ class Replaying:
                       "(one put another part into the all-reduce): versions %s withdrawn",
                       row.made, row.run_id, len(row.parts), withdrawn,
                       extra={"run_id": row.run_id})  # fmt: skip
-            state.commit()
-            if withdrawn:
-                await self.rounds.runs.reopen(run)
-                await self._announce(row.run_id, run.deployed or run.policy_version)
+            await self._rolled_back(run, withdrawn)
             return
         trust = state.audits.trust_of(row.trainer)
         trust.strikes += 1
@@ -147,14 +144,16 @@ class Replaying:
                   row.round, msg.failed_check, msg.detail, withdrawn,
                   sum(r.tokens for r in forfeited),
                   extra={"run_id": row.run_id, "peer": row.trainer})  # fmt: skip
-        state.commit()
-        if withdrawn:
-            await self.rounds.runs.reopen(run)
-            await self._announce(row.run_id, run.deployed or run.policy_version)
+        await self._rolled_back(run, withdrawn)
 
-    async def _announce(self, run_id: str, version: int) -> None:
-        """Make the nodes sync now (they drop the withdrawn versions)."""
+    async def _rolled_back(self, run: RunState, withdrawn: list[int]) -> None:
+        """After a rollback: a run completed on withdrawn versions runs again, and the nodes
+        sync now (they drop the withdrawn versions)."""
+        self.state.commit()
+        if not withdrawn:
+            return
+        await self.rounds.runs.reopen(run)
         try:
-            await self.announce(run_id, version)
+            await self.announce(run.run_id, run.deployed or run.policy_version)
         except Exception as e:  # gossip is the prompt; nodes sync on their own anyway
-            log.warning("could not announce the rollback of %s: %s", run_id, e)
+            log.warning("could not announce the rollback of %s: %s", run.run_id, e)

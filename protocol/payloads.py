@@ -82,17 +82,7 @@ async def fetch_payload(
         max_response_bytes=MAX_PAYLOAD_FRAME,
         timeout_s=timeout_s,
     )
-    actual = hashlib.sha256(frame).digest()
-    if actual != digest:
-        raise HashMismatch(
-            f"payload from {source or producer} hashes to {actual.hex()}, not {digest.hex()}"
-        )
-    env = open_envelope(frame, None)  # a stored frame: signature and schema, no replay window
-    if env.sender != producer:
-        raise BadSignature(f"payload was signed by {env.sender}, not by its producer {producer}")
-    if not isinstance(env.message, RolloutPayload):
-        raise DecodeError(f"expected a rollout payload, got {env.message.TYPE}")
-    return env
+    return _stored(frame, digest, producer, "producer", RolloutPayload, source or producer)
 
 
 async def fetch_part(
@@ -115,12 +105,30 @@ async def fetch_part(
         peer, protocol = source, PAYLOAD_PROTOCOL
     frame = await host.request(peer, protocol, request, max_response_bytes=MAX_PAYLOAD_FRAME,
                                timeout_s=timeout_s)  # fmt: skip
+    env = _stored(frame, digest, trainer, "trainer", TrainingPart, peer)
+    assert isinstance(env.message, TrainingPart)
+    return env.message, frame
+
+
+def _stored(
+    frame: bytes,
+    digest: bytes,
+    signer: str,
+    role: str,
+    kind: type[RolloutPayload] | type[TrainingPart],
+    served_by: str,
+) -> Envelope:
+    """A fetched frame of content addressed by ``digest``, as a fetcher accepts it: it hashes
+    to that digest (``HashMismatch``: tampered or substituted), is a validly signed ``kind``
+    (``DecodeError``), signed by ``signer`` — the producer or trainer it belongs to, whoever
+    served it (``BadSignature``)."""
+    what = kind.TYPE.rpartition(".")[2].replace("_", " ")
     actual = hashlib.sha256(frame).digest()
     if actual != digest:
-        raise HashMismatch(f"part from {trainer} hashes to {actual.hex()}, not {digest.hex()}")
-    env = open_envelope(frame, None)
-    if env.sender != trainer:
-        raise BadSignature(f"part was signed by {env.sender}, not by its trainer {trainer}")
-    if not isinstance(env.message, TrainingPart):
-        raise DecodeError(f"expected a training part, got {env.message.TYPE}")
-    return env.message, frame
+        raise HashMismatch(f"{what} from {served_by} hashes to {actual.hex()}, not {digest.hex()}")
+    env = open_envelope(frame, None)  # a stored frame: signature and schema, no replay window
+    if env.sender != signer:
+        raise BadSignature(f"{what} was signed by {env.sender}, not by its {role} {signer}")
+    if not isinstance(env.message, kind):
+        raise DecodeError(f"expected a {what}, got {env.message.TYPE}")
+    return env

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,11 +250,7 @@ class VerifierRole(Role):
                             deadline_ms: int) -> RolloutPayload | str:  # fmt: skip
         """A payload from the first of its sources that serves it, or why none did."""
         failures = []
-        by_peer: dict[str, list[str]] = {}
-        for addr in addrs:
-            _, sep, peer = addr.rpartition("/p2p/")
-            by_peer.setdefault(peer if sep and peer else producer, []).append(addr)
-        for source, at in (by_peer or {producer: []}).items():
+        for source, at in sources(producer, addrs).items():
             try:
                 await self.agent.host.connect_any(at)
                 env = await fetch_payload(
@@ -297,7 +294,7 @@ class VerifierRole(Role):
             return False, "unavailable", "the audit's deadline passed before the fetch", {}
         failures: list[tuple[str, str]] = []
         with trio.move_on_after(remaining):
-            for source, addrs in sources(a).items():
+            for source, addrs in sources(a.producer, a.producer_addrs).items():
                 try:
                     await host.connect_any(addrs)
                     env = await fetch_payload(
@@ -313,17 +310,17 @@ class VerifierRole(Role):
                     continue
                 assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
                 return env.message
-        if not failures or len(failures) < len(sources(a)):
+        if not failures or len(failures) < len(sources(a.producer, a.producer_addrs)):
             failures.append(("unavailable", "no source served the payload in time"))
         check = "signature" if any(c == "signature" for c, _ in failures) else "unavailable"
         return False, check, "; ".join(d for _, d in failures), {}
 
 
-def sources(a: AuditAssignment) -> dict[str, list[str]]:
-    """The assignment's sources by peer id, in order; an address without ``/p2p/`` is the
-    producer's."""
+def sources(producer: str, addrs: Sequence[str]) -> dict[str, list[str]]:
+    """A payload's sources (an assignment's or a rollout reference's addresses) by peer id, in
+    order; an address without ``/p2p/`` is the producer's."""
     out: dict[str, list[str]] = {}
-    for addr in a.producer_addrs:
+    for addr in addrs:
         _, sep, peer = addr.rpartition("/p2p/")
-        out.setdefault(peer if sep and peer else a.producer, []).append(addr)
-    return out or {a.producer: []}
+        out.setdefault(peer if sep and peer else producer, []).append(addr)
+    return out or {producer: []}

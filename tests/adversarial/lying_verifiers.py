@@ -7,12 +7,9 @@ delivery included, is the real role."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any
 
-from node.config import NodeConfig
-from node.model.worker import ModelWorker
 from node.roles.verifier import VerifierRole
-from node.store.versions import VersionSync
 from protocol.verification import AuditAssignment
 
 Result = tuple[bool, str, str, dict[str, float]]
@@ -36,14 +33,8 @@ class FailingVerifier(VerifierRole):
 class _Colluding(VerifierRole):
     """Honest, except towards one producer (``BAZAAR_PEER``)."""
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        model: ModelWorker,
-        versions: VersionSync,
-        data_dir: Path | None = None,
-    ) -> None:
-        super().__init__(config, model, versions, data_dir)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the role's own arguments
+        super().__init__(*args, **kwargs)
         self.peer = os.environ["BAZAAR_PEER"]
 
 
