@@ -14,7 +14,10 @@ per token and per lease) audit each lease:
 Metrics per profile (JSON keys ``<profile>_<metric>``): ``false_positive_rate`` (honest leases
 failed ÷ honest leases; goal 0, over ``--leases`` x 32 samples), ``caught_rate_<cheat>`` (cheating
 leases failed ÷ cheating leases; goal ≥ 0.99), with the check that caught them (a lease the
-cheat left exactly as an honest producer makes it does not count: ``unchanged_<cheat>``), and
+cheat left as an honest producer makes it, logprobs within 1e-6, does not count:
+``unchanged_<cheat>``), ``caught_rate_<cheat>_tokens_changed`` (the same over the leases whose
+tokens it changed: a lease with the honest tokens and logprobs moved by less than honest bf16
+rounding moves them is no cheat an audit can see, nor one that changes what is trained on), and
 ``verify_vs_generate_cost`` (seconds to audit a lease ÷ seconds to generate it, one thread; goal
 ≤ 0.1 — on the tiny model's short completions generation is no slower per token than a replay).
 
@@ -30,7 +33,6 @@ Run: ``python scripts/bench_verification.py [--leases 32]`` (``--model smollm2 -
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections import Counter
@@ -56,24 +58,16 @@ from node.model.rollouts import Producer  # noqa: E402
 from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from tests.adversarial.cheaters import (  # noqa: E402
+    NoisyWeights,
     SlightlyInflatedLogprobs,
     TakesCloseRunnerUps,
 )
 from verification.checks import load_thresholds, verify_payload  # noqa: E402
+from verification.rollouts import sample_tokens  # noqa: E402
 
 SETTINGS = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
             ("sort", {}, 1.0, 0.95), ("countdown", {}, 0.0, 1.0)]  # fmt: skip
 GOALS = {"false_positive_rate": 0.0, "caught_rate": 0.99, "verify_vs_generate_cost": 0.1}
-
-
-def noisy(backend: TorchBackend, scale: float) -> TorchBackend:
-    model = copy.deepcopy(backend.base)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen) * p.float().abs().mean() * scale
-            p.add_(noise.to(p.dtype))
-    return TorchBackend(model, backend.tokenizer)
 
 
 def lease_for(n: int, max_tokens: int = 24) -> tuple[Any, Lease]:
@@ -102,7 +96,7 @@ def play(
     thresholds = load_thresholds(profile)
     producers: dict[str, Callable[[], Producer]] = {
         "honest": lambda: Producer(verifier, verifier.tokenizer),
-        "noise_1pct": lambda: Producer(noisy(verifier, 0.01), verifier.tokenizer),
+        "noise_1pct": lambda: NoisyWeights(verifier, 0.01),
         "inflated_0.15": lambda: SlightlyInflatedLogprobs(verifier, verifier.tokenizer),
         "runner_up_0.3": lambda: TakesCloseRunnerUps(verifier, verifier.tokenizer),
     }
@@ -112,7 +106,7 @@ def play(
     task = progress.add_task(f"{profile}", total=leases * len(producers))
     for name, make in producers.items():
         producer, failed, checks, gen_s, ver_s = make(), 0, Counter[str](), 0.0, 0.0
-        unchanged = 0
+        unchanged, same_tokens, same_tokens_failed = 0, 0, 0
         for n in range(leases):
             env, lease = lease_for(n, max_tokens)
             started = time.perf_counter()
@@ -120,7 +114,7 @@ def play(
             gen_s += time.perf_counter() - started
             if name == "honest":
                 honest.append(payload.samples)
-            elif payload.samples == honest[n]:  # the cheat changed nothing here: no cheat
+            elif _same(payload.samples, honest[n], logprobs=True):  # changed nothing: no cheat
                 unchanged += 1
                 progress.advance(task)
                 continue
@@ -131,6 +125,9 @@ def play(
             )  # fmt: skip
             ver_s += time.perf_counter() - started
             failed += not outcome.passed
+            if name != "honest" and _same(payload.samples, honest[n], logprobs=False):
+                same_tokens += 1
+                same_tokens_failed += not outcome.passed
             checks[outcome.failed_check or "passed"] += 1
             progress.advance(task)
         if name == "honest":
@@ -139,6 +136,12 @@ def play(
             out["verify_vs_generate_cost"] = ver_s / gen_s
         else:
             out[f"caught_rate_{name}"] = failed / max(1, leases - unchanged)
+            changed_tokens = leases - unchanged - same_tokens
+            if changed_tokens:  # a cheat on logprobs alone changes no token
+                out[f"caught_rate_{name}_tokens_changed"] = (
+                    failed - same_tokens_failed
+                ) / changed_tokens
+            out[f"same_tokens_{name}"] = same_tokens
             out[f"caught_by_{name}"] = dict(checks)
             out[f"unchanged_{name}"] = unchanged
     return out
@@ -171,7 +174,8 @@ def main() -> None:
     flat: dict[str, Any] = {}
     for profile, r in results.items():
         table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']} samples",
-                      *[f"{r[f'caught_rate_{c}']:.2f} ({_top(r[f'caught_by_{c}'])})"
+                      *[f"{r[f'caught_rate_{c}']:.2f}{_tokens_changed(r, c)} "
+                        f"({_top(r[f'caught_by_{c}'])})"
                         if f"caught_rate_{c}" in r else "—" for c in cheats],
                       f"{r['verify_vs_generate_cost']:.2f}")  # fmt: skip
         flat.update({f"{profile}_{k}": v for k, v in r.items() if not isinstance(v, dict)})
@@ -181,6 +185,23 @@ def main() -> None:
     write_result(args.out, {**flat, "leases": args.leases, "model": args.model,
                             "max_tokens": args.max_tokens,
                             **{f"goal_{k}": v for k, v in GOALS.items()}})  # fmt: skip
+
+
+def _same(a: list[Any], b: list[Any], logprobs: bool) -> bool:
+    """Whether two leases' samples hold the same tokens (and, with ``logprobs``, logprobs within
+    1e-6 nats: a cheat that moves none further has changed nothing)."""
+    for x, y in zip(a, b, strict=True):
+        (ids_x, lp_x), (ids_y, lp_y) = sample_tokens(x), sample_tokens(y)
+        if ids_x.tolist() != ids_y.tolist():
+            return False
+        if logprobs and (len(lp_x) != len(lp_y) or abs(lp_x - lp_y).max(initial=0.0) > 1e-6):
+            return False
+    return True
+
+
+def _tokens_changed(r: dict[str, Any], cheat: str) -> str:
+    rate = r.get(f"caught_rate_{cheat}_tokens_changed")
+    return "" if rate is None else f", {rate:.2f} with tokens changed"
 
 
 def _top(checks: dict[str, int]) -> str:

@@ -21,7 +21,7 @@ Run: ``python scripts/calibrate_verification.py [--samples 1024] [--profiles fp3
 from __future__ import annotations
 
 import argparse
-import os
+import hashlib
 import statistics
 import sys
 import time
@@ -58,10 +58,18 @@ SAFETY = 4.0
 FLOORS = {"fp32": 1e-3, "bf16": 0.05}
 """Lowest threshold per profile: fp32 replays agree to ~1e-6, so 1e-3 is still tiny next to the
 nats a wrong token costs; bf16 carries ~3 significant digits."""
-LEASE_FLOORS = {"mean_logprob_diff": 0.01, "replaced_rate": 0.002}
-"""Lowest lease-wide limits: a hundredth of a nat a token on average, and one token in 500 off
-the seeded pick — honest replays on one machine are often exact, which must not make the
-limits zero."""
+SLACKS = {"fp32": 0.001, "bf16": 0.03}
+"""Probability mass by which a producer may place the top-p boundary elsewhere than its verifier:
+fp32 logits agree to ~1e-6; bf16 logits carry ~3 digits, and an honest bf16 lease put a token of
+mass 0.03 on the other side of a 0.95 boundary, 0.027 from it (its logprob moved 0.03 nats, the
+margin 0.08). A wider slack lets a producer claim more: 0.05 let a cheat that inflates logprobs
+by 0.15 nats pass on a lease of near-certain tokens as boundary flips."""
+LEASE_FLOORS = {
+    "mean_logprob_diff": 0.01, "drift": 0.001, "replaced_rate": 0.002,
+}  # fmt: skip
+"""Lowest lease-wide limits: a hundredth of a nat a token on average, a drift of 0.001 nats,
+and one token in 500 off the seeded pick — honest replays on one machine are often exact, which
+must not make the limits zero."""
 SETTINGS = [
     ('arith {"digits":2}', SamplingParams(temperature=1.0, top_p=1.0, max_tokens=16)),
     ("reverse", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=24)),
@@ -69,9 +77,17 @@ SETTINGS = [
     ('arith {"digits":3}', SamplingParams(temperature=0.0, top_p=1.0, max_tokens=16)),
 ]
 PROMPTS, GROUP = 8, 4
+DRIFT_SAFETY = 1.5
+"""A lease's drift (``Thresholds.max_drift``) is taken over its ~100+ tokens, far steadier than a
+single token's worst case. On the tiny model in bf16, over 448 honest leases and 64 with 1 %
+weight noise, the noisiest lease's drift was 2.4x the honest maximum whenever the noise changed a
+token (the median alone separated them 1.2x, the root mean square 1.3x): 1.5x leaves honest
+leases room and still fails every such lease."""
 
 
-def honest_leases(backend: TorchBackend, samples: int) -> list[tuple[Any, Lease, RolloutPayload]]:
+def honest_leases(
+    backend: TorchBackend, samples: int, seed: int = 0
+) -> list[tuple[Any, Lease, RolloutPayload]]:
     out: list[tuple[Any, Lease, RolloutPayload]] = []
     i = 0
     while len(out) * PROMPTS * GROUP < samples:
@@ -80,7 +96,8 @@ def honest_leases(backend: TorchBackend, samples: int) -> list[tuple[Any, Lease,
         lease = Lease(
             lease_id=f"cal-{i}", run_id="calibration", env_id=env.name, env_version=env.version,
             env_seed=1000 + i, example_indices=list(range(PROMPTS)), group_size=GROUP,
-            policy_version=0, sampling=sampling, lease_seed=os.urandom(32), deadline_ms=0,
+            policy_version=0, sampling=sampling, deadline_ms=0,
+            lease_seed=hashlib.sha256(f"{seed}/{i}".encode()).digest(),
         )  # fmt: skip
         out.append((env, lease, generate_rollouts(backend, backend.tokenizer, env, lease)))
         i += 1
@@ -88,7 +105,10 @@ def honest_leases(backend: TorchBackend, samples: int) -> list[tuple[Any, Lease,
 
 
 def per_sample_stats(
-    backend: TorchBackend, leases: list[tuple[Any, Lease, RolloutPayload]], progress: Progress
+    backend: TorchBackend,
+    leases: list[tuple[Any, Lease, RolloutPayload]],
+    slack: float,
+    progress: Progress,
 ) -> tuple[list[float], list[float]]:
     margins, diffs = [], []
     task = progress.add_task("replaying", total=sum(len(p.samples) for _, _, p in leases))
@@ -98,7 +118,7 @@ def per_sample_stats(
             ids, claimed = (a.tolist() for a in sample_tokens(s))
             m, d = replay_sample(
                 backend.prefill_logits(prompts[k // GROUP], ids), ids, s.seed, claimed,
-                lease.sampling.temperature, lease.sampling.top_p,
+                lease.sampling.temperature, lease.sampling.top_p, slack,
             )  # fmt: skip
             margins.append(float(m.max()))
             diffs.append(float(d.max()))
@@ -117,18 +137,20 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
+def calibrate(profile: str, samples: int, progress: Progress, seed: int = 0) -> dict[str, Any]:
     producer_dtype, _, verifier_dtype = profile.partition(">")
     ref = resolve("tiny", data_dir())
     producer = TorchBackend.from_pretrained(ref, dtype=PROFILES[producer_dtype])
     backend = TorchBackend.from_pretrained(ref, dtype=PROFILES[verifier_dtype or producer_dtype])
     started = time.perf_counter()
-    leases = honest_leases(producer, samples)
-    margins, diffs = per_sample_stats(backend, leases, progress)
+    leases = honest_leases(producer, samples, seed)
+    slack = max(SLACKS[producer_dtype], SLACKS[verifier_dtype or producer_dtype])
+    margins, diffs = per_sample_stats(backend, leases, slack, progress)
     floor = max(FLOORS[producer_dtype], FLOORS[verifier_dtype or producer_dtype])
     per_token = Thresholds(
         max_margin=max(floor, SAFETY * max(margins)),
         max_logprob_diff=max(floor, SAFETY * max(diffs)),
+        top_p_slack=slack,
     )
     vocab = backend.base.config.vocab_size
 
@@ -140,6 +162,7 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
 
     lease_stats = [o.stats for o in audit(per_token)]  # lease-wide: measured, not limited yet
     means = [st.get("mean_logprob_diff", 0.0) for st in lease_stats]
+    drifts = [st.get("drift", 0.0) for st in lease_stats]
     replaced = [st.get("replaced_fraction", 0.0) for st in lease_stats]
     tokens = sum(st.get("tokens", 0.0) for st in lease_stats)
     off_pick = sum(st.get("replaced_fraction", 0.0) * st.get("tokens", 0.0) for st in lease_stats)
@@ -147,9 +170,12 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
     thresholds = Thresholds(
         per_token.max_margin, per_token.max_logprob_diff,
         max_mean_logprob_diff=max(LEASE_FLOORS["mean_logprob_diff"], SAFETY * max(means)),
+        max_drift=max(LEASE_FLOORS["drift"], DRIFT_SAFETY * max(drifts)),
+        top_p_slack=slack,
         replaced_rate=max(LEASE_FLOORS["replaced_rate"], SAFETY * rate),
     )  # fmt: skip
-    refused = sum(not o.passed for o in audit(thresholds))
+    refusals = [f"{o.failed_check}: {o.detail}" for o in audit(thresholds) if not o.passed]
+    refused = len(refusals)
     return {
         "profile": profile,
         "samples": len(margins),
@@ -158,9 +184,11 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
         "margin": summary(margins),
         "logprob_diff": summary(diffs),
         "lease_mean_logprob_diff": summary(means),
+        "lease_drift": summary(drifts),
         "lease_replaced_fraction": summary(replaced),
         "replaced_rate": rate,
         "false_positive_payloads": refused,
+        "refusals": refusals,
         "seconds": time.perf_counter() - started,
     }
 
@@ -168,8 +196,8 @@ def calibrate(profile: str, samples: int, progress: Progress) -> dict[str, Any]:
 def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
     lines = [
         "# Verification thresholds, calibrated from honest generations of the tiny model by",
-        "# scripts/calibrate_verification.py (threshold = max(floor, "
-        f"{SAFETY:g} x honest maximum)).",
+        f"# scripts/calibrate_verification.py (threshold = max(floor, {SAFETY:g} x honest maximum;",
+        f"# {DRIFT_SAFETY:g} x for the lease's drift)).",
         "# Do not edit by hand: rerun the script.",
         "",
     ]
@@ -180,6 +208,8 @@ def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
             f"max_margin = {t.max_margin:.6g}",
             f"max_logprob_diff = {t.max_logprob_diff:.6g}",
             f"max_mean_logprob_diff = {t.max_mean_logprob_diff:.6g}",
+            f"max_drift = {t.max_drift:.6g}",
+            f"top_p_slack = {t.top_p_slack:.6g}",
             f"replaced_rate = {t.replaced_rate:.6g}",
             f"# {r['samples']} honest samples in {r['payloads']} leases; false positives: "
             f"{r['false_positive_payloads']}",
@@ -188,6 +218,7 @@ def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
             f"# logprob diff: max {d['max']:.3g}, p99.9 {d['p999']:.3g}, p99 {d['p99']:.3g}, "
             f"median {d['median']:.3g}",
             f"# per lease: |mean logprob diff| max {r['lease_mean_logprob_diff']['max']:.3g}, "
+            f"drift max {r['lease_drift']['max']:.3g}, "
             f"tokens off the seeded pick max {r['lease_replaced_fraction']['max']:.3g} of a lease, "
             f"{r['replaced_rate']:.3g} of all",
             "",
@@ -202,13 +233,14 @@ def main() -> None:
                         help="dtypes (producer and verifier alike), or PRODUCER>VERIFIER pairs "
                              "(measured, e.g. bf16>fp32; verifiers replay in the producer's "
                              "dtype instead)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="derives every lease's randomness")
     parser.add_argument("--out", type=Path, default=THRESHOLDS_FILE)
     args = parser.parse_args()
     console = Console()
     results = []
     with Progress(console=console) as progress:
         for profile in args.profiles.split(","):
-            results.append(calibrate(profile, args.samples, progress))
+            results.append(calibrate(profile, args.samples, progress, args.seed))
     table = Table(title="verification calibration (honest generations, tiny model)")
     for col in ("profile", "samples", "max margin", "max logprob diff", "thresholds", "refused"):
         table.add_column(col, justify="right")
@@ -228,6 +260,9 @@ def main() -> None:
             f"{p}_false_positive_payloads": r["false_positive_payloads"],
         })  # fmt: skip
     console.print(table)
+    for r in results:
+        for why in r["refusals"]:
+            console.print(f"[red]{r['profile']}: an honest lease refused, {why}")
     write_thresholds(results, args.out)
     console.print(f"wrote {args.out}")
     write_result(REPO / "bench-results" / "calibration.json", flat)

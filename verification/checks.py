@@ -38,7 +38,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -55,7 +55,7 @@ from verification.rollouts import (
     sample_seeds,
     sample_tokens,
 )
-from verification.sampling import replay_margins, sampling_logprobs
+from verification.sampling import TOP_P_SLACK, honest_logprobs, replay_margins
 
 CHECKS = (
     "unavailable",
@@ -71,6 +71,11 @@ CHECKS = (
 )
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
 REWARD_TOLERANCE = 1e-6
+UNCERTAIN_LOGPROB = -0.01
+"""A token the model was unsure of: its recomputed logprob is below this. Near-certain tokens
+(and those alone left in a top-p set) replay at logprob 0 whatever the weights: they say
+nothing about which model sampled them."""
+MIN_UNCERTAIN = 8
 
 Prefill = Callable[[list[tuple[list[int], list[int]]]], list[torch.Tensor]]
 """``prefill([(prompt ids, completion ids), ...]) -> [logits [T, V], ...]`` with the claimed model
@@ -87,6 +92,18 @@ class Thresholds:
     max_mean_logprob_diff: float = math.inf
     """|Mean| over the lease's tokens of claimed − recomputed logprob: honest drift averages
     out, logprobs inflated (or deflated) a little on every token do not."""
+    max_drift: float = math.inf
+    """How far the lease's logprobs drift from the recomputed ones, as the geometric mean of two
+    sizes of |claimed − recomputed|: the median over the tokens the model was unsure of
+    (``UNCERTAIN_LOGPROB``, at least ``MIN_UNCERTAIN`` of them; the bulk) and the root mean square
+    over all tokens (the tail). Honest rounding drift is either sparse (most tokens replay
+    exactly, a few drift far: a small median) or small everywhere (a small root mean square),
+    never both; a producer sampling with other weights — a noisy, cheaper or damaged model —
+    moves every uncertain token, and both with them, while staying under the per-token limits."""
+    top_p_slack: float = TOP_P_SLACK
+    """Probability mass by which the producer's arithmetic may place the top-p boundary
+    elsewhere than the verifier's: tokens that close to it may or may not have been in the set
+    the producer sampled from (``logprob_range``, ``replay_margins``)."""
     replaced_rate: float = 1.0
     """How often an honest token is not the seeded sampler's pick on replay (a margin above 0:
     a near-tie the replay's rounding broke the other way). A lease fails when it has more such
@@ -108,6 +125,8 @@ def load_thresholds(profile: str, path: Path = THRESHOLDS_FILE) -> Thresholds:
     return Thresholds(
         float(p["max_margin"]), float(p["max_logprob_diff"]),
         float(p.get("max_mean_logprob_diff", math.inf)),
+        float(p.get("max_drift", math.inf)),
+        float(p.get("top_p_slack", TOP_P_SLACK)),
         float(p.get("replaced_rate", 1.0)),
     )  # fmt: skip
 
@@ -261,13 +280,24 @@ def replay_sample(
     claimed_logprobs: Any,
     temperature: float,
     top_p: float,
+    slack: float = TOP_P_SLACK,
 ) -> tuple[Any, Any]:
     """Per position of one sample, from the logits the claimed model gives its tokens
     (``Prefill``): ``(replay margins [T], |claimed - recomputed| logprobs [T])``."""
-    margins_T, signed_T = replay_samples(
-        [logits_T_V], [ids], [seed], [claimed_logprobs], temperature, top_p
+    replay = replay_samples(
+        [logits_T_V], [ids], [seed], [claimed_logprobs], temperature, top_p, slack
     )[0]
-    return margins_T, signed_T.abs()
+    return replay.margins, replay.diffs.abs()
+
+
+class Replay(NamedTuple):
+    """One sample's replay, per position."""
+
+    margins: torch.Tensor
+    """Best score the sampler could pick minus the committed token's (0: it is the pick)."""
+    diffs: torch.Tensor
+    """Claimed logprob minus the nearest an honest producer could have reported (float64,
+    ``honest_logprobs``)."""
 
 
 def replay_samples(
@@ -277,13 +307,13 @@ def replay_samples(
     claimed_logprobs: list[Any],
     temperature: float,
     top_p: float,
-) -> list[tuple[Any, Any]]:
-    """Per sample, ``(replay margins [T], claimed − recomputed logprobs [T])`` (signed), for
-    many samples, computed over all their tokens at once.
+    slack: float = TOP_P_SLACK,
+) -> list[Replay]:
+    """Per sample, its ``Replay``, for many samples, computed over all their tokens at once.
 
-    Where the committed token sits just outside the recomputed top-p set its truncated logprob
-    is -inf; there the untruncated tempered logprob is compared instead (the margin vouches for
-    the token itself)."""
+    A claimed logprob is compared with the nearest an honest producer could have reported: at
+    the top-p boundary, the tokens next to it may have been in the producer's set or not
+    (``honest_logprobs``)."""
     sizes = [len(t) for t in ids]
     logits_N_V = torch.cat(logits) if logits else torch.zeros(0, 0)
     ids_N = torch.tensor([t for sample in ids for t in sample], dtype=torch.long)
@@ -293,16 +323,21 @@ def replay_samples(
     claimed_N = torch.cat([torch.as_tensor(c, dtype=torch.float64).view(-1)
                            for c in claimed_logprobs]) if ids else torch.zeros(0)  # fmt: skip
     if ids_N.numel() == 0:
-        return [(torch.zeros(0), torch.zeros(0, dtype=torch.float64)) for _ in ids]
-    margins_N = replay_margins(logits_N_V, ids_N, seeds_N, temperature, top_p, positions_N)
-    logp_N_V = sampling_logprobs(logits_N_V, temperature, top_p).to(torch.float64)
-    recomputed_N = logp_N_V.gather(-1, ids_N.view(-1, 1)).view(-1)
-    scale = temperature if temperature > 0 else 1.0
-    untruncated_N_V = torch.log_softmax(logits_N_V.to(torch.float64) / scale, dim=-1)
-    fallback_N = untruncated_N_V.gather(-1, ids_N.view(-1, 1)).view(-1)
-    recomputed_N = torch.where(torch.isfinite(recomputed_N), recomputed_N, fallback_N)
-    diffs_N = claimed_N - recomputed_N
-    return list(zip(margins_N.split(sizes), diffs_N.split(sizes), strict=True))
+        empty = torch.zeros(0, dtype=torch.float64)
+        return [Replay(empty, empty) for _ in ids]
+    margins_N = replay_margins(logits_N_V, ids_N, seeds_N, temperature, top_p, positions_N, slack)
+    honest_N_3 = honest_logprobs(logits_N_V, ids_N, temperature, top_p, slack)
+    gaps_N_3 = (claimed_N.view(-1, 1) - honest_N_3).nan_to_num(nan=math.inf)
+    nearest_N = gaps_N_3.abs().argmin(dim=-1, keepdim=True)
+    diffs_N = gaps_N_3.gather(-1, nearest_N).view(-1)
+    if not bool(torch.isfinite(diffs_N).all()):  # a token no honest set holds: its own logprob
+        scale = temperature if temperature > 0 else 1.0
+        untruncated_N = torch.log_softmax(logits_N_V.to(torch.float64) / scale, dim=-1)
+        own_N = untruncated_N.gather(-1, ids_N.view(-1, 1)).view(-1)
+        diffs_N = torch.where(torch.isfinite(diffs_N), diffs_N, claimed_N - own_N)
+    return [
+        Replay(*parts) for parts in zip(margins_N.split(sizes), diffs_N.split(sizes), strict=True)
+    ]
 
 
 def _replay(
@@ -324,7 +359,7 @@ def _replay(
             raise _Failed("logprobs", f"sample {s.sample_index} has non-finite logprobs")
     logits = prefill([(prompts[k // lease.group_size], ids) for k, ids in enumerate(tokens)])
     seeds = [s.seed for s in payload.samples]
-    replays = replay_samples(logits, tokens, seeds, claims, t, top_p)
+    replays = replay_samples(logits, tokens, seeds, claims, t, top_p, thresholds.top_p_slack)
     for s, ids, claimed, (margins_T, signed_T) in zip(
         payload.samples, tokens, claims, replays, strict=True
     ):
@@ -345,7 +380,7 @@ def _replay(
                 f"sample {s.sample_index} position {pos}: claimed logprob {claimed[pos]:.6g} is "
                 f"off by {float(diff_T[pos]):.3g} (tolerance {thresholds.max_logprob_diff:g})",
             )
-    _lease_statistics(replays, thresholds, stats)
+    _lease_statistics(replays, claims, thresholds, stats)
 
 
 def replaced_limit(tokens: int, rate: float, odds: float = 1e-6) -> int:
@@ -368,14 +403,23 @@ def replaced_limit(tokens: int, rate: float, odds: float = 1e-6) -> int:
 
 
 def _lease_statistics(
-    replays: list[tuple[Any, Any]], thresholds: Thresholds, stats: dict[str, float]
+    replays: list[Replay],
+    claims: list[Any],
+    thresholds: Thresholds,
+    stats: dict[str, float],
 ) -> None:
     """The lease-wide checks: every token within its own limits, the lease not on average."""
-    margins_N = torch.cat([m for m, _ in replays]) if replays else torch.zeros(0)
-    signed_N = torch.cat([d for _, d in replays]) if replays else torch.zeros(0)
-    if margins_N.numel() == 0:
+    if not replays or sum(r.margins.numel() for r in replays) == 0:
         return
+    margins_N = torch.cat([r.margins for r in replays])
+    signed_N = torch.cat([r.diffs for r in replays])
     stats["mean_logprob_diff"] = mean = abs(float(signed_N.mean()))
+    stats["rms_logprob_diff"] = rms = float(signed_N.pow(2).mean().sqrt())
+    claimed_N = torch.cat([torch.as_tensor(c, dtype=torch.float64).view(-1) for c in claims])
+    recomputed_N = claimed_N - signed_N
+    unsure_N = signed_N[recomputed_N < UNCERTAIN_LOGPROB].abs()
+    median = float(unsure_N.median()) if unsure_N.numel() >= MIN_UNCERTAIN else 0.0
+    stats["median_logprob_diff"] = median
     n = margins_N.numel()
     replaced = int((margins_N > 0).sum())
     stats["replaced_fraction"], stats["tokens"] = replaced / n, float(n)
@@ -391,4 +435,13 @@ def _lease_statistics(
             "logprobs",
             f"claimed logprobs are off the recomputed ones by {mean:.3g} nats a token on "
             f"average over the lease (honest work: under {thresholds.max_mean_logprob_diff:g})",
+        )
+    stats["drift"] = drift = math.sqrt(median * rms)
+    if drift > thresholds.max_drift:
+        raise _Failed(
+            "logprobs",
+            f"claimed logprobs drift from the recomputed ones by {drift:.3g} (a median "
+            f"{median:.3g} nats over the lease's {unsure_N.numel()} uncertain tokens, "
+            f"{rms:.3g} root mean square; honest work: under {thresholds.max_drift:g}): the "
+            "model that sampled them is not the claimed one",
         )

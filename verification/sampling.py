@@ -8,7 +8,8 @@ every position with one prefill, and checks that each committed token is the one
 picks. The seed itself is derived from values the node cannot choose: the lease's coordinator
 randomness, the sample's index and the policy version.
 
-Top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one) and
+Top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one; tokens
+of equal probability are kept or dropped together, whatever order a sort leaves them in) and
 samples among them; the reported logprob is the sampled token's under that (tempered, truncated)
 distribution — the behaviour policy trainers correct for. ``T = 0`` is greedy.
 
@@ -84,12 +85,25 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
     if top_p >= 1.0:
         return logp
     sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
-    # keep a token if the mass before it is below top_p (so the first is always kept)
-    before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
-    keep_sorted = before < top_p
+    # keep a token if the mass of the tokens more probable than it is below top_p (so the first
+    # is always kept)
+    keep_sorted = _mass_above(sorted_logp.exp()) < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     truncated = logp.masked_fill(~keep, float("-inf"))
     return truncated - torch.logsumexp(truncated, dim=-1, keepdim=True)
+
+
+def _mass_above(sorted_p_B_V: torch.Tensor) -> torch.Tensor:
+    """Per token of rows sorted by descending probability: the mass of the tokens strictly more
+    probable. Tied tokens get the same value, so which of them top-p keeps does not depend on
+    the order a sort happened to leave them in — in bf16, where many logits are exactly equal,
+    an unstable sort put one tied token in the producer's set and its twin in the verifier's."""
+    before = torch.cumsum(sorted_p_B_V, dim=-1) - sorted_p_B_V
+    starts = torch.ones_like(sorted_p_B_V, dtype=torch.bool)
+    starts[..., 1:] = sorted_p_B_V[..., 1:] != sorted_p_B_V[..., :-1]
+    index = torch.arange(sorted_p_B_V.shape[-1], device=sorted_p_B_V.device)
+    run_start = torch.cummax(torch.where(starts, index, 0), dim=-1).values
+    return before.gather(-1, run_start)
 
 
 def sample(
@@ -116,17 +130,69 @@ TOP_P_SLACK = 0.01
 the producer on whether a token was in the set (bf16 carries about three digits)."""
 
 
-def _surely_kept(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Tokens inside the top-p set with room to spare: the mass before them below
-    ``top_p − TOP_P_SLACK`` (the first is always kept)."""
+def _kept(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The tokens top-p keeps at ``top_p`` (the first always), in the logits' own arithmetic."""
     logp = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.ones_like(logp, dtype=torch.bool)
     sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
-    before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
-    keep_sorted = before < max(top_p - TOP_P_SLACK, 0.0)
+    keep_sorted = _mass_above(sorted_logp.exp()) < max(top_p, 0.0)
     keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _surely_kept(
+    logits: torch.Tensor, temperature: float, top_p: float, slack: float = TOP_P_SLACK
+) -> torch.Tensor:
+    """Tokens inside the top-p set with room to spare: the mass of the tokens more probable below
+    ``top_p − slack`` (the first is always kept; every token when ``top_p`` keeps them all)."""
+    return _kept(logits, temperature, top_p if top_p >= 1.0 else top_p - slack)
+
+
+def honest_logprobs(
+    logits_N_V: torch.Tensor,
+    tokens_N: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    slack: float = TOP_P_SLACK,
+) -> torch.Tensor:
+    """The logprobs (float64, ``[N, 3]``, NaN where not possible) an honest producer whose
+    arithmetic differs from these logits' may report for each committed token: under this top-p
+    set, under it with the next tokens (equally probable ones go together) added, or with its
+    last ones dropped — a boundary within ``slack`` of probability mass of them may fall on
+    either side of them, and that one flip moves the reported logprob by hundredths of a nat in
+    bf16. Any other value is not what an honest producer reports, however close."""
+    logits = logits_N_V.to(torch.float32)
+    tokens = tokens_N.view(-1, 1).to(logits.device)
+    if temperature <= 0 or top_p >= 1.0:
+        exact = sampling_logprobs(logits, temperature, top_p).to(torch.float64)
+        nan = torch.full_like(tokens, float("nan"), dtype=torch.float64).view(-1)
+        return torch.stack([exact.gather(-1, tokens).view(-1), nan, nan], dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    own = logp.to(torch.float64).gather(-1, tokens).view(-1)
+    sorted_p, order = torch.sort(logp.exp(), dim=-1, descending=True)
+    above = _mass_above(sorted_p)
+    above_tok = torch.zeros_like(above).scatter(-1, order, above).gather(-1, tokens).view(-1)
+    kept = above < top_p
+    kept[..., 0] = True
+    count = kept.sum(dim=-1, keepdim=True)  # a prefix: mass above never falls down the order
+    last = above.gather(-1, count - 1).view(-1)  # the last kept group's mass above
+    nxt = above.gather(-1, count.clamp(max=above.shape[-1] - 1)).view(-1)
+    p64 = sorted_p.to(torch.float64)
+    z = (p64 * kept).sum(-1)
+    z_next = (p64 * (above == nxt.view(-1, 1))).sum(-1)
+    z_last = (p64 * (above == last.view(-1, 1))).sum(-1)
+    mine_kept, mine_next = above_tok <= last, above_tok == nxt
+    nan = torch.full_like(own, float("nan"))
+    here = torch.where(mine_kept, own - z.log(), nan)
+    more = torch.where(
+        (nxt < top_p + slack) & (count.view(-1) < above.shape[-1]) & (mine_kept | mine_next),
+        own - (z + z_next).log(), nan,
+    )  # fmt: skip
+    fewer = torch.where(
+        (last >= top_p - slack) & (last > 0) & (above_tok < last), own - (z - z_last).log(), nan
+    )
+    return torch.stack([here, more, fewer], dim=-1)
 
 
 def replay_margins(
@@ -136,6 +202,7 @@ def replay_margins(
     temperature: float,
     top_p: float,
     positions_T: torch.Tensor | None = None,
+    slack: float = TOP_P_SLACK,
 ) -> torch.Tensor:
     """For a committed completion: at each position, the best score among the tokens the sampler
     could pick minus the committed token's score (0 where the committed token is the pick).
@@ -145,8 +212,8 @@ def replay_margins(
     falls outside the recomputed top-p set, so a token at the boundary — kept by the producer's
     arithmetic, just dropped by the verifier's — gets a small finite margin, not an infinite one.
     The other way round, a token the producer's arithmetic just dropped competes only if it is
-    clearly inside the set (``TOP_P_SLACK``): with a large draw of noise it would otherwise
-    outscore the honest pick by whole nats.
+    clearly inside the set (``slack`` of mass inside the boundary): with a large draw of noise it
+    would otherwise outscore the honest pick by whole nats.
 
     Several samples replay at once when ``seed`` holds each row's seed and ``positions_T`` each
     row's position in its own sample (default: one sample, positions 0, 1, ...).
@@ -161,7 +228,7 @@ def replay_margins(
         noise = gumbel_noise(seeds, positions, logits.shape[-1])
         scores = torch.log_softmax(logits / temperature, dim=-1).to(torch.float64)
         scores = scores + noise.to(scores.device)
-        kept = _surely_kept(logits, temperature, top_p)
+        kept = _surely_kept(logits, temperature, top_p, slack)
         candidates = scores.masked_fill(~kept, float("-inf"))
     chosen = scores.gather(-1, tokens_T.view(-1, 1).to(scores.device)).view(-1)
     return candidates.max(dim=-1).values - chosen

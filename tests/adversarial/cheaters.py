@@ -4,6 +4,8 @@ a real node process."""
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
 import torch
 
@@ -145,6 +147,20 @@ class SlightlyInflatedLogprobs(Producer):
         return [Generation(g.token_ids, [min(0.0, lp + 0.15) for lp in g.logprobs],
                            g.finish_reason)
                 for g in super().generate(prompts, seeds, sampling, adapter)]  # fmt: skip
+
+
+class NoisyWeights(Producer):
+    """Samples with the model's weights carrying ``scale`` Gaussian noise (relative to each
+    tensor's mean magnitude): a cheaper, damaged or quantized copy, claimed as the real one."""
+
+    def __init__(self, real: TorchBackend, scale: float = 0.01, seed: int = 7) -> None:
+        model = copy.deepcopy(real.base)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                noise = torch.randn(p.shape, generator=gen) * p.float().abs().mean() * scale
+                p.add_(noise.to(p.dtype))
+        super().__init__(TorchBackend(model, real.tokenizer), real.tokenizer)
 
 
 def runner_up_sample(

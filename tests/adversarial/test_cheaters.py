@@ -24,6 +24,7 @@ from tests.adversarial.cheaters import (
     ClaimsEosOnTruncation,
     FabricatedRewards,
     InflatedLogprobs,
+    NoisyWeights,
     OtherBaseModel,
     OtherTemperature,
     ReplaysOldRollout,
@@ -287,3 +288,33 @@ def test_lease_statistics_catch_cheats_every_token_hides(
         else:
             assert (outcome.passed, outcome.failed_check) == (False, check)
             assert says in outcome.detail, outcome.detail
+
+
+def test_a_producer_sampling_with_noisy_weights_fails_on_its_drift(tiny_model: Path) -> None:
+    """1 % noise on the weights moves each logprob less than bf16's per-token tolerance lets
+    honest rounding move it, but moves every uncertain token, where honest rounding moves few:
+    over the lease, the drift check fails it (the per-token limits and the count of tokens off
+    the seeded pick are lifted here, so that only the drift judges) — while honest bf16 leases
+    of the same environment stay under the drift limit."""
+    bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    thresholds = dataclasses.replace(
+        load_thresholds("bf16"), max_margin=10.0, max_logprob_diff=10.0, replaced_rate=1.0
+    )
+    env = load_environment("sort")
+    for producer in (Producer(bf16, bf16.tokenizer), NoisyWeights(bf16, 0.01)):
+        outcomes = []
+        for n in range(4):
+            lease_ = msgspec.structs.replace(
+                lease(40 + n, lease_id=f"noisy-{n}", top_p=0.95, max_tokens=24),
+                env_id=env.name, env_version=env.version, env_seed=n,
+            )  # fmt: skip
+            outcomes.append(verify_payload(
+                lease_, producer.produce(env, lease_), env, bf16.tokenizer, bf16.eos_ids,
+                bf16.base.config.vocab_size, bf16.prefill_batch, thresholds,
+            ))  # fmt: skip
+        if type(producer) is Producer:
+            assert [o for o in outcomes if not o.passed] == []
+            assert max(o.stats["drift"] for o in outcomes) < thresholds.max_drift
+        else:
+            assert [(o.passed, o.failed_check) for o in outcomes] == [(False, "logprobs")] * 4
+            assert all("drift" in o.detail for o in outcomes), [o.detail for o in outcomes]

@@ -9,6 +9,7 @@ import torch
 from verification.sampling import (
     derive_seed,
     gumbel_noise,
+    honest_logprobs,
     replay_margins,
     sample,
     sampling_logprobs,
@@ -72,3 +73,30 @@ def test_replay_finds_the_committed_tokens_and_flags_others() -> None:
     assert float(margins[5]) > 0 and float(margins.max()) == float(margins[5])
     other_seed = replay_margins(logits_T_V, tokens, seed + 1, 0.9, 0.95)
     assert float(other_seed.max()) > 0  # a different seed does not explain the tokens
+
+
+def test_top_p_keeps_or_drops_equally_probable_tokens_together() -> None:
+    """bf16 logits are often exactly equal: which of two tied tokens top-p keeps must not depend
+    on the order a sort leaves them in, or producer and verifier disagree on the set."""
+    logits = torch.log(torch.tensor([[0.4, 0.25, 0.25, 0.1]]))
+    kept = torch.isfinite(sampling_logprobs(logits, 1.0, 0.5))
+    assert kept.tolist() == [[True, True, True, False]]
+    swapped = torch.isfinite(sampling_logprobs(logits[:, [0, 2, 1, 3]], 1.0, 0.5))
+    assert swapped.tolist() == kept.tolist()
+
+
+def test_honest_logprobs_allow_one_flip_at_the_top_p_boundary_and_nothing_else() -> None:
+    """A token whose mass above it lies within the slack of top_p may be in the producer's set
+    or not: the sampled token's logprob under either set is honest; a value between is not."""
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.06, 0.04]])
+    logits, token = torch.log(probs), torch.tensor([0])
+    here, more, fewer = honest_logprobs(logits, token, 1.0, 0.87, 0.05)[0].exp().tolist()
+    assert math.isclose(here, 0.4 / 0.9, rel_tol=1e-6)
+    assert math.isclose(more, 0.4 / 0.96, rel_tol=1e-6)
+    assert math.isnan(fewer)  # the last kept token sits 0.07 inside the boundary: it stays
+    _, more, fewer = honest_logprobs(logits, token, 1.0, 0.82, 0.05)[0].exp().tolist()
+    assert math.isclose(fewer, 0.4 / 0.8, rel_tol=1e-6) and math.isnan(more)
+    exact = honest_logprobs(logits, token, 1.0, 0.87, 0.0)[0]
+    assert exact[1:].isnan().all()  # no slack: one honest value
+    margins = replay_margins(logits, token, 3, 1.0, 0.87)
+    assert margins.shape == (1,)
