@@ -112,37 +112,32 @@ class Replaying:
 
     async def _failed(self, row: ReplayRow, msg: ReplayVerdict) -> None:
         """Ban the trainer, roll its run back, forfeit its pay for the withdrawn rounds. A
-        version several trainers signed that is not the step their committed parts make (the
-        sum check) says that one of them put another part into the all-reduce than it committed
-        to, not which: the version is withdrawn, no one is banned. (A manifest its trainer
-        alone signed is its own word: a poisoned adapter beside its co-trainers' honest one.)"""
+        version that is not the step its committed parts make (the sum check) condemns every
+        trainer that signed it: an honest trainer checks the all-reduce against the committed
+        parts before signing, and signs their step instead where they differ."""
         state = self.state
-        if msg.failed_check == "version_sum" and len(row.signers) > 1:
-            run = state.book.runs[row.run_id]
-            made = state.versions.get(row.run_id, {}).get(row.made)
-            withdrawn = self.rounds.roll_back(run, row.round) if made and not made.revoked else []
-            log.error("version %d of %s is not the step its %d trainers' committed parts make "
-                      "(one put another part into the all-reduce): versions %s withdrawn",
-                      row.made, row.run_id, len(row.parts), withdrawn,
-                      extra={"run_id": row.run_id})  # fmt: skip
-            await self._rolled_back(run, withdrawn)
-            return
-        trust = state.audits.trust_of(row.trainer)
-        trust.strikes += 1
-        trust.banned = True
+        culprits = [row.trainer]
+        if msg.failed_check == "version_sum":
+            culprits = sorted({row.trainer, *row.signers})
         run = state.book.runs[row.run_id]
         versions = state.versions.get(row.run_id, {})
-        to = state.replays.rollback_point(versions, row.trainer)
+        points = [state.replays.rollback_point(versions, t) for t in culprits]
+        to = min((p for p in points if p is not None), default=None)
         withdrawn = self.rounds.roll_back(run, to) if to is not None else []
-        rounds = {versions[v].trained_from() for v in withdrawn
-                  if row.trainer in versions[v].signers}  # fmt: skip
-        forfeited = await state.billing.forfeit_trained(run, row.trainer, rounds)
-        state.replays.cancel(row.run_id, set(), row.trainer)
-        state.metrics.penalties.inc()
-        log.error("trainer %s failed the replay of %s round %d (%s: %s): banned; versions %s "
-                  "withdrawn, %d tokens of its pay forfeited", row.trainer, row.run_id,
-                  row.round, msg.failed_check, msg.detail, withdrawn,
-                  sum(r.tokens for r in forfeited),
+        forfeited = 0
+        for trainer in culprits:
+            trust = state.audits.trust_of(trainer)
+            trust.strikes += 1
+            trust.banned = True
+            rounds = {versions[v].trained_from() for v in withdrawn
+                      if trainer in versions[v].signers}  # fmt: skip
+            forfeited += sum(r.tokens for r in await state.billing.forfeit_trained(
+                run, trainer, rounds))  # fmt: skip
+            state.replays.cancel(row.run_id, set(), trainer)
+            state.metrics.penalties.inc()
+        log.error("trainer(s) %s failed the replay of %s round %d (%s: %s): banned; versions %s "
+                  "withdrawn, %d tokens of pay forfeited", ", ".join(culprits), row.run_id,
+                  row.round, msg.failed_check, msg.detail, withdrawn, forfeited,
                   extra={"run_id": row.run_id, "peer": row.trainer})  # fmt: skip
         await self._rolled_back(run, withdrawn)
 

@@ -26,11 +26,12 @@ another verifier.
 **A failed replay** bans the trainer and rolls the run back to before the first of its rounds
 no replay passed (``rollback_point``): every version made since is withdrawn, its replays
 cancelled; the run goes on from there, and the trainer's pay for the withdrawn rounds goes back
-to the run's payer (``coordinator/replaying.py`` applies it). One exception: a version several
-trainers signed that fails only the sum check (each part replays, but the version is not the
-step they make) shows that one of them put another part into the all-reduce than it committed
-to, not which one — the version is withdrawn and no one is banned. (Trainers checking the
-all-reduce's sum against the committed parts before they sign would name it; not built.)
+to the run's payer (``coordinator/replaying.py`` applies it). A version that fails the sum
+check (it is not the step its committed parts make) bans every trainer that signed it: before
+signing, each trainer checks the all-reduce against the parts its group committed to, and signs
+their step instead where they differ (``node/roles/trainer.py``) — so a trainer that puts
+another part into the all-reduce than it committed moves no honest trainer's version, and its
+own manifest, alone in a conflict, fails the sum check.
 """
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ class Rounds:
                                    group_size=k, hivemind_peers=hivemind_peers[:16],
                                    settings=run.plan.spec.training(),
                                    next_version=self.next_version(run.run_id),
-                                   parent=self.parent_of(run.run_id, v))  # fmt: skip
+                                   parent=self.parent_of(run.run_id, v),
+                                   co_trainers=[PeerRecord(t, addrs_of(t)[:16])
+                                                for t in trainers if t != peer][:64])  # fmt: skip
         return NoTraining(retry_after_s=state.config.retry_after_s)
 
     async def _deal(self, run: RunState, v: int, k: int) -> list[LeaseState]:

@@ -170,6 +170,11 @@ class TrainAssignment(Message):
     parent: Annotated[int, msgspec.Meta(ge=-1)] = -1
     """The version ``version`` was trained from (-1: ``version - 1``): the quantizer's scales
     derive from that step."""
+    co_trainers: Annotated[list[PeerRecord], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=list
+    )
+    """The round's other trainers: before signing, a trainer fetches the parts they committed
+    to from them and checks that the all-reduce added up exactly those."""
 
     def makes(self) -> int:
         return self.next_version or self.version + 1

@@ -10,18 +10,23 @@ consumes it recomputes them with the environment.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
+
+import trio
 
 from protocol.adapters import ShardRequest, TrainingPart
 from protocol.codec import MiB
 from protocol.envelope import Envelope, ReplayGuard, open_envelope, seal
-from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound
+from protocol.errors import BadSignature, DecodeError, HashMismatch, NotFound, ProtocolError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
 from protocol.payload_store import PayloadStore
 from protocol.rollouts import PayloadRequest, RolloutPayload
 from protocol.versions import PAYLOAD as PAYLOAD_PROTOCOL
 from protocol.versions import SHARDS as SHARDS_PROTOCOL
+
+log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_FRAME = 33 * MiB
 """A payload body's cap (32 MiB) plus the envelope around it."""
@@ -108,6 +113,29 @@ async def fetch_part(
     env = _stored(frame, digest, trainer, "trainer", TrainingPart, peer)
     assert isinstance(env.message, TrainingPart)
     return env.message, frame
+
+
+async def fetch_committed_part(
+    host: P2PHost,
+    identity: Identity,
+    trainer: str,
+    addrs: list[str],
+    digest: bytes,
+    coordinator: str,
+    timeout_s: float = 20.0,
+) -> TrainingPart | None:
+    """A committed part from its trainer (at ``addrs``), else from the coordinator (which keeps
+    every part a manifest averages); None when neither serves it (why is logged)."""
+    for source in (None, coordinator):
+        try:
+            if source is None:
+                await host.connect_any(addrs)
+            part, _ = await fetch_part(host, identity, trainer, digest, timeout_s, source=source)
+            return part
+        except (ProtocolError, OSError, trio.TooSlowError) as e:
+            log.info("part %s of %s not fetched from %s: %s", digest.hex()[:12], trainer,
+                     source or "the trainer", e)  # fmt: skip
+    return None
 
 
 def _stored(

@@ -54,11 +54,12 @@ from protocol.adapters import (
     TrainRequest,
     VersionRewards,
     committed_part,
+    parse_part,
 )
 from protocol.envelope import seal
 from protocol.errors import DecodeError, ProtocolError
 from protocol.leases import Lease
-from protocol.payloads import fetch_payload
+from protocol.payloads import fetch_committed_part, fetch_payload
 from protocol.rollouts import RolloutPayload
 from protocol.runs import TrainSettings
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
@@ -67,7 +68,7 @@ from verification.rollouts import sample_tokens
 if TYPE_CHECKING:
     from node.agent import NodeAgent
     from node.training.examples import Completion
-    from node.training.trainer import Trainer
+    from node.training.trainer import Sum, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,15 @@ class TrainerRole(Role):
             await trio.sleep(1.0)
             return
         me = committed_part(self.agent.host.peer_id, digest)  # its name in the all-reduce
-        trained = await trio.to_thread.run_sync(
-            trainer.finish, part, stats, f"{a.run_id}@{a.version}", a.group_size, a.makes(), me
+        reduced = await trio.to_thread.run_sync(
+            self._reduce, trainer, part, f"{a.run_id}@{a.version}", a.group_size, me
         )  # fmt: skip
+        total = await self._vouch(a, trainer, part, reduced, me)
+        if total is None:
+            trainer.version = -1  # nothing signed: take the network's next round
+            await trio.sleep(1.0)
+            return
+        trained = await trio.to_thread.run_sync(trainer.apply, total, stats, a.makes())
         group = list(trained.members) or [me]
         manifest = await trio.to_thread.run_sync(self._publish, a.run_id, trainer, a.version, group)
         ack = await self._submit(manifest)
@@ -281,6 +288,63 @@ class TrainerRole(Role):
     def _inner(self, trainer: Trainer, examples: list[Completion], steps: int) -> Any:
         """The round's inner steps: this trainer's part (``Trainer.inner``)."""
         return trainer.inner(examples, steps)
+
+    def _reduce(self, trainer: Trainer, part: Any, tag: str, expected: int, me: str) -> Sum:
+        """The all-reduce of the round's parts (``Trainer.reduce``)."""
+        return trainer.reduce(part, tag, expected, me)
+
+    async def _vouch(
+        self, a: TrainAssignment, trainer: Trainer, part: Any, total: Sum, me: str
+    ) -> Sum | None:
+        """The sum whose step this trainer signs: the all-reduce's, checked against the parts
+        its members committed to (fetched from them, else from the coordinator). Where the two
+        differ, someone put another part into the all-reduce than it committed: the committed
+        parts' own sum is signed instead, so such a trainer moves no honest trainer's version —
+        and a version that is not the step of its committed parts (the sum check of a replay)
+        was signed by no honest trainer. None: a member's part cannot be had, so nothing is
+        vouched for (the round is left to the others; the trainer takes the next one)."""
+        import torch
+
+        from node.training.trainer import Sum
+
+        if total.parts == 1:
+            return total
+        addrs = {r.peer_id: list(r.addrs) for r in a.co_trainers}
+        parts = [torch.as_tensor(part).to(torch.int64).view(-1)]
+        if len(set(total.members)) != total.parts or me not in total.members:
+            log.warning("the all-reduce of %s round %d named %s for %d parts: not signed",
+                        a.run_id, a.version, list(total.members), total.parts)  # fmt: skip
+            return None
+        for name in sorted(set(total.members) - {me}):
+            try:
+                peer, digest = parse_part(name)
+            except ValueError:
+                log.warning("the all-reduce named a part %r: not signed", name[:80])
+                return None
+            got = await fetch_committed_part(self.agent.host, self.agent.identity, peer,
+                                             addrs.get(peer, []), digest,
+                                             self.agent.coordinator_id)  # fmt: skip
+            if got is None or (got.run_id, got.version, got.levels) != (
+                a.run_id, a.version, trainer.quantizer.levels
+            ):  # fmt: skip
+                log.warning("the part %s of %s round %d cannot be had: not signed", name[:80],
+                            a.run_id, a.version)  # fmt: skip
+                return None
+            theirs = torch.frombuffer(bytearray(got.part), dtype=torch.int8).to(torch.int64)
+            if theirs.shape != parts[0].shape:
+                log.warning("the part %s has %d weights, not %d: not signed", name[:80],
+                            theirs.numel(), parts[0].numel())  # fmt: skip
+                return None
+            parts.append(theirs)
+        committed = torch.stack(parts).sum(dim=0)
+        if torch.equal(committed, total.integer_sum.view(-1)):
+            return total
+        off = int((committed != total.integer_sum.view(-1)).sum())
+        log.error("the all-reduce of %s round %d is not the sum of the parts its %d trainers "
+                  "committed to (%d weights differ): one put another part in; signing the "
+                  "step of the committed parts", a.run_id, a.version, total.parts, off,
+                  extra={"run_id": a.run_id})  # fmt: skip
+        return Sum(committed.view_as(total.integer_sum), total.parts, total.members)
 
     async def _commit(
         self, a: TrainAssignment, trainer: Trainer, part: Any, lease_ids: list[str]

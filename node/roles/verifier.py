@@ -47,7 +47,7 @@ from node.store.versions import VersionSync
 from protocol.adapters import AdapterManifest
 from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
-from protocol.payloads import fetch_part, fetch_payload
+from protocol.payloads import fetch_committed_part, fetch_payload
 from protocol.rollouts import RolloutPayload
 from protocol.verification import (
     AuditAssignment,
@@ -233,18 +233,9 @@ class VerifierRole(Role):
 
     async def _fetch_part(self, trainer: str, addrs: list[str], digest: bytes) -> Any:
         """A committed part, from its trainer, else from the coordinator (which keeps them)."""
-        host = self.agent.host
-        for source in (None, self.agent.coordinator_id):
-            try:
-                if source is None:
-                    await host.connect_any(addrs)
-                part, _ = await fetch_part(host, self.agent.identity, trainer, digest, 20,
-                                           source=source)  # fmt: skip
-                return part
-            except (ProtocolError, OSError, trio.TooSlowError) as e:
-                log.info("part %s of %s not fetched from %s: %s", digest.hex()[:12], trainer,
-                         source or "the trainer", e)  # fmt: skip
-        return None
+        agent = self.agent
+        return await fetch_committed_part(agent.host, agent.identity, trainer, addrs, digest,
+                                          agent.coordinator_id)  # fmt: skip
 
     async def fetch_rollout(self, lease_id: str, producer: str, addrs: list[str], digest: bytes,
                             deadline_ms: int) -> RolloutPayload | str:  # fmt: skip

@@ -51,6 +51,15 @@ State = tuple[dict[str, Any], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
+class Sum:
+    """The sum of a round's parts, over ``parts`` trainers named ``members`` (empty: alone)."""
+
+    integer_sum: torch.Tensor
+    parts: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Trained:
     """What a round did."""
 
@@ -168,15 +177,20 @@ class Trainer:
         """The part averaged with the group (the collective's round ``tag``, ``expected``
         trainers, ``member`` this one's name there; alone without a collective) and the outer
         step from the global weights."""
-        global_w = self.global_w
-        q = part.numpy()
-        members: tuple[str, ...] = ()
+        return self.apply(self.reduce(part, tag, expected, member), stats, next_version)
+
+    def reduce(self, part: torch.Tensor, tag: str = "", expected: int = 1, member: str = "") -> Sum:
+        """The sum of the group's parts (``finish``'s arguments), as the all-reduce gave it."""
         if self.collective is None:
-            integer_sum, k = q, 1
-        else:
-            result = self.collective.average(q, tag, expected, member)
-            integer_sum, k, members = result.integer_sum, result.group_size, result.members
-        mean = self.quantizer.decode_mean(torch.from_numpy(np.asarray(integer_sum)), k)
+            return Sum(part.to(torch.int64), 1, ())
+        result = self.collective.average(part.numpy(), tag, expected, member)
+        integer_sum = torch.from_numpy(np.asarray(result.integer_sum)).to(torch.int64)
+        return Sum(integer_sum, result.group_size, tuple(result.members))
+
+    def apply(self, total: Sum, stats: list[LossStats], next_version: int | None = None) -> Trained:
+        """The outer step from the global weights with the mean of ``total``'s parts."""
+        global_w, members, k = self.global_w, total.members, total.parts
+        mean = self.quantizer.decode_mean(total.integer_sum, k)
         new_w = self.outer.step(global_w, mean)
         self.quantizer.rescale((global_w - new_w) / self.outer.lr)
         self.model.load_flat(new_w)

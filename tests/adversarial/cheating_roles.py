@@ -101,11 +101,27 @@ class ScalesItsPart(TrainerRole):
         return torch.clamp(3 * part, -levels, levels), stats
 
 
+class TampersAllReduce(TrainerRole):
+    """Commits to its honest part, then puts it into the all-reduce three times over (a bigger
+    say in the version than its share, where a replay of its part finds nothing wrong) and
+    signs the step the all-reduce gave, unchecked."""
+
+    def _reduce(self, trainer: Trainer, part: Any, tag: str, expected: int, me: str) -> Any:
+        import torch
+
+        levels = trainer.quantizer.levels
+        return trainer.reduce(torch.clamp(3 * part, -levels, levels), tag, expected, me)
+
+    async def _vouch(self, a: Any, trainer: Trainer, part: Any, total: Any, me: str) -> Any:
+        return total
+
+
 ClaimsMoreTokens = InflatesReceipts
 """Claims one token more than every payload holds (``BAZAAR_CHEAT_FROM`` unset: from the start)."""
 
 ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cls",
          "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls",
          "PoisonsAdapter": "trainer_cls", "SkipsInnerSteps": "trainer_cls",
-         "TrainsOnRolloutsNotDealt": "trainer_cls", "ScalesItsPart": "trainer_cls"}  # fmt: skip
+         "TrainsOnRolloutsNotDealt": "trainer_cls", "ScalesItsPart": "trainer_cls",
+         "TampersAllReduce": "trainer_cls"}  # fmt: skip
 """Each cheat, and the ``start_node`` argument its class replaces."""

@@ -3,10 +3,13 @@ was dealt to, all signing the same manifest, each having committed to its part b
 all-reduce; verifiers replay trainers' rounds, and a trainer whose replay fails is banned and
 its run rolled back to before its first round no replay confirmed.
 
-- Three trainers all-reduce a round; one publishes an adapter it poisoned (``PoisonsAdapter``).
-  Their manifests conflict, so no version is made; the replays of every round, each against
-  the manifest its trainer signed, show which one is not the step the committed parts make: the
-  poisoner is banned, the two honest trainers make every version, and their replays pass.
+- Three trainers all-reduce a round; one publishes an adapter it poisoned (``PoisonsAdapter``),
+  or puts its part into the all-reduce threefold while committing to the honest one and signs
+  what the all-reduce gave (``TampersAllReduce``: the honest trainers find the all-reduce is
+  not the sum of the committed parts and sign those parts' step instead). The manifests
+  conflict, so no version is made; the replays of every round, each against the manifest its
+  trainer signed, show which one is not the step the committed parts make: the cheat is
+  banned, the two honest trainers make every version, and their replays pass.
 - Lone cheating trainers, one after another on one network: it skips its inner steps
   (``SkipsInnerSteps``), puts its part in three times over (``ScalesItsPart``), trains on
   rollouts it was not dealt (``TrainsOnRolloutsNotDealt``), publishes a poisoned adapter alone
@@ -74,14 +77,15 @@ def decided_replays(cluster: Cluster, peer: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("cheat", ["PoisonsAdapter", "TampersAllReduce"])
 def test_of_trainers_in_conflict_the_replays_ban_the_poisoner(
-    cluster: Cluster, tiny_model: Path
+    cluster: Cluster, tiny_model: Path, cheat: str
 ) -> None:
     model = network(cluster, tiny_model, max_rounds=3)
     for name in ("trainer-a", "trainer-b"):
         cluster.start_node(name, roles="trainer", extra=model)
     cluster.start_node("poisoner", roles="trainer", extra=model, module=CHEATS,
-                       env={"BAZAAR_CHEAT": "PoisonsAdapter"})  # fmt: skip
+                       env={"BAZAAR_CHEAT": cheat})  # fmt: skip
     wait_until(lambda: banned(cluster, "poisoner"), 360, every_s=1, what="the poisoner banned")
     run = cluster.wait_run("r", "completed", timeout_s=300)
     assert run["stop_reason"] == "max_rounds"
