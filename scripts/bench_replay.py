@@ -217,24 +217,11 @@ def bench(
     return tallies, baseline, completions
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="rounds (two payloads each)")
-    parser.add_argument("--quick", action="store_true", help="two rounds (under a minute)")
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2, a directory, a hub id")
-    parser.add_argument("--max-tokens", type=int, default=24, help="each lease's max_tokens")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "replay.json")
-    args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
-    if rounds < 1:
-        parser.error("--rounds must be at least 1")
-    ref = str(tiny_model(data_dir())) if args.model == "tiny" else resolve(args.model, data_dir())
-    if ref.endswith(".gguf"):  # smollm2 as scripts/setup-smollm2 installs it
-        parser.error(f"{ref}: trainers load no GGUF file; give the model's directory or hub id")
-    console = Console(width=None if sys.stdout.isatty() else 100)  # piped, rich assumes 80
-    began = time.perf_counter()
-    with Progress(console=console) as progress, tempfile.TemporaryDirectory() as held:
-        tallies, baseline, completions = bench(rounds, ref, args.max_tokens, Path(held), progress)
+def measures(
+    tallies: dict[str, Tally], baseline: dict[int, list[float]]
+) -> tuple[dict[str, Any], float]:
+    """The benchmark's metrics from ``bench``'s tallies (the per-cheat ones are added as the
+    table is made), and a replay's cost as a share of its round."""
     rates, h = ReplayConfig(), tallies["honest"]
     ratios = {t: [a / b for a, b in zip(h.seconds[t], baseline[t], strict=True)] for t in baseline}
     cost = median(ratios[1] + ratios[THREADS])
@@ -257,6 +244,27 @@ def main() -> None:
         "replay_cost_fraction_group": cost * rates.rate,
         "replay_cost_fraction_lone": cost * rates.lone_rate,
     }  # fmt: skip
+    return out, cost
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8, help="rounds (two payloads each)")
+    parser.add_argument("--quick", action="store_true", help="two rounds (under a minute)")
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, a directory, a hub id")
+    parser.add_argument("--max-tokens", type=int, default=24, help="each lease's max_tokens")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "replay.json")
+    args = parser.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    ref = str(tiny_model(data_dir())) if args.model == "tiny" else resolve(args.model, data_dir())
+    console = Console(width=None if sys.stdout.isatty() else 100)  # piped, rich assumes 80
+    began = time.perf_counter()
+    with Progress(console=console) as progress, tempfile.TemporaryDirectory() as held:
+        tallies, baseline, completions = bench(rounds, ref, args.max_tokens, Path(held), progress)
+    rates = ReplayConfig()
+    out, cost = measures(tallies, baseline)
     caption = "1, 2 thr: a replay's seconds on 1, 2 threads; to catch: rounds, trusted / new"
     title = f"replays of a lone trainer's rounds ({rounds} per trainer)"
     table = Table(title=title, caption=caption, box=SIMPLE)

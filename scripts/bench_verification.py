@@ -19,13 +19,20 @@ cheat left as an honest producer makes it, logprobs within 1e-6, does not count:
 tokens it changed: a lease with the honest tokens and logprobs moved by less than honest bf16
 rounding moves them is no cheat an audit can see, nor one that changes what is trained on), and
 ``verify_vs_generate_cost`` (seconds to audit a lease ÷ seconds to generate it, one thread; goal
-≤ 0.1 — on the tiny model's short completions generation is no slower per token than a replay).
+≤ 0.1 — on the tiny model's short completions generation is no slower per token than a replay),
+``audit_overhead_fraction`` (that cost times the audits made per rollout at the default rates,
+``AuditConfig.steady_state_cost``: first looks, double-checks, known answers; goal ≤ 0.02).
+
+Trainers (``--trainer-rounds``, default 2; ``scripts/bench_replay.py`` runs more): a lone
+trainer's rounds replayed, honest and by each trainer cheat — ``trainer_false_failures``,
+``replay_cost_fraction`` (a replay's compute ÷ its round's at the default rate of a trusted
+trainer in a group; ``_lone``: alone; goal ≤ 0.1) and ``trainer_caught_rate_<cheat>``.
 
 Not measured here: producer and verifier on different devices (a GPU producer's bf16 against a
 CPU verifier's), which needs a GPU.
-Nor the replay audit of trainers' rounds: ``scripts/bench_replay.py`` measures it.
 
-Run: ``python scripts/bench_verification.py [--leases 32]`` (``--model smollm2 --max-tokens 128
+Run: ``python scripts/bench_verification.py [--leases 32 | --quick]`` (``--model smollm2
+--max-tokens 128
 --only none``: the cost on a real model's longer completions); writes
 ``bench-results/verification.json``.
 """
@@ -51,6 +58,7 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bazaar.up import tiny_model  # noqa: E402
+from coordinator.config import AuditConfig  # noqa: E402
 from envs import load_environment  # noqa: E402
 from node.model.backends.torch_backend import TORCH_DTYPES, TorchBackend  # noqa: E402
 from node.model.loading import resolve  # noqa: E402
@@ -67,7 +75,8 @@ from verification.rollouts import sample_tokens  # noqa: E402
 
 SETTINGS = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
             ("sort", {}, 1.0, 0.95), ("countdown", {}, 0.0, 1.0)]  # fmt: skip
-GOALS = {"false_positive_rate": 0.0, "caught_rate": 0.99, "verify_vs_generate_cost": 0.1}
+GOALS = {"false_positive_rate": 0.0, "caught_rate": 0.99, "verify_vs_generate_cost": 0.1,
+         "audit_overhead_fraction": 0.02, "replay_cost_fraction": 0.1}  # fmt: skip
 
 
 def lease_for(n: int, max_tokens: int = 24) -> tuple[Any, Lease]:
@@ -134,6 +143,7 @@ def play(
             out["false_positive_rate"] = failed / leases
             out["honest_samples"] = leases * 32
             out["verify_vs_generate_cost"] = ver_s / gen_s
+            out["audit_overhead_fraction"] = AuditConfig().steady_state_cost() * ver_s / gen_s
         else:
             out[f"caught_rate_{name}"] = failed / max(1, leases - unchanged)
             changed_tokens = leases - unchanged - same_tokens
@@ -156,8 +166,21 @@ def main() -> None:
                              "tiny model's, so on another only the cost is meaningful")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=24, help="each lease's max_tokens")
     parser.add_argument("--only", default="", help="cheats besides honest ('none': no cheat)")
+    parser.add_argument(
+        "--trainer-rounds",
+        type=int,
+        default=2,
+        help="rounds per trainer replayed (scripts/bench_replay.py; 0: none)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "verification.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 leases per producer and 1 trainer round: every metric, roughly",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.leases, args.trainer_rounds = 4, min(args.trainer_rounds, 1)
     torch.set_num_threads(1)
     console = Console()
     results: dict[str, dict[str, Any]] = {}
@@ -167,24 +190,59 @@ def main() -> None:
             results[profile] = play(
                 profile, args.leases, progress, args.model, args.max_tokens, only
             )
-    table = Table(title=f"audits of honest and subtly cheating leases ({args.leases} each)")
+        trainers = (
+            replayed_trainers(args.trainer_rounds, progress) if args.trainer_rounds > 0 else {}
+        )
+    table = Table(title=f"audits of honest and subtly cheating leases ({args.leases} each)",
+                  caption="caught / caught where the cheat changed a token; which checks: "
+                          "caught_by_* in the JSON")  # fmt: skip
     cheats = ("noise_1pct", "inflated_0.15", "runner_up_0.3")
-    for col in ("profile", "false positives", *cheats, "verify ÷ generate"):
+    for col in ("profile", "false positives", *cheats, "verify ÷ generate", "audit overhead"):
         table.add_column(col, justify="right")
     flat: dict[str, Any] = {}
     for profile, r in results.items():
-        table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']} samples",
-                      *[f"{r[f'caught_rate_{c}']:.2f}{_tokens_changed(r, c)} "
-                        f"({_top(r[f'caught_by_{c}'])})"
+        table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']}",
+                      *[f"{r[f'caught_rate_{c}']:.2f}{_tokens_changed(r, c)}"
                         if f"caught_rate_{c}" in r else "—" for c in cheats],
-                      f"{r['verify_vs_generate_cost']:.2f}")  # fmt: skip
+                      f"{r['verify_vs_generate_cost']:.2f}",
+                      f"{r['audit_overhead_fraction']:.3f}")  # fmt: skip
         flat.update({f"{profile}_{k}": v for k, v in r.items() if not isinstance(v, dict)})
     console.print(table)
+    if trainers:
+        console.print(
+            f"trainers ({args.trainer_rounds} rounds each, scripts/bench_replay.py): honest "
+            f"{trainers['trainer_false_failures']} false failures; replay_cost_fraction "
+            f"{trainers['replay_cost_fraction']:.3f} in groups, "
+            f"{trainers['replay_cost_fraction_lone']:.3f} alone; caught: "
+            + ", ".join(f"{k.removeprefix('trainer_caught_rate_')} {v:.2f}"
+                        for k, v in trainers.items() if k.startswith("trainer_caught_rate_"))
+        )  # fmt: skip
     console.print("goals: " + ", ".join(f"{k} {'≥' if k == 'caught_rate' else '≤'} {v}"
                                         for k, v in GOALS.items()))  # fmt: skip
-    write_result(args.out, {**flat, "leases": args.leases, "model": args.model,
+    write_result(args.out, {**flat, **trainers, "leases": args.leases, "model": args.model,
                             "max_tokens": args.max_tokens,
                             **{f"goal_{k}": v for k, v in GOALS.items()}})  # fmt: skip
+
+
+def replayed_trainers(rounds: int, progress: Progress) -> dict[str, Any]:
+    """The trainers' side (``scripts/bench_replay.py``, tiny model): a lone trainer's rounds
+    replayed, honest and by each trainer cheat; ``replay_cost_fraction`` at the default rate of
+    a trusted trainer in a group (``_lone``: alone) and each cheat's ``caught_rate``."""
+    import tempfile
+
+    import bench_replay
+
+    ref = str(tiny_model(data_dir()))
+    with tempfile.TemporaryDirectory() as held:
+        tallies, baseline, _ = bench_replay.bench(rounds, ref, 24, Path(held), progress)
+    out, _ = bench_replay.measures(tallies, baseline)
+    return {
+        "trainer_false_failures": tallies["honest"].failed,
+        "replay_cost_fraction": out["replay_cost_fraction_group"],
+        "replay_cost_fraction_lone": out["replay_cost_fraction_lone"],
+        **{f"trainer_caught_rate_{name}": t.rate for name, t in tallies.items()
+           if name != "honest"},
+    }  # fmt: skip
 
 
 def _same(a: list[Any], b: list[Any], logprobs: bool) -> bool:
@@ -201,12 +259,7 @@ def _same(a: list[Any], b: list[Any], logprobs: bool) -> bool:
 
 def _tokens_changed(r: dict[str, Any], cheat: str) -> str:
     rate = r.get(f"caught_rate_{cheat}_tokens_changed")
-    return "" if rate is None else f", {rate:.2f} with tokens changed"
-
-
-def _top(checks: dict[str, int]) -> str:
-    caught = {k: v for k, v in checks.items() if k != "passed"}
-    return ", ".join(f"{k} {v}" for k, v in sorted(caught.items(), key=lambda kv: -kv[1])) or "-"
+    return "" if rate is None else f" / {rate:.2f}"
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.rollouts import RolloutPayload  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from verification.checks import (  # noqa: E402
+    THRESHOLDS_DIR,
     THRESHOLDS_FILE,
     Thresholds,
+    model_key,
     replay_sample,
     verify_payload,
 )
@@ -137,9 +139,11 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def calibrate(profile: str, samples: int, progress: Progress, seed: int = 0) -> dict[str, Any]:
+def calibrate(
+    profile: str, samples: int, progress: Progress, seed: int = 0, model: str = "tiny"
+) -> dict[str, Any]:
     producer_dtype, _, verifier_dtype = profile.partition(">")
-    ref = resolve("tiny", data_dir())
+    ref = resolve(model, data_dir())
     producer = TorchBackend.from_pretrained(ref, dtype=PROFILES[producer_dtype])
     backend = TorchBackend.from_pretrained(ref, dtype=PROFILES[verifier_dtype or producer_dtype])
     started = time.perf_counter()
@@ -178,6 +182,7 @@ def calibrate(profile: str, samples: int, progress: Progress, seed: int = 0) -> 
     refused = len(refusals)
     return {
         "profile": profile,
+        "model_key": model_key(backend.base.config),
         "samples": len(margins),
         "payloads": len(leases),
         "thresholds": thresholds,
@@ -193,9 +198,9 @@ def calibrate(profile: str, samples: int, progress: Progress, seed: int = 0) -> 
     }
 
 
-def write_thresholds(results: list[dict[str, Any]], path: Path) -> None:
+def write_thresholds(results: list[dict[str, Any]], path: Path, model: str = "tiny") -> None:
     lines = [
-        "# Verification thresholds, calibrated from honest generations of the tiny model by",
+        f"# Verification thresholds, calibrated from honest generations of the {model} model by",
         f"# scripts/calibrate_verification.py (threshold = max(floor, {SAFETY:g} x honest maximum;",
         f"# {DRIFT_SAFETY:g} x for the lease's drift)).",
         "# Do not edit by hand: rerun the script.",
@@ -234,14 +239,20 @@ def main() -> None:
                              "(measured, e.g. bf16>fp32; verifiers replay in the producer's "
                              "dtype instead)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="derives every lease's randomness")
-    parser.add_argument("--out", type=Path, default=THRESHOLDS_FILE)
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (the default thresholds), or smollm2 (scripts/setup-smollm2): "
+                             "written to verification/thresholds/<model key>.toml")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="default: the model's file")
     args = parser.parse_args()
     console = Console()
     results = []
     with Progress(console=console) as progress:
         for profile in args.profiles.split(","):
-            results.append(calibrate(profile, args.samples, progress, args.seed))
-    table = Table(title="verification calibration (honest generations, tiny model)")
+            results.append(calibrate(profile, args.samples, progress, args.seed, args.model))
+    out = args.out or (THRESHOLDS_FILE if args.model == "tiny" else
+                       THRESHOLDS_DIR / f"{results[0]['model_key']}.toml")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"verification calibration (honest generations, {args.model} model)")
     for col in ("profile", "samples", "max margin", "max logprob diff", "thresholds", "refused"):
         table.add_column(col, justify="right")
     flat: dict[str, Any] = {}
@@ -263,9 +274,10 @@ def main() -> None:
     for r in results:
         for why in r["refusals"]:
             console.print(f"[red]{r['profile']}: an honest lease refused, {why}")
-    write_thresholds(results, args.out)
-    console.print(f"wrote {args.out}")
-    write_result(REPO / "bench-results" / "calibration.json", flat)
+    write_thresholds(results, out, args.model)
+    console.print(f"wrote {out}")
+    name = "calibration" if args.model == "tiny" else f"calibration-{args.model}"
+    write_result(REPO / "bench-results" / f"{name}.json", {**flat, "model": args.model})
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ CHECKS = (
     "logprobs",
 )
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
+"""The tiny model's thresholds: those of any model not calibrated on its own."""
+THRESHOLDS_DIR = Path(__file__).with_name("thresholds")
+"""A model's own thresholds, as ``<model_key>.toml``."""
 REWARD_TOLERANCE = 1e-6
 UNCERTAIN_LOGPROB = -0.01
 """A token the model was unsure of: its recomputed logprob is below this. Near-certain tokens
@@ -131,17 +134,36 @@ def load_thresholds(profile: str, path: Path = THRESHOLDS_FILE) -> Thresholds:
     )  # fmt: skip
 
 
+def model_key(config: Any) -> str:
+    """What thresholds are calibrated per: a model's architecture and size, from its config
+    (``llama-30x576-v49152`` is SmolLM2-135M)."""
+    return (
+        f"{config.model_type}-{config.num_hidden_layers}x{config.hidden_size}-v{config.vocab_size}"
+    )
+
+
+def thresholds_path(model: str | None) -> Path:
+    """The thresholds file of ``model`` (a ``model_key``): its own if it was calibrated, else
+    the tiny model's."""
+    own = THRESHOLDS_DIR / f"{model}.toml"
+    return own if model and own.exists() else THRESHOLDS_FILE
+
+
 def thresholds_for(
-    producer: ComputeProfile | None, verifier: ComputeProfile, path: Path = THRESHOLDS_FILE
+    producer: ComputeProfile | None,
+    verifier: ComputeProfile,
+    path: Path | None = None,
+    model: str | None = None,
 ) -> Thresholds:
     """The thresholds a verifier computing as ``verifier`` checks a payload made as ``producer``
     with (a payload that declares no profile: as if made like the verifier's own);
     ``UncalibratedPair`` when none were calibrated for that pair — the verifier then hands the
-    audit on rather than judge it with the wrong ones. Calibrated pairs are by dtype, on CPU:
-    devices are not told apart yet."""
+    audit on rather than judge it with the wrong ones. Thresholds are per ``model``
+    (``model_key``; ``path`` overrides: ``thresholds_path``) and per dtype pair, calibrated on
+    CPU: devices are not told apart yet."""
     made = producer.dtype if producer is not None else verifier.dtype
     pair = made if made == verifier.dtype else f"{made}>{verifier.dtype}"
-    return load_thresholds(pair, path)
+    return load_thresholds(pair, path or thresholds_path(model))
 
 
 @dataclass(frozen=True)

@@ -317,16 +317,22 @@ class _Child:
 
         import msgspec
 
-        from verification.checks import Outcome, UncalibratedPair, thresholds_for, verify_payload
+        from verification.checks import (
+            Outcome,
+            UncalibratedPair,
+            model_key,
+            thresholds_for,
+            verify_payload,
+        )
 
-        own = self.backend.profile
+        own, model = self.backend.profile, model_key(self.backend.base.config)
         made = payload.profile.dtype if payload.profile is not None else own.dtype
         replay = msgspec.structs.replace(own, dtype=made)
         try:  # replayed in the dtype the producer declared (and signed), with its thresholds
-            thresholds = thresholds_for(payload.profile, replay)
+            thresholds = thresholds_for(payload.profile, replay, model=model)
             backend = self.in_dtype(made, adapter)
             if backend.profile.dtype != made:  # a backend that loads no other dtype (vLLM)
-                thresholds = thresholds_for(payload.profile, backend.profile)
+                thresholds = thresholds_for(payload.profile, backend.profile, model=model)
         except UncalibratedPair as e:  # not this verifier's to judge: another one takes it
             return Outcome(False, "verifier_error", f"cannot check this producer's profile: {e}")
         prefill = functools.partial(backend.prefill_batch, adapter=adapter)

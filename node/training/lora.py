@@ -33,9 +33,13 @@ class LoraTrainer:
         """The run spec's ``lora`` and ``rl.loss`` sections, as they are."""
         lora, loss = lora or LoraSpec(), loss or LossSpec()
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        where, kwargs = base, {}
+        if base.endswith(".gguf"):  # a GGUF file (smollm2 as installed), as the model process
+            where, kwargs = str(Path(base).parent), {"gguf_file": Path(base).name}  # loads it
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
                             target_modules=list(lora.target_modules), lora_dropout=0.0)  # fmt: skip
         self.model = get_peft_model(model, config)

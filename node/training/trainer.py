@@ -94,18 +94,16 @@ class Trainer:
 
     @classmethod
     def build(cls, base: str, run_id: str, s: TrainSettings) -> Trainer:
-        """A run's trainer on the base model at ``base`` (a directory or hub id) as its settings
-        say (LoRA, loss, inner lr), with the quantizer of its pseudo-gradients (levels for
-        groups of up to 8; AdamW moves a weight about lr a step at most, so H steps bound it by
-        lr·H) and its outer optimizer."""
-        from transformers import AutoTokenizer
-
+        """A run's trainer on the base model at ``base`` (a directory, a hub id or a GGUF file)
+        as its settings say (LoRA, loss, inner lr), with the quantizer of its pseudo-gradients
+        (levels for groups of up to 8; AdamW moves a weight about lr a step at most, so H steps
+        bound it by lr·H) and its outer optimizer."""
         d = s.diloco
         model = LoraTrainer(base, run_id, lora=s.lora, loss=s.loss, inner_lr=d.inner_lr)
         levels = levels_for(8, d.compression)
         quantizer = Quantizer(model.sizes, levels, d.inner_lr * d.inner_steps / levels)
         outer = OuterOptimizer(d.outer_lr, d.outer_momentum, nesterov=d.outer_momentum > 0)
-        return cls(model, quantizer, outer, AutoTokenizer.from_pretrained(base))
+        return cls(model, quantizer, outer, model.tokenizer)
 
     def join(self, peers: Sequence[str], prefix: str, wire: str, member: str = "") -> None:
         """Start the collective: join the run's hivemind DHT through ``peers`` (none: start
