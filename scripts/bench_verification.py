@@ -70,7 +70,12 @@ from tests.adversarial.cheaters import (  # noqa: E402
     SlightlyInflatedLogprobs,
     TakesCloseRunnerUps,
 )
-from verification.checks import load_thresholds, verify_payload  # noqa: E402
+from verification.checks import (  # noqa: E402
+    load_thresholds,
+    model_key,
+    thresholds_path,
+    verify_payload,
+)
 from verification.rollouts import sample_tokens  # noqa: E402
 
 SETTINGS = [("arith", {"digits": 2}, 1.0, 1.0), ("reverse", {}, 0.7, 0.9),
@@ -102,7 +107,7 @@ def play(
     """One profile's audits; ``only``: the cheats to play (empty: all)."""
     ref = str(tiny_model(data_dir())) if model == "tiny" else resolve(model, data_dir())
     verifier = TorchBackend.from_pretrained(ref, dtype=TORCH_DTYPES[profile])  # type: ignore[index]
-    thresholds = load_thresholds(profile)
+    thresholds = load_thresholds(profile, thresholds_path(model_key(verifier.base.config)))
     producers: dict[str, Callable[[], Producer]] = {
         "honest": lambda: Producer(verifier, verifier.tokenizer),
         "noise_1pct": lambda: NoisyWeights(verifier, 0.01),
@@ -162,8 +167,8 @@ def main() -> None:
     parser.add_argument("--leases", type=int, default=32, help="leases per producer (32 samples)")
     parser.add_argument("--profiles", default="fp32,bf16")
     parser.add_argument("--model", default="tiny",
-                        help="tiny, or smollm2 (scripts/setup-smollm2): the thresholds are the "
-                             "tiny model's, so on another only the cost is meaningful")  # fmt: skip
+                        help="tiny, or smollm2 (scripts/setup-smollm2), with the thresholds "
+                             "calibrated for it (else the tiny model's)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=24, help="each lease's max_tokens")
     parser.add_argument("--only", default="", help="cheats besides honest ('none': no cheat)")
     parser.add_argument(
