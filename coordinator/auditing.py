@@ -55,7 +55,11 @@ class Auditing:
         runs = state.book.runs
 
         def assign() -> Audit | None:
-            can_check = lambda a: runs[a.run_id].plan.spec.base_model == req.base_model  # noqa: E731
+            def can_check(a: Audit) -> bool:  # its model, in a dtype it can replay
+                return runs[a.run_id].plan.spec.base_model == req.base_model and (
+                    not req.dtypes or not a.dtype or a.dtype in req.dtypes
+                )
+
             return state.audits.assign(peer, can_check, self._can_serve)
 
         audit = assign()

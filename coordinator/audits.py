@@ -210,11 +210,14 @@ class AuditBook:
         producer: str,
         payload_hash: bytes,
         floor: float | None = None,
+        dtype: str = "",
     ) -> Audit | None:
-        """Decide, with fresh randomness, whether this receipt is audited; the audit if so."""
+        """Decide, with fresh randomness, whether this receipt is audited; the audit if so
+        (``dtype``: the one the receipt declares)."""
         if self.rng.random() >= self.rate(producer, floor):
             return None
-        audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, self.clock())
+        audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, self.clock(),
+                      dtype=dtype)  # fmt: skip
         self.audits[audit.audit_id] = self.open[audit.audit_id] = audit
         self.keep(audit)
         return audit
@@ -304,7 +307,7 @@ class AuditBook:
     def _known_audit(self, ref: Audit, answer: str) -> Audit:
         audit = Audit(uuid.uuid4().hex, ref.lease_id, ref.run_id, ref.producer, ref.payload_hash,
                       self.clock(), known_answer=answer, reference=ref.audit_id,
-                      current_version=ref.current_version,
+                      current_version=ref.current_version, dtype=ref.dtype,
                       max_staleness=ref.max_staleness)  # fmt: skip
         self.audits[audit.audit_id] = audit
         self.keep(audit)

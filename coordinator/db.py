@@ -277,6 +277,9 @@ class Audit(Base):
     )
     known_answer: Mapped[str] = mapped_column(String(8), default="")
     """Empty for a real audit; ``pass`` or ``fail``: a known-answer audit and its answer."""
+    dtype: Mapped[str] = mapped_column(String(16), default="")
+    """The dtype the payload's receipt declared it was made in (empty: none declared): only a
+    verifier that can replay it is handed the audit."""
     reference: Mapped[str] = mapped_column(String(64), default="")
     """A known answer's: the decided audit whose payload it re-sends."""
     quorum: Mapped[int] = mapped_column(Integer, default=1)

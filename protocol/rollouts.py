@@ -76,6 +76,9 @@ class RolloutReceipt(Message):
     payload_hash: Hash32
     num_samples: NonNegInt
     completion_tokens: NonNegInt
+    profile: ComputeProfile | None = None
+    """The profile the payload declares: the coordinator hands its audit to a verifier that can
+    replay that dtype (the payload's own declaration is what the audit judges by)."""
 
 
 ReceiptOutcomeName = Literal[

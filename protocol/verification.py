@@ -19,6 +19,7 @@ from protocol.adapters import RolloutRef
 from protocol.codec import Hash32, KiB, Message, MiB, Name, NonNegInt, PeerIdStr, Text
 from protocol.leases import Lease
 from protocol.membership import PeerRecord
+from protocol.rollouts import Dtype
 from protocol.runs import TrainSettings
 
 VerdictOutcome = Literal[
@@ -42,6 +43,9 @@ class AuditRequest(Message):
     """How long the coordinator may hold the request for an audit to open before it answers
     ``NoAudit`` (a long poll, capped by the coordinator's ``audits.max_wait_s``): an idle
     verifier is handed an audit the moment one opens, and asks a few times a minute."""
+    dtypes: Annotated[list[Dtype], msgspec.Meta(max_length=8)] = msgspec.field(default_factory=list)
+    """The dtypes it can replay with calibrated thresholds (empty: any): it is handed only
+    audits of payloads made in one of them."""
 
 
 class AuditAssignment(Message):

@@ -149,6 +149,12 @@ def thresholds_path(model: str | None) -> Path:
     return own if model and own.exists() else THRESHOLDS_FILE
 
 
+def calibrated_dtypes(model: str | None) -> list[str]:
+    """The dtypes ``model``'s thresholds judge payloads of (each replayed in its own dtype)."""
+    data = tomllib.loads(thresholds_path(model).read_text())
+    return sorted(k for k in data if ">" not in k)
+
+
 def thresholds_for(
     producer: ComputeProfile | None,
     verifier: ComputeProfile,

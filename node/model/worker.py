@@ -70,6 +70,8 @@ class ModelWorker:
         self.device = ""
         self.profile: ComputeProfile | None = None
         """How the loaded model computes (``ComputeProfile``), once it is loaded."""
+        self.dtypes: list[str] = []
+        """The dtypes it can check payloads of (``_Child.checkable``), once it is loaded."""
         self._conn: Any = None
         self._proc: Any = None
         self._send_lock = trio.Lock()  # FIFO: answers come back in the order requests went out
@@ -110,6 +112,7 @@ class ModelWorker:
         nursery.start_soon(self._read_answers)
         self.device = await self._call("load")
         self.profile = await self._call("profile")
+        self.dtypes = await self._call("checkable")
 
     async def produce(self, lease: Lease, adapter: tuple[str, str] | None = None) -> RolloutPayload:
         """The lease's payload, sampled with ``adapter`` = ``(name, path)`` (None: the base)."""
@@ -270,6 +273,16 @@ class _Child:
 
     def profile(self) -> ComputeProfile:
         return self.backend.profile
+
+    def checkable(self) -> list[str]:
+        """The dtypes this process replays payloads of with calibrated thresholds: those of
+        its model's thresholds (a torch backend loads the model again in another), or its
+        own alone (vLLM loads no other)."""
+        from verification.checks import calibrated_dtypes, model_key
+
+        own = self.backend.profile.dtype
+        dtypes = calibrated_dtypes(model_key(self.backend.base.config))
+        return sorted(d for d in dtypes if self.spec.backend == "torch" or d == own)
 
     def load_adapter(self, name: str, path: str) -> None:
         self.backend.load_adapter(name, path)

@@ -192,6 +192,7 @@ class InferenceRole(Role):
             payload_hash=digest,
             num_samples=len(payload.samples),
             completion_tokens=tokens,
+            profile=payload.profile,
         )
         ack = await self.submit(receipt)
         if ack is not None:

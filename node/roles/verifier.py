@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import trio
 from prometheus_client import Counter
@@ -48,7 +48,7 @@ from protocol.adapters import AdapterManifest
 from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
 from protocol.payloads import fetch_committed_part, fetch_payload
-from protocol.rollouts import RolloutPayload
+from protocol.rollouts import Dtype, RolloutPayload
 from protocol.verification import (
     AuditAssignment,
     AuditRequest,
@@ -109,7 +109,8 @@ class VerifierRole(Role):
                     await self.audit(work)
 
     async def _next_audit(self) -> AuditAssignment | ReplayAssignment:
-        request = AuditRequest(base_model=self.config.model, wait_s=LONG_POLL_S)
+        dtypes = [d for d in get_args(Dtype) if d in self.model.dtypes]
+        request = AuditRequest(base_model=self.config.model, wait_s=LONG_POLL_S, dtypes=dtypes)
         while True:
             try:
                 expect = (AuditAssignment, ReplayAssignment, NoAudit)

@@ -1,6 +1,7 @@
 """The audit protocol against a real coordinator process, from in-process peers: only verifiers
-get audits, never of their own work; verdicts from anyone but the assigned verifier change
-nothing; audits and producers' records survive a coordinator restart."""
+get audits, never of their own work, only of payloads made in a dtype they can replay; verdicts
+from anyone but the assigned verifier change nothing; audits and producers' records survive a
+coordinator restart."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import trio
 from protocol.errors import RemoteError
 from protocol.identity import Identity
 from protocol.leases import Lease, LeaseRequest
-from protocol.rollouts import ReceiptAck, RolloutReceipt
+from protocol.rollouts import ComputeProfile, ReceiptAck, RolloutReceipt
 from protocol.verification import AuditAssignment, AuditRequest, NoAudit, Verdict, VerdictAck
 from protocol.versions import AUDITS, LEASES
 from tests.integration.cluster import Cluster
 from tests.integration.peer import peer
 
 pytestmark = pytest.mark.timeout(120)
+BF16 = ComputeProfile(backend="torch", dtype="bf16", device="cpu")
 
 
 @pytest.fixture
@@ -58,16 +60,19 @@ def test_audit_assignment_rules_and_restart(cluster: Cluster) -> None:
             receipt = RolloutReceipt(
                 lease_id=lease.lease_id, run_id="r", policy_version=0,
                 payload_hash=hashlib.sha256(b"payload").digest(), num_samples=8,
-                completion_tokens=10,
+                completion_tokens=10, profile=BF16,
             )  # fmt: skip
             ack = await producer.ask(LEASES, receipt)
             assert isinstance(ack, ReceiptAck) and ack.outcome == "counted"
+            # made in bf16: not for a verifier that replays only fp32
+            fp32_only = AuditRequest(base_model="tiny", dtypes=["fp32"])
+            assert isinstance(await v1.ask(AUDITS, fp32_only), NoAudit)
             # the producer is new: its receipt is audited, but never by itself
             assert isinstance(await producer.ask(AUDITS, AuditRequest(base_model="tiny")), NoAudit)
             with pytest.raises(RemoteError, match="verifier role"):
                 await v2.ask(AUDITS, AuditRequest(base_model="tiny"))
             assert isinstance(await v1.ask(AUDITS, AuditRequest(base_model="other")), NoAudit)
-            a = await v1.ask(AUDITS, AuditRequest(base_model="tiny"))
+            a = await v1.ask(AUDITS, AuditRequest(base_model="tiny", dtypes=["fp32", "bf16"]))
             assert isinstance(a, AuditAssignment)
             assert a.lease == lease and a.producer == producer_id.peer_id and a.producer_addrs
             # a verdict from someone else than the assigned verifier changes nothing
@@ -88,8 +93,11 @@ def test_audit_assignment_rules_and_restart(cluster: Cluster) -> None:
         async with peer(cluster.multiaddr, v1_id) as v1, peer(cluster.multiaddr, v2_id) as v3:
             await v1.join(["verifier"], "v1")
             await v3.join(["verifier"], "v3")
-            # after the restart the audit still waits for its second, independent look
+            # after the restart the audit still waits for its second, independent look, by a
+            # verifier that can replay bf16
             assert isinstance(await v1.ask(AUDITS, AuditRequest(base_model="tiny")), NoAudit)
+            fp32_only = AuditRequest(base_model="tiny", dtypes=["fp32"])
+            assert isinstance(await v3.ask(AUDITS, fp32_only), NoAudit)
             a = await v3.ask(AUDITS, AuditRequest(base_model="tiny"))
             assert isinstance(a, AuditAssignment) and a.audit_id == seen["audit"]
             done = await v3.ask(AUDITS, verdict(a, False, "logprobs"))
