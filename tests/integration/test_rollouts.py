@@ -77,7 +77,13 @@ def test_a_run_is_rolled_out_fetched_rescored_and_replayed(
                    "max_tokens": 12}}  # fmt: skip
     cluster.api("POST", "/v1/runs", json=spec)
     cluster.start_node("gen", extra=node_args(tiny_model))
-    run = cluster.wait_run("r1", timeout_s=180)
+    cluster.wait_run("r1", timeout_s=180)
+
+    def recounted() -> dict[str, Any] | None:  # the coordinator confirms payloads as it fetches
+        state = cluster.api("GET", "/v1/runs/r1")
+        return state if state["unconfirmed_tokens"] == 0 else None
+
+    run = wait_until(recounted, 60, every_s=0.5, what="every payload recounted")
     assert run["examples_delivered"] == 8 and run["active_leases"] == 0
     rollouts = cluster.api("GET", "/v1/runs/r1/rollouts")["data"]
     assert sorted(i for r in rollouts for i in r["counted_examples"]) == list(range(8))
