@@ -106,7 +106,7 @@ class Thresholds:
     top_p_slack: float = TOP_P_SLACK
     """Probability mass by which the producer's arithmetic may place the top-p boundary
     elsewhere than the verifier's: tokens that close to it may or may not have been in the set
-    the producer sampled from (``logprob_range``, ``replay_margins``)."""
+    the producer sampled from (``honest_logprobs``, ``replay_margins``)."""
     replaced_rate: float = 1.0
     """How often an honest token is not the seeded sampler's pick on replay (a margin above 0:
     a near-tie the replay's rounding broke the other way). A lease fails when it has more such
