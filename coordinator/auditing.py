@@ -60,7 +60,7 @@ class Auditing:
                     not req.dtypes or not a.dtype or a.dtype in req.dtypes
                 )
 
-            return state.audits.assign(peer, can_check, self._can_serve)
+            return state.audits.assign(peer, can_check, self._can_serve, req.device)
 
         audit = assign()
         wait_s = min(req.wait_s, state.audits.config.max_wait_s)

@@ -65,6 +65,7 @@ reads them can find a settled lease; the views are the operator's to restrict.
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import time
@@ -143,6 +144,9 @@ class AuditBook:
         """Lease → every verifier handed or having judged an audit of it."""
         self.asked: dict[str, float] = {}
         """Verifier → when it last asked for work."""
+        self.devices: dict[str, str] = {}
+        """Verifier → the device class it generates on exactly (as it last asked; empty:
+        none)."""
         self.served: dict[str, float] = {}
         """Producer → when an audit of its work was last handed out."""
         self.vouched: dict[str, set[str]] = {}
@@ -211,13 +215,14 @@ class AuditBook:
         payload_hash: bytes,
         floor: float | None = None,
         dtype: str = "",
+        device: str = "",
     ) -> Audit | None:
         """Decide, with fresh randomness, whether this receipt is audited; the audit if so
-        (``dtype``: the one the receipt declares)."""
+        (``dtype``, ``device``: those the receipt declares)."""
         if self.rng.random() >= self.rate(producer, floor):
             return None
         audit = Audit(uuid.uuid4().hex, lease_id, run_id, producer, payload_hash, self.clock(),
-                      dtype=dtype)  # fmt: skip
+                      dtype=dtype, device=device)  # fmt: skip
         self.audits[audit.audit_id] = self.open[audit.audit_id] = audit
         self.keep(audit)
         return audit
@@ -243,15 +248,18 @@ class AuditBook:
         verifier: str,
         can_check: Callable[[Audit], bool] = lambda a: True,
         can_serve: Callable[[bytes], bool] = lambda digest: True,
+        device: str = "",
     ) -> Audit | None:
         """What this verifier checks next: a real audit it may take (not its own work, not one
-        it has judged, one it can check — ``can_check``: it runs the run's base model; a
+        it has judged, one it can check — ``can_check``: it runs the run's base model — and not
+        one held for a verifier of its payload's device class, ``device`` being this one's; a
         further look first, else the producer served longest ago), or in its place, drawn, a
         known answer (``can_serve``: the coordinator holds the reference's payload)."""
         self.expire()
         if self.banned(verifier):
             return None
         self.asked[verifier] = self.clock()
+        self.devices[verifier] = device
         self._servable = can_serve
         for producer, run_id in list(self.owed.get(verifier, {}).items()):
             ref = self._reference_of(producer, run_id, verifier, can_check, can_serve)
@@ -261,7 +269,7 @@ class AuditBook:
         real, served = None, 0.0
         for a in self.open.values():  # oldest first
             if a.status != "pending" or a.producer == verifier or verifier in a.seen_by() \
-                    or not can_check(a):  # fmt: skip
+                    or not can_check(a) or self._held_for_another(a, verifier):  # fmt: skip
                 continue
             if a.stage == "confirm":
                 real = a
@@ -277,6 +285,19 @@ class AuditBook:
             if known is not None:
                 return self._hand(known, verifier)
         return self._hand(real, verifier)
+
+    def _held_for_another(self, audit: Audit, verifier: str) -> bool:
+        """Whether ``audit`` waits for a verifier that generates exactly on its payload's device
+        class (this one does not; one that could take it asked within ``exact_hold_s``)."""
+        if not audit.device or self.devices.get(verifier) == audit.device:
+            return False
+        since = self.clock() - self.config.exact_hold_s
+        return any(
+            device == audit.device and self.asked.get(other, -math.inf) >= since
+            and other != audit.producer and other not in audit.seen_by()
+            and not self.banned(other)
+            for other, device in self.devices.items()
+        )  # fmt: skip
 
     def _hand(self, audit: Audit, verifier: str) -> Audit:
         audit.status, audit.verifier = "assigned", verifier
@@ -307,7 +328,7 @@ class AuditBook:
     def _known_audit(self, ref: Audit, answer: str) -> Audit:
         audit = Audit(uuid.uuid4().hex, ref.lease_id, ref.run_id, ref.producer, ref.payload_hash,
                       self.clock(), known_answer=answer, reference=ref.audit_id,
-                      current_version=ref.current_version, dtype=ref.dtype,
+                      current_version=ref.current_version, dtype=ref.dtype, device=ref.device,
                       max_staleness=ref.max_staleness)  # fmt: skip
         self.audits[audit.audit_id] = audit
         self.keep(audit)

@@ -78,6 +78,11 @@ class AuditConfig(ConfigModel):
     ``wait_s``), under the transport's 10 s request timeout."""
     deadline_s: float = Field(60.0, gt=0, le=3600)
     """A verifier must answer within this time, or the audit goes to another verifier."""
+    exact_hold_s: float = Field(30.0, ge=0, le=3600)
+    """An audit of a payload made on a device class some verifier generates on exactly (its
+    ``AuditRequest.device``) waits for such a verifier while one asked within this time: in
+    low precision only it can replay a suspicious lease bit for bit, where the calibrated
+    thresholds let subtle cheats through (``verification.checks``). 0: no waiting."""
     max_strikes: int = Field(3, ge=1, le=1000)
     """Confirmed failures after which a producer is banned."""
     quarantine_window_s: float = Field(86400.0, gt=0)

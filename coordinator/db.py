@@ -280,6 +280,9 @@ class Audit(Base):
     dtype: Mapped[str] = mapped_column(String(16), default="")
     """The dtype the payload's receipt declared it was made in (empty: none declared): only a
     verifier that can replay it is handed the audit."""
+    device: Mapped[str] = mapped_column(String(128), default="")
+    """The device class the payload's receipt declared (empty: none, or one no verifier can
+    generate on again exactly): verifiers of that class are handed the audit first."""
     reference: Mapped[str] = mapped_column(String(64), default="")
     """A known answer's: the decided audit whose payload it re-sends."""
     quorum: Mapped[int] = mapped_column(Integer, default=1)

@@ -78,9 +78,11 @@ class Rollouts:
             return ReceiptAck(lease_id=receipt.lease_id, outcome=outcome.value, counted_examples=0)
         state.metrics.rollout_tokens.inc(receipt.completion_tokens)
         # drawn now, after the receipt arrived: the producer could not know
-        made_in = receipt.profile.dtype if receipt.profile is not None else ""
+        made = receipt.profile
+        dtype, device = (made.dtype, made.device if made.threads else "") if made else ("", "")
         if state.audits.on_counted(receipt.lease_id, receipt.run_id, peer, receipt.payload_hash,
-                                   run.plan.spec.verification.audit_floor, made_in):  # fmt: skip
+                                   run.plan.spec.verification.audit_floor, dtype,
+                                   device):  # fmt: skip
             lease.audit = "pending"
         state.commit()
         self.recount(lease.lease_id)

@@ -20,6 +20,9 @@ FinishReason = Literal["stop", "length"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 
+MAX_THREADS = 256
+
+
 class ComputeProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """How a node computes its model's logits: what an audit's thresholds depend on (a replay
     in another dtype, or on another kind of device, differs by more than last-bit noise)."""
@@ -29,7 +32,12 @@ class ComputeProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     dtype: Dtype
     """The model's parameter and compute dtype."""
     device: Annotated[str, msgspec.Meta(max_length=128)]
-    """``cpu``, or ``cuda:<device name>``."""
+    """``cpu:<instruction set torch dispatches to>`` (``cpu:AVX2``), or ``cuda:<device name>``."""
+    threads: Annotated[int, msgspec.Meta(ge=0, le=MAX_THREADS)] = 0
+    """CPU threads a generation ran on (0: not reproducible, as with vLLM's scheduler). Together
+    with the rest of the profile it fixes the arithmetic: a CPU's bf16 matrix products split
+    their sums by thread, so the same thread count on the same instruction set generates the
+    same bits — what a verifier's exact replay needs (``verification.checks``)."""
 
 
 class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

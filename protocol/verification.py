@@ -46,6 +46,10 @@ class AuditRequest(Message):
     dtypes: Annotated[list[Dtype], msgspec.Meta(max_length=8)] = msgspec.field(default_factory=list)
     """The dtypes it can replay with calibrated thresholds (empty: any): it is handed only
     audits of payloads made in one of them."""
+    device: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """The device class on which it generates again bit for bit (``ComputeProfile.device``;
+    empty: none): audits of payloads made there wait for such verifiers while one is asking
+    (``AuditConfig.exact_hold_s``) — they replay suspicious leases exactly."""
 
 
 class AuditAssignment(Message):

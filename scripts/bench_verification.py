@@ -22,6 +22,11 @@ rounding moves them is no cheat an audit can see, nor one that changes what is t
 ≤ 0.1 — on the tiny model's short completions generation is no slower per token than a replay),
 ``audit_overhead_fraction`` (that cost times the audits made per rollout at the default rates,
 ``AuditConfig.steady_state_cost``: first looks, double-checks, known answers; goal ≤ 0.02).
+The verifier shares the producer's profile, so a lease that looks off is replayed exactly
+(``verification.checks.ESCALATE_AT``): ``exact_replay_rate`` is the share of honest leases that
+were (their cost is in the two above), ``caught_rate_<cheat>_without_exact`` what the calibrated
+thresholds alone catch — the baseline, and what a verifier of another device class gets
+(``--no-exact``: no exact replays at all).
 
 Trainers (``--trainer-rounds``, default 2; ``scripts/bench_replay.py`` runs more): a lone
 trainer's rounds replayed, honest and by each trainer cheat — ``trainer_false_failures``,
@@ -62,7 +67,7 @@ from coordinator.config import AuditConfig  # noqa: E402
 from envs import load_environment  # noqa: E402
 from node.model.backends.torch_backend import TORCH_DTYPES, TorchBackend  # noqa: E402
 from node.model.loading import resolve  # noqa: E402
-from node.model.rollouts import Producer  # noqa: E402
+from node.model.rollouts import Producer, regenerator  # noqa: E402
 from protocol.leases import Lease, SamplingParams  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 from tests.adversarial.cheaters import (  # noqa: E402
@@ -103,8 +108,10 @@ def play(
     model: str = "tiny",
     max_tokens: int = 24,
     only: tuple[str, ...] = (),
+    exact: bool = True,
 ) -> dict[str, Any]:
-    """One profile's audits; ``only``: the cheats to play (empty: all)."""
+    """One profile's audits; ``only``: the cheats to play (empty: all); ``exact``: suspicious
+    leases are replayed exactly (the verifier shares the producer's profile)."""
     ref = str(tiny_model(data_dir())) if model == "tiny" else resolve(model, data_dir())
     verifier = TorchBackend.from_pretrained(ref, dtype=TORCH_DTYPES[profile])  # type: ignore[index]
     thresholds = load_thresholds(profile, thresholds_path(model_key(verifier.base.config)))
@@ -120,7 +127,7 @@ def play(
     task = progress.add_task(f"{profile}", total=leases * len(producers))
     for name, make in producers.items():
         producer, failed, checks, gen_s, ver_s = make(), 0, Counter[str](), 0.0, 0.0
-        unchanged, same_tokens, same_tokens_failed = 0, 0, 0
+        unchanged, same_tokens, same_tokens_failed, escalated, by_exact = 0, 0, 0, 0, 0
         for n in range(leases):
             env, lease = lease_for(n, max_tokens)
             started = time.perf_counter()
@@ -136,7 +143,10 @@ def play(
             outcome = verify_payload(
                 lease, payload, env, verifier.tokenizer, verifier.eos_ids,
                 verifier.base.config.vocab_size, verifier.prefill_batch, thresholds,
+                regenerate=regenerator(verifier, lease, payload.profile) if exact else None,
             )  # fmt: skip
+            escalated += "exact_replay" in outcome.stats
+            by_exact += not outcome.passed and "exact_replay" in outcome.stats
             ver_s += time.perf_counter() - started
             failed += not outcome.passed
             if name != "honest" and _same(payload.samples, honest[n], logprobs=False):
@@ -149,8 +159,12 @@ def play(
             out["honest_samples"] = leases * 32
             out["verify_vs_generate_cost"] = ver_s / gen_s
             out["audit_overhead_fraction"] = AuditConfig().steady_state_cost() * ver_s / gen_s
+            out["exact_replay_rate"] = escalated / leases
         else:
             out[f"caught_rate_{name}"] = failed / max(1, leases - unchanged)
+            out[f"caught_rate_{name}_without_exact"] = (failed - by_exact) / max(
+                1, leases - unchanged
+            )
             changed_tokens = leases - unchanged - same_tokens
             if changed_tokens:  # a cheat on logprobs alone changes no token
                 out[f"caught_rate_{name}_tokens_changed"] = (
@@ -183,6 +197,9 @@ def main() -> None:
         action="store_true",
         help="4 leases per producer and 1 trainer round: every metric, roughly",
     )
+    parser.add_argument(
+        "--no-exact", action="store_true", help="the calibrated thresholds alone: no exact replay"
+    )
     args = parser.parse_args()
     if args.quick:
         args.leases, args.trainer_rounds = 4, min(args.trainer_rounds, 1)
@@ -193,22 +210,37 @@ def main() -> None:
         for profile in args.profiles.split(","):
             only = tuple(c for c in args.only.split(",") if c)
             results[profile] = play(
-                profile, args.leases, progress, args.model, args.max_tokens, only
+                profile,
+                args.leases,
+                progress,
+                args.model,
+                args.max_tokens,
+                only,
+                exact=not args.no_exact,
             )
         trainers = (
             replayed_trainers(args.trainer_rounds, progress) if args.trainer_rounds > 0 else {}
         )
     table = Table(title=f"audits of honest and subtly cheating leases ({args.leases} each)",
-                  caption="caught / caught where the cheat changed a token; which checks: "
-                          "caught_by_* in the JSON")  # fmt: skip
+                  caption="caught / caught where the cheat changed a token (caught without "
+                          "exact replays); which checks: caught_by_* in the JSON")  # fmt: skip
     cheats = ("noise_1pct", "inflated_0.15", "runner_up_0.3")
-    for col in ("profile", "false positives", *cheats, "verify ÷ generate", "audit overhead"):
+    for col in (
+        "profile",
+        "false positives",
+        *cheats,
+        "exact replays",
+        "verify ÷ generate",
+        "audit overhead",
+    ):
         table.add_column(col, justify="right")
     flat: dict[str, Any] = {}
     for profile, r in results.items():
         table.add_row(profile, f"{r['false_positive_rate']:.3f} of {r['honest_samples']}",
-                      *[f"{r[f'caught_rate_{c}']:.2f}{_tokens_changed(r, c)}"
+                      *[f"{r[f'caught_rate_{c}']:.2f}{_tokens_changed(r, c)} "
+                        f"({r[f'caught_rate_{c}_without_exact']:.2f})"
                         if f"caught_rate_{c}" in r else "—" for c in cheats],
+                      f"{r['exact_replay_rate']:.2f}",
                       f"{r['verify_vs_generate_cost']:.2f}",
                       f"{r['audit_overhead_fraction']:.3f}")  # fmt: skip
         flat.update({f"{profile}_{k}": v for k, v in r.items() if not isinstance(v, dict)})

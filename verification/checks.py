@@ -24,6 +24,12 @@ check               fails when                                                  
                     pick (best score − committed score above the calibrated margin)
 ``logprobs``        a committed logprob differs from the recomputed one by more than    same
                     the calibrated tolerance
+(exact replay)      a lease that passed but looks off (a token not the seeded pick, a   1 generation
+                    logprob fitting only another top-p boundary, a lease statistic
+                    past half its limit) is generated again as
+                    the producer's profile generates it, where the verifier can
+                    (``Regenerate``): a token that differs fails ``sampling_replay``, a
+                    logprob that differs in any bit ``logprobs``
 ==================  =================================================================  ==========
 
 The canonical prompt and the seeds are rebuilt from the lease (``verification/rollouts.py``),
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from envs.base import Environment
@@ -79,6 +86,19 @@ UNCERTAIN_LOGPROB = -0.01
 (and those alone left in a top-p set) replay at logprob 0 whatever the weights: they say
 nothing about which model sampled them."""
 MIN_UNCERTAIN = 8
+
+ESCALATE_AT = 0.5
+"""A lease that passed is replayed exactly, where the verifier can (``Regenerate``), when a token
+is off the seeded pick, a claimed logprob matches only a top-p boundary other than the
+verifier's (``Replay.elsewhere``), or a lease statistic is above this share of its limit."""
+
+ELSEWHERE_SLACKS = 3.0
+
+Regenerate = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
+"""``regenerate(prompts, seeds) -> [(token ids, logprobs), ...]``: the lease generated again as
+the producer's profile generates it (backend, dtype, device class, threads): bit-identical to
+honest work, in one batch as ``node.model.rollouts.Producer`` does. Low-precision replays by
+prefill drift from generation by more than a near-runner-up swap moves a token; this does not."""
 
 Prefill = Callable[[list[tuple[list[int], list[int]]]], list[torch.Tensor]]
 """``prefill([(prompt ids, completion ids), ...]) -> [logits [T, V], ...]`` with the claimed model
@@ -198,10 +218,15 @@ def verify_payload(
     current_version: int | None = None,
     max_staleness: int = 0,
     claimed_tokens: int | None = None,
+    regenerate: Regenerate | None = None,
+    always_exact: bool = False,
 ) -> Outcome:
     """Every check on one payload; the first failure is the outcome (a bad rollout is data).
     ``vocab_size`` is the model's (its logits' width), ``eos_ids`` its end-of-sequence ids,
-    ``claimed_tokens`` the completion tokens its receipt claimed (None: not checked)."""
+    ``claimed_tokens`` the completion tokens its receipt claimed (None: not checked),
+    ``regenerate`` the producer's exact generation where the verifier can run it (None: the
+    calibrated thresholds alone judge), with ``always_exact`` on every lease that passed (not
+    only those that look off)."""
     stats: dict[str, float] = {"samples": float(len(payload.samples))}
     try:
         _structure(lease, payload, current_version, max_staleness, claimed_tokens)
@@ -209,6 +234,8 @@ def verify_payload(
         examples = lease_examples(env, lease)
         _rewards(lease, payload, env, tokenizer, examples, tokens)
         _replay(lease, payload, tokenizer, examples, tokens, prefill, thresholds, stats)
+        if regenerate is not None and (always_exact or _suspicious(stats, thresholds)):
+            _exact(lease, payload, tokenizer, examples, tokens, regenerate, stats)
     except _Failed as f:
         return Outcome(False, f.check, f.detail, stats)
     return Outcome(True, stats=stats)
@@ -326,6 +353,11 @@ class Replay(NamedTuple):
     diffs: torch.Tensor
     """Claimed logprob minus the nearest an honest producer could have reported (float64,
     ``honest_logprobs``)."""
+    elsewhere: torch.Tensor
+    """Whether that nearest value puts the top-p boundary elsewhere than the verifier's own
+    arithmetic does, and the verifier's own value is more than ``ELSEWHERE_SLACKS`` slacks
+    away (bool): the room a claim inflated within ``top_p_slack`` hides in. Honest boundary
+    flips move a logprob by about the slack (bf16: at most 2.0x on 32 leases)."""
 
 
 def replay_samples(
@@ -352,7 +384,7 @@ def replay_samples(
                            for c in claimed_logprobs]) if ids else torch.zeros(0)  # fmt: skip
     if ids_N.numel() == 0:
         empty = torch.zeros(0, dtype=torch.float64)
-        return [Replay(empty, empty) for _ in ids]
+        return [Replay(empty, empty, empty.bool()) for _ in ids]
     margins_N = replay_margins(logits_N_V, ids_N, seeds_N, temperature, top_p, positions_N, slack)
     honest_N_3 = honest_logprobs(logits_N_V, ids_N, temperature, top_p, slack)
     gaps_N_3 = (claimed_N.view(-1, 1) - honest_N_3).nan_to_num(nan=math.inf)
@@ -363,8 +395,13 @@ def replay_samples(
         untruncated_N = torch.log_softmax(logits_N_V.to(torch.float64) / scale, dim=-1)
         own_N = untruncated_N.gather(-1, ids_N.view(-1, 1)).view(-1)
         diffs_N = torch.where(torch.isfinite(diffs_N), diffs_N, claimed_N - own_N)
+    own_gap_N = gaps_N_3[:, 0].abs()
+    elsewhere_N = (nearest_N.view(-1) != 0) & (own_gap_N > ELSEWHERE_SLACKS * slack)
     return [
-        Replay(*parts) for parts in zip(margins_N.split(sizes), diffs_N.split(sizes), strict=True)
+        Replay(*parts)
+        for parts in zip(
+            margins_N.split(sizes), diffs_N.split(sizes), elsewhere_N.split(sizes), strict=True
+        )
     ]
 
 
@@ -388,7 +425,7 @@ def _replay(
     logits = prefill([(prompts[k // lease.group_size], ids) for k, ids in enumerate(tokens)])
     seeds = [s.seed for s in payload.samples]
     replays = replay_samples(logits, tokens, seeds, claims, t, top_p, thresholds.top_p_slack)
-    for s, ids, claimed, (margins_T, signed_T) in zip(
+    for s, ids, claimed, (margins_T, signed_T, _) in zip(
         payload.samples, tokens, claims, replays, strict=True
     ):
         diff_T = signed_T.abs()
@@ -451,6 +488,7 @@ def _lease_statistics(
     n = margins_N.numel()
     replaced = int((margins_N > 0).sum())
     stats["replaced_fraction"], stats["tokens"] = replaced / n, float(n)
+    stats["boundary_elsewhere"] = float(sum(int(r.elsewhere.sum()) for r in replays))
     limit = replaced_limit(n, thresholds.replaced_rate)
     if replaced > limit:
         raise _Failed(
@@ -473,3 +511,52 @@ def _lease_statistics(
             f"{rms:.3g} root mean square; honest work: under {thresholds.max_drift:g}): the "
             "model that sampled them is not the claimed one",
         )
+
+
+def _suspicious(stats: dict[str, float], thresholds: Thresholds) -> bool:
+    """Whether a lease that passed is worth an exact replay (``ESCALATE_AT``)."""
+    off = stats.get("replaced_fraction", 0.0) > 0 or stats.get("boundary_elsewhere", 0.0) > 0
+    return off or any(
+        stats.get(name, 0.0) > ESCALATE_AT * limit
+        for name, limit in (
+            ("mean_logprob_diff", thresholds.max_mean_logprob_diff),
+            ("drift", thresholds.max_drift),
+        )
+    )
+
+
+def _exact(
+    lease: Lease,
+    payload: RolloutPayload,
+    tokenizer: Any,
+    examples: list[Any],
+    tokens: list[list[int]],
+    regenerate: Regenerate,
+    stats: dict[str, float],
+) -> None:
+    """Every token and logprob exactly as the producer's profile generates them."""
+    stats["exact_replay"] = 1.0
+    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    per_sample = [prompts[k // lease.group_size] for k in range(len(tokens))]
+    again = regenerate(per_sample, [s.seed for s in payload.samples])
+    for s, ids, (want, logprobs) in zip(payload.samples, tokens, again, strict=True):
+        if ids != want:
+            pos = next(
+                (i for i, (a, b) in enumerate(zip(ids, want, strict=False)) if a != b),
+                min(len(ids), len(want)),
+            )
+            got = f"token {ids[pos]}" if pos < len(ids) else "the end"
+            raise _Failed(
+                "sampling_replay",
+                f"exact replay: sample {s.sample_index} position {pos}: {got} where the "
+                f"producer's profile samples {want[pos] if pos < len(want) else 'the end'}",
+            )
+        claimed = np.frombuffer(s.logprobs, dtype="<f4")
+        exact = np.asarray(logprobs, dtype="<f4")
+        if claimed.tobytes() != exact.tobytes():
+            pos = int(np.flatnonzero(claimed != exact)[0])
+            raise _Failed(
+                "logprobs",
+                f"exact replay: sample {s.sample_index} position {pos}: claimed logprob "
+                f"{claimed[pos]:.8g}, the producer's profile gives {exact[pos]:.8g}",
+            )

@@ -13,6 +13,7 @@ build cheating nodes by subclassing it (another model, other seeds, tampered log
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from envs.base import Environment, Example
 from node.model.backends import Backend, Generation, Sampling
 from protocol.leases import Lease
-from protocol.rollouts import RolloutPayload, Sample
+from protocol.rollouts import ComputeProfile, RolloutPayload, Sample
 from verification.rollouts import completion_text, lease_examples, prompt_ids, sample_seeds
 
 
@@ -79,6 +80,24 @@ def generate_rollouts(
 ) -> RolloutPayload:
     """An honest producer's payload for the lease."""
     return Producer(backend, tokenizer).produce(env, lease, adapter)
+
+
+def regenerator(
+    backend: Any, lease: Lease, profile: ComputeProfile | None, adapter: str | None = None
+) -> Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]] | None:
+    """The lease's generation exactly as a producer of ``profile`` ran it (a verifier's
+    ``verification.checks.Regenerate``), or None where this backend cannot reproduce its bits."""
+    if profile is None or not getattr(backend, "reproduces", lambda _: False)(profile):
+        return None
+    sampling = Producer(backend, backend.tokenizer).sampling(lease)
+
+    def regenerate(
+        prompts: list[list[int]], seeds: list[int]
+    ) -> list[tuple[list[int], list[float]]]:
+        runs = backend.generate_as(profile, prompts, seeds, sampling, adapter)
+        return [(g.token_ids, g.logprobs) for g in runs]
+
+    return regenerate
 
 
 def completion_tokens(payload: RolloutPayload) -> int:

@@ -110,7 +110,11 @@ class VerifierRole(Role):
 
     async def _next_audit(self) -> AuditAssignment | ReplayAssignment:
         dtypes = [d for d in get_args(Dtype) if d in self.model.dtypes]
-        request = AuditRequest(base_model=self.config.model, wait_s=LONG_POLL_S, dtypes=dtypes)
+        profile = self.model.profile
+        exact = profile.device if profile is not None and profile.threads else ""
+        request = AuditRequest(
+            base_model=self.config.model, wait_s=LONG_POLL_S, dtypes=dtypes, device=exact
+        )
         while True:
             try:
                 expect = (AuditAssignment, ReplayAssignment, NoAudit)

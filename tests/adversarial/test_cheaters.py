@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -17,7 +20,7 @@ import torch
 
 from envs import load_environment
 from node.model.backends.torch_backend import TorchBackend
-from node.model.rollouts import Producer
+from node.model.rollouts import Producer, regenerator
 from protocol.leases import Lease, SamplingParams
 from protocol.rollouts import ComputeProfile, RolloutPayload
 from tests.adversarial.cheaters import (
@@ -318,3 +321,87 @@ def test_a_producer_sampling_with_noisy_weights_fails_on_its_drift(tiny_model: P
         else:
             assert [(o.passed, o.failed_check) for o in outcomes] == [(False, "logprobs")] * 4
             assert all("drift" in o.detail for o in outcomes), [o.detail for o in outcomes]
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Generation on one thread, as the profile a payload signs then says."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "cheat",
+    [lambda b: TakesCloseRunnerUps(b, b.tokenizer), lambda b: NoisyWeights(b, 0.01),
+     lambda b: SlightlyInflatedLogprobs(b, b.tokenizer)],
+    ids=["runner_up", "noisy_weights", "slightly_inflated"],
+)  # fmt: skip
+def test_exact_replay_catches_what_bf16_thresholds_let_through(
+    tiny_model: Path, one_thread: None, cheat: Callable[[TorchBackend], Producer]
+) -> None:
+    """With every statistical limit lifted (as wide as bf16 rounding can make them), a verifier
+    that shares the producer's profile generates the lease again: a cheat that changed any
+    token or logprob differs in some bit and fails, by name; honest bf16 leases, replayed the
+    same way, match to the bit."""
+    bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    lifted = dataclasses.replace(
+        load_thresholds("bf16"), max_margin=10.0, max_logprob_diff=10.0, replaced_rate=1.0,
+        max_drift=math.inf, max_mean_logprob_diff=math.inf,
+    )  # fmt: skip
+    env, caught = load_environment("reverse"), []
+    for n in range(4):
+        lease_ = msgspec.structs.replace(
+            lease(60 + n, lease_id=f"exact-{n}", temperature=0.7, top_p=0.9, max_tokens=24),
+            env_id=env.name, env_version=env.version, env_seed=n,
+        )  # fmt: skip
+        honest = Producer(bf16, bf16.tokenizer).produce(env, lease_)
+        payload = cheat(bf16).produce(env, lease_)
+        assert payload.profile == bf16.profile and payload.profile.threads == 1
+        regenerate = regenerator(bf16, lease_, payload.profile)
+        assert regenerate is not None
+
+        def check(
+            p: RolloutPayload, exact: bool, lease_: Lease = lease_, again: Any = regenerate
+        ) -> Outcome:
+            return verify_payload(
+                lease_, p, env, bf16.tokenizer, bf16.eos_ids, bf16.base.config.vocab_size,
+                bf16.prefill_batch, lifted, regenerate=again if exact else None,
+                always_exact=True,
+            )  # fmt: skip
+
+        kept = check(honest, exact=True)
+        assert kept.passed and kept.stats["exact_replay"] == 1.0, kept
+        if payload == honest:  # the cheat found nothing to change in this lease
+            continue
+        assert check(payload, exact=False).passed  # the lifted limits let every cheat through
+        outcome = check(payload, exact=True)
+        assert not outcome.passed and outcome.detail.startswith("exact replay"), outcome
+        assert outcome.failed_check in {"sampling_replay", "logprobs"}
+        caught.append(outcome.failed_check)
+    assert caught  # four leases gave the cheat something to change
+
+
+def test_only_a_verifier_of_the_producers_profile_replays_exactly(tiny_model: Path) -> None:
+    """Exact replay needs the producer's backend, dtype, instruction set and thread count: any
+    other profile (or vLLM's, which signs no thread count) gets the calibrated thresholds
+    alone; a replay on another thread count leaves the verifier's own as it was."""
+    bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    own, lease_ = bf16.profile, lease(70)
+    assert own.device.startswith("cpu:") and own.threads == torch.get_num_threads()
+    assert regenerator(bf16, lease_, own) is not None
+    for other in (
+        msgspec.structs.replace(own, threads=0),
+        msgspec.structs.replace(own, dtype="fp32"),
+        msgspec.structs.replace(own, device="cpu:AVX512_FAKE"),
+        msgspec.structs.replace(own, backend="vllm"),
+        None,
+    ):
+        assert regenerator(bf16, lease_, other) is None, other
+    threads = torch.get_num_threads()
+    elsewhere = msgspec.structs.replace(own, threads=threads + 1)
+    regenerate = regenerator(bf16, lease_, elsewhere)
+    assert regenerate is not None
+    ((tokens, logprobs),) = regenerate([[1, 2, 3]], [5])
+    assert len(tokens) == len(logprobs) > 0 and torch.get_num_threads() == threads

@@ -91,6 +91,24 @@ def test_a_verifier_never_checks_its_own_work_nor_confirms_its_own_verdict() -> 
     assert b.assign("v2") is audit
 
 
+def test_audits_wait_for_a_verifier_that_replays_their_device_class_exactly() -> None:
+    """A payload made on a device class that an asking verifier generates on bit for bit goes
+    to that verifier; another takes it only once no such verifier has asked for
+    ``exact_hold_s`` — and an audit of no declared class goes to anyone."""
+    b, clock = book(exact_hold_s=30.0)
+    assert b.assign("exact", device="cpu:AVX512") is None  # it asks: now known to be there
+    made = b.on_counted("l0", "r", "p", H, None, "bf16", "cpu:AVX512")
+    plain = b.on_counted("l1", "r", "p", H, None, "bf16", "")
+    assert made is not None and plain is not None
+    assert b.assign("other", device="cpu:AVX2") is plain  # the held one is passed over
+    assert b.assign("gpu") is None
+    assert b.assign("exact", device="cpu:AVX512") is made
+    later = b.on_counted("l2", "r", "p", H, None, "bf16", "cpu:AVX512")
+    assert later is not None
+    clock.now += 31  # no verifier of that class has asked since: anyone may take it
+    assert b.assign("other", device="cpu:AVX2") is later
+
+
 def test_further_looks_go_first_then_producers_take_turns() -> None:
     """A new producer's backlog (every receipt audited) does not hold up another's audits."""
     b, clock = book()

@@ -50,10 +50,40 @@ class TorchBackend:
     def profile(self) -> ComputeProfile:
         """How this backend computes: what a verifier's thresholds for its work depend on."""
         dtype = DTYPES.get(self.base.dtype, "fp32")
-        device = str(self.device)
+        device, threads = str(self.device), 0
         if device.startswith("cuda"):
             device = f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
-        return ComputeProfile(backend=self.name, dtype=dtype, device=device)
+        else:
+            device = f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+            threads = torch.get_num_threads()
+        return ComputeProfile(backend=self.name, dtype=dtype, device=device, threads=threads)
+
+    def reproduces(self, profile: ComputeProfile | None) -> bool:
+        """Whether ``generate_as(profile, ...)`` gives the bits a backend of ``profile`` did: the
+        same backend, dtype and device class, on CPU with a known thread count."""
+        own = self.profile
+        return (
+            profile is not None
+            and profile.threads > 0
+            and (profile.backend, profile.dtype, profile.device)
+            == (own.backend, own.dtype, own.device)
+        )
+
+    def generate_as(
+        self,
+        profile: ComputeProfile,
+        prompts: list[list[int]],
+        seeds: list[int],
+        sampling: Sampling,
+        adapter: str | None = None,
+    ) -> list[Generation]:
+        """``generate`` on ``profile``'s thread count (restored after): a producer's exact run."""
+        own = torch.get_num_threads()
+        torch.set_num_threads(profile.threads)
+        try:
+            return self.generate(prompts, seeds, sampling, adapter)
+        finally:
+            torch.set_num_threads(own)
 
     # -- adapters -----------------------------------------------------------------------------
 
