@@ -26,6 +26,7 @@ re-score a claimed completion without trusting the producer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import random
@@ -100,7 +101,7 @@ class Rubric:
             "info": example.info,
             "task": example.task,
             "parser": self.parser,
-            "state": state or {},
+            "state": state if state is not None else {},
         }
         metrics: dict[str, float] = {}
         reward = 0.0
@@ -191,3 +192,45 @@ class MultiTurnEnvironment(Environment):
             reply, state = self.env_response(messages, state)
             messages.extend(reply)
         return messages[len(example.prompt) :], state
+
+
+class ToolEnvironment(MultiTurnEnvironment):
+    """A multi-turn environment whose turns are tool calls.
+
+    The tools (``tools``: typed, documented functions) are declared in the system prompt in
+    OpenAI's format (``envs.tools``); each reply's ``<tool_call>`` blocks are run and answered
+    with ``tool`` messages — a bad call with an ``error:`` message — until the model replies
+    without a call (its answer) or ``max_turns`` is spent. The rubric sees every message."""
+
+    tools: ClassVar[Sequence[Callable[..., Any]]] = ()
+
+    def __init__(self, rubric: Rubric, name: str | None = None) -> None:
+        from envs.tools import Toolbox, tools_prompt
+
+        super().__init__(rubric, name)
+        self.toolbox = Toolbox(self.tools)
+        self.tools_prompt = tools_prompt(self.toolbox.schemas())
+
+    def example(self, seed: int, index: int) -> Example:
+        ex = super().example(seed, index)
+        system = "\n\n".join(p for p in (self.tools_prompt, self.system_prompt) if p)
+        user = [m for m in ex.prompt if m["role"] != "system"]
+        return dataclasses.replace(ex, prompt=[{"role": "system", "content": system}, *user])
+
+    def is_completed(self, messages: list[Message], state: dict[str, Any]) -> bool:
+        from envs.tools import parse_tool_calls
+
+        return not parse_tool_calls(messages[-1]["content"])[1]
+
+    def env_response(
+        self, messages: list[Message], state: dict[str, Any]
+    ) -> tuple[list[Message], dict[str, Any]]:
+        from envs.tools import answer_calls, parse_tool_calls
+
+        _, calls = parse_tool_calls(messages[-1]["content"], turn=state["turn"])
+        state["tool_calls"] = state.get("tool_calls", 0) + len(calls)
+        replies = answer_calls(self.toolbox, calls)
+        state["tool_errors"] = state.get("tool_errors", 0) + sum(
+            r["content"].startswith("error:") for r in replies
+        )
+        return replies, state

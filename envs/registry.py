@@ -14,8 +14,11 @@ from typing import Any
 
 from envs.base import Environment
 from envs.builtin.arith import Arith
+from envs.builtin.calc import Calc
+from envs.builtin.code import Code
 from envs.builtin.countdown import Countdown
 from envs.builtin.gsm import WordProblems
+from envs.builtin.guess import Guess
 from envs.builtin.reverse import Reverse
 from envs.builtin.sort import Sort
 
@@ -25,6 +28,9 @@ BUILTINS: dict[str, type[Environment]] = {
     "sort": Sort,
     "countdown": Countdown,
     "gsm": WordProblems,
+    "guess": Guess,
+    "calc": Calc,
+    "code": Code,
 }
 ENTRY_POINT_GROUP = "bazaar.environments"
 REASONING_GYM = "reasoning_gym:"

@@ -12,7 +12,10 @@ Each run gets, before the program starts (in the child, between fork and exec):
   bomb stops at ``max_processes``; the limit does not bind root);
 - **resource limits**: CPU seconds, address space, file size (which also caps its output, written
   to files), open files, no core dumps; and a wall-clock timeout;
-- **a scrubbed environment** (``PATH``, ``HOME``, ``LANG`` only) and ``python -I -S``.
+- **a scrubbed environment** (``PATH``, ``HOME``, ``LANG`` and ``PYTHONHASHSEED=0`` only) and
+  ``python -P -s -S`` (``-I`` without ``-E``: isolated, but string hashing is seeded, so a
+  program that prints a set prints it the same way on every run — environments whose tools run
+  code must answer the same program the same way on every peer that replays it).
 
 When the run ends (exit, timeout or limit), every process of that uid is killed, so no child of
 the program survives it. Why not a container runtime or bubblewrap: neither is a Python package,
@@ -117,7 +120,7 @@ def _open_to_others(path: str) -> bool:
 
 
 def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> SandboxResult:
-    """Run ``code`` with ``python -I -S`` in the sandbox and return what it printed."""
+    """Run ``code`` with ``python -P -s -S`` in the sandbox and return what it printed."""
     why = available()
     if why is not None:
         raise SandboxUnavailable(why)
@@ -137,7 +140,7 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> Sand
         ):
             try:
                 proc = subprocess.Popen(
-                    [python, "-I", "-S", "main.py"],
+                    [python, "-P", "-s", "-S", "main.py"],
                     stdin=fin,
                     stdout=fout,
                     stderr=ferr,
@@ -145,6 +148,7 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> Sand
                         "PATH": "/usr/local/bin:/usr/bin:/bin",
                         "HOME": "/tmp/work",
                         "LANG": "C.UTF-8",
+                        "PYTHONHASHSEED": "0",
                     },
                     preexec_fn=lambda: _enter(uid, program, limits),
                     start_new_session=True,

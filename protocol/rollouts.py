@@ -40,8 +40,27 @@ class ComputeProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     same bits — what a verifier's exact replay needs (``verification.checks``)."""
 
 
-class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One completion: which example and sample slot, the tokens, their logprobs, why it ended."""
+MAX_ENV_TURNS = 64
+
+
+class EnvTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Tokens the environment inserted into an episode (tool results, feedback, and the next
+    assistant header): never sampled, so neither replayed nor trained on."""
+
+    after: Annotated[int, msgspec.Meta(ge=1)]
+    """How many of the sample's model-sampled tokens come before it."""
+    token_ids: Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+    """uint32 little-endian."""
+
+
+class Sample(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
+    """One completion: which example and sample slot, the tokens, their logprobs, why it ended.
+
+    A multi-turn episode's model turns are all in ``token_ids`` (each but the last ends with an
+    end-of-sequence token), the environment's turns between them in ``env_turns``; the stream
+    the model saw is the two interleaved (``verification.episodes``)."""
 
     example_index: NonNegInt
     sample_index: NonNegInt
@@ -50,13 +69,16 @@ class Sample(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     seed: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
     """The seed the producer sampled with (an audit fails at once if it is not the derived one)."""
     token_ids: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
-    """uint32 little-endian, one per completion token."""
+    """uint32 little-endian, one per model-sampled completion token."""
     logprobs: Annotated[bytes, msgspec.Meta(max_length=4 << 20)]
     """float32 little-endian, the sampled token's logprob at each position."""
     finish_reason: FinishReason
+    """Why the last model turn ended."""
     reward: float
     """The producer's own score: early progress on the run's dashboard, checked at audit, never
     trained on (trainers recompute rewards with the environment)."""
+    env_turns: Annotated[list[EnvTurn], msgspec.Meta(max_length=MAX_ENV_TURNS)] = []
+    """The environment's turns, in order (empty: a single-turn sample)."""
 
 
 class RolloutPayload(Message):

@@ -143,7 +143,7 @@ def play(
             outcome = verify_payload(
                 lease, payload, env, verifier.tokenizer, verifier.eos_ids,
                 verifier.base.config.vocab_size, verifier.prefill_batch, thresholds,
-                regenerate=regenerator(verifier, lease, payload.profile) if exact else None,
+                regenerate=regenerator(verifier, env, lease, payload.profile) if exact else None,
             )  # fmt: skip
             escalated += "exact_replay" in outcome.stats
             by_exact += not outcome.passed and "exact_replay" in outcome.stats

@@ -19,6 +19,9 @@ check               fails when                                                  
 ``seed``            a sample's seed is not the one derived from the lease               hashing
 ``termination``     tokens past ``max_tokens``, an end-of-sequence token before the     —
                     end, ``stop`` without a final EOS, ``length`` short of max_tokens
+``env_turns``       an episode's environment turns are not what the environment         env
+                    answers to its model turns (a forged tool result, an edited turn),
+                    or a model turn follows the end of the episode
 ``reward``          the producer's claimed reward differs from the environment's        env
 ``sampling_replay`` at some position the committed token is not the seeded sampler's    1 prefill
                     pick (best score − committed score above the calibrated margin)
@@ -49,13 +52,20 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from envs.base import Environment
+from envs.base import Environment, MultiTurnEnvironment
 from protocol.errors import DecodeError
 from protocol.leases import Lease
 from protocol.rollouts import ComputeProfile, RolloutPayload
+from verification.episodes import (
+    EpisodeMismatch,
+    Rebuilt,
+    env_turn_tokens,
+    rebuild,
+    split_turns,
+    turn_seed,
+)
 from verification.rollouts import (
     check_shape,
-    completion_text,
     count_tokens,
     lease_examples,
     prompt_ids,
@@ -72,6 +82,7 @@ CHECKS = (
     "policy_version",
     "seed",
     "termination",
+    "env_turns",
     "reward",
     "sampling_replay",
     "logprobs",
@@ -94,11 +105,12 @@ verifier's (``Replay.elsewhere``), or a lease statistic is above this share of i
 
 ELSEWHERE_SLACKS = 3.0
 
-Regenerate = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
-"""``regenerate(prompts, seeds) -> [(token ids, logprobs), ...]``: the lease generated again as
-the producer's profile generates it (backend, dtype, device class, threads): bit-identical to
-honest work, in one batch as ``node.model.rollouts.Producer`` does. Low-precision replays by
-prefill drift from generation by more than a near-runner-up swap moves a token; this does not."""
+Regenerate = Callable[[], list[tuple[list[int], list[float]]]]
+"""``regenerate() -> [(model token ids, logprobs), ...]``: the lease generated again, per
+sample, as the producer's profile generates it (backend, dtype, device class, threads):
+bit-identical to honest work, batched as ``node.model.rollouts.Producer`` does. Low-precision
+replays by prefill drift from generation by more than a near-runner-up swap moves a token; this
+does not."""
 
 Prefill = Callable[[list[tuple[list[int], list[int]]]], list[torch.Tensor]]
 """``prefill([(prompt ids, completion ids), ...]) -> [logits [T, V], ...]`` with the claimed model
@@ -230,10 +242,12 @@ def verify_payload(
     stats: dict[str, float] = {"samples": float(len(payload.samples))}
     try:
         _structure(lease, payload, current_version, max_staleness, claimed_tokens)
-        tokens = _termination(lease, payload, eos_ids, vocab_size)
+        multi = isinstance(env, MultiTurnEnvironment)
+        tokens = _termination(lease, payload, eos_ids, vocab_size, multi)
         examples = lease_examples(env, lease)
-        _rewards(lease, payload, env, tokenizer, examples, tokens)
-        _replay(lease, payload, tokenizer, examples, tokens, prefill, thresholds, stats)
+        episodes = _episodes(lease, payload, env, tokenizer, eos_ids, examples, tokens)
+        _rewards(lease, payload, env, examples, episodes)
+        _replay(lease, payload, tokenizer, examples, episodes, prefill, thresholds, stats)
         if regenerate is not None and (always_exact or _suspicious(stats, thresholds)):
             _exact(lease, payload, tokenizer, examples, tokens, regenerate, stats)
     except _Failed as f:
@@ -284,8 +298,10 @@ def _structure(
 
 
 def _termination(
-    lease: Lease, payload: RolloutPayload, eos_ids: set[int], vocab: int
+    lease: Lease, payload: RolloutPayload, eos_ids: set[int], vocab: int, episodes: bool
 ) -> list[list[int]]:
+    """Each sample's model tokens, checked turn by turn (an episode's turns but the last end at
+    their end-of-sequence token: ``split_turns``; a single-turn sample has one turn)."""
     max_tokens = lease.sampling.max_tokens
     out = []
     for s in payload.samples:
@@ -296,20 +312,64 @@ def _termination(
         where = f"sample {s.sample_index}"
         if not ids:
             raise _Failed("termination", f"{where} is empty")
-        if len(ids) > max_tokens:
-            raise _Failed("termination", f"{where} has {len(ids)} tokens, max is {max_tokens}")
         if max(ids) >= vocab:
             raise _Failed("termination", f"{where} has token id {max(ids)} >= vocabulary {vocab}")
-        early = [i for i, t in enumerate(ids[:-1]) if t in eos_ids]
-        if early:
-            raise _Failed("termination", f"{where} has end-of-sequence at {early[0]}, not last")
-        if s.finish_reason == "stop" and ids[-1] not in eos_ids:
+        turns = split_turns(ids, eos_ids) if episodes else [ids]
+        for t, turn in enumerate(turns):
+            at = f"{where} turn {t}" if episodes else where
+            if len(turn) > max_tokens:
+                raise _Failed("termination", f"{at} has {len(turn)} tokens, max is {max_tokens}")
+            early = [i for i, tok in enumerate(turn[:-1]) if tok in eos_ids]
+            if early:
+                raise _Failed("termination", f"{at} has end-of-sequence at {early[0]}, not last")
+        last = turns[-1]
+        if s.finish_reason == "stop" and last[-1] not in eos_ids:
             raise _Failed("termination", f"{where} claims stop but does not end in EOS")
-        if s.finish_reason == "length" and (len(ids) != max_tokens or ids[-1] in eos_ids):
+        if s.finish_reason == "length" and (len(last) != max_tokens or last[-1] in eos_ids):
             raise _Failed(
-                "termination", f"{where} claims length with {len(ids)} of {max_tokens} tokens"
+                "termination", f"{where} claims length with {len(last)} of {max_tokens} tokens"
             )
         out.append(ids)
+    return out
+
+
+def _episodes(
+    lease: Lease,
+    payload: RolloutPayload,
+    env: Environment,
+    tokenizer: Any,
+    eos_ids: set[int],
+    examples: list[Any],
+    tokens: list[list[int]],
+) -> list[Rebuilt]:
+    """Every sample's episode rebuilt from its model turns; the environment turns it carries
+    must be exactly those (a forged tool result, an edited turn, a turn after the end fail)."""
+    out = []
+    for k, (s, ids) in enumerate(zip(payload.samples, tokens, strict=True)):
+        where = f"sample {s.sample_index}"
+        try:
+            rebuilt = rebuild(env, examples[k // lease.group_size], tokenizer, ids, eos_ids)
+        except EpisodeMismatch as e:
+            raise _Failed("env_turns", f"{where}: {e}") from None
+        claimed, want = s.env_turns, rebuilt.env_turns
+        for j, (a, b) in enumerate(zip(claimed, want, strict=False)):
+            if a.after != b.after:
+                raise _Failed("env_turns", f"{where} environment turn {j} is after model "
+                              f"token {a.after}; the episode puts it after {b.after}")  # fmt: skip
+            if a.token_ids != b.token_ids:
+                got, exp = env_turn_tokens(a), env_turn_tokens(b)
+                pos = next((i for i, (x, y) in enumerate(zip(got, exp, strict=False)) if x != y),
+                           min(len(got), len(exp)))  # fmt: skip
+                raise _Failed(
+                    "env_turns",
+                    f"{where} environment turn {j} is not what the environment answers (token "
+                    f"{pos} of {len(got)}: {tokenizer.decode(got[pos : pos + 24])!r}, want "
+                    f"{tokenizer.decode(exp[pos : pos + 24])!r})",
+                )
+        if len(claimed) != len(want):
+            raise _Failed("env_turns", f"{where} carries {len(claimed)} environment turns, "
+                          f"its episode has {len(want)}")  # fmt: skip
+        out.append(rebuilt)
     return out
 
 
@@ -317,13 +377,11 @@ def _rewards(
     lease: Lease,
     payload: RolloutPayload,
     env: Environment,
-    tokenizer: Any,
     examples: list[Any],
-    tokens: list[list[int]],
+    episodes: list[Rebuilt],
 ) -> None:
-    for k, (s, ids) in enumerate(zip(payload.samples, tokens, strict=True)):
-        example = examples[k // lease.group_size]
-        reward = env.score(example, completion_text(tokenizer, ids)).reward
+    for k, (s, episode) in enumerate(zip(payload.samples, episodes, strict=True)):
+        reward = episode.score(env, examples[k // lease.group_size]).reward
         if not math.isfinite(s.reward) or abs(s.reward - reward) > REWARD_TOLERANCE:
             raise _Failed("reward", f"sample {s.sample_index} claims {s.reward}, scores {reward}")
 
@@ -410,11 +468,13 @@ def _replay(
     payload: RolloutPayload,
     tokenizer: Any,
     examples: list[Any],
-    tokens: list[list[int]],
+    episodes: list[Rebuilt],
     prefill: Prefill,
     thresholds: Thresholds,
     stats: dict[str, float],
 ) -> None:
+    """Every model turn replayed with its seed (``turn_seed``) on the logits of one prefill of
+    the sample's whole stream, environment turns included."""
     t, top_p = lease.sampling.temperature, lease.sampling.top_p
     prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
     stats["max_margin"] = stats["max_logprob_diff"] = 0.0
@@ -422,12 +482,28 @@ def _replay(
     for s, claimed in zip(payload.samples, claims, strict=True):
         if not bool(torch.isfinite(torch.from_numpy(claimed)).all()):
             raise _Failed("logprobs", f"sample {s.sample_index} has non-finite logprobs")
-    logits = prefill([(prompts[k // lease.group_size], ids) for k, ids in enumerate(tokens)])
-    seeds = [s.seed for s in payload.samples]
-    replays = replay_samples(logits, tokens, seeds, claims, t, top_p, thresholds.top_p_slack)
-    for s, ids, claimed, (margins_T, signed_T, _) in zip(
-        payload.samples, tokens, claims, replays, strict=True
+    logits = prefill([(prompts[k // lease.group_size], ep.stream) for k, ep in enumerate(episodes)])
+    where: list[tuple[str, int]] = []  # per turn: the sample it is of, its first model token
+    turn_logits, turn_ids, turn_seeds, turn_claims = [], [], [], []
+    for s, ep, logits_T_V, claimed in zip(payload.samples, episodes, logits, claims, strict=True):
+        sampled_T = torch.tensor(ep.sampled, dtype=torch.bool)
+        model_logits = logits_T_V[sampled_T] if not bool(sampled_T.all()) else logits_T_V
+        at = 0
+        for k, turn in enumerate(ep.turns):
+            label = f"sample {s.sample_index}" + (f" turn {k}" if len(ep.turns) > 1 else "")
+            where.append((label, at))
+            turn_logits.append(model_logits[at : at + len(turn)])
+            turn_ids.append(turn)
+            turn_seeds.append(turn_seed(s.seed, k))
+            turn_claims.append(claimed[at : at + len(turn)])
+            at += len(turn)
+    replays = replay_samples(turn_logits, turn_ids, turn_seeds, turn_claims, t, top_p,
+                             thresholds.top_p_slack)  # fmt: skip
+    for (label, at), ids, claimed, (margins_T, signed_T, _) in zip(
+        where, turn_ids, turn_claims, replays, strict=True
     ):
+        if not ids:
+            continue
         diff_T = signed_T.abs()
         stats["max_margin"] = max(stats["max_margin"], float(margins_T.max()))
         stats["max_logprob_diff"] = max(stats["max_logprob_diff"], float(diff_T.max()))
@@ -435,17 +511,17 @@ def _replay(
             pos = int(margins_T.argmax())
             raise _Failed(
                 "sampling_replay",
-                f"sample {s.sample_index} position {pos}: token {ids[pos]} is not the seeded "
+                f"{label} position {at + pos}: token {ids[pos]} is not the seeded "
                 f"pick (margin {float(margins_T[pos]):.3g} > {thresholds.max_margin:g})",
             )
         if stats["max_logprob_diff"] > thresholds.max_logprob_diff:
             pos = int(diff_T.argmax())
             raise _Failed(
                 "logprobs",
-                f"sample {s.sample_index} position {pos}: claimed logprob {claimed[pos]:.6g} is "
+                f"{label} position {at + pos}: claimed logprob {claimed[pos]:.6g} is "
                 f"off by {float(diff_T[pos]):.3g} (tolerance {thresholds.max_logprob_diff:g})",
             )
-    _lease_statistics(replays, claims, thresholds, stats)
+    _lease_statistics(replays, turn_claims, thresholds, stats)
 
 
 def replaced_limit(tokens: int, rate: float, odds: float = 1e-6) -> int:
@@ -536,9 +612,7 @@ def _exact(
 ) -> None:
     """Every token and logprob exactly as the producer's profile generates them."""
     stats["exact_replay"] = 1.0
-    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
-    per_sample = [prompts[k // lease.group_size] for k in range(len(tokens))]
-    again = regenerate(per_sample, [s.seed for s in payload.samples])
+    again = regenerate()
     for s, ids, (want, logprobs) in zip(payload.samples, tokens, again, strict=True):
         if ids != want:
             pos = next(

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from envs.base import Environment, Example, Score
+from envs.base import Environment, Example, MultiTurnEnvironment, Score
 from protocol.errors import DecodeError
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
+from verification.episodes import EpisodeMismatch, Rebuilt, rebuild
 from verification.sampling import derive_seed
 
 
@@ -74,14 +75,49 @@ def check_shape(lease: Lease, payload: RolloutPayload) -> None:
         raise DecodeError(f"payload samples do not match lease {lease.lease_id} ({len(got)}/{n})")
 
 
-def score_rollouts(
-    env: Environment, tokenizer: Any, lease: Lease, payload: RolloutPayload
-) -> list[list[Score]]:
-    """Rewards of every group, recomputed with the environment (one list per leased example)."""
+def eos_ids_of(tokenizer: Any) -> set[int]:
+    """The end-of-sequence ids that end a model turn, as peers without the model know them."""
+    return {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+
+
+def rebuild_samples(
+    env: Environment,
+    tokenizer: Any,
+    lease: Lease,
+    payload: RolloutPayload,
+    eos_ids: set[int] | None = None,
+) -> list[Rebuilt]:
+    """Every sample's episode rebuilt from its model tokens alone (``verification.episodes``;
+    a single-turn sample is its one turn); ``DecodeError`` if the payload is not the lease's or
+    a sample's turns fit no episode."""
     check_shape(lease, payload)
-    groups: list[list[Score]] = []
+    examples = lease_examples(env, lease)
+    eos = eos_ids if eos_ids is not None else eos_ids_of(tokenizer)
+    out = []
+    for k, s in enumerate(payload.samples):
+        try:
+            ids = sample_tokens(s)[0].tolist()
+            out.append(rebuild(env, examples[k // lease.group_size], tokenizer, ids, eos))
+        except EpisodeMismatch as e:
+            raise DecodeError(f"sample {s.sample_index}: {e}") from None
+    return out
+
+
+def score_rollouts(
+    env: Environment,
+    tokenizer: Any,
+    lease: Lease,
+    payload: RolloutPayload,
+    rebuilt: list[Rebuilt] | None = None,
+) -> list[list[Score]]:
+    """Rewards of every group, recomputed with the environment (one list per leased example),
+    on the episodes rebuilt from the samples' model tokens (``rebuilt``, if already made)."""
+    rebuilt = rebuilt if rebuilt is not None else rebuild_samples(env, tokenizer, lease, payload)
+    g, groups = lease.group_size, []
     for i, example in enumerate(lease_examples(env, lease)):
-        group = payload.samples[i * lease.group_size : (i + 1) * lease.group_size]
-        texts = [completion_text(tokenizer, sample_tokens(s)[0].tolist()) for s in group]
-        groups.append(env.score_group(example, texts))
+        group = rebuilt[i * g : (i + 1) * g]
+        if isinstance(env, MultiTurnEnvironment):  # each episode with its own final state
+            groups.append([r.score(env, example) for r in group])
+        else:
+            groups.append(env.score_group(example, [r.completion for r in group]))
     return groups

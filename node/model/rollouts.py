@@ -18,11 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from envs.base import Environment, Example
-from node.model.backends import Backend, Generation, Sampling
+from envs.base import Environment, Example, MultiTurnEnvironment
+from node.model.backends import Backend, FinishReason, Generation, Sampling
 from protocol.leases import Lease
-from protocol.rollouts import ComputeProfile, RolloutPayload, Sample
-from verification.rollouts import completion_text, lease_examples, prompt_ids, sample_seeds
+from protocol.rollouts import ComputeProfile, EnvTurn, RolloutPayload, Sample
+from verification.episodes import Episode, turn_seed
+from verification.rollouts import (
+    completion_text,
+    lease_examples,
+    prompt_ids,
+    sample_seeds,
+    sample_tokens,
+)
 
 
 class Producer:
@@ -31,16 +38,21 @@ class Producer:
         self.tokenizer = tokenizer
 
     def produce(self, env: Environment, lease: Lease, adapter: str | None = None) -> RolloutPayload:
-        """Every group of the lease, generated in one batch, as a payload."""
+        """Every group of the lease, generated in one batch (an episode's turns: one batch per
+        turn of the episodes still going), as a payload."""
         examples = lease_examples(env, lease)
-        per_example = [prompt_ids(self.tokenizer, ex.prompt) for ex in examples]
-        prompts = [ids for ids in per_example for _ in range(lease.group_size)]
         seeds = self.seeds(lease)
-        generations = self.generate(prompts, seeds, self.sampling(lease), adapter)
-        samples = [
-            self.sample(env, examples[k // lease.group_size], k, seeds[k], g)
-            for k, g in enumerate(generations)
-        ]
+        sampling = self.sampling(lease)
+        if isinstance(env, MultiTurnEnvironment):
+            samples = self.episodes(env, examples, lease.group_size, seeds, sampling, adapter)
+        else:
+            per_example = [prompt_ids(self.tokenizer, ex.prompt) for ex in examples]
+            prompts = [ids for ids in per_example for _ in range(lease.group_size)]
+            generations = self.generate(prompts, seeds, sampling, adapter)
+            samples = [
+                self.sample(env, examples[k // lease.group_size], k, seeds[k], g)
+                for k, g in enumerate(generations)
+            ]
         return RolloutPayload(
             lease_id=lease.lease_id,
             run_id=lease.run_id,
@@ -48,6 +60,50 @@ class Producer:
             samples=samples,
             profile=self.backend.profile,
         )
+
+    def episodes(
+        self,
+        env: MultiTurnEnvironment,
+        examples: list[Example],
+        group_size: int,
+        seeds: list[int],
+        sampling: Sampling,
+        adapter: str | None,
+    ) -> list[Sample]:
+        """Every sample's episode (``verification.episodes``): turn ``t`` of every episode
+        still going is generated in one batch, on its stream so far, with ``turn_seed``."""
+        n = len(examples) * group_size
+        prompts = [prompt_ids(self.tokenizer, examples[k // group_size].prompt) for k in range(n)]
+        runs = [Episode.start(env, examples[k // group_size], self.tokenizer) for k in range(n)]
+        streams: list[list[int]] = [[] for _ in range(n)]
+        model: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        turns: list[list[EnvTurn]] = [[] for _ in range(n)]
+        reasons: list[FinishReason] = ["length"] * n
+        active, turn = list(range(n)), 0
+        while active:
+            gens = self.generate([prompts[k] + streams[k] for k in active],
+                                 [turn_seed(seeds[k], turn) for k in active],
+                                 sampling, adapter)  # fmt: skip
+            going = []
+            for k, g in zip(active, gens, strict=True):
+                model[k] += g.token_ids
+                logprobs[k] += g.logprobs
+                streams[k] += g.token_ids
+                inserted = runs[k].after_model_turn(g.token_ids, g.finish_reason == "stop")
+                if inserted is None:
+                    reasons[k] = g.finish_reason
+                    continue
+                turns[k].append(EnvTurn(after=len(model[k]), token_ids=_u32(inserted)))
+                streams[k] += inserted
+                going.append(k)
+            active, turn = going, turn + 1
+        generations = [Generation(model[k], logprobs[k], reasons[k]) for k in range(n)]
+        rewards = [run.score().reward for run in runs]
+        return [
+            self.sample(env, ex, k, seeds[k], generations[k], turns[k], rewards[k])
+            for k, ex in ((k, examples[k // group_size]) for k in range(n))
+        ]
 
     def seeds(self, lease: Lease) -> list[int]:
         return sample_seeds(lease)
@@ -62,17 +118,33 @@ class Producer:
         return self.backend.generate(prompts, seeds, sampling, adapter)
 
     def sample(
-        self, env: Environment, example: Example, k: int, seed: int, g: Generation
+        self,
+        env: Environment,
+        example: Example,
+        k: int,
+        seed: int,
+        g: Generation,
+        env_turns: list[EnvTurn] | None = None,
+        reward: float | None = None,
     ) -> Sample:
+        """Sample ``k`` of the payload: its model tokens ``g``, and for an episode its
+        environment turns and reward (else scored here)."""
+        if reward is None:
+            reward = env.score(example, completion_text(self.tokenizer, g.token_ids)).reward
         return Sample(
             example_index=example.index,
             sample_index=k,
             seed=seed,
-            token_ids=np.asarray(g.token_ids, dtype="<u4").tobytes(),
+            token_ids=_u32(g.token_ids),
             logprobs=np.asarray(g.logprobs, dtype="<f4").tobytes(),
             finish_reason=g.finish_reason,
-            reward=env.score(example, completion_text(self.tokenizer, g.token_ids)).reward,
+            reward=reward,
+            env_turns=env_turns or [],
         )
+
+
+def _u32(ids: list[int]) -> bytes:
+    return np.asarray(ids, dtype="<u4").tobytes()
 
 
 def generate_rollouts(
@@ -82,20 +154,37 @@ def generate_rollouts(
     return Producer(backend, tokenizer).produce(env, lease, adapter)
 
 
+class _Exact(Producer):
+    """An honest producer generating on another profile's thread count (``generate_as``)."""
+
+    def __init__(self, backend: Any, profile: ComputeProfile) -> None:
+        super().__init__(backend, backend.tokenizer)
+        self.exact: Any = backend  # a TorchBackend: ``generate_as``
+        self.profile = profile
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        return list(self.exact.generate_as(self.profile, prompts, seeds, sampling, adapter))
+
+
 def regenerator(
-    backend: Any, lease: Lease, profile: ComputeProfile | None, adapter: str | None = None
-) -> Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]] | None:
-    """The lease's generation exactly as a producer of ``profile`` ran it (a verifier's
-    ``verification.checks.Regenerate``), or None where this backend cannot reproduce its bits."""
+    backend: Any,
+    env: Environment,
+    lease: Lease,
+    profile: ComputeProfile | None,
+    adapter: str | None = None,
+) -> Callable[[], list[tuple[list[int], list[float]]]] | None:
+    """The lease generated again exactly as a producer of ``profile`` generates it, episodes
+    included (a verifier's ``verification.checks.Regenerate``), or None where this backend
+    cannot reproduce its bits."""
     if profile is None or not getattr(backend, "reproduces", lambda _: False)(profile):
         return None
-    sampling = Producer(backend, backend.tokenizer).sampling(lease)
+    exact = profile
 
-    def regenerate(
-        prompts: list[list[int]], seeds: list[int]
-    ) -> list[tuple[list[int], list[float]]]:
-        runs = backend.generate_as(profile, prompts, seeds, sampling, adapter)
-        return [(g.token_ids, g.logprobs) for g in runs]
+    def regenerate() -> list[tuple[list[int], list[float]]]:
+        payload = _Exact(backend, exact).produce(env, lease, adapter)
+        return [(ids.tolist(), lps.tolist()) for ids, lps in map(sample_tokens, payload.samples)]
 
     return regenerate
 

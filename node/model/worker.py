@@ -354,5 +354,5 @@ class _Child:
             lease, payload, self.environment(lease.env_id), backend.tokenizer,
             backend.eos_ids, backend.base.config.vocab_size,
             prefill, thresholds, current_version, max_staleness, claimed_tokens,
-            regenerator(backend, lease, payload.profile, adapter),
+            regenerator(backend, self.environment(lease.env_id), lease, payload.profile, adapter),
         )  # fmt: skip

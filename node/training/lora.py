@@ -88,7 +88,7 @@ class LoraTrainer:
             seq = c.prompt + c.tokens
             ids_B_W[i, : len(seq)] = torch.tensor(seq)
             mask_B_W[i, : len(seq)] = 1
-            valid_B_T[i, : len(c.tokens)] = 1
+            valid_B_T[i, : len(c.tokens)] = 1 if c.sampled is None else torch.tensor(c.sampled)
             behaviour_B_T[i, : len(c.tokens)] = torch.tensor(c.behaviour)
         logits_B_W_V = self.model(input_ids=ids_B_W, attention_mask=mask_B_W).logits
         logp_B_W_V = torch.log_softmax(logits_B_W_V.float(), dim=-1)

@@ -38,7 +38,7 @@ from node.training.lora import LoraTrainer
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload
 from protocol.runs import TrainSettings
-from verification.rollouts import score_rollouts
+from verification.rollouts import rebuild_samples, score_rollouts
 
 if TYPE_CHECKING:
     from node.training.collective import Collective
@@ -122,8 +122,11 @@ class Trainer:
     ) -> tuple[Any, list[Completion]]:
         """A payload's recomputed scores (``score_rollouts``'s, every sample) and its training
         completions (groups without reward spread left out)."""
-        scores = score_rollouts(env, self.tokenizer, lease, payload)
-        completions = training_examples(env, self.tokenizer, lease, payload, std_normalize, scores)
+        rebuilt = rebuild_samples(env, self.tokenizer, lease, payload)
+        scores = score_rollouts(env, self.tokenizer, lease, payload, rebuilt)
+        completions = training_examples(
+            env, self.tokenizer, lease, payload, std_normalize, scores, rebuilt
+        )
         return scores, completions
 
     def round(

@@ -5,16 +5,19 @@ a real node process."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import msgspec
 import torch
 
-from envs.base import Environment, Example
+from envs.base import Environment, Example, Message, MultiTurnEnvironment
+from envs.builtin.calc import Calc, calculate
+from envs.builtin.guess import Guess
 from node.model.backends import Generation, Sampling
 from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer
 from protocol.leases import Lease
-from protocol.rollouts import RolloutPayload, Sample
+from protocol.rollouts import EnvTurn, RolloutPayload, Sample
 from verification.sampling import gumbel_noise, sampling_logprobs
 
 
@@ -76,20 +79,25 @@ class FabricatedRewards(Producer):
     """Claims the opposite of every reward."""
 
     def sample(
-        self, env: Environment, example: Example, k: int, seed: int, g: Generation
-    ) -> Sample:
-        s = super().sample(env, example, k, seed, g)
+        self, env: Environment, example: Example, k: int, seed: int, g: Generation,
+        env_turns: list[EnvTurn] | None = None, reward: float | None = None,
+    ) -> Sample:  # fmt: skip
+        s = super().sample(env, example, k, seed, g, env_turns, reward)
         return msgspec.structs.replace(s, reward=1.0 - s.reward)
 
 
 class SplicedTokens(Producer):
-    """Overwrites the first token of each completion (rewards honestly recomputed for it)."""
+    """Overwrites the first token of each completion (of each model turn of an episode) but a
+    lone end-of-sequence token (rewards honestly recomputed for it)."""
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
     ) -> list[Generation]:
         out = []
         for g in super().generate(prompts, seeds, sampling, adapter):
+            if len(g.token_ids) == 1 and g.finish_reason == "stop":
+                out.append(g)
+                continue
             first = ord("7") if g.token_ids[0] != ord("7") else ord("3")
             out.append(Generation([first, *g.token_ids[1:]], g.logprobs, g.finish_reason))
         return out
@@ -196,3 +204,89 @@ class TakesCloseRunnerUps(Producer):
             return super().generate(prompts, seeds, sampling, adapter)
         finally:
             backend_module.sample = honest
+
+
+# -- cheats on episodes ----------------------------------------------------------------------
+
+
+class EditsEnvTurns(Producer):
+    """Plays each guessing game against an environment whose answers it edits (``higher`` and
+    ``lower`` swapped), and claims the real one."""
+
+    def episodes(
+        self, env: MultiTurnEnvironment, examples: list[Example], group_size: int,
+        seeds: list[int], sampling: Sampling, adapter: str | None,
+    ) -> list[Sample]:  # fmt: skip
+        assert isinstance(env, Guess)
+
+        class Lying(Guess):
+            def env_response(
+                self, messages: list[Message], state: dict[str, Any]
+            ) -> tuple[list[Message], dict[str, Any]]:
+                reply, state = super().env_response(messages, state)
+                swap = {"higher": "lower", "lower": "higher"}
+                edited = [{**m, "content": swap.get(m["content"], m["content"])} for m in reply]
+                return edited, state
+
+        return super().episodes(Lying(env.high, env.max_turns), examples, group_size, seeds,
+                                sampling, adapter)  # fmt: skip
+
+
+class ForgesToolResults(Producer):
+    """Calls the calculator on its first turn (a scripted call, claimed as sampled) and reports
+    a result of its own making: the correct product plus one."""
+
+    def episodes(
+        self, env: MultiTurnEnvironment, examples: list[Example], group_size: int,
+        seeds: list[int], sampling: Sampling, adapter: str | None,
+    ) -> list[Sample]:  # fmt: skip
+        assert isinstance(env, Calc)
+
+        def off_by_one(expression: str) -> str:
+            """Evaluate an integer arithmetic expression exactly.
+
+            Args:
+                expression: integers with + - * // % and parentheses, e.g. "(12 + 3) * 4"
+            """
+            return str(int(calculate(expression)) + 1)
+
+        off_by_one.__name__ = "calculate"
+
+        class Forged(Calc):
+            tools = [off_by_one]
+
+        self.turn = 0
+        return super().episodes(Forged(env.digits, env.max_turns), examples, group_size, seeds,
+                                sampling, adapter)  # fmt: skip
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        self.turn += 1
+        if self.turn > 1:
+            return super().generate(prompts, seeds, sampling, adapter)
+        call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 * 3"}}</tool_call>'
+        ids = [*self.tokenizer(call, add_special_tokens=False)["input_ids"],
+               self.tokenizer.eos_token_id]  # fmt: skip
+        return [Generation(ids, [0.0] * len(ids), "stop") for _ in prompts]
+
+
+class OtherModelLaterTurns(Producer):
+    """Samples an episode's first turn with the claimed model and every later turn with a
+    cheaper one."""
+
+    def __init__(self, real: TorchBackend, cheap: TorchBackend) -> None:
+        super().__init__(real, real.tokenizer)
+        self.cheap = cheap
+        self.turn = 0
+
+    def produce(self, env: Environment, lease: Lease, adapter: str | None = None) -> RolloutPayload:
+        self.turn = 0
+        return super().produce(env, lease, adapter)
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, adapter: str | None
+    ) -> list[Generation]:
+        self.turn += 1
+        backend = self.backend if self.turn == 1 else self.cheap
+        return backend.generate(prompts, seeds, sampling, adapter)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import torch
 
-from envs import load_environment
+from envs import Environment, load_environment
 from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer, regenerator
 from protocol.leases import Lease, SamplingParams
@@ -75,10 +75,14 @@ def other(tiny_model: Path) -> TorchBackend:
 
 
 def audit(
-    real: TorchBackend, lease_: Lease, payload: RolloutPayload, profile: str = "fp32"
+    real: TorchBackend,
+    lease_: Lease,
+    payload: RolloutPayload,
+    profile: str = "fp32",
+    env: Environment = ENV,
 ) -> Outcome:
     return verify_payload(
-        lease_, payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
+        lease_, payload, env, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
         real.prefill_batch, load_thresholds(profile),
     )  # fmt: skip
 
@@ -139,6 +143,13 @@ def test_the_receipts_token_count_is_counted_again(real: TorchBackend) -> None:
 OTHER_DISTRIBUTION = ("sampling_replay", "logprobs")
 
 
+SAMPLES_LIKE_THE_MODEL = {"inflated_logprobs", "fabricated_rewards", "spliced_tokens",
+                          "replays_old_rollout", "resubmits_others_rollout"}  # fmt: skip
+"""Cheats whose episodes go on as the real model's do (a model of random weights, or one cut
+short at every turn, ends its episode in one turn)."""
+
+
+@pytest.mark.parametrize("env_name", ["arith", "guess"])
 @pytest.mark.parametrize(
     "cheat, check",
     [
@@ -156,9 +167,18 @@ OTHER_DISTRIBUTION = ("sampling_replay", "logprobs")
     ],
 )
 def test_each_cheat_is_caught_by_its_check(
-    cheat: str, check: str | tuple[str, ...], real: TorchBackend, other: TorchBackend,
-    tmp_path: Path,
+    cheat: str, check: str | tuple[str, ...], env_name: str, real: TorchBackend,
+    other: TorchBackend, tmp_path: Path,
 ) -> None:  # fmt: skip
+    """Each cheat on single-turn payloads, and on episodes of a multi-turn game (the cheat
+    applied to every model turn)."""
+    env = ENV if env_name == "arith" else load_environment(env_name)
+
+    def on_env(n: int, lease_id: str = "lease-a") -> Lease:
+        return msgspec.structs.replace(
+            lease(n, lease_id=lease_id), env_id=env.name, env_version=env.version
+        )
+
     cheaters = {
         "other_base_model": lambda: OtherBaseModel(other, real.tokenizer),
         "wrong_adapter": lambda: WrongAdapter(with_adapter(real, tmp_path), real.tokenizer),
@@ -168,14 +188,17 @@ def test_each_cheat_is_caught_by_its_check(
         "inflated_logprobs": lambda: InflatedLogprobs(real, real.tokenizer),
         "fabricated_rewards": lambda: FabricatedRewards(real, real.tokenizer),
         "spliced_tokens": lambda: SplicedTokens(real, real.tokenizer),
-        "replays_old_rollout": lambda: ReplaysOldRollout(real, lease(9)),
+        "replays_old_rollout": lambda: ReplaysOldRollout(real, on_env(9)),
         "resubmits_others_rollout": lambda: ResubmitsOthersRollout(
-            real, Producer(real, real.tokenizer).produce(ENV, lease(5, lease_id="theirs"))
+            real, Producer(real, real.tokenizer).produce(env, on_env(5, lease_id="theirs"))
         ),
         "claims_eos_on_truncation": lambda: ClaimsEosOnTruncation(real, real.tokenizer),
     }
-    target = lease(1)
-    outcome = audit(real, target, cheaters[cheat]().produce(ENV, target))
+    target = on_env(1)
+    payload = cheaters[cheat]().produce(env, target)
+    if env_name == "guess" and cheat in SAMPLES_LIKE_THE_MODEL:
+        assert any(len(s.env_turns) >= 2 for s in payload.samples)  # episodes of several turns
+    outcome = audit(real, target, payload, env=env)
     assert not outcome.passed
     assert outcome.failed_check in (check if isinstance(check, tuple) else (check,)), outcome
     assert outcome.detail
@@ -359,7 +382,7 @@ def test_exact_replay_catches_what_bf16_thresholds_let_through(
         honest = Producer(bf16, bf16.tokenizer).produce(env, lease_)
         payload = cheat(bf16).produce(env, lease_)
         assert payload.profile == bf16.profile and payload.profile.threads == 1
-        regenerate = regenerator(bf16, lease_, payload.profile)
+        regenerate = regenerator(bf16, env, lease_, payload.profile)
         assert regenerate is not None
 
         def check(
@@ -390,7 +413,7 @@ def test_only_a_verifier_of_the_producers_profile_replays_exactly(tiny_model: Pa
     bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
     own, lease_ = bf16.profile, lease(70)
     assert own.device.startswith("cpu:") and own.threads == torch.get_num_threads()
-    assert regenerator(bf16, lease_, own) is not None
+    assert regenerator(bf16, ENV, lease_, own) is not None
     for other in (
         msgspec.structs.replace(own, threads=0),
         msgspec.structs.replace(own, dtype="fp32"),
@@ -398,10 +421,12 @@ def test_only_a_verifier_of_the_producers_profile_replays_exactly(tiny_model: Pa
         msgspec.structs.replace(own, backend="vllm"),
         None,
     ):
-        assert regenerator(bf16, lease_, other) is None, other
+        assert regenerator(bf16, ENV, lease_, other) is None, other
     threads = torch.get_num_threads()
     elsewhere = msgspec.structs.replace(own, threads=threads + 1)
-    regenerate = regenerator(bf16, lease_, elsewhere)
+    regenerate = regenerator(bf16, ENV, lease_, elsewhere)
     assert regenerate is not None
-    ((tokens, logprobs),) = regenerate([[1, 2, 3]], [5])
-    assert len(tokens) == len(logprobs) > 0 and torch.get_num_threads() == threads
+    samples = regenerate()
+    assert len(samples) == len(lease_.example_indices) * lease_.group_size
+    assert all(len(t) == len(lp) > 0 for t, lp in samples)
+    assert torch.get_num_threads() == threads
