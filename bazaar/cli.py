@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from bazaar import __version__
+from bazaar.envs_cli import env_app
 from bazaar.gateways_cli import gateway_admit, gateway_list, gateway_revoke
 from bazaar.output import console
 from bazaar.output import fail as _fail
@@ -41,6 +42,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(run_app, name="run")
+app.add_typer(env_app, name="env")
 app.command("ledger")(ledger)
 gateway_app.command("admit")(gateway_admit)
 gateway_app.command("revoke")(gateway_revoke)

@@ -1,10 +1,14 @@
 """``bazaar eval``: an environment's examples answered through the gateway's OpenAI API, scored
-by the environment, summarized as a mean reward with a 95 % confidence interval.
+by the environment, summarized as ``avg@k`` (the mean reward of ``k`` attempts per example) and
+``pass@j`` (the unbiased estimate of the chance that ``j`` attempts hold one that passes), each
+with a 95 % confidence interval over examples.
 
 Going through the gateway (the official ``openai`` client, the caller's key, billed like any
 request) measures exactly what users of a model get: the same chat template, sampling and
-adapter as any other request. Each example gets its own seed (the base seed plus its index), so
-an evaluation repeats, and base and adapter answer the same examples with the same seeds.
+adapter as any other request. A multi-turn environment's episode is played through it too, the
+environment answering each reply. Each attempt gets its own seed (derived from the base seed,
+the example and the attempt), so an evaluation repeats, and base and adapter answer the same
+examples with the same seeds.
 
 >>> summarize([1.0, 0.0, 1.0, 1.0]).mean
 0.75
@@ -47,6 +51,52 @@ def summarize(rewards: list[float]) -> Summary:
     return Summary(n, mean, Z95 * sd / math.sqrt(n))
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` attempts of which ``c`` passed: the chance
+    that ``k`` attempts drawn from them without replacement hold a pass, ``1 - C(n-c, k) /
+    C(n, k)`` (Chen et al., 2021, computed as a product for numerical stability).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+    (0.25, 1.0, 0.0)
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n attempts (n = {n})")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+@dataclass(frozen=True)
+class Report:
+    """``avg@k`` and ``pass@j`` of an evaluation with ``k`` attempts per example, each a mean
+    over examples with its 95 % interval (per-example values: the mean reward of its attempts,
+    and ``pass_at_k`` of its attempts that reached ``threshold``)."""
+
+    k: int
+    avg: Summary
+    passes: dict[int, Summary]
+    threshold: float
+
+
+def report(rewards: list[list[float]], threshold: float = 1.0) -> Report:
+    """``rewards[i]``: the rewards of example ``i``'s attempts (as many for every example)."""
+    if not rewards or not rewards[0]:
+        raise ValueError("no rewards to report")
+    k = len(rewards[0])
+    if any(len(r) != k for r in rewards):
+        raise ValueError("every example needs the same number of attempts")
+    avg = summarize([statistics.fmean(r) for r in rewards])
+    ks = sorted({1, k} | {j for j in (2, 4, 8, 16, 32) if j < k})
+    passes = {
+        j: summarize([pass_at_k(k, sum(x >= threshold for x in r), j) for r in rewards])
+        for j in ks
+    }
+    return Report(k, avg, passes, threshold)
+
+
 def evaluate(
     client: Any,
     env_name: str,
@@ -54,31 +104,45 @@ def evaluate(
     model: str,
     n: int,
     *,
+    k: int = 1,
     seed: int = 1_000_003,
     temperature: float = 1.0,
     max_tokens: int = 32,
     concurrency: int = 8,
     progress: Callable[[int], None] | None = None,
-) -> list[float]:
-    """Rewards of ``n`` examples of the environment answered by ``model`` through ``client``
-    (an ``openai.OpenAI`` pointed at the gateway); API errors propagate (``openai`` types)."""
+) -> list[list[float]]:
+    """Rewards of ``k`` attempts at each of ``n`` examples of the environment by ``model``
+    through ``client`` (an ``openai.OpenAI`` pointed at the gateway): one reply, or for a
+    multi-turn environment a whole episode — the environment answering each reply (tool
+    results, feedback) until it is done. API errors propagate (``openai`` types)."""
     from envs import load_environment
+    from envs.base import MultiTurnEnvironment
 
     env = load_environment(env_name, **env_args)
     examples = env.examples(seed, 0, n)
 
-    def one(i: int) -> float:
+    def one(job: int) -> float:
+        i, attempt = divmod(job, k)
         ex = examples[i]
-        done = client.chat.completions.create(
-            model=model, messages=ex.prompt, max_tokens=max_tokens, temperature=temperature,
-            seed=seed + i,
-        )  # fmt: skip
-        return float(env.score(ex, done.choices[0].message.content or "").reward)
+        base = seed + (i * k + attempt) * 1000  # every turn of every attempt its own seed
+        turns = iter(range(1000))
+
+        def reply(messages: list[dict[str, str]]) -> str:
+            done = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                seed=base + next(turns),
+            )  # fmt: skip
+            return str(done.choices[0].message.content or "")
+
+        if isinstance(env, MultiTurnEnvironment):
+            completion, state = env.rollout(ex, reply)
+            return float(env.score(ex, completion, state).reward)
+        return float(env.score(ex, reply(ex.prompt)).reward)
 
     rewards: list[float] = []
     with ThreadPoolExecutor(concurrency) as pool:
-        for reward in pool.map(one, range(n)):
+        for reward in pool.map(one, range(n * k)):
             rewards.append(reward)
             if progress:
                 progress(len(rewards))
-    return rewards
+    return [rewards[i * k : (i + 1) * k] for i in range(n)]

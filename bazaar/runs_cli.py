@@ -180,9 +180,18 @@ def run_rollouts(
     for col in ("version", "prompt", "completion", "reward"):
         table.add_column(col, overflow="fold")
     for x in samples:
-        table.add_row(str(x["version"]), x["prompt"][-300:], x["completion"][:300],
-                      f"{x['reward']:.2f}")  # fmt: skip
+        table.add_row(str(x["version"]), x["prompt"][-300:], _episode(x), f"{x['reward']:.2f}")
     console.print(table)
+
+
+def _episode(sample: dict[str, Any], limit: int = 1200) -> str:
+    """A completion as text: an episode turn by turn (the model's and the environment's)."""
+    turns = sample.get("turns") or []
+    if not turns:
+        return str(sample["completion"][:300])
+    marks = {"model": "▶ model", "environment": "◀ env"}
+    text = "\n".join(f"{marks[t['by']]}: {t['text'][:300]}" for t in turns)
+    return text[:limit]
 
 
 @run_app.command("plot")
@@ -337,6 +346,12 @@ def evaluate_command(
         str, typer.Option("--model", help="base, RUN (its deployed version) or RUN@VERSION.")
     ],
     n: Annotated[int, typer.Option("-n", min=1, max=100_000, help="Examples to answer.")] = 100,
+    k: Annotated[
+        int, typer.Option("-k", min=1, max=64, help="Attempts per example (avg@k, pass@k).")
+    ] = 1,
+    pass_threshold: Annotated[
+        float, typer.Option(help="The reward an attempt needs to count as a pass.")
+    ] = 1.0,
     env_args: Annotated[
         str, typer.Option("--env-args", help='Environment arguments as JSON: {"digits": 1}.')
     ] = "{}",
@@ -357,12 +372,13 @@ def evaluate_command(
     api_key: ApiKeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Answer an environment's examples through the gateway and print the mean reward with a 95 %
-    confidence interval (--compare: the base model beside the adapter)."""
+    """Answer an environment's examples through the gateway (a multi-turn environment: whole
+    episodes) and print avg@k and pass@k with 95 % confidence intervals (--compare: the base
+    model beside the adapter)."""
     import openai
     from rich.progress import Progress
 
-    from bazaar.evaluate import evaluate, summarize
+    from bazaar.evaluate import evaluate, report
 
     try:
         args = json.loads(env_args)
@@ -384,31 +400,43 @@ def evaluate_command(
         results = {}
         with Progress(console=console, transient=True) as progress:
             for m in models:
-                task = progress.add_task(f"{m}: {n} examples", total=n)
+                task = progress.add_task(f"{m}: {n} examples × {k}", total=n * k)
 
                 def advance(done: int, task: Any = task) -> None:
                     progress.update(task, completed=done)
 
-                rewards = evaluate(client, env, args, m, n, seed=seed, temperature=temperature,
-                                   max_tokens=max_tokens, progress=advance)  # fmt: skip
-                results[m] = summarize(rewards)
+                rewards = evaluate(client, env, args, m, n, k=k, seed=seed,
+                                   temperature=temperature, max_tokens=max_tokens,
+                                   progress=advance)  # fmt: skip
+                results[m] = report(rewards, pass_threshold)
     except openai.APIError as e:
         raise _fail(f"the gateway refused: {e}") from None
     except ValueError as e:
         raise _fail(str(e)) from None
-    if as_json:
-        print(json.dumps({m: {"n": s.n, "mean": s.mean, "ci95": s.ci95}
-                          for m, s in results.items()}, indent=2))  # fmt: skip
+    if as_json:  # mean and ci95: avg@k
+        print(json.dumps({m: {"n": r.avg.n, "k": r.k, "mean": r.avg.mean, "ci95": r.avg.ci95,
+                              "pass_threshold": r.threshold,
+                              "pass": {str(j): {"mean": p.mean, "ci95": p.ci95}
+                                       for j, p in r.passes.items()}}
+                          for m, r in results.items()}, indent=2))  # fmt: skip
         return
     from rich.table import Table
 
-    table = Table(title=f"{env} {env_args if args else ''} — {n} examples, through {gateway_url}")
-    for col in ("model", "mean reward", "95% CI"):
+    title = f"{env} {env_args if args else ''} — {n} examples × {k}, through {gateway_url}"
+    table = Table(title=title, caption=f"pass: reward ≥ {pass_threshold:g}; 95 % intervals")
+    ks = list(next(iter(results.values())).passes)
+    for col in ("model", f"avg@{k}", *[f"pass@{j}" for j in ks]):
         table.add_column(col)
-    for m, s in results.items():
-        table.add_row(m, f"{s.mean:.3f}", f"[{s.low:.3f}, {s.high:.3f}]")
+
+    def cell(s: Any) -> str:
+        return f"{s.mean:.3f} [{s.low:.3f}, {s.high:.3f}]"
+
+    for m, r in results.items():
+        table.add_row(m, cell(r.avg), *[cell(p) for p in r.passes.values()])
     if len(results) == 2:
         (_, a), (_, b) = results.items()
-        table.add_row("difference", f"{b.mean - a.mean:+.3f}",
-                      f"± {(a.ci95**2 + b.ci95**2) ** 0.5:.3f}")  # fmt: skip
+        diffs = [(a.avg, b.avg), *[(a.passes[j], b.passes[j]) for j in ks]]
+        table.add_row("difference", *[f"{y.mean - x.mean:+.3f} ± "
+                                      f"{(x.ci95**2 + y.ci95**2) ** 0.5:.3f}"
+                                      for x, y in diffs])  # fmt: skip
     console.print(table)

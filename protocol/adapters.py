@@ -246,13 +246,23 @@ class VersionRewards(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reward_sq_sum: Annotated[float, msgspec.Meta(ge=0)]
 
 
-class SampleText(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One completion as text, for people to read (``bazaar run rollouts``)."""
+class TurnText(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One turn of an episode as text: the model's (tool calls included) or the environment's
+    (tool results, feedback, as the chat template rendered them)."""
+
+    by: Literal["model", "environment"]
+    text: Text
+
+
+class SampleText(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One completion as text, for people to read (``bazaar run rollouts``, the dashboard)."""
 
     version: NonNegInt
     prompt: Text
     completion: Text
     reward: float
+    turns: Annotated[list[TurnText], msgspec.Meta(max_length=64)] = []
+    """An episode's turns in order (empty: a single-turn completion)."""
 
 
 class LeaseCount(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

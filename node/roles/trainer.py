@@ -52,6 +52,7 @@ from protocol.adapters import (
     TrainAssignment,
     TrainingPart,
     TrainRequest,
+    TurnText,
     VersionRewards,
     committed_part,
     parse_part,
@@ -275,6 +276,7 @@ class TrainerRole(Role):
                     texts.append(SampleText(
                         version=lease.policy_version, prompt=tokenizer.decode(c.prompt)[-4000:],
                         completion=tokenizer.decode(c.tokens)[:4000], reward=c.reward,
+                        turns=turn_texts(tokenizer, c),
                     ))  # fmt: skip
         rewards = [VersionRewards(v, int(n), total, sq) for v, (n, total, sq) in totals.items()]
         report = RoundReport(run_id=a.run_id, version=a.version, rewards=rewards[:64],
@@ -386,3 +388,17 @@ class TrainerRole(Role):
             base_model_hash=self.base_hash, shards=infos, total_bytes=sum(i.size for i in infos),
             group=sorted(group),
         )  # fmt: skip
+
+
+def turn_texts(tokenizer: Any, c: Completion, limit: int = 2000) -> list[TurnText]:
+    """An episode's turns as text, the model's and the environment's (none: a single turn)."""
+    if c.sampled is None:
+        return []
+    out: list[TurnText] = []
+    start = 0
+    for i in range(1, len(c.tokens) + 1):
+        if i == len(c.tokens) or c.sampled[i] != c.sampled[start]:
+            by = "model" if c.sampled[start] else "environment"
+            out.append(TurnText(by, tokenizer.decode(c.tokens[start:i])[:limit]))
+            start = i
+    return out[:64]

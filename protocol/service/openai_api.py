@@ -35,8 +35,11 @@ class OpenAIRequest(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    """A ``tool`` message's: the call it answers (rendered by templates that use it)."""
+    name: Annotated[str, Field(max_length=256)] | None = None
 
 
 class ChatRequest(OpenAIRequest):

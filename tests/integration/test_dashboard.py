@@ -30,6 +30,7 @@ from protocol.adapters import (
     SampleText,
     TrainAssignment,
     TrainRequest,
+    TurnText,
     VersionRewards,
 )
 from protocol.payload_store import PayloadStore
@@ -57,6 +58,11 @@ def render(url: str, profile: Path) -> str:
     return done.stdout
 
 
+TURNS = [TurnText("model", "8<|end|>"),
+         TurnText("environment", "<|user|>higher<|end|><|assistant|>"),
+         TurnText("model", "12<|end|>")]  # fmt: skip
+
+
 def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path, interval_s=30.0)  # the in-process trainer sends no heartbeats
     try:
@@ -79,7 +85,8 @@ def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
                         run_id="r1", version=version,
                         rewards=[VersionRewards(version, 8, 8 * mean, 8 * mean)],
                         samples=[SampleText(version=version, prompt="<|user|>5 + 7 =",
-                                            completion=text, reward=float(text == "12"))],
+                                            completion=text, reward=float(text == "12"),
+                                            turns=TURNS if version else [])],
                     )  # fmt: skip
                     ack = await trainer.ask(ADAPTERS, report)
                     assert isinstance(ack, ReportAck) and ack.recorded
@@ -95,8 +102,15 @@ def test_the_dashboard_shows_runs_curves_and_rollouts(tmp_path: Path) -> None:
     points = [tuple(map(float, p.split(","))) for p in line.group(1).split()]
     assert len(points) == 2 and points[1][1] < points[0][1]  # higher reward is higher up
     rows = re.findall(r'<tr class="rollout">(.*?)</tr>', dom, re.S)
-    assert len(rows) == 2 and any("<pre>12</pre>" in r for r in rows)
+    assert len(rows) == 2 and any("<pre>7</pre>" in r for r in rows)
     assert "5 + 7 =" in rows[0]
+    # an episode is shown turn by turn, the environment's apart from the model's
+    episode = next(r for r in rows if "turn env" in r)
+    turns = re.findall(r'<pre class="turn (model|env)"[^>]*>(.*?)</pre>', episode, re.S)
+    assert [(by, html.unescape(t)) for by, t in turns] == [
+        ("model", "8<|end|>"), ("env", "<|user|>higher<|end|><|assistant|>"),
+        ("model", "12<|end|>"),
+    ]  # fmt: skip
 
 
 def cells(dom: str, table: str) -> list[list[str]]:

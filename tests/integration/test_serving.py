@@ -117,3 +117,35 @@ def test_errors_are_openai_shaped(client: openai.OpenAI) -> None:
     assert raw.headers["x-request-id"] == "abc-123"
     fresh = client.models.with_raw_response.list()
     assert fresh.headers["x-request-id"].startswith("req-")
+
+
+def test_episodes_are_evaluated_turn_by_turn_with_avg_and_pass_at_k(
+    client: openai.OpenAI,
+) -> None:
+    """``bazaar eval``'s engine on a multi-turn game through the node's API: every attempt an
+    episode, the environment answering each reply; avg@k and pass@k over k attempts; the same
+    seeds, the same rewards."""
+    from bazaar.evaluate import evaluate, report
+
+    args = {"high": 3, "max_turns": 3}
+    rewards = evaluate(client, "guess", args, "tiny", 6, k=3, max_tokens=4, concurrency=2)
+    assert len(rewards) == 6 and all(len(r) == 3 for r in rewards)
+    assert all(0.0 <= x <= 1.0 for r in rewards for x in r)
+    summary = report(rewards, threshold=0.5)
+    assert set(summary.passes) == {1, 2, 3} and summary.k == 3
+    assert summary.passes[1].mean <= summary.passes[3].mean
+    assert summary.passes[1].mean == pytest.approx(
+        sum(x >= 0.5 for r in rewards for x in r) / 18
+    )
+    assert evaluate(client, "guess", args, "tiny", 6, k=3, max_tokens=4) == rewards
+
+
+def test_tool_messages_are_rendered_into_the_prompt(client: openai.OpenAI) -> None:
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 * 3"}}</tool_call>'
+    convo = [*CHAT, {"role": "assistant", "content": call}]
+    with_result = [*convo, {"role": "tool", "tool_call_id": "call_1_0", "content": "6" * 40}]
+    short = client.chat.completions.create(model="tiny", messages=convo, max_tokens=2)  # type: ignore[arg-type]
+    long = client.chat.completions.create(model="tiny", messages=with_result, max_tokens=2)  # type: ignore[arg-type]
+    assert short.usage is not None and long.usage is not None
+    # the tool's 40 digits and its role's markers: the byte-level tiny model counts each
+    assert long.usage.prompt_tokens - short.usage.prompt_tokens >= 40 + len("<|tool|>")
