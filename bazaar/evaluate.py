@@ -91,8 +91,7 @@ def report(rewards: list[list[float]], threshold: float = 1.0) -> Report:
     avg = summarize([statistics.fmean(r) for r in rewards])
     ks = sorted({1, k} | {j for j in (2, 4, 8, 16, 32) if j < k})
     passes = {
-        j: summarize([pass_at_k(k, sum(x >= threshold for x in r), j) for r in rewards])
-        for j in ks
+        j: summarize([pass_at_k(k, sum(x >= threshold for x in r), j) for r in rewards]) for j in ks
     }
     return Report(k, avg, passes, threshold)
 

@@ -134,9 +134,7 @@ def test_episodes_are_evaluated_turn_by_turn_with_avg_and_pass_at_k(
     summary = report(rewards, threshold=0.5)
     assert set(summary.passes) == {1, 2, 3} and summary.k == 3
     assert summary.passes[1].mean <= summary.passes[3].mean
-    assert summary.passes[1].mean == pytest.approx(
-        sum(x >= 0.5 for r in rewards for x in r) / 18
-    )
+    assert summary.passes[1].mean == pytest.approx(sum(x >= 0.5 for r in rewards for x in r) / 18)
     assert evaluate(client, "guess", args, "tiny", 6, k=3, max_tokens=4) == rewards
 
 
