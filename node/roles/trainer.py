@@ -398,7 +398,7 @@ def turn_texts(tokenizer: Any, c: Completion, limit: int = 2000) -> list[TurnTex
     start = 0
     for i in range(1, len(c.tokens) + 1):
         if i == len(c.tokens) or c.sampled[i] != c.sampled[start]:
-            by = "model" if c.sampled[start] else "environment"
-            out.append(TurnText(by, tokenizer.decode(c.tokens[start:i])[:limit]))
+            text = tokenizer.decode(c.tokens[start:i])[:limit]
+            out.append(TurnText("model" if c.sampled[start] else "environment", text))
             start = i
     return out[:64]
