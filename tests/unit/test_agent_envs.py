@@ -58,8 +58,9 @@ def test_guess_rewards_binary_search_over_luck_and_answers_garbage() -> None:
     assert 0.5 <= reward <= 1.0 and info["guesses"] <= 5
     assert play(env, ex, lambda m: ex.answer)[0] == 1.0  # first try: full reward
     wrong = str(1 if ex.answer != "1" else 2)
-    reward, info = play(env, ex, lambda m: wrong)  # never right: out of turns, nothing
-    assert reward == 0.0 and info["guesses"] == env.max_turns
+    reward, info = play(env, ex, lambda m: wrong)  # never right: out of turns, a little
+    assert reward == pytest.approx(0.2) and info["guesses"] == env.max_turns  # for playing
+    assert info["found"] == 0.0 and info["valid"] == 1.0
     reward, info = play(env, ex, lambda m: "'; DROP TABLE guesses; --")
     assert reward == 0.0
     assert info["messages"][1] == {"role": "user", "content": "Say just a number from 1 to 16."}
