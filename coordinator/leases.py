@@ -168,7 +168,7 @@ class LeaseBook:
             example_indices=indices,
             group_size=plan.spec.rl.group_size,
             policy_version=run.policy_version,
-            sampling=plan.spec.rl.sampling(),
+            sampling=plan.sampling(),
             lease_seed=os.urandom(32),
             deadline_ms=int((now + plan.spec.rl.lease_ttl_s) * 1000),
         )
@@ -270,7 +270,8 @@ class LeaseBook:
             return ReceiptOutcome.WRONG_VERSION
         if receipt.num_samples != len(lease.example_indices) * lease.group_size:
             return ReceiptOutcome.WRONG_SIZE
-        if receipt.completion_tokens > receipt.num_samples * lease.sampling.max_tokens:
+        most = receipt.num_samples * lease.sampling.max_tokens * lease.sampling.max_turns
+        if receipt.completion_tokens > most:
             return ReceiptOutcome.TOO_MANY_TOKENS
         if state.status in ("completed", "rejected", "quarantined"):
             # handed in before; a penalized lease's receipt sent again must not count again

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import secrets
 
-from envs import load_environment
+from envs import MultiTurnEnvironment, load_environment
+from protocol.leases import MAX_TURNS
 from protocol.runs import RunPlan, RunSpec
 
 
 def plan_run(spec: RunSpec) -> RunPlan:
     """The plan of a spec; ``ValueError`` if its environment cannot be loaded."""
     env = load_environment(spec.env.name, **spec.env.args)
+    turns = env.max_turns if isinstance(env, MultiTurnEnvironment) else 1
+    if not 1 <= turns <= MAX_TURNS:
+        raise ValueError(f"environment {env.name!r}: max_turns {turns} is not 1..{MAX_TURNS}")
     return RunPlan(
         spec=spec,
         run_id=spec.name or f"run-{secrets.token_hex(4)}",
         env=env.name,
         env_version=env.version,
         env_seed=spec.env.seed if spec.env.seed is not None else secrets.randbits(63),
+        max_turns=turns,
     )

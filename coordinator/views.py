@@ -41,7 +41,7 @@ def run_view(state: State, run: RunState) -> dict[str, Any]:
         "env_seed": plan.env_seed,
         "base_model": plan.spec.base_model,
         "group_size": plan.spec.rl.group_size,
-        "sampling": msgspec.to_builtins(plan.spec.rl.sampling()),
+        "sampling": msgspec.to_builtins(plan.sampling()),
         "total_examples": plan.spec.rl.max_examples,
         "policy_version": run.policy_version,
         "examples_leased": run.cursor,

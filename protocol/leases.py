@@ -14,11 +14,18 @@ import msgspec
 
 from protocol.codec import KiB, Message, Name, NonNegInt
 
+MAX_TURNS = 65
+"""Model turns an episode may hold: one more than the environment turns a sample carries."""
+
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
+    """Per model turn."""
+    max_turns: Annotated[int, msgspec.Meta(ge=1, le=MAX_TURNS)] = 1
+    """Model turns per sample at most: a multi-turn environment's, 1 for a single turn. A
+    sample's tokens are at most ``max_tokens × max_turns`` (what a receipt may claim)."""
 
 
 class LeaseRequest(Message):

@@ -34,7 +34,7 @@ import msgspec
 
 from protocol.codec import KiB, Message, Name, NonNegInt, read_toml
 from protocol.errors import ConfigError
-from protocol.leases import SamplingParams
+from protocol.leases import MAX_TURNS, SamplingParams
 
 RunState = Literal["queued", "running", "completed", "failed", "cancelled"]
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -206,6 +206,12 @@ class RunPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Canonical environment name (with arguments), as ``load_environment`` takes it."""
     env_version: Annotated[str, msgspec.Meta(max_length=64)]
     env_seed: Seed
+    max_turns: Annotated[int, msgspec.Meta(ge=1, le=MAX_TURNS)] = 1
+    """Model turns per sample: the environment's (``MultiTurnEnvironment.max_turns``)."""
+
+    def sampling(self) -> SamplingParams:
+        """How every lease of the run is sampled (the lease carries it)."""
+        return msgspec.structs.replace(self.spec.rl.sampling(), max_turns=self.max_turns)
 
 
 class RunStatus(Message):

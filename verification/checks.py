@@ -315,6 +315,9 @@ def _termination(
         if max(ids) >= vocab:
             raise _Failed("termination", f"{where} has token id {max(ids)} >= vocabulary {vocab}")
         turns = split_turns(ids, eos_ids) if episodes else [ids]
+        if len(turns) > lease.sampling.max_turns:
+            raise _Failed("termination", f"{where} has {len(turns)} model turns, the lease "
+                          f"allows {lease.sampling.max_turns}")  # fmt: skip
         for t, turn in enumerate(turns):
             at = f"{where} turn {t}" if episodes else where
             if len(turn) > max_tokens:
