@@ -175,9 +175,12 @@ def test_each_cheat_is_caught_by_its_check(
     env = ENV if env_name == "arith" else load_environment(env_name)
 
     def on_env(n: int, lease_id: str = "lease-a") -> Lease:
+        base = lease(n, lease_id=lease_id)
+        turns = getattr(env, "max_turns", 1)
         return msgspec.structs.replace(
-            lease(n, lease_id=lease_id), env_id=env.name, env_version=env.version
-        )
+            base, env_id=env.name, env_version=env.version,
+            sampling=msgspec.structs.replace(base.sampling, max_turns=turns),
+        )  # fmt: skip
 
     cheaters = {
         "other_base_model": lambda: OtherBaseModel(other, real.tokenizer),

@@ -34,7 +34,8 @@ def lease(env: Environment, n: int = 0, max_tokens: int = 16) -> Lease:
     return Lease(
         lease_id=f"episodes-{n}", run_id="run", env_id=env.name, env_version=env.version,
         env_seed=n, example_indices=list(range(4)), group_size=4, policy_version=0,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens),
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+                                max_turns=getattr(env, "max_turns", 1)),
         lease_seed=bytes([n + 1]) * 32, deadline_ms=0,
     )  # fmt: skip
 
@@ -130,7 +131,11 @@ def test_a_turn_after_the_episode_ended_or_a_left_out_environment_turn_fails(
         logprobs=np.asarray([*logprobs, -1.0, -1.0], dtype="<f4").tobytes(),
         env_turns=[*sample.env_turns, last_turn],
     )
-    outcome = audit(real, env, lease_, longer)
+    # (a lease that allowed more turns than the game has: the episode itself refuses the turn)
+    roomy = msgspec.structs.replace(
+        lease_, sampling=msgspec.structs.replace(lease_.sampling, max_turns=env.max_turns + 1)
+    )
+    outcome = audit(real, env, roomy, longer)
     assert (outcome.passed, outcome.failed_check) == (False, "env_turns"), outcome
     assert "follows the end of the episode" in outcome.detail
     dropped = with_sample(env_turns=sample.env_turns[:-1])
@@ -142,3 +147,16 @@ def test_a_turn_after_the_episode_ended_or_a_left_out_environment_turn_fails(
     )
     outcome = audit(real, env, lease_, moved)
     assert (outcome.passed, outcome.failed_check) == (False, "env_turns"), outcome
+
+
+def test_more_model_turns_than_the_lease_allows_fail_termination(real: TorchBackend) -> None:
+    env = load_environment("guess")
+    lease_ = lease(env, 5)
+    payload = Producer(real, real.tokenizer).produce(env, lease_)
+    assert audit(real, env, lease_, payload).passed
+    short = msgspec.structs.replace(
+        lease_, sampling=msgspec.structs.replace(lease_.sampling, max_turns=2)
+    )
+    outcome = audit(real, env, short, payload)
+    assert (outcome.passed, outcome.failed_check) == (False, "termination"), outcome
+    assert "the lease allows 2" in outcome.detail

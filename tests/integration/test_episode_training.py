@@ -41,7 +41,7 @@ def _lease(n: int) -> Lease:
     return Lease(
         lease_id=f"train-{n}", run_id="demo", env_id=ENV.name, env_version=ENV.version,
         env_seed=n, example_indices=list(range(4)), group_size=4, policy_version=0,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8),
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8, max_turns=4),
         lease_seed=bytes([n + 7]) * 32, deadline_ms=0,
     )  # fmt: skip
 
