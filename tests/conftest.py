@@ -26,6 +26,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 TINY_MODEL = pytest.StashKey[Path]()
+TINY_AGENT_MODEL = pytest.StashKey[Path]()
 
 
 def pytest_collection_modifyitems(
@@ -33,14 +34,27 @@ def pytest_collection_modifyitems(
 ) -> None:
     """Build the tiny model (~40 s on 2 cores, more on a shared CPU) once, after collection and
     before the first test, when any selected test uses it: never inside a test's timeout."""
-    if any("tiny_model" in getattr(item, "fixturenames", ()) for item in items):
+    uses = [set(getattr(item, "fixturenames", ())) for item in items]
+    agent = any("tiny_agent_model" in names for names in uses)
+    if agent or any("tiny_model" in names for names in uses):
         from node.model.tiny import ensure_tiny_model
 
         data = config._tmp_path_factory.mktemp("data")  # type: ignore[attr-defined]
         config.stash[TINY_MODEL] = ensure_tiny_model(data)
+    if agent:  # the slow tier's: ~15 min more on 2 cores
+        from node.model.tiny_agent import ensure_tiny_agent_model
+
+        config.stash[TINY_AGENT_MODEL] = ensure_tiny_agent_model(config.stash[TINY_MODEL])
 
 
 @pytest.fixture(scope="session")
 def tiny_model(pytestconfig: pytest.Config) -> Path:
     """The project's tiny model, built once per test session before the first test."""
     return pytestconfig.stash[TINY_MODEL]
+
+
+@pytest.fixture(scope="session")
+def tiny_agent_model(pytestconfig: pytest.Config) -> Path:
+    """The tiny model warm-started on tool calls (``node/model/tiny_agent.py``), built before
+    the first test when a selected test uses it."""
+    return pytestconfig.stash[TINY_AGENT_MODEL]
