@@ -200,7 +200,9 @@ class Rounds:
         alive: Callable[[str], bool] = lambda peer: True,
     ) -> ManifestAck:
         """A trainer's manifest of the run's next version. Only the trainers the round was
-        dealt to may make it (any other is refused and struck), and the version is made only
+        dealt to may make it (any other is refused and struck — but one that was dealt the
+        round and committed to a part before it was dealt again is only refused: its manifest
+        was late, not forged), and the version is made only
         when every one of them still alive (``alive``) has signed the same manifest: never on
         the word of whoever came first. Different manifests for one round are a conflict:
         nothing either signed is recorded, and the round's trainers train it again from the
@@ -223,6 +225,11 @@ class Rounds:
             detail = f"the next version is {nxt}, from {current}"
             return ManifestAck(outcome="stale", version=current, detail=detail)
         dealt = self.dealt_to(msg.run_id, current)
+        if peer not in dealt and state.replays.committed(msg.run_id, current, peer) is not None:
+            # it was dealt this round and committed to a part, and the round has been dealt
+            # again since (a conflict, a banned co-trainer): a late manifest, not a lie
+            detail = f"round {current} of {msg.run_id} has been dealt again, not to you"
+            return ManifestAck(outcome="not_dealt", version=current, detail=detail)
         if peer not in dealt:
             banned = state.audits.strike(peer)
             state.commit()

@@ -12,7 +12,7 @@ import trio
 from sqlalchemy import select
 
 from coordinator.config import LeaseConfig
-from coordinator.db import AdapterRow, LeaseState
+from coordinator.db import AdapterRow, CommitmentRow, LeaseState
 from coordinator.leases import LeaseBook, ReceiptOutcome
 from protocol.adapters import NoTraining, TrainAssignment, TrainRequest
 from tests.unit.test_leases import Clock, plan, receipt_for
@@ -165,6 +165,14 @@ def test_only_the_rounds_trainers_make_its_version_and_only_together(tmp_path: P
         await deal()
         refused = await sign("outsider", 1)
         assert refused.outcome == "not_dealt" and work.state.audits.trust_of("outsider").strikes
+        # a trainer the round was dealt to before it was dealt again (its co-trainer banned, a
+        # conflict) committed to a part then: its late manifest is refused, not struck
+        work.state.replays.commitments[("r1", 0, "late")] = CommitmentRow(
+            run_id="r1", round=0, trainer="late", part_hash=bytes(32), lease_ids=[], at=0.0
+        )
+        late = await sign("late", 1)
+        assert late.outcome == "not_dealt" and "dealt again" in late.detail
+        assert work.state.audits.trust_of("late").strikes == 0
         assert (await sign("t1", 1)).outcome == "pending"  # t2 has not signed yet
         assert book.runs["r1"].policy_version == 0
         assert (await sign("t2", 1)).outcome == "recorded"
