@@ -148,17 +148,22 @@ def build_tiny_model(
                 progress(step, loss_value, accuracy)
             if accuracy >= spec.target_accuracy:
                 break
-    # save beside the target and rename into place: processes sharing a model cache never see
-    # (or load) a half-written model, and the first finished build wins
+    meta = {**asdict(spec), "steps": step, "final_loss": loss_value, "accuracy": accuracy}
+    return save_model(out, model, tok, META_FILE, meta)
+
+
+def save_model(out: Path, model: Any, tok: Any, meta_file: str, meta: dict[str, Any]) -> Path:
+    """Save a built model in ``out`` with its ``meta_file``: beside the target, then renamed into
+    place, so processes sharing a model cache never see (or load) a half-written model, and
+    the first finished build wins."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(
         dir=out.parent, prefix=f".{out.name}-", ignore_cleanup_errors=True
     ) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        meta = {**asdict(spec), "steps": step, "final_loss": loss_value, "accuracy": accuracy}
-        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists() and not (out / META_FILE).exists():
+        (Path(tmp) / meta_file).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists() and not (out / meta_file).exists():
             shutil.rmtree(out)  # an unfinished directory of an older version
         with contextlib.suppress(OSError):  # another process finished first: keep theirs
             os.rename(tmp, out)
@@ -167,8 +172,6 @@ def build_tiny_model(
 
 def _sft_batch(tok: Any, pairs: list[tuple[list[dict[str, str]], str]]) -> tuple[Any, Any, Any]:
     """Right-padded ids, labels (-100 outside the answer and its end token), attention mask."""
-    import torch
-
     from verification.rollouts import prompt_ids
 
     rows = []
@@ -176,6 +179,13 @@ def _sft_batch(tok: Any, pairs: list[tuple[list[dict[str, str]], str]]) -> tuple
         p = prompt_ids(tok, prompt)
         a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((p + a, [-100] * len(p) + a))
+    return pad_rows(tok, rows)
+
+
+def pad_rows(tok: Any, rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any, Any]:
+    """``(ids, labels)`` rows right-padded: ids, labels (-100 in the padding), attention mask."""
+    import torch
+
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -12,12 +12,8 @@ learning has room — and is cached beside the tiny model (``tiny-agent-v1-...``
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,6 +100,7 @@ def build_tiny_agent_model(
 
     from envs import load_environment
     from node.model.backends.torch_backend import TorchBackend
+    from node.model.tiny import pad_rows, save_model
 
     spec = spec or AgentSpec()
     torch.manual_seed(spec.seed)
@@ -116,14 +113,7 @@ def build_tiny_agent_model(
     for step in range(1, spec.max_steps + 1):
         rows = [demonstration(env, env.example(spec.seed, rng.randrange(1 << 30)), tok)
                 for _ in range(spec.batch_size)]  # fmt: skip
-        width = max(len(ids) for ids, _ in rows)
-        ids_B_W = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        labels_B_W = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask_B_W = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, labels) in enumerate(rows):
-            ids_B_W[i, : len(ids)] = torch.tensor(ids)
-            labels_B_W[i, : len(labels)] = torch.tensor(labels)
-            mask_B_W[i, : len(ids)] = 1
+        ids_B_W, labels_B_W, mask_B_W = pad_rows(tok, rows)
         model.train()
         loss = model(input_ids=ids_B_W, attention_mask=mask_B_W, labels=labels_B_W).loss
         optim.zero_grad()
@@ -138,17 +128,6 @@ def build_tiny_agent_model(
                 progress(step, loss_value, accuracy)
             if accuracy >= spec.target_accuracy:
                 break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        dir=out.parent, prefix=f".{out.name}-", ignore_cleanup_errors=True
-    ) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        meta = {**asdict(spec), "base": base.name, "steps": step, "final_loss": loss_value,
-                "accuracy": accuracy}  # fmt: skip
-        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists() and not (out / META_FILE).exists():
-            shutil.rmtree(out)
-        with contextlib.suppress(OSError):  # another process finished first: keep theirs
-            os.rename(tmp, out)
-    return out
+    meta = {**asdict(spec), "base": base.name, "steps": step, "final_loss": loss_value,
+            "accuracy": accuracy}  # fmt: skip
+    return save_model(out, model, tok, META_FILE, meta)
