@@ -18,8 +18,20 @@ Each run gets, before the program starts (in the child, between fork and exec):
   code must answer the same program the same way on every peer that replays it).
 
 When the run ends (exit, timeout or limit), every process of that uid is killed, so no child of
-the program survives it. Why not a container runtime or bubblewrap: neither is a Python package,
-and this needs only the kernel calls below. It needs root (CAP_SYS_ADMIN) to make namespaces and
+the program survives it.
+
+**The launcher.** Setting the child up needs code between fork and exec, so the process that does
+it must ``fork()`` (``posix_spawn`` cannot run it), and forking a node — a few hundred MB
+resident — costs ~40 ms of page-table copying a run. So each run is started by a *launcher*: this
+file run as a small stdlib-only process (``python -I -S envs/sandbox.py``, ~10 MB), which reads one
+request per line on its stdin, forks the sandboxed child, waits for it (a pidfd, with the wall
+timeout), kills its uid and answers with the exit status. The caller keeps a pool of idle
+launchers (one per concurrent run; a launcher exits when its caller does, at EOF on its stdin).
+Why not ``multiprocessing``'s fork server: it imports the caller's ``__main__`` again in the
+server, which a CLI or a test runner does not survive.
+
+Why not a container runtime or bubblewrap: neither is a Python package, and this needs only the
+kernel calls below. It needs root (CAP_SYS_ADMIN) to make namespaces and
 switch uid; without it ``SandboxUnavailable`` is raised — code rewards fail closed, they never
 run unsandboxed.
 
@@ -29,16 +41,19 @@ Use: ``run_python("print(6 * 7)").stdout == "42\\n"``; ``Limits`` sets the bound
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -119,52 +134,134 @@ def _open_to_others(path: str) -> bool:
     return True
 
 
+ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp/work",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+}
+STREAMS = ("stdin", "stdout", "stderr")
+
+
 def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> SandboxResult:
     """Run ``code`` with ``python -P -s -S`` in the sandbox and return what it printed."""
     why = available()
     if why is not None:
         raise SandboxUnavailable(why)
     limits = limits or Limits()
-    python = interpreter()
-    assert python is not None  # available() checked it
     uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
-    program = code.encode()
     with tempfile.TemporaryDirectory(prefix="bazaar-sandbox-") as host_dir:
-        paths = [os.path.join(host_dir, name) for name in ("stdin", "stdout", "stderr")]
-        with open(paths[0], "wb") as f:
+        with open(os.path.join(host_dir, "stdin"), "wb") as f:
             f.write(stdin.encode())
-        with (
-            open(paths[0], "rb") as fin,
-            open(paths[1], "wb") as fout,
-            open(paths[2], "wb") as ferr,
-        ):
-            try:
-                proc = subprocess.Popen(
-                    [python, "-P", "-s", "-S", "main.py"],
-                    stdin=fin,
-                    stdout=fout,
-                    stderr=ferr,
-                    env={
-                        "PATH": "/usr/local/bin:/usr/bin:/bin",
-                        "HOME": "/tmp/work",
-                        "LANG": "C.UTF-8",
-                        "PYTHONHASHSEED": "0",
-                    },
-                    preexec_fn=lambda: _enter(uid, program, limits),
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except subprocess.SubprocessError as e:
-                raise SandboxUnavailable(f"could not set up the sandbox: {e}") from None
-            timed_out = False
-            try:
-                proc.wait(timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_uid(uid)
-            proc.wait()
-        out, err = (_read_capped(p, limits.max_output_bytes) for p in paths[1:])
-    return SandboxResult(out, err, proc.returncode, timed_out, uid)
+        request = {
+            "uid": uid, "program": code, "limits": asdict(limits),
+            "python": interpreter(), "dir": host_dir,
+        }  # fmt: skip
+        reply = _launch(request)
+        if "error" in reply:
+            raise SandboxUnavailable(f"could not set up the sandbox: {reply['error']}")
+        out, err = (
+            _read_capped(os.path.join(host_dir, name), limits.max_output_bytes)
+            for name in STREAMS[1:]
+        )
+    return SandboxResult(out, err, reply["exit_code"], reply["timed_out"], uid)
+
+
+class _Launcher:
+    """The caller's handle on one launcher process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--launcher"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+
+    def call(self, request: dict[str, object]) -> dict[str, object]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SandboxUnavailable(f"the sandbox launcher exited ({self.proc.wait()})")
+        reply: dict[str, object] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+_idle: list[_Launcher] = []
+_idle_lock = threading.Lock()
+os.register_at_fork(after_in_child=_idle.clear)  # a forked caller must not share our pipes
+
+
+def _launch(request: dict[str, object]) -> dict[str, object]:
+    """Run one request on an idle launcher (a new one when all are busy)."""
+    with _idle_lock:
+        launcher = _idle.pop() if _idle else None
+    if launcher is None:
+        launcher = _Launcher()
+    try:
+        reply = launcher.call(request)
+    except BaseException:
+        launcher.close()
+        raise
+    with _idle_lock:
+        _idle.append(launcher)
+    return reply
+
+
+def _serve() -> None:
+    """The launcher's loop: one JSON request a line on stdin, one JSON reply a line on stdout."""
+    ctypes.CDLL(None, use_errno=True)  # loaded once here, not in every child
+    while line := sys.stdin.readline():
+        request = json.loads(line)
+        try:
+            reply = _run(**request)
+        except Exception as e:  # a setup failure is the caller's SandboxUnavailable
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def _run(
+    uid: int, program: str, limits: dict[str, int], python: str, dir: str
+) -> dict[str, object]:
+    """In the launcher: fork the sandboxed child, wait for it (the wall timeout), kill its uid."""
+    bounds = Limits(**limits)
+    failure_r, failure_w = os.pipe()  # close-on-exec: stays empty when the exec succeeds
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(failure_r)
+            os.setsid()
+            for fd, name in enumerate(STREAMS):
+                flags = os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                opened = os.open(os.path.join(dir, name), flags, 0o600)
+                os.dup2(opened, fd)
+                os.close(opened)
+            _enter(uid, program.encode(), bounds)
+            os.execve(python, [python, "-P", "-s", "-S", "main.py"], ENV)
+        except BaseException as e:
+            os.write(failure_w, f"{type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(127)
+    os.close(failure_w)
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], bounds.wall_s)
+    finally:
+        os.close(pidfd)
+    _kill_uid(uid)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(failure_r, "rb") as f:
+        failure = f.read()
+    if failure:
+        return {"error": failure.decode(errors="replace")}
+    return {"exit_code": os.waitstatus_to_exitcode(status), "timed_out": not ready}
 
 
 def _enter(uid: int, program: bytes, limits: Limits) -> None:
@@ -222,3 +319,7 @@ def _kill_uid(uid: int) -> None:
 def _read_capped(path: str, cap: int) -> str:
     with open(path, "rb") as f:
         return f.read(cap).decode("utf-8", errors="replace")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--launcher"]:
+    _serve()

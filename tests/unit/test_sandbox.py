@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +136,45 @@ def test_fails_closed_without_privileges(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(SandboxUnavailable, match="needs root"):
         run_python("print('should not run')")
+
+
+@needs_sandbox
+def test_concurrent_runs_get_their_own_launchers_and_outputs() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: run_python(f"print({n} * {n})"), range(8)))
+    assert [r.stdout for r in results] == [f"{n * n}\n" for n in range(8)]
+    assert len({r.uid for r in results}) == 8
+
+
+@needs_sandbox
+def test_launchers_exit_with_their_caller() -> None:
+    """A caller that exits (however) leaves no launcher behind: it reads EOF and stops."""
+    caller = subprocess.Popen(
+        [sys.executable, "-c", "from envs.sandbox import run_python; print(run_python('print(1)').stdout,"
+         " flush=True); import sys; sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert caller.stdout is not None and caller.stdout.readline() == "1\n"
+
+    out = subprocess.run(["ps", "-wweo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    mine = [
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "sandbox.py --launcher" in line and line.split()[1] == str(caller.pid)
+    ]
+    assert len(mine) == 1, out
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{mine[0]}").exists() and "Z" not in _state(mine[0]):
+        assert time.monotonic() < deadline, "the launcher outlived its caller"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
