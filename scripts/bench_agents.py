@@ -10,10 +10,18 @@
   (``envs.sandbox``: namespaces, a fresh uid, limits, the program killed after) on a program that
   prints one line (goal p50 ≤ 50 ms).
 
-Not measured here yet: ``reward_parity`` (reward before and after a short run of each agent
-environment against the centralized loop), which needs a model that learns the agent tasks.
+- ``reward_parity``: the guessing game (``examples/guess-tiny.toml``) trained for ``--rounds``
+  versions through a local network of real processes (``bench_e2e.network``: a coordinator, two
+  samplers — one verifying — and a trainer; every round audited, billed and published) and by
+  the centralized loop on the same spec, seeds and rounds (``bench_e2e.central``: one process,
+  the same sampler, scoring and trainer, fully on-policy). The reward is the mean over the
+  sampled episodes of a version (64 a round); "after" is the mean of the last three versions.
+  ``reward_parity`` = network after ÷ centralized after, the mean over ``--seeds`` seeds with its
+  95 % interval (goal ≥ 0.95). The network is up to ``max_staleness`` versions off-policy, the
+  centralized loop never is — the price of that is what parity measures.
 
-Run: ``python scripts/bench_agents.py [--quick]``; writes ``bench-results/agents.json``.
+Run: ``python scripts/bench_agents.py [--quick] [--no-parity]``; writes
+``bench-results/agents.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-GOALS = {"episodes_vs_plain_ratio": 0.9, "sandbox_p50_ms": 50.0}
+GOALS = {"episodes_vs_plain_ratio": 0.9, "sandbox_p50_ms": 50.0, "reward_parity": 0.95}
+PARITY_SPEC = REPO / "examples" / "guess-tiny.toml"
 
 
 def node_episodes(backend: Any, env: Any, leases: list[Any]) -> tuple[float, int]:
@@ -95,16 +104,61 @@ def sandbox_latency(runs: int) -> list[float]:
     return times
 
 
+def reward_parity(rounds: int, seeds: int, cache: Path, tiny: str) -> dict[str, Any]:
+    """The guessing game trained through a network and centrally, seed by seed."""
+    import msgspec
+    from bench_e2e import central, network  # scripts/, beside this file
+
+    from protocol.runs import load_spec
+
+    def before_after(rewards: list[dict[str, Any]]) -> tuple[float, float]:
+        last = rewards[-3:]
+        after = sum(r["mean"] * r["samples"] for r in last) / sum(r["samples"] for r in last)
+        return rewards[0]["mean"], after
+
+    rows = []
+    for seed in range(seeds):
+        spec = load_spec(PARITY_SPEC)
+        spec = msgspec.structs.replace(
+            spec, name=f"parity-{seed}",
+            stop=msgspec.structs.replace(spec.stop, target_reward=None, max_rounds=rounds),
+            env=msgspec.structs.replace(spec.env, seed=seed),
+        )  # fmt: skip
+        net = network(spec, 3, cache, 120 + 20.0 * rounds, 1.0)
+        cen = central(spec, tiny, rounds, seed)
+        (nb, na), (cb, ca) = before_after(net["rewards"]), before_after(cen["rewards"])
+        rows.append({"seed": seed, "network_before": nb, "network_after": na,
+                     "central_before": cb, "central_after": ca,
+                     "network_versions": len(net["rewards"]),
+                     "central_versions": len(cen["rewards"]),
+                     "network_s": net["seconds"], "central_s": cen["seconds"],
+                     "parity": na / ca if ca > 0 else float("nan")})  # fmt: skip
+    parities = [r["parity"] for r in rows]
+    mean = statistics.fmean(parities)
+    half = 0.0
+    if len(parities) > 1:
+        from scipy import stats
+
+        sem = statistics.stdev(parities) / len(parities) ** 0.5
+        half = float(stats.t.ppf(0.975, len(parities) - 1)) * sem
+    return {"rounds": rounds, "seeds": seeds, "per_seed": rows,
+            "reward_parity": mean, "reward_parity_ci95": half}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--leases", type=int, default=8, help="leases of 8 x 4 episodes")
     parser.add_argument("--env", default="guess", help="the agent environment played")
     parser.add_argument("--sandbox-runs", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "agents.json")
-    parser.add_argument("--quick", action="store_true", help="2 leases, 20 sandbox runs")
+    parser.add_argument("--rounds", type=int, default=16, help="versions a parity run trains")
+    parser.add_argument("--seeds", type=int, default=3, help="parity runs of each side")
+    parser.add_argument("--no-parity", action="store_true", help="skip the training runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 leases, 20 sandbox runs, one parity seed")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
-        args.leases, args.sandbox_runs = 2, 20
+        args.leases, args.sandbox_runs, args.seeds = 2, 20, 1
     import torch
 
     from bazaar.up import tiny_model
@@ -115,7 +169,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     console = Console()
-    backend = TorchBackend.from_pretrained(str(tiny_model(data_dir())))
+    tiny = str(tiny_model(data_dir()))
+    backend = TorchBackend.from_pretrained(tiny)
     env = load_environment(args.env)
     leases = [
         Lease(
@@ -149,6 +204,9 @@ def main() -> None:
         "sandbox_runs": len(latency), "sandbox_p50_ms": p50, "sandbox_p99_ms": p99,
         **{f"goal_{k}": v for k, v in GOALS.items()},
     }  # fmt: skip
+    if not args.no_parity:
+        result["parity"] = reward_parity(args.rounds, args.seeds, data_dir(), tiny)
+        result["reward_parity"] = result["parity"]["reward_parity"]
     table = Table(title=f"agent episodes ({env.name}, {episodes} episodes, tiny model, 1 thread)")
     for col in ("measure", "value", "goal"):
         table.add_column(col)
@@ -156,7 +214,20 @@ def main() -> None:
     table.add_row("plain generate loop episodes / s", f"{result['plain_episodes_per_s']:.1f}", "")
     table.add_row("episodes_vs_plain_ratio", f"{result['episodes_vs_plain_ratio']:.2f}", "≥ 0.9")
     table.add_row("sandbox p50 / p99 (ms)", f"{p50:.1f} / {p99:.1f}", "p50 ≤ 50")
+    if "parity" in result:
+        p = result["parity"]
+        table.add_row(f"reward_parity (guess, {p['rounds']} versions, {p['seeds']} seeds)",
+                      f"{p['reward_parity']:.2f} ± {p['reward_parity_ci95']:.2f}", "≥ 0.95")
     console.print(table)
+    if "parity" in result:
+        runs = Table(title="the guessing game: reward before → after, network and centralized")
+        for col in ("seed", "network", "centralized", "parity", "network s", "centralized s"):
+            runs.add_column(col, justify="right")
+        for r in result["parity"]["per_seed"]:
+            runs.add_row(str(r["seed"]), f"{r['network_before']:.3f} → {r['network_after']:.3f}",
+                         f"{r['central_before']:.3f} → {r['central_after']:.3f}",
+                         f"{r['parity']:.2f}", f"{r['network_s']:.0f}", f"{r['central_s']:.0f}")
+        console.print(runs)
     write_result(args.out, result)
 
 

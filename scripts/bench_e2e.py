@@ -144,6 +144,7 @@ def network(
 def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, Any]:
     import torch
 
+    from coordinator.runs import plan_run
     from envs import load_environment
     from node.model.backends.torch_backend import TorchBackend
     from node.model.rollouts import Producer, completion_tokens
@@ -158,7 +159,7 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     producer = Producer(backend, backend.tokenizer)
     trainer = Trainer.build(tiny, "central", settings)
     rl, stop = spec.rl, spec.stop
-    sampling = rl.sampling()
+    sampling = plan_run(spec).sampling()  # the network's: turns per sample included
     rewards: list[dict[str, Any]] = []
     sampled, first = 0, 0.0
     with tempfile.TemporaryDirectory() as tmp, console.status("centralized") as status:
