@@ -211,7 +211,8 @@ class TakesCloseRunnerUps(Producer):
 
 class EditsEnvTurns(Producer):
     """Plays each guessing game against an environment whose answers it edits (``higher`` and
-    ``lower`` swapped), and claims the real one."""
+    ``lower`` swapped, any other answer reworded), and claims the real one. Every environment
+    turn is edited, whatever the model guessed, so the cheat shows on any model's episodes."""
 
     def episodes(
         self, env: MultiTurnEnvironment, examples: list[Example], group_size: int,
@@ -225,7 +226,7 @@ class EditsEnvTurns(Producer):
             ) -> tuple[list[Message], dict[str, Any]]:
                 reply, state = super().env_response(messages, state)
                 swap = {"higher": "lower", "lower": "higher"}
-                edited = [{**m, "content": swap.get(m["content"], m["content"])} for m in reply]
+                edited = [{**m, "content": swap.get(m["content"], "Try again.")} for m in reply]
                 return edited, state
 
         return super().episodes(Lying(env.high, env.max_turns), examples, group_size, seeds,

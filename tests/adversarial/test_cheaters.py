@@ -323,11 +323,15 @@ def test_a_producer_sampling_with_noisy_weights_fails_on_its_drift(tiny_model: P
     """1 % noise on the weights moves each logprob less than bf16's per-token tolerance lets
     honest rounding move it, but moves every uncertain token, where honest rounding moves few:
     over the lease, the drift check fails it (the per-token limits and the count of tokens off
-    the seeded pick are lifted here, so that only the drift judges) — while honest bf16 leases
-    of the same environment stay under the drift limit."""
+    the seeded pick and the lease's mean difference are lifted here, so that only the drift
+    judges) — while honest bf16 leases of the same environment stay under the drift limit."""
     bf16 = TorchBackend.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
     thresholds = dataclasses.replace(
-        load_thresholds("bf16"), max_margin=10.0, max_logprob_diff=10.0, replaced_rate=1.0
+        load_thresholds("bf16"),
+        max_margin=10.0,
+        max_logprob_diff=10.0,
+        replaced_rate=1.0,
+        max_mean_logprob_diff=10.0,
     )
     env = load_environment("sort")
     for producer in (Producer(bf16, bf16.tokenizer), NoisyWeights(bf16, 0.01)):
