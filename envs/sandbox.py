@@ -164,7 +164,10 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> Sand
             _read_capped(os.path.join(host_dir, name), limits.max_output_bytes)
             for name in STREAMS[1:]
         )
-    return SandboxResult(out, err, reply["exit_code"], reply["timed_out"], uid)
+    code_ = reply["exit_code"]
+    return SandboxResult(
+        out, err, code_ if isinstance(code_, int) else None, bool(reply["timed_out"]), uid
+    )
 
 
 class _Launcher:

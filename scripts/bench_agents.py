@@ -216,17 +216,25 @@ def main() -> None:
     table.add_row("sandbox p50 / p99 (ms)", f"{p50:.1f} / {p99:.1f}", "p50 ≤ 50")
     if "parity" in result:
         p = result["parity"]
-        table.add_row(f"reward_parity (guess, {p['rounds']} versions, {p['seeds']} seeds)",
-                      f"{p['reward_parity']:.2f} ± {p['reward_parity_ci95']:.2f}", "≥ 0.95")
+        table.add_row(
+            f"reward_parity (guess, {p['rounds']} versions, {p['seeds']} seeds)",
+            f"{p['reward_parity']:.2f} ± {p['reward_parity_ci95']:.2f}",
+            "≥ 0.95",
+        )
     console.print(table)
     if "parity" in result:
         runs = Table(title="the guessing game: reward before → after, network and centralized")
         for col in ("seed", "network", "centralized", "parity", "network s", "centralized s"):
             runs.add_column(col, justify="right")
         for r in result["parity"]["per_seed"]:
-            runs.add_row(str(r["seed"]), f"{r['network_before']:.3f} → {r['network_after']:.3f}",
-                         f"{r['central_before']:.3f} → {r['central_after']:.3f}",
-                         f"{r['parity']:.2f}", f"{r['network_s']:.0f}", f"{r['central_s']:.0f}")
+            runs.add_row(
+                str(r["seed"]),
+                f"{r['network_before']:.3f} → {r['network_after']:.3f}",
+                f"{r['central_before']:.3f} → {r['central_after']:.3f}",
+                f"{r['parity']:.2f}",
+                f"{r['network_s']:.0f}",
+                f"{r['central_s']:.0f}",
+            )
         console.print(runs)
     write_result(args.out, result)
 

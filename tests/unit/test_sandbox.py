@@ -151,9 +151,13 @@ def test_concurrent_runs_get_their_own_launchers_and_outputs() -> None:
 @needs_sandbox
 def test_launchers_exit_with_their_caller() -> None:
     """A caller that exits (however) leaves no launcher behind: it reads EOF and stops."""
+    script = (
+        "from envs.sandbox import run_python; import sys\n"
+        "print(run_python('print(1)').stdout, flush=True)\n"
+        "sys.stdin.read()"
+    )
     caller = subprocess.Popen(
-        [sys.executable, "-c", "from envs.sandbox import run_python; print(run_python('print(1)').stdout,"
-         " flush=True); import sys; sys.stdin.read()"],
+        [sys.executable, "-c", script],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert caller.stdout is not None and caller.stdout.readline() == "1\n"
