@@ -32,15 +32,17 @@ TINY_AGENT_MODEL = pytest.StashKey[Path]()
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Build the tiny model (~40 s on 2 cores, more on a shared CPU) once, after collection and
-    before the first test, when any selected test uses it: never inside a test's timeout."""
+    """Build the tiny model (~40 s on 2 cores, more on a shared CPU) after collection and
+    before the first test, when any selected test uses it: never inside a test's timeout. It is
+    cached where ``bazaar up`` keeps it (``$BAZAAR_HOME/models``, named by a hash of its code and
+    settings), so later sessions and the demo reuse it."""
     uses = [set(getattr(item, "fixturenames", ())) for item in items]
     agent = any("tiny_agent_model" in names for names in uses)
     if agent or any("tiny_model" in names for names in uses):
         from node.model.tiny import ensure_tiny_model
+        from protocol.service.config import data_dir
 
-        data = config._tmp_path_factory.mktemp("data")  # type: ignore[attr-defined]
-        config.stash[TINY_MODEL] = ensure_tiny_model(data)
+        config.stash[TINY_MODEL] = ensure_tiny_model(data_dir())
     if agent:  # the slow tier's: ~15 min more on 2 cores
         from node.model.tiny_agent import ensure_tiny_agent_model
 

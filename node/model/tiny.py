@@ -47,12 +47,30 @@ class TinySpec:
     heads: int = 4
     kv_heads: int = 2
     intermediate_size: int = 384
-    max_positions: int = 256
+    max_positions: int = 1024
+    """Context: room for tool declarations and a few turns of an episode."""
     batch_size: int = 64
     lr: float = 1e-3
 
     def cache_name(self) -> str:
-        return f"tiny-v1-seed{self.seed}-acc{self.target_accuracy:g}"
+        """``tiny-seed<seed>-<hash>``: the hash of these settings, of the code that builds the
+        model (this module, the environment it warm-starts on) and of the torch and
+        transformers versions, so a change to any of them builds a new model rather than
+        reuse a stale one, and every user of the cache (tests, ``bazaar up``) shares one."""
+        import dataclasses
+        import hashlib
+
+        import torch
+        import transformers
+
+        from envs import base
+        from envs.builtin import arith, reverse
+
+        h = hashlib.sha256(repr(dataclasses.astuple(self)).encode())
+        for module in (__file__, base.__file__, arith.__file__, reverse.__file__):
+            h.update(Path(module).read_bytes())
+        h.update(f"{torch.__version__} {transformers.__version__}".encode())
+        return f"tiny-seed{self.seed}-{h.hexdigest()[:12]}"
 
 
 def build_tokenizer() -> Any:
