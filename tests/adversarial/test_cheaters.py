@@ -42,9 +42,11 @@ from verification.checks import (
     Outcome,
     UncalibratedPair,
     load_thresholds,
+    replaced_limit,
     thresholds_for,
     verify_payload,
 )
+from verification.rollouts import count_tokens
 
 ENV = load_environment("arith", digits=2)
 
@@ -300,23 +302,40 @@ def test_lease_statistics_catch_cheats_every_token_hides(
 ) -> None:
     """Per-token limits as loose as a noisy profile's let each token of a subtle cheat
     through; over the lease, the average logprob gap and the share of tokens that are not the
-    seeded pick do not — while honest work stays far inside both."""
+    seeded pick do not — while honest work of the same lease stays far inside both.
+
+    How often a runner-up is close depends on how sure the model is (a tiny model trained on
+    another CPU is surer or less so), so that cheat is judged on the first lease where it
+    changed more samples than honest rounding may: each changed sample holds at least one token
+    off the seeded pick."""
     loose = dataclasses.replace(load_thresholds("fp32"), max_margin=10.0, max_logprob_diff=10.0)
     env = load_environment("arith", digits=2)
-    for n, producer in enumerate((Producer(real, real.tokenizer), cheat(real, real.tokenizer))):
-        lease_ = msgspec.structs.replace(lease(20 + n, lease_id=f"subtle-{n}"), env_seed=7)
-        payload = producer.produce(env, lease_)
-        outcome = verify_payload(
+
+    def verify(lease_: Lease, payload: RolloutPayload) -> Outcome:
+        return verify_payload(
             lease_, payload, ENV, real.tokenizer, real.eos_ids, real.base.config.vocab_size,
             real.prefill_batch, loose,
         )  # fmt: skip
-        if n == 0:
-            assert outcome.passed, outcome
-            assert outcome.stats["mean_logprob_diff"] < 1e-4
-            assert outcome.stats["replaced_fraction"] == 0
-        else:
-            assert (outcome.passed, outcome.failed_check) == (False, check)
-            assert says in outcome.detail, outcome.detail
+
+    for n in range(20, 28):
+        lease_ = msgspec.structs.replace(lease(n, lease_id=f"subtle-{n}"), env_seed=7)
+        honest = Producer(real, real.tokenizer).produce(env, lease_)
+        outcome = verify(lease_, honest)
+        assert outcome.passed, outcome
+        assert outcome.stats["mean_logprob_diff"] < 1e-4
+        assert outcome.stats["replaced_fraction"] == 0
+        payload = cheat(real, real.tokenizer).produce(env, lease_)
+        changed = sum(
+            a.token_ids != b.token_ids for a, b in zip(honest.samples, payload.samples, strict=True)
+        )
+        honest_most = replaced_limit(count_tokens(honest), loose.replaced_rate)
+        if cheat is TakesCloseRunnerUps and changed <= honest_most:
+            continue  # too few close runner-ups on this lease to tell from honest rounding
+        outcome = verify(lease_, payload)
+        assert (outcome.passed, outcome.failed_check) == (False, check), outcome
+        assert says in outcome.detail, outcome.detail
+        return
+    pytest.fail("on 8 leases the cheat never changed more samples than honest rounding may")
 
 
 def test_a_producer_sampling_with_noisy_weights_fails_on_its_drift(tiny_model: Path) -> None:
