@@ -49,6 +49,11 @@ from typing import Any
 import docstring_parser
 import pydantic
 
+from protocol.chat import tools_prompt
+
+__all__ = ["Tool", "ToolCall", "ToolError", "Toolbox", "answer_calls", "parse_tool_calls",
+           "tools_prompt"]  # fmt: skip
+
 TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 """A call block; an unclosed block at the end of a reply counts (the model ran out of tokens
 or stopped early), and is answered as a call that does not parse."""
@@ -211,13 +216,3 @@ def answer_calls(toolbox: Toolbox, calls: list[ToolCall]) -> list[dict[str, str]
             )
         out.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
     return out
-
-
-def tools_prompt(schemas: list[dict[str, Any]]) -> str:
-    """The system prompt text that declares ``schemas`` to a chat template without native tool
-    support (the tiny model's, SmolLM2's): the tools as JSON and how to call them."""
-    listed = "\n".join(json.dumps(s["function"], separators=(",", ":")) for s in schemas)
-    return (
-        "You can call tools. Tools:\n<tools>\n" + listed + "\n</tools>\n"
-        'To call one, reply with <tool_call>{"name": NAME, "arguments": {...}}</tool_call>.'
-    )

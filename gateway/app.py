@@ -41,6 +41,7 @@ from gateway.budgets import Ledger
 from gateway.config import GatewayConfig
 from gateway.routing import Route, Router, TokenCounter
 from protocol.accounts import ApiKey, Bill, KeyStore
+from protocol.chat import render_call
 from protocol.service.api_errors import (
     APIError,
     RequestIdMiddleware,
@@ -204,6 +205,14 @@ def create_app(
         data = [model_card(m, router.base_of(m) or m) for m in router.models()]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, _: ApiKey = key_dep) -> dict[str, Any]:
+        base = router.base_of(model)
+        if base is None:
+            raise APIError(404, f"the model {model!r} does not exist or no node serves it",
+                           "model_not_found", "model")  # fmt: skip
+        return model_card(model, base)
+
     @app.get("/v1/usage")
     async def usage(key: ApiKey = key_dep) -> dict[str, Any]:
         await settler.drained(key.id)
@@ -219,6 +228,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request, body: ChatRequest, key: ApiKey = key_dep) -> Response:
+        body.check()  # refused here, before anything is reserved or routed
         return await proxy(request, key, body, "/v1/chat/completions", CHAT_DEFAULT_MAX_TOKENS)
 
     @app.post("/v1/completions", response_model=None)
@@ -279,9 +289,7 @@ def create_app(
         if status != 200:
             await meter.settle([], status)
             return JSONResponse(answer, status_code=status)
-        texts = [
-            c.get("message", {}).get("content") or c.get("text") or "" for c in answer["choices"]
-        ]
+        texts = [delivered(c) for c in answer["choices"]]
         answer["usage"] = await meter.settle(texts, 200)
         return Response(_json.encode(answer), media_type="application/json")
 
@@ -334,7 +342,14 @@ def create_app(
         route: Route, upstream: aiohttp.ClientResponse, meter: Meter
     ) -> AsyncIterator[bytes]:
         texts: dict[int, list[str]] = {}
+        calls: dict[int, dict[int, list[str]]] = {}
+        """Per choice, per tool call: its name, then its argument pieces."""
         status = CLIENT_CLOSED  # unless the stream ends
+
+        def sent() -> list[str]:
+            return [join_calls("".join(texts.get(i, [])), calls.get(i, {}))
+                    for i in sorted(texts.keys() | calls.keys())]  # fmt: skip
+
         try:
             if upstream.status != 200:
                 status = upstream.status
@@ -349,10 +364,17 @@ def create_app(
                     break
                 chunk = msgspec.json.decode(payload)
                 for c in chunk.get("choices", []):
-                    piece = (c.get("delta") or {}).get("content") or c.get("text") or ""
+                    delta = c.get("delta") or {}
+                    piece = delta.get("content") or c.get("text") or ""
                     texts.setdefault(c["index"], []).append(piece)
+                    for call in delta.get("tool_calls") or []:
+                        parts = calls.setdefault(c["index"], {}).setdefault(call["index"], [])
+                        fn = call.get("function") or {}
+                        if fn.get("name"):
+                            parts.insert(0, fn["name"])
+                        parts.append(fn.get("arguments") or "")
                 if chunk.get("usage") is not None:  # asked for: the gateway's own numbers
-                    chunk["usage"] = await meter.count(["".join(t) for t in texts.values()])
+                    chunk["usage"] = await meter.count(sent())
                 yield b"data: " + _json.encode(chunk) + b"\n\n"
             else:
                 raise aiohttp.ClientPayloadError("the node closed the stream before [DONE]")
@@ -369,11 +391,29 @@ def create_app(
             with anyio.CancelScope(shield=True):  # a disconnect still settles the bill
                 upstream.close()  # at once: a client that left stops the node's work too
                 router.in_flight[route.peer_id] -= 1
-                delivered = ["".join(t) for t in texts.values()]
-                await meter.settle(delivered, 200 if status == CLIENT_CLOSED else status,
+                await meter.settle(sent(), 200 if status == CLIENT_CLOSED else status,
                                    record_status=status)  # fmt: skip
 
     return app
+
+
+def delivered(choice: dict[str, Any]) -> str:
+    """The text a (non-streamed) choice delivered, as the model wrote it: its content, and each
+    tool call written back in the model's syntax (``protocol.chat.render_call``)."""
+    if "text" in choice:
+        return str(choice["text"] or "")
+    message = choice.get("message") or {}
+    blocks = [render_call(c["function"]["name"], c["function"]["arguments"])
+              for c in message.get("tool_calls") or []]  # fmt: skip
+    return "\n".join(([message["content"]] if message.get("content") else []) + blocks)
+
+
+def join_calls(content: str, calls: dict[int, list[str]]) -> str:
+    """A streamed choice's text: its content, then its calls (name, argument pieces) written
+    back as the model wrote them."""
+    blocks = [render_call(parts[0], "".join(parts[1:])) for _, parts in sorted(calls.items())
+              if parts]  # fmt: skip
+    return "\n".join(([content] if content else []) + blocks)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:

@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 import anyio
 
+from protocol.chat import template_messages
+
 log = logging.getLogger(__name__)
 
 
@@ -107,13 +109,11 @@ class TokenCounter:
         return self._loaded[model]
 
     def prompt(self, model: str, body: dict[str, Any]) -> int:
+        """The prompt's tokens as the model sees them: a chat's messages and tools rendered by
+        ``protocol.chat`` and the model's chat template, as the node renders them."""
         tok = self.tokenizer(model)
         if "messages" in body:
-            messages = [
-                {"role": "system" if m.get("role") == "developer" else m.get("role"),
-                 "content": m.get("content", "")}
-                for m in body["messages"]
-            ]  # fmt: skip
+            messages = template_messages(body["messages"], body.get("tools"))
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
         prompt = body.get("prompt", "")

@@ -1,13 +1,21 @@
 """Serving completions with the node's model: a request in, ``n`` choices out (model process).
 
-A ``CompletionJob`` is a chat (messages, rendered with the model's chat template) or a plain
-prompt. All ``n`` choices are generated in one batch with the same seeded sampler rollouts use;
-with ``seed`` set, choice ``i`` gets ``derive_seed(H(seed), i, 0)``, so the same request gives the
-same answer. Stop strings cut the text at their first occurrence (finish reason ``stop``), and
-the completion's token count is the tokens that text took, not what was generated past it.
+A ``CompletionJob`` is a chat (template messages, ``protocol/chat.py``) or a plain prompt. All
+``n`` choices are generated in one batch with the same seeded sampler rollouts use; with
+``seed`` set, choice ``i`` gets ``derive_seed(H(seed), i, 0)``, so the same request gives the
+same answer. A ``grammar`` (``protocol/grammar.py``) masks every choice's logits before each
+pick (``constrained.py``); ``top_logprobs`` asks for alternatives per token.
+
+Each choice is followed token by token (``Tracker``): its text is the decoded tokens, cut at the
+first stop string (finish reason ``stop``; the completion's tokens are those the text took, not
+what was generated past it). A streamed job (``stream``) hands out ``Delta``s as tokens arrive:
+text is released only once it is final — never the start of what may become a stop string, nor a
+character still waiting for the rest of its bytes — with the tokens that carried it.
 
 >>> cut_at_stop("12+3=15 and more", ["and", "more"])
 ('12+3=15 ', True)
+>>> held_back("the answer is 4 <", ["<end>"])
+1
 """
 
 from __future__ import annotations
@@ -15,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.model.backends import Sampling
+from node.model.backends import Cancelled, Sampling, Steering, Step
 from node.model.errors import ContextTooLong
 from verification.rollouts import prompt_ids
 from verification.sampling import derive_seed
@@ -35,9 +44,23 @@ class CompletionJob:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
+    grammar: str | None = None
+    """Every choice's grammar (llguidance's format), or None: free text."""
+    top_logprobs: int = 0
+    stream: bool = False
+    """Hand out ``Delta``s as tokens are generated (the worker streams them to the node)."""
 
     def with_adapter(self, adapter: str | None) -> CompletionJob:
         return dataclasses.replace(self, adapter=adapter)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token as a response shows it: its text, logprob and alternatives."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 @dataclass(frozen=True)
@@ -45,9 +68,22 @@ class Choice:
     text: str
     finish_reason: str
     token_ids: list[int]
-    logprobs: list[float]
-    tokens: list[str]
-    """Each token's text, for ``logprobs`` in the response."""
+    tokens: list[TokenInfo]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [t.logprob for t in self.tokens]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Newly final text of choice ``index`` and the tokens that carried it; ``finish_reason``
+    on a choice's last delta."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,13 +96,105 @@ class CompletionResult:
         return sum(len(c.token_ids) for c in self.choices)
 
 
+Streamed = list[Delta] | CompletionResult
+"""What a streamed completion yields: its deltas, step by step, then the whole result."""
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def run_completion(backend: Any, job: CompletionJob) -> CompletionResult:
+def held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class Tracker:
+    """One choice, token by token: its text, where a stop string cut it, what is released."""
+
+    def __init__(self, index: int, tok: Any, stop: list[str], eos_ids: set[int]) -> None:
+        self.index, self.tok, self.stop, self.eos_ids = index, tok, stop, eos_ids
+        self.ids: list[int] = []
+        self.infos: list[TokenInfo] = []
+        self.text = ""
+        self.stopped = False
+        self.released_tokens = 0
+        self.released_chars = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(ids, skip_special_tokens=True))
+
+    def add(self, step: Step) -> bool:
+        """Take the row's next token; True when the choice has ended (a stop string seen)."""
+        if self.stopped or step.token in self.eos_ids:  # the EOS is not part of the text
+            return self.stopped
+        self.ids.append(step.token)
+        piece = self._decode([step.token])
+        top = [(self._decode([t]), lp) for t, lp in step.top]
+        self.infos.append(TokenInfo(piece, step.logprob, top))
+        self.text, self.stopped = cut_at_stop(self._decode(self.ids), self.stop)
+        if self.stopped:  # keep the tokens the text took
+            k = next(
+                (k for k in range(len(self.ids) + 1)
+                 if len(self._decode(self.ids[:k])) >= len(self.text)),
+                len(self.ids),
+            )  # fmt: skip
+            self.ids, self.infos = self.ids[:k], self.infos[:k]
+            if self.infos:  # the stop string may begin inside the last token
+                last = self.text[len(self._decode(self.ids[:-1])) :]
+                self.infos[-1] = dataclasses.replace(self.infos[-1], text=last)
+        return self.stopped
+
+    def release(self, final: bool) -> Delta | None:
+        """The text that became final since the last release (all of it when ``final``)."""
+        if final:
+            end_tokens, end_chars = len(self.ids), len(self.text)
+        else:
+            safe = len(self.text) - held_back(self.text, self.stop)
+            end_tokens = self.released_tokens
+            for k in range(len(self.ids), self.released_tokens, -1):
+                decoded = self._decode(self.ids[:k])
+                if len(decoded) <= safe and not decoded.endswith("\ufffd"):
+                    end_tokens = k
+                    break
+            end_chars = len(self._decode(self.ids[:end_tokens])) if end_tokens else 0
+            end_chars = max(end_chars, self.released_chars)
+        if end_tokens == self.released_tokens and end_chars == self.released_chars:
+            return None
+        delta = Delta(
+            self.index,
+            self.text[self.released_chars : end_chars],
+            self.infos[self.released_tokens : end_tokens],
+        )
+        self.released_tokens, self.released_chars = end_tokens, end_chars
+        return delta
+
+
+def request_seeds(job: CompletionJob) -> list[int]:
+    if job.seed is None:
+        return [secrets.randbits(63) for _ in range(job.n)]
+    key = hashlib.sha256(f"bazaar/request-seed/{job.seed}".encode()).digest()
+    return [derive_seed(key, i, 0) for i in range(job.n)]
+
+
+def run_completion(
+    backend: Any,
+    job: CompletionJob,
+    send: Callable[[list[Delta]], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    grammars: Any = None,
+) -> CompletionResult:
+    """Generate ``job``'s choices; with ``send``, each step's released ``Delta``s go to it as
+    they become final. ``cancelled()`` true ends the generation (``Cancelled``). ``grammars``: the
+    model's ``constrained.Grammars``, needed when the job has a grammar."""
     tok = backend.tokenizer
     if job.messages is not None:
         ids = prompt_ids(tok, job.messages)
@@ -78,29 +206,31 @@ def run_completion(backend: Any, job: CompletionJob) -> CompletionResult:
             f"the prompt is {len(ids)} tokens and max_tokens is {job.max_tokens}: more than "
             f"the model's context of {limit} tokens"
         )
-    if job.seed is None:
-        seeds = [secrets.randbits(63) for _ in range(job.n)]
-    else:
-        key = hashlib.sha256(f"bazaar/request-seed/{job.seed}".encode()).digest()
-        seeds = [derive_seed(key, i, 0) for i in range(job.n)]
+    trackers = [Tracker(i, tok, job.stop, backend.eos_ids) for i in range(job.n)]
+
+    def on_step(steps: list[Step]) -> set[int]:
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"cancelled after {len(trackers[0].infos) + 1} tokens a choice")
+        ended = {s.row for s in steps if trackers[s.row].add(s)}
+        if send is not None:
+            deltas = [d for s in steps if (d := trackers[s.row].release(final=False))]
+            if deltas:
+                send(deltas)
+        return ended
+
+    constraints = None
+    if job.grammar is not None:
+        constraints = [grammars.row(job.grammar) for _ in range(job.n)]
+    steering = Steering(constraints, job.top_logprobs, on_step)
     sampling = Sampling(temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens)
-    choices = []
-    for g in backend.generate([ids] * job.n, seeds, sampling, job.adapter):
-        token_ids, logprobs = list(g.token_ids), list(g.logprobs)
-        if token_ids and token_ids[-1] in backend.eos_ids:  # the EOS is not part of the text
-            token_ids, logprobs = token_ids[:-1], logprobs[:-1]
-        text = tok.decode(token_ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, job.stop)
-        if stopped:  # keep the tokens the text took
-            k = next(
-                (k for k in range(len(token_ids) + 1)
-                 if len(tok.decode(token_ids[:k], skip_special_tokens=True)) >= len(text)),
-                len(token_ids),
-            )  # fmt: skip
-            token_ids, logprobs = token_ids[:k], logprobs[:k]
-        reason = "stop" if stopped or g.finish_reason == "stop" else "length"
-        pieces = [tok.decode([t], skip_special_tokens=True) for t in token_ids]
-        if stopped and pieces:  # the stop string may begin inside the last token
-            pieces[-1] = text[len("".join(pieces[:-1])) :]
-        choices.append(Choice(text, reason, token_ids, logprobs, pieces))
+    generations = backend.generate([ids] * job.n, request_seeds(job), sampling, job.adapter,
+                                   steering)  # fmt: skip
+    choices, last = [], []
+    for t, g in zip(trackers, generations, strict=True):
+        reason = "stop" if t.stopped or g.finish_reason == "stop" else "length"
+        choices.append(Choice(t.text, reason, t.ids, t.infos))
+        rest = t.release(final=True)
+        last.append(Delta(t.index, rest.text if rest else "", rest.tokens if rest else [], reason))
+    if send is not None:
+        send(last)
     return CompletionResult(len(ids), choices)

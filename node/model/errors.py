@@ -9,7 +9,8 @@ An exception of any other class in the child (a ``KeyError``, a torch error) arr
     ValueError
     └── ModelError           the model process could not do what was asked; the message says why
         ├── ContextTooLong   the prompt plus ``max_tokens`` does not fit the model's context
-        └── ModelGone        the model process exited before it answered
+        ├── ModelGone        the model process exited before it answered
+        └── Cancelled        the caller left: the request was skipped or its generation ended
 
 They are ``ValueError``s, so a role's "this node cannot serve that" stays one ``except
 ValueError`` (an environment or adapter it lacks, a model that cannot load).
@@ -44,7 +45,15 @@ class ModelGone(ModelError):
     code = "model_gone"
 
 
-ERRORS: dict[str, type[ModelError]] = {e.code: e for e in (ModelError, ContextTooLong, ModelGone)}
+class Cancelled(ModelError):
+    """The caller left (its cancel flag, ``worker.py``): skipped, or ended at a token."""
+
+    code = "cancelled"
+
+
+ERRORS: dict[str, type[ModelError]] = {
+    e.code: e for e in (ModelError, ContextTooLong, ModelGone, Cancelled)
+}
 """Every error that crosses the pipe, by its code."""
 
 

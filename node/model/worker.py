@@ -12,29 +12,40 @@ out), pickled; nothing from a peer is ever unpickled. Every answer is ``("ok", v
 ``("error", Failure)``: what the child could not do (a model that cannot load, an environment or
 adapter the node lacks, a prompt too long for the context) comes back as its error's code and
 message, and the node raises that error's class (``errors.py``: a ``ModelError``, a
-``ValueError``). The child exits when the node closes the pipe or dies.
+``ValueError``). A streamed completion sends ``("part", deltas)`` messages before its answer,
+one per decoding step that released text. The child exits when the node closes the pipe or dies.
+
+**Cancelling.** Every request has a slot in an array of flags shared with the child; a caller
+that stops waiting (a client that went away) raises its flag, and the child skips the request if
+it has not begun it, or ends its generation at the next token (``Cancelled``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import logging
+import math
 import multiprocessing
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from node.model.completions import CompletionJob, CompletionResult
-from node.model.errors import Failure, ModelError, ModelGone
+from node.model.completions import CompletionJob, CompletionResult, Streamed
+from node.model.errors import Cancelled, Failure, ModelError, ModelGone
 from protocol.leases import Lease
 from protocol.rollouts import ComputeProfile, RolloutPayload
 from verification.checks import Outcome
 
 log = logging.getLogger(__name__)
+SLOTS = 4096
+"""Cancel flags shared with the child, one per request in flight (request number mod SLOTS)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,12 @@ class ModelWorker:
         """The dtypes it can check payloads of (``_Child.checkable``), once it is loaded."""
         self._conn: Any = None
         self._proc: Any = None
+        self._flags: Any = None
+        self._numbers = itertools.count()
+        self.cancelled_total = 0
+        self.cancelled: list[str] = []
+        """What the child said of each request it skipped or stopped for a caller that left
+        (``Cancelled``'s message: how far it had got), the latest 100."""
         self._send_lock = trio.Lock()  # FIFO: answers come back in the order requests went out
         self._waiting: deque[trio.MemorySendChannel[tuple[str, Any]]] = deque()
         self._start_lock = trio.Lock()
@@ -105,7 +122,8 @@ class ModelWorker:
         """Start the child and load the model in it; ``ModelError`` if it cannot."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.spec), daemon=True)
+        self._flags = ctx.Array("b", SLOTS, lock=False)
+        self._proc = ctx.Process(target=_serve, args=(child, self.spec, self._flags), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
@@ -126,6 +144,15 @@ class ModelWorker:
         another ``ModelError`` if it cannot be served."""
         result: CompletionResult = await self._call("complete", job)
         return result
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[Streamed]:
+        """Serve one request token by token: lists of ``Delta`` as the child releases them
+        (the last list ends every choice), then the ``CompletionResult``. Leaving the loop
+        early cancels the generation."""
+        exchange = self._exchange("complete", dataclasses.replace(job, stream=True), streamed=True)
+        async with contextlib.aclosing(exchange) as parts:
+            async for _, value in parts:
+                yield value
 
     async def verify(
         self,
@@ -172,14 +199,40 @@ class ModelWorker:
         return list(self._adapters)
 
     async def _call(self, op: str, *args: Any) -> Any:
-        answer_send, answer_receive = trio.open_memory_channel[tuple[str, Any]](1)
+        async with contextlib.aclosing(self._exchange(op, *args)) as answers:
+            async for _, value in answers:
+                return value
+        raise AssertionError("unreachable: an exchange ends with its answer")
+
+    async def _exchange(
+        self, op: str, *args: Any, streamed: bool = False
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Send a request; yield its ``("part", value)`` messages, then ``("ok", answer)``;
+        raise the child's error. A caller that stops early raises the request's cancel flag."""
+        number = next(self._numbers)
+        slot = number % SLOTS
+        answer_send, answer_receive = trio.open_memory_channel[tuple[str, Any]](
+            math.inf if streamed else 1
+        )
         async with self._send_lock:
+            self._flags[slot] = 0
             self._waiting.append(answer_send)
-            await _in_thread(self._conn.send, (op, args))
-        status, value = await answer_receive.receive()
-        if status == "error":
-            raise value.error()
-        return value
+            await _in_thread(self._conn.send, (op, args, slot))
+        done = False
+        try:
+            while True:
+                status, value = await answer_receive.receive()
+                if status == "error":
+                    done = True
+                    raise value.error()
+                done = status == "ok"
+                yield status, value
+                if done:
+                    return
+        finally:
+            if not done:  # the caller left: the child skips or stops this request
+                self._flags[slot] = 1
+            answer_receive.close()
 
     async def _read_answers(self) -> None:
         while True:
@@ -188,9 +241,15 @@ class ModelWorker:
             except (EOFError, OSError) as e:
                 while self._waiting:
                     gone = Failure.of(ModelGone(f"model process gone ({e})"))
-                    self._waiting.popleft().send_nowait(("error", gone))
+                    _deliver(self._waiting.popleft(), ("error", gone))
                 return
-            self._waiting.popleft().send_nowait(answer)
+            if answer[0] == "part":
+                _deliver(self._waiting[0], answer)
+                continue
+            if answer[0] == "error" and answer[1].code == Cancelled.code:
+                self.cancelled = [*self.cancelled[-99:], answer[1].message]
+                self.cancelled_total += 1
+            _deliver(self._waiting.popleft(), answer)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -201,21 +260,30 @@ class ModelWorker:
                 self._proc.kill()
 
 
+def _deliver(channel: trio.MemorySendChannel[tuple[str, Any]], message: tuple[str, Any]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):  # its caller left (flag raised)
+        channel.send_nowait(message)
+
+
 async def _in_thread(fn: Any, *args: Any) -> Any:
     """Block on the pipe in a worker thread (the GIL is released while it waits); on shutdown,
     stop waiting: the child is a daemon and goes with the node."""
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
-def _serve(conn: Any, spec: ModelSpec) -> None:
-    """The child: load on request, then produce payloads until the pipe closes."""
+def _serve(conn: Any, spec: ModelSpec, flags: Any) -> None:
+    """The child: load on request, then answer requests until the pipe closes."""
     worker = _Child(spec)
+    worker.send_part = lambda deltas: conn.send(("part", deltas))
     while True:
         try:
-            op, args = conn.recv()
+            op, args, slot = conn.recv()
         except (EOFError, OSError):
             return
+        worker.cancelled = lambda slot=slot: bool(flags[slot])
         try:
+            if worker.cancelled():
+                raise Cancelled("the request was cancelled before it began")
             conn.send(("ok", getattr(worker, op)(*args)))
         except Exception as e:  # every failure goes back to the node, typed
             conn.send(("error", Failure.of(e)))
@@ -228,6 +296,9 @@ class _Child:
         self.envs: dict[str, Any] = {}
         self.ref = ""
         self.adapter_paths: dict[str, str] = {}
+        self.send_part: Any = None
+        self.cancelled: Any = lambda: False
+        self._grammars: Any = None
         self.siblings: dict[str, Any] = {}
         """The model in another dtype, loaded when a payload declares it was made so: a
         verifier replays in the producer's dtype (a CPU verifier can compute in bf16)."""
@@ -315,7 +386,13 @@ class _Child:
     def complete(self, job: CompletionJob) -> CompletionResult:
         from node.model.completions import run_completion
 
-        return run_completion(self.backend, job)
+        if job.grammar is not None and self._grammars is None:
+            from node.model.constrained import Grammars
+
+            vocab = int(self.backend.base.config.vocab_size)
+            self._grammars = Grammars(self.backend.tokenizer, vocab, self.backend.eos_ids)
+        send = self.send_part if job.stream else None
+        return run_completion(self.backend, job, send, self.cancelled, self._grammars)
 
     def verify(
         self,

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from node.store.adapters import AdapterStore
 from protocol.accounts import KeyStore, open_database
 from tests.conftest import free_port
 from tests.integration.cluster import Cluster
+from tests.integration.served import Gateway, served_network
 from tests.lora import random_adapter
 from tests.wait import wait_until
 
@@ -24,46 +23,10 @@ pytestmark = pytest.mark.timeout(240)
 CHAT = [{"role": "user", "content": "What is 12 + 7?"}]
 
 
-@dataclass
-class Gateway:
-    url: str
-    keys: KeyStore
-    adapters: AdapterStore
-    """The serving node's adapter store."""
-    root: Path
-
-    def client(self, key: str, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Gateway]:
-    root = tmp_path_factory.mktemp("gateway")
-    cluster = Cluster(root, interval_s=1.0)
-    db = f"sqlite:///{root / 'gateway.db'}"
-    try:
-        cluster.start_coordinator()
-        store = AdapterStore(root / "home-server" / "adapters")
-        for version in (1, 2):  # two versions of a run's adapter, held by the node from the start
-            lora = random_adapter(tiny_model, root / f"lora{version}", version)
-            store.add_dir("demo", version, lora)
-        cluster.start_node("server", extra=["--serve", f"--model_cache={tiny_model.parent.parent}"])
-        port = free_port()
-        cluster.spawn("gateway", root / "gw-home", [
-            "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
-            "--db", db, f"--tokenizers.tiny={tiny_model}", "--refresh_s=0.5",
-            "--budget_hold_tokens=64", "--budget_idle_s=0.5",
-        ], env=cluster.gateway_env())  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            health = httpx.get(f"{url}/health", timeout=2).json()
-            return "tiny" in health["models"]
-
-        wait_until(ready, 90, what="the gateway routing to the serving node")
-        yield Gateway(url, KeyStore(open_database(db)), store, root)
-    finally:
-        cluster.stop_all()
+    with served_network(tmp_path_factory.mktemp("gateway"), tiny_model) as net:
+        yield net
 
 
 def test_chat_completions_and_usage_add_up(gateway: Gateway) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -46,7 +47,13 @@ def test_no_generated_request_gets_a_server_error(
     schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
-    assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/usage"} <= labels
+    assert {
+        "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/usage",
+        "GET /v1/models/{model}",
+    } <= labels  # fmt: skip
+    spec = httpx.get(f"{gateway.url}/openapi.json").json()
+    fields = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"tools", "tool_choice", "parallel_tool_calls", "response_format"} <= set(fields)
     headers = {"authorization": f"Bearer {api_key}"}
     calls: dict[str, list[int]] = {}
     for operation in operations:

@@ -142,3 +142,58 @@ def test_errors_cross_the_pipe_as_their_types(tiny_model: Path) -> None:
     assert seen["other"][0] is ModelError, seen["other"]  # type: ignore[index]
     assert seen["serves_on"] is True
     assert "model process gone" in str(seen["gone"])
+
+
+def test_a_streamed_request_arrives_token_by_token_and_a_caller_that_leaves_stops_it(
+    tiny_model: Path,
+) -> None:
+    """Deltas come as the child generates them (their text adds up to the whole answer,
+    which comes last; grammars keep the answers long enough to tell); leaving after the first
+    delta ends the generation in the model process long before its budget (a grammar that
+    demands 150 characters keeps it from ending sooner)."""
+    from contextlib import aclosing
+
+    from node.model.completions import CompletionResult
+    from protocol.grammar import schema_grammar
+
+    job = CompletionJob(prompt="12+7=", max_tokens=40, temperature=1.0, seed=4, n=2,
+                        grammar=schema_grammar({"type": "string", "minLength": 20}))  # fmt: skip
+    long = CompletionJob(
+        prompt="{", max_tokens=200, seed=1,
+        grammar=schema_grammar({"type": "string", "minLength": 150}),
+    )  # fmt: skip
+
+    async def main() -> dict[str, object]:
+        worker = ModelWorker(ModelSpec("tiny", str(tiny_model.parent.parent)))
+        seen: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            assert await worker.ensure_started(nursery)
+            parts: list[object] = []
+            async with aclosing(worker.stream(job)) as stream:
+                async for item in stream:
+                    parts.append(item)
+            seen["parts"], seen["whole"] = parts, await worker.complete(job)
+            async with aclosing(worker.stream(long)) as stream:
+                async for _ in stream:
+                    break  # the client went away after its first chunk
+            await await_until(lambda: worker.cancelled, 30)
+            seen["cancelled"] = worker.cancelled[-1]
+            seen["after"] = (await worker.complete(job)).choices[0].text  # still serving
+            worker.close()
+            nursery.cancel_scope.cancel()
+        return seen
+
+    seen = trio.run(main)
+    parts, whole = seen["parts"], seen["whole"]
+    assert isinstance(parts, list) and isinstance(parts[-1], CompletionResult)
+    assert isinstance(whole, CompletionResult) and parts[-1] == whole  # same seed, same answer
+    deltas = [d for batch in parts[:-1] for d in batch]
+    assert len(parts) > 10  # step by step, not one answer at the end
+    for i, choice in enumerate(whole.choices):
+        mine = [d for d in deltas if d.index == i]
+        assert "".join(d.text for d in mine) == choice.text
+        assert [t for d in mine for t in d.tokens] == choice.tokens
+        assert [d.finish_reason for d in mine][-1] == choice.finish_reason
+    tokens = int(str(seen["cancelled"]).split()[2])
+    assert tokens < 100, seen["cancelled"]
+    assert seen["after"] == whole.choices[0].text

@@ -8,10 +8,14 @@ base model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
+from node.model.errors import Cancelled
 from protocol.rollouts import ComputeProfile
+
+__all__ = ["Backend", "Cancelled", "FinishReason", "Generation", "Sampling", "Steering", "Step"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -22,6 +26,32 @@ class Generation:
     logprobs: list[float]
     """The sampled token's logprob under the distribution sampled from, per position."""
     finish_reason: FinishReason
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per position, the ``Steering.top_logprobs`` most likely tokens and their logprobs (under
+    the distribution sampled from); empty unless asked for."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row's token of one decoding step, as ``Steering.on_step`` sees it."""
+
+    row: int
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What a served request adds to plain sampling (rollouts use none of it)."""
+
+    constraints: list[Any] | None = None
+    """Per row, a ``node.model.constrained.Constraint`` (its token mask before each pick) or
+    None."""
+    top_logprobs: int = 0
+    on_step: Callable[[list[Step]], set[int]] | None = None
+    """Called after every step with the rows' new tokens; returns the rows to end now (a stop
+    string seen); raises ``Cancelled`` (``node.model.errors``) to end every row."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,7 @@ class Backend(Protocol):
         seeds: list[int],
         sampling: Sampling,
         adapter: str | None = None,
+        steering: Steering | None = None,
     ) -> list[Generation]: ...
 
     def prefill_logits(

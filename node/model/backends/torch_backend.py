@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from node.model.backends import Generation, Sampling
+from node.model.backends import Generation, Sampling, Steering, Step
 from node.model.batching import left_pad
 from protocol.rollouts import ComputeProfile, Dtype
-from verification.sampling import sample
+from verification.sampling import sample, sampling_logprobs
 
 DTYPES: dict[torch.dtype, Dtype] = {torch.float32: "fp32", torch.bfloat16: "bf16",
                                     torch.float16: "fp16"}  # fmt: skip
@@ -129,15 +129,20 @@ class TorchBackend:
         seeds: list[int],
         sampling: Sampling,
         adapter: str | None = None,
+        steering: Steering | None = None,
     ) -> list[Generation]:
+        """One generation per prompt, row ``i`` sampled with ``seeds[i]``; ``steering`` (served
+        requests): grammar masks before each pick, top logprobs, a callback per step."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        steer = steering or Steering()
         ids_B_W, mask_B_W = left_pad(prompts, self.tokenizer.pad_token_id)
         ids_B_W, mask_B_W = ids_B_W.to(self.device), mask_B_W.to(self.device)
         pos_B_W = (mask_B_W.cumsum(-1) - 1).clamp(min=0)
         seeds_B = torch.tensor(seeds, dtype=torch.int64)
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
         with self._select(adapter):
             out = self.model(
@@ -146,17 +151,30 @@ class TorchBackend:
             past, logits_B_V, pos_B = out.past_key_values, out.logits[:, -1, :], pos_B_W[:, -1]
             for step in range(sampling.max_tokens):
                 step_B = torch.full((len(prompts),), step, dtype=torch.int64)
+                logits_B_V = logits_B_V.cpu()
+                if steer.constraints:
+                    logits_B_V = self._masked(logits_B_V, steer.constraints, reasons)
                 tok_B, logp_B = sample(
-                    logits_B_V.cpu(), seeds_B, step_B, sampling.temperature, sampling.top_p
+                    logits_B_V, seeds_B, step_B, sampling.temperature, sampling.top_p
                 )
+                top_B = self._top(logits_B_V, sampling, steer.top_logprobs)
                 # one conversion per step: indexing tensors element by element costs more
                 # than the small model's forward pass at large batches
+                steps = []
                 for i, (tok, logp) in enumerate(zip(tok_B.tolist(), logp_B.tolist(), strict=True)):
                     if reasons[i] is None:
                         tokens[i].append(tok)
                         logprobs[i].append(logp)
+                        if top_B is not None:
+                            tops[i].append(top_B[i])
+                        steps.append(Step(i, tok, logp, top_B[i] if top_B is not None else []))
+                        if steer.constraints and steer.constraints[i] is not None:
+                            steer.constraints[i].advance(tok)
                         if tok in self.eos_ids and not sampling.ignore_eos:
                             reasons[i] = "stop"
+                if steer.on_step is not None:
+                    for i in steer.on_step(steps):
+                        reasons[i] = reasons[i] or "stop"
                 if all(r is not None for r in reasons) or step == sampling.max_tokens - 1:
                     break
                 next_B_1 = tok_B.view(-1, 1).to(self.device)
@@ -171,8 +189,35 @@ class TorchBackend:
                 )
                 past, logits_B_V = out.past_key_values, out.logits[:, -1, :]
         return [
-            Generation(t, lp, "stop" if r == "stop" else "length")
-            for t, lp, r in zip(tokens, logprobs, reasons, strict=True)
+            Generation(t, lp, "stop" if r == "stop" else "length", top)
+            for t, lp, r, top in zip(tokens, logprobs, reasons, tops, strict=True)
+        ]
+
+    @staticmethod
+    def _masked(
+        logits_B_V: torch.Tensor, constraints: list[Any], reasons: list[str | None]
+    ) -> torch.Tensor:
+        """Each constrained row's logits with the tokens its grammar forbids at -inf."""
+        rows = [i for i, c in enumerate(constraints) if c is not None and reasons[i] is None]
+        if not rows:
+            return logits_B_V
+        out = logits_B_V.to(torch.float32).clone()
+        for i in rows:
+            out[i] = constraints[i].mask(out[i])
+        return out
+
+    @staticmethod
+    def _top(
+        logits_B_V: torch.Tensor, sampling: Sampling, k: int
+    ) -> list[list[tuple[int, float]]] | None:
+        """Each row's ``k`` most likely tokens under the distribution sampled from."""
+        if k <= 0:
+            return None
+        logp_B_V = sampling_logprobs(logits_B_V, sampling.temperature, sampling.top_p)
+        values, ids = torch.topk(logp_B_V, min(k, logp_B_V.shape[-1]), dim=-1)
+        return [
+            [(t, v) for t, v in zip(row_ids, row_values, strict=True) if v > float("-inf")]
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
         ]
 
     @torch.no_grad()

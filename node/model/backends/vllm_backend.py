@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from node.model.backends import FinishReason, Generation, Sampling
+from node.model.backends import FinishReason, Generation, Sampling, Steering
 from protocol.rollouts import ComputeProfile
 from verification.sampling import sample
 
@@ -99,9 +99,15 @@ class VLLMBackend:
         seeds: list[int],
         sampling: Sampling,
         adapter: str | None = None,
+        steering: Steering | None = None,
     ) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt
 
+        if steering is not None and steering != Steering():
+            raise ValueError(
+                "grammars, top logprobs and token streaming are served by the torch backend"
+                " only (start the node with --backend torch)"
+            )
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         keys = [f"{id(self)}-{i}-{seed}" for i, seed in enumerate(seeds)]
