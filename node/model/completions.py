@@ -47,6 +47,7 @@ class CompletionJob:
     grammar: str | None = None
     """Every choice's grammar (llguidance's format), or None: free text."""
     top_logprobs: int = 0
+    ignore_eos: bool = False
     stream: bool = False
     """Hand out ``Delta``s as tokens are generated (the worker streams them to the node)."""
 
@@ -120,8 +121,13 @@ def held_back(text: str, stop: list[str]) -> int:
 class Tracker:
     """One choice, token by token: its text, where a stop string cut it, what is released."""
 
-    def __init__(self, index: int, tok: Any, stop: list[str], eos_ids: set[int]) -> None:
-        self.index, self.tok, self.stop, self.eos_ids = index, tok, stop, eos_ids
+    def __init__(
+        self, index: int, tok: Any, stop: list[str], eos_ids: set[int], ignore_eos: bool = False
+    ) -> None:
+        self.index, self.tok, self.stop = index, tok, stop
+        self.eos_ids = set() if ignore_eos else eos_ids
+        """An EOS ends the choice and is not part of it — unless the request ignores EOS: then
+        it is a token like any other (no text; counted in usage, as generated)."""
         self.ids: list[int] = []
         self.infos: list[TokenInfo] = []
         self.text = ""
@@ -206,7 +212,7 @@ def run_completion(
             f"the prompt is {len(ids)} tokens and max_tokens is {job.max_tokens}: more than "
             f"the model's context of {limit} tokens"
         )
-    trackers = [Tracker(i, tok, job.stop, backend.eos_ids) for i in range(job.n)]
+    trackers = [Tracker(i, tok, job.stop, backend.eos_ids, job.ignore_eos) for i in range(job.n)]
 
     def on_step(steps: list[Step]) -> set[int]:
         if cancelled is not None and cancelled():
@@ -222,7 +228,10 @@ def run_completion(
     if job.grammar is not None:
         constraints = [grammars.row(job.grammar) for _ in range(job.n)]
     steering = Steering(constraints, job.top_logprobs, on_step)
-    sampling = Sampling(temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens)
+    sampling = Sampling(
+        temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
+        ignore_eos=job.ignore_eos,
+    )  # fmt: skip
     generations = backend.generate([ids] * job.n, request_seeds(job), sampling, job.adapter,
                                    steering)  # fmt: skip
     choices, last = [], []

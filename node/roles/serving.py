@@ -190,6 +190,7 @@ def create_app(
             temperature=req.temperature, top_p=req.top_p, n=req.n, stop=req.stops(),
             seed=req.seed, grammar=request_grammar(req), stream=req.stream,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+            ignore_eos=req.ignore_eos,
         )  # fmt: skip
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         tools = req.choice() not in (None, "none")
@@ -215,7 +216,7 @@ def create_app(
         job = CompletionJob(
             prompt=prompt, max_tokens=req.max_tokens or 16, temperature=req.temperature,
             top_p=req.top_p, n=req.n, stop=req.stops(), seed=req.seed, stream=req.stream,
-            top_logprobs=req.logprobs or 0,
+            top_logprobs=req.logprobs or 0, ignore_eos=req.ignore_eos,
         )  # fmt: skip
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:

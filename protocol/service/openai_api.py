@@ -34,6 +34,9 @@ class OpenAIRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: generate ``max_tokens`` tokens, past the end of sequence (a grammar
+    still ends the answer where it completes). For benchmarks and load tests."""
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -193,6 +193,26 @@ def test_structured_outputs_fit_their_schema_streamed_or_not(
                 assert fits(c["message"]["content"], schema), c
 
 
+def test_ignore_eos_runs_to_max_tokens_but_a_grammar_still_ends_the_answer(
+    net: Gateway, client: openai.OpenAI
+) -> None:
+    """vLLM's ``ignore_eos`` extension (what load tests use): the node generates ``max_tokens``
+    tokens, unless a grammar completes first — then the answer ends there, and still fits. The
+    gateway bills the text it delivered (end-of-sequence tokens carry none), never more."""
+    for seed in range(3):
+        ask = dict(model="tiny", prompt="12+3=", max_tokens=40, seed=seed,
+                   extra_body={"ignore_eos": True})  # fmt: skip
+        node = net.direct().completions.create(**ask)  # type: ignore[call-overload]
+        via = client.completions.create(**ask)  # type: ignore[call-overload]
+        assert node.usage.completion_tokens == 40 and node.choices[0].finish_reason == "length"
+        assert via.choices[0].text == node.choices[0].text
+        assert via.usage.completion_tokens <= 40 and via.choices[0].finish_reason == "length"
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+        c = chat(client, model="tiny", messages=ASK, response_format=fmt, max_tokens=120,
+                 seed=seed, extra_body={"ignore_eos": True})["choices"][0]  # fmt: skip
+        assert c["finish_reason"] == "stop" and fits(c["message"]["content"], ANSWER_SCHEMA), c
+
+
 def test_auto_tool_choice_parses_what_the_model_writes(net: Gateway, client: openai.OpenAI) -> None:
     """``auto`` leaves the model free: a reply with a call block becomes ``tool_calls``, one
     without stays content, with ``finish_reason`` ``stop`` or ``length``."""

@@ -168,10 +168,13 @@ class TorchBackend:
                         if top_B is not None:
                             tops[i].append(top_B[i])
                         steps.append(Step(i, tok, logp, top_B[i] if top_B is not None else []))
-                        if steer.constraints and steer.constraints[i] is not None:
-                            steer.constraints[i].advance(tok)
+                        constraint = steer.constraints[i] if steer.constraints else None
+                        if constraint is not None:
+                            constraint.advance(tok)
                         if tok in self.eos_ids and not sampling.ignore_eos:
                             reasons[i] = "stop"
+                        elif constraint is not None and constraint.done:
+                            reasons[i] = "stop"  # the grammar is complete: nothing may follow
                 if steer.on_step is not None:
                     for i in steer.on_step(steps):
                         reasons[i] = reasons[i] or "stop"
