@@ -405,4 +405,7 @@ def keys_revoke(
 
 
 def main() -> None:
+    from protocol.service.parent import die_with_parent
+
+    die_with_parent()  # started by ``bazaar up``: stop when it does, however it goes
     app()

@@ -16,11 +16,15 @@ Ctrl+C at any point stops everything cleanly: every process gets SIGTERM, in ord
 (their goodbyes reach a live coordinator), the gateway (it gives its budget holds back), the
 coordinator (it flushes its database) — and is waited for; only what has not stopped within the
 grace period is killed. Every process runs in a session of its own, so the terminal's Ctrl+C
-reaches this process alone and the order holds.
+reaches this process alone and the order holds — and every process is tied to this one's life
+(``protocol/service/parent.py``), so that if this one dies without stopping them (SIGKILL, or
+Ctrl+C on ``bazaar up | tee log``, where ``tee`` goes first and output breaks), they stop too.
+Output that breaks while stopping does not stop the stopping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +42,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from protocol.service.parent import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SPEC = REPO / "examples" / "arith-tiny.toml"
@@ -78,7 +84,8 @@ class LocalNetwork:
         self, name: str, home: Path, args: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **(env or {}), "BAZAAR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), **child_env(), "BAZAAR_HOME": str(home),
+               "PYTHONUNBUFFERED": "1"}  # fmt: skip
         with open(self.logs / f"{name}.log", "ab") as log:
             p = subprocess.Popen([sys.executable, "-m", "bazaar", *args], env=env, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -135,27 +142,31 @@ class LocalNetwork:
         waits are bounded anyway."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.console.print()
+        self.say("\nstopping the network" + (" (interrupted)" * interrupted))
         order = [[(n, p) for n, p in self.procs if n.startswith("node-")],
                  [(n, p) for n, p in self.procs if n == "gateway"],
                  [(n, p) for n, p in self.procs if n == "coordinator"]]  # fmt: skip
-        with self.console.status("stopping the network" + (" (interrupted)" * interrupted)):
-            for group in order:
-                for _, p in group:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-                for _, p in group:
-                    try:
-                        p.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait(5)
+        for group in order:
+            for _, p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for _, p in group:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
         bad = {name: p.returncode for name, p in self.procs if p.returncode != 0}
         if bad:
-            self.console.print(f"[yellow]stopped; unclean exits: {bad}")
+            self.say(f"[yellow]stopped; unclean exits: {bad}")
         else:
-            self.console.print(f"stopped {len(self.procs)} processes cleanly")
+            self.say(f"stopped {len(self.procs)} processes cleanly")
         return not bad
+
+    def say(self, text: str) -> None:
+        """Print, unless the output is gone (a pipe whose reader died on the same Ctrl+C)."""
+        with contextlib.suppress(OSError):
+            self.console.print(text)
 
 
 def run_local_network(
@@ -178,6 +189,8 @@ def run_local_network(
     try:
         _demo(net, nodes, rounds, spec_path, model_cache or root)
     except KeyboardInterrupt:
+        interrupted = True
+    except BrokenPipeError:  # the output's reader went (``| tee`` on Ctrl+C): stop, quietly
         interrupted = True
     except Stop:
         pass

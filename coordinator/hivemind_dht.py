@@ -28,7 +28,9 @@ class DhtBootstrap:
         """Start the DHT peer; its multiaddrs (``RuntimeError`` if it cannot start)."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.host, self.port), daemon=False)
+        self._proc = ctx.Process(
+            target=_serve, args=(child, self.host, self.port, os.getpid()), daemon=False
+        )
         self._proc.start()
         child.close()
         self._conn = parent
@@ -53,7 +55,10 @@ class DhtBootstrap:
             self._proc = None
 
 
-def _serve(conn: Any, host: str, port: int) -> None:
+def _serve(conn: Any, host: str, port: int, coordinator: int) -> None:
+    from protocol.service.parent import die_with  # stdlib only: no py-libp2p here
+
+    die_with(coordinator)
     os.setpgrp()
     multiprocessing.set_start_method("fork", force=True)
     import hivemind

@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -41,6 +42,7 @@ from node.model.completions import CompletionJob, CompletionResult, Streamed
 from node.model.errors import Cancelled, Failure, ModelError, ModelGone
 from protocol.leases import Lease
 from protocol.rollouts import ComputeProfile, RolloutPayload
+from protocol.service.parent import die_with
 from verification.checks import Outcome
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,9 @@ class ModelWorker:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._flags = ctx.Array("b", SLOTS, lock=False)
-        self._proc = ctx.Process(target=_serve, args=(child, self.spec, self._flags), daemon=True)
+        self._proc = ctx.Process(
+            target=_serve, args=(child, self.spec, self._flags, os.getpid()), daemon=True
+        )
         self._proc.start()
         child.close()
         self._conn = parent
@@ -271,8 +275,10 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
-def _serve(conn: Any, spec: ModelSpec, flags: Any) -> None:
-    """The child: load on request, then answer requests until the pipe closes."""
+def _serve(conn: Any, spec: ModelSpec, flags: Any, node: int) -> None:
+    """The child: load on request, then answer requests until the pipe closes or the node
+    (process ``node``) dies."""
+    die_with(node)
     worker = _Child(spec)
     worker.send_part = lambda deltas: conn.send(("part", deltas))
     while True:

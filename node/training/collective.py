@@ -78,7 +78,7 @@ class Collective:
         parent, child = ctx.Pipe()
         # not a daemon: hivemind starts processes of its own; the child leaves when the pipe
         # closes, so it cannot outlive the node
-        self._proc = ctx.Process(target=_serve, args=(child, self.spec), daemon=False)
+        self._proc = ctx.Process(target=_serve, args=(child, self.spec, os.getpid()), daemon=False)
         self._proc.start()
         child.close()
         self._conn = parent
@@ -138,7 +138,10 @@ class Collective:
                 os.killpg(self._proc.pid, signal.SIGKILL)
 
 
-def _serve(conn: Any, spec: CollectiveSpec) -> None:
+def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
+    from protocol.service.parent import die_with  # stdlib only: no py-libp2p here
+
+    die_with(node)  # a node killed outright takes its averager along
     os.setpgrp()  # a group of its own, with hivemind's processes, for close() to end together
     multiprocessing.set_start_method("fork", force=True)  # hivemind's averager forks
     import hivemind

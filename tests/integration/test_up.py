@@ -116,3 +116,41 @@ def test_up_trains_deploys_serves_bills_and_stops_cleanly(home: Path, tiny_model
     coordinator_log = (logs / "coordinator.log").read_text()
     left = [line for line in coordinator_log.splitlines() if "-> left" in line]
     assert len(left) == 3, coordinator_log[-3000:]  # every node left at once, by goodbye
+
+
+@pytest.mark.parametrize("death", ["ctrl-c-with-its-output-gone", "sigkill"])
+def test_up_leaves_nothing_behind_however_it_dies(home: Path, tiny_model: Path, death: str) -> None:
+    """``bazaar up | tee log`` and Ctrl+C: ``tee`` dies first, and ``bazaar up``'s output breaks
+    as it stops — it must stop every process anyway. Killed outright (SIGKILL), it stops none:
+    each of its processes must notice and stop by itself."""
+    read, write = os.pipe()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "bazaar", "up", "--nodes", "2", "--rounds", "1000",
+         "--model-cache", str(tiny_model.parent.parent)],
+        cwd=REPO, env={**os.environ, "BAZAAR_HOME": str(home)}, stdout=write,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    os.close(write)
+    try:
+        seen = b""
+        with os.fdopen(read, "rb", buffering=0) as output:
+            while b"submitted" not in seen and up.poll() is None:
+                seen += output.read(4096) or b""
+            assert up.poll() is None, seen.decode()[-3000:]
+            family = psutil.Process(up.pid).children(recursive=True)
+            assert len(family) >= 4, family  # coordinator, gateway, 2 nodes (and their helpers)
+        # the pipe's reader is gone (``tee`` went first): whatever bazaar up writes next breaks
+        if death == "sigkill":
+            up.kill()
+        else:
+            up.send_signal(signal.SIGINT)
+        up.wait(90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    _, alive = psutil.wait_procs(family, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    if death != "sigkill":
+        logs = home / "local" / "logs"
+        for i in range(2):
+            assert "said goodbye" in (logs / f"node-{i}.log").read_text()
