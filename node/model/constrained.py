@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -41,14 +42,21 @@ class Constraint:
             raise ValueError(f"the grammar does not compile: {self.matcher.get_error()}")
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, grammars.vocab)
 
-    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
-        """``logits_V`` with every token the grammar does not allow next at -inf."""
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """Which of the ``vocab`` tokens the grammar allows next (bools)."""
         import llguidance.torch
 
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        masked = logits_V.to(torch.float32).clone().unsqueeze(0)
-        llguidance.torch.apply_token_bitmask_inplace(masked, self.bitmask)
-        return masked[0]
+        # the bitmask's 32-bit words, least significant bit first: unpacked here, because
+        # llguidance's apply_token_bitmask_inplace costs ~2.5 ms a row on CPU (a generic torch
+        # path), and this ~10 µs
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:vocab].astype(bool))
+
+    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """``logits_V`` with every token the grammar does not allow next at -inf."""
+        logits_V = logits_V.to(torch.float32)
+        return logits_V.masked_fill(~self.allowed(logits_V.shape[-1]), float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -204,10 +204,11 @@ class TorchBackend:
         rows = [i for i, c in enumerate(constraints) if c is not None and reasons[i] is None]
         if not rows:
             return logits_B_V
-        out = logits_B_V.to(torch.float32).clone()
+        vocab = logits_B_V.shape[-1]
+        allowed_B_V = torch.ones(logits_B_V.shape, dtype=torch.bool)
         for i in rows:
-            out[i] = constraints[i].mask(out[i])
-        return out
+            allowed_B_V[i] = constraints[i].allowed(vocab)
+        return logits_B_V.to(torch.float32).masked_fill(~allowed_B_V, float("-inf"))
 
     @staticmethod
     def _top(
