@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 PARENT_ENV = "BAZAAR_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -34,22 +36,31 @@ def child_env() -> dict[str, str]:
 
 def die_with_parent() -> bool:
     """Arrange SIGTERM for this process when the parent named in ``BAZAAR_PARENT_PID`` dies;
-    True if arranged. The variable is removed, so this process's own children do not take it
-    for theirs."""
+    True if arranged. The kernel's ``PR_SET_PDEATHSIG`` fires when the *thread* that started
+    this process ends, so only a starter that spawns from its main thread (``bazaar up`` does)
+    may set the variable. It is removed, so this process's own children do not take it."""
     wanted = os.environ.pop(PARENT_ENV, "")
-    return wanted.isdigit() and die_with(int(wanted))
-
-
-def die_with(parent: int) -> bool:
-    """SIGTERM for this process when ``parent`` (the pid of the process that started it) dies;
-    True if arranged. Helper processes (a node's model worker, the hivemind processes) call it
-    first thing with the pid their starter gave them: a node killed outright takes them along."""
-    if not sys.platform.startswith("linux"):
+    if not wanted.isdigit() or not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("cannot ask to die with the parent: %s", os.strerror(ctypes.get_errno()))
         return False
-    if os.getppid() != parent:  # the parent died before the request took hold
+    if os.getppid() != int(wanted):  # the parent died before the request took hold
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+def die_with(parent: int, every_s: float = 0.5) -> None:
+    """SIGTERM for this process within ``every_s`` of ``parent`` (the pid of the process that
+    started it) no longer being its parent. Helper processes (a node's model worker, the
+    hivemind processes) call it first thing: a node killed outright takes them along. Polled by
+    a daemon thread rather than asked of the kernel, because helpers are started from worker
+    threads, whose end would fire ``PR_SET_PDEATHSIG`` while the parent lives on."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
