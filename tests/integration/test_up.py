@@ -137,6 +137,9 @@ def test_up_leaves_nothing_behind_however_it_dies(home: Path, tiny_model: Path, 
             while b"submitted" not in seen and up.poll() is None:
                 seen += output.read(4096) or b""
             assert up.poll() is None, seen.decode()[-3000:]
+            logs = home / "local" / "logs"
+            wait_until(lambda: all("joined coordinator" in (logs / f"node-{i}.log").read_text()
+                                   for i in range(2)), 120, what="both nodes joined")  # fmt: skip
             family = psutil.Process(up.pid).children(recursive=True)
             assert len(family) >= 4, family  # coordinator, gateway, 2 nodes (and their helpers)
         # the pipe's reader is gone (``tee`` went first): whatever bazaar up writes next breaks
@@ -150,7 +153,6 @@ def test_up_leaves_nothing_behind_however_it_dies(home: Path, tiny_model: Path, 
             up.kill()
     _, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
-    if death != "sigkill":
-        logs = home / "local" / "logs"
+    if death != "sigkill":  # stopped in order: each node's goodbye reached the coordinator
         for i in range(2):
             assert "said goodbye" in (logs / f"node-{i}.log").read_text()
