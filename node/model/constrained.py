@@ -3,9 +3,9 @@ token mask per step by llguidance, applied to the logits before the seeded pick.
 
 ``Grammars(tokenizer, vocab, eos_ids)`` holds the tokenizer's llguidance view (built once per
 model: it walks the vocabulary); ``grammars.row(grammar)`` starts one row's ``Constraint``.
-Before each pick the backend asks the row's constraint to ``mask`` its logits (tokens the grammar
-does not allow go to -inf, so the logprob reported is that of the distribution sampled from);
-after it, ``advance`` feeds the picked token to the matcher. When the grammar is complete only
+Before each pick the backend asks each row's constraint which tokens it ``allowed`` and sets the
+others' logits to -inf (so the logprob reported is that of the distribution sampled from); after
+it, ``advance`` feeds the picked token to the matcher. When the grammar is complete only
 the end-of-sequence token is allowed, so the row ends there.
 """
 
@@ -52,11 +52,6 @@ class Constraint:
         # path), and this ~10 µs
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little")
         return torch.from_numpy(bits[:vocab].astype(bool))
-
-    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
-        """``logits_V`` with every token the grammar does not allow next at -inf."""
-        logits_V = logits_V.to(torch.float32)
-        return logits_V.masked_fill(~self.allowed(logits_V.shape[-1]), float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

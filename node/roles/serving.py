@@ -52,7 +52,6 @@ from node.roles.serving_auth import ServingDoor
 from node.store.adapters import AdapterStore, adapter_name
 from node.store.versions import VersionSync
 from protocol.chat import TOOL_CALL_OPEN
-from protocol.grammar import request_grammar
 from protocol.identity import public_key_from_peer_id
 from protocol.service.api_errors import (
     APIError,
@@ -183,12 +182,12 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request, req: ChatRequest) -> dict[str, Any] | StreamingResponse:
-        messages = req.check()
+        messages, grammar = req.check()
         job = CompletionJob(
             messages=messages,
             max_tokens=req.max_completion_tokens or req.max_tokens or MAX_DEFAULT_TOKENS,
             temperature=req.temperature, top_p=req.top_p, n=req.n, stop=req.stops(),
-            seed=req.seed, grammar=request_grammar(req), stream=req.stream,
+            seed=req.seed, grammar=grammar, stream=req.stream,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
             ignore_eos=req.ignore_eos,
         )  # fmt: skip

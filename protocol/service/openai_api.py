@@ -139,8 +139,9 @@ class ChatRequest(OpenAIRequest):
         except ChatError as e:
             raise APIError(400, str(e), "invalid_request", e.param) from None
 
-    def check(self) -> list[dict[str, str]]:
-        """Everything the schema cannot check (400s naming the field); the template messages."""
+    def check(self) -> tuple[list[dict[str, str]], str | None]:
+        """Everything the schema cannot check (400s naming the field); the template messages
+        and the grammar the answer decodes under (None: free), compiled once here."""
         from protocol.grammar import GrammarError, request_grammar
 
         messages = self.prompt_messages()
@@ -157,10 +158,10 @@ class ChatRequest(OpenAIRequest):
             raise APIError(400, "response_format json_schema needs its json_schema",
                            "invalid_request", "response_format.json_schema")  # fmt: skip
         try:
-            request_grammar(self)
+            grammar = request_grammar(self)
         except GrammarError as e:
             raise APIError(400, str(e), "invalid_request", e.param) from None
-        return messages
+        return messages, grammar
 
 
 class CompletionRequest(OpenAIRequest):

@@ -1,5 +1,6 @@
-"""The node's grammar mask (``node/model/constrained.py``) is llguidance's, computed faster:
-the same tokens allowed at every step of a constrained generation."""
+"""The node's grammar mask (``node/model/constrained.py``, applied by the torch backend) is
+llguidance's, computed faster: the same tokens allowed at every step of a constrained
+generation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import llguidance.torch
 import torch
 from transformers import AutoTokenizer
 
+from node.model.backends.torch_backend import TorchBackend
 from node.model.constrained import Grammars
 from protocol.grammar import schema_grammar, tool_call_grammar
 
@@ -25,7 +27,7 @@ def test_the_mask_is_llguidances_at_every_step(tiny_model: Path) -> None:
         generator = torch.Generator().manual_seed(0)
         for _ in range(60):
             logits = torch.randn(vocab, generator=generator)
-            masked = ours.mask(logits)
+            masked = TorchBackend._masked(logits.unsqueeze(0), [ours], [None])[0]
             llguidance.torch.fill_next_token_bitmask(theirs.matcher, theirs.bitmask, 0)
             reference = logits.clone().unsqueeze(0)
             llguidance.torch.apply_token_bitmask_inplace(reference, theirs.bitmask)
