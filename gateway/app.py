@@ -51,6 +51,7 @@ from protocol.service.api_errors import (
 from protocol.service.openai_api import ChatRequest, CompletionRequest, OpenAIRequest, model_card
 
 T = TypeVar("T")
+MAX_CHUNK_BYTES = 1 << 20
 CLIENT_CLOSED = 499
 """Status recorded for a request whose client went away (nginx's convention)."""
 _json = msgspec.json.Encoder()
@@ -356,30 +357,43 @@ def create_app(
                 yield b"data: " + await upstream.read() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
-            async for line in upstream.content:
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
+            pending, done = b"", False
+            async for data in upstream.content.iter_any():  # what arrived together leaves together
+                *lines, pending = (pending + data).split(b"\n")
+                if len(pending) > MAX_CHUNK_BYTES:
+                    raise aiohttp.ClientPayloadError("the node sent a chunk over 1 MiB")
+                out = []
+                for line in lines:
+                    if not line.startswith(b"data: "):
+                        continue
+                    payload = line[6:].strip()
+                    if done := payload == b"[DONE]":
+                        break
+                    chunk = msgspec.json.decode(payload)
+                    for c in chunk.get("choices", []):
+                        delta = c.get("delta") or {}
+                        piece = delta.get("content") or c.get("text") or ""
+                        texts.setdefault(c["index"], []).append(piece)
+                        for call in delta.get("tool_calls") or []:
+                            parts = calls.setdefault(c["index"], {}).setdefault(call["index"], [])
+                            fn = call.get("function") or {}
+                            if fn.get("name"):
+                                parts.insert(0, fn["name"])
+                            parts.append(fn.get("arguments") or "")
+                    if chunk.get("usage") is not None:  # asked for: the gateway's own numbers
+                        chunk["usage"] = await meter.count(sent())
+                        payload = _json.encode(chunk)
+                    out.append(b"data: " + payload + b"\n\n")
+                if out:
+                    yield b"".join(out)
+                if done:
                     break
-                chunk = msgspec.json.decode(payload)
-                for c in chunk.get("choices", []):
-                    delta = c.get("delta") or {}
-                    piece = delta.get("content") or c.get("text") or ""
-                    texts.setdefault(c["index"], []).append(piece)
-                    for call in delta.get("tool_calls") or []:
-                        parts = calls.setdefault(c["index"], {}).setdefault(call["index"], [])
-                        fn = call.get("function") or {}
-                        if fn.get("name"):
-                            parts.insert(0, fn["name"])
-                        parts.append(fn.get("arguments") or "")
-                if chunk.get("usage") is not None:  # asked for: the gateway's own numbers
-                    chunk["usage"] = await meter.count(sent())
-                yield b"data: " + _json.encode(chunk) + b"\n\n"
-            else:
+            if not done:
                 raise aiohttp.ClientPayloadError("the node closed the stream before [DONE]")
             status = 200
             yield b"data: [DONE]\n\n"
+            with anyio.move_on_after(1):  # the chunked body's end, so the connection is reused
+                await upstream.content.read()
         except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as e:
             status = 502
             log.warning("node %s failed mid-stream: %s", route.name, e)
@@ -389,7 +403,10 @@ def create_app(
             yield b"data: [DONE]\n\n"
         finally:
             with anyio.CancelScope(shield=True):  # a disconnect still settles the bill
-                upstream.close()  # at once: a client that left stops the node's work too
+                if upstream.content.is_eof():
+                    upstream.release()
+                else:  # at once: a client that left stops the node's work too
+                    upstream.close()
                 router.in_flight[route.peer_id] -= 1
                 await meter.settle(sent(), 200 if status == CLIENT_CLOSED else status,
                                    record_status=status)  # fmt: skip

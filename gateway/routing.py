@@ -114,8 +114,8 @@ class TokenCounter:
         tok = self.tokenizer(model)
         if "messages" in body:
             messages = template_messages(body["messages"], body.get("tools"))
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.text(model, text)  # as tokenize=True counts it, without the wrapper
         prompt = body.get("prompt", "")
         return self.text(model, prompt if isinstance(prompt, str) else "".join(prompt))
 
