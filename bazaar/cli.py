@@ -320,7 +320,7 @@ def up(
     nodes: Annotated[int, typer.Option(min=1, max=64, help="How many node processes.")] = 3,
     rounds: Annotated[
         int, typer.Option(min=1, max=10_000, help="Adapter versions the demo run trains.")
-    ] = 12,
+    ] = 60,
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl+C).")
     ] = None,

@@ -145,3 +145,29 @@ def evaluate(
             if progress:
                 progress(len(rewards))
     return [rewards[i * k : (i + 1) * k] for i in range(n)]
+
+
+def table(results: dict[str, Report], title: str) -> Any:
+    """A ``rich`` table of reports by model: ``avg@k`` and each ``pass@j`` with their 95 %
+    intervals, and for two models their difference (the second minus the first)."""
+    from rich.table import Table
+
+    threshold = next(iter(results.values())).threshold
+    out = Table(title=title, caption=f"pass: reward ≥ {threshold:g}; 95 % intervals")
+    k = next(iter(results.values())).k
+    ks = list(next(iter(results.values())).passes)
+    for col in ("model", f"avg@{k}", *[f"pass@{j}" for j in ks]):
+        out.add_column(col)
+
+    def cell(s: Summary) -> str:
+        return f"{s.mean:.3f} [{s.low:.3f}, {s.high:.3f}]"
+
+    for m, r in results.items():
+        out.add_row(m, cell(r.avg), *[cell(p) for p in r.passes.values()])
+    if len(results) == 2:
+        (_, a), (_, b) = results.items()
+        diffs = [(a.avg, b.avg), *[(a.passes[j], b.passes[j]) for j in ks]]
+        out.add_row("difference", *[f"{y.mean - x.mean:+.3f} ± "
+                                    f"{(x.ci95**2 + y.ci95**2) ** 0.5:.3f}"
+                                    for x, y in diffs])  # fmt: skip
+    return out

@@ -378,7 +378,7 @@ def evaluate_command(
     import openai
     from rich.progress import Progress
 
-    from bazaar.evaluate import evaluate, report
+    from bazaar.evaluate import evaluate, report, table
 
     try:
         args = json.loads(env_args)
@@ -420,23 +420,5 @@ def evaluate_command(
                                        for j, p in r.passes.items()}}
                           for m, r in results.items()}, indent=2))  # fmt: skip
         return
-    from rich.table import Table
-
     title = f"{env} {env_args if args else ''} — {n} examples × {k}, through {gateway_url}"
-    table = Table(title=title, caption=f"pass: reward ≥ {pass_threshold:g}; 95 % intervals")
-    ks = list(next(iter(results.values())).passes)
-    for col in ("model", f"avg@{k}", *[f"pass@{j}" for j in ks]):
-        table.add_column(col)
-
-    def cell(s: Any) -> str:
-        return f"{s.mean:.3f} [{s.low:.3f}, {s.high:.3f}]"
-
-    for m, r in results.items():
-        table.add_row(m, cell(r.avg), *[cell(p) for p in r.passes.values()])
-    if len(results) == 2:
-        (_, a), (_, b) = results.items()
-        diffs = [(a.avg, b.avg), *[(a.passes[j], b.passes[j]) for j in ks]]
-        table.add_row("difference", *[f"{y.mean - x.mean:+.3f} ± "
-                                      f"{(x.ci95**2 + y.ci95**2) ** 0.5:.3f}"
-                                      for x, y in diffs])  # fmt: skip
-    console.print(table)
+    console.print(table(results, title))

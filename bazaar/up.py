@@ -9,8 +9,10 @@ the demo researcher's API key once (kept in ``local/demo-key``, mode
 0600), submits the demo run (``examples/arith-tiny.toml``, stopped after ``--rounds`` versions)
 billed to it, and shows the run live: round, version, reward, tokens, nodes. When the run is
 done it deploys the adapter, asks the gateway for a chat completion from the base model and
-from the adapter, prints how to call it with curl and the ``openai`` client, and keeps serving
-until Ctrl+C (or ``--duration`` seconds after the start).
+from the adapter, evaluates both on 200 held-out examples through the gateway (the table of
+``bazaar eval --compare``; showcase and evaluation also go to ``local/demo-result.json``),
+prints how to call it with curl and the ``openai`` client, and keeps serving until Ctrl+C (or
+``--duration`` seconds after the start).
 
 Ctrl+C at any point stops everything cleanly: every process gets SIGTERM, in order — nodes
 (their goodbyes reach a live coordinator), the gateway (it gives its budget holds back), the
@@ -47,6 +49,8 @@ from protocol.service.parent import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SPEC = REPO / "examples" / "arith-tiny.toml"
+DEMO_EVAL_N = 200
+"""Examples ``bazaar up`` evaluates base and adapter on at the end of the demo."""
 STATUS_COLORS = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -398,15 +402,20 @@ def _serve_demo(
     question = str(example.prompt[-1]["content"])
     net.console.print(f"\n[bold]deployed {run_id} v{version}[/]; asking the gateway: "
                       f"{question!r} (answer {example.answer!r})", soft_wrap=True)  # fmt: skip
+    showcase: dict[str, Any] = {"question": question, "answer": example.answer}
     for model in (spec.base_model, run_id):
         done = client.chat.completions.create(
             model=model, messages=example.prompt,  # type: ignore[arg-type]
             max_tokens=spec.rl.max_tokens, temperature=0,
         )  # fmt: skip
-        reward = env.score(example, done.choices[0].message.content or "").reward
-        net.console.print(f"  chat completion from {model}: "
-                          f"{done.choices[0].message.content!r} (reward {reward:.2f})",
+        text = done.choices[0].message.content or ""
+        reward = env.score(example, text).reward
+        showcase[model] = {"text": text, "reward": reward}
+        net.console.print(f"  chat completion from {model}: {text!r} (reward {reward:.2f})",
                           soft_wrap=True, highlight=False)  # fmt: skip
+    evaluated = _compare(net, client, spec, run_id)
+    result = {"run": run_id, "version": version, "showcase": showcase, "eval": evaluated}
+    (net.root / "demo-result.json").write_text(json.dumps(result, indent=2) + "\n")
     key_file = net.root / "demo-key"
     body = json.dumps({"model": run_id, "messages": [{"role": "user", "content": question}],
                        "max_tokens": spec.rl.max_tokens})  # fmt: skip
@@ -427,6 +436,30 @@ Call it yourself (the demo key is in {key_file}):
     --max-tokens {spec.rl.max_tokens}
   bazaar ledger --coordinator-url {url}
 """, soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+
+
+def _compare(net: LocalNetwork, client: Any, spec: Any, run_id: str) -> dict[str, Any]:
+    """``bazaar eval --compare`` on the deployed adapter: the base model and the adapter answer
+    the same held-out examples with the same seeds, through the gateway, and the table shows
+    what the run bought with its 95 % interval. Returns each model's mean and interval."""
+    from rich.progress import Progress
+
+    from bazaar.evaluate import evaluate, report, table
+
+    results = {}
+    with Progress(console=net.console, transient=True) as progress:
+        for model in (spec.base_model, run_id):
+            task = progress.add_task(f"evaluating {model}", total=DEMO_EVAL_N)
+
+            def advance(done: int, task: Any = task) -> None:
+                progress.update(task, completed=done)
+
+            rewards = evaluate(client, spec.env.name, spec.env.args, model, DEMO_EVAL_N,
+                               max_tokens=spec.rl.max_tokens, progress=advance)  # fmt: skip
+            results[model] = report(rewards)
+    title = f"{spec.env.name} {json.dumps(spec.env.args)}: {DEMO_EVAL_N} held-out examples"
+    net.console.print(table(results, title))
+    return {m: {"n": r.avg.n, "mean": r.avg.mean, "ci95": r.avg.ci95} for m, r in results.items()}
 
 
 def _answers(url: str) -> bool:

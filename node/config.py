@@ -40,8 +40,10 @@ class NodeConfig(ConfigModel):
     """Torch device for the model: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` picks CUDA if present."""
     torch_threads: int = Field(0, ge=0, le=256)
     """CPU threads torch may use; 0 keeps torch's default (all cores)."""
-    max_prompts_per_lease: int = Field(8, ge=1, le=4096)
-    """Most examples to ask for in one lease (each is generated ``group_size`` times)."""
+    max_prompts_per_lease: int = Field(64, ge=1, le=4096)
+    """Most examples to ask for in one lease (each is generated ``group_size`` times); the run's
+    ``rl.prompts_per_lease`` decides below this. Lower it on a node whose memory cannot hold
+    that many sequences at once."""
     payload_max_bytes: int = Field(1 << 30, gt=0)
     """Size cap of the local rollout payload store; the oldest payloads leave first."""
     payload_retention_s: float = Field(6 * 3600.0, gt=0)
