@@ -131,9 +131,10 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.get("/v1/network/routes")
     async def routes(gateway: str = gateway_dep) -> dict[str, Any]:
         """For an admitted gateway: every live serving node (URL, models) with a serving token
-        for this gateway at that node."""
+        for this gateway at that node, and the fingerprint of each base model's tokenizer the
+        coordinator has (a gateway checks a node's tokenizer files against it)."""
         data = coord.gateways.routes(gateway, coord.membership.nodes.values())
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "tokenizers": coord.tokenizers.fingerprints()}
 
     @app.get("/v1/network/verdicts")
     async def verdicts() -> dict[str, Any]:

@@ -30,6 +30,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -68,6 +69,7 @@ class Tokenizers:
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
         self._loaded: dict[str, Any] = {}
+        self._fingerprints: dict[str, str] = {}
 
     def has(self, model: str) -> bool:
         return model in self.paths
@@ -78,8 +80,28 @@ class Tokenizers:
         if model not in self._loaded:
             from transformers import AutoTokenizer
 
-            self._loaded[model] = AutoTokenizer.from_pretrained(self.paths[model])
+            path = Path(self.paths[model])  # a model directory, or a GGUF file's tokenizer
+            gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+            self._loaded[model] = AutoTokenizer.from_pretrained(
+                str(path.parent if gguf else path), **gguf
+            )
         return self._loaded[model]
+
+    def fingerprints(self) -> dict[str, str]:
+        """Base model → the fingerprint of its tokenizer (``protocol.tokenizers``), which
+        gateways check a serving node's tokenizer files against: those computed so far."""
+        return dict(self._fingerprints)
+
+    def compute_fingerprints(self) -> None:
+        """Load every configured tokenizer and fingerprint it (slow — a GGUF file's tokenizer
+        takes seconds: in a thread, at start); one that cannot be loaded has none (logged)."""
+        from protocol.tokenizers import fingerprint
+
+        for model in self.paths:
+            try:
+                self._fingerprints[model] = fingerprint(self.get(model))
+            except (OSError, ValueError) as e:
+                log.warning("no fingerprint for %s's tokenizer: %s", model, e)
 
 
 class Recounter:

@@ -126,7 +126,7 @@ class Coordinator:
         self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
         self.rounds = Rounds(self.state, self.runs, self._keep_part)
-        tokenizers = Tokenizers(config.tokenizers)
+        self.tokenizers = tokenizers = Tokenizers(config.tokenizers)
         self.state.can_score = tokenizers.has
         self.payloads = PayloadStore(data_dir / "payloads", config.payloads_max_bytes,
                                      config.payloads_retention_s)  # fmt: skip
@@ -210,6 +210,7 @@ class Coordinator:
                 loops.start_soon(self.rollouts.expire_loop)
                 loops.start_soon(self.rounds.close_loop)
                 loops.start_soon(self.recounter.run, self._fetch_payload)
+                loops.start_soon(self._fingerprint_tokenizers)
                 loops.start_soon(self.auditing.keep_references, self._fetch_payload)
                 http.start_soon(serve_http, create_app(self), sock, http_stop)
                 log.info(
@@ -354,6 +355,11 @@ class Coordinator:
             return False
         self.payloads.put(frame)
         return True
+
+    async def _fingerprint_tokenizers(self) -> None:
+        """The configured tokenizers' fingerprints, for gateways (slow: a stop does not wait)."""
+        fingerprint = self.tokenizers.compute_fingerprints
+        await trio.to_thread.run_sync(fingerprint, abandon_on_cancel=True)  # type: ignore[call-arg]
 
     async def _fetch_payload(self, lease: LeaseState) -> bytes:
         """A rollout's payload frame, from its producer (for the coordinator's own count)."""

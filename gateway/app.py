@@ -248,7 +248,7 @@ def create_app(
                            "model_not_found", "model")  # fmt: skip
         try:  # adapters count with their base model's tokenizer
             if not counter.is_loaded(base):  # loading is slow: off the event loop, once
-                await anyio.to_thread.run_sync(counter.tokenizer, base)
+                await counter.ensure(base, router, state["session"])
             prompt = counter.prompt(base, raw)  # a tokenizer pass: cheaper than a thread hop
         except (OSError, ValueError) as e:
             raise APIError(

@@ -11,7 +11,11 @@
   before the first byte).
 - **Token counts** are the gateway's own, with each model's tokenizer (``transformers``): the
   prompt as the node renders it (chat template for messages) and each choice's text. A node's
-  reported usage is never used for billing.
+  reported usage is never used for billing. The tokenizer is the one configured for the model
+  (``--tokenizers.<model>``) or else fetched from a node that serves the model and kept only if
+  its fingerprint is the one the coordinator publishes with the routes
+  (``protocol/tokenizers.py``): no per-model flag is needed, and a node cannot pass off a
+  tokenizer that counts its answers short.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from protocol import tokenizers
 from protocol.chat import template_messages
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ class Router:
     refresh_s: float = 2.0
     routes: list[Route] = field(default_factory=list)
     in_flight: Counter[str] = field(default_factory=Counter)
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    """Base model → the fingerprint of its tokenizer, as the coordinator records it."""
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
         url = f"{self.coordinator_url}/v1/network/routes"
@@ -62,7 +69,9 @@ class Router:
                 raise NotAdmitted(f"the coordinator at {self.coordinator_url} does not admit this "
                                   f"gateway: {await resp.text()}")  # fmt: skip
             resp.raise_for_status()
-            nodes = (await resp.json())["data"]
+            body = await resp.json()
+            nodes = body["data"]
+        self.tokenizers = dict(body.get("tokenizers") or {})
         self.routes = [
             Route(n["peer_id"], n["name"], n["url"], tuple(n["models"]), n["token"]) for n in nodes
         ]
@@ -97,16 +106,54 @@ class TokenCounter:
     def __init__(self, tokenizers: dict[str, str]) -> None:
         self.paths = tokenizers
         self._loaded: dict[str, Any] = {}
+        self._locks: dict[str, anyio.Lock] = {}
 
     def is_loaded(self, model: str) -> bool:
         return model in self._loaded
 
     def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer: loaded, or from its configured path (slow: in a thread)."""
         if model not in self._loaded:
-            from transformers import AutoTokenizer
-
-            self._loaded[model] = AutoTokenizer.from_pretrained(self.paths.get(model, model))
+            if model not in self.paths:
+                raise OSError(f"no tokenizer configured or fetched for {model!r}")
+            self._loaded[model] = load_tokenizer(self.paths[model])
         return self._loaded[model]
+
+    async def ensure(self, model: str, router: Router, session: aiohttp.ClientSession) -> None:
+        """Make the model's tokenizer ready: the configured one, or one fetched from a node
+        serving the model whose fingerprint the coordinator records (``ValueError`` or
+        ``OSError`` saying why none could be had). One load at a time per model."""
+        async with self._locks.setdefault(model, anyio.Lock()):
+            if model in self._loaded:
+                return
+            if model in self.paths:
+                await anyio.to_thread.run_sync(self.tokenizer, model)
+                return
+            expected = router.tokenizers.get(model)
+            if expected is None:
+                raise ValueError(
+                    f"the coordinator records no tokenizer for it (not yet, or it was not "
+                    f"started with --tokenizers.{model}=PATH) and none is configured here"
+                )
+            why = []
+            for route in [r for r in router.routes if model in r.models]:
+                try:
+                    data = await fetch_tokenizer(session, route)
+                    tok = await anyio.to_thread.run_sync(checked_tokenizer, data, expected)
+                except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+                    why.append(f"{route.name}: {e}")
+                    continue
+                if tok is None:
+                    log.warning("node %s sent a tokenizer for %s that is not the one the "
+                                "coordinator records; refused", route.name, model)  # fmt: skip
+                    why.append(f"{route.name}: not the tokenizer the coordinator records")
+                    continue
+                self._loaded[model] = tok
+                log.info("counting %s with the tokenizer node %s sent (fingerprint %s)",
+                         model, route.name, expected[:16])  # fmt: skip
+                return
+            raise ValueError("no serving node sent the tokenizer the coordinator records"
+                             + (f" ({'; '.join(why)})" if why else ""))  # fmt: skip
 
     def prompt(self, model: str, body: dict[str, Any]) -> int:
         """The prompt's tokens as the model sees them: a chat's messages and tools rendered by
@@ -124,3 +171,39 @@ class TokenCounter:
         if (fast := getattr(tok, "backend_tokenizer", None)) is not None:  # skips the wrapper
             return len(fast.encode(text, add_special_tokens=False).ids)
         return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+async def fetch_tokenizer(session: aiohttp.ClientSession, route: Route) -> bytes:
+    """A serving node's packed tokenizer files (at most ``tokenizers.MAX_BYTES``)."""
+    headers = {"authorization": f"Bearer {route.token}"}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with session.get(f"{route.url}/v1/tokenizer", headers=headers, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
+        data = bytearray()
+        async for piece in resp.content.iter_chunked(1 << 16):
+            data += piece
+            if len(data) > tokenizers.MAX_BYTES:
+                raise ValueError(f"tokenizer files over {tokenizers.MAX_BYTES:,} bytes")
+        return bytes(data)
+
+
+def checked_tokenizer(data: bytes, expected: str) -> Any | None:
+    """The tokenizer in packed files if its fingerprint is ``expected``, else None."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(str(tokenizers.unpack(data, Path(tmp))))
+    return tok if tokenizers.fingerprint(tok) == expected else None
+
+
+def load_tokenizer(ref: str) -> Any:
+    """A model directory's tokenizer, or a GGUF file's (``--tokenizers.smollm2=FILE.gguf``)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(ref)
+    gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    return AutoTokenizer.from_pretrained(str(path.parent if gguf else path), **gguf)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from node.agent import NodeAgent
     from node.roles.base import Role
     from node.roles.inference import InferenceRole
+    from node.roles.serving import ServingRole
     from node.roles.trainer import TrainerRole
     from node.roles.verifier import VerifierRole
 
@@ -79,10 +80,12 @@ def start_node(
     producer: str = "",
     trainer_cls: type[TrainerRole] | None = None,
     verifier_cls: type[VerifierRole] | None = None,
+    serving_cls: type[ServingRole] | None = None,
 ) -> int:
     """Run a node until a signal. ``inference_cls`` replaces ``InferenceRole``,
-    ``trainer_cls`` ``TrainerRole``, ``verifier_cls`` ``VerifierRole``, ``producer`` the model
-    process's ``Producer`` (``module:Class``): tests build misbehaving nodes so."""
+    ``trainer_cls`` ``TrainerRole``, ``verifier_cls`` ``VerifierRole``, ``serving_cls``
+    ``ServingRole``, ``producer`` the model process's ``Producer`` (``module:Class``): tests
+    build misbehaving nodes so."""
     from node.agent import JoinRefused, NodeAgent
     from node.model.probe import probe_machine
 
@@ -93,7 +96,8 @@ def start_node(
         log.info("created identity %s in %s", identity.peer_id, data_dir)
     caps = probe_machine(config.roles)  # type: ignore[arg-type]
     agent = NodeAgent(config, identity, caps, addrs)
-    roles = _roles(config, data_dir, agent, inference_cls, producer, trainer_cls, verifier_cls)
+    roles = _roles(config, data_dir, agent, inference_cls, producer, trainer_cls, verifier_cls,
+                   serving_cls)  # fmt: skip
     if config.metrics_listen:
         from prometheus_client import start_http_server
 
@@ -123,6 +127,7 @@ def _roles(
     producer: str,
     trainer_cls: type[TrainerRole] | None = None,
     verifier_cls: type[VerifierRole] | None = None,
+    serving_cls: type[ServingRole] | None = None,
 ) -> list[Role]:
     """The node's roles, sharing one model process (inference, verifier, serving) and one
     adapter store with its shards (all of them)."""
@@ -162,8 +167,9 @@ def _roles(
         sock = bind_tcp(host, port)
         url = config.serve_url.rstrip("/") or f"http://{host}:{sock.getsockname()[1]}"
         # the coordinator learns the endpoint with the join; the gateway reads it from there
-        role = ServingRole(model, sock, config.model, versions.adapters, versions=versions,
-                           token_skew_s=config.serve_token_skew_s)  # fmt: skip
+        role = (serving_cls or ServingRole)(model, sock, config.model, versions.adapters,
+                                            versions=versions,
+                                            token_skew_s=config.serve_token_skew_s)  # fmt: skip
         agent.capabilities = msgspec.structs.replace(
             agent.capabilities, serving_url=url, serving_models=role.models()
         )

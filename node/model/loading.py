@@ -40,6 +40,20 @@ def resolve(ref: str, data_dir: Path) -> str:
     return ref
 
 
+def load_tokenizer(ref: str | Path) -> Any:
+    """The tokenizer of a model directory, a ``.gguf`` file (its embedded tokenizer, converted)
+    or a hub id; ``OSError`` if there is none. The coordinator and the gateway load theirs the
+    same way (``coordinator/recount.py``, ``gateway/routing.py``)."""
+    from transformers import AutoTokenizer
+
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OSError(f"no GGUF file at {path}")
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(ref))
+
+
 def load_pretrained(ref: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a directory, a hub id, or a ``.gguf`` file, in eval mode."""
     import torch

@@ -35,11 +35,12 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 import trio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -86,6 +87,11 @@ class Served(Protocol):
     def stream(self, model: str, job: CompletionJob) -> AsyncIterator[Streamed]:
         """``complete``, token by token: lists of ``Delta``, then the ``CompletionResult``
         (the same errors as ``complete``, before the first item)."""
+        ...
+
+    def tokenizer_files(self) -> bytes:
+        """The base model's tokenizer files, packed (``protocol.tokenizers``); slow the first
+        time (call in a thread)."""
         ...
 
 
@@ -137,6 +143,17 @@ def create_app(
             raise APIError(404, f"the model {model!r} does not exist here", "model_not_found",
                            "model")  # fmt: skip
         return model_card(model, models[0])
+
+    @app.get("/v1/tokenizer")
+    async def tokenizer() -> Response:
+        """The base model's tokenizer files, for a gateway to count tokens with: it checks
+        them against the fingerprint the coordinator records (``protocol.tokenizers``)."""
+        try:
+            files = await trio.to_thread.run_sync(served.tokenizer_files)
+        except (OSError, ValueError) as e:
+            raise APIError(503, f"this node cannot send its tokenizer: {e}",
+                           "tokenizer_unavailable") from None  # fmt: skip
+        return Response(files, media_type="application/msgpack")
 
     def unknown(req: OpenAIRequest) -> APIError:
         return APIError(404, f"the model {req.model!r} does not exist here",
@@ -450,9 +467,20 @@ class ServingRole(Role):
         self.versions = versions
         """The node's ``VersionSync``: a serving node follows new and deployed versions."""
         self._models = [base, *store.model_names()]
+        self._tokenizer_files: bytes | None = None
 
     def models(self) -> list[str]:
         return self._models
+
+    def tokenizer_files(self) -> bytes:
+        if self._tokenizer_files is None:
+            from node.model.loading import load_tokenizer, resolve
+            from protocol.tokenizers import pack_tokenizer
+
+            spec = self.model.spec
+            ref = resolve(spec.model, Path(spec.model_cache))
+            self._tokenizer_files = pack_tokenizer(load_tokenizer(ref))
+        return self._tokenizer_files
 
     async def complete(self, model: str, job: CompletionJob) -> CompletionResult:
         if model == self.base:

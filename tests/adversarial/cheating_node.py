@@ -3,8 +3,8 @@ swapped for a cheat named by ``BAZAAR_CHEAT``: a producer class of ``tests/adver
 cheaters.py`` (run in the node's model process; default ``InflatedLogprobs``); one of the roles
 of ``tests/adversarial/cheating_roles.py`` — ``WithholdsPayloads``, ``InflatesReceipts`` (alias
 ``ClaimsMoreTokens``), inference; ``LiesInReports``, ``PoisonsAdapter``, ``SkipsInnerSteps``,
-``TrainsOnRolloutsNotDealt``, ``ScalesItsPart``, trainer; or a verifier role of
-``tests/adversarial/lying_verifiers.py``. Everything else is the real node."""
+``TrainsOnRolloutsNotDealt``, ``ScalesItsPart``, trainer; ``ForgesTokenizer``, serving; or a
+verifier role of ``tests/adversarial/lying_verifiers.py``. Everything else is the real node."""
 
 from __future__ import annotations
 

@@ -6,15 +6,19 @@ and hivemind cannot share a process with py-libp2p."""
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from node.roles.inference import InferenceRole
+from node.roles.serving import ServingRole
 from node.roles.trainer import TrainerRole
 from protocol.adapters import RoundReport
 from protocol.leases import Lease
 from protocol.rollouts import ReceiptAck, RolloutPayload, RolloutReceipt
+from protocol.tokenizers import unpack
 
 if TYPE_CHECKING:  # the training package loads hivemind: never in a roles process
     from node.training.trainer import Trainer
@@ -116,6 +120,21 @@ class TampersAllReduce(TrainerRole):
         return total
 
 
+class ForgesTokenizer(ServingRole):
+    """Sends gateways a tokenizer of its own: the base model's with whole numbers and common
+    words added as single tokens, so its answers would be counted short."""
+
+    def tokenizer_files(self) -> bytes:
+        from node.model.loading import load_tokenizer
+        from protocol.tokenizers import pack_tokenizer
+
+        honest = super().tokenizer_files()
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = load_tokenizer(unpack(honest, Path(tmp)))
+        tok.add_tokens([str(n) for n in range(10, 200)] + ["the", " the", "and"])
+        return pack_tokenizer(tok)
+
+
 ClaimsMoreTokens = InflatesReceipts
 """Claims one token more than every payload holds (``BAZAAR_CHEAT_FROM`` unset: from the start)."""
 
@@ -123,5 +142,5 @@ ROLES = {"WithholdsPayloads": "inference_cls", "InflatesReceipts": "inference_cl
          "ClaimsMoreTokens": "inference_cls", "LiesInReports": "trainer_cls",
          "PoisonsAdapter": "trainer_cls", "SkipsInnerSteps": "trainer_cls",
          "TrainsOnRolloutsNotDealt": "trainer_cls", "ScalesItsPart": "trainer_cls",
-         "TampersAllReduce": "trainer_cls"}  # fmt: skip
+         "TampersAllReduce": "trainer_cls", "ForgesTokenizer": "serving_cls"}  # fmt: skip
 """Each cheat, and the ``start_node`` argument its class replaces."""
