@@ -12,8 +12,6 @@ import httpx
 import pytest
 
 from node.model.loading import load_tokenizer as load
-from protocol.accounts import KeyStore, open_database
-from tests.conftest import free_port
 from tests.integration.cluster import Cluster
 from tests.wait import wait_until
 
@@ -30,14 +28,7 @@ def test_the_gateway_takes_only_the_tokenizer_the_coordinator_records(
     cluster.start_node("forger", roles="inference", extra=serve,
                        module="tests.adversarial.cheating_node",
                        env={"BAZAAR_CHEAT": "ForgesTokenizer"})  # fmt: skip
-    db = f"sqlite:///{cluster.root / 'gateway.db'}"
-    port = free_port()
-    gateway = cluster.spawn("gateway", cluster.root / "gw-home", [
-        "gateway", "start", "--coordinator-url", cluster.url, "--listen", f"127.0.0.1:{port}",
-        "--db", db, "--refresh_s=0.5",
-    ], env=cluster.gateway_env())  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    key, _ = KeyStore(open_database(db)).create("app")
+    gateway, url, key = cluster.start_gateway()
     headers = {"authorization": f"Bearer {key}"}
     wait_until(lambda: "tiny" in httpx.get(f"{url}/health", timeout=2).json()["models"], 120,
                what="the gateway routing to the forging node")  # fmt: skip

@@ -189,6 +189,20 @@ class Cluster:
             self.gateway_secrets[name] = self.gateways().admit(name)[0]
         return self.gateway_secrets[name]
 
+    def start_gateway(self, extra: list[str] | None = None) -> tuple[Proc, str, str]:
+        """A gateway admitted as ``gateway``, with a database of its own: ``(process, URL,
+        API key)`` (a key made in that database for the caller)."""
+        from tests.conftest import free_port
+
+        db = f"sqlite:///{self.root / 'gateway.db'}"
+        port = free_port()
+        proc = self.spawn("gateway", self.root / "gw-home", [
+            "gateway", "start", "--coordinator-url", self.url, "--listen", f"127.0.0.1:{port}",
+            "--db", db, "--refresh_s=0.5", *(extra or []),
+        ], env=self.gateway_env())  # fmt: skip
+        key, _ = KeyStore(open_database(db)).create("app")
+        return proc, f"http://127.0.0.1:{port}", key
+
     def gateway_env(self, name: str = "gateway") -> dict[str, str]:
         """What a gateway process needs to be admitted: its secret in the environment."""
         return {"BAZAAR_GATEWAY_SECRET": self.admit_gateway(name)}
