@@ -40,6 +40,10 @@ class NodeConfig(ConfigModel):
     """Torch device for the model: ``cpu``, ``cuda``, ``cuda:N``; ``auto`` picks CUDA if present."""
     torch_threads: int = Field(0, ge=0, le=256)
     """CPU threads torch may use; 0 keeps torch's default (all cores)."""
+    preload: bool = False
+    """Load the model when the node starts, not when the first lease reaches it, so the first
+    lease's time is generation alone (the verifier and serving roles always load at start).
+    ``bazaar up`` turns it on."""
     max_prompts_per_lease: int = Field(64, ge=1, le=4096)
     """Most examples to ask for in one lease (each is generated ``group_size`` times); the run's
     ``rl.prompts_per_lease`` decides below this. Lower it on a node whose memory cannot hold

@@ -86,7 +86,8 @@ def network(
             home, ["--leases.round_leases=1", f"--leases.retry_after_s={retry_after_s}",
                    f"--tokenizers.tiny={tiny_model(cache)}"],
         )  # fmt: skip
-        net.start_nodes(nodes, maddr, cache, serve=False)
+        # loading models counts, as for the centralized loop: not before the run is submitted
+        net.start_nodes(nodes, maddr, cache, serve=False, preload=False)
 
         def alive() -> bool:
             data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]

@@ -110,6 +110,8 @@ class InferenceRole(Role):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.versions.follow)
+            if self.config.preload and not await self.model.ensure_started(nursery):
+                return
             while True:
                 await slots.acquire()
                 lease = await self._next_lease()
