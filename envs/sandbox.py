@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 CLONE_NEWNS = 0x00020000
@@ -302,8 +303,38 @@ def _enter(uid: int, program: bytes, limits: Limits) -> None:
     os.setuid(uid)
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every process of the sandbox uid, the program's children included."""
+def _kill_uid(uid: int, patience_s: float = 5.0) -> None:
+    """Kill every process of the sandbox uid, the program's children included, and wait until
+    none is left: SIGKILL is not instant (a process exits when it is next scheduled), so on a
+    busy machine a child can still be running for a moment after the signal."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        _signal_uid(uid)
+        if not _processes_of(uid) or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Pids of the uid's processes that are not zombies (a zombie holds nothing but its pid)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:  # gone meanwhile
+            continue
+        owner = fields.get("Uid", "").split()[:1]  # real uid (the sandbox sets all alike)
+        zombie = fields.get("State", "").strip().startswith("Z")
+        if owner == [str(uid)] and not zombie:
+            out.append(int(entry))
+    return out
+
+
+def _signal_uid(uid: int) -> None:
+    """SIGKILL every process of the uid, from a helper that becomes the uid."""
     pid = os.fork()
     if pid == 0:  # a helper that becomes the uid: kill(-1) then reaches exactly its processes
         try:
