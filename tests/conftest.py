@@ -1,11 +1,17 @@
-"""Shared fixtures: a private data directory per test, and the repo root."""
+"""Shared fixtures: a private data directory per test, a local network of processes, the repo
+root."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.cluster import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,6 +21,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A coordinator and nodes as processes (started by the test), stopped after it."""
+    from tests.integration.cluster import Cluster
+
+    c = Cluster(tmp_path, interval_s=1.0)
+    yield c
+    c.stop_all()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from tests.integration.cluster import Cluster
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_cheaters_are_caught_confirmed_penalized_and_banned(

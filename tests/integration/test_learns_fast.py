@@ -8,7 +8,6 @@ several trainers, a verifier and a kill -9."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -21,13 +20,6 @@ from tests.integration.test_learning import rewards_by_version
 
 pytestmark = pytest.mark.timeout(240)
 VERSIONS = 20
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_the_demo_run_raises_the_reward_within_a_minute(cluster: Cluster, tiny_model: Path) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -35,13 +33,6 @@ from tests.integration.cluster import Cluster
 from tests.wait import await_until, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def _rejected(cluster: Cluster, reason: str) -> float:

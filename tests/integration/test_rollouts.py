@@ -10,7 +10,6 @@ killed while holding a lease loses it to another node when it expires.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +36,6 @@ from verification.rollouts import (
 )
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def node_args(tiny_model: Path) -> list[str]:

@@ -6,9 +6,6 @@ counts the prompt as the model's own tokenizer does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -23,13 +20,6 @@ pytestmark = [
         smollm2_path() is None, reason="SmolLM2 GGUF not installed: run scripts/setup-smollm2"
     ),
 ]
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, interval_s=1.0)
-    yield c
-    c.stop_all()
 
 
 def test_smollm2_answers_through_a_gateway_without_tokenizer_flags(cluster: Cluster) -> None:
