@@ -30,7 +30,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -44,6 +43,7 @@ from protocol.envelope import open_envelope
 from protocol.errors import DecodeError, ProtocolError
 from protocol.payload_store import PayloadStore
 from protocol.rollouts import RolloutPayload
+from protocol.tokenizers import pretrained_args
 from verification.rollouts import check_shape, count_tokens, score_rollouts
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,8 @@ class Tokenizers:
         if model not in self._loaded:
             from transformers import AutoTokenizer
 
-            path = Path(self.paths[model])  # a model directory, or a GGUF file's tokenizer
-            gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-            self._loaded[model] = AutoTokenizer.from_pretrained(
-                str(path.parent if gguf else path), **gguf
-            )
+            where, kwargs = pretrained_args(self.paths[model])  # a directory, or a GGUF file
+            self._loaded[model] = AutoTokenizer.from_pretrained(where, **kwargs)
         return self._loaded[model]
 
     def fingerprints(self) -> dict[str, str]:

@@ -200,10 +200,7 @@ def checked_tokenizer(data: bytes, expected: str) -> Any | None:
 
 def load_tokenizer(ref: str) -> Any:
     """A model directory's tokenizer, or a GGUF file's (``--tokenizers.smollm2=FILE.gguf``)."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    path = Path(ref)
-    gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    return AutoTokenizer.from_pretrained(str(path.parent if gguf else path), **gguf)
+    where, kwargs = tokenizers.pretrained_args(ref)
+    return AutoTokenizer.from_pretrained(where, **kwargs)

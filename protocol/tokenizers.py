@@ -51,6 +51,15 @@ def fingerprint(tok: Any) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def pretrained_args(ref: str | Path) -> tuple[str, dict[str, str]]:
+    """``from_pretrained``'s arguments for a model directory, a hub id or a ``.gguf`` file (read
+    from its folder, named by ``gguf_file``): how every process loads a tokenizer or a model."""
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(ref), {}
+
+
 def pack(model_dir: Path) -> bytes:
     """The tokenizer files of a model directory, as the serving endpoint sends them."""
     present = [name for name in FILES if (model_dir / name).is_file()]

