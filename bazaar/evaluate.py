@@ -147,6 +147,35 @@ def evaluate(
     return [rewards[i * k : (i + 1) * k] for i in range(n)]
 
 
+def evaluate_models(
+    client: Any,
+    console: Any,
+    env_name: str,
+    env_args: dict[str, Any],
+    models: list[str],
+    n: int,
+    *,
+    k: int = 1,
+    threshold: float = 1.0,
+    **kwargs: Any,
+) -> dict[str, Report]:
+    """``evaluate`` each model in turn (``kwargs``: its seed, temperature, max_tokens), with a
+    progress bar on the ``rich`` console; each model's ``report``."""
+    from rich.progress import Progress
+
+    results = {}
+    with Progress(console=console, transient=True) as progress:
+        for m in models:
+            task = progress.add_task(f"{m}: {n} examples × {k}", total=n * k)
+
+            def advance(done: int, task: Any = task) -> None:
+                progress.update(task, completed=done)
+
+            rewards = evaluate(client, env_name, env_args, m, n, k=k, progress=advance, **kwargs)
+            results[m] = report(rewards, threshold)
+    return results
+
+
 def table(results: dict[str, Report], title: str) -> Any:
     """A ``rich`` table of reports by model: ``avg@k`` and each ``pass@j`` with their 95 %
     intervals, and for two models their difference (the second minus the first)."""

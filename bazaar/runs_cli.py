@@ -376,9 +376,8 @@ def evaluate_command(
     episodes) and print avg@k and pass@k with 95 % confidence intervals (--compare: the base
     model beside the adapter)."""
     import openai
-    from rich.progress import Progress
 
-    from bazaar.evaluate import evaluate, report, table
+    from bazaar.evaluate import evaluate_models, table
 
     try:
         args = json.loads(env_args)
@@ -397,18 +396,9 @@ def evaluate_command(
         models = [base if model == "base" else model]
         if compare and model != "base":
             models.insert(0, base)
-        results = {}
-        with Progress(console=console, transient=True) as progress:
-            for m in models:
-                task = progress.add_task(f"{m}: {n} examples × {k}", total=n * k)
-
-                def advance(done: int, task: Any = task) -> None:
-                    progress.update(task, completed=done)
-
-                rewards = evaluate(client, env, args, m, n, k=k, seed=seed,
-                                   temperature=temperature, max_tokens=max_tokens,
-                                   progress=advance)  # fmt: skip
-                results[m] = report(rewards, pass_threshold)
+        results = evaluate_models(client, console, env, args, models, n, k=k,
+                                  threshold=pass_threshold, seed=seed, temperature=temperature,
+                                  max_tokens=max_tokens)  # fmt: skip
     except openai.APIError as e:
         raise _fail(f"the gateway refused: {e}") from None
     except ValueError as e:

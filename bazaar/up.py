@@ -445,21 +445,11 @@ def _compare(net: LocalNetwork, client: Any, spec: Any, run_id: str) -> dict[str
     """``bazaar eval --compare`` on the deployed adapter: the base model and the adapter answer
     the same held-out examples with the same seeds, through the gateway, and the table shows
     what the run bought with its 95 % interval. Returns each model's mean and interval."""
-    from rich.progress import Progress
+    from bazaar.evaluate import evaluate_models, table
 
-    from bazaar.evaluate import evaluate, report, table
-
-    results = {}
-    with Progress(console=net.console, transient=True) as progress:
-        for model in (spec.base_model, run_id):
-            task = progress.add_task(f"evaluating {model}", total=DEMO_EVAL_N)
-
-            def advance(done: int, task: Any = task) -> None:
-                progress.update(task, completed=done)
-
-            rewards = evaluate(client, spec.env.name, spec.env.args, model, DEMO_EVAL_N,
-                               max_tokens=spec.rl.max_tokens, progress=advance)  # fmt: skip
-            results[model] = report(rewards)
+    results = evaluate_models(client, net.console, spec.env.name, spec.env.args,
+                              [spec.base_model, run_id], DEMO_EVAL_N,
+                              max_tokens=spec.rl.max_tokens)  # fmt: skip
     title = f"{spec.env.name} {json.dumps(spec.env.args)}: {DEMO_EVAL_N} held-out examples"
     net.console.print(table(results, title))
     return {m: {"n": r.avg.n, "mean": r.avg.mean, "ci95": r.avg.ci95} for m, r in results.items()}

@@ -347,6 +347,17 @@ def create_app(
         """Per choice, per tool call: its name, then its argument pieces."""
         status = CLIENT_CLOSED  # unless the stream ends
 
+        def take(c: dict[str, Any]) -> None:
+            """Record what a chunk's choice delivered: its text, its tool calls' pieces."""
+            delta = c.get("delta") or {}
+            texts.setdefault(c["index"], []).append(delta.get("content") or c.get("text") or "")
+            for call in delta.get("tool_calls") or []:
+                parts = calls.setdefault(c["index"], {}).setdefault(call["index"], [])
+                fn = call.get("function") or {}
+                if fn.get("name"):
+                    parts.insert(0, fn["name"])
+                parts.append(fn.get("arguments") or "")
+
         def sent() -> list[str]:
             return [join_calls("".join(texts.get(i, [])), calls.get(i, {}))
                     for i in sorted(texts.keys() | calls.keys())]  # fmt: skip
@@ -371,15 +382,7 @@ def create_app(
                         break
                     chunk = msgspec.json.decode(payload)
                     for c in chunk.get("choices", []):
-                        delta = c.get("delta") or {}
-                        piece = delta.get("content") or c.get("text") or ""
-                        texts.setdefault(c["index"], []).append(piece)
-                        for call in delta.get("tool_calls") or []:
-                            parts = calls.setdefault(c["index"], {}).setdefault(call["index"], [])
-                            fn = call.get("function") or {}
-                            if fn.get("name"):
-                                parts.insert(0, fn["name"])
-                            parts.append(fn.get("arguments") or "")
+                        take(c)
                     if chunk.get("usage") is not None:  # asked for: the gateway's own numbers
                         chunk["usage"] = await meter.count(sent())
                         payload = _json.encode(chunk)
