@@ -20,6 +20,7 @@ character still waiting for the rest of its bytes — with the tokens that carri
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import secrets
@@ -101,9 +102,10 @@ Streamed = list[Delta] | CompletionResult
 """What a streamed completion yields: its deltas, step by step, then the whole result."""
 
 
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+def cut_at_stop(text: str, stop: list[str], start: int = 0) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (none begins before ``start``), and whether one
+    was found."""
+    hits = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
@@ -119,7 +121,15 @@ def held_back(text: str, stop: list[str]) -> int:
 
 
 class Tracker:
-    """One choice, token by token: its text, where a stop string cut it, what is released."""
+    """One choice, token by token: its text, where a stop string cut it, what is released.
+
+    The text is decoded incrementally, as vLLM's detokenizer does: each step decodes only the
+    tokens since the last complete character (from one boundary further back, so a tokenizer
+    that drops a leading space at the start of a decode drops it on both sides of the
+    subtraction), never the whole choice again — a long answer costs linear time, not
+    quadratic. A boundary is a token count at which the decoded text does not end inside a
+    character (no trailing U+FFFD); text is released, and tokens are cut, only at boundaries.
+    """
 
     def __init__(
         self, index: int, tok: Any, stop: list[str], eos_ids: set[int], ignore_eos: bool = False
@@ -134,9 +144,21 @@ class Tracker:
         self.stopped = False
         self.released_tokens = 0
         self.released_chars = 0
+        self._decoded = ""  # the text of ids[: self._read]
+        self._prefix = self._read = 0
+        self._bounds = [0]  # token counts that end on a whole character, ascending
+        self._chars = [0]  # the decoded length at each of them
+        self._longest_stop = max((len(x) for x in stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tok.decode(ids, skip_special_tokens=True))
+
+    def _chars_at(self, k: int) -> int:
+        """len(decode(ids[:k])) — known at a boundary, decoded otherwise (a cut mid-character)."""
+        i = bisect.bisect_left(self._bounds, k)
+        if i < len(self._bounds) and self._bounds[i] == k:
+            return self._chars[i]
+        return len(self._decode(self.ids[:k]))
 
     def add(self, step: Step) -> bool:
         """Take the row's next token; True when the choice has ended (a stop string seen)."""
@@ -146,16 +168,24 @@ class Tracker:
         piece = self._decode([step.token])
         top = [(self._decode([t]), lp) for t, lp in step.top]
         self.infos.append(TokenInfo(piece, step.logprob, top))
-        self.text, self.stopped = cut_at_stop(self._decode(self.ids), self.stop)
-        if self.stopped:  # keep the tokens the text took
-            k = next(
-                (k for k in range(len(self.ids) + 1)
-                 if len(self._decode(self.ids[:k])) >= len(self.text)),
-                len(self.ids),
-            )  # fmt: skip
+        searched = max(0, len(self._decoded) - self._longest_stop)  # the new text is after
+        before = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if window.endswith("\ufffd"):  # inside a character: shown, not yet a boundary
+            text = self._decoded + window[len(before) :]
+        else:
+            self._decoded += window[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self._bounds.append(len(self.ids))
+            self._chars.append(len(self._decoded))
+            text = self._decoded
+        self.text, self.stopped = cut_at_stop(text, self.stop, searched)
+        if self.stopped:  # keep the tokens of the characters the text took
+            i = bisect.bisect_left(self._chars, len(self.text))
+            k = self._bounds[i] if i < len(self._bounds) else len(self.ids)
             self.ids, self.infos = self.ids[:k], self.infos[:k]
             if self.infos:  # the stop string may begin inside the last token
-                last = self.text[len(self._decode(self.ids[:-1])) :]
+                last = self.text[min(self._chars_at(k - 1), len(self.text)) :]
                 self.infos[-1] = dataclasses.replace(self.infos[-1], text=last)
         return self.stopped
 
@@ -164,15 +194,13 @@ class Tracker:
         if final:
             end_tokens, end_chars = len(self.ids), len(self.text)
         else:
-            safe = len(self.text) - held_back(self.text, self.stop)
-            end_tokens = self.released_tokens
-            for k in range(len(self.ids), self.released_tokens, -1):
-                decoded = self._decode(self.ids[:k])
-                if len(decoded) <= safe and not decoded.endswith("\ufffd"):
-                    end_tokens = k
-                    break
-            end_chars = len(self._decode(self.ids[:end_tokens])) if end_tokens else 0
-            end_chars = max(end_chars, self.released_chars)
+            whole = self.text[: self._chars[-1]]  # not a character still being decoded
+            safe = len(whole) - held_back(whole, self.stop)
+            i = bisect.bisect_right(self._chars, safe) - 1  # the last boundary within it
+            while i > 0 and self._bounds[i] > len(self.ids):  # cut off by a stop string
+                i -= 1
+            end_tokens = max(self._bounds[i], self.released_tokens)
+            end_chars = max(self._chars[i], self.released_chars)
         if end_tokens == self.released_tokens and end_chars == self.released_chars:
             return None
         delta = Delta(
