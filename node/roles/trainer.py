@@ -75,6 +75,17 @@ log = logging.getLogger(__name__)
 
 PENDING_LIMIT_S = 600.0
 """How long a trainer keeps handing in a manifest the round's other trainers have not signed."""
+GROUP_WAIT_MIN_S = 30.0
+
+
+def group_wait_s(own_s: float) -> float:
+    """How long a round's all-reduce waits for the group it was dealt to before this trainer
+    goes on alone: at least ``GROUP_WAIT_MIN_S``, and twice what this trainer's own round took
+    to get there (fetching, scoring, inner steps). Its partners do the same work from the same
+    deal, so one up to twice as slow (a busier machine, a bigger model on a CPU) is still
+    waited for; going alone too early makes each trainer sign its own manifest — a conflict,
+    and the round trained again, as slowly as before."""
+    return max(GROUP_WAIT_MIN_S, 2.0 * own_s)
 
 
 class TrainerRole(Role):
@@ -110,6 +121,7 @@ class TrainerRole(Role):
                 self.trainer.close()
 
     async def round(self, a: TrainAssignment) -> None:
+        started = trio.current_time()
         if self.trainer is None or self.built_for != (a.run_id, a.settings):
             if self.trainer is not None:  # a trainer trains one run at a time
                 await trio.to_thread.run_sync(self.trainer.close)
@@ -145,8 +157,9 @@ class TrainerRole(Role):
             await trio.sleep(1.0)
             return
         me = committed_part(self.agent.host.peer_id, digest)  # its name in the all-reduce
+        wait_s = group_wait_s(trio.current_time() - started)
         reduced = await trio.to_thread.run_sync(
-            self._reduce, trainer, part, f"{a.run_id}@{a.version}", a.group_size, me
+            self._reduce, trainer, part, f"{a.run_id}@{a.version}", a.group_size, me, wait_s
         )  # fmt: skip
         total = await self._vouch(a, trainer, part, reduced, me)
         if total is None:
@@ -291,9 +304,11 @@ class TrainerRole(Role):
         """The round's inner steps: this trainer's part (``Trainer.inner``)."""
         return trainer.inner(examples, steps)
 
-    def _reduce(self, trainer: Trainer, part: Any, tag: str, expected: int, me: str) -> Sum:
+    def _reduce(
+        self, trainer: Trainer, part: Any, tag: str, expected: int, me: str, wait_s: float
+    ) -> Sum:
         """The all-reduce of the round's parts (``Trainer.reduce``)."""
-        return trainer.reduce(part, tag, expected, me)
+        return trainer.reduce(part, tag, expected, me, wait_s)
 
     async def _vouch(
         self, a: TrainAssignment, trainer: Trainer, part: Any, total: Sum, me: str

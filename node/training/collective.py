@@ -18,7 +18,9 @@ processes; nothing from a peer is unpickled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import multiprocessing
@@ -90,14 +92,21 @@ class Collective:
         self.visible_addrs = value
 
     def average(
-        self, q: np.ndarray, tag: str = "", expected: int = 1, member: str = ""
+        self,
+        q: np.ndarray,
+        tag: str = "",
+        expected: int = 1,
+        member: str = "",
+        timeout_s: float | None = None,
     ) -> RoundResult:
         """All-reduce ``q`` with the peers averaging the same ``tag`` (the run and version);
-        wait up to ``patience_s`` for a group of ``expected`` before taking a smaller one.
+        wait up to ``patience_s`` for a group of ``expected`` before taking a smaller one, and
+        up to ``timeout_s`` (default ``round_timeout_s``) for any group before going alone.
         ``member``: this trainer's name in the group (gathered: every member learns every
         name), ``CollectiveSpec.member`` if empty."""
-        args = (q.astype(np.float32), tag, expected, member or self.spec.member)
-        result: RoundResult = self._ask("average", args)
+        timeout_s = self.spec.round_timeout_s if timeout_s is None else timeout_s
+        args = (q.astype(np.float32), tag, expected, member or self.spec.member, timeout_s)
+        result: RoundResult = self._ask("average", args, timeout_s + 30)
         return result
 
     def sent_bytes(self) -> int:
@@ -116,9 +125,9 @@ class Collective:
         loaded: tuple[dict[str, Any], list[np.ndarray]] | None = self._ask("load", timeout_s)
         return loaded
 
-    def _ask(self, op: str, arg: Any) -> Any:
+    def _ask(self, op: str, arg: Any, timeout_s: float | None = None) -> Any:
         self._conn.send((op, arg))
-        if not self._conn.poll(self.spec.round_timeout_s + 30):
+        if not self._conn.poll(timeout_s or self.spec.round_timeout_s + 30):
             raise RuntimeError("the hivemind process did not answer")
         status, value = self._conn.recv()
         if status != "ok":
@@ -195,16 +204,47 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
                     metadata, tensors = loaded
                     conn.send(("ok", (metadata, [t.numpy().copy() for t in tensors])))
             else:
-                array, tag, expected, member = q
+                array, tag, expected, member, timeout_s = q
+                rejoin = functools.partial(_rejoin, dht, spec.initial_peers)
                 conn.send(("ok", _round(averager, torch.from_numpy(array), tag, expected, spec,
-                                        member)))  # fmt: skip
+                                        member, timeout_s, rejoin)))  # fmt: skip
     finally:
         averager.shutdown()
         dht.shutdown()
 
 
+def _rejoin(dht: Any, maddrs: list[str]) -> None:
+    """Ping the DHT's bootstrap peers back into this node's routing table. hivemind drops a
+    peer from it at the first request the peer does not answer in time (a busy machine is
+    enough), and a trainer whose table has emptied never meets its group again: every round
+    "could not find a group", each trainer goes on alone, and their manifests conflict,
+    round after round. An incoming ping puts this node back into theirs too."""
+    if not maddrs:
+        return
+
+    async def ping(_: Any, node: Any) -> None:
+        from hivemind.p2p import PeerID
+        from multiaddr import Multiaddr
+
+        peers = {PeerID.from_base58(Multiaddr(m)["p2p"]) for m in maddrs}
+        await asyncio.wait_for(
+            asyncio.gather(*(node.protocol.call_ping(p) for p in peers), return_exceptions=True),
+            timeout=5,
+        )
+
+    with contextlib.suppress(Exception):  # a round without the ping still tries, as before
+        dht.run_coroutine(ping)
+
+
 def _round(
-    averager: Any, q: Any, tag: str, expected: int, spec: Any, member: str = ""
+    averager: Any,
+    q: Any,
+    tag: str,
+    expected: int,
+    spec: Any,
+    member: str = "",
+    timeout_s: float | None = None,
+    rejoin: Any = None,
 ) -> RoundResult:
     """One round's all-reduce. Peers meet under a key derived from the round's tag; each member
     also gathers its tag (run and version), the group size its round expects, and whether
@@ -214,13 +254,15 @@ def _round(
     from node.training.diloco import exact_sum
 
     started = time.monotonic()
-    deadline = started + spec.round_timeout_s
+    deadline = started + (spec.round_timeout_s if timeout_s is None else timeout_s)
     patient_until = started + spec.patience_s
     # matchmaking under a key of the round's own (hivemind's group bits), so peers of other
     # rounds are not even met; hivemind changes the bits after a group, so set them each time
     digest = hashlib.sha256(tag.encode()).digest()
     bits = format(int.from_bytes(digest[:2], "big"), "016b") if tag else ""
     while time.monotonic() < deadline:
+        if rejoin is not None:
+            rejoin()
         averager.set_group_bits(bits)
         with averager.get_tensors() as (tensor,):
             tensor.copy_(q)

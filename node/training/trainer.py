@@ -180,11 +180,19 @@ class Trainer:
         step from the global weights."""
         return self.apply(self.reduce(part, tag, expected, member), stats, next_version)
 
-    def reduce(self, part: torch.Tensor, tag: str = "", expected: int = 1, member: str = "") -> Sum:
-        """The sum of the group's parts (``finish``'s arguments), as the all-reduce gave it."""
+    def reduce(
+        self,
+        part: torch.Tensor,
+        tag: str = "",
+        expected: int = 1,
+        member: str = "",
+        timeout_s: float | None = None,
+    ) -> Sum:
+        """The sum of the group's parts (``finish``'s arguments), as the all-reduce gave it
+        (waiting up to ``timeout_s`` for a group: ``Collective.average``)."""
         if self.collective is None:
             return Sum(part.to(torch.int64), 1, ())
-        result = self.collective.average(part.numpy(), tag, expected, member)
+        result = self.collective.average(part.numpy(), tag, expected, member, timeout_s)
         integer_sum = torch.from_numpy(np.asarray(result.integer_sum)).to(torch.int64)
         return Sum(integer_sum, result.group_size, tuple(result.members))
 

@@ -110,11 +110,13 @@ class TampersAllReduce(TrainerRole):
     say in the version than its share, where a replay of its part finds nothing wrong) and
     signs the step the all-reduce gave, unchecked."""
 
-    def _reduce(self, trainer: Trainer, part: Any, tag: str, expected: int, me: str) -> Any:
+    def _reduce(
+        self, trainer: Trainer, part: Any, tag: str, expected: int, me: str, wait_s: float
+    ) -> Any:
         import torch
 
         levels = trainer.quantizer.levels
-        return trainer.reduce(torch.clamp(3 * part, -levels, levels), tag, expected, me)
+        return trainer.reduce(torch.clamp(3 * part, -levels, levels), tag, expected, me, wait_s)
 
     async def _vouch(self, a: Any, trainer: Trainer, part: Any, total: Any, me: str) -> Any:
         return total
