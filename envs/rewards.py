@@ -41,3 +41,11 @@ def last_integer(text: str) -> str | None:
     """The last integer in free text (how word-problem answers are read without tags)."""
     found = _LAST_INT.findall(text.replace(",", ""))
     return found[-1].lstrip("+") if found else None
+
+
+def final_number(completion: Completion, answer: str, parser: AnswerParser) -> float:
+    """1.0 when the tagged answer, or else the last integer in the text, equals the answer (how
+    a model that shows its working is read)."""
+    text = parser.text_of(completion)
+    got = parser.parse_answer(completion) if "<answer>" in text else last_integer(text)
+    return 1.0 if got is not None and got.strip() == answer else 0.0

@@ -1,4 +1,10 @@
-"""``arith``: multi-digit arithmetic, ``"37 + 48 ="`` → ``"85"``."""
+"""``arith``: multi-digit arithmetic, ``"37 + 48 ="`` → ``"85"``.
+
+Two phrasings. ``bare`` (the default, for the tiny model, which completes text): the prompt is
+the sum alone and the whole answer must be the number. ``question`` (for chat models, which
+answer in sentences): ``"What is 37 + 48?"``, read as gsm reads word problems (the tagged
+answer, or else the last integer), so the task is the sum, said plainly enough to be read.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import random
 from typing import Any
 
 from envs.base import Environment, Rubric
-from envs.rewards import digit_accuracy, exact_match, is_integer
+from envs.rewards import digit_accuracy, exact_match, final_number, is_integer
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -15,7 +21,9 @@ class Arith(Environment):
     env_id = "arith"
     version = "1"
 
-    def __init__(self, digits: int = 2, ops: str = "+", terms: int = 2) -> None:
+    def __init__(
+        self, digits: int = 2, ops: str = "+", terms: int = 2, phrasing: str = "bare"
+    ) -> None:
         if not 1 <= digits <= 12:
             raise ValueError(f"arith: digits must be 1..12, got {digits}")
         if not ops or set(ops) - set(OPS):
@@ -24,8 +32,13 @@ class Arith(Environment):
             )
         if not 2 <= terms <= 6:
             raise ValueError(f"arith: terms must be 2..6, got {terms}")
-        self.digits, self.ops, self.terms = digits, ops, terms
-        super().__init__(Rubric([exact_match, is_integer, digit_accuracy], [1.0, 0.0, 0.0]))
+        if phrasing not in ("bare", "question"):
+            raise ValueError(f"arith: phrasing must be 'bare' or 'question', got {phrasing!r}")
+        self.digits, self.ops, self.terms, self.phrasing = digits, ops, terms, phrasing
+        if phrasing == "question":
+            super().__init__(Rubric([final_number, is_integer], [1.0, 0.0]))
+        else:
+            super().__init__(Rubric([exact_match, is_integer, digit_accuracy], [1.0, 0.0, 0.0]))
 
     def make_example(self, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         numbers = [rng.randrange(10**self.digits) for _ in range(self.terms)]
@@ -36,4 +49,5 @@ class Arith(Environment):
             value = OPS[op](value, n)
             text = f"({text}) {op} {n}" if op == "*" and summed else f"{text} {op} {n}"
             summed = summed or op != "*"
-        return f"{text} =", str(value), {"numbers": numbers, "ops": ops}
+        question = f"What is {text}?" if self.phrasing == "question" else f"{text} ="
+        return question, str(value), {"numbers": numbers, "ops": ops}

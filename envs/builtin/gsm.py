@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from envs.base import Environment, Rubric
-from envs.parsers import AnswerParser, Completion
-from envs.rewards import last_integer
+from envs.parsers import Completion
+from envs.rewards import final_number, last_integer
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards"]
@@ -75,14 +75,6 @@ def _ages(rng: random.Random) -> tuple[str, int]:
 TEMPLATES: list[Template] = [_buy_give, _packs, _share, _price, _ages]
 
 
-def correct_answer(completion: Completion, answer: str, parser: AnswerParser) -> float:
-    """1.0 when the tagged answer, or else the last integer in the text, equals the answer."""
-    text = parser.text_of(completion)
-    tagged = parser.parse_answer(completion)
-    got = tagged if "<answer>" in text else last_integer(text)
-    return 1.0 if got is not None and got.strip() == answer else 0.0
-
-
 def shows_number(completion: Completion) -> float:
     """1.0 when the completion contains any integer (zero weight)."""
     text = (
@@ -99,7 +91,7 @@ class WordProblems(Environment):
     system_prompt = "Solve the problem. Give the final number as <answer>N</answer>."
 
     def __init__(self) -> None:
-        super().__init__(Rubric([correct_answer, shows_number], [1.0, 0.0]))
+        super().__init__(Rubric([final_number, shows_number], [1.0, 0.0]))
 
     def make_example(self, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         template = rng.randrange(len(TEMPLATES))

@@ -19,6 +19,7 @@ from tests.conftest import REPO
 SPECS = [
     ("arith", {}),
     ("arith", {"digits": 4, "ops": "+-*", "terms": 3}),
+    ("arith", {"digits": 1, "phrasing": "question"}),
     ("reverse", {}),
     ("sort", {}),
     ("countdown", {}),
@@ -65,6 +66,18 @@ def test_groups_are_scored_completion_by_completion() -> None:
     ex = env.example(0, 0)
     group = [ex.answer, "nope", f"<answer>{ex.answer}</answer>", f"{ex.answer} or 0"]
     assert [s.reward for s in env.score_group(ex, group)] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_question_is_read_for_its_final_number() -> None:
+    env = load_environment("arith", digits=1, phrasing="question")
+    ex = env.example(0, 0)
+    a, b = ex.info["numbers"]
+    assert ex.prompt[-1]["content"] == f"What is {a} + {b}?"
+    said = [f"The sum of {a} and {b} is {ex.answer}.", f"{a} + {b} = {ex.answer}",
+            f"It is {ex.answer}, not {int(ex.answer) + 1}.", f"{a} + {b}", ""]  # fmt: skip
+    assert [s.reward for s in env.score_group(ex, said)] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="phrasing"):
+        load_environment("arith", phrasing="poem")
 
 
 def test_canonical_name_rebuilds_the_same_environment() -> None:
