@@ -73,7 +73,12 @@ def reached(rewards: list[dict[str, Any]], target: float, min_samples: int) -> i
 
 
 def network(
-    spec: RunSpec, nodes: int, cache: Path, timeout_s: float, retry_after_s: float
+    spec: RunSpec,
+    nodes: int,
+    cache: Path,
+    timeout_s: float,
+    retry_after_s: float,
+    preload: bool = False,
 ) -> dict[str, Any]:
     from protocol.accounts import KeyStore, open_database
 
@@ -87,7 +92,8 @@ def network(
                    f"--tokenizers.tiny={tiny_model(cache)}"],
         )  # fmt: skip
         # loading models counts, as for the centralized loop: not before the run is submitted
-        net.start_nodes(nodes, maddr, cache, serve=False, preload=False)
+        # (unless --preload: samplers load theirs as they join, as `bazaar up` starts them)
+        net.start_nodes(nodes, maddr, cache, serve=False, preload=preload)
 
         def alive() -> bool:
             data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]
@@ -203,6 +209,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retry-after", type=float, default=1.0,
                         help="the coordinator's leases.retry_after_s")  # fmt: skip
+    parser.add_argument("--preload", action="store_true",
+                        help="samplers load their models as they join, before the run (as "
+                             "`bazaar up` starts them): the network's clock then starts with "
+                             "their models loaded, the centralized loop's does not")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "e2e.json")
     args = parser.parse_args()
     if args.quick:
@@ -222,7 +232,8 @@ def main() -> None:
             env=msgspec.structs.replace(spec.env, seed=seed),
         )  # fmt: skip
         console.print(f"trial {trial + 1} of {args.trials}")
-        nets.append(network(spec, args.nodes, cache, 60 + 10.0 * args.max_rounds, args.retry_after))
+        nets.append(network(spec, args.nodes, cache, 60 + 10.0 * args.max_rounds, args.retry_after,
+                            args.preload))  # fmt: skip
         cens.append(central(spec, tiny, args.max_rounds, seed))
         for name, r in (("network", nets[-1]), ("centralized", cens[-1])):
             v = reached(r["rewards"], args.target, args.min_samples)
@@ -236,6 +247,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "target_reward": args.target, "min_samples": args.min_samples, "nodes": args.nodes,
         "max_rounds": args.max_rounds, "trials": args.trials, "retry_after_s": args.retry_after,
+        "preload": args.preload,
         "network_time_to_target_s": net_s, "central_time_to_target_s": cen_s,
         "time_ratio": net_s / cen_s,
         "network_reached": sum(r["stop_reason"] == "target_reward" for r in nets),
