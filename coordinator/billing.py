@@ -235,6 +235,18 @@ class Billing:
         """Give back what rounds whose every trainer has reported held and did not spend."""
         await self._close(run, lambda v, b: b.trainers <= b.reported)
 
+    async def close_unmade(self, run: RunState, committed: Callable[[int, str], bool]) -> None:
+        """Give back at once what an ended run's rounds hold that made no version and that no
+        trainer of theirs committed to (``committed(round, trainer)``): commitments are
+        refused once a run has ended, so nothing can be charged to those rounds any more, and
+        no trainer will report them. A round committed to before the end may still make its
+        version; ``close_reported`` or ``close_overdue`` closes that one."""
+        if run.state in ("queued", "running"):
+            return
+        made = run.policy_version
+        await self._close(run, lambda v, b: v >= made
+                          and not any(committed(v, t) for t in b.trainers))  # fmt: skip
+
     async def close_overdue(self, run: RunState, deadline_s: float) -> None:
         """Give back what an ended run's rounds opened ``deadline_s`` ago still hold: a trainer
         that has not reported by then never will (it died, or left)."""

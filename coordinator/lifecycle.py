@@ -90,7 +90,11 @@ class RunLifecycle:
     async def ended(self, run: RunState) -> None:
         """Close a run that has just stopped: give back what its rounds held, start the
         oldest queued runs that now fit."""
-        await self.state.billing.close_reported(run)
+        billing, replays = self.state.billing, self.state.replays
+        await billing.close_reported(run)
+        await billing.close_unmade(
+            run, lambda v, t: replays.committed(run.run_id, v, t) is not None
+        )
         started = []
         running = self._running()
         queued = [r for r in self.state.book.runs.values() if r.state == "queued"]

@@ -13,6 +13,7 @@ import trio
 from coordinator.billing import NETWORK
 from coordinator.config import AuditConfig, LeaseConfig
 from coordinator.db import LeaseState, RunState
+from coordinator.rounds import Rounds
 from coordinator.views import ledger
 from protocol.accounts import ApiKey, KeyStore
 from protocol.accounts import open_database as open_accounts
@@ -20,6 +21,7 @@ from protocol.adapters import (
     AdapterManifest,
     LeaseCount,
     NoTraining,
+    RoundCommitment,
     RoundReport,
     ShardInfo,
     TrainAssignment,
@@ -282,6 +284,49 @@ def test_an_ended_runs_round_a_dead_trainer_never_reports_gives_its_hold_back(
         await svc.state.billing.close_overdue(run, deadline)
         fay = key(accounts, "fay")
         assert fay.used_tokens == 2 * TOKENS and fay.reserved_tokens == 0
+
+    trio.run(main)
+
+
+def test_a_round_dealt_as_its_run_ends_gives_its_hold_back_at_once(dbs: Databases) -> None:
+    """The run ends (its target reached) with its next round dealt to two trainers: one of them
+    committed to its part before the end, and may still hand in the version; the other round,
+    dealt to nobody who committed, can never be charged (commitments are refused from now on)
+    and its hold goes back at once, not ``report_deadline_s`` later."""
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("gus", budget_tokens=10_000)
+
+    async def main() -> None:
+        run = await streaming_run(svc, owner)
+        deliver(svc.state.book, "producer")
+        got = await Rounds.train(
+            svc.rounds, "t1", TrainRequest(base_model="tiny"), ["t1"], lambda p: [], []
+        )  # dealt; its trainer has not committed yet
+        assert isinstance(got, TrainAssignment)
+        assert key(accounts, "gus").reserved_tokens == 2 * TOKENS
+        await svc.runs.finish(run, "completed", "target_reward")
+        gus = key(accounts, "gus")
+        assert gus.reserved_tokens == 0 and gus.used_tokens == 0
+        assert svc.state.billing.outstanding("r1") == 0
+        late = RoundCommitment("r1", 0, bytes(32), [r.lease.lease_id for r in got.rollouts])
+        assert not svc.rounds.commit("t1", late).accepted  # nothing can be charged to it now
+
+    trio.run(main)
+
+
+def test_a_round_committed_to_before_its_run_ends_stays_held(dbs: Databases) -> None:
+    svc, accounts = service(dbs)
+    _, owner = accounts.create("hal", budget_tokens=10_000)
+
+    async def main() -> None:
+        run = await streaming_run(svc, owner)
+        deliver(svc.state.book, "producer")
+        got = await svc.rounds.train(
+            "t1", TrainRequest(base_model="tiny"), ["t1"], lambda p: [], []
+        )  # dealt, and committed to at once
+        assert isinstance(got, TrainAssignment)
+        await svc.runs.finish(run, "completed", "target_reward")
+        assert key(accounts, "hal").reserved_tokens == 2 * TOKENS  # its version may yet come
 
     trio.run(main)
 
