@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +182,7 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
     except Exception as e:  # reported to the node, which stops the trainer role with it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    rejoin = functools.partial(_rejoin, dht, spec.initial_peers)
     try:
         while True:
             try:
@@ -205,7 +207,6 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
                     conn.send(("ok", (metadata, [t.numpy().copy() for t in tensors])))
             else:
                 array, tag, expected, member, timeout_s = q
-                rejoin = functools.partial(_rejoin, dht, spec.initial_peers)
                 conn.send(("ok", _round(averager, torch.from_numpy(array), tag, expected, spec,
                                         member, timeout_s, rejoin)))  # fmt: skip
     finally:
@@ -242,9 +243,9 @@ def _round(
     tag: str,
     expected: int,
     spec: Any,
-    member: str = "",
-    timeout_s: float | None = None,
-    rejoin: Any = None,
+    member: str,
+    timeout_s: float,
+    rejoin: Callable[[], None],
 ) -> RoundResult:
     """One round's all-reduce. Peers meet under a key derived from the round's tag; each member
     also gathers its tag (run and version), the group size its round expects, and whether
@@ -254,15 +255,14 @@ def _round(
     from node.training.diloco import exact_sum
 
     started = time.monotonic()
-    deadline = started + (spec.round_timeout_s if timeout_s is None else timeout_s)
+    deadline = started + timeout_s
     patient_until = started + spec.patience_s
     # matchmaking under a key of the round's own (hivemind's group bits), so peers of other
     # rounds are not even met; hivemind changes the bits after a group, so set them each time
     digest = hashlib.sha256(tag.encode()).digest()
     bits = format(int.from_bytes(digest[:2], "big"), "016b") if tag else ""
     while time.monotonic() < deadline:
-        if rejoin is not None:
-            rejoin()
+        rejoin()
         averager.set_group_bits(bits)
         with averager.get_tensors() as (tensor,):
             tensor.copy_(q)
