@@ -9,7 +9,9 @@ its run rolled back to before its first round no replay confirmed.
   not the sum of the committed parts and sign those parts' step instead). The manifests
   conflict, so no version is made; the replays of every round, each against the manifest its
   trainer signed, show which one is not the step the committed parts make: the cheat is
-  banned, the two honest trainers make every version, and their replays pass.
+  banned, the two honest trainers make every version, and their replays pass. (A round with
+  no learning signal leaves every part zero, and tripled zero is zero: the all-reducing
+  cheat signs that version with them, and its replay confirms it — no cheat happened.)
 - Lone cheating trainers, one after another on one network: it skips its inner steps
   (``SkipsInnerSteps``), puts its part in three times over (``ScalesItsPart``), trains on
   rollouts it was not dealt (``TrainsOnRolloutsNotDealt``), publishes a poisoned adapter alone
@@ -93,7 +95,11 @@ def test_of_trainers_in_conflict_the_replays_ban_the_poisoner(
     honest = {nodes[n]["peer_id"] for n in ("trainer-a", "trainer-b")}
     bad = nodes["poisoner"]["peer_id"]
     versions = live(cluster.api("GET", "/v1/runs/r/versions")["data"])
-    assert len(versions) == 3 and all(set(v["holders"]) == honest for v in versions), versions
+    assert len(versions) == 3 and all(set(v["holders"]) - {bad} == honest for v in versions)
+    # the cheat co-signs a version only where its cheat changed nothing (a round without
+    # learning signal: its part is zero, and three times zero is zero): a replay confirmed it
+    confirmed = {r["made"] for r in replays_of(cluster, bad) if r["status"] == "passed"}
+    assert all(v["version"] in confirmed for v in versions if bad in v["holders"]), versions
     failed = [r for r in replays_of(cluster, bad) if r["status"] == "failed"]
     assert failed and failed[0]["verdicts"][-1]["failed_check"] == "version_sum"
     for peer in honest:  # new trainers: every round of theirs is replayed, and passes
