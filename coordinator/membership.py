@@ -140,8 +140,14 @@ class Membership:
             return JoinReply(accepted=False, reason=f"version_mismatch: {e}"), None
         old = self.nodes.get(peer_id)
         if old is not None and old.instance_id != instance_id and self._live(old, now):
+            # another process with this key, or this one's previous instance that crashed and
+            # has not been silent for long enough yet. One already overdue (suspect) is likely
+            # the latter: the answer says when it will no longer count. One beating on time is
+            # a twin: final (a twin told to retry would displace its connection, silence its
+            # beats, and take its place).
             ago = now - old.last_seen
-            wait = max(0.0, self.interval * self.config.dead_after_missed - ago)
+            wait = self._window - (now - max(old.last_seen, old.live_since))
+            overdue = ago > self.interval * self.config.suspect_after_missed
             return JoinReply(
                 accepted=False,
                 reason=(
@@ -150,6 +156,7 @@ class Membership:
                     f"with the same key file? Stop it, or wait {wait:.0f}s for it to be "
                     f"declared dead."
                 ),
+                retry_after_s=min(max(wait, 0.0) + 0.5, 3600.0) if overdue else 0.0,
             ), None
         node = NodeState(
             peer_id=peer_id,
@@ -238,8 +245,11 @@ class Membership:
             out[n.status] += 1
         return out
 
+    @property
+    def _window(self) -> float:
+        """How long a live node may stay silent."""
+        return self.interval * self.config.dead_after_missed
+
     def _live(self, node: NodeState, now: float) -> bool:
         silent = now - max(node.last_seen, node.live_since)
-        return node.status in ("alive", "suspect") and (
-            silent <= self.interval * self.config.dead_after_missed
-        )
+        return node.status in ("alive", "suspect") and silent <= self._window

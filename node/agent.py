@@ -3,8 +3,11 @@
 - **Join.** Dial the coordinator, send a signed ``JoinRequest`` (name, a per-process instance id,
   protocol version, addresses, capabilities) and check the signed ``JoinReply`` comes from the
   coordinator we dialed. A refusal (duplicate identity, other protocol version) is final:
-  ``JoinRefused`` carries the coordinator's message for the operator. An unreachable coordinator
-  is retried with doubling backoff.
+  ``JoinRefused`` carries the coordinator's message for the operator — except one with a
+  ``retry_after_s``: this identity's previous instance, not heard from lately, is not declared
+  dead yet (the node crashed and was started again), so the join is tried again after that
+  wait, for about three such waits (a second live process with the same key stays refused).
+  An unreachable coordinator is retried with doubling backoff.
 - **Heartbeat** on the membership topic at the interval the coordinator set.
 - **Mesh.** Dial the peers the coordinator names and refresh them periodically, so gossip between
   nodes carries on through a short coordinator outage.
@@ -73,7 +76,12 @@ MESH_TARGET = 8
 
 
 class JoinRefused(Exception):
-    """The coordinator will not have us; the message says why and what to do."""
+    """The coordinator will not have us; the message says why and what to do.
+    ``retry_after_s`` > 0: it may yet (this identity's previous instance not declared dead)."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NodeMetrics:
@@ -164,10 +172,22 @@ class NodeAgent:
 
     async def _join(self, first: bool) -> None:
         backoff = 0.25
+        patience: float | None = None  # until when a refusal that may pass is waited out
         while True:
             try:
                 reply = await self._try_join()
                 break
+            except JoinRefused as e:
+                # a node started again after a crash: its previous instance is still deemed
+                # alive for a few heartbeats. A second process with the same key keeps it
+                # alive: after three such waits that refusal is final.
+                now = trio.current_time()
+                patience = patience or now + 3 * e.retry_after_s + 5
+                if e.retry_after_s <= 0 or now + e.retry_after_s > patience:
+                    raise
+                log.warning("%s; joining again in %.1fs", e, e.retry_after_s)
+                await trio.sleep(e.retry_after_s)
+                continue
             except (TransportError, DecodeError) as e:
                 log.warning("coordinator unreachable (%s); retrying in %.1fs", e, backoff)
             except RemoteError as e:
@@ -210,7 +230,7 @@ class NodeAgent:
                 raise JoinRefused(e.message) from None
             raise
         if not reply.accepted:
-            raise JoinRefused(reply.reason)
+            raise JoinRefused(reply.reason, reply.retry_after_s)
         return reply
 
     async def _connect_coordinator(self) -> None:

@@ -76,6 +76,9 @@ class JoinReply(Message):
     reason: Text = ""
     heartbeat_interval_s: float = 2.0
     peers: Annotated[list[PeerRecord], msgspec.Meta(max_length=1024)] = []
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+    """A refusal that may pass (another instance of this identity, overdue with its heartbeats:
+    likely a node that crashed and was started again): join again after this long. 0: final."""
 
 
 class Heartbeat(Message):

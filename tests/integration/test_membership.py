@@ -136,6 +136,24 @@ def test_second_process_with_the_same_identity_is_refused(cluster: Cluster) -> N
     assert set(cluster.statuses()) == {"first"} and first.alive()
 
 
+def test_a_node_killed_and_started_again_at_once_rejoins(cluster: Cluster) -> None:
+    """A machine that crashed and came back: the coordinator has found the old instance overdue
+    (suspect) but not dead (12 s of silence, here) and refuses the new one with a wait; the new
+    one waits it out and joins, where it used to exit as a twin does."""
+    cluster.dead_after = 12.0
+    cluster.start_coordinator()
+    crashed = cluster.start_node("crashy")
+    cluster.wait_status({"crashy": "alive"}, 90)
+    crashed.signal(signal.SIGKILL)
+    crashed.wait()
+    cluster.wait_status({"crashy": "suspect"}, 10)
+    again = cluster.start_node("crashy", home=crashed.home)
+    wait_until(lambda: "joining again in" in again.output(), 60, what="the refusal with a wait")
+    wait_until(lambda: "joined coordinator" in again.output(), 60, what="the join after it")
+    cluster.wait_status({"crashy": "alive"}, 30)
+    assert again.alive() and set(cluster.statuses()) == {"crashy"}
+
+
 def test_gossip_between_nodes_survives_a_coordinator_outage(cluster: Cluster) -> None:
     coord = cluster.start_coordinator()
     ports = [free_port(), free_port()]

@@ -63,6 +63,22 @@ def test_duplicate_identity_is_refused_while_the_first_lives() -> None:
     assert late.accepted and m.nodes["a"].instance_id == "second-process"
 
 
+def test_a_node_restarted_after_a_crash_is_told_when_to_join_again() -> None:
+    """Killed and started again: its previous instance is overdue (3 s of silence) but not yet
+    declared dead (6 s). The refusal says how long until it is, and then the join passes. A
+    twin, joining while the identity beats on time, is refused for good."""
+    m = Membership(CFG)
+    join(m, "a", 0.0, instance="before-crash")
+    reply, _ = join(m, "a", 4.0, instance="after-crash")
+    assert not reply.accepted and reply.retry_after_s == 6.0 - 4.0 + 0.5
+    again, t = join(m, "a", 4.0 + reply.retry_after_s, instance="after-crash")
+    assert again.accepted and t == Transition("a", "alive", "alive")
+    assert m.nodes["a"].instance_id == "after-crash"
+    m.heartbeat("a", HB, 10.0)
+    twin, _ = join(m, "a", 11.0, instance="twin")
+    assert not twin.accepted and twin.retry_after_s == 0.0
+
+
 def test_other_major_version_is_refused_naming_both() -> None:
     reply, t = join(Membership(CFG), "a", 0.0, version="2.1.0")
     assert not reply.accepted and t is None
