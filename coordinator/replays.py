@@ -9,7 +9,9 @@ A manifest counts only from a trainer that committed and whose part the coordina
 and keeps (``coordinator/rounds.py``): a trainer cannot dodge a replay by not serving its part.
 
 **Which rounds are replayed.** When a version is made, each of its signers' rounds is drawn
-for a replay: every round of a trainer that has passed fewer than ``trusted_after`` replays,
+for a replay: every round of a trainer that has passed fewer than ``trusted_after`` replays
+(a replay of a round without learning signal, whose part is all zeros, passes but earns no
+trust: any cheat on a zero part is a no-op, so it proves nothing about the next round),
 else ``rate`` of them (``lone_rate`` for a version one trainer made alone), with randomness drawn
 after the version exists. When a round's trainers sign different manifests (a conflict), every
 signer's round is replayed against the manifest it signed: the evidence decides which lied,
@@ -83,6 +85,8 @@ class ReplayBook:
     ) -> None:
         self.config, self.clock, self.trust_of, self.keep = config, clock, trust_of, keep
         self.rng = rng or random.SystemRandom()
+        self.empty_part: Callable[[bytes], bool] = lambda digest: False
+        """Whether the kept part of this hash is all zeros (the server reads it)."""
         self.commitments: dict[tuple[str, int, str], CommitmentRow] = {}
         self.replays: dict[str, ReplayRow] = {}
 
@@ -198,8 +202,9 @@ class ReplayBook:
     # -- handing out and deciding ------------------------------------------------------------
 
     def assign(self, verifier: str, can_check: Callable[[ReplayRow], bool]) -> ReplayRow | None:
-        """The oldest open replay ``verifier`` may take: not of its own round or one it had,
-        nor of a round it trained in."""
+        """The oldest open replay ``verifier`` may take: not one it gave a verdict on, nor of a
+        round it trained in. One it could not check it may take again: with two verifiers in
+        the network, a failure confirmed needs both, whatever went wrong with a fetch."""
         now = self.clock()
         for r in self.replays.values():
             if r.status == "assigned" and r.deadline < now:
@@ -209,8 +214,8 @@ class ReplayBook:
         for r in sorted(self.replays.values(), key=lambda r: r.created_at):
             if r.status != "open" or not can_check(r):
                 continue
-            seen = {v[0] for v in r.verdicts}
-            if verifier in seen or verifier in {t for t, _ in r.parts}:
+            counted = {v[0] for v in r.verdicts if v[1] or v[2] not in ABSTAIN}
+            if verifier in counted or verifier in {t for t, _ in r.parts}:
                 continue
             r.status, r.verifier, r.deadline = "assigned", verifier, now + self.config.deadline_s
             return r
@@ -241,7 +246,10 @@ class ReplayBook:
 
     def _decide(self, r: ReplayRow, decision: str) -> ReplayRuling:
         r.status = decision
-        if decision == "passed":
+        if decision == "passed" and self.empty_part(bytes.fromhex(r.parts[0][1])):
+            log.info("replay %s passed a round without learning signal (its part is zero): "
+                     "no trust earned", r.audit_id, extra={"peer": r.trainer})  # fmt: skip
+        elif decision == "passed":
             self.trust_of(r.trainer).replays_passed += 1
         struck = [v[0] for v in r.verdicts
                   if bool(v[1]) != (decision == "passed") and v[2] not in ABSTAIN]  # fmt: skip

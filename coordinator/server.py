@@ -50,6 +50,7 @@ from protocol.adapters import (
     Deployed,
     RoundCommitment,
     RoundReport,
+    TrainingPart,
     TrainRequest,
     VersionsRequest,
 )
@@ -126,6 +127,7 @@ class Coordinator:
         self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
         self.rounds = Rounds(self.state, self.runs, self._keep_part)
+        self.state.replays.empty_part = self._empty_part
         self.tokenizers = tokenizers = Tokenizers(config.tokenizers)
         self.state.can_score = tokenizers.has
         self.payloads = PayloadStore(data_dir / "payloads", config.payloads_max_bytes,
@@ -339,6 +341,14 @@ class Coordinator:
         if not self.members.is_member(peer):
             raise NotMember("adapter versions are for members: join first")
         return self.rounds.versions(msg, self.members.addrs_of)
+
+    def _empty_part(self, digest: bytes) -> bool:
+        """Whether a kept part is all zeros: a round without learning signal."""
+        frame = self.payloads.get(digest)
+        if frame is None:
+            return False
+        part = open_envelope(frame, None).message
+        return isinstance(part, TrainingPart) and not any(part.part)
 
     async def _keep_part(self, trainer: str, digest: bytes) -> bool:
         """Fetch a trainer's committed part and keep it with the payloads (served to verifiers

@@ -117,6 +117,26 @@ def test_new_trainers_are_replayed_every_round_then_at_the_rate() -> None:
     )  # never committed: nothing to replay
 
 
+def test_a_pass_on_a_zero_part_earns_no_trust() -> None:
+    """A round without learning signal leaves the part zero, and any cheat on zero is a no-op:
+    passing its replay says nothing of the next round, so the trainer stays new."""
+    b = Book(trusted_after=1, rate=0.0, lone_rate=0.0)
+    zero = bytes([len("t1")]) * 32  # the part hash Book.commit gives t1
+    b.book.empty_part = lambda digest: digest == zero
+    b.commit("t1")
+    (row,) = b.book.on_made(b.made(1, ["t1"]), -1, b.parts(["t1"]))
+    assert b.verdict("v1", row.audit_id, "t1", True) == "passed"
+    assert b.trust_of("t1").replays_passed == 0
+    b.commit("t1", 1)
+    (row,) = b.book.on_made(b.made(2, ["t1"]), 0, b.parts(["t1"]))  # still every round
+    assert b.verdict("v1", row.audit_id, "t1", True) == "passed"
+    b.book.empty_part = lambda digest: False
+    b.commit("t1", 2)
+    (row,) = b.book.on_made(b.made(3, ["t1"]), 1, b.parts(["t1"]))
+    assert b.verdict("v1", row.audit_id, "t1", True) == "passed"
+    assert b.trust_of("t1").replays_passed == 1
+
+
 def test_one_pass_decides_two_failures_ban_and_a_split_goes_to_the_majority() -> None:
     b = Book()
     for t in ("good", "bad", "split"):
@@ -143,6 +163,8 @@ def test_a_verifier_that_could_not_check_does_not_count() -> None:
     assert b.verdict("v1", row.audit_id, "t1", False, "unavailable") == "abstained"
     assert row.status == "open"
     assert b.verdict("v2", row.audit_id, "t1", False) == "confirming"  # the first to count
+    # it may take the replay again (its try did not count): with two verifiers, it must
+    assert b.verdict("v1", row.audit_id, "t1", False) == "failed"
 
 
 def test_a_caught_trainer_takes_the_run_back_before_its_first_unconfirmed_round() -> None:
