@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -113,6 +113,39 @@ async def fetch_part(
     env = _stored(frame, digest, trainer, "trainer", TrainingPart, peer)
     assert isinstance(env.message, TrainingPart)
     return env.message, frame
+
+
+def payload_sources(producer: str, addrs: Sequence[str]) -> dict[str, list[str]]:
+    """A payload's sources (a rollout reference's or an assignment's addresses) by peer id, in
+    order; an address without ``/p2p/`` is the producer's."""
+    out: dict[str, list[str]] = {}
+    for addr in addrs:
+        _, sep, peer = addr.rpartition("/p2p/")
+        out.setdefault(peer if sep and peer else producer, []).append(addr)
+    return out or {producer: []}
+
+
+async def fetch_rollout(
+    host: P2PHost,
+    identity: Identity,
+    producer: str,
+    addrs: Sequence[str],
+    digest: bytes,
+    timeout_s: float = 30.0,
+) -> Envelope:
+    """The producer's signed payload from the first of its sources that serves it: the
+    producer, then a peer that kept a copy (the coordinator, for every rollout it counted), so
+    a crashed producer's rollouts are not lost to those who consume them. ``NotFound`` when
+    none serves it, naming why each did not."""
+    failures: list[str] = []
+    for source, at in payload_sources(producer, addrs).items():
+        try:
+            await host.connect_any(at)
+            return await fetch_payload(host, identity, producer, digest, timeout_s,
+                                       source=None if source == producer else source)  # fmt: skip
+        except (ProtocolError, OSError, trio.TooSlowError) as e:
+            failures.append(f"{source[:12]}: {type(e).__name__}: {e}")
+    raise NotFound(f"no source served payload {digest.hex()[:12]}: " + "; ".join(failures))
 
 
 async def fetch_committed_part(

@@ -60,7 +60,7 @@ from protocol.adapters import (
 from protocol.envelope import seal
 from protocol.errors import DecodeError, ProtocolError
 from protocol.leases import Lease
-from protocol.payloads import fetch_committed_part, fetch_payload
+from protocol.payloads import fetch_committed_part, fetch_rollout
 from protocol.rollouts import RolloutPayload
 from protocol.runs import TrainSettings
 from protocol.versions import ADAPTERS as ADAPTERS_PROTOCOL
@@ -257,11 +257,10 @@ class TrainerRole(Role):
         counts: list[LeaseCount] = []
         tokenizer = trainer.tokenizer
         for ref in a.rollouts:
-            await self.agent.host.connect_any(list(ref.producer_addrs))
-            try:
-                env_ = await fetch_payload(self.agent.host, self.agent.identity, ref.producer,
-                                           ref.payload_hash)  # fmt: skip
-            except (ProtocolError, OSError, trio.TooSlowError) as e:
+            try:  # from its producer, else from the coordinator's copy
+                env_ = await fetch_rollout(self.agent.host, self.agent.identity, ref.producer,
+                                           list(ref.producer_addrs), ref.payload_hash)  # fmt: skip
+            except ProtocolError as e:
                 log.warning("rollout %s not fetched: %s", ref.lease.lease_id, e)
                 continue
             payload = env_.message

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -47,7 +46,7 @@ from node.store.versions import VersionSync
 from protocol.adapters import AdapterManifest
 from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
-from protocol.payloads import fetch_committed_part, fetch_payload
+from protocol.payloads import fetch_committed_part, fetch_payload, fetch_rollout, payload_sources
 from protocol.rollouts import Dtype, RolloutPayload
 from protocol.verification import (
     AuditAssignment,
@@ -245,21 +244,15 @@ class VerifierRole(Role):
     async def fetch_rollout(self, lease_id: str, producer: str, addrs: list[str], digest: bytes,
                             deadline_ms: int) -> RolloutPayload | str:  # fmt: skip
         """A payload from the first of its sources that serves it, or why none did."""
-        failures = []
-        for source, at in sources(producer, addrs).items():
-            try:
-                await self.agent.host.connect_any(at)
-                env = await fetch_payload(
-                    self.agent.host, self.agent.identity, producer, digest,
-                    timeout_s=max(1.0, deadline_ms / 1000 - time.time()),
-                    source=None if source == producer else source,
-                )  # fmt: skip
-            except (ProtocolError, OSError, trio.TooSlowError) as e:
-                failures.append(f"{source[:12]}: {e}")
-                continue
-            assert isinstance(env.message, RolloutPayload)
-            return env.message
-        return f"rollout {lease_id} not fetched: " + "; ".join(failures)
+        agent = self.agent
+        try:
+            timeout_s = max(1.0, deadline_ms / 1000 - time.time())
+            env = await fetch_rollout(agent.host, agent.identity, producer, addrs, digest,
+                                      timeout_s)  # fmt: skip
+        except ProtocolError as e:
+            return f"rollout {lease_id} not fetched: {e}"
+        assert isinstance(env.message, RolloutPayload)
+        return env.message
 
     async def check(self, a: AuditAssignment) -> tuple[bool, str, str, dict[str, float]]:
         """``(passed, failed check, detail, stats)``; fails closed on anything unexpected."""
@@ -290,7 +283,7 @@ class VerifierRole(Role):
             return False, "unavailable", "the audit's deadline passed before the fetch", {}
         failures: list[tuple[str, str]] = []
         with trio.move_on_after(remaining):
-            for source, addrs in sources(a.producer, a.producer_addrs).items():
+            for source, addrs in payload_sources(a.producer, a.producer_addrs).items():
                 try:
                     await host.connect_any(addrs)
                     env = await fetch_payload(
@@ -306,17 +299,7 @@ class VerifierRole(Role):
                     continue
                 assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
                 return env.message
-        if not failures or len(failures) < len(sources(a.producer, a.producer_addrs)):
+        if not failures or len(failures) < len(payload_sources(a.producer, a.producer_addrs)):
             failures.append(("unavailable", "no source served the payload in time"))
         check = "signature" if any(c == "signature" for c, _ in failures) else "unavailable"
         return False, check, "; ".join(d for _, d in failures), {}
-
-
-def sources(producer: str, addrs: Sequence[str]) -> dict[str, list[str]]:
-    """A payload's sources (an assignment's or a rollout reference's addresses) by peer id, in
-    order; an address without ``/p2p/`` is the producer's."""
-    out: dict[str, list[str]] = {}
-    for addr in addrs:
-        _, sep, peer = addr.rpartition("/p2p/")
-        out.setdefault(peer if sep and peer else producer, []).append(addr)
-    return out or {producer: []}

@@ -9,11 +9,11 @@ import pytest
 import trio
 
 from protocol.envelope import seal
-from protocol.errors import BadSignature, HashMismatch, RemoteError
+from protocol.errors import BadSignature, HashMismatch, NotFound, RemoteError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
 from protocol.payload_store import PayloadStore
-from protocol.payloads import PAYLOAD_PROTOCOL, fetch_payload, serve_payloads
+from protocol.payloads import PAYLOAD_PROTOCOL, fetch_payload, fetch_rollout, serve_payloads
 from protocol.rollouts import PayloadRequest
 from tests.examples import rollout_payload
 
@@ -56,3 +56,28 @@ def test_fetch_checks_hash_signature_and_type(tmp_path: Path) -> None:
 
     trio.run(main)
     assert hashlib.sha256(store.get(forged) or b"").digest() == forged  # the store is intact
+
+
+def test_a_rollout_outlives_its_producer_at_the_peer_that_kept_it(tmp_path: Path) -> None:
+    """``fetch_rollout`` asks the producer, then the keeper named in the reference's addresses
+    (the coordinator keeps every rollout it counted): a crashed producer loses no rollout, and
+    a keeper's copy is checked as the producer's own would be."""
+    producer_id, keeper_id, consumer_id = (Identity.generate() for _ in range(3))
+    payload = rollout_payload(4 * 1024)
+    kept = PayloadStore(tmp_path / "kept")
+    good = kept.put(seal(producer_id, payload))
+    forged = kept.put(seal(keeper_id, payload))  # the keeper's own, passed off as the producer's
+
+    async def main() -> None:
+        async with P2PHost.create(producer_id) as producer:
+            gone = [str(a) for a in producer.addrs()]  # its addresses outlive it
+        async with P2PHost.create(keeper_id) as keeper, P2PHost.create(consumer_id) as consumer:
+            serve_payloads(keeper, kept)
+            addrs = [*gone, *keeper.addrs()]
+            env = await fetch_rollout(consumer, consumer_id, producer_id.peer_id, addrs, good, 5)
+            assert env.message == payload and env.sender == producer_id.peer_id
+            with pytest.raises(NotFound, match="no source served") as e:
+                await fetch_rollout(consumer, consumer_id, producer_id.peer_id, addrs, forged, 5)
+            assert "BadSignature" in str(e.value)  # why each source failed is named
+
+    trio.run(main)
