@@ -69,11 +69,18 @@ class Rounds:
         state: State,
         runs: RunLifecycle,
         keep_part: Callable[[str, bytes], Awaitable[bool]] | None = None,
+        instance_of: Callable[[str], str] = lambda peer: "",
     ) -> None:
         self.state = state
         self.runs = runs
         self.keep_part = keep_part or _keep_nothing
         """Fetch a trainer's committed part and keep it (False: it did not serve it)."""
+        self.instance_of = instance_of
+        """The process a member runs as now (its join's instance id)."""
+        self._dealt_instance: dict[tuple[str, int, str], str] = {}
+        """The process each trainer of an open round was dealt its share as, by (run, round,
+        trainer): a trainer that crashed and came back lost that share's work, so its round
+        waits for it no longer (kept in memory: after a coordinator restart, unknown)."""
         self._dealing = trio.Lock()
         """One request deals at a time: admitting a round waits on the accounts database (its
         hold), and a trainer asking meanwhile must find the round dealt, not deal it again."""
@@ -87,8 +94,12 @@ class Rounds:
         trainers: list[str],
         addrs_of: Callable[[str], list[str]],
         hivemind_peers: list[str],
+        payload_sources: Callable[[str], list[str]] | None = None,
     ) -> TrainAssignment | NoTraining:
-        """A trainer's share of the next round of a run on its base model."""
+        """A trainer's share of the next round of a run on its base model (``payload_sources``:
+        where a producer's payloads may be fetched — the producer while it is up, then the
+        coordinator, which keeps every rollout it dealt)."""
+        payload_sources = payload_sources or addrs_of
         state, book = self.state, self.state.book
         if peer not in trainers:
             return NoTraining(retry_after_s=state.config.retry_after_s)
@@ -100,18 +111,23 @@ class Rounds:
                 dealt = await self._deal(run, v, k)
             if not dealt:
                 continue
+            if self._restarted_mid_round(run.run_id, v, peer, trainers):
+                continue  # its round's other trainers finish it; it takes the next one
             rank = trainers.index(peer)
-            share = dealt[rank::k]
+            share = self._share(run.run_id, v, peer, dealt, trainers)
             if not share:
                 continue
+            self._dealt_instance[(run.run_id, v, peer)] = self.instance_of(peer)
             for s in share:
                 s.trained_by = peer
             state.billing.dealt(run.run_id, v, peer)
             state.commit()
-            refs = [RolloutRef(s.lease, s.node, addrs_of(s.node)[:16], s.payload_hash or b"")
+            refs = [RolloutRef(s.lease, s.node, payload_sources(s.node)[:16],
+                               s.payload_hash or b"")
                     for s in share]  # fmt: skip
+            group = min(k, max(1, len(dealt) // state.config.round_leases))
             return TrainAssignment(run_id=run.run_id, version=v, rollouts=refs, rank=rank,
-                                   group_size=k, hivemind_peers=hivemind_peers[:16],
+                                   group_size=group, hivemind_peers=hivemind_peers[:16],
                                    settings=run.plan.spec.training(),
                                    next_version=self.next_version(run.run_id),
                                    parent=self.parent_of(run.run_id, v),
@@ -186,6 +202,44 @@ class Rounds:
                         extra={"run_id": msg.run_id, "peer": peer})  # fmt: skip
         state.commit()
         return ack
+
+    def _share(self, run_id: str, version: int, peer: str, dealt: list[LeaseState],
+               trainers: list[str]) -> list[LeaseState]:  # fmt: skip
+        """``peer``'s share of a dealt round. A share is the trainer's for the round once dealt:
+        a trainer joining once the shares are taken takes none of them (cut again, a trainer at
+        work would find its rollouts dealt to another and its version refused). What a trainer no longer works
+        on (gone, banned, crashed and back as another process) goes to the one asking: to a
+        trainer with a share, on top of it (it trains the round again after a conflict); else
+        split over the live trainers without one."""
+
+        def working(t: str) -> bool:
+            return t in trainers and self._same_process(run_id, version, t)
+
+        holders = {s.trained_by for s in dealt if s.trained_by not in (None, peer)
+                   and working(s.trained_by)}  # fmt: skip
+        mine = [s for s in dealt if s.trained_by == peer] if working(peer) else []
+        if mine:
+            return mine + [s for s in dealt if s.trained_by not in (None, peer, *holders)]
+        unheld = [s for s in dealt if s.trained_by not in holders]
+        takers = [t for t in trainers if t not in holders]
+        return unheld[takers.index(peer) :: len(takers)]
+
+    def _same_process(self, run_id: str, version: int, trainer: str) -> bool:
+        """Whether ``trainer`` runs as the process it was dealt round ``version`` as (or that
+        is unknown)."""
+        dealt = self._dealt_instance.get((run_id, version, trainer))
+        return dealt is None or dealt == self.instance_of(trainer)
+
+    def _restarted_mid_round(self, run_id: str, version: int, peer: str, live: list[str]) -> bool:
+        """Whether ``peer`` was dealt this round as a process that is gone (it crashed and
+        came back) while another trainer dealt the round still works on it as it was: that
+        one makes the version alone (its all-reduce goes on without the lost partner), and a
+        share dealt again to the new process would only sign a manifest of its own — a
+        conflict, and the round trained again."""
+        if self._same_process(run_id, version, peer):
+            return False
+        others = self.dealt_to(run_id, version) - {peer}
+        return any(t in live and self._same_process(run_id, version, t) for t in others)
 
     def dealt_to(self, run_id: str, version: int) -> set[str]:
         """The trainers round ``version`` of a run is dealt to now."""
@@ -280,7 +334,8 @@ class Rounds:
                 return ManifestAck(outcome="conflict", version=current,
                                    detail="the round's trainers signed different manifests: "
                                    "train the round again from the current version")  # fmt: skip
-            missing = {t for t in self.dealt_to(msg.run_id, current) if alive(t)}
+            missing = {t for t in self.dealt_to(msg.run_id, current)
+                       if alive(t) and self._same_process(msg.run_id, current, t)}  # fmt: skip
             if missing <= set(proposal.signers):
                 return await self._make(run, msg, digest, proposal)
             if trio.current_time() >= give_up:
@@ -317,6 +372,8 @@ class Rounds:
         state.versions[msg.run_id][msg.version] = row
         state.add(row)
         self._proposals.pop((msg.run_id, msg.version), None)
+        self._dealt_instance = {k: i for k, i in self._dealt_instance.items()
+                                if k[0] != msg.run_id or k[1] >= msg.version}  # fmt: skip
         state.book.set_policy_version(msg.run_id, msg.version)
         state.replays.on_made(row, parent, proposal.group)
         state.commit()

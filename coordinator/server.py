@@ -126,7 +126,7 @@ class Coordinator:
                            config.replays)  # fmt: skip
         self.gateways = Gateways(GatewayStore(engine), identity, config.serving_token_ttl_s, clock)
         self.runs = RunLifecycle(self.state)
-        self.rounds = Rounds(self.state, self.runs, self._keep_part)
+        self.rounds = Rounds(self.state, self.runs, self._keep_part, self._instance_of)
         self.state.replays.empty_part = self._empty_part
         self.tokenizers = tokenizers = Tokenizers(config.tokenizers)
         self.state.can_score = tokenizers.has
@@ -320,14 +320,20 @@ class Coordinator:
         except RuntimeError as e:
             log.error("no hivemind DHT for trainers: %s", e)
             dht = []
-        return await self.rounds.train(peer, msg, trainers, self.members.addrs_of, dht)
+        return await self.rounds.train(peer, msg, trainers, self.members.addrs_of, dht,
+                                       self._sources)  # fmt: skip
 
     async def _manifest(self, peer: str, msg: AdapterManifest, data: bytes) -> Message:
         self._check_member(peer, "trainer")
-        live = self.members.live_with("trainer")
-        return await self.rounds.manifest(
-            peer, msg, data, lambda t: t in live and not views.ban_reason(self.state, t)
-        )
+
+        def alive(t: str) -> bool:  # asked again each second while the manifest waits
+            return t in self.members.live_with("trainer") and not views.ban_reason(self.state, t)
+
+        return await self.rounds.manifest(peer, msg, data, alive)
+
+    def _instance_of(self, peer: str) -> str:
+        node = self.membership.nodes.get(peer)
+        return node.instance_id if node else ""
 
     async def _commitment(self, peer: str, msg: RoundCommitment, _: bytes) -> Message:
         self._check_member(peer, "trainer")

@@ -96,6 +96,31 @@ def test_a_round_is_dealt_over_trainers_once(tmp_path: Path) -> None:
     assert sorted(v for v in rows.values() if v is not None) == [0, 0, 0, 0]  # persisted
 
 
+def test_a_share_stays_its_trainers_while_it_works_on_it(tmp_path: Path) -> None:
+    """A trainer joining once the round's shares are taken takes none of them (a share cut
+    again under a trainer at work would have its version refused); the share of a trainer
+    gone goes to one asking again."""
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}", LeaseConfig(round_leases=1))
+    book = work.state.book
+    book.add_run(STREAM)
+    req = TrainRequest(base_model="tiny")
+
+    async def ask(peer: str, trainers: list[str]) -> list[str]:
+        got = await work.rounds.train(peer, req, trainers, lambda p: [], [])
+        return [r.lease.lease_id for r in got.rollouts] if isinstance(got, TrainAssignment) else []
+
+    async def main() -> None:
+        delivered = [deliver(book, "a") for _ in range(2)]
+        one, two = await ask("t2", ["t1", "t2"]), await ask("t1", ["t1", "t2"])
+        assert sorted(one + two) == sorted(delivered)
+        assert await ask("t0", ["t0", "t1", "t2"]) == []  # joined mid-round: the next round
+        assert await ask("t1", ["t0", "t1", "t2"]) == two  # the shares stayed
+        assert await ask("t2", ["t0", "t1", "t2"]) == one  # asking again: the same share
+        assert sorted(await ask("t2", ["t0", "t2"])) == sorted(delivered)  # t1 gone: its too
+
+    trio.run(main)
+
+
 def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
     from protocol.adapters import RoundReport, SampleText, VersionRewards
 
@@ -190,6 +215,65 @@ def test_only_the_rounds_trainers_make_its_version_and_only_together(tmp_path: P
         await deal()
         assert (await sign("t1", 3, dead="t2")).outcome == "recorded"
         assert work.state.versions["r1"][3].signers == ["t1"]
+
+    trio.run(main)
+
+
+def test_a_trainer_back_from_a_crash_mid_round_is_neither_waited_for_nor_dealt_it(
+    tmp_path: Path,
+) -> None:
+    """A trainer killed mid-round and started again (another process: another join instance)
+    lost its share's work: the round's other trainer makes the version without it at once, and
+    the new process takes the next round rather than a share of this one (its manifest alone
+    would conflict). A lone trainer's round is dealt to its new process."""
+    from tests.unit.test_billing import manifest
+
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}",
+                     LeaseConfig(round_leases=1, manifest_wait_s=5))  # fmt: skip
+    book, rounds = work.state.book, work.rounds
+    book.add_run(STREAM)
+    process = {"t1": "t1-a", "t2": "t2-a"}
+    rounds.instance_of = lambda peer: process[peer]
+
+    async def train(peer: str, trainers: list[str]) -> TrainAssignment | NoTraining:
+        return await rounds.train(peer, TrainRequest(base_model="tiny"), trainers,
+                                  lambda p: [], [])  # fmt: skip
+
+    async def main() -> None:
+        both = ["t1", "t2"]
+        for _ in both:
+            deliver(book, "a")
+        assert all([isinstance(await train(t, both), TrainAssignment) for t in both])
+        process["t2"] = "t2-b"  # killed and started again, with the same key
+        assert isinstance(await train("t2", both), NoTraining)
+        started = trio.current_time()
+        ack = await rounds.manifest("t1", manifest("r1", 1), b"frame")
+        assert ack.outcome == "recorded" and trio.current_time() - started < 1
+        assert work.state.versions["r1"][1].signers == ["t1"]
+
+        for _ in both:  # the next round is the new process's like any other
+            deliver(book, "a", {"r1": 1})
+        assert all([isinstance(await train(t, both), TrainAssignment) for t in both])
+        assert (await rounds.manifest("t1", manifest("r1", 2), b"frame")).outcome == "pending"
+
+    trio.run(main)
+
+
+def test_a_lone_trainer_back_from_a_crash_is_dealt_its_round_again(tmp_path: Path) -> None:
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}", LeaseConfig(round_leases=1))
+    book, rounds = work.state.book, work.rounds
+    book.add_run(STREAM)
+    process = {"t1": "t1-a"}
+    rounds.instance_of = lambda peer: process[peer]
+
+    async def main() -> None:
+        deliver(book, "a")
+        request = TrainRequest(base_model="tiny")
+        first = await rounds.train("t1", request, ["t1"], lambda p: [], [])
+        process["t1"] = "t1-b"
+        again = await rounds.train("t1", request, ["t1"], lambda p: [], [])
+        assert isinstance(first, TrainAssignment) and isinstance(again, TrainAssignment)
+        assert again.rollouts == first.rollouts  # nobody else would ever make the version
 
     trio.run(main)
 
