@@ -207,10 +207,10 @@ class Rounds:
                trainers: list[str]) -> list[LeaseState]:  # fmt: skip
         """``peer``'s share of a dealt round. A share is the trainer's for the round once dealt:
         a trainer joining once the shares are taken takes none of them (cut again, a trainer at
-        work would find its rollouts dealt to another and its version refused). What a trainer no longer works
-        on (gone, banned, crashed and back as another process) goes to the one asking: to a
-        trainer with a share, on top of it (it trains the round again after a conflict); else
-        split over the live trainers without one."""
+        work would find its rollouts dealt to another and its version refused). What a trainer
+        no longer works on (gone, banned, crashed and back as another process) goes to one
+        asking: to a trainer with a share, on top of it (it trains the round again after a
+        conflict); else split over the live trainers without one."""
 
         def working(t: str) -> bool:
             return t in trainers and self._same_process(run_id, version, t)

@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 PENDING_LIMIT_S = 600.0
 """How long a trainer keeps handing in a manifest the round's other trainers have not signed."""
 GROUP_WAIT_MIN_S = 30.0
+JOIN_ATTEMPTS = 5
+"""Times in a row the trainer tries to join the all-reduce's DHT before its role stops (its
+bootstrap peers may be restarting; a DHT that never starts is a fault of this node)."""
 
 
 def group_wait_s(own_s: float) -> float:
@@ -94,6 +97,8 @@ class TrainerRole(Role):
     def __init__(self, config: NodeConfig, data_dir: Path, versions: VersionSync) -> None:
         self.config, self.data_dir = config, data_dir
         self.versions = versions
+        self.join_failures = 0
+        """Failed starts of the all-reduce in a row."""
         self.shards = versions.shards
         self.trainer: Trainer | None = None
         self.built_for: tuple[str, TrainSettings] | None = None  # the run and settings it is for
@@ -130,10 +135,19 @@ class TrainerRole(Role):
         trainer = self.trainer
         if a.group_size > 1 and trainer.collective is None:
             peers = list(a.hivemind_peers)
-            await trio.to_thread.run_sync(
-                trainer.join, peers, a.run_id, a.settings.diloco.compression,
-                self.agent.host.peer_id,
-            )  # fmt: skip
+            try:
+                await trio.to_thread.run_sync(
+                    trainer.join, peers, a.run_id, a.settings.diloco.compression,
+                    self.agent.host.peer_id,
+                )  # fmt: skip
+            except RuntimeError as e:  # its bootstrap peers restarting, say: ask again
+                self.join_failures += 1
+                if self.join_failures >= JOIN_ATTEMPTS:
+                    raise
+                log.warning("could not join the trainers' all-reduce (%s); asking again", e)
+                await trio.sleep(2.0 * self.join_failures)
+                return
+            self.join_failures = 0
         if trainer.version != a.version and not await self._recover(a, trainer):
             log.warning("at version %d, the round is at %d: skipped", trainer.version, a.version)
             await trio.sleep(1.0)

@@ -86,9 +86,11 @@ class Collective:
         child.close()
         self._conn = parent
         if not parent.poll(timeout_s):
+            self.close()
             raise RuntimeError("the hivemind process did not start in time")
         status, value = parent.recv()
         if status != "ok":
+            self.close()
             raise RuntimeError(f"the hivemind process failed to start: {value}")
         self.visible_addrs = value
 
@@ -179,7 +181,7 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
             compression=compression, allreduce_timeout=spec.round_timeout_s,
         )  # fmt: skip
         conn.send(("ok", [str(a) for a in dht.get_visible_maddrs()]))
-    except Exception as e:  # reported to the node, which stops the trainer role with it
+    except Exception as e:  # reported to the node, which tries again on its next round
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     rejoin = functools.partial(_rejoin, dht, spec.initial_peers)

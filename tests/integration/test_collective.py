@@ -179,6 +179,20 @@ def test_a_trainer_alone_goes_on_alone() -> None:
         alone.close()
 
 
+def test_a_dht_whose_bootstrap_peers_are_gone_fails_to_start_and_leaves_nothing() -> None:
+    """Its bootstrap peers restarting (a trainer's or the coordinator's DHT): the start fails
+    with a clear error, for the trainer to try again on its next round, and no process of it
+    is left behind."""
+    gone = "/ip4/127.0.0.1/tcp/9/p2p/QmTzQ1JRkWErjk39mryYw2WVaphAZNAREyMchXzYQ7c15n"
+    c = Collective(CollectiveSpec([gone], "run-gone", SIZE))
+    with pytest.raises(RuntimeError, match="failed to start"):
+        c.start()
+    assert c._proc is not None
+    pid = c._proc.pid
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+               15, what="the hivemind child gone")  # fmt: skip
+
+
 def test_trainers_find_each_other_through_the_coordinators_dht(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     try:
