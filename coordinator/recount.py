@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -64,12 +65,15 @@ def open_payload(frame: bytes, lease: LeaseState) -> RolloutPayload:
 
 
 class Tokenizers:
-    """Base model → tokenizer, loaded once each from the configured paths."""
+    """Base model → tokenizer, loaded once each from the configured paths, by whichever
+    thread asks first (the recount's workers and the fingerprinting at start ask at once: a
+    first ``import transformers`` in two threads together fails in one of them)."""
 
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
         self._loaded: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
+        self._loading = threading.Lock()
 
     def has(self, model: str) -> bool:
         return model in self.paths
@@ -77,12 +81,17 @@ class Tokenizers:
     def get(self, model: str) -> Any | None:
         if model not in self.paths:
             return None
-        if model not in self._loaded:
-            from transformers import AutoTokenizer
-
-            where, kwargs = pretrained_args(self.paths[model])  # a directory, or a GGUF file
-            self._loaded[model] = AutoTokenizer.from_pretrained(where, **kwargs)
+        with self._loading:
+            if model not in self._loaded:
+                self._loaded[model] = self._load(self.paths[model])
         return self._loaded[model]
+
+    @staticmethod
+    def _load(path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        where, kwargs = pretrained_args(path)  # a directory, or a GGUF file
+        return AutoTokenizer.from_pretrained(where, **kwargs)
 
     def fingerprints(self) -> dict[str, str]:
         """Base model → the fingerprint of its tokenizer (``protocol.tokenizers``), which

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import pytest
 import trio
 from sqlalchemy import update
 
@@ -154,3 +155,30 @@ def test_payloads_are_counted_liars_convicted_and_the_ledger_reconciles(tmp_path
         assert (check["charged_sampled"], check["recounted_sampled"]) == (13, 4 * PER_SAMPLE)
 
     trio.run(audit)
+
+
+def test_a_tokenizer_asked_for_by_threads_at_once_is_loaded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The recount's workers and the fingerprinting ask at once after a restart; one load, one
+    tokenizer (two threads importing transformers together failed one of them)."""
+    import threading
+    import time as time_
+
+    loads: list[str] = []
+
+    def slow_load(path: str) -> object:
+        loads.append(path)
+        time_.sleep(0.2)
+        return object()
+
+    tokenizers = Tokenizers({"tiny": "/models/tiny"})
+    monkeypatch.setattr(tokenizers, "_load", slow_load)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(tokenizers.get("tiny")))
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == ["/models/tiny"] and len(got) == 4 and len({id(g) for g in got}) == 1
