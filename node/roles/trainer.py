@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,14 @@ def group_wait_s(own_s: float) -> float:
     return max(GROUP_WAIT_MIN_S, 2.0 * own_s)
 
 
+def dht_moved(joined: Sequence[str], now: Sequence[str]) -> bool:
+    """Whether the run's DHT bootstrap is elsewhere than where this trainer joined it: the
+    coordinator restarted and started another. A trainer left in the old one never meets one
+    that joined the new one (every round "could not find a group": each goes on alone, their
+    manifests conflict, the round is trained again, for ever)."""
+    return bool(now) and set(now) != set(joined)
+
+
 class TrainerRole(Role):
     name = "trainer"
 
@@ -133,8 +142,13 @@ class TrainerRole(Role):
             self.trainer = await trio.to_thread.run_sync(self._build, a.run_id, a.settings)
             self.built_for = (a.run_id, a.settings)
         trainer = self.trainer
+        peers = list(a.hivemind_peers)
+        if trainer.collective is not None and dht_moved(trainer.collective.spec.initial_peers,
+                                                        peers):  # fmt: skip
+            log.info("the trainers' DHT is elsewhere now (the coordinator restarted): joining "
+                     "it again")  # fmt: skip
+            await trio.to_thread.run_sync(trainer.close)
         if a.group_size > 1 and trainer.collective is None:
-            peers = list(a.hivemind_peers)
             try:
                 await trio.to_thread.run_sync(
                     trainer.join, peers, a.run_id, a.settings.diloco.compression,

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from node.config import NodeConfig
-from node.roles.trainer import TrainerRole
+from node.roles.trainer import TrainerRole, dht_moved
 from node.store.adapters import AdapterStore
 from node.store.versions import VersionSync
 from protocol.adapters import AdapterManifest, ManifestAck, ShardInfo
@@ -51,3 +51,13 @@ def test_a_coordinator_that_stays_away_costs_the_round_not_the_node(tmp_path: Pa
     agent = Restarting(away=1000)
     assert trio.run(role(tmp_path, agent)._submit, MANIFEST) is None
     assert agent.asked == 8
+
+
+def test_a_trainer_joins_the_dht_again_once_its_bootstrap_moved() -> None:
+    """The coordinator restarted starts another DHT: a trainer left in the old one would never
+    meet one that joined the new one (a chaos run's trainers conflicted round after round)."""
+    old = ["/ip4/127.0.0.1/tcp/4100/p2p/QmOld"]
+    new = ["/ip4/127.0.0.1/tcp/4200/p2p/QmNew"]
+    assert dht_moved(old, new)
+    assert not dht_moved(old, list(reversed(old)))  # the same addresses: stay
+    assert not dht_moved(old, [])  # none named (the coordinator's DHT is down): stay
