@@ -49,7 +49,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ import msgspec
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+from benchkit import check_alive, wait_until, write_result  # noqa: E402  (scripts/, beside this file)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -138,23 +137,7 @@ class Network:
         proc.popen.wait(10)
 
     def check(self) -> None:
-        for name, p in [*self.procs.items(), ("coordinator", self.cluster.coordinator)]:
-            if p is not None and not p.alive():
-                raise RuntimeError(f"{name} exited ({p.popen.returncode}); see {p.log}")
-
-
-def wait(net: Network, what: str, probe: Callable[[], Any], timeout_s: float) -> Any:
-    end = time.monotonic() + timeout_s
-    while True:
-        net.check()
-        try:
-            if got := probe():
-                return got
-        except Exception:  # the coordinator restarting refuses connections for a moment
-            pass
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s: {what}")
-        time.sleep(0.3)
+        check_alive([*self.procs.items(), ("coordinator", self.cluster.coordinator)])
 
 
 def run_spec(rounds: int) -> dict[str, Any]:
@@ -179,7 +162,7 @@ def scenario(chaos: bool, args: argparse.Namespace, cache: Path, tiny: Path) -> 
         cluster.start_coordinator(extra=net.coordinator_args)
         for n in NODES:
             net.start(n)
-        wait(net, "the nodes joining", lambda: sum(
+        wait_until(net.check, "the nodes joining", lambda: sum(
             s == "alive" for s in cluster.statuses().values()) >= len(NODES), 120)  # fmt: skip
         (key,) = [k for k in cluster.accounts().all() if k.name == "researcher"]
         cluster.api("POST", "/v1/runs", json=run_spec(args.rounds))
@@ -234,7 +217,7 @@ def scenario(chaos: bool, args: argparse.Namespace, cache: Path, tiny: Path) -> 
             (k,) = [k for k in cluster.accounts().all() if k.name == "researcher"]
             return r if r["held_tokens"] == 0 and k.reserved_tokens == 0 else None
 
-        run = wait(net, "the run's holds settling", settled, args.report_deadline + 60)
+        run = wait_until(net.check, "the run's holds settling", settled, args.report_deadline + 60)
         final = snapshot(cluster, key.id)
         lost = records.lost(final)
         books = cluster.api("GET", "/v1/ledger", params={"run": RUN})

@@ -95,7 +95,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +105,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+from benchkit import check_alive, wait_until, write_result  # noqa: E402  (scripts/, beside this file)
 from rich.console import Console  # noqa: E402
 from rich.progress import (  # noqa: E402
     BarColumn,
@@ -202,9 +201,7 @@ class Scenario:
         return key.reserved_tokens
 
     def check(self) -> None:
-        for name, p in [*self.procs.items(), ("coordinator", self.cluster.coordinator)]:
-            if p is not None and not p.alive():
-                raise RuntimeError(f"{name} exited ({p.popen.returncode}); see {p.log}")
+        check_alive([*self.procs.items(), ("coordinator", self.cluster.coordinator)])
 
 
 def run_spec(max_rounds: int, max_tokens: int) -> dict[str, Any]:
@@ -212,20 +209,6 @@ def run_spec(max_rounds: int, max_tokens: int) -> dict[str, Any]:
     stop = msgspec.structs.replace(spec.stop, max_rounds=max_rounds, target_reward=0.95)
     rl = msgspec.structs.replace(spec.rl, max_tokens=max_tokens)
     return {**msgspec.structs.replace(spec, name=RUN, stop=stop, rl=rl).to_dict(), "name": RUN}
-
-
-def wait(sc: Scenario, what: str, probe: Callable[[], Any], timeout_s: float) -> Any:
-    end = time.monotonic() + timeout_s
-    while True:
-        sc.check()
-        try:
-            if got := probe():
-                return got
-        except Exception:  # a coordinator restarting refuses connections for a moment
-            pass
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s: {what}")
-        time.sleep(0.3)
 
 
 def play(
@@ -257,11 +240,11 @@ def play(
         cpu["end"], times["end"] = snapshot(sc.procs), time.time()
         if attack and not attack.caught(observe(sc, did)):
             progress.update(task, description=f"{key}: waiting for the attacker to be caught")
-            wait(sc, "the attacker caught", lambda: attack.caught(observe(sc, did)),
+            wait_until(sc.check, "the attacker caught", lambda: attack.caught(observe(sc, did)),
                  args.catch_timeout)  # fmt: skip
         progress.update(task, description=f"{key}: settling the bill")
         try:
-            wait(sc, "the run's bill settling", lambda: (
+            wait_until(sc.check, "the run's bill settling", lambda: (
                 sc.cluster.api("GET", f"/v1/runs/{RUN}")["held_tokens"] == 0
                 and sc.reserved() == 0), 60)  # fmt: skip
         except RuntimeError:  # what stays reserved on the key is counted as overcharged
@@ -299,7 +282,7 @@ def start(sc: Scenario, progress: Progress, task: TaskID) -> None:
     if attack and attack.roles and attack.joins_when is None:
         start_attackers(sc)
     progress.update(task, description=f"{sc.key}: {len(sc.procs)} nodes joining")
-    wait(sc, "nodes joining", lambda: sum(
+    wait_until(sc.check, "nodes joining", lambda: sum(
         s == "alive" for s in cluster.statuses().values()) >= len(sc.procs), 120)  # fmt: skip
 
 
@@ -310,7 +293,9 @@ def start_attackers(sc: Scenario) -> None:
     if attack.peer:
         peer = attack.peer
         nodes = sc.cluster.nodes
-        env["BAZAAR_PEER"] = wait(sc, f"{peer}'s id", lambda: nodes()[peer]["peer_id"], 60)
+        env["BAZAAR_PEER"] = wait_until(
+            sc.check, f"{peer}'s id", lambda: nodes()[peer]["peer_id"], 60
+        )
     for i in range(attack.attackers):
         name = ATTACKER if i == 0 else f"{ATTACKER}-{i + 1}"
         sc.procs[name] = sc.cluster.start_node(
