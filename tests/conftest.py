@@ -45,6 +45,7 @@ TINY_MODEL = pytest.StashKey[Path]()
 TINY_AGENT_MODEL = pytest.StashKey[Path]()
 
 
+@pytest.hookimpl(trylast=True)  # after ``-m`` and ``-k`` deselect: build only what runs
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
