@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import trio
@@ -79,15 +80,17 @@ async def fetch_payload(
     """The producer's signed payload with this digest, from the producer or from ``source``
     (a peer that kept a copy: the coordinator keeps every payload it recounted); refuses
     anything else, so who serves it does not matter."""
-    request = seal(identity, PayloadRequest(payload_hash=digest))
-    frame = await host.request(
-        source or producer,
-        PAYLOAD_PROTOCOL,
-        request,
-        max_response_bytes=MAX_PAYLOAD_FRAME,
-        timeout_s=timeout_s,
-    )
+    frame = await _payload_frame(host, identity, source or producer, digest, timeout_s)
     return _stored(frame, digest, producer, "producer", RolloutPayload, source or producer)
+
+
+async def _payload_frame(
+    host: P2PHost, identity: Identity, peer: str, digest: bytes, timeout_s: float
+) -> bytes:
+    request = seal(identity, PayloadRequest(payload_hash=digest))
+    cap = MAX_PAYLOAD_FRAME
+    return await host.request(peer, PAYLOAD_PROTOCOL, request, max_response_bytes=cap,
+                              timeout_s=timeout_s)  # fmt: skip
 
 
 async def fetch_part(
@@ -125,6 +128,22 @@ def payload_sources(producer: str, addrs: Sequence[str]) -> dict[str, list[str]]
     return out or {producer: []}
 
 
+class Unserved(NotFound):
+    """No source served a payload. ``failures`` holds ``(kind, detail)`` for each source, the
+    kind ``forged`` when it served bytes that are not the producer's payload of that digest
+    (a wrong hash, signer or type: evidence against whoever served them) and ``unavailable``
+    when it did not answer in time, could not be reached or said it has none."""
+
+    def __init__(self, digest: bytes, failures: list[tuple[str, str]]) -> None:
+        self.failures = failures
+        why = "; ".join(detail for _, detail in failures) or "no source"
+        super().__init__(f"no source served payload {digest.hex()[:12]}: {why}")
+
+    @property
+    def forged(self) -> bool:
+        return any(kind == "forged" for kind, _ in self.failures)
+
+
 async def fetch_rollout(
     host: P2PHost,
     identity: Identity,
@@ -132,20 +151,32 @@ async def fetch_rollout(
     addrs: Sequence[str],
     digest: bytes,
     timeout_s: float = 30.0,
+    deadline: float | None = None,
 ) -> Envelope:
     """The producer's signed payload from the first of its sources that serves it: the
     producer, then a peer that kept a copy (the coordinator, for every rollout it counted), so
-    a crashed producer's rollouts are not lost to those who consume them. ``NotFound`` when
+    a crashed producer's rollouts are not lost to those who consume them. Each source gets
+    ``timeout_s``, and none is asked after ``deadline`` (a ``time.time()``); ``Unserved`` when
     none serves it, naming why each did not."""
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
     for source, at in payload_sources(producer, addrs).items():
+        name = source[:12]
+        budget = timeout_s if deadline is None else min(timeout_s, deadline - time.time())
+        if budget <= 0:
+            failures.append(("unavailable", f"{name}: not asked before the deadline"))
+            continue
         try:
-            await host.connect_any(at)
-            return await fetch_payload(host, identity, producer, digest, timeout_s,
-                                       source=None if source == producer else source)  # fmt: skip
+            with trio.fail_after(budget):
+                await host.connect_any(list(at))
+                frame = await _payload_frame(host, identity, source, digest, budget)
         except (ProtocolError, OSError, trio.TooSlowError) as e:
-            failures.append(f"{source[:12]}: {type(e).__name__}: {e}")
-    raise NotFound(f"no source served payload {digest.hex()[:12]}: " + "; ".join(failures))
+            failures.append(("unavailable", f"{name}: {type(e).__name__}: {e}"))
+            continue
+        try:  # a whole answer that is not the producer's payload of this digest
+            return _stored(frame, digest, producer, "producer", RolloutPayload, source)
+        except ProtocolError as e:
+            failures.append(("forged", f"{name}: {type(e).__name__}: {e}"))
+    raise Unserved(digest, failures)
 
 
 async def fetch_committed_part(

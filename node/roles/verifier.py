@@ -46,7 +46,7 @@ from node.store.versions import VersionSync
 from protocol.adapters import AdapterManifest
 from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
-from protocol.payloads import fetch_committed_part, fetch_payload, fetch_rollout, payload_sources
+from protocol.payloads import Unserved, fetch_committed_part, fetch_rollout
 from protocol.rollouts import Dtype, RolloutPayload
 from protocol.verification import (
     AuditAssignment,
@@ -246,9 +246,9 @@ class VerifierRole(Role):
         """A payload from the first of its sources that serves it, or why none did."""
         agent = self.agent
         try:
-            timeout_s = max(1.0, deadline_ms / 1000 - time.time())
+            deadline = deadline_ms / 1000
             env = await fetch_rollout(agent.host, agent.identity, producer, addrs, digest,
-                                      timeout_s)  # fmt: skip
+                                      max(1.0, deadline - time.time()), deadline)  # fmt: skip
         except ProtocolError as e:
             return f"rollout {lease_id} not fetched: {e}"
         assert isinstance(env.message, RolloutPayload)
@@ -274,32 +274,18 @@ class VerifierRole(Role):
     async def fetch(
         self, a: AuditAssignment
     ) -> RolloutPayload | tuple[bool, str, str, dict[str, float]]:
-        """The payload from the first source that serves it (the producer's signature and the
-        receipt's hash checked whoever serves it), or the failed verdict: ``signature`` if a
-        source served a payload that is not the producer's, else ``unavailable``."""
-        host = self.agent.host
-        remaining = a.deadline_ms / 1000 - time.time()
-        if remaining <= 0:
+        """The payload from the first source that serves it before the audit's deadline (the
+        producer's signature and the receipt's hash checked whoever serves it), or the failed
+        verdict: ``signature`` if a source served a payload that is not the producer's, else
+        ``unavailable``."""
+        deadline = a.deadline_ms / 1000
+        if deadline <= time.time():
             return False, "unavailable", "the audit's deadline passed before the fetch", {}
-        failures: list[tuple[str, str]] = []
-        with trio.move_on_after(remaining):
-            for source, addrs in payload_sources(a.producer, a.producer_addrs).items():
-                try:
-                    await host.connect_any(addrs)
-                    env = await fetch_payload(
-                        host, self.agent.identity, a.producer, a.payload_hash,
-                        timeout_s=max(0.1, a.deadline_ms / 1000 - time.time()),
-                        source=None if source == a.producer else source,
-                    )  # fmt: skip
-                except ProtocolError as e:
-                    check = (
-                        "unavailable" if e.reason in ("remote_error", "transport") else "signature"
-                    )
-                    failures.append((check, f"{source[:12]}: {type(e).__name__}: {e}"))
-                    continue
-                assert isinstance(env.message, RolloutPayload)  # fetch_payload checked the type
-                return env.message
-        if not failures or len(failures) < len(payload_sources(a.producer, a.producer_addrs)):
-            failures.append(("unavailable", "no source served the payload in time"))
-        check = "signature" if any(c == "signature" for c, _ in failures) else "unavailable"
-        return False, check, "; ".join(d for _, d in failures), {}
+        agent = self.agent
+        try:
+            env = await fetch_rollout(agent.host, agent.identity, a.producer, a.producer_addrs,
+                                      a.payload_hash, deadline - time.time(), deadline)  # fmt: skip
+        except Unserved as e:
+            return False, "signature" if e.forged else "unavailable", str(e), {}
+        assert isinstance(env.message, RolloutPayload)  # fetch_rollout checked the type
+        return env.message

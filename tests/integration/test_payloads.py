@@ -13,7 +13,13 @@ from protocol.errors import BadSignature, HashMismatch, NotFound, RemoteError
 from protocol.identity import Identity
 from protocol.p2p import P2PHost
 from protocol.payload_store import PayloadStore
-from protocol.payloads import PAYLOAD_PROTOCOL, fetch_payload, fetch_rollout, serve_payloads
+from protocol.payloads import (
+    PAYLOAD_PROTOCOL,
+    Unserved,
+    fetch_payload,
+    fetch_rollout,
+    serve_payloads,
+)
 from protocol.rollouts import PayloadRequest
 from tests.examples import rollout_payload
 
@@ -79,5 +85,11 @@ def test_a_rollout_outlives_its_producer_at_the_peer_that_kept_it(tmp_path: Path
             with pytest.raises(NotFound, match="no source served") as e:
                 await fetch_rollout(consumer, consumer_id, producer_id.peer_id, addrs, forged, 5)
             assert "BadSignature" in str(e.value)  # why each source failed is named
+            kinds = [kind for kind, _ in e.value.failures]
+            assert kinds == ["unavailable", "forged"] and e.value.forged  # gone; then forged
+            with pytest.raises(Unserved) as e:  # no copy anywhere: nothing was forged
+                await fetch_rollout(consumer, consumer_id, producer_id.peer_id, addrs, b"0" * 32, 5)
+            assert [kind for kind, _ in e.value.failures] == ["unavailable"] * 2
+            assert not e.value.forged
 
     trio.run(main)
