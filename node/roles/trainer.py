@@ -77,19 +77,28 @@ log = logging.getLogger(__name__)
 PENDING_LIMIT_S = 600.0
 """How long a trainer keeps handing in a manifest the round's other trainers have not signed."""
 GROUP_WAIT_MIN_S = 30.0
+LONE_WAIT_S = 5.0
+"""How long a trainer dealt a round alone meets any other trainer that still works on it."""
 JOIN_ATTEMPTS = 5
 """Times in a row the trainer tries to join the all-reduce's DHT before its role stops (its
 bootstrap peers may be restarting; a DHT that never starts is a fault of this node)."""
 
 
-def group_wait_s(own_s: float) -> float:
+def group_wait_s(own_s: float, group_size: int = 2, co_trainers: int = 1) -> float:
     """How long a round's all-reduce waits for the group it was dealt to before this trainer
     goes on alone: at least ``GROUP_WAIT_MIN_S``, and twice what this trainer's own round took
     to get there (fetching, scoring, inner steps). Its partners do the same work from the same
     deal, so one up to twice as slow (a busier machine, a bigger model on a CPU) is still
     waited for; going alone too early makes each trainer sign its own manifest — a conflict,
-    and the round trained again, as slowly as before."""
-    return max(GROUP_WAIT_MIN_S, 2.0 * own_s)
+    and the round trained again, as slowly as before.
+
+    A round dealt to this trainer alone waits ``LONE_WAIT_S``, enough to meet a trainer dealt
+    it earlier that still works on it, and not at all when the coordinator counts no other
+    live trainer (the others left or were banned): no group can form, and waiting the full
+    time for one made every round of a trainer left alone 30 s long."""
+    if group_size > 1:
+        return max(GROUP_WAIT_MIN_S, 2.0 * own_s)
+    return LONE_WAIT_S if co_trainers else 0.0
 
 
 def dht_moved(joined: Sequence[str], now: Sequence[str]) -> bool:
@@ -185,7 +194,7 @@ class TrainerRole(Role):
             await trio.sleep(1.0)
             return
         me = committed_part(self.agent.host.peer_id, digest)  # its name in the all-reduce
-        wait_s = group_wait_s(trio.current_time() - started)
+        wait_s = group_wait_s(trio.current_time() - started, a.group_size, len(a.co_trainers))
         reduced = await trio.to_thread.run_sync(
             self._reduce, trainer, part, f"{a.run_id}@{a.version}", a.group_size, me, wait_s
         )  # fmt: skip

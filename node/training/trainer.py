@@ -189,8 +189,9 @@ class Trainer:
         timeout_s: float | None = None,
     ) -> Sum:
         """The sum of the group's parts (``finish``'s arguments), as the all-reduce gave it
-        (waiting up to ``timeout_s`` for a group: ``Collective.average``)."""
-        if self.collective is None:
+        (waiting up to ``timeout_s`` for a group: ``Collective.average``; 0: this part alone,
+        without asking)."""
+        if self.collective is None or timeout_s == 0:
             return Sum(part.to(torch.int64), 1, ())
         result = self.collective.average(part.numpy(), tag, expected, member, timeout_s)
         integer_sum = torch.from_numpy(np.asarray(result.integer_sum)).to(torch.int64)

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from node.config import NodeConfig
-from node.roles.trainer import TrainerRole, dht_moved
+from node.roles.trainer import GROUP_WAIT_MIN_S, LONE_WAIT_S, TrainerRole, dht_moved, group_wait_s
 from node.store.adapters import AdapterStore
 from node.store.versions import VersionSync
 from protocol.adapters import AdapterManifest, ManifestAck, ShardInfo
@@ -61,3 +61,11 @@ def test_a_trainer_joins_the_dht_again_once_its_bootstrap_moved() -> None:
     assert dht_moved(old, new)
     assert not dht_moved(old, list(reversed(old)))  # the same addresses: stay
     assert not dht_moved(old, [])  # none named (the coordinator's DHT is down): stay
+
+
+def test_a_trainer_left_alone_does_not_wait_for_a_group() -> None:
+    assert group_wait_s(3.0, group_size=2, co_trainers=1) == GROUP_WAIT_MIN_S
+    assert group_wait_s(40.0, group_size=2, co_trainers=1) == 80.0  # a slow partner is waited for
+    # dealt alone while another trainer lives: long enough to meet it if it works on the round
+    assert group_wait_s(3.0, group_size=1, co_trainers=1) == LONE_WAIT_S < GROUP_WAIT_MIN_S
+    assert group_wait_s(3.0, group_size=1, co_trainers=0) == 0.0  # no one left to meet
