@@ -291,7 +291,11 @@ class LeaseBook:
         for index in fresh:
             done[index] = lease.lease_id
         state.counted = fresh
-        self.waiting[run.run_id][state.lease_id] = state
+        if lease.policy_version >= run.policy_version - run.plan.spec.diloco.max_staleness:
+            # a rollout already too stale to train never waits: it would hold a place under
+            # the cap on untrained leases for good, and a run at max_staleness 0 stalled on two
+            # rollouts of the last version that were handed in just after the next was made
+            self.waiting[run.run_id][state.lease_id] = state
         run.completion_tokens += receipt.completion_tokens
         total = run.plan.spec.rl.max_examples
         if total is not None and len(done) >= total and run.state == "running":

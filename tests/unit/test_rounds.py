@@ -45,6 +45,20 @@ def test_leases_waiting_for_training_are_capped() -> None:
     assert b.issue_for("b", "tiny", 1, untrained_cap=2) is not None
 
 
+def test_a_rollout_handed_in_too_stale_takes_no_place_under_the_cap() -> None:
+    b = LeaseBook(Clock())
+    b.add_run(plan(max_examples=None, prompts_per_lease=1, max_staleness=0))
+    run = b.runs["r1"]
+    late = [b.issue_for("a", "tiny", 1, untrained_cap=2) for _ in range(2)]
+    b.set_policy_version("r1", 1)  # the next version is made before their receipts arrive
+    for lease in late:
+        assert lease is not None
+        assert b.receipt("a", receipt_for(lease)) is ReceiptOutcome.COUNTED  # paid as sampled
+        assert not b.trainable(run, b.leases[lease.lease_id])
+    assert b.untrained(run) == 0
+    assert b.issue_for("a", "tiny", 1, {"r1": 1}, untrained_cap=2) is not None  # not stalled
+
+
 def test_the_staleness_window_bounds_what_trains() -> None:
     b = LeaseBook(Clock())
     b.add_run(STREAM)  # max_staleness 1
