@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 
 from coordinator.db import LeaseState, RunState
@@ -66,6 +66,8 @@ class LeaseBook:
         """Each run's counted rollouts that no round has been dealt yet."""
         self.dealt: dict[tuple[str, int], list[LeaseState]] = {}
         """The rollouts dealt to each (run, round)."""
+        self.withdrawn: dict[str, set[int]] = {}
+        """Each run's withdrawn versions (a rollback): rollouts sampled at them never train."""
         self.of_node: dict[str, list[LeaseState]] = {}
         self._next_run = 0  # round robin over runs
 
@@ -84,9 +86,18 @@ class LeaseBook:
         self.runs[run.run_id] = run
         self.done[run.run_id], self.returned[run.run_id] = {}, deque()
         self.waiting[run.run_id] = {}
+        self.withdrawn.setdefault(run.run_id, set())
 
-    def restore(self, runs: Iterable[RunState], leases: Iterable[LeaseState]) -> None:
-        """Rebuild the book and its indexes from stored runs and leases (a restart)."""
+    def restore(
+        self,
+        runs: Iterable[RunState],
+        leases: Iterable[LeaseState],
+        withdrawn: Mapping[str, Iterable[int]] | None = None,
+    ) -> None:
+        """Rebuild the book and its indexes from stored runs and leases (a restart), and each
+        run's ``withdrawn`` versions."""
+        for run_id, versions in (withdrawn or {}).items():
+            self.withdrawn.setdefault(run_id, set()).update(versions)
         for run in runs:
             self._index_run(run)
         lost: dict[str, set[int]] = {r: set() for r in self.runs}
@@ -100,7 +111,7 @@ class LeaseBook:
                 self.done[state.run_id][index] = state.lease_id
             if state.trained_in is not None:
                 self.dealt.setdefault((state.run_id, state.trained_in), []).append(state)
-            elif state.counted and state.status == "completed":
+            elif state.counted and state.status == "completed" and self._may_wait(state):
                 self.waiting[state.run_id][state.lease_id] = state
         for run in self.runs.values():
             self.set_policy_version(run.run_id, run.policy_version)  # drops what is too stale
@@ -125,10 +136,12 @@ class LeaseBook:
         for lease_id in [i for i, s in waiting.items() if s.lease.policy_version < oldest]:
             del waiting[lease_id]
 
-    def roll_back(self, run_id: str, version: int) -> None:
-        """The run is back at ``version`` (newer ones were withdrawn): rollouts sampled at a
-        withdrawn version leave the waiting index, never to train."""
+    def roll_back(self, run_id: str, version: int, withdrawn: Iterable[int] = ()) -> None:
+        """The run is back at ``version`` (newer ones, ``withdrawn``, were withdrawn): rollouts
+        sampled at a withdrawn version leave the waiting index, never to train — those handed
+        in later too."""
         self.runs[run_id].policy_version = version
+        self.withdrawn.setdefault(run_id, set()).update(withdrawn)
         waiting = self.waiting[run_id]
         for lease_id in [i for i, s in waiting.items() if s.lease.policy_version > version]:
             del waiting[lease_id]
@@ -221,8 +234,19 @@ class LeaseBook:
         return (
             state.status == "completed" and bool(state.counted) and state.confirmed and trusted
             and oldest <= state.lease.policy_version <= run.policy_version
+            and state.lease.policy_version not in self.withdrawn.get(run.run_id, ())
             and state.trained_in in (None, run.policy_version)
         )  # fmt: skip
+
+    def _may_wait(self, state: LeaseState) -> bool:
+        """Whether a counted rollout may still train in a later round: sampled within the
+        run's staleness window and not at a withdrawn version. One that may not never waits:
+        it would hold a place under the cap on untrained leases for good (a run at
+        max_staleness 0 stalled on two rollouts of the last version handed in just after the
+        next was made)."""
+        run, version = self.runs[state.run_id], state.lease.policy_version
+        oldest = run.policy_version - run.plan.spec.diloco.max_staleness
+        return version >= oldest and version not in self.withdrawn.get(run.run_id, ())
 
     def ready(self, run: RunState) -> list[LeaseState]:
         """The rollouts the run's current round may train on: those dealt to it, then those
@@ -291,10 +315,7 @@ class LeaseBook:
         for index in fresh:
             done[index] = lease.lease_id
         state.counted = fresh
-        if lease.policy_version >= run.policy_version - run.plan.spec.diloco.max_staleness:
-            # a rollout already too stale to train never waits: it would hold a place under
-            # the cap on untrained leases for good, and a run at max_staleness 0 stalled on two
-            # rollouts of the last version that were handed in just after the next was made
+        if self._may_wait(state):
             self.waiting[run.run_id][state.lease_id] = state
         run.completion_tokens += receipt.completion_tokens
         total = run.plan.spec.rl.max_examples

@@ -493,7 +493,7 @@ class Rounds:
             r.revoked = True
         for key in [k for k in self._proposals if k[0] == run.run_id]:
             del self._proposals[key]
-        self.state.book.roll_back(run.run_id, to)
+        self.state.book.roll_back(run.run_id, to, [r.version for r in withdrawn])
         if run.deployed is not None and run.deployed > to:
             run.deployed = to or None
         self.state.replays.cancel(run.run_id, {r.trained_from() for r in withdrawn})

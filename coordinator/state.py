@@ -102,9 +102,11 @@ class State:
         s = self.session
         runs = list(s.scalars(select(RunState).order_by(RunState.created_at)))
         leases = list(s.scalars(select(LeaseState)))
-        self.book.restore(runs, leases)
         for row in s.scalars(select(AdapterRow).order_by(AdapterRow.run_id, AdapterRow.version)):
             self.versions.setdefault(row.run_id, {})[row.version] = row
+        withdrawn = {run_id: [v for v, row in rows.items() if row.revoked]
+                     for run_id, rows in self.versions.items()}  # fmt: skip
+        self.book.restore(runs, leases, withdrawn)
         for report in s.scalars(select(ReportRow).order_by(ReportRow.at)):
             self.reports.add(report)
         for lease in leases:

@@ -59,6 +59,27 @@ def test_a_rollout_handed_in_too_stale_takes_no_place_under_the_cap() -> None:
     assert b.issue_for("a", "tiny", 1, {"r1": 1}, untrained_cap=2) is not None  # not stalled
 
 
+def test_rollouts_of_withdrawn_versions_never_train_even_handed_in_late() -> None:
+    b = LeaseBook(Clock())
+    b.add_run(STREAM)  # max_staleness 1
+    run = b.runs["r1"]
+    b.set_policy_version("r1", 1)
+    out = b.issue_for("a", "tiny", 1, {"r1": 1})  # sampled at v1, which a rollback withdraws
+    assert out is not None
+    b.roll_back("r1", 0, [1])
+    b.set_policy_version("r1", 2)  # the next version takes the next number: v1 is in its window
+    assert b.receipt("a", receipt_for(out)) is ReceiptOutcome.COUNTED
+    b.leases[out.lease_id].recounted_tokens = 100
+    assert not b.trainable(run, b.leases[out.lease_id]) and b.untrained(run) == 0
+    fresh = deliver(b, "a", {"r1": 2})
+    assert b.trainable(run, b.leases[fresh])
+    # and after a restart, rebuilt from the stored runs and leases and the withdrawn versions
+    again = LeaseBook(Clock())
+    again.restore(list(b.runs.values()), list(b.leases.values()), {"r1": [1]})
+    assert not again.trainable(again.runs["r1"], again.leases[out.lease_id])
+    assert list(again.waiting["r1"]) == [fresh]
+
+
 def test_the_staleness_window_bounds_what_trains() -> None:
     b = LeaseBook(Clock())
     b.add_run(STREAM)  # max_staleness 1
