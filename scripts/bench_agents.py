@@ -115,7 +115,7 @@ def reward_parity(
     from protocol.runs import load_spec
 
     def before_after(rewards: list[dict[str, Any]]) -> tuple[float, float]:
-        last = rewards[-6:]
+        last = rewards[-min(6, len(rewards) // 2) or -1 :]  # never "before" in "after"
         after = sum(r["mean"] * r["samples"] for r in last) / sum(r["samples"] for r in last)
         return rewards[0]["mean"], after
 
@@ -164,10 +164,12 @@ def main() -> None:
                         help="the network's max_staleness (default: the spec's)")  # fmt: skip
     parser.add_argument("--no-parity", action="store_true", help="skip the training runs")
     parser.add_argument("--quick", action="store_true",
-                        help="2 leases, 20 sandbox runs, one parity seed")  # fmt: skip
+                        help="2 leases, 20 sandbox runs, a parity seed of 12 versions")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
-        args.leases, args.sandbox_runs, args.seeds = 2, 20, 1
+        args.leases, args.sandbox_runs, args.seeds, args.rounds = 2, 20, 1, 12
+    if args.staleness is not None and args.staleness < 0:
+        parser.error("--staleness must be 0 or more")
     import torch
 
     from bazaar.up import tiny_model

@@ -243,12 +243,14 @@ class VerifierRole(Role):
 
     async def fetch_rollout(self, lease_id: str, producer: str, addrs: list[str], digest: bytes,
                             deadline_ms: int) -> RolloutPayload | str:  # fmt: skip
-        """A payload from the first of its sources that serves it, or why none did."""
+        """A payload from the first of its sources that serves it, or why none did (each
+        source gets what is left before the deadline, and at least 1 s: a replay's deadline
+        is the coordinator's clock)."""
         agent = self.agent
         try:
-            deadline = deadline_ms / 1000
+            timeout_s = max(1.0, deadline_ms / 1000 - time.time())
             env = await fetch_rollout(agent.host, agent.identity, producer, addrs, digest,
-                                      max(1.0, deadline - time.time()), deadline)  # fmt: skip
+                                      timeout_s)  # fmt: skip
         except ProtocolError as e:
             return f"rollout {lease_id} not fetched: {e}"
         assert isinstance(env.message, RolloutPayload)
