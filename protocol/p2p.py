@@ -460,7 +460,10 @@ class P2PHost:
         timeout_s: float = 10.0,
     ) -> bytes:
         """Send one request and return the answer; a handler's refusal is ``RemoteError``."""
-        pid = ID.from_base58(peer_id)
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception as e:  # an address a peer announced, not ours to trust
+            raise DecodeError(f"not a peer id: {peer_id[:64]!r} ({e})") from None
         self.budget.touch(peer_id)
         try:
             with trio.fail_after(timeout_s):

@@ -91,5 +91,9 @@ def test_a_rollout_outlives_its_producer_at_the_peer_that_kept_it(tmp_path: Path
                 await fetch_rollout(consumer, consumer_id, producer_id.peer_id, addrs, b"0" * 32, 5)
             assert [kind for kind, _ in e.value.failures] == ["unavailable"] * 2
             assert not e.value.forged
+            bad = [*addrs, "/ip4/127.0.0.1/tcp/1/p2p/not-a-peer-id"]  # a lie in the addresses
+            with pytest.raises(Unserved) as e:
+                await fetch_rollout(consumer, consumer_id, producer_id.peer_id, bad, b"0" * 32, 5)
+            assert "not a peer id" in str(e.value) and not e.value.forged
 
     trio.run(main)
