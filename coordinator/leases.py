@@ -113,8 +113,6 @@ class LeaseBook:
                 self.dealt.setdefault((state.run_id, state.trained_in), []).append(state)
             elif state.counted and state.status == "completed" and self._may_wait(state):
                 self.waiting[state.run_id][state.lease_id] = state
-        for run in self.runs.values():
-            self.set_policy_version(run.run_id, run.policy_version)  # drops what is too stale
         for run_id, indices in lost.items():
             out = {i for s in self.active.values() if s.run_id == run_id
                    for i in s.lease.example_indices}  # fmt: skip
@@ -129,11 +127,9 @@ class LeaseBook:
     def set_policy_version(self, run_id: str, version: int) -> None:
         """The run is at a new version: rollouts now too stale to train leave the waiting
         index (versions only grow, so they never could again)."""
-        run = self.runs[run_id]
-        run.policy_version = version
-        oldest = version - run.plan.spec.diloco.max_staleness
+        self.runs[run_id].policy_version = version
         waiting = self.waiting[run_id]
-        for lease_id in [i for i, s in waiting.items() if s.lease.policy_version < oldest]:
+        for lease_id in [i for i, s in waiting.items() if not self._may_wait(s)]:
             del waiting[lease_id]
 
     def roll_back(self, run_id: str, version: int, withdrawn: Iterable[int] = ()) -> None:
@@ -141,7 +137,7 @@ class LeaseBook:
         sampled at a withdrawn version leave the waiting index, never to train — those handed
         in later too."""
         self.runs[run_id].policy_version = version
-        self.withdrawn.setdefault(run_id, set()).update(withdrawn)
+        self.withdrawn[run_id].update(withdrawn)
         waiting = self.waiting[run_id]
         for lease_id in [i for i, s in waiting.items() if s.lease.policy_version > version]:
             del waiting[lease_id]
@@ -228,13 +224,12 @@ class LeaseBook:
     def trainable(self, run: RunState, state: LeaseState) -> bool:
         """A counted rollout whose token count the coordinator confirmed (and, for a run that
         trains only on trusted work, whose audit passed or was not drawn), within the run's
-        staleness window, not taken by an earlier round."""
-        oldest = run.policy_version - run.plan.spec.diloco.max_staleness
+        staleness window and not of a withdrawn version (``_may_wait``), not taken by an
+        earlier round."""
         trusted = state.audit in ("", "passed") or not run.plan.spec.verification.trusted_only
         return (
             state.status == "completed" and bool(state.counted) and state.confirmed and trusted
-            and oldest <= state.lease.policy_version <= run.policy_version
-            and state.lease.policy_version not in self.withdrawn.get(run.run_id, ())
+            and self._may_wait(state) and state.lease.policy_version <= run.policy_version
             and state.trained_in in (None, run.policy_version)
         )  # fmt: skip
 
@@ -246,7 +241,7 @@ class LeaseBook:
         next was made)."""
         run, version = self.runs[state.run_id], state.lease.policy_version
         oldest = run.policy_version - run.plan.spec.diloco.max_staleness
-        return version >= oldest and version not in self.withdrawn.get(run.run_id, ())
+        return version >= oldest and version not in self.withdrawn[run.run_id]
 
     def ready(self, run: RunState) -> list[LeaseState]:
         """The rollouts the run's current round may train on: those dealt to it, then those
