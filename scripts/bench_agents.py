@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchkit import write_result  # noqa: E402  (scripts/, beside this file)
+from benchkit import mean_ci95, write_result  # noqa: E402  (scripts/, beside this file)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -139,14 +139,7 @@ def reward_parity(
                      "central_versions": len(cen["rewards"]),
                      "network_s": net["seconds"], "central_s": cen["seconds"],
                      "parity": na / ca if ca > 0 else float("nan")})  # fmt: skip
-    parities = [r["parity"] for r in rows]
-    mean = statistics.fmean(parities)
-    half = 0.0
-    if len(parities) > 1:
-        from scipy import stats
-
-        sem = statistics.stdev(parities) / len(parities) ** 0.5
-        half = float(stats.t.ppf(0.975, len(parities) - 1)) * sem
+    mean, half = mean_ci95([r["parity"] for r in rows])
     return {"rounds": rounds, "seeds": seeds, "per_seed": rows,
             "max_staleness": spec.diloco.max_staleness,
             "reward_parity": mean, "reward_parity_ci95": half}  # fmt: skip

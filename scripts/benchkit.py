@@ -28,6 +28,20 @@ def write_result(out: Path, result: dict[str, Any]) -> None:
     print(f"wrote {out}")
 
 
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and the half-width of its 95 % interval (Student's t; 0 for one
+    value)."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    from scipy import stats
+
+    sem = statistics.stdev(values) / len(values) ** 0.5
+    return mean, float(stats.t.ppf(0.975, len(values) - 1)) * sem
+
+
 def check_alive(procs: Iterable[tuple[str, Any]]) -> None:
     """RuntimeError naming the first of ``(name, process)`` that exited, and its log (a
     ``tests.integration.cluster.Proc``; None: not started)."""

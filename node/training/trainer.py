@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,9 +148,16 @@ class Trainer:
         """A round's own work: the completions cut into ``inner_steps`` batches, one inner
         step each from a fresh AdamW, and the pseudo-gradient quantized: this trainer's part,
         which it commits to before the all-reduce. The model is left at the local weights."""
+        return self.inner_on(inner_batches(examples, inner_steps))
+
+    def inner_on(
+        self, batches: Iterable[Sequence[Completion]]
+    ) -> tuple[torch.Tensor, list[LossStats]]:
+        """``inner`` on batches drawn one step at a time: a batch may be sampled with the local
+        weights the steps before it made (``scripts/bench_diloco.py --sampling local``)."""
         self.global_w = self.model.flat()
         self.model.reset_inner()
-        stats = [self.model.inner_step(b) for b in inner_batches(examples, inner_steps)]
+        stats = [self.model.inner_step(b) for b in batches]
         return self.quantizer.encode(self.global_w - self.model.flat()), stats
 
     def pseudo_gradient(self, examples: Sequence[Completion], inner_steps: int) -> torch.Tensor:

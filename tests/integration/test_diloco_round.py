@@ -19,7 +19,7 @@ from node.model.backends.torch_backend import TorchBackend
 from node.model.rollouts import Producer
 from node.training.collective import Collective, CollectiveSpec
 from node.training.diloco import OuterOptimizer, Quantizer, levels_for
-from node.training.examples import Completion, training_examples
+from node.training.examples import Completion, inner_batches, training_examples
 from node.training.lora import LoraTrainer
 from node.training.trainer import Trained, Trainer
 from protocol.leases import Lease, SamplingParams
@@ -130,3 +130,23 @@ def test_a_late_trainer_downloads_the_state_and_matches_from_then_on(tiny_model:
         results = _round_all([*early, late], [data[0], data[1], data[1][::-1]])
         assert [r.group_size for r in results] == [3, 3, 3]
         assert all(torch.equal(r.weights, results[0].weights) for r in results)
+
+
+def test_inner_steps_take_batches_drawn_one_at_a_time(tiny_model: Path) -> None:
+    """``inner_on`` draws each batch after the steps before it (what a trainer sampling with
+    its own weights relies on: ``bench_diloco --sampling local``), and on the same batches it
+    computes ``inner``'s part exactly."""
+    data = _completions(tiny_model)[0][: 8 * H]
+    whole, drawn = _trainer(tiny_model, levels_for(2)), _trainer(tiny_model, levels_for(2))
+    expected, _ = whole.inner(data, H)
+    weights_when_drawn = []
+
+    def batches() -> Iterator[list[Completion]]:
+        for batch in inner_batches(data, H):
+            weights_when_drawn.append(drawn.model.flat().clone())
+            yield batch
+
+    part, stats = drawn.inner_on(batches())
+    assert len(stats) == H
+    assert torch.equal(part, expected)
+    assert not torch.equal(weights_when_drawn[0], weights_when_drawn[1])  # a step came between
