@@ -12,7 +12,14 @@ state (version, global weights, outer momentum, quantizer scales) through the av
 trainer that joins later downloads it from a peer (hivemind's ``load_state_from_peers``), so it
 starts the next round from the same bits as the others. A round that finds no group, or whose
 all-reduce fails because a peer vanished, is retried until ``round_timeout_s``; after that the
-trainer goes on alone (group size 1). The pipe carries our own arrays between our own two
+trainer goes on alone (group size 1).
+
+Matchmaking runs on hivemind's own timings (a leader answers a join request within 3 s, a
+group forms within 5 s) with the group's target size set to the round's expected size, so a
+full group starts at once and the 5 s are spent only waiting on a missing member. Tighter
+timings (1 s and 2 s) failed under load: on two busy cores a leader's process did not answer
+within 1 s, no group formed, each trainer went on alone and their versions conflicted. The pipe
+carries our own arrays between our own two
 processes; nothing from a peer is unpickled.
 """
 
@@ -46,7 +53,9 @@ class CollectiveSpec:
     """Length of the flat tensor averaged each round."""
     target_group_size: int = 4
     min_group_size: int = 2
-    matchmaking_s: float = 2.0
+    matchmaking_s: float = 5.0
+    request_timeout_s: float = 3.0
+    """How long a peer waits for a leader's answer; below ``matchmaking_s`` (hivemind's rule)."""
     patience_s: float = 10.0
     """How long a round waits for the group it expects before it settles for fewer peers."""
     round_timeout_s: float = 30.0
@@ -173,11 +182,23 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
             def get_current_state(self) -> tuple[Any, list[Any], None]:
                 return self.shared[0], self.shared[1], None  # runs in this process
 
+            def set_target_group_size(self, size: int) -> None:
+                """The size at which a leader starts the all-reduce without waiting out the
+                matchmaking time; set in the averager's process, through its pipe, as
+                hivemind's own calls are."""
+                done = hivemind.utils.MPFuture()
+                self._outer_pipe.send(("_set_target_group_size", [size, done], {}))
+                done.result(timeout=30)
+
+            async def _set_target_group_size(self, size: int, done: Any) -> None:
+                self._matchmaking.target_group_size = size
+                done.set_result(None)
+
         tensor = torch.zeros(spec.size)
         averager = Averager(
             [tensor], dht, prefix=spec.prefix, start=True, allow_state_sharing=False,
             target_group_size=spec.target_group_size, min_group_size=spec.min_group_size,
-            min_matchmaking_time=spec.matchmaking_s, request_timeout=1.0,
+            min_matchmaking_time=spec.matchmaking_s, request_timeout=spec.request_timeout_s,
             compression=compression, allreduce_timeout=spec.round_timeout_s,
         )  # fmt: skip
         conn.send(("ok", [str(a) for a in dht.get_visible_maddrs()]))
@@ -263,6 +284,10 @@ def _round(
     # rounds are not even met; hivemind changes the bits after a group, so set them each time
     digest = hashlib.sha256(tag.encode()).digest()
     bits = format(int.from_bytes(digest[:2], "big"), "016b") if tag else ""
+    # a round that expects a group starts as soon as it is whole; one that expects no one in
+    # particular takes whoever comes within the matchmaking time, up to the spec's target
+    whole = expected >= spec.min_group_size
+    averager.set_target_group_size(expected if whole else spec.target_group_size)
     while time.monotonic() < deadline:
         rejoin()
         averager.set_group_bits(bits)

@@ -6,6 +6,7 @@ the coordinator's DHT, which leaves with the coordinator."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -167,6 +168,27 @@ def test_the_wire_formats_are_exact_and_counted(wire: str) -> None:
     per_value = 2.0 if wire == "fp16" else 15 / 16
     expected_bytes = rounds * 2 * SIZE * per_value
     assert 0.95 * expected_bytes <= total <= 1.05 * expected_bytes, (total, expected_bytes)
+
+
+def test_a_whole_group_starts_without_waiting_out_the_matchmaking_time() -> None:
+    """Two trainers dealt a round of two meet and average as soon as both are there: the
+    leader's target is the round's size, not the spec's (8), so the 20 s of matchmaking time
+    are never waited out; waited out, every round took at least that."""
+    spec = CollectiveSpec([], "run-whole", SIZE, target_group_size=8, matchmaking_s=20,
+                          request_timeout_s=3, round_timeout_s=60)  # fmt: skip
+    first = Collective(spec)
+    pair = [first]
+    try:
+        first.start()
+        pair.append(Collective(dataclasses.replace(spec, initial_peers=first.visible_addrs)))
+        pair[1].start()
+        for r in range(2):
+            results = _round(pair, [_q(r), _q(r + 10)], tags=[f"whole@{r}"] * 2, expected=2)
+            assert all(x is not None and x.group_size == 2 for x in results), results
+            assert all(x.seconds < 15 for x in results if x), [x.seconds for x in results if x]
+    finally:
+        for c in pair:
+            c.close()
 
 
 def test_a_trainer_alone_goes_on_alone() -> None:
