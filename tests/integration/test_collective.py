@@ -53,13 +53,18 @@ def peers() -> Iterator[list[Collective]]:
 
 
 def _round(
-    peers: list[Collective], qs: list[np.ndarray], tags: list[str] | None = None, expected: int = 1
+    peers: list[Collective],
+    qs: list[np.ndarray],
+    tags: list[str] | None = None,
+    expected: int = 1,
+    timeouts: list[float | None] | None = None,
 ) -> list[RoundResult | None]:
     results: list[RoundResult | None] = [None] * len(peers)
     tags = tags or [""] * len(peers)
+    timeouts = timeouts or [None] * len(peers)
 
     def run(i: int) -> None:
-        results[i] = peers[i].average(qs[i], tags[i], expected)
+        results[i] = peers[i].average(qs[i], tags[i], expected, timeout_s=timeouts[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -110,8 +115,8 @@ def test_a_trainer_killed_mid_round_is_dropped(peers: list[Collective]) -> None:
 
 def test_only_peers_of_the_same_round_average_together(peers: list[Collective]) -> None:
     qs = [_q(40), _q(41), _q(42)]
-    # the third is a round ahead: the two of version 5 average, it ends alone at the timeout
-    results = _round(peers, qs, tags=["r@5", "r@5", "r@6"], expected=2)
+    # the third is a round ahead: the two of version 5 average, it ends alone at its timeout
+    results = _round(peers, qs, tags=["r@5", "r@5", "r@6"], expected=2, timeouts=[None, None, 12])
     assert [r.group_size for r in results if r is not None] == [2, 2, 1]
     pair = qs[0] + qs[1]
     assert results[0] is not None and np.array_equal(results[0].integer_sum, pair)
