@@ -121,17 +121,19 @@ class LocalNetwork:
         return str(info["http"]), str(info["multiaddrs"][0])
 
     def start_nodes(
-        self, n: int, coordinator: str, cache: Path, serve: bool = True, preload: bool = True
-    ) -> None:
+        self, n: int, coordinator: str, cache: Path, serve: bool = True, preload: bool = True,
+        model: str = "tiny",
+    ) -> None:  # fmt: skip
         """``n`` nodes laid out by ``node_layout`` (the first one serving the OpenAI API, unless
         ``serve`` is off), each with its own data directory, sharing one model cache; samplers
-        load their model at start unless ``preload`` is off."""
+        load their model (``--model``) at start unless ``preload`` is off."""
         for i in range(n):
             roles, serves = node_layout(i, n)
             self.spawn(f"node-{i}", self.root / f"node-{i}", [
                 "node", "start", "--name", f"node-{i}", "--roles", roles,
                 "--coordinator", coordinator, "--listen", "/ip4/127.0.0.1/tcp/0",
-                f"--model_cache={cache}", "--torch_threads=1", f"--preload={preload}",
+                f"--model_cache={cache}", f"--model={model}", "--torch_threads=1",
+                f"--preload={preload}",
                 *(["--serve"] if serve and serves else []),
             ])  # fmt: skip
 

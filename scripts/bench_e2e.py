@@ -1,11 +1,13 @@
 """Benchmark: the demo run to its target reward through a local network vs centralized GRPO.
 
 Both train the demo spec (``examples/arith-tiny.toml``: one-digit additions on the tiny model,
-LoRA rank 8, groups of 8, 8 prompts a lease, H = 4 inner AdamW steps, outer lr 1, fp16 wire)
+LoRA rank 8, groups of 8, 32 prompts a lease, H = 4 inner AdamW steps, outer lr 1, fp16 wire)
 until the completions sampled at one version reach ``--target`` mean reward over at least
 ``--min-samples`` of them — the spec's ``stop.target_reward`` rule, which the coordinator
 applies to the rewards trainers report. Same machine, same tokens: a round is one lease of
-8 prompts × 8 completions (the coordinator runs with ``round_leases = 1``) in both.
+the spec's prompts × 8 completions (the coordinator runs with ``round_leases = 1``) in both;
+``--split K`` cuts the network's rounds into K leases of 1/K of the prompts each, which the
+samplers sample side by side (the same tokens a round).
 
 - **Network**: ``bazaar up``'s processes without the gateway — a coordinator and N nodes (two
   samplers, one of them verifying, and a trainer for N = 3), every one a real process on
@@ -24,6 +26,11 @@ Besides the time to target, each side's time to its first version (model loading
 round) and its seconds per version after that are reported: the first is start-up, the second
 the loop's speed.
 
+``--model smollm2`` runs the same comparison on SmolLM2-135M-Instruct with its shipped run
+(``examples/smollm2-arith.toml``: one-digit sums asked as questions; ``scripts/setup-smollm2``
+installs the model), where compute, not coordination, dominates a version; its default target
+is 0.6.
+
 Each method runs ``--trials`` times (seeds ``--seed``, ``--seed + 1``, ...; a fresh network
 each time); times are medians. ``time_ratio`` = network / centralized median time to target
 (above 1: what the network's coordination costs on one machine, where its parallelism buys
@@ -33,7 +40,7 @@ completions — so ``s_per_version`` (and its ratio) tells speed apart from luck
 processed, recounted from the lease records and reports; it must be exactly 1.0, as must
 ``key_usage_vs_billed`` (the usage records on the researcher's key over the charges).
 
-Run: ``python scripts/bench_e2e.py [--quick]``
+Run: ``python scripts/bench_e2e.py [--quick] [--model smollm2]``
 """
 
 from __future__ import annotations
@@ -60,10 +67,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bazaar.up import DEMO_SPEC, LocalNetwork, tiny_model  # noqa: E402
+from node.model.loading import resolve, smollm2_path  # noqa: E402
 from protocol.runs import RunSpec, load_spec  # noqa: E402
 from protocol.service.config import data_dir  # noqa: E402
 
 console = Console()
+SPECS = {"tiny": DEMO_SPEC, "smollm2": REPO / "examples" / "smollm2-arith.toml"}
+TARGETS = {"tiny": 0.4, "smollm2": 0.6}
 
 
 def reached(rewards: list[dict[str, Any]], target: float, min_samples: int) -> int | None:
@@ -79,7 +89,17 @@ def network(
     timeout_s: float,
     retry_after_s: float,
     preload: bool = False,
+    split: int = 1,
 ) -> dict[str, Any]:
+    """The run through a network; ``split`` > 1 cuts each round's prompts into that many leases
+    (``round_leases``), so that the samplers share a round's sampling."""
+    model = spec.base_model
+    rl = spec.rl
+    if split > 1:
+        if rl.prompts_per_lease % split:
+            raise SystemExit(f"--split {split} does not divide {rl.prompts_per_lease} prompts")
+        rl = msgspec.structs.replace(rl, prompts_per_lease=rl.prompts_per_lease // split)
+        spec = msgspec.structs.replace(spec, rl=rl)
     from protocol.accounts import KeyStore, open_database
 
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -88,12 +108,12 @@ def network(
     try:
         home = root / "coordinator"
         url, maddr = net.start_coordinator(
-            home, ["--leases.round_leases=1", f"--leases.retry_after_s={retry_after_s}",
-                   f"--tokenizers.tiny={tiny_model(cache)}"],
+            home, [f"--leases.round_leases={split}", f"--leases.retry_after_s={retry_after_s}",
+                   f"--tokenizers.{model}={resolve(model, cache)}"],
         )  # fmt: skip
         # loading models counts, as for the centralized loop: not before the run is submitted
         # (unless --preload: samplers load theirs as they join, as `bazaar up` starts them)
-        net.start_nodes(nodes, maddr, cache, serve=False, preload=preload)
+        net.start_nodes(nodes, maddr, cache, serve=False, preload=preload, model=model)
 
         def alive() -> bool:
             data = httpx.get(f"{url}/v1/network/nodes", timeout=5).json()["data"]
@@ -148,7 +168,7 @@ def network(
     }  # fmt: skip
 
 
-def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, Any]:
+def central(spec: RunSpec, path: str, max_rounds: int, seed: int) -> dict[str, Any]:
     import torch
 
     from coordinator.runs import plan_run
@@ -162,9 +182,9 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
     settings = spec.training()
     env = load_environment(spec.env.name, **spec.env.args)
     started = time.perf_counter()  # loading its models is part of its time, as on the network
-    backend = TorchBackend.from_pretrained(tiny)
+    backend = TorchBackend.from_pretrained(path)
     producer = Producer(backend, backend.tokenizer)
-    trainer = Trainer.build(tiny, "central", settings)
+    trainer = Trainer.build(path, "central", settings)
     rl, stop = spec.rl, spec.stop
     sampling = plan_run(spec).sampling()  # the network's: turns per sample included
     rewards: list[dict[str, Any]] = []
@@ -201,7 +221,10 @@ def central(spec: RunSpec, tiny: str, max_rounds: int, seed: int) -> dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one trial to 0.3 (under a minute)")
-    parser.add_argument("--target", type=float, default=0.4, help="target mean reward")
+    parser.add_argument("--model", choices=sorted(SPECS), default="tiny",
+                        help="the base model, with its shipped run")  # fmt: skip
+    parser.add_argument("--target", type=float, default=None,
+                        help="target mean reward (tiny 0.4, smollm2 0.6)")  # fmt: skip
     parser.add_argument("--min-samples", type=int, default=64)
     parser.add_argument("--max-rounds", type=int, default=60, help="give up after this many")
     parser.add_argument("--trials", type=int, default=3, help="runs of each; medians reported")
@@ -209,32 +232,41 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retry-after", type=float, default=1.0,
                         help="the coordinator's leases.retry_after_s")  # fmt: skip
+    parser.add_argument("--split", type=int, default=1,
+                        help="the network's leases per round: a round's prompts cut into that "
+                             "many leases, sampled side by side (the centralized loop samples "
+                             "the round as one)")  # fmt: skip
     parser.add_argument("--preload", action="store_true",
                         help="samplers load their models as they join, before the run (as "
                              "`bazaar up` starts them): the network's clock then starts with "
                              "their models loaded, the centralized loop's does not")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "e2e.json")
     args = parser.parse_args()
+    if args.target is None:
+        args.target = TARGETS[args.model]
     if args.quick:
-        args.target, args.max_rounds, args.trials = 0.3, 30, 1
+        args.target, args.max_rounds, args.trials = min(args.target, 0.3), 30, 1
+    if args.model == "smollm2" and smollm2_path() is None:
+        parser.error("SmolLM2 is not installed: run scripts/setup-smollm2")
     # SIGTERM, like Ctrl+C, stops the network's processes (each in a session of its own) first
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     cache = data_dir()
-    tiny = str(tiny_model(cache))
+    path = str(tiny_model(cache)) if args.model == "tiny" else resolve(args.model, cache)
     nets, cens = [], []
     for trial in range(args.trials):
         seed = args.seed + trial
         stop = {"target_reward": args.target, "min_samples": args.min_samples,
                 "max_rounds": args.max_rounds}  # fmt: skip
-        spec = load_spec(DEMO_SPEC)
+        spec = load_spec(SPECS[args.model])
         spec = msgspec.structs.replace(
             spec, name="e2e", stop=msgspec.structs.replace(spec.stop, **stop),
             env=msgspec.structs.replace(spec.env, seed=seed),
         )  # fmt: skip
         console.print(f"trial {trial + 1} of {args.trials}")
-        nets.append(network(spec, args.nodes, cache, 60 + 10.0 * args.max_rounds, args.retry_after,
-                            args.preload))  # fmt: skip
-        cens.append(central(spec, tiny, args.max_rounds, seed))
+        per_version_s = 10.0 if args.model == "tiny" else 120.0  # a generous bound
+        nets.append(network(spec, args.nodes, cache, 60 + per_version_s * args.max_rounds,
+                            args.retry_after, args.preload, args.split))  # fmt: skip
+        cens.append(central(spec, path, args.max_rounds, seed))
         for name, r in (("network", nets[-1]), ("centralized", cens[-1])):
             v = reached(r["rewards"], args.target, args.min_samples)
             at = "not reached" if v is None else f"reached at version {v}"
@@ -245,9 +277,10 @@ def main() -> None:
     net_per, cen_per = (median(r["s_per_version_after"] for r in x) for x in (nets, cens))
     billed, processed = sum(r["billed"] for r in nets), sum(r["processed"] for r in nets)
     result: dict[str, Any] = {
-        "target_reward": args.target, "min_samples": args.min_samples, "nodes": args.nodes,
+        "model": args.model, "target_reward": args.target, "min_samples": args.min_samples,
+        "nodes": args.nodes,
         "max_rounds": args.max_rounds, "trials": args.trials, "retry_after_s": args.retry_after,
-        "preload": args.preload,
+        "preload": args.preload, "split": args.split,
         "network_time_to_target_s": net_s, "central_time_to_target_s": cen_s,
         "time_ratio": net_s / cen_s,
         "network_reached": sum(r["stop_reason"] == "target_reward" for r in nets),
@@ -267,8 +300,8 @@ def main() -> None:
         "network_times_s": [r["seconds"] for r in nets],
         "central_times_s": [r["seconds"] for r in cens],
     }  # fmt: skip
-    title = (f"time to mean reward {args.target} (arith-tiny; same rounds, tokens and machine; "
-             f"median of {args.trials})")  # fmt: skip
+    title = (f"time to mean reward {args.target} ({SPECS[args.model].stem}; same rounds, tokens "
+             f"and machine; median of {args.trials})")  # fmt: skip
     table = Table(title=title)
     for col in ("", "network", "centralized", "network / centralized"):
         table.add_column(col, justify="right")
