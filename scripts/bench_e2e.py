@@ -161,7 +161,8 @@ def network(
     return {
         "stop_reason": run["stop_reason"], "seconds": seconds, "versions": last,
         "first_version_s": at[1] - run["created_at"],
-        "s_per_version_after": (at[last] - at[1]) / max(last - 1, 1), "rewards": rewards,
+        "s_per_version_after": (at[last] - at[1]) / (last - 1) if last > 1 else None,
+        "rewards": rewards,
         "sampled_tokens": run["completion_tokens"],
         "billed": ledger["charged"], "processed": ledger["recounted"],
         "key_usage": ledger["key_usage"],
@@ -214,7 +215,8 @@ def central(spec: RunSpec, path: str, max_rounds: int, seed: int) -> dict[str, A
                 break
     end = time.perf_counter()
     return {"seconds": end - started, "versions": len(rewards), "first_version_s": first - started,
-            "s_per_version_after": (end - first) / max(len(rewards) - 1, 1), "rewards": rewards,
+            "s_per_version_after": (end - first) / (len(rewards) - 1) if len(rewards) > 1 else None,
+            "rewards": rewards,
             "sampled_tokens": sampled}  # fmt: skip
 
 
@@ -274,7 +276,9 @@ def main() -> None:
     net_s = median(r["seconds"] for r in nets)
     cen_s = median(r["seconds"] for r in cens)
     net_first, cen_first = (median(r["first_version_s"] for r in x) for x in (nets, cens))
-    net_per, cen_per = (median(r["s_per_version_after"] for r in x) for x in (nets, cens))
+    net_per, cen_per = (
+        _median_of_some([r["s_per_version_after"] for r in x]) for x in (nets, cens)
+    )
     billed, processed = sum(r["billed"] for r in nets), sum(r["processed"] for r in nets)
     result: dict[str, Any] = {
         "model": args.model, "target_reward": args.target, "min_samples": args.min_samples,
@@ -290,7 +294,7 @@ def main() -> None:
         "central_versions": median(r["versions"] for r in cens),
         "network_first_version_s": net_first, "central_first_version_s": cen_first,
         "network_s_per_version_after_first": net_per, "central_s_per_version_after_first": cen_per,
-        "s_per_version_ratio": net_per / cen_per,
+        "s_per_version_ratio": net_per / cen_per if net_per and cen_per else None,
         "network_sampled_tokens": sum(r["sampled_tokens"] for r in nets),
         "central_sampled_tokens": sum(r["sampled_tokens"] for r in cens),
         "billed_tokens": billed, "processed_tokens": processed,
@@ -312,8 +316,9 @@ def main() -> None:
     table.add_row("time to the first version (loading models, first round)",
                   f"{net_first:.1f} s", f"{cen_first:.1f} s",
                   f"{net_first / cen_first:.2f}x")  # fmt: skip
-    table.add_row("seconds per version after the first", f"{net_per:.2f}", f"{cen_per:.2f}",
-                  f"{result['s_per_version_ratio']:.2f}x")  # fmt: skip
+    per_ratio = _cell(result["s_per_version_ratio"], ".2f", "x")
+    table.add_row("seconds per version after the first", _cell(net_per, ".2f"),
+                  _cell(cen_per, ".2f"), per_ratio)  # fmt: skip
     table.add_row("reached target", f"{result['network_reached']} of {args.trials}",
                   f"{result['central_reached']} of {args.trials}", "")  # fmt: skip
     table.add_row("tokens sampled (all trials)", f"{result['network_sampled_tokens']:,}",
@@ -323,6 +328,17 @@ def main() -> None:
                   f"(ratio {result['billed_tokens_vs_processed']}), key usage ratio "
                   f"{result['key_usage_vs_billed']}")  # fmt: skip
     write_result(args.out, result)
+
+
+def _median_of_some(values: list[float | None]) -> float | None:
+    """The median of the trials that measured it (a run to its target in one version has no
+    seconds per version after the first)."""
+    some = [v for v in values if v is not None]
+    return median(some) if some else None
+
+
+def _cell(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":
