@@ -287,7 +287,10 @@ def _round(
     # a round that expects a group starts as soon as it is whole; one that expects no one in
     # particular takes whoever comes within the matchmaking time, up to the spec's target
     whole = expected >= spec.min_group_size
-    averager.set_target_group_size(expected if whole else spec.target_group_size)
+    try:
+        averager.set_target_group_size(expected if whole else spec.target_group_size)
+    except Exception as e:  # the round still runs, waiting out the matchmaking time
+        log.warning("could not set the group's target size (%s)", e)
     while time.monotonic() < deadline:
         rejoin()
         averager.set_group_bits(bits)

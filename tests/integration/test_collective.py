@@ -177,10 +177,10 @@ def test_the_wire_formats_are_exact_and_counted(wire: str) -> None:
 
 def test_a_whole_group_starts_without_waiting_out_the_matchmaking_time() -> None:
     """Two trainers dealt a round of two meet and average as soon as both are there: the
-    leader's target is the round's size, not the spec's (8), so the 20 s of matchmaking time
+    leader's target is the round's size, not the spec's (8), so the 60 s of matchmaking time
     are never waited out; waited out, every round took at least that."""
-    spec = CollectiveSpec([], "run-whole", SIZE, target_group_size=8, matchmaking_s=20,
-                          request_timeout_s=3, round_timeout_s=60)  # fmt: skip
+    spec = CollectiveSpec([], "run-whole", SIZE, target_group_size=8, matchmaking_s=60,
+                          request_timeout_s=3, round_timeout_s=100)  # fmt: skip
     first = Collective(spec)
     pair = [first]
     try:
@@ -190,7 +190,7 @@ def test_a_whole_group_starts_without_waiting_out_the_matchmaking_time() -> None
         for r in range(2):
             results = _round(pair, [_q(r), _q(r + 10)], tags=[f"whole@{r}"] * 2, expected=2)
             assert all(x is not None and x.group_size == 2 for x in results), results
-            assert all(x.seconds < 15 for x in results if x), [x.seconds for x in results if x]
+            assert all(x.seconds < 30 for x in results if x), [x.seconds for x in results if x]
     finally:
         for c in pair:
             c.close()
