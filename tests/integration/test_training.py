@@ -92,14 +92,15 @@ def test_versions_advance_through_the_network(tmp_path: Path, tiny_model: Path) 
 def test_a_round_without_learning_signal_still_makes_a_version(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    """One byte cannot spell a two-digit sum, so every completion scores 0 and no group has a
-    reward spread: each round's version takes no inner step, and the run goes on to its stop
-    (it used to stall at its first such round, its trainer asking again without pause)."""
+    """One byte cannot spell a reversed word of three letters or more, so every completion
+    scores 0 and no group has a reward spread (a sum of numbers below 100 could: 3 + 4 is
+    one): each round's version takes no inner step, and the run goes on to its stop (it used
+    to stall at its first such round, its trainer asking again without pause)."""
     cluster = Cluster(tmp_path, interval_s=1.0)
     model = [f"--model_cache={tiny_model.parent.parent}", "--torch_threads=1"]
     try:
         cluster.start_coordinator(extra=["--leases.round_leases=1"])
-        spec = {"name": "flat", "env": {"name": "arith", "args": {"digits": 2}},
+        spec = {"name": "flat", "env": {"name": "reverse", "args": {"min_len": 3}},
                 "rl": {"prompts_per_lease": 4, "group_size": 4, "max_tokens": 1},
                 "stop": {"max_rounds": 3}, "verification": {"trusted_only": False}}  # fmt: skip
         cluster.api("POST", "/v1/runs", json=spec)
