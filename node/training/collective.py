@@ -191,8 +191,12 @@ def _serve(conn: Any, spec: CollectiveSpec, node: int) -> None:
                 done.result(timeout=30)
 
             async def _set_target_group_size(self, size: int, done: Any) -> None:
-                self._matchmaking.target_group_size = size
-                done.set_result(None)
+                try:
+                    self._matchmaking.target_group_size = size
+                    done.set_result(None)
+                except Exception as e:  # answered, not left for the caller's timeout
+                    if not done.done():
+                        done.set_exception(e)
 
         tensor = torch.zeros(spec.size)
         averager = Averager(
@@ -291,7 +295,9 @@ def _round(
         averager.set_target_group_size(expected if whole else spec.target_group_size)
     except Exception as e:  # the round still runs, waiting out the matchmaking time
         log.warning("could not set the group's target size (%s)", e)
-    while time.monotonic() < deadline:
+    # hivemind refuses at once a step whose matchmaking time does not fit in its timeout: with
+    # less time left than that, trying again only spins until the deadline
+    while deadline - time.monotonic() > spec.matchmaking_s + 0.5:
         rejoin()
         averager.set_group_bits(bits)
         with averager.get_tensors() as (tensor,):
