@@ -18,9 +18,10 @@ Matchmaking runs on hivemind's own timings (a leader answers a join request with
 group forms within 5 s) with the group's target size set to the round's expected size, so a
 full group starts at once and the 5 s are spent only waiting on a missing member. Tighter
 timings (1 s and 2 s) failed under load: on two busy cores a leader's process did not answer
-within 1 s, no group formed, each trainer went on alone and their versions conflicted. The pipe
-carries our own arrays between our own two
-processes; nothing from a peer is unpickled.
+within 1 s, no group formed, each trainer went on alone and their versions conflicted.
+
+The pipe carries our own arrays between our own two processes; nothing from a peer is
+unpickled.
 """
 
 from __future__ import annotations

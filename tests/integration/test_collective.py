@@ -129,7 +129,7 @@ def test_a_round_waits_for_the_group_it_expects(peers: list[Collective]) -> None
 
     def run(i: int) -> None:
         if i == 2:
-            time.sleep(4)  # being late (past a matchmaking window) is what is under test
+            time.sleep(7)  # late, past the 5 s matchmaking window, within the 10 s patience
         results[i] = peers[i].average(qs[i], "r@1", 3)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
