@@ -40,6 +40,7 @@ from node.config import NodeConfig
 from node.roles.base import Role
 from node.store.adapters import cut
 from node.store.versions import VersionSync
+from node.training.collective import CollectiveSpec
 from protocol.adapters import (
     AdapterManifest,
     CommitmentAck,
@@ -77,8 +78,9 @@ log = logging.getLogger(__name__)
 PENDING_LIMIT_S = 600.0
 """How long a trainer keeps handing in a manifest the round's other trainers have not signed."""
 GROUP_WAIT_MIN_S = 30.0
-LONE_WAIT_S = 5.0
-"""How long a trainer dealt a round alone meets any other trainer that still works on it."""
+LONE_WAIT_S = CollectiveSpec.matchmaking_s + 2.0
+"""How long a trainer dealt a round alone meets any other trainer that still works on it: one
+whole matchmaking window (the collective tries no step its matchmaking time does not fit)."""
 JOIN_ATTEMPTS = 5
 """Times in a row the trainer tries to join the all-reduce's DHT before its role stops (its
 bootstrap peers may be restarting; a DHT that never starts is a fault of this node)."""

@@ -66,8 +66,10 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
     cheater_id, honest_id = nodes["cheater"]["peer_id"], nodes["honest"]["peer_id"]
 
     # the cheater: caught, confirmed, penalized, banned; nothing of it is left in the run
+    # (one strike bans it; an audit of another of its leases already confirming then is
+    # decided too, a second strike: how many depends on timing, each must be confirmed)
     t = nodes["cheater"]["trust"]
-    assert t["strikes"] == 1 and t["banned"] and t["failed"] == 1 and t["reputation"] < 1
+    assert t["strikes"] == t["failed"] >= 1 and t["banned"] and t["reputation"] < 1
     assert t["forfeited_tokens"] > 0
     rollouts = cluster.api("GET", "/v1/runs/r/rollouts")["data"]
     assert {r["producer"] for r in rollouts} == {honest_id}
@@ -75,14 +77,17 @@ def test_cheaters_are_caught_confirmed_penalized_and_banned(
     for banned in (cheater, withholder):
         wait_until(lambda p=banned: "banned after 1 confirmed" in p.output(), 30, what="ban seen")
 
-    # two failed verdicts from two different verifiers, both naming the check, both signed
+    # each strike: two failed verdicts from two different verifiers, naming the check, signed
     verdicts = cluster.api("GET", "/v1/network/verdicts")["data"]
     against = [v for v in verdicts if v["producer"] == cheater_id and not v["passed"]]
     confirmed = [v for v in against if v["audit_status"] == "failed"]
-    assert len(confirmed) == 2, against
-    assert {v["failed_check"] for v in confirmed} == {"logprobs"}
-    assert confirmed[0]["verifier"] != confirmed[1]["verifier"]
-    assert {v["verifier_name"] for v in confirmed} == {"v-1", "v-2"}
+    audits = {v["audit_id"] for v in confirmed}
+    assert len(audits) == t["strikes"], against
+    for audit in audits:
+        failures = [v for v in confirmed if v["audit_id"] == audit]
+        assert len(failures) == 2, against
+        assert {v["failed_check"] for v in failures} == {"logprobs"}
+        assert {v["verifier_name"] for v in failures} == {"v-1", "v-2"}
     for v in verdicts:
         env = open_envelope(bytes.fromhex(v["signed_frame"]), None)
         assert env.sender == v["verifier"] and isinstance(env.message, Verdict)

@@ -141,6 +141,28 @@ def test_a_round_waits_for_the_group_it_expects(peers: list[Collective]) -> None
     assert results[0] is not None and np.array_equal(results[0].integer_sum, sum(qs))
 
 
+def test_trainers_dealt_a_round_alone_meet_while_both_work_on_it(peers: list[Collective]) -> None:
+    """A round dealt to each of two live trainers as a group of one: each waits the trainer's
+    ``LONE_WAIT_S``, long enough for one matchmaking window, so they meet though one comes
+    2 s late; otherwise each signs its own manifest and the round conflicts."""
+    from node.roles.trainer import LONE_WAIT_S
+
+    qs = [_q(70), _q(71)]
+    results: list[RoundResult | None] = [None] * 2
+
+    def run(i: int) -> None:
+        time.sleep(2.0 * i)
+        results[i] = peers[i].average(qs[i], "lone@3", 1, timeout_s=LONE_WAIT_S)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.group_size for r in results if r is not None] == [2, 2]
+    assert results[1] is not None and np.array_equal(results[1].integer_sum, qs[0] + qs[1])
+
+
 @pytest.mark.parametrize("wire", ["fp16", "int8"])
 def test_the_wire_formats_are_exact_and_counted(wire: str) -> None:
     q, rounds = levels_for(2, wire), 3
