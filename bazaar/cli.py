@@ -130,9 +130,10 @@ def coordinator_start(
     from coordinator.config import CoordinatorConfig
     from coordinator.main import start_coordinator
     from protocol.service.config import data_dir
+    from protocol.service.lifecycle import exit_now
 
     cfg = _load(CoordinatorConfig, config, _overrides(ctx, listen=listen, http=http, db=db))
-    raise typer.Exit(start_coordinator(cfg, data_dir()))
+    exit_now(start_coordinator(cfg, data_dir()))
 
 
 @gateway_app.command("start", context_settings=OVERRIDES)
@@ -150,6 +151,7 @@ def gateway_start(
     from gateway.main import start_gateway
     from protocol.errors import ConfigError
     from protocol.service.config import data_dir
+    from protocol.service.lifecycle import exit_now
 
     flags = dict(coordinator_url=coordinator_url, listen=listen, db=db)
     cfg = _load(GatewayConfig, config, _overrides(ctx, **flags))
@@ -157,7 +159,7 @@ def gateway_start(
         code = start_gateway(cfg, data_dir())
     except ConfigError as e:
         raise _fail(str(e)) from None
-    raise typer.Exit(code)
+    exit_now(code)
 
 
 @node_app.command("start", context_settings=OVERRIDES)
@@ -191,6 +193,7 @@ def node_start(
     from node.main import start_node
     from protocol.errors import ConfigError
     from protocol.service.config import data_dir
+    from protocol.service.lifecycle import exit_now
 
     role_list = [r.strip() for r in roles.split(",") if r.strip()] if roles is not None else None
     flags = dict(
@@ -208,7 +211,7 @@ def node_start(
         code = start_node(cfg, data_dir())
     except ConfigError as e:
         raise _fail(str(e)) from None
-    raise typer.Exit(code)
+    exit_now(code)
 
 
 @network_app.command("status")

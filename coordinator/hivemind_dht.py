@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from typing import Any
 
 
@@ -23,36 +24,57 @@ class DhtBootstrap:
         self.addrs: list[str] = []
         self._conn: Any = None
         self._proc: Any = None
+        self._lock = threading.Lock()  # start() runs in a thread; close() may come meanwhile
+        self._closed = False
 
     def start(self, timeout_s: float = 60.0) -> list[str]:
-        """Start the DHT peer; its multiaddrs (``RuntimeError`` if it cannot start)."""
+        """Start the DHT peer; its multiaddrs (``RuntimeError`` if it cannot start, or if
+        ``close`` came while it was starting: that kills the child, and this returns)."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_serve, args=(child, self.host, self.port, os.getpid()), daemon=False
-        )
-        self._proc.start()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the hivemind DHT is closed")
+            proc = self._proc = ctx.Process(
+                target=_serve, args=(child, self.host, self.port, os.getpid()), daemon=False
+            )
+            proc.start()
         child.close()
-        self._conn = parent
-        if not parent.poll(timeout_s):
-            self.close()
-            raise RuntimeError("the hivemind DHT did not start in time")
-        status, value = parent.recv()
-        if status != "ok":
-            self.close()
-            raise RuntimeError(f"the hivemind DHT failed to start: {value}")
-        self.addrs = list(value)
-        return self.addrs
+        try:
+            ready = parent.poll(timeout_s)
+            status, value = parent.recv() if ready else ("error", "it did not start in time")
+        except (EOFError, OSError):  # killed by close(), or it died
+            status, value = "error", "it ended while starting"
+        with self._lock:
+            if status == "ok" and not self._closed:
+                self._conn, self.addrs = parent, list(value)
+                return self.addrs
+            if self._proc is proc:
+                self._proc = None
+        parent.close()
+        _stop(proc, started=False)
+        raise RuntimeError(f"the hivemind DHT failed to start: {value}")
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None:
-            self._proc.join(timeout=10)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)  # hivemind's daemon with it
-            self._proc = None
+        """Stop the DHT peer: a started one gets a second to shut down (it holds nothing worth
+        more); one still starting (hivemind's start takes seconds and watches no pipe) is killed
+        at once. Python's exit would otherwise wait for it."""
+        with self._lock:
+            self._closed = True
+            conn, proc, started = self._conn, self._proc, bool(self.addrs)
+            self._conn = self._proc = None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            _stop(proc, started)
+
+
+def _stop(proc: Any, started: bool) -> None:
+    proc.join(timeout=1 if started else 0)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # hivemind's daemon with it
+    proc.kill()  # one still starting may not lead its group yet
+    proc.join(timeout=5)
 
 
 def _serve(conn: Any, host: str, port: int, coordinator: int) -> None:

@@ -163,7 +163,8 @@ class Coordinator:
         find each other for all-reduce); ``RuntimeError`` if it cannot start."""
         async with self._dht_lock:
             if not self.dht.addrs:
-                await trio.to_thread.run_sync(self.dht.start)
+                # abandoned when the coordinator stops: it closes the DHT, starting or not
+                await trio.to_thread.run_sync(self.dht.start, abandon_on_cancel=True)  # type: ignore[call-arg]
                 log.info("hivemind DHT bootstrap at %s", " ".join(self.dht.addrs))
             return self.dht.addrs
 

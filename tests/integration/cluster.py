@@ -157,15 +157,19 @@ class Cluster:
         return self.spawn(name, home or self.root / f"home-{name}", args, ns, module, env)
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            if p.alive():
-                p.signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.wait(5)
+        # the coordinator last: the others' goodbyes are answered (stopping at once, it
+        # answered none, and each node waited out its goodbye's timeout)
+        rest = [p for p in self.procs if p is not self.coordinator]
+        for wave in (rest, [p for p in self.procs if p is self.coordinator]):
+            for p in wave:
+                if p.alive():
+                    p.signal(signal.SIGTERM)
+            for p in wave:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.wait(5)
 
     # -- observing ----------------------------------------------------------------------------
 
