@@ -19,7 +19,7 @@ from protocol.errors import DecodeError
 from protocol.leases import Lease
 from protocol.rollouts import RolloutPayload, Sample
 from verification.episodes import EpisodeMismatch, Rebuilt, rebuild
-from verification.sampling import derive_seed
+from verification.seeds import derive_seed
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -23,12 +23,9 @@ True
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-SEED_DOMAIN = b"bazaar/sample-seed/v1\x00"
-_MASK63 = (1 << 63) - 1
+from verification.seeds import derive_seed  # noqa: F401  (callers import it from here too)
 
 
 def _signed(c: int) -> int:
@@ -39,17 +36,6 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _M1 = _signed(0xBF58476D1CE4E5B9)
 _M2 = _signed(0x94D049BB133111EB)
 _POS_MUL = _signed(0xD1B54A32D192ED03)
-
-
-def derive_seed(lease_seed: bytes, sample_index: int, policy_version: int) -> int:
-    """A sample's seed: a hash of the lease's randomness, the sample index and the version."""
-    digest = hashlib.sha256(
-        SEED_DOMAIN
-        + lease_seed
-        + sample_index.to_bytes(8, "big")
-        + policy_version.to_bytes(8, "big")
-    ).digest()
-    return int.from_bytes(digest[:8], "big") & _MASK63
 
 
 def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
