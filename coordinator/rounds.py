@@ -454,7 +454,9 @@ class Rounds:
     def versions(self, req: VersionsRequest, addrs_of: Callable[[str], list[str]]) -> VersionsReply:
         """The current version of every running run on the request's base model (or the one
         version it names), with its holders: the trainers that made it first, then nodes that
-        hold it."""
+        hold it, then nodes at a later version of the run (a node keeps the versions it went
+        through: when the trainers that made a version have left, a trainer taking over
+        still finds it, and its parent)."""
         state = self.state
         runs = state.book.runs
         on_model = [r for r in runs.values() if r.plan.spec.base_model == req.base_model]
@@ -472,8 +474,9 @@ class Rounds:
                 if (row is None or row.revoked or run is None
                         or run.plan.spec.base_model != req.base_model):  # fmt: skip
                     continue
-                nodes = [p for p, held in state.held.items()
-                         if held.get(run_id) == v and p not in row.signers]  # fmt: skip
+                at = {p: held[run_id] for p, held in state.held.items()
+                      if run_id in held and p not in row.signers}  # fmt: skip
+                nodes = [p for p, h in at.items() if h == v] + [p for p, h in at.items() if h > v]
                 holders = [PeerRecord(p, addrs_of(p)[:16]) for p in [*row.signers, *nodes][:64]]
                 out.append(VersionInfo(run_id, v, row.frame, holders, min(len(row.signers), 64)))
             return out[:32]

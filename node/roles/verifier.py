@@ -32,6 +32,7 @@ verifier; nothing tells them apart, and a wrong answer costs strikes, pay and in
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -88,6 +89,8 @@ class VerifierRole(Role):
         self.data_dir = data_dir or Path(config.model_cache or ".")
         self.replayer: Any = None
         """The replays' trainer (``node/training/replay.py``), built at the first replay."""
+        self._replaying = threading.Lock()
+        """One replay at a time on the replayer, an abandoned one included."""
 
     async def run(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -230,10 +233,13 @@ class VerifierRole(Role):
         blobs, levels = [p.part for p in parts], parts[0].levels
 
         def replay() -> TrainingCheck:
-            return replayer.replay(a.run_id, a.settings, start, parent, payloads, blobs, levels,
-                                   made)  # fmt: skip
+            with self._replaying:
+                return replayer.replay(a.run_id, a.settings, start, parent, payloads, blobs,
+                                       levels, made)  # fmt: skip
 
-        return await trio.to_thread.run_sync(replay)
+        # abandoned when the node stops: a replay on a real model runs for minutes, and a
+        # stopping node waited it out past its SIGTERM (the process ends with the thread)
+        return await trio.to_thread.run_sync(replay, abandon_on_cancel=True)  # type: ignore[call-arg]
 
     async def _fetch_part(self, trainer: str, addrs: list[str], digest: bytes) -> Any:
         """A committed part, from its trainer, else from the coordinator (which keeps them)."""

@@ -156,6 +156,29 @@ def test_a_share_stays_its_trainers_while_it_works_on_it(tmp_path: Path) -> None
     trio.run(main)
 
 
+def test_a_version_whose_makers_left_is_still_found_at_nodes_past_it(tmp_path: Path) -> None:
+    """The trainer that made v1 and v2 is gone; a sampler at v2 still holds v1 (nodes keep the
+    versions they went through): a trainer taking over, which needs v1 as v2's parent, is sent
+    there, after the holders that are at v1 itself."""
+    from protocol.adapters import VersionsRequest
+
+    work = Work.open(f"sqlite:///{tmp_path / 'c.db'}")
+    work.state.book.add_run(STREAM)
+
+    def made(v: int) -> AdapterRow:
+        return AdapterRow(run_id="r1", version=v, manifest_hash="h", frame=b"f", signers=["gone"],
+                          created_at=0.0, parent=v - 1)  # fmt: skip
+
+    work.state.versions["r1"] = {1: made(1), 2: made(2)}
+    work.state.book.set_policy_version("r1", 2)
+    work.state.held = {"sampler": {"r1": 2}, "behind": {"r1": 0}, "at-1": {"r1": 1}, "x": {}}
+    reply = work.rounds.versions(VersionsRequest(base_model="tiny", run_id="r1", version=1),
+                                 lambda p: [f"/ip4/127.0.0.1/tcp/1/p2p/{p}"])  # fmt: skip
+    (info,) = reply.versions
+    assert [h.peer_id for h in info.holders] == ["gone", "at-1", "sampler"]
+    assert info.seeds == 1  # the manifest is still the makers' to sign
+
+
 def test_round_reports_add_up_by_sampled_version(tmp_path: Path) -> None:
     from protocol.adapters import RoundReport, SampleText, VersionRewards
 
