@@ -33,9 +33,22 @@ def test_the_gateway_takes_only_the_tokenizer_the_coordinator_records(
     wait_until(lambda: "tiny" in httpx.get(f"{url}/health", timeout=2).json()["models"], 120,
                what="the gateway routing to the forging node")  # fmt: skip
 
+    # the coordinator fingerprints its tokenizers in the background after it starts, and the
+    # gateway reads them with its routes (every 2 s): until then it has none to check against
+    def recorded() -> bool:
+        auth = {"authorization": f"Bearer {cluster.admit_gateway()}"}
+        routes = httpx.get(f"{cluster.url}/v1/network/routes", headers=auth, timeout=5).json()
+        return "tiny" in routes["tokenizers"]
+
+    wait_until(recorded, 120, what="the coordinator's fingerprint of tiny's tokenizer")
+
+    def forger_refused() -> httpx.Response | None:
+        r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
+        assert r.status_code == 503, r.text  # never served, before the check or after
+        return r if "forger: not the tokenizer" in r.json()["error"]["message"] else None
+
     # the only node serving tiny sends a tokenizer the coordinator does not record: refused
-    refused = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
-    assert refused.status_code == 503, refused.text
+    refused = wait_until(forger_refused, 30, what="the forged tokenizer refused")
     error = refused.json()["error"]
     assert error["code"] == "tokenizer_unavailable"
     assert "forger: not the tokenizer the coordinator records" in error["message"]
