@@ -39,8 +39,12 @@ def test_closing_a_dht_that_is_still_starting_kills_it_and_fails_the_start() -> 
 
     starter = threading.Thread(target=start, daemon=True)
     starter.start()
-    child = wait_until(lambda: dht._proc, 30, what="the DHT's child process")
-    pid = child.pid
+
+    def started() -> int | None:  # the process object exists a moment before its pid
+        proc = dht._proc
+        return proc.pid if proc is not None else None
+
+    pid = wait_until(started, 30, every_s=0.01, what="the DHT's child process")
     t0 = time.monotonic()
     dht.close()  # hivemind's start takes seconds: it has not answered yet
     closed_s = time.monotonic() - t0
